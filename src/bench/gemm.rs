@@ -1,0 +1,81 @@
+//! GEMM throughput: `C[m,n] = A[m,k]·B[k,n]` in f32 or bf16 (bf16 storage, f32 accumulation).
+
+use half::bf16;
+
+use super::{time_runs, Timing};
+use crate::ops::matmul::{matmul, matmul_bf16, MatmulDims};
+use crate::{DType, Device, Error, Result};
+
+#[derive(Clone, Debug)]
+pub struct GemmBench {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub threads: usize,
+    pub dtype: DType,
+    pub device: Device,
+    pub warmup: usize,
+    pub repeats: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct GemmResult {
+    pub timing: Timing,
+    pub gflops: f64,
+}
+
+impl GemmBench {
+    pub fn run(&self) -> Result<GemmResult> {
+        if self.m == 0 || self.n == 0 || self.k == 0 {
+            return Err(Error::invalid("gemm size", "m, n and k must be positive"));
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(self.threads.max(1))
+            .build()
+            .map_err(|e| Error::invalid("threads", e.to_string()))?;
+        let dims = MatmulDims::new(self.m, self.n, self.k);
+        // Deterministic, non-trivial inputs (constant inputs can flatter some kernels).
+        let fill = |n: usize, salt: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * 7 + salt) % 13) as f32 / 13.0 - 0.5)
+                .collect()
+        };
+        let timing = pool.install(|| -> Result<Timing> {
+            match (self.device, self.dtype) {
+                (Device::Cpu, DType::F32) => {
+                    let (a, b) = (fill(self.m * self.k, 1), fill(self.k * self.n, 2));
+                    let mut c = vec![0.0f32; self.m * self.n];
+                    let mut err = None;
+                    let t = time_runs(self.warmup, self.repeats, || {
+                        if let Err(e) = matmul(&mut c, &a, &b, dims, false) {
+                            err = Some(e);
+                        }
+                    });
+                    err.map_or(Ok(t), Err)
+                }
+                (Device::Cpu, DType::BF16) => {
+                    let to_bf16 =
+                        |v: Vec<f32>| v.into_iter().map(bf16::from_f32).collect::<Vec<_>>();
+                    let (a, b) = (
+                        to_bf16(fill(self.m * self.k, 1)),
+                        to_bf16(fill(self.k * self.n, 2)),
+                    );
+                    let mut c = vec![bf16::ZERO; self.m * self.n];
+                    let mut err = None;
+                    let t = time_runs(self.warmup, self.repeats, || {
+                        if let Err(e) = matmul_bf16(&mut c, &a, &b, dims) {
+                            err = Some(e);
+                        }
+                    });
+                    err.map_or(Ok(t), Err)
+                }
+                (device, dtype) => Err(Error::invalid(
+                    "gemm benchmark",
+                    format!("{dtype} on {device} is not supported"),
+                )),
+            }
+        })?;
+        let gflops = dims.flops() / timing.median.as_secs_f64() / 1e9;
+        Ok(GemmResult { timing, gflops })
+    }
+}

@@ -1,0 +1,72 @@
+//! `isoformer-engine bench …`
+
+use clap::{Args, Subcommand};
+
+use crate::bench::gemm::GemmBench;
+use crate::{DType, DeviceRequest, Result};
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// GEMM throughput, C[m,n] = A[m,k]·B[k,n]. Prints the median as `<number> GFLOP/s`.
+    Gemm(GemmArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct GemmArgs {
+    #[arg(long, default_value_t = 1024)]
+    pub m: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub n: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub k: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Element type: f32, or bf16 (bf16 storage with f32 accumulation).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// cpu, cuda, emu or auto.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Untimed runs before measuring.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Timed runs; the median is reported.
+    #[arg(long, default_value_t = 10)]
+    pub repeats: usize,
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Gemm(a) => {
+            let bench = GemmBench {
+                m: a.m,
+                n: a.n,
+                k: a.k,
+                threads: a
+                    .threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+                dtype: DType::parse(&a.dtype)?,
+                device: DeviceRequest::parse(&a.device)?.resolve()?,
+                warmup: a.warmup,
+                repeats: a.repeats,
+            };
+            let r = bench.run()?;
+            println!(
+                "gemm {} m={} n={} k={} device={} threads={} runs={} median={:.3} ms (min {:.3}, max {:.3})",
+                bench.dtype,
+                bench.m,
+                bench.n,
+                bench.k,
+                bench.device,
+                bench.threads,
+                r.timing.runs,
+                r.timing.median.as_secs_f64() * 1e3,
+                r.timing.min.as_secs_f64() * 1e3,
+                r.timing.max.as_secs_f64() * 1e3,
+            );
+            println!("{:.1} GFLOP/s", r.gflops);
+            Ok(())
+        }
+    }
+}

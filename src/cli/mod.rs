@@ -1,0 +1,57 @@
+//! The `isoformer-engine` command line.
+
+pub mod bench;
+
+use clap::{Parser, Subcommand};
+
+use crate::Result;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "isoformer-engine",
+    version,
+    about = "Run, train and benchmark IsoFormer and its encoders"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Measure kernel throughput on this machine.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Print the devices and CPU features this build can use.
+    Info,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Bench(cmd) => bench::run(cmd),
+        Command::Info => {
+            info();
+            Ok(())
+        }
+    }
+}
+
+fn info() {
+    println!("isoformer-engine {}", env!("CARGO_PKG_VERSION"));
+    println!("devices: cpu (default)");
+    println!("cpu threads: {}", rayon::current_num_threads());
+    #[cfg(target_arch = "x86_64")]
+    {
+        let features = [
+            ("avx2", std::is_x86_feature_detected!("avx2")),
+            ("fma", std::is_x86_feature_detected!("fma")),
+            ("avx512f", std::is_x86_feature_detected!("avx512f")),
+        ];
+        let on: Vec<&str> = features
+            .iter()
+            .filter(|(_, on)| *on)
+            .map(|(n, _)| *n)
+            .collect();
+        println!("cpu features: {}", on.join(" "));
+    }
+}

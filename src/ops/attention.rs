@@ -1,0 +1,660 @@
+//! Multi-head scaled dot-product attention, self or cross (`q_len ≠ kv_len`), with per-batch key padding and
+//! an optional additive score bias (Enformer's relative positions). It follows FlashAttention-2's contract,
+//! so the CUDA kernel is checked against it directly:
+//! - forward saves only the output and the per-row log-sum-exp (`lse`), never the probabilities;
+//! - backward recomputes `P = exp(S − lse)` block by block and uses `D = rowsum(dO ∘ O)`.
+//!
+//! Layouts (row-major): `q [B, Lq, H, Dk]`, `k [B, Lk, H, Dk]`, `v [B, Lk, H, Dv]`, `out [B, Lq, H, Dv]`,
+//! `lse [B, H, Lq]`, `bias [1 or B, H, Lq, Lk]`. Scores are `S = scale·q·kᵀ + bias`; keys at or past
+//! `kv_lens[b]` are masked. A query row with no visible key (length 0, or a bias of −∞ on every key) gets
+//! a zero output, `lse = −∞`, and no gradient.
+
+use rayon::prelude::*;
+
+use super::matmul::{gemm_raw, View};
+use super::softmax::softmax_row_in_place;
+use crate::error::check_len;
+use crate::{Error, Result};
+
+/// Query rows processed together; bounds the scratch to `Q_BLOCK × Lk` per task.
+const Q_BLOCK: usize = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionDims {
+    pub batch: usize,
+    pub heads: usize,
+    pub q_len: usize,
+    pub kv_len: usize,
+    pub head_dim: usize,
+    pub v_head_dim: usize,
+    pub scale: f32,
+}
+
+impl AttentionDims {
+    /// Standard attention: `Dv = Dk`, `scale = Dk^−½`.
+    pub fn new(batch: usize, heads: usize, q_len: usize, kv_len: usize, head_dim: usize) -> Self {
+        AttentionDims {
+            batch,
+            heads,
+            q_len,
+            kv_len,
+            head_dim,
+            v_head_dim: head_dim,
+            scale: (head_dim as f32).powf(-0.5),
+        }
+    }
+
+    /// f32 elements of scratch that [`attention`] and [`attention_backward`] need with `threads` workers.
+    pub fn workspace_len(&self, threads: usize) -> usize {
+        threads.max(1) * 2 * Q_BLOCK * self.kv_len.max(1)
+    }
+
+    fn q_view(&self) -> View {
+        View::strided(self.q_len, self.head_dim, self.heads * self.head_dim)
+    }
+    fn k_view(&self, n: usize) -> View {
+        View::strided(n, self.head_dim, self.heads * self.head_dim)
+    }
+    fn v_view(&self, n: usize) -> View {
+        View::strided(n, self.v_head_dim, self.heads * self.v_head_dim)
+    }
+    fn o_view(&self) -> View {
+        View::strided(self.q_len, self.v_head_dim, self.heads * self.v_head_dim)
+    }
+    /// Element offsets of head `h` of batch `b` in q, k, v and out.
+    fn offsets(&self, b: usize, h: usize) -> (usize, usize, usize, usize) {
+        let (dk, dv, nh) = (self.head_dim, self.v_head_dim, self.heads);
+        (
+            (b * self.q_len * nh + h) * dk,
+            (b * self.kv_len * nh + h) * dk,
+            (b * self.kv_len * nh + h) * dv,
+            (b * self.q_len * nh + h) * dv,
+        )
+    }
+}
+
+/// An additive score bias, broadcast over the batch unless `per_batch`.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionBias<'a> {
+    pub data: &'a [f32],
+    pub per_batch: bool,
+}
+
+/// Everything both passes read: inputs, masking and bias.
+#[derive(Clone, Copy)]
+pub struct AttentionInputs<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    /// Visible keys per batch entry (`None`: all `kv_len`).
+    pub kv_lens: Option<&'a [usize]>,
+    pub bias: Option<AttentionBias<'a>>,
+}
+
+impl AttentionInputs<'_> {
+    fn check(&self, op: &'static str, d: &AttentionDims) -> Result<()> {
+        let (b, nh) = (d.batch, d.heads);
+        check_len(op, "q", self.q.len(), b * d.q_len * nh * d.head_dim)?;
+        check_len(op, "k", self.k.len(), b * d.kv_len * nh * d.head_dim)?;
+        check_len(op, "v", self.v.len(), b * d.kv_len * nh * d.v_head_dim)?;
+        if let Some(lens) = self.kv_lens {
+            check_len(op, "kv_lens", lens.len(), b)?;
+            if let Some((i, l)) = lens.iter().enumerate().find(|(_, &l)| l > d.kv_len) {
+                return Err(Error::invalid(
+                    "kv_lens",
+                    format!("entry {i} is {l}, more than kv_len {}", d.kv_len),
+                ));
+            }
+        }
+        if let Some(bias) = self.bias {
+            let bb = if bias.per_batch { b } else { 1 };
+            check_len(op, "bias", bias.data.len(), bb * nh * d.q_len * d.kv_len)?;
+        }
+        Ok(())
+    }
+
+    fn visible(&self, d: &AttentionDims, b: usize) -> usize {
+        self.kv_lens.map_or(d.kv_len, |l| l[b])
+    }
+
+    fn bias_rows(&self, d: &AttentionDims, b: usize, h: usize) -> Option<&[f32]> {
+        self.bias.map(|bias| {
+            let bb = if bias.per_batch { b } else { 0 };
+            let start = (bb * d.heads + h) * d.q_len * d.kv_len;
+            &bias.data[start..start + d.q_len * d.kv_len]
+        })
+    }
+
+    /// Scores of query rows `i0..i0+rows` against the first `n` keys, into `s [rows, n]`.
+    fn scores(
+        &self,
+        s: &mut [f32],
+        d: &AttentionDims,
+        b: usize,
+        h: usize,
+        i0: usize,
+        rows: usize,
+        n: usize,
+    ) {
+        let (oq, ok, _, _) = d.offsets(b, h);
+        let qv = View { rows, ..d.q_view() };
+        // SAFETY: q/k views of head h stay inside q and k (sizes checked by `check`); `s` is task-private.
+        unsafe {
+            gemm_raw(
+                s.as_mut_ptr(),
+                View::strided(rows, n, n),
+                false,
+                self.q.as_ptr().add(oq + i0 * d.heads * d.head_dim),
+                qv,
+                self.k.as_ptr().add(ok),
+                d.k_view(n).t(),
+                d.scale,
+                Some(gemm::Parallelism::None),
+            );
+        }
+        if let Some(bias) = self.bias_rows(d, b, h) {
+            for (r, srow) in s.chunks_mut(n).enumerate() {
+                let brow = &bias[(i0 + r) * d.kv_len..(i0 + r) * d.kv_len + n];
+                srow.iter_mut().zip(brow).for_each(|(s, b)| *s += b);
+            }
+        }
+    }
+}
+
+/// A pointer that tasks share to write disjoint elements of one buffer.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: only used to write element sets that the task partition keeps disjoint.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+/// Splits `tasks` over the workspace slots and runs each slot's tasks in order with its own scratch.
+fn run_tasks<T: Sync>(
+    tasks: &[T],
+    workspace: &mut [f32],
+    per_slot: usize,
+    f: impl Fn(&T, &mut [f32]) + Sync,
+) -> Result<()> {
+    let slots = (workspace.len() / per_slot.max(1)).min(tasks.len()).max(1);
+    if workspace.len() < per_slot {
+        return Err(Error::shape(
+            "attention",
+            format!(
+                "workspace of {} elements, need at least {per_slot}",
+                workspace.len()
+            ),
+        ));
+    }
+    let per = tasks.len().div_ceil(slots);
+    workspace[..slots * per_slot]
+        .par_chunks_mut(per_slot)
+        .zip(tasks.par_chunks(per.max(1)))
+        .for_each(|(ws, group)| {
+            for t in group {
+                f(t, ws);
+            }
+        });
+    Ok(())
+}
+
+/// Forward pass. `workspace` needs [`AttentionDims::workspace_len`] elements (for any thread count ≥ 1;
+/// more slots run more heads in parallel).
+pub fn attention(
+    out: &mut [f32],
+    lse: &mut [f32],
+    inp: AttentionInputs<'_>,
+    d: &AttentionDims,
+    workspace: &mut [f32],
+) -> Result<()> {
+    inp.check("attention", d)?;
+    check_len(
+        "attention",
+        "out",
+        out.len(),
+        d.batch * d.q_len * d.heads * d.v_head_dim,
+    )?;
+    check_len("attention", "lse", lse.len(), d.batch * d.heads * d.q_len)?;
+    let (out_ptr, lse_ptr) = (SharedMut(out.as_mut_ptr()), SharedMut(lse.as_mut_ptr()));
+    let tasks: Vec<(usize, usize)> = (0..d.batch)
+        .flat_map(|b| (0..d.heads).map(move |h| (b, h)))
+        .collect();
+    run_tasks(
+        &tasks,
+        workspace,
+        2 * Q_BLOCK * d.kv_len.max(1),
+        |&(b, h), ws| {
+            let n = inp.visible(d, b);
+            let (_, _, ov, oo) = d.offsets(b, h);
+            let (out_ptr, lse_ptr) = (out_ptr, lse_ptr);
+            for i0 in (0..d.q_len).step_by(Q_BLOCK) {
+                let rows = Q_BLOCK.min(d.q_len - i0);
+                let s = &mut ws[..rows * n];
+                inp.scores(s, d, b, h, i0, rows, n);
+                for r in 0..rows {
+                    let l = if n == 0 {
+                        f32::NEG_INFINITY
+                    } else {
+                        softmax_row_in_place(&mut s[r * n..(r + 1) * n])
+                    };
+                    // SAFETY: lse[b, h, i0+r] belongs to this (b, h) task only.
+                    unsafe { *lse_ptr.0.add((b * d.heads + h) * d.q_len + i0 + r) = l };
+                }
+                // SAFETY: rows i0.. of head h of batch b in `out` belong to this task; v's view is in bounds.
+                unsafe {
+                    gemm_raw(
+                        out_ptr.0.add(oo + i0 * d.heads * d.v_head_dim),
+                        View { rows, ..d.o_view() },
+                        false,
+                        s.as_ptr(),
+                        View::strided(rows, n, n),
+                        inp.v.as_ptr().add(ov),
+                        d.v_view(n),
+                        1.0,
+                        Some(gemm::Parallelism::None),
+                    );
+                }
+            }
+        },
+    )
+}
+
+/// Gradients with respect to q, k, v and (optionally) the bias, added into the given buffers.
+/// `dbias` has the bias's layout (broadcast bias: summed over the batch).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    dbias: Option<&mut [f32]>,
+    dout: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    inp: AttentionInputs<'_>,
+    d: &AttentionDims,
+    workspace: &mut [f32],
+) -> Result<()> {
+    inp.check("attention_backward", d)?;
+    check_len("attention_backward", "dq", dq.len(), inp.q.len())?;
+    check_len("attention_backward", "dk", dk.len(), inp.k.len())?;
+    check_len("attention_backward", "dv", dv.len(), inp.v.len())?;
+    check_len(
+        "attention_backward",
+        "dout",
+        dout.len(),
+        d.batch * d.q_len * d.heads * d.v_head_dim,
+    )?;
+    check_len("attention_backward", "out", out.len(), dout.len())?;
+    check_len(
+        "attention_backward",
+        "lse",
+        lse.len(),
+        d.batch * d.heads * d.q_len,
+    )?;
+    let broadcast_bias = inp.bias.is_some_and(|b| !b.per_batch);
+    if let Some(db) = dbias.as_deref() {
+        let Some(bias) = inp.bias else {
+            return Err(Error::invalid(
+                "attention_backward",
+                "dbias given without a bias",
+            ));
+        };
+        check_len("attention_backward", "dbias", db.len(), bias.data.len())?;
+    }
+    let with_dbias = dbias.is_some();
+    let dbias_ptr = SharedMut(dbias.map_or(std::ptr::null_mut(), |b| b.as_mut_ptr()));
+    let (dq_ptr, dk_ptr, dv_ptr) = (
+        SharedMut(dq.as_mut_ptr()),
+        SharedMut(dk.as_mut_ptr()),
+        SharedMut(dv.as_mut_ptr()),
+    );
+    // A broadcast bias gradient sums over the batch, so one task owns a head across all batch entries
+    // (and visits them in order, keeping the sum deterministic).
+    let tasks: Vec<(usize, Vec<usize>)> = if broadcast_bias && with_dbias {
+        (0..d.heads).map(|h| (h, (0..d.batch).collect())).collect()
+    } else {
+        (0..d.batch)
+            .flat_map(|b| (0..d.heads).map(move |h| (h, vec![b])))
+            .collect()
+    };
+    let (nh, dk_, dv_) = (d.heads, d.head_dim, d.v_head_dim);
+    run_tasks(
+        &tasks,
+        workspace,
+        2 * Q_BLOCK * d.kv_len.max(1),
+        |(h, batches), ws| {
+            let h = *h;
+            let (dq_ptr, dk_ptr, dv_ptr, dbias_ptr) = (dq_ptr, dk_ptr, dv_ptr, dbias_ptr);
+            for &b in batches {
+                let n = inp.visible(d, b);
+                if n == 0 {
+                    continue;
+                }
+                let (oq, ok, ov, oo) = d.offsets(b, h);
+                for i0 in (0..d.q_len).step_by(Q_BLOCK) {
+                    let rows = Q_BLOCK.min(d.q_len - i0);
+                    let (p, dp) = ws.split_at_mut(Q_BLOCK * d.kv_len.max(1));
+                    let (p, dp) = (&mut p[..rows * n], &mut dp[..rows * n]);
+                    inp.scores(p, d, b, h, i0, rows, n);
+                    let lse_row = &lse[(b * nh + h) * d.q_len + i0..];
+                    for (r, prow) in p.chunks_mut(n).enumerate() {
+                        let l = lse_row[r];
+                        if l == f32::NEG_INFINITY {
+                            prow.iter_mut().for_each(|v| *v = 0.0);
+                        } else {
+                            prow.iter_mut().for_each(|v| *v = (*v - l).exp());
+                        }
+                    }
+                    let (do_blk, o_blk) = (oo + i0 * nh * dv_, oo + i0 * nh * dv_);
+                    let ov_rows = View { rows, ..d.o_view() };
+                    // SAFETY (this block): every view stays inside its buffer (sizes checked above), and the
+                    // written views (dv, dq, dk of head h, batch b; dbias rows of this task) belong to this task.
+                    unsafe {
+                        // dV += Pᵀ · dO
+                        gemm_raw(
+                            dv_ptr.0.add(ov),
+                            d.v_view(n),
+                            true,
+                            p.as_ptr(),
+                            View::strided(rows, n, n).t(),
+                            dout.as_ptr().add(do_blk),
+                            ov_rows,
+                            1.0,
+                            Some(gemm::Parallelism::None),
+                        );
+                        // dP = dO · Vᵀ
+                        gemm_raw(
+                            dp.as_mut_ptr(),
+                            View::strided(rows, n, n),
+                            false,
+                            dout.as_ptr().add(do_blk),
+                            ov_rows,
+                            inp.v.as_ptr().add(ov),
+                            d.v_view(n).t(),
+                            1.0,
+                            Some(gemm::Parallelism::None),
+                        );
+                    }
+                    // dS = P ∘ (dP − D), D = rowsum(dO ∘ O); dS overwrites dP.
+                    for r in 0..rows {
+                        let base = o_blk + r * nh * dv_;
+                        let dsum: f32 = (0..dv_).map(|c| dout[base + c] * out[base + c]).sum();
+                        let (prow, dprow) = (&p[r * n..(r + 1) * n], &mut dp[r * n..(r + 1) * n]);
+                        for (ds, &pv) in dprow.iter_mut().zip(prow) {
+                            *ds = pv * (*ds - dsum);
+                        }
+                    }
+                    if with_dbias {
+                        let bb = if broadcast_bias { 0 } else { b };
+                        let start = (bb * nh + h) * d.q_len * d.kv_len;
+                        for r in 0..rows {
+                            for (j, ds) in dp[r * n..(r + 1) * n].iter().enumerate() {
+                                unsafe { *dbias_ptr.0.add(start + (i0 + r) * d.kv_len + j) += ds };
+                            }
+                        }
+                    }
+                    unsafe {
+                        // dQ = scale · dS · K
+                        let dq_view = View { rows, ..d.q_view() };
+                        gemm_raw(
+                            dq_ptr.0.add(oq + i0 * nh * dk_),
+                            dq_view,
+                            true,
+                            dp.as_ptr(),
+                            View::strided(rows, n, n),
+                            inp.k.as_ptr().add(ok),
+                            d.k_view(n),
+                            d.scale,
+                            Some(gemm::Parallelism::None),
+                        );
+                        // dK += scale · dSᵀ · Q
+                        gemm_raw(
+                            dk_ptr.0.add(ok),
+                            d.k_view(n),
+                            true,
+                            dp.as_ptr(),
+                            View::strided(rows, n, n).t(),
+                            inp.q.as_ptr().add(oq + i0 * nh * dk_),
+                            dq_view,
+                            d.scale,
+                            Some(gemm::Parallelism::None),
+                        );
+                    }
+                }
+            }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::*;
+
+    /// Direct f64 attention: full score matrix, masked keys dropped, fully masked rows zero.
+    fn naive(
+        q: &[f64],
+        k: &[f64],
+        v: &[f64],
+        bias: Option<(&[f64], bool)>,
+        lens: &[usize],
+        d: &AttentionDims,
+    ) -> Vec<f64> {
+        let (nh, dk, dv) = (d.heads, d.head_dim, d.v_head_dim);
+        let mut out = vec![0.0; d.batch * d.q_len * nh * dv];
+        for b in 0..d.batch {
+            for h in 0..nh {
+                for i in 0..d.q_len {
+                    let mut s: Vec<f64> = (0..lens[b])
+                        .map(|j| {
+                            let dot: f64 = (0..dk)
+                                .map(|c| {
+                                    q[((b * d.q_len + i) * nh + h) * dk + c]
+                                        * k[((b * d.kv_len + j) * nh + h) * dk + c]
+                                })
+                                .sum();
+                            let bv = bias.map_or(0.0, |(bias, per_batch)| {
+                                let bb = if per_batch { b } else { 0 };
+                                bias[((bb * nh + h) * d.q_len + i) * d.kv_len + j]
+                            });
+                            dot * d.scale as f64 + bv
+                        })
+                        .collect();
+                    if s.is_empty() {
+                        continue;
+                    }
+                    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    s.iter_mut().for_each(|x| *x = (*x - m).exp());
+                    let z: f64 = s.iter().sum();
+                    for c in 0..dv {
+                        out[((b * d.q_len + i) * nh + h) * dv + c] = (0..lens[b])
+                            .map(|j| s[j] / z * v[((b * d.kv_len + j) * nh + h) * dv + c])
+                            .sum();
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn run_case(
+        d: AttentionDims,
+        lens: Vec<usize>,
+        bias_mode: Option<bool>,
+        seed: u64,
+        check_grads: bool,
+    ) {
+        let mut r = rng(seed);
+        let q = uniform(&mut r, d.batch * d.q_len * d.heads * d.head_dim, -1.0, 1.0);
+        let k = uniform(&mut r, d.batch * d.kv_len * d.heads * d.head_dim, -1.0, 1.0);
+        let v = uniform(
+            &mut r,
+            d.batch * d.kv_len * d.heads * d.v_head_dim,
+            -1.0,
+            1.0,
+        );
+        let bias_len = bias_mode.map_or(
+            0,
+            |pb| if pb { d.batch } else { 1 } * d.heads * d.q_len * d.kv_len,
+        );
+        let bias_data = uniform(&mut r, bias_len, -1.0, 1.0);
+        let inp = AttentionInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            kv_lens: Some(&lens),
+            bias: bias_mode.map(|per_batch| AttentionBias {
+                data: &bias_data,
+                per_batch,
+            }),
+        };
+        let mut ws = vec![0.0; d.workspace_len(3)];
+        let mut out = vec![0.0; d.batch * d.q_len * d.heads * d.v_head_dim];
+        let mut lse = vec![0.0; d.batch * d.heads * d.q_len];
+        attention(&mut out, &mut lse, inp, &d, &mut ws).unwrap();
+        let nv = |x: &[Vec<f64>]| {
+            naive(
+                &x[0],
+                &x[1],
+                &x[2],
+                bias_mode.map(|pb| (&x[3][..], pb)),
+                &lens,
+                &d,
+            )
+        };
+        let x64 = [to_f64(&q), to_f64(&k), to_f64(&v), to_f64(&bias_data)];
+        assert_close(&format!("attention {d:?}"), &out, &nv(&x64), 1e-5);
+        for (b, &l) in lens.iter().enumerate() {
+            if l == 0 {
+                let rows = &out[b * d.q_len * d.heads * d.v_head_dim
+                    ..(b + 1) * d.q_len * d.heads * d.v_head_dim];
+                assert!(
+                    rows.iter().all(|&x| x == 0.0),
+                    "fully masked rows must be zero"
+                );
+                assert!(lse[b * d.heads * d.q_len..(b + 1) * d.heads * d.q_len]
+                    .iter()
+                    .all(|&x| x == f32::NEG_INFINITY));
+            }
+        }
+        if !check_grads {
+            return;
+        }
+        let dout = uniform(&mut r, out.len(), -1.0, 1.0);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        let mut dbias = vec![0.0; bias_len];
+        let dbias_arg = bias_mode.map(|_| &mut dbias[..]);
+        attention_backward(
+            &mut dq, &mut dk, &mut dv, dbias_arg, &dout, &out, &lse, inp, &d, &mut ws,
+        )
+        .unwrap();
+        let grads: Vec<Option<&[f32]>> = vec![
+            Some(&dq),
+            Some(&dk),
+            Some(&dv),
+            bias_mode.map(|_| &dbias[..]),
+        ];
+        check_gradients(
+            &format!("attention {d:?}"),
+            &[&q, &k, &v, &bias_data],
+            &grads,
+            &dout,
+            nv,
+            2e-4,
+        );
+        if lens.contains(&0) {
+            let b = lens.iter().position(|&l| l == 0).unwrap();
+            let span = d.q_len * d.heads * d.head_dim;
+            assert!(dq[b * span..(b + 1) * span].iter().all(|&x| x == 0.0));
+        }
+    }
+
+    #[test]
+    fn self_attention_with_padding_and_a_fully_masked_row() {
+        run_case(
+            AttentionDims::new(3, 2, 7, 7, 5),
+            vec![7, 4, 0],
+            None,
+            41,
+            true,
+        );
+    }
+
+    #[test]
+    fn cross_attention_with_different_value_width() {
+        let d = AttentionDims {
+            v_head_dim: 6,
+            ..AttentionDims::new(2, 3, 5, 9, 4)
+        };
+        run_case(d, vec![9, 3], None, 42, true);
+    }
+
+    #[test]
+    fn additive_bias_broadcast_and_per_batch() {
+        run_case(
+            AttentionDims::new(2, 2, 6, 5, 3),
+            vec![5, 2],
+            Some(false),
+            43,
+            true,
+        );
+        run_case(
+            AttentionDims::new(2, 2, 6, 5, 3),
+            vec![5, 5],
+            Some(true),
+            44,
+            true,
+        );
+    }
+
+    #[test]
+    fn several_query_blocks_and_model_head_dims() {
+        // q_len past one block; head dims 32, 48 and Enformer's 64/192 split.
+        run_case(
+            AttentionDims::new(1, 2, 150, 97, 32),
+            vec![90],
+            None,
+            45,
+            false,
+        );
+        run_case(
+            AttentionDims::new(2, 1, 70, 33, 48),
+            vec![33, 20],
+            Some(false),
+            46,
+            false,
+        );
+        let d = AttentionDims {
+            v_head_dim: 192,
+            ..AttentionDims::new(1, 2, 67, 67, 64)
+        };
+        run_case(d, vec![67], Some(false), 47, false);
+    }
+
+    #[test]
+    fn bad_sizes_are_errors() {
+        let d = AttentionDims::new(1, 1, 2, 2, 2);
+        let x = vec![0.0; 4];
+        let inp = AttentionInputs {
+            q: &x,
+            k: &x,
+            v: &x,
+            kv_lens: Some(&[3]),
+            bias: None,
+        };
+        let (mut out, mut lse, mut ws) =
+            (vec![0.0; 4], vec![0.0; 2], vec![0.0; d.workspace_len(1)]);
+        assert!(
+            attention(&mut out, &mut lse, inp, &d, &mut ws).is_err(),
+            "kv_lens past kv_len"
+        );
+        let inp = AttentionInputs {
+            kv_lens: None,
+            ..inp
+        };
+        assert!(
+            attention(&mut out, &mut lse, inp, &d, &mut ws[..1]).is_err(),
+            "workspace too small"
+        );
+        assert!(attention(&mut out, &mut lse, inp, &d, &mut ws).is_ok());
+    }
+}

@@ -1,0 +1,255 @@
+//! 1-D convolution with 'same' padding (odd width `k`, `k/2` zeros each side), channels-last:
+//! `x [B, L, Cin]`, `out [B, L, Cout]`, weight in PyTorch's layout `[Cout, Cin, k]`, bias `[Cout]`.
+//! Each tap is one GEMM of the shifted input rows against that tap's weight slice (no im2col copy).
+
+use super::matmul::{gemm_views, sum_rows_into, View};
+use crate::error::check_len;
+use crate::{Error, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv1dDims {
+    pub batch: usize,
+    pub len: usize,
+    pub c_in: usize,
+    pub c_out: usize,
+    pub width: usize,
+}
+
+impl Conv1dDims {
+    fn check(&self, op: &'static str, x: usize, w: usize, out: usize) -> Result<()> {
+        if self.width % 2 == 0 {
+            return Err(Error::invalid(
+                "conv1d width",
+                format!("{} ('same' padding needs an odd width)", self.width),
+            ));
+        }
+        check_len(op, "x", x, self.batch * self.len * self.c_in)?;
+        check_len(op, "weight", w, self.c_out * self.c_in * self.width)?;
+        check_len(op, "out", out, self.batch * self.len * self.c_out)
+    }
+
+    /// Output rows `l0..l1` that tap `t` reads from input rows `l0+t−pad..`, clipped to the sequence.
+    fn tap_rows(&self, t: usize) -> (usize, usize, usize) {
+        let pad = self.width / 2;
+        let l0 = pad.saturating_sub(t);
+        let l1 = (self.len + pad).saturating_sub(t).min(self.len);
+        (l0, l1.max(l0), l0 + t - pad)
+    }
+
+    /// Tap `t` of the weight as a `[Cin, Cout]` matrix.
+    fn tap_weight(&self) -> View {
+        View {
+            rows: self.c_in,
+            cols: self.c_out,
+            rs: self.width as isize,
+            cs: (self.c_in * self.width) as isize,
+        }
+    }
+}
+
+pub fn conv1d(
+    out: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    d: Conv1dDims,
+) -> Result<()> {
+    d.check("conv1d", x.len(), w.len(), out.len())?;
+    match bias {
+        Some(b) => {
+            check_len("conv1d", "bias", b.len(), d.c_out)?;
+            out.chunks_mut(d.c_out.max(1))
+                .for_each(|row| row.copy_from_slice(b));
+        }
+        None => out.iter_mut().for_each(|v| *v = 0.0),
+    }
+    for b in 0..d.batch {
+        let (xb, ob) = (
+            &x[b * d.len * d.c_in..(b + 1) * d.len * d.c_in],
+            &mut out[b * d.len * d.c_out..(b + 1) * d.len * d.c_out],
+        );
+        for t in 0..d.width {
+            let (l0, l1, src) = d.tap_rows(t);
+            let rows = l1 - l0;
+            gemm_views(
+                &mut ob[l0 * d.c_out..],
+                View::strided(rows, d.c_out, d.c_out),
+                true,
+                &xb[src * d.c_in..],
+                View::strided(rows, d.c_in, d.c_in),
+                &w[t..],
+                d.tap_weight(),
+                None,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Gradients of [`conv1d`], added into `dx`, `dw` and `dbias`.
+pub fn conv1d_backward(
+    dx: Option<&mut [f32]>,
+    dw: Option<&mut [f32]>,
+    dbias: Option<&mut [f32]>,
+    dout: &[f32],
+    x: &[f32],
+    w: &[f32],
+    d: Conv1dDims,
+) -> Result<()> {
+    d.check("conv1d_backward", x.len(), w.len(), dout.len())?;
+    if let Some(dx) = dx {
+        check_len("conv1d_backward", "dx", dx.len(), x.len())?;
+        for b in 0..d.batch {
+            let (dxb, db) = (
+                &mut dx[b * d.len * d.c_in..(b + 1) * d.len * d.c_in],
+                &dout[b * d.len * d.c_out..(b + 1) * d.len * d.c_out],
+            );
+            for t in 0..d.width {
+                let (l0, l1, src) = d.tap_rows(t);
+                let rows = l1 - l0;
+                gemm_views(
+                    &mut dxb[src * d.c_in..],
+                    View::strided(rows, d.c_in, d.c_in),
+                    true,
+                    &db[l0 * d.c_out..],
+                    View::strided(rows, d.c_out, d.c_out),
+                    &w[t..],
+                    d.tap_weight().t(),
+                    None,
+                );
+            }
+        }
+    }
+    if let Some(dw) = dw {
+        check_len("conv1d_backward", "dw", dw.len(), w.len())?;
+        for b in 0..d.batch {
+            let (xb, db) = (
+                &x[b * d.len * d.c_in..(b + 1) * d.len * d.c_in],
+                &dout[b * d.len * d.c_out..(b + 1) * d.len * d.c_out],
+            );
+            for t in 0..d.width {
+                let (l0, l1, src) = d.tap_rows(t);
+                let rows = l1 - l0;
+                gemm_views(
+                    &mut dw[t..],
+                    d.tap_weight().t(),
+                    true,
+                    &db[l0 * d.c_out..],
+                    View::strided(rows, d.c_out, d.c_out).t(),
+                    &xb[src * d.c_in..],
+                    View::strided(rows, d.c_in, d.c_in),
+                    None,
+                );
+            }
+        }
+    }
+    if let Some(dbias) = dbias {
+        check_len("conv1d_backward", "dbias", dbias.len(), d.c_out)?;
+        sum_rows_into(dbias, dout, d.c_out);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::*;
+
+    fn naive(x: &[f64], w: &[f64], bias: &[f64], d: Conv1dDims) -> Vec<f64> {
+        let pad = (d.width / 2) as isize;
+        let mut out = vec![0.0; d.batch * d.len * d.c_out];
+        for b in 0..d.batch {
+            for l in 0..d.len {
+                for co in 0..d.c_out {
+                    let mut s = bias[co];
+                    for t in 0..d.width {
+                        let src = l as isize + t as isize - pad;
+                        if src < 0 || src >= d.len as isize {
+                            continue;
+                        }
+                        for ci in 0..d.c_in {
+                            s += x[(b * d.len + src as usize) * d.c_in + ci]
+                                * w[(co * d.c_in + ci) * d.width + t];
+                        }
+                    }
+                    out[(b * d.len + l) * d.c_out + co] = s;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn conv1d_forward_and_backward() {
+        let mut r = rng(71);
+        for d in [
+            Conv1dDims {
+                batch: 2,
+                len: 9,
+                c_in: 3,
+                c_out: 4,
+                width: 5,
+            },
+            Conv1dDims {
+                batch: 1,
+                len: 3,
+                c_in: 2,
+                c_out: 3,
+                width: 7,
+            },
+            Conv1dDims {
+                batch: 2,
+                len: 6,
+                c_in: 5,
+                c_out: 2,
+                width: 1,
+            },
+        ] {
+            let x = uniform(&mut r, d.batch * d.len * d.c_in, -1.0, 1.0);
+            let w = uniform(&mut r, d.c_out * d.c_in * d.width, -1.0, 1.0);
+            let b = uniform(&mut r, d.c_out, -1.0, 1.0);
+            let mut out = vec![0.0; d.batch * d.len * d.c_out];
+            conv1d(&mut out, &x, &w, Some(&b), d).unwrap();
+            let nv = |v: &[Vec<f64>]| naive(&v[0], &v[1], &v[2], d);
+            assert_close(
+                &format!("conv1d {d:?}"),
+                &out,
+                &nv(&[to_f64(&x), to_f64(&w), to_f64(&b)]),
+                1e-6,
+            );
+            let dout = uniform(&mut r, out.len(), -1.0, 1.0);
+            let (mut dx, mut dw, mut db) =
+                (vec![0.0; x.len()], vec![0.0; w.len()], vec![0.0; b.len()]);
+            conv1d_backward(
+                Some(&mut dx),
+                Some(&mut dw),
+                Some(&mut db),
+                &dout,
+                &x,
+                &w,
+                d,
+            )
+            .unwrap();
+            check_gradients(
+                &format!("conv1d {d:?}"),
+                &[&x, &w, &b],
+                &[Some(&dx), Some(&dw), Some(&db)],
+                &dout,
+                nv,
+                1e-4,
+            );
+        }
+    }
+
+    #[test]
+    fn even_width_is_refused() {
+        let d = Conv1dDims {
+            batch: 1,
+            len: 4,
+            c_in: 1,
+            c_out: 1,
+            width: 2,
+        };
+        assert!(conv1d(&mut [0.0; 4], &[0.0; 4], &[0.0; 2], None, d).is_err());
+    }
+}

@@ -1,0 +1,212 @@
+//! Enformer's attention pooling over windows of 2, channels-last `x [B, L, C]` → `out [B, ⌈L/2⌉, C]`:
+//! `logits = x·Wᵀ` (`W [C, C]`, no bias), then per output channel `o` a softmax over the two positions of
+//! each window, and `out[j, o] = Σ_p a[j, p, o]·x[2j+p, o]`. An odd length's last window has one real
+//! position (the reference pads with a masked slot), so its output is that position's value.
+
+use rayon::prelude::*;
+
+use super::matmul::{linear, linear_backward, LinearDims};
+use crate::error::check_len;
+use crate::Result;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolDims {
+    pub batch: usize,
+    pub len: usize,
+    pub channels: usize,
+}
+
+impl PoolDims {
+    pub fn out_len(&self) -> usize {
+        self.len.div_ceil(2)
+    }
+
+    fn linear(&self) -> LinearDims {
+        LinearDims {
+            rows: self.batch * self.len,
+            d_in: self.channels,
+            d_out: self.channels,
+        }
+    }
+
+    fn check(&self, op: &'static str, x: usize, w: usize, out: usize, logits: usize) -> Result<()> {
+        check_len(op, "x", x, self.batch * self.len * self.channels)?;
+        check_len(op, "weight", w, self.channels * self.channels)?;
+        check_len(op, "out", out, self.batch * self.out_len() * self.channels)?;
+        check_len(op, "logits", logits, x)
+    }
+}
+
+/// The two softmax weights of window position 0 and 1 (the second is 0 when the window has one position).
+fn window_weights(l0: f32, l1: Option<f32>) -> (f32, f32) {
+    match l1 {
+        None => (1.0, 0.0),
+        Some(l1) => {
+            let m = l0.max(l1);
+            let (e0, e1) = ((l0 - m).exp(), (l1 - m).exp());
+            (e0 / (e0 + e1), e1 / (e0 + e1))
+        }
+    }
+}
+
+/// Forward; `logits [B, L, C]` is written and must be kept for the backward.
+pub fn attention_pool(
+    out: &mut [f32],
+    logits: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    d: PoolDims,
+) -> Result<()> {
+    d.check("attention_pool", x.len(), w.len(), out.len(), logits.len())?;
+    linear(logits, x, w, None, d.linear())?;
+    let (c, lo) = (d.channels, d.out_len());
+    out.par_chunks_mut(c.max(1))
+        .enumerate()
+        .for_each(|(row, o)| {
+            let (b, j) = (row / lo, row % lo);
+            let p0 = (b * d.len + 2 * j) * c;
+            let has_pair = 2 * j + 1 < d.len;
+            for ch in 0..c {
+                let (a0, a1) =
+                    window_weights(logits[p0 + ch], has_pair.then(|| logits[p0 + c + ch]));
+                o[ch] = a0 * x[p0 + ch] + if has_pair { a1 * x[p0 + c + ch] } else { 0.0 };
+            }
+        });
+    Ok(())
+}
+
+/// Gradients, added into `dx` and `dw`. `dlogits` is scratch of the logits' size.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_pool_backward(
+    dx: &mut [f32],
+    dw: &mut [f32],
+    dlogits: &mut [f32],
+    dout: &[f32],
+    x: &[f32],
+    w: &[f32],
+    logits: &[f32],
+    d: PoolDims,
+) -> Result<()> {
+    d.check(
+        "attention_pool_backward",
+        x.len(),
+        w.len(),
+        dout.len(),
+        logits.len(),
+    )?;
+    check_len("attention_pool_backward", "dx", dx.len(), x.len())?;
+    check_len("attention_pool_backward", "dlogits", dlogits.len(), x.len())?;
+    let (c, lo) = (d.channels, d.out_len());
+    // Each output row owns the (one or two) input rows of its window: disjoint chunks of dx and dlogits.
+    let window = 2 * c.max(1);
+    let rows_per_batch = d.len * c;
+    dx.par_chunks_mut(rows_per_batch.max(1))
+        .zip(dlogits.par_chunks_mut(rows_per_batch.max(1)))
+        .enumerate()
+        .for_each(|(b, (dxb, dlb))| {
+            for (j, (dxw, dlw)) in dxb
+                .chunks_mut(window)
+                .zip(dlb.chunks_mut(window))
+                .enumerate()
+            {
+                let p0 = (b * d.len + 2 * j) * c;
+                let has_pair = dxw.len() == window;
+                let g = &dout[(b * lo + j) * c..(b * lo + j + 1) * c];
+                for ch in 0..c {
+                    let (a0, a1) =
+                        window_weights(logits[p0 + ch], has_pair.then(|| logits[p0 + c + ch]));
+                    dxw[ch] += g[ch] * a0;
+                    if has_pair {
+                        dxw[c + ch] += g[ch] * a1;
+                        // d out / d logit_p = a_p (x_p − out)
+                        let y = a0 * x[p0 + ch] + a1 * x[p0 + c + ch];
+                        dlw[ch] = g[ch] * a0 * (x[p0 + ch] - y);
+                        dlw[c + ch] = g[ch] * a1 * (x[p0 + c + ch] - y);
+                    } else {
+                        dlw[ch] = 0.0;
+                    }
+                }
+            }
+        });
+    linear_backward(Some(dx), Some(dw), None, dlogits, x, w, d.linear())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::*;
+
+    fn naive(x: &[f64], w: &[f64], d: PoolDims) -> Vec<f64> {
+        let c = d.channels;
+        let mut out = Vec::new();
+        for b in 0..d.batch {
+            for j in 0..d.out_len() {
+                for o in 0..c {
+                    let pos: Vec<usize> = (2 * j..(2 * j + 2).min(d.len)).collect();
+                    let logit = |p: usize| {
+                        (0..c)
+                            .map(|i| w[o * c + i] * x[(b * d.len + p) * c + i])
+                            .sum::<f64>()
+                    };
+                    let ls: Vec<f64> = pos.iter().map(|&p| logit(p)).collect();
+                    let m = ls.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = ls.iter().map(|l| (l - m).exp()).sum();
+                    out.push(
+                        pos.iter()
+                            .zip(&ls)
+                            .map(|(&p, l)| (l - m).exp() / z * x[(b * d.len + p) * c + o])
+                            .sum(),
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn attention_pool_even_and_odd_lengths() {
+        let mut r = rng(81);
+        for d in [
+            PoolDims {
+                batch: 2,
+                len: 6,
+                channels: 3,
+            },
+            PoolDims {
+                batch: 2,
+                len: 7,
+                channels: 4,
+            },
+        ] {
+            let x = uniform(&mut r, d.batch * d.len * d.channels, -1.0, 1.0);
+            // Enformer initialises W as 2·I; perturb it so every entry matters.
+            let mut w = uniform(&mut r, d.channels * d.channels, -0.5, 0.5);
+            (0..d.channels).for_each(|i| w[i * d.channels + i] += 2.0);
+            let (mut out, mut logits) = (
+                vec![0.0; d.batch * d.out_len() * d.channels],
+                vec![0.0; x.len()],
+            );
+            attention_pool(&mut out, &mut logits, &x, &w, d).unwrap();
+            let nv = |v: &[Vec<f64>]| naive(&v[0], &v[1], d);
+            assert_close(
+                &format!("attention_pool {d:?}"),
+                &out,
+                &nv(&[to_f64(&x), to_f64(&w)]),
+                1e-6,
+            );
+            let dout = uniform(&mut r, out.len(), -1.0, 1.0);
+            let (mut dx, mut dw, mut scratch) =
+                (vec![0.0; x.len()], vec![0.0; w.len()], vec![0.0; x.len()]);
+            attention_pool_backward(&mut dx, &mut dw, &mut scratch, &dout, &x, &w, &logits, d)
+                .unwrap();
+            check_gradients(
+                &format!("attention_pool {d:?}"),
+                &[&x, &w],
+                &[Some(&dx), Some(&dw)],
+                &dout,
+                nv,
+                1e-4,
+            );
+        }
+    }
+}

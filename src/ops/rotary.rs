@@ -1,0 +1,185 @@
+//! Rotary position embedding, split-half (GPT-NeoX) convention as in ESM-2 and NT-v2: with `h = d/2`,
+//! `inv_freq[j] = base^(−2j/d)`, `θ[p, j] = θ[p, j+h] = p·inv_freq[j]`, and
+//! `x' = x·cos θ + rotate_half(x)·sin θ`, `rotate_half(x) = [−x[h..], x[..h]]`. Positions start at 0 for the
+//! first token of every sequence. Layout `[batch, len, heads, head_dim]`.
+
+use rayon::prelude::*;
+
+use crate::error::check_len;
+use crate::{Error, Result};
+
+/// cos/sin of the angles, `[max_len, head_dim/2]`, computed as the references do (f32 angles).
+#[derive(Clone, Debug)]
+pub struct RotaryTable {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
+    max_len: usize,
+}
+
+impl RotaryTable {
+    pub fn new(max_len: usize, head_dim: usize, base: f32) -> Result<Self> {
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(Error::invalid(
+                "rotary head_dim",
+                format!("{head_dim} (must be even and positive)"),
+            ));
+        }
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|j| 1.0 / base.powf((2 * j) as f32 / head_dim as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(max_len * half);
+        let mut sin = Vec::with_capacity(max_len * half);
+        for p in 0..max_len {
+            for f in &inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok(RotaryTable {
+            cos,
+            sin,
+            half,
+            max_len,
+        })
+    }
+
+    pub fn head_dim(&self) -> usize {
+        2 * self.half
+    }
+
+    fn check(&self, op: &'static str, n: usize, len: usize, heads: usize) -> Result<()> {
+        if len > self.max_len {
+            return Err(Error::invalid(
+                "rotary length",
+                format!("{len} exceeds the table's {}", self.max_len),
+            ));
+        }
+        let row = heads * self.head_dim();
+        if row == 0 || n % (len.max(1) * row) != 0 {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "{n} elements is not a whole [batch, {len}, {heads}, {}]",
+                    self.head_dim()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Rotates every head vector of `x` by its position's angles (`sign` = −1 rotates backwards, which is
+    /// the transpose, hence the backward).
+    fn rotate(
+        &self,
+        out: &mut [f32],
+        x: &[f32],
+        len: usize,
+        heads: usize,
+        sign: f32,
+        accumulate: bool,
+    ) {
+        let (h, d) = (self.half, self.head_dim());
+        out.par_chunks_mut(heads * d)
+            .zip(x.par_chunks(heads * d))
+            .enumerate()
+            .for_each(|(row, (o, x))| {
+                let p = row % len;
+                let (cos, sin) = (&self.cos[p * h..(p + 1) * h], &self.sin[p * h..(p + 1) * h]);
+                for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
+                    for j in 0..h {
+                        let (a, b, s) = (x[j], x[j + h], sign * sin[j]);
+                        let (ra, rb) = (a * cos[j] - b * s, b * cos[j] + a * s);
+                        if accumulate {
+                            o[j] += ra;
+                            o[j + h] += rb;
+                        } else {
+                            o[j] = ra;
+                            o[j + h] = rb;
+                        }
+                    }
+                }
+            });
+    }
+}
+
+/// `out = rope(x)` for `x [batch, len, heads, head_dim]`.
+pub fn rotary(
+    out: &mut [f32],
+    x: &[f32],
+    table: &RotaryTable,
+    len: usize,
+    heads: usize,
+) -> Result<()> {
+    table.check("rotary", x.len(), len, heads)?;
+    check_len("rotary", "out", out.len(), x.len())?;
+    table.rotate(out, x, len, heads, 1.0, false);
+    Ok(())
+}
+
+/// `dx += ropeᵀ(dout)`.
+pub fn rotary_backward(
+    dx: &mut [f32],
+    dout: &[f32],
+    table: &RotaryTable,
+    len: usize,
+    heads: usize,
+) -> Result<()> {
+    table.check("rotary_backward", dout.len(), len, heads)?;
+    check_len("rotary_backward", "dx", dx.len(), dout.len())?;
+    table.rotate(dx, dout, len, heads, -1.0, true);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::*;
+
+    /// Direct transcription of the reference: theta = cat(p·inv_freq, p·inv_freq); x·cos + rotate_half(x)·sin.
+    fn naive(x: &[f64], len: usize, heads: usize, d: usize) -> Vec<f64> {
+        let inv: Vec<f64> = (0..d / 2)
+            .map(|j| 1.0 / 10000f64.powf(2.0 * j as f64 / d as f64))
+            .collect();
+        let mut out = vec![0.0; x.len()];
+        for (v, chunk) in x.chunks(d).enumerate() {
+            let p = (v / heads) % len;
+            let theta: Vec<f64> = inv.iter().chain(inv.iter()).map(|f| p as f64 * f).collect();
+            let rot: Vec<f64> = chunk[d / 2..]
+                .iter()
+                .map(|v| -v)
+                .chain(chunk[..d / 2].iter().cloned())
+                .collect();
+            for j in 0..d {
+                out[v * d + j] = chunk[j] * theta[j].cos() + rot[j] * theta[j].sin();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn rotary_forward_and_backward() {
+        let mut r = rng(31);
+        let (batch, len, heads, d) = (2, 9, 3, 8);
+        let table = RotaryTable::new(16, d, 10000.0).unwrap();
+        let x = uniform(&mut r, batch * len * heads * d, -1.0, 1.0);
+        let mut out = vec![0.0; x.len()];
+        rotary(&mut out, &x, &table, len, heads).unwrap();
+        assert_close("rotary", &out, &naive(&to_f64(&x), len, heads, d), 1e-6);
+        let dout = uniform(&mut r, x.len(), -1.0, 1.0);
+        let mut dx = vec![0.0; x.len()];
+        rotary_backward(&mut dx, &dout, &table, len, heads).unwrap();
+        check_gradients(
+            "rotary",
+            &[&x],
+            &[Some(&dx)],
+            &dout,
+            |v| naive(&v[0], len, heads, d),
+            1e-4,
+        );
+        assert!(rotary(&mut out, &x, &table, 17, heads).is_err());
+        assert!(RotaryTable::new(4, 7, 10000.0).is_err());
+    }
+}

@@ -1,0 +1,13 @@
+//! The tensor runtime: element types, shapes, tensors, and the planned memory that holds them.
+
+pub mod dtype;
+pub mod memory;
+pub mod shape;
+pub mod tensor;
+
+pub use dtype::{DType, Element};
+pub use memory::{
+    ActivationArena, ActivationPlan, Arena, Layout, Lifetime, TensorSpec, TrainState,
+};
+pub use shape::Shape;
+pub use tensor::Tensor;
