@@ -18,3 +18,8 @@ pub mod training;
 pub use device::{Device, DeviceRequest};
 pub use error::{Context, Error, Result};
 pub use runtime::{DType, Shape, Tensor};
+
+/// Compiles and runs the README's Rust examples as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
