@@ -20,18 +20,32 @@ fn gemm_f32(c: &mut Criterion) {
         // One criterion "element" is one floating-point operation, so elem/s reads as FLOP/s.
         group.throughput(Throughput::Elements(dims.flops() as u64));
         for &t in &THREADS {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().expect("thread pool");
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .expect("thread pool");
             group.bench_function(format!("{n}x{n}x{n}/threads={t}"), |bench| {
-                bench.iter(|| pool.install(|| matmul(&mut out, &a, &b, dims, false).expect("matmul")))
+                bench.iter(|| {
+                    pool.install(|| matmul(&mut out, &a, &b, dims, false).expect("matmul"))
+                })
             });
         }
     }
     group.finish();
     for &n in &SIZES {
         for &t in &THREADS {
-            let r = GemmBench { m: n, n, k: n, threads: t, dtype: DType::F32, device: Device::Cpu, warmup: 2, repeats: 10 }
-                .run()
-                .expect("gemm bench");
+            let r = GemmBench {
+                m: n,
+                n,
+                k: n,
+                threads: t,
+                dtype: DType::F32,
+                device: Device::Cpu,
+                warmup: 2,
+                repeats: 10,
+            }
+            .run()
+            .expect("gemm bench");
             println!("gemm f32 {n}x{n}x{n} threads={t}: {:.1} GFLOP/s", r.gflops);
         }
     }
