@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod data;
 pub mod device;
 pub mod error;
 pub mod ops;

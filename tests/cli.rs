@@ -67,3 +67,107 @@ fn unavailable_device_and_bad_arguments_are_clear_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be positive"));
 }
+
+fn fixture_copy(tag: &str) -> std::path::PathBuf {
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/data/gtex");
+    let dir = std::env::temp_dir().join(format!("isoformer-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["genome.fa", "GTEx_final.csv"] {
+        std::fs::copy(format!("{src}/{f}"), dir.join(f)).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn data_check_summarises_and_export_writes_what_the_model_sees() {
+    let dir = fixture_copy("data");
+    let d = dir.to_str().unwrap();
+    let out = engine(&["data", "check", "--data", d, "--dna-len", "40"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    for want in [
+        "rows read: 10",
+        "train      4",
+        "validation 2",
+        "test       2",
+        "leaving the chromosome: dropped 3",
+        "bad rows: 0",
+        "tissues: 4",
+    ] {
+        assert!(text.contains(want), "missing '{want}' in:\n{text}");
+    }
+    let tsv = dir.join("out.tsv");
+    let out = engine(&[
+        "data",
+        "export",
+        "--data",
+        d,
+        "--dna-len",
+        "40",
+        "--split",
+        "valid",
+        "--out",
+        tsv.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&tsv).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[0],
+        "transcript_id\tsplit\tdna\trna\tprotein\tAdipose Tissue\tBrain\tLiver\tWhole Blood"
+    );
+    let ids: Vec<&str> = lines[1..]
+        .iter()
+        .map(|l| l.split('\t').next().unwrap())
+        .collect();
+    assert_eq!(ids, ["ENST03", "ENST07"], "validation rows in file order");
+    assert!(lines[1].split('\t').nth(2).unwrap().len() == 40);
+    // --limit, and a failing export leaves no output behind
+    let out = engine(&[
+        "data",
+        "export",
+        "--data",
+        d,
+        "--dna-len",
+        "40",
+        "--limit",
+        "1",
+        "--out",
+        tsv.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    assert_eq!(std::fs::read_to_string(&tsv).unwrap().lines().count(), 2);
+    let missing = dir.join("no-such-dir").join("x.tsv");
+    let out = engine(&[
+        "data",
+        "export",
+        "--data",
+        d,
+        "--dna-len",
+        "40",
+        "--out",
+        missing.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(!missing.exists());
+    let leftovers = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains("partial")
+        })
+        .count();
+    assert_eq!(leftovers, 0);
+}

@@ -9,6 +9,21 @@ use crate::{DType, DeviceRequest, Result};
 pub enum BenchCommand {
     /// GEMM throughput, C[m,n] = A[m,k]·B[k,n]. Prints the median as `<number> GFLOP/s`.
     Gemm(GemmArgs),
+    /// Data loader throughput (samples/s) over a dataset, as `train` would read it.
+    Loader(LoaderArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct LoaderArgs {
+    #[command(flatten)]
+    pub data: crate::cli::data::DataArgs,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Stop after this many batches (default: one epoch of the training split).
+    #[arg(long)]
+    pub batches: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 #[derive(Args, Debug)]
@@ -66,6 +81,34 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 r.timing.max.as_secs_f64() * 1e3,
             );
             println!("{:.1} GFLOP/s", r.gflops);
+            Ok(())
+        }
+        BenchCommand::Loader(a) => {
+            let start = std::time::Instant::now();
+            let ds = std::sync::Arc::new(crate::data::Dataset::open(a.data.config()?)?);
+            let opened = start.elapsed();
+            let mut cfg = crate::data::LoaderConfig::new(crate::data::Split::Train, a.batch);
+            cfg.seed = a.seed;
+            let loader = crate::data::Loader::new(ds, cfg)?;
+            let limit = a.batches.unwrap_or(usize::MAX);
+            let start = std::time::Instant::now();
+            let (mut samples, mut bases) = (0usize, 0usize);
+            for batch in loader.take(limit) {
+                let batch = batch?;
+                samples += batch.samples.len();
+                bases += batch
+                    .samples
+                    .iter()
+                    .map(|s| s.dna.len() + s.rna.len())
+                    .sum::<usize>();
+            }
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "loader: opened and validated in {:.2} s; {samples} samples ({:.1} MB of sequence) in {secs:.2} s",
+                opened.as_secs_f64(),
+                bases as f64 / 1e6
+            );
+            println!("{:.1} samples/s", samples as f64 / secs);
             Ok(())
         }
     }

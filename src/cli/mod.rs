@@ -1,6 +1,7 @@
 //! The `isoformer-engine` command line.
 
 pub mod bench;
+pub mod data;
 
 use clap::{Parser, Subcommand};
 
@@ -22,6 +23,9 @@ pub enum Command {
     /// Measure kernel throughput on this machine.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Validate and export datasets.
+    #[command(subcommand)]
+    Data(data::DataCommand),
     /// Print the devices and CPU features this build can use.
     Info,
 }
@@ -29,6 +33,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Data(cmd) => data::run(cmd),
         Command::Info => {
             info();
             Ok(())

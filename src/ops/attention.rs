@@ -260,7 +260,6 @@ pub fn attention(
 
 /// Gradients with respect to q, k, v and (optionally) the bias, added into the given buffers.
 /// `dbias` has the bias's layout (broadcast bias: summed over the batch).
-#[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     dq: &mut [f32],
     dk: &mut [f32],

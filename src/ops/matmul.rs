@@ -118,7 +118,6 @@ fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
 }
 
 /// `dst (+)= scale · lhs · rhs` on strided views of slices, bounds-checked.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_views(
     dst: &mut [f32],
     dv: View,
@@ -155,7 +154,6 @@ pub(crate) fn gemm_views(
 /// # Safety
 /// Every element the three views describe must be valid for the pointer it is read or written through, and
 /// no other thread may touch the elements of `dst`'s view during the call.
-#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_raw(
     dst: *mut f32,
     dv: View,

@@ -56,7 +56,6 @@ pub fn layernorm(
 }
 
 /// Gradients of [`layernorm`], added into `dx`, `dgamma` and `dbeta`.
-#[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward(
     dx: &mut [f32],
     dgamma: &mut [f32],
@@ -117,7 +116,6 @@ enum StatsPer {
 
 /// `dgamma[c] += Σ_r dout·xhat`, `dbeta[c] += Σ_r dout`, where `xhat = (x − mean) · rstd` with the
 /// statistics of the row or of the column.
-#[allow(clippy::too_many_arguments)]
 fn column_reduce(
     dgamma: &mut [f32],
     dbeta: &mut [f32],
@@ -159,7 +157,6 @@ pub struct RunningStats<'a> {
 
 /// Training-mode batchnorm on `x [rows, channels]`: normalises with the batch mean and biased variance,
 /// saves `mean` and `rstd` per channel, and updates `running` if given.
-#[allow(clippy::too_many_arguments)]
 pub fn batchnorm_train(
     out: &mut [f32],
     mean: &mut [f32],
@@ -227,7 +224,6 @@ pub fn batchnorm_train(
 
 /// Eval-mode batchnorm: normalises with the running statistics. Writes the `mean` and `rstd` it used, so
 /// [`batchnorm_backward`] handles both modes.
-#[allow(clippy::too_many_arguments)]
 pub fn batchnorm_eval(
     out: &mut [f32],
     mean: &mut [f32],
@@ -265,7 +261,6 @@ pub fn batchnorm_eval(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 fn check_batchnorm(
     op: &'static str,
     x: usize,
@@ -308,7 +303,6 @@ fn normalize_channels(
 
 /// Gradients of batchnorm. With `train`, the batch statistics depend on `x` and that path is included;
 /// otherwise (eval) they are constants.
-#[allow(clippy::too_many_arguments)]
 pub fn batchnorm_backward(
     dx: &mut [f32],
     dgamma: &mut [f32],

@@ -76,7 +76,6 @@ pub fn attention_pool(
 }
 
 /// Gradients, added into `dx` and `dw`. `dlogits` is scratch of the logits' size.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_pool_backward(
     dx: &mut [f32],
     dw: &mut [f32],

@@ -1,0 +1,13 @@
+//! Data: the GTEx transcript-expression dataset (CSV or TSV layout), the genome FASTA it is cut from, and the
+//! training loader.
+
+pub mod dataset;
+pub mod export;
+pub mod fasta;
+pub mod loader;
+pub mod records;
+pub mod window;
+
+pub use dataset::{DataConfig, DataReport, Dataset, RowRef, Sample, Split, TargetStats};
+pub use loader::{Batch, Loader, LoaderConfig};
+pub use window::EdgePolicy;
