@@ -94,7 +94,7 @@ fn data_check_summarises_and_export_writes_what_the_model_sees() {
         "rows read: 10",
         "train      4",
         "validation 2",
-        "test       2",
+        "test       1",
         "leaving the chromosome: dropped 3",
         "bad rows: 0",
         "tissues: 4",
