@@ -46,6 +46,10 @@ impl RotaryTable {
         })
     }
 
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
     pub fn head_dim(&self) -> usize {
         2 * self.half
     }

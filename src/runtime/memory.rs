@@ -192,6 +192,28 @@ impl Arena {
         &self.words[e.offset_bytes / 4..e.offset_bytes / 4 + e.numel()]
     }
 
+    /// Every entry's f32 view at once, mutably, in layout order (they are disjoint by construction).
+    pub fn entries_f32_mut(&mut self) -> Vec<&mut [f32]> {
+        let mut order: Vec<usize> = (0..self.layout.entries().len()).collect();
+        order.sort_by_key(|&i| self.layout.entries()[i].offset_bytes);
+        let mut out: Vec<Option<&mut [f32]>> = (0..order.len()).map(|_| None).collect();
+        let mut rest: &mut [f32] = &mut self.words;
+        let mut consumed = 0;
+        for i in order {
+            let e = &self.layout.entries()[i];
+            let (start, n) = (e.offset_bytes / 4, e.numel());
+            let tail = std::mem::take(&mut rest);
+            let (_, from) = tail.split_at_mut(start - consumed);
+            let (mine, after) = from.split_at_mut(n);
+            out[i] = Some(mine);
+            rest = after;
+            consumed = start + n;
+        }
+        out.into_iter()
+            .map(|s| s.expect("every entry is visited"))
+            .collect()
+    }
+
     pub fn zero(&mut self) {
         self.words.iter_mut().for_each(|w| *w = 0.0);
     }

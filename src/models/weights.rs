@@ -1,0 +1,304 @@
+//! Model parameters: a named layout filled from a safetensors file.
+//!
+//! The file is memory-mapped. When every tensor is stored as f32 the parameters are views straight into
+//! the map (no copy); otherwise (bf16/f16 checkpoints, or training, which needs owned weights) they are
+//! converted once into one planned arena. Names are resolved through a list of prefixes and aliases, so
+//! `esm.`-prefixed and bare HF names, or Enformer's `_trunk.` duplicates, all load.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::tensor::Dtype;
+use safetensors::SafeTensors;
+
+use crate::runtime::{Arena, Layout, TensorSpec};
+use crate::{Error, Result};
+
+#[derive(Clone, Debug)]
+struct StoredTensor {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Byte range inside the map.
+    start: usize,
+    end: usize,
+}
+
+/// A memory-mapped safetensors file.
+pub struct WeightFile {
+    path: PathBuf,
+    map: Mmap,
+    tensors: HashMap<String, StoredTensor>,
+    pub metadata: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for WeightFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "WeightFile({}, {} tensors)",
+            self.path.display(),
+            self.tensors.len()
+        )
+    }
+}
+
+impl WeightFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: read-only map of a weights file that is not modified while we run.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let bad = |msg: String| Error::Parse {
+            path: path.to_path_buf(),
+            line: None,
+            msg,
+        };
+        let (header_len, meta) = SafeTensors::read_metadata(&map)
+            .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+        let base = 8 + header_len;
+        let mut tensors = HashMap::new();
+        for (name, info) in meta.tensors() {
+            let (a, b) = info.data_offsets;
+            if base + b > map.len() || a > b {
+                return Err(Error::Tensor {
+                    name,
+                    msg: format!("data range {a}..{b} lies outside {}", path.display()),
+                });
+            }
+            tensors.insert(
+                name,
+                StoredTensor {
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    start: base + a,
+                    end: base + b,
+                },
+            );
+        }
+        Ok(WeightFile {
+            path: path.to_path_buf(),
+            map,
+            tensors,
+            metadata: meta.metadata().clone().unwrap_or_default(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    fn f32_view(&self, t: &StoredTensor) -> Option<&[f32]> {
+        (t.dtype == Dtype::F32)
+            .then(|| bytemuck::try_cast_slice(&self.map[t.start..t.end]).ok())
+            .flatten()
+    }
+
+    /// Converts a stored tensor to f32 into `out`.
+    fn read_into(&self, name: &str, t: &StoredTensor, out: &mut [f32]) -> Result<()> {
+        let bytes = &self.map[t.start..t.end];
+        let n = out.len();
+        let unsupported = || Error::Tensor {
+            name: name.into(),
+            msg: format!("dtype {:?} is not supported (f32, bf16, f16)", t.dtype),
+        };
+        let width = match t.dtype {
+            Dtype::F32 => 4,
+            Dtype::BF16 | Dtype::F16 => 2,
+            _ => return Err(unsupported()),
+        };
+        if bytes.len() != n * width {
+            return Err(Error::Tensor {
+                name: name.into(),
+                msg: format!("holds {} bytes, expected {}", bytes.len(), n * width),
+            });
+        }
+        for (o, c) in out.iter_mut().zip(bytes.chunks_exact(width)) {
+            *o = match t.dtype {
+                Dtype::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+                Dtype::BF16 => bf16::from_le_bytes([c[0], c[1]]).to_f32(),
+                _ => f16::from_le_bytes([c[0], c[1]]).to_f32(),
+            };
+        }
+        Ok(())
+    }
+}
+
+/// How a model's parameter names map to file names: candidates tried in order for each parameter.
+pub trait NameResolver {
+    fn candidates(&self, name: &str) -> Vec<String>;
+}
+
+/// Tries `prefix + name` for each prefix (e.g. `["esm.", ""]`).
+pub struct Prefixes(pub Vec<String>);
+
+impl NameResolver for Prefixes {
+    fn candidates(&self, name: &str) -> Vec<String> {
+        self.0.iter().map(|p| format!("{p}{name}")).collect()
+    }
+}
+
+enum Storage {
+    Mapped {
+        file: Arc<WeightFile>,
+        ranges: Vec<(usize, usize)>,
+    },
+    Owned(Arena),
+}
+
+/// The parameters of a model, in its layout order.
+pub struct ModelParams {
+    layout: Arc<Layout>,
+    storage: Storage,
+}
+
+impl ModelParams {
+    /// Parameters initialised to zero, owned (for tests and training from scratch).
+    pub fn zeros(layout: Arc<Layout>) -> Self {
+        ModelParams {
+            storage: Storage::Owned(Arena::zeros(layout.clone())),
+            layout,
+        }
+    }
+
+    /// Loads every parameter of `layout` from `file`. A missing or mis-shaped tensor is an error that names
+    /// it and shows the file's tensors of similar names. `owned` forces a copy (training).
+    pub fn load(
+        layout: Arc<Layout>,
+        file: Arc<WeightFile>,
+        resolver: &dyn NameResolver,
+        owned: bool,
+    ) -> Result<Self> {
+        let mut found = Vec::with_capacity(layout.entries().len());
+        for e in layout.entries() {
+            let spec = &e.spec;
+            let candidates = resolver.candidates(&spec.name);
+            let Some((fname, t)) = candidates
+                .iter()
+                .find_map(|c| file.tensors.get(c).map(|t| (c.clone(), t)))
+            else {
+                return Err(missing_tensor(&file, spec, &candidates));
+            };
+            let want: Vec<usize> = spec.shape.dims().to_vec();
+            if t.shape.iter().product::<usize>() != want.iter().product::<usize>()
+                || squeeze(&t.shape) != squeeze(&want)
+            {
+                return Err(Error::Tensor {
+                    name: fname,
+                    msg: format!(
+                        "has shape {:?} in {}, the model needs {:?}",
+                        t.shape,
+                        file.path.display(),
+                        want
+                    ),
+                });
+            }
+            found.push((fname, t.clone()));
+        }
+        let all_f32 = found.iter().all(|(_, t)| file.f32_view(t).is_some());
+        if all_f32 && !owned {
+            let ranges = found.iter().map(|(_, t)| (t.start, t.end)).collect();
+            return Ok(ModelParams {
+                layout,
+                storage: Storage::Mapped { file, ranges },
+            });
+        }
+        let mut arena = Arena::zeros(layout.clone());
+        for (i, (fname, t)) in found.iter().enumerate() {
+            let e = &layout.entries()[i];
+            file.read_into(fname, t, arena.f32_mut(&e.spec.name)?)?;
+        }
+        if let Some(i) = arena.as_f32().iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFinite {
+                what: format!("weights in {}", file.path.display()),
+                index: i,
+            });
+        }
+        Ok(ModelParams {
+            layout,
+            storage: Storage::Owned(arena),
+        })
+    }
+
+    pub fn layout(&self) -> &Arc<Layout> {
+        &self.layout
+    }
+
+    /// Whether the parameters are views into the mapped file (no copy was made).
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.storage, Storage::Mapped { .. })
+    }
+
+    /// Parameter `i` of the layout.
+    pub fn get(&self, i: usize) -> &[f32] {
+        match &self.storage {
+            Storage::Mapped { file, ranges } => {
+                let (a, b) = ranges[i];
+                bytemuck::cast_slice(&file.map[a..b])
+            }
+            Storage::Owned(arena) => arena.entry_f32(i),
+        }
+    }
+
+    /// Mutable access (copies mapped parameters into an owned arena first).
+    pub fn arena_mut(&mut self) -> &mut Arena {
+        if let Storage::Mapped { .. } = self.storage {
+            let mut arena = Arena::zeros(self.layout.clone());
+            for i in 0..self.layout.entries().len() {
+                let name = self.layout.entries()[i].spec.name.clone();
+                arena
+                    .f32_mut(&name)
+                    .expect("layout entry")
+                    .copy_from_slice(self.get(i));
+            }
+            self.storage = Storage::Owned(arena);
+        }
+        match &mut self.storage {
+            Storage::Owned(a) => a,
+            Storage::Mapped { .. } => unreachable!("converted above"),
+        }
+    }
+}
+
+/// Shapes compared without size-1 dimensions (a `[c, c, 1, 1]` 1×1 conv is a `[c, c]` matrix).
+fn squeeze(s: &[usize]) -> Vec<usize> {
+    s.iter().copied().filter(|&d| d != 1).collect()
+}
+
+fn missing_tensor(file: &WeightFile, spec: &TensorSpec, candidates: &[String]) -> Error {
+    let stem = spec.name.rsplit('.').nth(1).unwrap_or(&spec.name);
+    let mut similar: Vec<String> = file
+        .tensors
+        .iter()
+        .filter(|(n, _)| n.contains(stem))
+        .map(|(n, t)| format!("{n} {:?}", t.shape))
+        .collect();
+    similar.sort();
+    similar.truncate(8);
+    Error::Tensor {
+        name: spec.name.clone(),
+        msg: format!(
+            "missing from {} (looked for {candidates:?}, shape {}); the file has {} tensors{}",
+            file.path.display(),
+            spec.shape,
+            file.tensors.len(),
+            if similar.is_empty() {
+                String::new()
+            } else {
+                format!(", of similar names: {}", similar.join(", "))
+            }
+        ),
+    }
+}

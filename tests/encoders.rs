@@ -1,0 +1,162 @@
+//! Parity of the encoders with the PyTorch references (`tools/make_fixtures.py`): tokenization, last hidden
+//! states (non-pad positions, 1e-4 max-abs over max-abs) and the gradients of a fixed scalar loss with
+//! respect to every parameter (1e-3).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use isoformer_engine::models::config::EsmConfig;
+use isoformer_engine::models::tokenizers::Tokenizer;
+use isoformer_engine::models::transformer::{
+    EncoderActivations, TransformerConfig, TransformerEncoder,
+};
+use isoformer_engine::models::weights::{ModelParams, Prefixes, WeightFile};
+use isoformer_engine::runtime::Arena;
+use safetensors::tensor::Dtype;
+use safetensors::SafeTensors;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models")
+        .join(name)
+}
+
+/// The reference file: tensors as f32 (ids converted), shapes, and the input sequences.
+struct Reference {
+    tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    sequences: Vec<String>,
+}
+
+fn load_reference(dir: &Path) -> Reference {
+    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+    let sequences = meta.metadata().as_ref().unwrap()["sequences"]
+        .split('\n')
+        .map(String::from)
+        .collect();
+    let mut tensors = HashMap::new();
+    for (name, view) in st.tensors() {
+        let data: Vec<f32> = match view.dtype() {
+            Dtype::F32 => view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            Dtype::I64 => view
+                .data()
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32)
+                .collect(),
+            other => panic!("unexpected dtype {other:?} for {name}"),
+        };
+        tensors.insert(name, (view.shape().to_vec(), data));
+    }
+    Reference { tensors, sequences }
+}
+
+/// max |got − want| / max |want| over the selected elements.
+fn rel_err(got: &[f32], want: &[f32], keep: impl Fn(usize) -> bool) -> f64 {
+    let (mut err, mut scale) = (0.0f64, 0.0f64);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        if keep(i) {
+            err = err.max((*g as f64 - *w as f64).abs());
+            scale = scale.max((*w as f64).abs());
+        }
+    }
+    err / scale.max(1e-30)
+}
+
+fn check_esm_like(
+    name: &str,
+    tokenizer: Tokenizer,
+    make: fn(&EsmConfig) -> TransformerConfig,
+) -> (f64, f64) {
+    let dir = fixture(name);
+    let cfg = EsmConfig::from_file(&dir.join("config.json")).unwrap();
+    let enc = TransformerEncoder::new(make(&cfg)).unwrap();
+    let file = Arc::new(WeightFile::open(&dir.join("model.safetensors")).unwrap());
+    let params = ModelParams::load(
+        enc.layout().clone(),
+        file,
+        &Prefixes(vec!["esm.".into(), "".into()]),
+        false,
+    )
+    .unwrap();
+    assert!(params.is_mapped(), "f32 weights are used in place");
+    let r = load_reference(&dir);
+    let (ids_shape, ids_ref) = &r.tensors["input_ids"];
+    let (batch, len) = (ids_shape[0], ids_shape[1]);
+    // Our tokenizer gives the reference ids, padding included.
+    let encoded: Vec<Vec<u32>> = r
+        .sequences
+        .iter()
+        .map(|s| tokenizer.encode(s, 4096))
+        .collect();
+    let (ids, lens, padded) = tokenizer.pad_batch(&encoded);
+    assert_eq!(padded, len);
+    assert_eq!(
+        ids.iter().map(|&i| i as f32).collect::<Vec<_>>(),
+        *ids_ref,
+        "{name}: token ids"
+    );
+    let mask = &r.tensors["attention_mask"].1;
+    assert_eq!(
+        lens,
+        (0..batch)
+            .map(|b| mask[b * len..(b + 1) * len].iter().sum::<f32>() as usize)
+            .collect::<Vec<_>>()
+    );
+
+    let mut acts = EncoderActivations::default();
+    enc.forward(&params, &ids, &lens, len, &mut acts, true)
+        .unwrap();
+    let h = enc.cfg.hidden;
+    let real = |i: usize| mask[i / h] == 1.0;
+    let hidden_err = rel_err(acts.hidden(), &r.tensors["last_hidden_state"].1, real);
+    assert!(
+        hidden_err <= 1e-4,
+        "{name}: hidden state error {hidden_err:.2e}"
+    );
+
+    let weight = &r.tensors["loss_weight"].1;
+    let dhidden: Vec<f32> = weight
+        .iter()
+        .enumerate()
+        .map(|(i, w)| if real(i) { *w } else { 0.0 })
+        .collect();
+    let mut grads = Arena::zeros(enc.layout().clone());
+    enc.backward(&params, &mut acts, &dhidden, &mut grads.entries_f32_mut())
+        .unwrap();
+    let mut worst = 0.0f64;
+    for (i, e) in enc.layout().entries().iter().enumerate() {
+        let (_, want) = r
+            .tensors
+            .get(&format!("grad.{}", e.spec.name))
+            .unwrap_or_else(|| panic!("no reference gradient for {}", e.spec.name));
+        let err = rel_err(grads.entry_f32(i), want, |_| true);
+        assert!(
+            err <= 1e-3,
+            "{name}: gradient of {} off by {err:.2e}",
+            e.spec.name
+        );
+        worst = worst.max(err);
+    }
+    println!("{name}: hidden max rel error {hidden_err:.2e}, worst gradient {worst:.2e}");
+    (hidden_err, worst)
+}
+
+#[test]
+fn esm2_matches_pytorch() {
+    check_esm_like("esm2", Tokenizer::esm2(), TransformerConfig::esm2);
+}
+
+#[test]
+fn nt_v2_matches_pytorch() {
+    check_esm_like(
+        "nt_v2",
+        Tokenizer::nucleotide_transformer_v2(),
+        TransformerConfig::nucleotide_transformer_v2,
+    );
+}
