@@ -160,3 +160,107 @@ fn nt_v2_matches_pytorch() {
         TransformerConfig::nucleotide_transformer_v2,
     );
 }
+
+#[test]
+fn enformer_matches_pytorch() {
+    use isoformer_engine::models::config::EnformerConfig;
+    use isoformer_engine::models::enformer::{positional_features, EnformerNames, EnformerTrunk};
+    use isoformer_engine::models::tokenizers::dna_one_hot;
+
+    let dir = fixture("enformer");
+    let cfg = EnformerConfig::from_file(&dir.join("config.json")).unwrap();
+    let trunk = EnformerTrunk::new(cfg.clone()).unwrap();
+    let file = Arc::new(WeightFile::open(&dir.join("model.safetensors")).unwrap());
+    let params = ModelParams::load(
+        trunk.layout().clone(),
+        file,
+        &EnformerNames {
+            prefixes: vec!["".into()],
+        },
+        false,
+    )
+    .unwrap();
+    let r = load_reference(&dir);
+
+    // Positional features, compared on their own (f64 here, f32 in torch).
+    let (pshape, pref) = &r.tensors["positional_features"];
+    let n = (pshape[0] + 1) / 2;
+    let ours = positional_features(n, cfg.dim / cfg.heads);
+    let pos_err = ours
+        .iter()
+        .zip(pref)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    // torch computes them in f32: a few ulps of values up to 1.
+    assert!(
+        pos_err <= 5e-5,
+        "positional features differ by {pos_err:.2e}"
+    );
+
+    let mut one_hot = Vec::new();
+    let mut all = Vec::new();
+    for s in &r.sequences {
+        dna_one_hot(s.as_bytes(), &mut one_hot);
+        all.extend_from_slice(&one_hot);
+    }
+    assert_eq!(all, r.tensors["one_hot"].1, "one-hot encoding");
+    let (batch, seq_len) = (r.sequences.len(), r.sequences[0].len());
+    let acts = trunk.forward(&params, &all, batch, seq_len, true).unwrap();
+    let emb_err = rel_err(&acts.embeddings, &r.tensors["embeddings"].1, |_| true);
+    let head_err = rel_err(&acts.heads["human"], &r.tensors["human"].1, |_| true);
+    assert!(
+        emb_err <= 1e-4 && head_err <= 1e-4,
+        "embeddings {emb_err:.2e}, head {head_err:.2e}"
+    );
+
+    // d loss / d emb = loss_weight + (head_loss_weight · softplus') through the head (done by hand here:
+    // the head is part of the reference loss).
+    let w_head = params.get(trunk.layout().position("_heads.human.0.weight").unwrap());
+    let b_head = params.get(trunk.layout().position("_heads.human.0.bias").unwrap());
+    let (rows, width, d2) = (acts.embeddings.len() / (2 * cfg.dim), 5, 2 * cfg.dim);
+    let mut d_emb = r.tensors["loss_weight"].1.clone();
+    let hw = &r.tensors["head_loss_weight"].1;
+    let mut grads = Arena::zeros(trunk.layout().clone());
+    {
+        let mut g = grads.entries_f32_mut();
+        let (wi, bi) = (
+            trunk.layout().position("_heads.human.0.weight").unwrap(),
+            trunk.layout().position("_heads.human.0.bias").unwrap(),
+        );
+        for row in 0..rows {
+            let e = &acts.embeddings[row * d2..(row + 1) * d2];
+            for o in 0..width {
+                let pre: f32 = b_head[o]
+                    + e.iter()
+                        .zip(&w_head[o * d2..(o + 1) * d2])
+                        .map(|(a, b)| a * b)
+                        .sum::<f32>();
+                let dpre = hw[row * width + o] / (1.0 + (-pre).exp());
+                g[bi][o] += dpre;
+                for c in 0..d2 {
+                    g[wi][o * d2 + c] += dpre * e[c];
+                    d_emb[row * d2 + c] += dpre * w_head[o * d2 + c];
+                }
+            }
+        }
+        trunk.backward(&params, &acts, &d_emb, &mut g).unwrap();
+    }
+    let mut worst = 0.0f64;
+    for (i, e) in trunk.layout().entries().iter().enumerate() {
+        if trunk.is_buffer(i) {
+            continue;
+        }
+        let (_, want) = r
+            .tensors
+            .get(&format!("grad.{}", e.spec.name))
+            .unwrap_or_else(|| panic!("no reference gradient for {}", e.spec.name));
+        let err = rel_err(grads.entry_f32(i), want, |_| true);
+        assert!(
+            err <= 1e-3,
+            "enformer: gradient of {} off by {err:.2e}",
+            e.spec.name
+        );
+        worst = worst.max(err);
+    }
+    println!("enformer: positional {pos_err:.2e}, embeddings {emb_err:.2e}, head {head_err:.2e}, worst gradient {worst:.2e}");
+}

@@ -131,6 +131,54 @@ def nt_v2():
     esm_like("nt_v2", cfg, tok, sequences, glu=True)
 
 
+def enformer():
+    from enformer_pytorch import Enformer, EnformerConfig
+    from enformer_pytorch.modeling_enformer import get_positional_embed
+
+    cfg = EnformerConfig(dim=48, depth=2, heads=2, attn_dim_key=8, output_heads=dict(human=5), target_length=24,
+                         num_downsamples=3, dim_divisible_by=8)
+    model = Enformer(cfg)
+    randomize_norms(model)
+    with torch.no_grad():
+        for layer in model.transformer:
+            attn = layer[0].fn[1]
+            attn.to_out.weight.normal_(0, 0.1)  # zero-initialised in the reference
+            attn.to_out.bias.normal_(0, 0.1)
+        for m in model.modules():
+            if m.__class__.__name__ == "AttentionPool":
+                m.to_attn_logits.weight.add_(torch.randn_like(m.to_attn_logits.weight) * 0.3)
+    model.eval()
+    out_dir = os.path.join(OUT, "enformer")
+    os.makedirs(out_dir, exist_ok=True)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("_trunk.") and not k.endswith("num_batches_tracked")}
+    save_file(sd, os.path.join(out_dir, "model.safetensors"))
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump({k: getattr(cfg, k) for k in ["dim", "depth", "heads", "attn_dim_key", "target_length", "num_downsamples",
+                                                   "dim_divisible_by", "use_tf_gamma", "output_heads"]}, f, indent=2)
+    # Two sequences of 2 x 128 bins x 8 bp; letters beyond ACGT become all-zero one-hot rows.
+    rng = torch.Generator().manual_seed(1)
+    letters = "ACGTN"
+    sequences = ["".join(letters[i] for i in torch.randint(0, 5, (256,), generator=rng).tolist()) for _ in range(2)]
+    from enformer_pytorch import str_to_one_hot
+    one_hot = torch.stack([str_to_one_hot(s) for s in sequences])
+    emb = model(one_hot, return_only_embeddings=True)
+    human = model._heads["human"](emb)
+    weight = torch.randn(emb.shape)
+    head_weight = torch.randn(human.shape)
+    loss = (emb * weight).sum() + (human * head_weight).sum()
+    params = dict(model.named_parameters())
+    params = {k: v for k, v in params.items() if not k.startswith("_trunk.")}
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    n = one_hot.shape[1] // 8
+    tensors = {"one_hot": one_hot, "embeddings": emb, "human": human, "loss_weight": weight, "head_loss_weight": head_weight,
+               "positional_features": get_positional_embed(n, cfg.dim // cfg.heads, "cpu", False)}
+    for (name, p), g in zip(params.items(), grads):
+        tensors["grad." + name] = g if g is not None else torch.zeros_like(p)
+    save_reference(os.path.join(out_dir, "reference.safetensors"), tensors, sequences)
+    print("enformer params", sum(p.numel() for p in params.values()), "emb", list(emb.shape))
+
+
 if __name__ == "__main__":
     esm2()
     nt_v2()
+    enformer()
