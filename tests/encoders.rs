@@ -184,7 +184,7 @@ fn enformer_matches_pytorch() {
 
     // Positional features, compared on their own (f64 here, f32 in torch).
     let (pshape, pref) = &r.tensors["positional_features"];
-    let n = (pshape[0] + 1) / 2;
+    let n = pshape[0].div_ceil(2);
     let ours = positional_features(n, cfg.dim / cfg.heads);
     let pos_err = ours
         .iter()
