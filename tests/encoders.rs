@@ -264,3 +264,66 @@ fn enformer_matches_pytorch() {
     }
     println!("enformer: positional {pos_err:.2e}, embeddings {emb_err:.2e}, head {head_err:.2e}, worst gradient {worst:.2e}");
 }
+
+#[test]
+fn missing_or_misshaped_tensors_are_named() {
+    let dir = fixture("esm2");
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let tmp = std::env::temp_dir().join(format!("isoformer-weights-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let rewrite = |drop: &str, reshape: Option<&str>| -> PathBuf {
+        let mut views = Vec::new();
+        for (name, v) in st.tensors() {
+            if name == drop {
+                continue;
+            }
+            let shape = if Some(name.as_str()) == reshape {
+                vec![v.shape().iter().product()]
+            } else {
+                v.shape().to_vec()
+            };
+            views.push((
+                name.clone(),
+                safetensors::tensor::TensorView::new(v.dtype(), shape, v.data()).unwrap(),
+            ));
+        }
+        let path = tmp.join(format!(
+            "{}.safetensors",
+            drop.len() + reshape.map_or(0, str::len)
+        ));
+        std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+        path
+    };
+    let cfg = EsmConfig::from_file(&dir.join("config.json")).unwrap();
+    let enc = TransformerEncoder::new(TransformerConfig::esm2(&cfg)).unwrap();
+    let load = |p: PathBuf| {
+        let file = Arc::new(WeightFile::open(&p).unwrap());
+        ModelParams::load(
+            enc.layout().clone(),
+            file,
+            &Prefixes(vec!["esm.".into(), "".into()]),
+            false,
+        )
+        .err()
+        .expect("must fail")
+        .to_string()
+    };
+    let e = load(rewrite("esm.encoder.layer.1.attention.self.key.bias", None));
+    assert!(
+        e.contains("encoder.layer.1.attention.self.key.bias")
+            && e.contains("[64]")
+            && e.contains("esm.encoder.layer.1.attention.self.key.weight"),
+        "{e}"
+    );
+    let e = load(rewrite(
+        "",
+        Some("esm.encoder.layer.0.intermediate.dense.weight"),
+    ));
+    assert!(
+        e.contains("esm.encoder.layer.0.intermediate.dense.weight")
+            && e.contains("[8192]")
+            && e.contains("[128, 64]"),
+        "{e}"
+    );
+}

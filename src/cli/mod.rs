@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod data;
+pub mod embed;
 
 use clap::{Parser, Subcommand};
 
@@ -23,6 +24,8 @@ pub enum Command {
     /// Measure kernel throughput on this machine.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Embed DNA (Enformer), RNA (NT-v2) or protein (ESM-2) sequences.
+    Embed(embed::EmbedArgs),
     /// Validate and export datasets.
     #[command(subcommand)]
     Data(data::DataCommand),
@@ -34,6 +37,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Data(cmd) => data::run(cmd),
+        Command::Embed(args) => embed::run(args),
         Command::Info => {
             info();
             Ok(())

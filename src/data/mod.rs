@@ -6,6 +6,7 @@ pub mod export;
 pub mod fasta;
 pub mod loader;
 pub mod records;
+pub mod sequences;
 pub mod window;
 
 pub use dataset::{DataConfig, DataReport, Dataset, RowRef, Sample, Split, TargetStats};

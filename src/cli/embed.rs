@@ -1,0 +1,154 @@
+//! `isoformer-engine embed`: sequences in, embeddings out (safetensors).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::data::sequences::read_sequences;
+use crate::models::embed::{Embedder, ModelKind, Pool};
+use crate::runtime::safetensors_file::{save_f32, NamedTensor};
+use crate::{DeviceRequest, Error, Result};
+
+#[derive(Args, Debug)]
+pub struct EmbedArgs {
+    /// esm2, nt or enformer.
+    #[arg(long)]
+    pub model: String,
+    /// A directory with config.json and model.safetensors, or a .safetensors file (then --config).
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// config.json, when --weights is a single file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// FASTA, or one sequence per line.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Output .safetensors file.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// mean, cls or none.
+    #[arg(long, default_value = "mean")]
+    pub pool: String,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Token budget per sequence, special tokens included (ESM-2 crops on the right, NT-v2 keeps the 3' end).
+    #[arg(long, default_value_t = 2048)]
+    pub max_tokens: usize,
+    /// cpu, cuda, emu or auto.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+pub fn run(a: EmbedArgs) -> Result<()> {
+    DeviceRequest::parse(&a.device)?.resolve()?;
+    let kind = ModelKind::parse(&a.model)?;
+    let pool = Pool::parse(&a.pool)?;
+    if a.batch == 0 {
+        return Err(Error::invalid("--batch", "must be positive"));
+    }
+    if kind == ModelKind::Enformer && pool == Pool::Cls {
+        return Err(Error::invalid(
+            "--pool",
+            "cls is not defined for Enformer (use mean or none)",
+        ));
+    }
+    let seqs = read_sequences(&a.input)?;
+    let mut embedder = Embedder::load(kind, &a.weights, a.config.as_deref())?;
+    embedder.max_tokens = a.max_tokens.max(3);
+    // Longest first, grouped by what can share a batch: little padding, and the slow batches show early.
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    order.sort_by_key(|&i| {
+        (
+            embedder.batch_key(&seqs[i].seq),
+            std::cmp::Reverse(seqs[i].seq.len()),
+            i,
+        )
+    });
+    let mut batches: Vec<Vec<usize>> = Vec::new();
+    for &i in &order {
+        match batches.last_mut() {
+            Some(b)
+                if b.len() < a.batch
+                    && embedder.batch_key(&seqs[b[0]].seq) == embedder.batch_key(&seqs[i].seq) =>
+            {
+                b.push(i)
+            }
+            _ => batches.push(vec![i]),
+        }
+    }
+    let bar = ProgressBar::new(seqs.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} sequences  {per_sec}  eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let start = Instant::now();
+    let mut results: Vec<Option<Vec<f32>>> = vec![None; seqs.len()];
+    for batch in &batches {
+        let texts: Vec<&str> = batch.iter().map(|&i| seqs[i].seq.as_str()).collect();
+        let out = embedder.embed(&texts, pool).map_err(|e| Error::Context {
+            context: format!(
+                "embedding '{}' ({}:{})",
+                seqs[batch[0]].id,
+                a.input.display(),
+                seqs[batch[0]].line
+            ),
+            source: Box::new(e),
+        })?;
+        for (&i, v) in batch.iter().zip(out) {
+            results[i] = Some(v);
+        }
+        bar.inc(batch.len() as u64);
+    }
+    bar.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    let h = embedder.hidden_size();
+    let results: Vec<Vec<f32>> = results
+        .into_iter()
+        .map(|r| r.expect("every sequence is embedded"))
+        .collect();
+    let ids: Vec<&str> = seqs.iter().map(|s| s.id.as_str()).collect();
+    let mut meta = HashMap::new();
+    meta.insert(
+        "ids".to_string(),
+        serde_json::to_string(&ids).expect("strings serialise"),
+    );
+    meta.insert("model".to_string(), kind.name().to_string());
+    meta.insert("pool".to_string(), a.pool.clone());
+    match pool {
+        Pool::Mean | Pool::Cls => {
+            let flat: Vec<f32> = results.concat();
+            save_f32(
+                &a.output,
+                &[NamedTensor {
+                    name: "embeddings".into(),
+                    shape: vec![seqs.len(), h],
+                    data: &flat,
+                }],
+                meta,
+            )?;
+        }
+        Pool::None => {
+            let tensors: Vec<NamedTensor> = results
+                .iter()
+                .enumerate()
+                .map(|(i, r)| NamedTensor {
+                    name: format!("seq_{i}"),
+                    shape: vec![r.len() / h, h],
+                    data: r,
+                })
+                .collect();
+            save_f32(&a.output, &tensors, meta)?;
+        }
+    }
+    eprintln!(
+        "embedded {} sequences in {secs:.2} s ({:.1} sequences/s) → {}",
+        seqs.len(),
+        seqs.len() as f64 / secs,
+        a.output.display()
+    );
+    Ok(())
+}

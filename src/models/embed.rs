@@ -1,0 +1,278 @@
+//! Embedding sequences with ESM-2, NT-v2 or the Enformer trunk: the library entry point behind
+//! `isoformer-engine embed`.
+//!
+//! ```
+//! use isoformer_engine::models::embed::{Embedder, ModelKind, Pool};
+//! # fn main() -> isoformer_engine::Result<()> {
+//! # let weights = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/models/esm2");
+//! // `weights`: a directory as `save_pretrained` writes it (config.json + model.safetensors).
+//! let esm = Embedder::load(ModelKind::Esm2, weights.as_ref(), None)?;
+//! let vectors = esm.embed(&["MKTAYIAKQR", "GSHMSLFDFF"], Pool::Mean)?;
+//! assert_eq!(vectors.len(), 2);
+//! assert_eq!(vectors[0].len(), esm.hidden_size());
+//! # Ok(())
+//! # }
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::config::{EnformerConfig, EsmConfig};
+use super::enformer::{EnformerNames, EnformerTrunk};
+use super::tokenizers::{dna_one_hot, Tokenizer};
+use super::transformer::{EncoderActivations, TransformerConfig, TransformerEncoder};
+use super::weights::{ModelParams, Prefixes, WeightFile};
+use crate::{Error, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelKind {
+    Esm2,
+    NucleotideTransformer,
+    Enformer,
+}
+
+impl ModelKind {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "esm2" | "esm" | "esm-2" => Ok(ModelKind::Esm2),
+            "nt" | "nt-v2" | "ntv2" | "nucleotide-transformer" => {
+                Ok(ModelKind::NucleotideTransformer)
+            }
+            "enformer" => Ok(ModelKind::Enformer),
+            other => Err(Error::invalid(
+                "model",
+                format!("'{other}' (expected esm2, nt or enformer)"),
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelKind::Esm2 => "esm2",
+            ModelKind::NucleotideTransformer => "nt",
+            ModelKind::Enformer => "enformer",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pool {
+    /// Average over real tokens (no `<cls>`/`<eos>`, no padding); Enformer: over the output bins.
+    Mean,
+    /// Position 0 (`<cls>`); not defined for Enformer.
+    Cls,
+    /// Every position: tokens including the special ones, or Enformer's bins.
+    None,
+}
+
+impl Pool {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "mean" => Ok(Pool::Mean),
+            "cls" => Ok(Pool::Cls),
+            "none" => Ok(Pool::None),
+            other => Err(Error::invalid(
+                "pool",
+                format!("'{other}' (expected mean, cls or none)"),
+            )),
+        }
+    }
+}
+
+enum Network {
+    Transformer {
+        encoder: TransformerEncoder,
+        tokenizer: Tokenizer,
+    },
+    Enformer(EnformerTrunk),
+}
+
+pub struct Embedder {
+    kind: ModelKind,
+    network: Network,
+    params: ModelParams,
+    /// Token budget per sequence, special tokens included (transformers).
+    pub max_tokens: usize,
+}
+
+/// `(config.json, weights.safetensors)` from a directory or a file plus `--config`.
+pub fn resolve_weights(weights: &Path, config: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
+    if weights.is_dir() {
+        let cfg = config
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| weights.join("config.json"));
+        let file = weights.join("model.safetensors");
+        if !file.is_file() {
+            return Err(Error::invalid(
+                "weights",
+                format!(
+                    "{} has no model.safetensors (convert a .bin with tools/convert_checkpoint.py)",
+                    weights.display()
+                ),
+            ));
+        }
+        Ok((cfg, file))
+    } else {
+        let cfg = config.ok_or_else(|| {
+            Error::invalid(
+                "weights",
+                format!(
+                    "{} is a file: pass its config.json with --config",
+                    weights.display()
+                ),
+            )
+        })?;
+        Ok((cfg.to_path_buf(), weights.to_path_buf()))
+    }
+}
+
+impl Embedder {
+    /// Loads a model from a `save_pretrained`-style directory, or a `.safetensors` file with its config.
+    pub fn load(kind: ModelKind, weights: &Path, config: Option<&Path>) -> Result<Self> {
+        let (cfg_path, file_path) = resolve_weights(weights, config)?;
+        let file = Arc::new(WeightFile::open(&file_path)?);
+        let (network, params) = match kind {
+            ModelKind::Esm2 | ModelKind::NucleotideTransformer => {
+                let c = EsmConfig::from_file(&cfg_path)?;
+                let (tc, tokenizer) = match kind {
+                    ModelKind::Esm2 => (TransformerConfig::esm2(&c), Tokenizer::esm2()),
+                    _ => (
+                        TransformerConfig::nucleotide_transformer_v2(&c),
+                        Tokenizer::nucleotide_transformer_v2(),
+                    ),
+                };
+                if tc.vocab != tokenizer.vocab_size() {
+                    return Err(Error::Parse {
+                        path: cfg_path,
+                        line: None,
+                        msg: format!(
+                            "vocab_size {} does not match the {} tokenizer ({})",
+                            tc.vocab,
+                            kind.name(),
+                            tokenizer.vocab_size()
+                        ),
+                    });
+                }
+                let encoder = TransformerEncoder::new(tc)?;
+                let params = ModelParams::load(
+                    encoder.layout().clone(),
+                    file,
+                    &Prefixes(vec!["esm.".into(), "".into()]),
+                    false,
+                )?;
+                (Network::Transformer { encoder, tokenizer }, params)
+            }
+            ModelKind::Enformer => {
+                let mut c = EnformerConfig::from_file(&cfg_path)?;
+                c.output_heads.clear(); // embeddings only
+                let trunk = EnformerTrunk::new(c)?;
+                let names = EnformerNames {
+                    prefixes: vec!["".into(), "enformer.".into()],
+                };
+                let params = ModelParams::load(trunk.layout().clone(), file, &names, false)?;
+                (Network::Enformer(trunk), params)
+            }
+        };
+        Ok(Embedder {
+            kind,
+            network,
+            params,
+            max_tokens: 2048,
+        })
+    }
+
+    pub fn kind(&self) -> ModelKind {
+        self.kind
+    }
+
+    /// Width of one embedding vector.
+    pub fn hidden_size(&self) -> usize {
+        match &self.network {
+            Network::Transformer { encoder, .. } => encoder.cfg.hidden,
+            Network::Enformer(t) => 2 * t.cfg.dim,
+        }
+    }
+
+    /// Sequences that can share a batch have the same key (Enformer needs equal lengths).
+    pub fn batch_key(&self, seq: &str) -> usize {
+        match self.network {
+            Network::Transformer { .. } => 0,
+            Network::Enformer(_) => seq.len(),
+        }
+    }
+
+    /// Embeds a batch. With `Pool::Mean`/`Cls`, each result is one vector; with `Pool::None`, a row-major
+    /// `[positions, hidden]` matrix.
+    pub fn embed(&self, seqs: &[&str], pool: Pool) -> Result<Vec<Vec<f32>>> {
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let h = self.hidden_size();
+        match &self.network {
+            Network::Transformer { encoder, tokenizer } => {
+                let encoded: Vec<Vec<u32>> = seqs
+                    .iter()
+                    .map(|s| tokenizer.encode(s, self.max_tokens))
+                    .collect();
+                let (ids, lens, len) = tokenizer.pad_batch(&encoded);
+                let mut acts = EncoderActivations::default();
+                encoder.forward(&self.params, &ids, &lens, len, &mut acts, false)?;
+                let hidden = acts.hidden();
+                let specials_after = tokenizer.eos.is_some() as usize;
+                Ok(lens
+                    .iter()
+                    .enumerate()
+                    .map(|(b, &l)| {
+                        let rows = &hidden[b * len * h..(b * len + l) * h];
+                        match pool {
+                            Pool::None => rows.to_vec(),
+                            Pool::Cls => rows[..h].to_vec(),
+                            Pool::Mean => mean_rows(&rows[h..(l - specials_after) * h], h),
+                        }
+                    })
+                    .collect())
+            }
+            Network::Enformer(trunk) => {
+                if pool == Pool::Cls {
+                    return Err(Error::invalid(
+                        "pool",
+                        "cls is not defined for Enformer (use mean or none)",
+                    ));
+                }
+                let len = seqs[0].len();
+                if seqs.iter().any(|s| s.len() != len) {
+                    return Err(Error::invalid(
+                        "enformer batch",
+                        "sequences of one batch must have the same length",
+                    ));
+                }
+                let mut one_hot = Vec::with_capacity(seqs.len() * len * 4);
+                let mut row = Vec::new();
+                for s in seqs {
+                    dna_one_hot(s.as_bytes(), &mut row);
+                    one_hot.extend_from_slice(&row);
+                }
+                let acts = trunk.forward(&self.params, &one_hot, seqs.len(), len, false)?;
+                let bins = acts.out_len;
+                Ok((0..seqs.len())
+                    .map(|b| {
+                        let rows = &acts.embeddings[b * bins * h..(b + 1) * bins * h];
+                        match pool {
+                            Pool::Mean => mean_rows(rows, h),
+                            _ => rows.to_vec(),
+                        }
+                    })
+                    .collect())
+            }
+        }
+    }
+}
+
+fn mean_rows(rows: &[f32], h: usize) -> Vec<f32> {
+    let n = (rows.len() / h).max(1);
+    let mut acc = vec![0.0f64; h];
+    for r in rows.chunks_exact(h) {
+        acc.iter_mut().zip(r).for_each(|(a, v)| *a += *v as f64);
+    }
+    acc.iter().map(|a| (a / n as f64) as f32).collect()
+}

@@ -1,0 +1,251 @@
+//! `isoformer-engine embed` against the PyTorch reference hidden states of the fixtures: the output
+//! contract (tensor names and shapes, input order, pooling rules, ids in the metadata).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use safetensors::SafeTensors;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models")
+        .join(name)
+}
+
+fn tensors(
+    path: &Path,
+) -> (
+    std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>,
+    std::collections::HashMap<String, String>,
+) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+    let mut out = std::collections::HashMap::new();
+    for (name, v) in st.tensors() {
+        let data = match v.dtype() {
+            safetensors::tensor::Dtype::F32 => v
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            _ => v
+                .data()
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32)
+                .collect(),
+        };
+        out.insert(name, (v.shape().to_vec(), data));
+    }
+    (out, meta.metadata().clone().unwrap_or_default())
+}
+
+fn close(got: &[f32], want: &[f32]) -> bool {
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
+    got.len() == want.len()
+        && got
+            .iter()
+            .zip(want)
+            .all(|(a, b)| (a - b).abs() <= 1e-4 * scale)
+}
+
+/// Writes the fixture's sequences as FASTA (ids s0, s1, …) and runs embed with `pool`.
+fn run_embed(
+    model: &str,
+    dir: &Path,
+    pool: &str,
+    tag: &str,
+) -> (
+    std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>,
+    std::collections::HashMap<String, String>,
+) {
+    let meta = tensors(&dir.join("reference.safetensors")).1;
+    let tmp = std::env::temp_dir().join(format!(
+        "isoformer-embed-{model}-{tag}-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let fasta: String = meta["sequences"]
+        .split('\n')
+        .enumerate()
+        .map(|(i, s)| format!(">s{i} description\n{s}\n"))
+        .collect();
+    std::fs::write(tmp.join("in.fa"), fasta).unwrap();
+    let out = tmp.join("out.safetensors");
+    let status = Command::new(env!("CARGO_BIN_EXE_isoformer-engine"))
+        .args([
+            "embed",
+            "--model",
+            model,
+            "--weights",
+            dir.to_str().unwrap(),
+            "--input",
+            tmp.join("in.fa").to_str().unwrap(),
+        ])
+        .args([
+            "--output",
+            out.to_str().unwrap(),
+            "--pool",
+            pool,
+            "--batch",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    tensors(&out)
+}
+
+#[test]
+fn transformer_embeddings_follow_the_contract() {
+    for (model, specials_after) in [("esm2", 1usize), ("nt", 0)] {
+        let dir = fixture(if model == "esm2" { "esm2" } else { "nt_v2" });
+        let (reference, meta) = tensors(&dir.join("reference.safetensors"));
+        let (hshape, hidden) = &reference["last_hidden_state"];
+        let (len, h) = (hshape[1], hshape[2]);
+        let mask = &reference["attention_mask"].1;
+        let n = meta["sequences"].split('\n').count();
+        let lens: Vec<usize> = (0..n)
+            .map(|b| mask[b * len..(b + 1) * len].iter().sum::<f32>() as usize)
+            .collect();
+
+        let (none, out_meta) = run_embed(model, &dir, "none", "none");
+        let ids: Vec<String> = serde_json::from_str(&out_meta["ids"]).unwrap();
+        assert_eq!(ids, (0..n).map(|i| format!("s{i}")).collect::<Vec<_>>());
+        for (b, &l) in lens.iter().enumerate() {
+            let (shape, data) = &none[&format!("seq_{b}")];
+            assert_eq!(
+                shape,
+                &vec![l, h],
+                "{model} seq_{b}: special tokens included, padding excluded"
+            );
+            assert!(
+                close(data, &hidden[b * len * h..(b * len + l) * h]),
+                "{model} seq_{b} differs from the reference"
+            );
+        }
+        let (mean, _) = run_embed(model, &dir, "mean", "mean");
+        let (cls, _) = run_embed(model, &dir, "cls", "cls");
+        assert_eq!(mean["embeddings"].0, vec![n, h]);
+        for (b, &l) in lens.iter().enumerate() {
+            let rows = &hidden[(b * len + 1) * h..(b * len + l - specials_after) * h];
+            let want: Vec<f32> = (0..h)
+                .map(|c| rows.chunks(h).map(|r| r[c]).sum::<f32>() / (rows.len() / h) as f32)
+                .collect();
+            assert!(
+                close(&mean["embeddings"].1[b * h..(b + 1) * h], &want),
+                "{model} mean of sequence {b}"
+            );
+            assert!(
+                close(
+                    &cls["embeddings"].1[b * h..(b + 1) * h],
+                    &hidden[b * len * h..(b * len + 1) * h]
+                ),
+                "{model} cls of {b}"
+            );
+        }
+    }
+}
+
+#[test]
+fn enformer_embeddings_follow_the_contract() {
+    let dir = fixture("enformer");
+    let (reference, _) = tensors(&dir.join("reference.safetensors"));
+    let (eshape, emb) = &reference["embeddings"];
+    let (bins, d) = (eshape[1], eshape[2]);
+    let (none, _) = run_embed("enformer", &dir, "none", "none");
+    let (mean, _) = run_embed("enformer", &dir, "mean", "mean");
+    for b in 0..eshape[0] {
+        let rows = &emb[b * bins * d..(b + 1) * bins * d];
+        assert_eq!(none[&format!("seq_{b}")].0, vec![bins, d]);
+        assert!(close(&none[&format!("seq_{b}")].1, rows));
+        let want: Vec<f32> = (0..d)
+            .map(|c| rows.chunks(d).map(|r| r[c]).sum::<f32>() / bins as f32)
+            .collect();
+        assert!(close(&mean["embeddings"].1[b * d..(b + 1) * d], &want));
+    }
+}
+
+#[test]
+fn bad_requests_are_clear_errors() {
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_isoformer-engine"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let tmp = std::env::temp_dir().join(format!("isoformer-embed-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::write(tmp.join("bad.fa"), ">a\nMK9T\n").unwrap();
+    std::fs::write(tmp.join("ok.fa"), ">a\nACGT\n").unwrap();
+    let esm = fixture("esm2");
+    let out = tmp.join("o.safetensors");
+    let o = run(&[
+        "embed",
+        "--model",
+        "esm2",
+        "--weights",
+        esm.to_str().unwrap(),
+        "--input",
+        tmp.join("bad.fa").to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("bad.fa:2"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = run(&[
+        "embed",
+        "--model",
+        "enformer",
+        "--weights",
+        fixture("enformer").to_str().unwrap(),
+        "--input",
+        tmp.join("ok.fa").to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("DNA length"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = run(&[
+        "embed",
+        "--model",
+        "enformer",
+        "--weights",
+        fixture("enformer").to_str().unwrap(),
+        "--input",
+        tmp.join("ok.fa").to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--pool",
+        "cls",
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cls is not defined for Enformer"));
+    // NT-v2 weights under the ESM-2 tokenizer: the vocabulary sizes disagree.
+    let o = run(&[
+        "embed",
+        "--model",
+        "esm2",
+        "--weights",
+        fixture("nt_v2").to_str().unwrap(),
+        "--input",
+        tmp.join("ok.fa").to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("vocab_size 4107"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!out.exists(), "no output is left behind by a failed run");
+}
