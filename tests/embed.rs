@@ -6,18 +6,16 @@ use std::process::Command;
 
 use safetensors::SafeTensors;
 
+type Tensors = std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>;
+type Metadata = std::collections::HashMap<String, String>;
+
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/models")
         .join(name)
 }
 
-fn tensors(
-    path: &Path,
-) -> (
-    std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>,
-    std::collections::HashMap<String, String>,
-) {
+fn tensors(path: &Path) -> (Tensors, Metadata) {
     let bytes = std::fs::read(path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
@@ -50,15 +48,7 @@ fn close(got: &[f32], want: &[f32]) -> bool {
 }
 
 /// Writes the fixture's sequences as FASTA (ids s0, s1, …) and runs embed with `pool`.
-fn run_embed(
-    model: &str,
-    dir: &Path,
-    pool: &str,
-    tag: &str,
-) -> (
-    std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>,
-    std::collections::HashMap<String, String>,
-) {
+fn run_embed(model: &str, dir: &Path, pool: &str, tag: &str) -> (Tensors, Metadata) {
     let meta = tensors(&dir.join("reference.safetensors")).1;
     let tmp = std::env::temp_dir().join(format!(
         "isoformer-embed-{model}-{tag}-{}",
