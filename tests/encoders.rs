@@ -327,3 +327,40 @@ fn missing_or_misshaped_tensors_are_named() {
         "{e}"
     );
 }
+
+#[test]
+fn tf_gamma_tables_replace_only_the_gamma_features() {
+    use isoformer_engine::models::config::EnformerConfig;
+    use isoformer_engine::models::enformer::{positional_features, EnformerTrunk};
+    let dir = fixture("enformer");
+    let mut cfg = EnformerConfig::from_file(&dir.join("config.json")).unwrap();
+    cfg.use_tf_gamma = true;
+    let mut trunk = EnformerTrunk::new(cfg.clone()).unwrap();
+    assert!(
+        trunk.positional_table(32).is_err(),
+        "use_tf_gamma without a table is an error"
+    );
+    let (feat, k, n) = (cfg.dim / cfg.heads, cfg.dim / cfg.heads / 6, 32);
+    let gammas: Vec<f32> = (0..(2 * n - 1) * k).map(|i| i as f32 * 1e-3).collect();
+    trunk.set_tf_gammas(&gammas).unwrap();
+    let table = trunk.positional_table(n).unwrap();
+    let plain = positional_features(n, feat);
+    for r in 0..2 * n - 1 {
+        let (row, base) = (
+            &table[r * feat..(r + 1) * feat],
+            &plain[r * feat..(r + 1) * feat],
+        );
+        assert_eq!(
+            &row[..2 * k],
+            &base[..2 * k],
+            "exponential and central mask unchanged"
+        );
+        assert_eq!(&row[2 * k..3 * k], &gammas[r * k..(r + 1) * k]);
+        let sign = (r as f32 - (n - 1) as f32).signum() * if r == n - 1 { 0.0 } else { 1.0 };
+        assert!(row[3 * k..]
+            .iter()
+            .zip(&row[..3 * k])
+            .all(|(s, v)| *s == v * sign));
+    }
+    assert!(trunk.set_tf_gammas(&gammas[1..]).is_err());
+}

@@ -38,6 +38,10 @@ pub struct EmbedArgs {
     /// Token budget per sequence, special tokens included (ESM-2 crops on the right, NT-v2 keeps the 3' end).
     #[arg(long, default_value_t = 2048)]
     pub max_tokens: usize,
+    /// Enformer: DeepMind's TF gamma table (`tools/convert_checkpoint.py --export-tf-gammas`), for weights
+    /// used with `use_tf_gamma`.
+    #[arg(long)]
+    pub tf_gammas: Option<PathBuf>,
     /// cpu, cuda, emu or auto.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -59,6 +63,9 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     let seqs = read_sequences(&a.input)?;
     let mut embedder = Embedder::load(kind, &a.weights, a.config.as_deref())?;
     embedder.max_tokens = a.max_tokens.max(3);
+    if let Some(path) = &a.tf_gammas {
+        embedder.set_tf_gammas(path)?;
+    }
     // Longest first, grouped by what can share a batch: little padding, and the slow batches show early.
     let mut order: Vec<usize> = (0..seqs.len()).collect();
     order.sort_by_key(|&i| {

@@ -181,6 +181,22 @@ impl Embedder {
         })
     }
 
+    /// Enformer only: use DeepMind's TF gamma positional table (a safetensors file with `tf_gammas`).
+    pub fn set_tf_gammas(&mut self, path: &Path) -> Result<()> {
+        let Network::Enformer(trunk) = &mut self.network else {
+            return Err(Error::invalid(
+                "--tf-gammas",
+                "only Enformer has gamma positional features",
+            ));
+        };
+        let f = crate::runtime::safetensors_file::load_f32(path)?;
+        let (_, data) = f.tensors.get("tf_gammas").ok_or_else(|| Error::Tensor {
+            name: "tf_gammas".into(),
+            msg: format!("missing from {}", path.display()),
+        })?;
+        trunk.set_tf_gammas(data)
+    }
+
     pub fn kind(&self) -> ModelKind {
         self.kind
     }

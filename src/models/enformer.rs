@@ -315,8 +315,7 @@ impl EnformerTrunk {
         1 << (self.tower.len() + 1)
     }
 
-    /// Uses `table` (`[2n−1, dim/heads]`) as the positional features for transformer length `n`, e.g. the
-    /// TF gamma features DeepMind's weights were trained with.
+    /// Uses `table` (`[2n−1, dim/heads]`) as the positional features for transformer length `n`.
     pub fn set_positional_table(&mut self, n: usize, table: Vec<f32>) -> Result<()> {
         let want = (2 * n - 1) * (self.cfg.dim / self.cfg.heads);
         if table.len() != want {
@@ -329,11 +328,35 @@ impl EnformerTrunk {
         Ok(())
     }
 
-    pub fn positional_table(&self, n: usize) -> Arc<Vec<f32>> {
-        self.positional_override
-            .get(&n)
-            .cloned()
-            .unwrap_or_else(|| Arc::new(positional_features(n, self.cfg.dim / self.cfg.heads)))
+    /// Replaces the gamma features by DeepMind's TF table (`[2n−1, dim/heads/6]`, as enformer-pytorch ships
+    /// it for n = 1536; `tools/convert_checkpoint.py --export-tf-gammas` writes it), as `use_tf_gamma` does.
+    pub fn set_tf_gammas(&mut self, gammas: &[f32]) -> Result<()> {
+        let k = self.cfg.dim / self.cfg.heads / 6;
+        if k == 0 || gammas.len() % k != 0 || (gammas.len() / k) % 2 == 0 {
+            return Err(Error::shape(
+                "tf gammas",
+                format!("{} values is not [2n−1, {k}]", gammas.len()),
+            ));
+        }
+        let n = (gammas.len() / k).div_ceil(2);
+        let table = positional_features_with_gamma(n, self.cfg.dim / self.cfg.heads, Some(gammas));
+        self.set_positional_table(n, table)
+    }
+
+    pub fn positional_table(&self, n: usize) -> Result<Arc<Vec<f32>>> {
+        if let Some(t) = self.positional_override.get(&n) {
+            return Ok(t.clone());
+        }
+        if self.cfg.use_tf_gamma {
+            return Err(Error::invalid(
+                "positional features",
+                format!("the config sets use_tf_gamma, but no TF gamma table for length {n} was given (--tf-gammas)"),
+            ));
+        }
+        Ok(Arc::new(positional_features(
+            n,
+            self.cfg.dim / self.cfg.heads,
+        )))
     }
 
     fn conv_block_forward(
@@ -525,7 +548,7 @@ impl EnformerTrunk {
         // Transformer.
         let n = len;
         acts.transformer_len = n;
-        acts.positions = self.positional_table(n);
+        acts.positions = self.positional_table(n)?;
         for layer in &self.layers {
             let la = self.attention_layer_forward(p, layer, &mut x, batch, n, &acts.positions)?;
             if keep {
@@ -1152,6 +1175,11 @@ fn relative_logits_backward(
 /// distance `r − (n−1)`: exponential, central mask and gamma (normalised per distance, as enformer-pytorch),
 /// each `features/6` wide, then the same multiplied by the distance's sign. Computed in f64.
 pub fn positional_features(n: usize, features: usize) -> Vec<f32> {
+    positional_features_with_gamma(n, features, None)
+}
+
+/// [`positional_features`] with the gamma block taken from `gammas` (`[2n−1, features/6]`) when given.
+fn positional_features_with_gamma(n: usize, features: usize, gammas: Option<&[f32]>) -> Vec<f32> {
     let k = features / 6;
     let nf = n as f64;
     let linspace = |a: f64, b: f64, i: usize| {
@@ -1192,8 +1220,13 @@ pub fn positional_features(n: usize, features: usize) -> Vec<f32> {
                 (log_unnorm - (ln_gamma(conc) - conc * rate.ln())).exp() + 1e-8
             })
             .collect();
-        let max = pdf.iter().cloned().fold(f64::MIN, f64::max);
-        e.extend(pdf.iter().map(|v| v / max));
+        match gammas {
+            Some(g) => e.extend(g[r * k..(r + 1) * k].iter().map(|&v| v as f64)),
+            None => {
+                let max = pdf.iter().cloned().fold(f64::MIN, f64::max);
+                e.extend(pdf.iter().map(|v| v / max));
+            }
+        }
         let sign = delta.signum() * (delta != 0.0) as i32 as f64;
         let signed: Vec<f64> = e.iter().map(|v| v * sign).collect();
         out.extend(e.iter().chain(&signed).map(|&v| v as f32));
