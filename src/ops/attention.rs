@@ -12,6 +12,7 @@
 use rayon::prelude::*;
 
 use super::matmul::{gemm_raw, View};
+use super::simd::dispatch;
 use super::softmax::softmax_row_in_place;
 use crate::error::check_len;
 use crate::{Error, Result};
@@ -335,14 +336,21 @@ pub fn attention_backward(
                     let (p, dp) = (&mut p[..rows * n], &mut dp[..rows * n]);
                     inp.scores(p, d, b, h, i0, rows, n);
                     let lse_row = &lse[(b * nh + h) * d.q_len + i0..];
-                    for (r, prow) in p.chunks_mut(n).enumerate() {
-                        let l = lse_row[r];
-                        if l == f32::NEG_INFINITY {
-                            prow.iter_mut().for_each(|v| *v = 0.0);
-                        } else {
-                            prow.iter_mut().for_each(|v| *v = (*v - l).exp());
-                        }
-                    }
+                    dispatch(
+                        #[inline(always)]
+                        || {
+                            for (r, prow) in p.chunks_mut(n).enumerate() {
+                                let l = lse_row[r];
+                                if l == f32::NEG_INFINITY {
+                                    prow.iter_mut().for_each(|v| *v = 0.0);
+                                } else {
+                                    prow.iter_mut().for_each(|v| {
+                                        *v = crate::ops::elementwise::fast_exp(*v - l)
+                                    });
+                                }
+                            }
+                        },
+                    );
                     let (do_blk, o_blk) = (oo + i0 * nh * dv_, oo + i0 * nh * dv_);
                     let ov_rows = View { rows, ..d.o_view() };
                     // SAFETY (this block): every view stays inside its buffer (sizes checked above), and the

@@ -21,6 +21,7 @@ pub mod matmul;
 pub mod norm;
 pub mod pool;
 pub mod rotary;
+pub(crate) mod simd;
 pub mod softmax;
 
 /// Rows per rayon task for row-wise ops: enough work per task to amortise scheduling.

@@ -9,16 +9,23 @@ use crate::Result;
 
 /// Softmax of one row in place; returns its log-sum-exp (−∞ for a fully masked row).
 pub(crate) fn softmax_row_in_place(row: &mut [f32]) -> f32 {
+    super::simd::dispatch(
+        #[inline(always)]
+        || softmax_row(row),
+    )
+}
+
+#[inline(always)]
+fn softmax_row(row: &mut [f32]) -> f32 {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     if max == f32::NEG_INFINITY {
         row.iter_mut().for_each(|v| *v = 0.0);
         return f32::NEG_INFINITY;
     }
-    let mut sum = 0.0f32;
     for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
+        *v = crate::ops::elementwise::fast_exp(*v - max);
     }
+    let sum: f32 = row.iter().sum();
     let inv = 1.0 / sum;
     row.iter_mut().for_each(|v| *v *= inv);
     max + sum.ln()
