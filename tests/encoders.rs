@@ -364,3 +364,35 @@ fn tf_gamma_tables_replace_only_the_gamma_features() {
     }
     assert!(trunk.set_tf_gammas(&gammas[1..]).is_err());
 }
+
+#[test]
+fn enformer_loads_trunk_aliases_as_well_as_module_names() {
+    use isoformer_engine::models::config::EnformerConfig;
+    use isoformer_engine::models::enformer::{EnformerNames, EnformerTrunk};
+    let dir = fixture("enformer");
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    // Rename to the `_trunk.` aliases only (as a state dict saved from `model._trunk` would have them).
+    let views: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let renamed = n
+                .replacen("stem.", "_trunk.1.", 1)
+                .replacen("conv_tower.", "_trunk.2.", 1)
+                .replacen("transformer.", "_trunk.4.", 1)
+                .replacen("final_pointwise.", "_trunk.6.", 1);
+            (renamed, v)
+        })
+        .collect();
+    let path = std::env::temp_dir().join(format!("isoformer-aliases-{}.safetensors", std::process::id()));
+    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+    let trunk = EnformerTrunk::new(EnformerConfig::from_file(&dir.join("config.json")).unwrap()).unwrap();
+    let file = Arc::new(WeightFile::open(&path).unwrap());
+    let aliased = ModelParams::load(trunk.layout().clone(), file, &EnformerNames { prefixes: vec!["".into()] }, false).unwrap();
+    let file = Arc::new(WeightFile::open(&dir.join("model.safetensors")).unwrap());
+    let named = ModelParams::load(trunk.layout().clone(), file, &EnformerNames { prefixes: vec!["".into()] }, false).unwrap();
+    for i in 0..trunk.layout().entries().len() {
+        assert_eq!(aliased.get(i), named.get(i));
+    }
+}
