@@ -385,13 +385,33 @@ fn enformer_loads_trunk_aliases_as_well_as_module_names() {
             (renamed, v)
         })
         .collect();
-    let path = std::env::temp_dir().join(format!("isoformer-aliases-{}.safetensors", std::process::id()));
+    let path = std::env::temp_dir().join(format!(
+        "isoformer-aliases-{}.safetensors",
+        std::process::id()
+    ));
     std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
-    let trunk = EnformerTrunk::new(EnformerConfig::from_file(&dir.join("config.json")).unwrap()).unwrap();
+    let trunk =
+        EnformerTrunk::new(EnformerConfig::from_file(&dir.join("config.json")).unwrap()).unwrap();
     let file = Arc::new(WeightFile::open(&path).unwrap());
-    let aliased = ModelParams::load(trunk.layout().clone(), file, &EnformerNames { prefixes: vec!["".into()] }, false).unwrap();
+    let aliased = ModelParams::load(
+        trunk.layout().clone(),
+        file,
+        &EnformerNames {
+            prefixes: vec!["".into()],
+        },
+        false,
+    )
+    .unwrap();
     let file = Arc::new(WeightFile::open(&dir.join("model.safetensors")).unwrap());
-    let named = ModelParams::load(trunk.layout().clone(), file, &EnformerNames { prefixes: vec!["".into()] }, false).unwrap();
+    let named = ModelParams::load(
+        trunk.layout().clone(),
+        file,
+        &EnformerNames {
+            prefixes: vec!["".into()],
+        },
+        false,
+    )
+    .unwrap();
     for i in 0..trunk.layout().entries().len() {
         assert_eq!(aliased.get(i), named.get(i));
     }
