@@ -10,6 +10,7 @@ pub mod cli;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod gpu;
 pub mod models;
 pub mod ops;
 pub mod runtime;

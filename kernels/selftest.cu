@@ -1,0 +1,37 @@
+// Self-test kernels for the execution model itself (used by the emulator tests, compiled for GPUs too):
+// warp shuffles over partial warps, block-level shared memory with barriers, atomics, and a kernel whose
+// barrier is divergent, which the emulator must report instead of hanging.
+#include "common.cuh"
+
+// out[t] = sum over the thread's warp of (t + 1) via xor shuffles, plus the block total via shared memory,
+// plus an atomic count of threads in the grid in *count.
+extern "C" __global__ void selftest_reduce_f32(float* __restrict__ out, int* __restrict__ count, int n) {
+    __shared__ float partial[32];
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    float v = t < n ? float(t + 1) : 0.0f;
+    float w = warp_sum(v);
+    int warp = threadIdx.x / 32;
+    if (threadIdx.x % 32 == 0) partial[warp] = w;
+    __syncthreads();
+    float block_total = 0.0f;
+    for (int i = 0; i < (int)CEIL_DIV(blockDim.x, 32); ++i) block_total += partial[i];
+    if (t < n) {
+        out[2 * t] = w;
+        out[2 * t + 1] = block_total;
+        atomicAdd(count, 1);
+    }
+}
+
+// Odd and even threads wait at two different barriers: undefined on a GPU, reported by the emulator.
+extern "C" __global__ void selftest_divergent_barrier(int* flag) {
+    if (threadIdx.x % 2 == 1) {
+        __syncthreads();
+        flag[0] = 1;
+    } else {
+        __syncthreads();
+        flag[0] = 2;
+    }
+}
+
+EMU_REGISTER(selftest_reduce_f32)
+EMU_REGISTER(selftest_divergent_barrier)

@@ -1,0 +1,196 @@
+//! The CUDA device, through cudarc with dynamic loading: nothing CUDA is needed to build, and a missing
+//! driver or GPU is an error, never a panic (the driver library is probed before the first driver call).
+//!
+//! Modules are the fatbins embedded by `build.rs` (sm_80 and sm_90 SASS plus PTX), loaded once and their
+//! functions cached; if the driver rejects a fatbin, the embedded `.cu` source is compiled with NVRTC.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, PushKernelArg,
+};
+
+use super::embedded::{COMMON_HEADER, KERNEL_FILES};
+use super::{Arg, DeviceBuffer, KernelDevice, LaunchConfig};
+use crate::{Error, Result};
+
+pub struct CudaBuffer {
+    slice: CudaSlice<u8>,
+    ptr: u64,
+}
+
+impl DeviceBuffer for CudaBuffer {
+    fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    fn len_bytes(&self) -> usize {
+        self.slice.len()
+    }
+}
+
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    modules: Mutex<HashMap<String, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+}
+
+fn driver_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| Error::Device(format!("{what}: {e:?}"))
+}
+
+impl CudaDevice {
+    /// Whether this build has GPU kernels at all.
+    pub fn built_with_kernels() -> bool {
+        cfg!(cuda_kernels)
+    }
+
+    /// Opens GPU `ordinal`, or explains why there is none.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if !Self::built_with_kernels() {
+            return Err(Error::Device("built without CUDA kernels (nvcc was not found at build time; set NVCC or CUDA_HOME and rebuild)".into()));
+        }
+        // SAFETY: only checks whether the driver library can be loaded.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::Device("the CUDA driver library (libcuda.so) was not found: no NVIDIA driver on this machine".into()));
+        }
+        let count = CudaContext::device_count().map_err(driver_err("counting GPUs"))?;
+        if ordinal as i32 >= count {
+            return Err(Error::Device(format!(
+                "GPU {ordinal} requested, {count} present"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(driver_err("creating the CUDA context"))?;
+        // SAFETY: we synchronise explicitly (one stream), so cudarc's per-buffer events are not needed.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        Ok(CudaDevice {
+            ctx,
+            stream,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn module_of(&self, file: &str, fatbin: &[u8], source: &str) -> Result<Arc<CudaModule>> {
+        let mut modules = self.modules.lock().expect("module cache");
+        if let Some(m) = modules.get(file) {
+            return Ok(m.clone());
+        }
+        let loaded = self
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec()));
+        let module = match loaded {
+            Ok(m) => m,
+            Err(first) => {
+                // NVRTC fallback: compile the embedded source for this GPU.
+                let dir =
+                    std::env::temp_dir().join(format!("isoformer-nvrtc-{}", std::process::id()));
+                std::fs::create_dir_all(dir.join("emu")).map_err(|e| Error::io(&dir, e))?;
+                std::fs::write(dir.join("common.cuh"), COMMON_HEADER)
+                    .map_err(|e| Error::io(&dir, e))?;
+                std::fs::write(dir.join("emu/emu.h"), "#pragma once\n#include <cuda_bf16.h>\n#define EMU_DYNAMIC_SHARED(type, name) extern __shared__ type name[]\n#define EMU_REGISTER(kernel)\n")
+                    .map_err(|e| Error::io(&dir, e))?;
+                let opts = cudarc::nvrtc::CompileOptions {
+                    include_paths: vec![dir.display().to_string()],
+                    ..Default::default()
+                };
+                let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, opts)
+                    .map_err(|e| Error::Device(format!("loading {file}: the fatbin was rejected ({first:?}) and NVRTC failed: {e:?}")))?;
+                self.ctx
+                    .load_module(ptx)
+                    .map_err(driver_err("loading NVRTC output"))?
+            }
+        };
+        modules.insert(file.to_string(), module.clone());
+        Ok(module)
+    }
+
+    fn function(&self, kernel: &str) -> Result<CudaFunction> {
+        if let Some(f) = self.functions.lock().expect("function cache").get(kernel) {
+            return Ok(f.clone());
+        }
+        for (file, fatbin, source) in KERNEL_FILES {
+            if source.contains(&format!("void {kernel}(")) {
+                let module = self.module_of(file, fatbin, source)?;
+                let f = module.load_function(kernel).map_err(driver_err(kernel))?;
+                self.functions
+                    .lock()
+                    .expect("function cache")
+                    .insert(kernel.to_string(), f.clone());
+                return Ok(f);
+            }
+        }
+        Err(Error::Device(format!(
+            "no kernel named '{kernel}' in kernels/"
+        )))
+    }
+}
+
+impl KernelDevice for CudaDevice {
+    type Buffer = CudaBuffer;
+
+    fn name(&self) -> String {
+        format!(
+            "cuda ({})",
+            self.ctx.name().unwrap_or_else(|_| "unknown GPU".into())
+        )
+    }
+
+    fn alloc_zeroed(&self, bytes: usize) -> Result<CudaBuffer> {
+        let slice = self
+            .stream
+            .alloc_zeros::<u8>(bytes.max(1))
+            .map_err(driver_err("cudaMalloc"))?;
+        let ptr = slice.device_ptr(&self.stream).0;
+        Ok(CudaBuffer { slice, ptr })
+    }
+
+    fn upload(&self, bytes: &[u8]) -> Result<CudaBuffer> {
+        let slice = self
+            .stream
+            .clone_htod(bytes)
+            .map_err(driver_err("copy to the GPU"))?;
+        let ptr = slice.device_ptr(&self.stream).0;
+        Ok(CudaBuffer { slice, ptr })
+    }
+
+    fn download(&self, buf: &CudaBuffer) -> Result<Vec<u8>> {
+        self.stream
+            .clone_dtoh(&buf.slice)
+            .map_err(driver_err("copy from the GPU"))
+    }
+
+    fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        let f = self.function(kernel)?;
+        if cfg.shared_bytes > 48 * 1024 {
+            f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, cfg.shared_bytes as i32)
+                .map_err(driver_err("raising the shared-memory limit"))?;
+        }
+        let values: Vec<Arg> = args.to_vec();
+        let mut b = self.stream.launch_builder(&f);
+        for a in &values {
+            match a {
+                Arg::Ptr(p) => b.arg(p),
+                Arg::I32(v) => b.arg(v),
+                Arg::U32(v) => b.arg(v),
+                Arg::F32(v) => b.arg(v),
+            };
+        }
+        let lc = cudarc::driver::LaunchConfig {
+            grid_dim: (cfg.grid[0], cfg.grid[1], cfg.grid[2]),
+            block_dim: (cfg.block[0], cfg.block[1], cfg.block[2]),
+            shared_mem_bytes: cfg.shared_bytes,
+        };
+        // SAFETY: the launch code in `ops` passes exactly the kernel's parameters, with pointers to live buffers.
+        unsafe { b.launch(lc) }.map_err(driver_err(kernel))?;
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(driver_err("synchronising"))
+    }
+}

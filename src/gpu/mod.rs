@@ -1,0 +1,100 @@
+//! The GPU path: kernels from `kernels/*.cu`, run on a real GPU ([`cuda::CudaDevice`]) or on the host
+//! emulator ([`emulator::EmuDevice`]), which executes the very same sources on the CPU.
+//!
+//! Both devices implement [`KernelDevice`]: memory, copies, and launching a kernel by name with an argument
+//! array, as `cuLaunchKernel` does. The launch code in [`ops`] (grid sizes, arguments, checks) is written once
+//! against that trait.
+
+pub mod cuda;
+pub mod emulator;
+pub mod ops;
+
+use crate::Result;
+
+/// Embedded kernels: `(file stem, fatbin, source)`; fatbins are empty when built without nvcc.
+pub mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// A launch argument, passed by value as the kernel's parameter (device pointers are addresses).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Arg {
+    Ptr(u64),
+    I32(i32),
+    U32(u32),
+    F32(f32),
+}
+
+impl Arg {
+    /// Raw bytes of the argument, as the kernel's parameter reads them.
+    fn bytes(&self) -> [u8; 8] {
+        let mut b = [0u8; 8];
+        match *self {
+            Arg::Ptr(p) => b.copy_from_slice(&p.to_ne_bytes()),
+            Arg::I32(v) => b[..4].copy_from_slice(&v.to_ne_bytes()),
+            Arg::U32(v) => b[..4].copy_from_slice(&v.to_ne_bytes()),
+            Arg::F32(v) => b[..4].copy_from_slice(&v.to_ne_bytes()),
+        }
+        b
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchConfig {
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub shared_bytes: u32,
+}
+
+impl LaunchConfig {
+    pub fn linear(blocks: u32, threads: u32, shared_bytes: u32) -> Self {
+        LaunchConfig {
+            grid: [blocks.max(1), 1, 1],
+            block: [threads, 1, 1],
+            shared_bytes,
+        }
+    }
+}
+
+/// Device memory: an allocation that kernels address by `ptr()`.
+pub trait DeviceBuffer {
+    fn ptr(&self) -> u64;
+    fn len_bytes(&self) -> usize;
+}
+
+/// What the launch code needs from a device.
+pub trait KernelDevice {
+    type Buffer: DeviceBuffer;
+    fn name(&self) -> String;
+    fn alloc_zeroed(&self, bytes: usize) -> Result<Self::Buffer>;
+    fn upload(&self, bytes: &[u8]) -> Result<Self::Buffer>;
+    fn download(&self, buf: &Self::Buffer) -> Result<Vec<u8>>;
+    fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()>;
+    fn synchronize(&self) -> Result<()>;
+}
+
+/// Typed helpers over [`KernelDevice`] for f32 and bf16 data.
+pub trait KernelDeviceExt: KernelDevice {
+    fn upload_f32(&self, v: &[f32]) -> Result<Self::Buffer> {
+        self.upload(bytemuck::cast_slice(v))
+    }
+    fn upload_bf16(&self, v: &[half::bf16]) -> Result<Self::Buffer> {
+        self.upload(bytemuck::cast_slice(v))
+    }
+    fn download_f32(&self, b: &Self::Buffer) -> Result<Vec<f32>> {
+        Ok(self
+            .download(b)?
+            .chunks_exact(4)
+            .map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+    fn download_bf16(&self, b: &Self::Buffer) -> Result<Vec<half::bf16>> {
+        Ok(self
+            .download(b)?
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_ne_bytes([c[0], c[1]]))
+            .collect())
+    }
+}
+
+impl<D: KernelDevice + ?Sized> KernelDeviceExt for D {}
