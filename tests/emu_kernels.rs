@@ -9,7 +9,13 @@ use half::bf16;
 use isoformer_engine::gpu::cuda::CudaDevice;
 use isoformer_engine::gpu::emulator::EmuDevice;
 use isoformer_engine::gpu::{ops, Arg, DeviceBuffer, KernelDevice, KernelDeviceExt, LaunchConfig};
+use isoformer_engine::ops::elementwise::{
+    activation, activation_backward, swiglu, swiglu_backward, Activation, GeluErf, GeluSigmoid,
+    Relu, Softplus,
+};
 use isoformer_engine::ops::norm::{layernorm, layernorm_backward};
+use isoformer_engine::runtime::{Layout, TensorSpec, TrainState};
+use isoformer_engine::training::{global_norm, AdamW};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -173,6 +179,186 @@ fn check_execution_model<D: KernelDevice>(dev: &D) {
     }
 }
 
+fn check_activation<D: KernelDevice, A: Activation>(dev: &D, act: ops::Act, lo: f32, hi: f32) {
+    let mut rng = StdRng::seed_from_u64(11);
+    for n in [1usize, 1000, 70_001] {
+        let x = random_bf16(&mut rng, n, lo, hi);
+        let dout = random_bf16(&mut rng, n, -1.0, 1.0);
+        let mut want = vec![0.0; n];
+        activation::<A>(&mut want, &widen(&x)).unwrap();
+        let (bx, bout) = (
+            dev.upload_bf16(&x).unwrap(),
+            dev.alloc_zeroed(n * 2).unwrap(),
+        );
+        ops::act_forward(dev, &bout, &bx, n, act).unwrap();
+        assert_bf16_close(
+            &format!("{} {act:?} forward n={n}", dev.name()),
+            &dev.download_bf16(&bout).unwrap(),
+            &want,
+        );
+        let mut wdx = vec![0.0; n];
+        activation_backward::<A>(&mut wdx, &widen(&dout), &widen(&x)).unwrap();
+        let (bd, bdx) = (
+            dev.upload_bf16(&dout).unwrap(),
+            dev.alloc_zeroed(n * 2).unwrap(),
+        );
+        ops::act_backward(dev, &bdx, &bd, &bx, n, act).unwrap();
+        assert_bf16_close(
+            &format!("{} {act:?} backward n={n}", dev.name()),
+            &dev.download_bf16(&bdx).unwrap(),
+            &wdx,
+        );
+    }
+}
+
+fn check_elementwise<D: KernelDevice>(dev: &D) {
+    check_activation::<D, GeluErf>(dev, ops::Act::GeluErf, -5.0, 5.0);
+    check_activation::<D, GeluSigmoid>(dev, ops::Act::GeluSigmoid, -6.0, 6.0);
+    check_activation::<D, Relu>(dev, ops::Act::Relu, -2.0, 2.0);
+    check_activation::<D, Softplus>(dev, ops::Act::Softplus, -25.0, 25.0);
+    let mut rng = StdRng::seed_from_u64(12);
+    let (rows, cols) = (37, 45);
+    // bias + GELU: pre is the bf16 sum, out the activation of that bf16 value.
+    let x = random_bf16(&mut rng, rows * cols, -3.0, 3.0);
+    let bias = random_bf16(&mut rng, cols, -1.0, 1.0);
+    let pre_want: Vec<f32> = (0..rows * cols)
+        .map(|i| x[i].to_f32() + bias[i % cols].to_f32())
+        .collect();
+    let (bx, bb) = (
+        dev.upload_bf16(&x).unwrap(),
+        dev.upload_bf16(&bias).unwrap(),
+    );
+    let (bpre, bout) = (
+        dev.alloc_zeroed(rows * cols * 2).unwrap(),
+        dev.alloc_zeroed(rows * cols * 2).unwrap(),
+    );
+    ops::bias_act_forward(dev, &bpre, &bout, &bx, &bb, rows, cols, ops::Act::GeluErf).unwrap();
+    let pre = dev.download_bf16(&bpre).unwrap();
+    assert_bf16_close("bias+gelu pre-activation", &pre, &pre_want);
+    let mut out_want = vec![0.0; rows * cols];
+    activation::<GeluErf>(&mut out_want, &widen(&pre)).unwrap();
+    assert_bf16_close(
+        "bias+gelu output",
+        &dev.download_bf16(&bout).unwrap(),
+        &out_want,
+    );
+    // SwiGLU
+    let width = 45;
+    let u = random_bf16(&mut rng, rows * 2 * width, -3.0, 3.0);
+    let dout = random_bf16(&mut rng, rows * width, -1.0, 1.0);
+    let mut want = vec![0.0; rows * width];
+    swiglu(&mut want, &widen(&u), width).unwrap();
+    let (bu, bo) = (
+        dev.upload_bf16(&u).unwrap(),
+        dev.alloc_zeroed(rows * width * 2).unwrap(),
+    );
+    ops::swiglu_forward(dev, &bo, &bu, rows, width).unwrap();
+    assert_bf16_close("swiglu forward", &dev.download_bf16(&bo).unwrap(), &want);
+    let mut wdu = vec![0.0; rows * 2 * width];
+    swiglu_backward(&mut wdu, &widen(&dout), &widen(&u), width).unwrap();
+    let (bd, bdu) = (
+        dev.upload_bf16(&dout).unwrap(),
+        dev.alloc_zeroed(rows * 2 * width * 2).unwrap(),
+    );
+    ops::swiglu_backward(dev, &bdu, &bd, &bu, rows, width).unwrap();
+    assert_bf16_close("swiglu backward", &dev.download_bf16(&bdu).unwrap(), &wdu);
+    // Residual add and casts.
+    let (a, b) = (
+        random_bf16(&mut rng, 1001, -4.0, 4.0),
+        random_bf16(&mut rng, 1001, -4.0, 4.0),
+    );
+    let want: Vec<f32> = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| x.to_f32() + y.to_f32())
+        .collect();
+    let (ba, bbb, bo) = (
+        dev.upload_bf16(&a).unwrap(),
+        dev.upload_bf16(&b).unwrap(),
+        dev.alloc_zeroed(1001 * 2).unwrap(),
+    );
+    ops::add(dev, &bo, &ba, &bbb, 1001).unwrap();
+    assert_bf16_close("add", &dev.download_bf16(&bo).unwrap(), &want);
+    let f: Vec<f32> = (0..1001).map(|_| rng.random_range(-100.0..100.0)).collect();
+    let (bf, bo) = (
+        dev.upload_f32(&f).unwrap(),
+        dev.alloc_zeroed(1001 * 2).unwrap(),
+    );
+    ops::cast_to_bf16(dev, &bo, &bf, 1001).unwrap();
+    let got = dev.download_bf16(&bo).unwrap();
+    assert!(
+        got.iter().zip(&f).all(|(g, x)| *g == bf16::from_f32(*x)),
+        "cast rounds to nearest even, bit for bit"
+    );
+}
+
+fn check_optimizer<D: KernelDevice>(dev: &D) {
+    let mut rng = StdRng::seed_from_u64(13);
+    let n = 10_007;
+    let layout = std::sync::Arc::new(Layout::sequential(vec![TensorSpec::f32("w", [n])]).unwrap());
+    let mut st = TrainState::new(layout);
+    let p0: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    st.params.f32_mut("w").unwrap().copy_from_slice(&p0);
+    let opt = AdamW::single_group(&st, 1e-2, 0.1).unwrap();
+    let (bp, bpb) = (
+        dev.upload_f32(&p0).unwrap(),
+        dev.alloc_zeroed(n * 2).unwrap(),
+    );
+    let (bm, bv) = (
+        dev.alloc_zeroed(n * 4).unwrap(),
+        dev.alloc_zeroed(n * 4).unwrap(),
+    );
+    let (norm_out, scratch) = (
+        dev.alloc_zeroed(4).unwrap(),
+        dev.alloc_zeroed(ops::NORM_BLOCKS * 4).unwrap(),
+    );
+    for step in 1..=3u64 {
+        let g: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
+        // Global norm, and clipping to 10 as the CPU does it.
+        let bg = dev.upload_f32(&g).unwrap();
+        ops::global_norm_squared(dev, &norm_out, &scratch, &bg, n).unwrap();
+        let norm = dev.download_f32(&norm_out).unwrap()[0].sqrt();
+        let want_norm = global_norm(&g);
+        assert_f32_close("global norm", &[norm], &[want_norm], 1e-5);
+        let scale = (10.0 / (want_norm + 1e-6)).min(1.0);
+        let clipped: Vec<f32> = g.iter().map(|x| x * scale).collect();
+        st.grads.f32_mut("w").unwrap().copy_from_slice(&clipped);
+        opt.step(&mut st, 1.0).unwrap();
+        let s = ops::AdamWStep {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            step,
+            grad_scale: scale,
+        };
+        ops::adamw(dev, &bp, &bpb, &bm, &bv, &bg, n, s).unwrap();
+        let got = dev.download_f32(&bp).unwrap();
+        assert_f32_close(
+            &format!("{} adamw step {step}", dev.name()),
+            &got,
+            st.params.f32("w").unwrap(),
+            1e-5,
+        );
+        let copy = dev.download_bf16(&bpb).unwrap();
+        assert!(
+            copy.iter().zip(&got).all(|(c, p)| *c == bf16::from_f32(*p)),
+            "bf16 copy of the updated weights"
+        );
+    }
+}
+
+#[test]
+fn emu_elementwise_activations_swiglu_add_cast() {
+    check_elementwise(&EmuDevice::default());
+}
+
+#[test]
+fn emu_adamw_global_norm_and_clipping() {
+    check_optimizer(&EmuDevice::default());
+}
+
 #[test]
 fn emu_layernorm_forward_and_backward() {
     check_layernorm(&EmuDevice::default());
@@ -222,6 +408,8 @@ fn gpu_kernels_when_a_gpu_is_present() {
         Ok(dev) => {
             check_execution_model(&dev);
             check_layernorm(&dev);
+            check_elementwise(&dev);
+            check_optimizer(&dev);
         }
         Err(e) => println!("skipped: no GPU run ({e})"),
     }

@@ -174,6 +174,7 @@ impl KernelDevice for CudaDevice {
             match a {
                 Arg::Ptr(p) => b.arg(p),
                 Arg::I32(v) => b.arg(v),
+                Arg::I64(v) => b.arg(v),
                 Arg::U32(v) => b.arg(v),
                 Arg::F32(v) => b.arg(v),
             };

@@ -21,6 +21,7 @@ pub mod embedded {
 pub enum Arg {
     Ptr(u64),
     I32(i32),
+    I64(i64),
     U32(u32),
     F32(f32),
 }
@@ -32,6 +33,7 @@ impl Arg {
         match *self {
             Arg::Ptr(p) => b.copy_from_slice(&p.to_ne_bytes()),
             Arg::I32(v) => b[..4].copy_from_slice(&v.to_ne_bytes()),
+            Arg::I64(v) => b.copy_from_slice(&v.to_ne_bytes()),
             Arg::U32(v) => b[..4].copy_from_slice(&v.to_ne_bytes()),
             Arg::F32(v) => b[..4].copy_from_slice(&v.to_ne_bytes()),
         }

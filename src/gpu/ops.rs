@@ -152,3 +152,263 @@ pub fn layernorm_backward<D: KernelDevice>(
 pub fn layernorm_backward_scratch_bytes(rows: usize, dim: usize) -> usize {
     rows.div_ceil(4).max(1) * 2 * dim * F32
 }
+
+/// Threads per block and a grid size for a grid-stride loop over `n` elements.
+fn elementwise_config(n: usize) -> LaunchConfig {
+    const THREADS: usize = 256;
+    LaunchConfig::linear(
+        n.div_ceil(THREADS).clamp(1, 65_535) as u32,
+        THREADS as u32,
+        0,
+    )
+}
+
+/// The pointwise activations the kernels implement (`kind` argument of `act_*_bf16`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    GeluErf = 0,
+    GeluSigmoid = 1,
+    Relu = 2,
+    Softplus = 3,
+}
+
+fn check_bf16(op: &'static str, name: &str, b: &impl DeviceBuffer, n: usize) -> Result<()> {
+    check_len(op, &format!("{name} (bytes)"), b.len_bytes(), n * BF16)
+}
+
+/// `out = act(x)` over `n` bf16 values.
+pub fn act_forward<D: KernelDevice>(
+    dev: &D,
+    out: &D::Buffer,
+    x: &D::Buffer,
+    n: usize,
+    act: Act,
+) -> Result<()> {
+    check_bf16("act_forward", "out", out, n)?;
+    check_bf16("act_forward", "x", x, n)?;
+    dev.launch(
+        "act_forward_bf16",
+        elementwise_config(n),
+        &[ptr(out), ptr(x), Arg::I64(n as i64), Arg::I32(act as i32)],
+    )
+}
+
+/// `dx += dout · act'(x)`.
+pub fn act_backward<D: KernelDevice>(
+    dev: &D,
+    dx: &D::Buffer,
+    dout: &D::Buffer,
+    x: &D::Buffer,
+    n: usize,
+    act: Act,
+) -> Result<()> {
+    for (name, b) in [("dx", dx), ("dout", dout), ("x", x)] {
+        check_bf16("act_backward", name, b, n)?;
+    }
+    dev.launch(
+        "act_backward_bf16",
+        elementwise_config(n),
+        &[
+            ptr(dx),
+            ptr(dout),
+            ptr(x),
+            Arg::I64(n as i64),
+            Arg::I32(act as i32),
+        ],
+    )
+}
+
+/// Fused bias + activation of a linear layer's output: `pre = x + bias`, `out = act(pre)`.
+pub fn bias_act_forward<D: KernelDevice>(
+    dev: &D,
+    pre: &D::Buffer,
+    out: &D::Buffer,
+    x: &D::Buffer,
+    bias: &D::Buffer,
+    rows: usize,
+    cols: usize,
+    act: Act,
+) -> Result<()> {
+    for (name, b, n) in [
+        ("pre", pre, rows * cols),
+        ("out", out, rows * cols),
+        ("x", x, rows * cols),
+        ("bias", bias, cols),
+    ] {
+        check_bf16("bias_act_forward", name, b, n)?;
+    }
+    let args = [
+        ptr(pre),
+        ptr(out),
+        ptr(x),
+        ptr(bias),
+        Arg::I64(rows as i64),
+        Arg::I32(cols as i32),
+        Arg::I32(act as i32),
+    ];
+    dev.launch(
+        "bias_act_forward_bf16",
+        elementwise_config(rows * cols),
+        &args,
+    )
+}
+
+/// SwiGLU on rows of `[gate | value]` (`u [rows, 2·width]` → `out [rows, width]`).
+pub fn swiglu_forward<D: KernelDevice>(
+    dev: &D,
+    out: &D::Buffer,
+    u: &D::Buffer,
+    rows: usize,
+    width: usize,
+) -> Result<()> {
+    check_bf16("swiglu_forward", "out", out, rows * width)?;
+    check_bf16("swiglu_forward", "u", u, 2 * rows * width)?;
+    dev.launch(
+        "swiglu_forward_bf16",
+        elementwise_config(rows * width),
+        &[
+            ptr(out),
+            ptr(u),
+            Arg::I64(rows as i64),
+            Arg::I32(width as i32),
+        ],
+    )
+}
+
+pub fn swiglu_backward<D: KernelDevice>(
+    dev: &D,
+    du: &D::Buffer,
+    dout: &D::Buffer,
+    u: &D::Buffer,
+    rows: usize,
+    width: usize,
+) -> Result<()> {
+    check_bf16("swiglu_backward", "du", du, 2 * rows * width)?;
+    check_bf16("swiglu_backward", "dout", dout, rows * width)?;
+    check_bf16("swiglu_backward", "u", u, 2 * rows * width)?;
+    let args = [
+        ptr(du),
+        ptr(dout),
+        ptr(u),
+        Arg::I64(rows as i64),
+        Arg::I32(width as i32),
+    ];
+    dev.launch(
+        "swiglu_backward_bf16",
+        elementwise_config(rows * width),
+        &args,
+    )
+}
+
+/// `out = a + b` (residual connections).
+pub fn add<D: KernelDevice>(
+    dev: &D,
+    out: &D::Buffer,
+    a: &D::Buffer,
+    b: &D::Buffer,
+    n: usize,
+) -> Result<()> {
+    for (name, buf) in [("out", out), ("a", a), ("b", b)] {
+        check_bf16("add", name, buf, n)?;
+    }
+    dev.launch(
+        "add_bf16",
+        elementwise_config(n),
+        &[ptr(out), ptr(a), ptr(b), Arg::I64(n as i64)],
+    )
+}
+
+/// f32 → bf16 (round to nearest even).
+pub fn cast_to_bf16<D: KernelDevice>(
+    dev: &D,
+    out: &D::Buffer,
+    input: &D::Buffer,
+    n: usize,
+) -> Result<()> {
+    check_bf16("cast_to_bf16", "out", out, n)?;
+    check_len("cast_to_bf16", "input (bytes)", input.len_bytes(), n * F32)?;
+    dev.launch(
+        "cast_f32_to_bf16",
+        elementwise_config(n),
+        &[ptr(out), ptr(input), Arg::I64(n as i64)],
+    )
+}
+
+/// Blocks used by [`global_norm_squared`]; its scratch holds one f32 per block.
+pub const NORM_BLOCKS: usize = 256;
+
+/// `out[0] = Σ x²` over `n` f32 values, deterministically (fixed blocks, partials summed in order).
+pub fn global_norm_squared<D: KernelDevice>(
+    dev: &D,
+    out: &D::Buffer,
+    scratch: &D::Buffer,
+    x: &D::Buffer,
+    n: usize,
+) -> Result<()> {
+    check_len("global_norm_squared", "x (bytes)", x.len_bytes(), n * F32)?;
+    check_len(
+        "global_norm_squared",
+        "scratch (bytes)",
+        scratch.len_bytes(),
+        NORM_BLOCKS * F32,
+    )?;
+    dev.launch(
+        "sum_squares_partial_f32",
+        LaunchConfig::linear(NORM_BLOCKS as u32, 256, 0),
+        &[ptr(scratch), ptr(x), Arg::I64(n as i64)],
+    )?;
+    dev.launch(
+        "sum_partials_f32",
+        LaunchConfig::linear(1, 32, 0),
+        &[ptr(out), ptr(scratch), Arg::I32(NORM_BLOCKS as i32)],
+    )
+}
+
+/// Hyper-parameters of one AdamW step for one parameter group.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step number (bias correction).
+    pub step: u64,
+    /// Multiplies the gradients (global-norm clipping coefficient, or 1).
+    pub grad_scale: f32,
+}
+
+/// One fused AdamW step over `n` f32 master weights, writing their bf16 copy too.
+pub fn adamw<D: KernelDevice>(
+    dev: &D,
+    params: &D::Buffer,
+    params_bf16: &D::Buffer,
+    m: &D::Buffer,
+    v: &D::Buffer,
+    grads: &D::Buffer,
+    n: usize,
+    s: AdamWStep,
+) -> Result<()> {
+    for (name, b) in [("params", params), ("m", m), ("v", v), ("grads", grads)] {
+        check_len("adamw", &format!("{name} (bytes)"), b.len_bytes(), n * F32)?;
+    }
+    check_bf16("adamw", "params_bf16", params_bf16, n)?;
+    let t = s.step.max(1) as i32;
+    let args = [
+        ptr(params),
+        ptr(params_bf16),
+        ptr(m),
+        ptr(v),
+        ptr(grads),
+        Arg::I64(n as i64),
+        Arg::F32(s.lr),
+        Arg::F32(s.beta1),
+        Arg::F32(s.beta2),
+        Arg::F32(s.eps),
+        Arg::F32(s.weight_decay),
+        Arg::F32(1.0 - s.beta1.powi(t)),
+        Arg::F32(1.0 - s.beta2.powi(t)),
+        Arg::F32(s.grad_scale),
+    ];
+    dev.launch("adamw_bf16", elementwise_config(n), &args)
+}
