@@ -9,6 +9,7 @@ use half::bf16;
 use isoformer_engine::gpu::cuda::CudaDevice;
 use isoformer_engine::gpu::emulator::EmuDevice;
 use isoformer_engine::gpu::{ops, Arg, DeviceBuffer, KernelDevice, KernelDeviceExt, LaunchConfig};
+use isoformer_engine::ops::attention::{attention, AttentionBias, AttentionDims, AttentionInputs};
 use isoformer_engine::ops::elementwise::{
     activation, activation_backward, swiglu, swiglu_backward, Activation, GeluErf, GeluSigmoid,
     Relu, Softplus,
@@ -349,6 +350,54 @@ fn check_optimizer<D: KernelDevice>(dev: &D) {
     }
 }
 
+/// One attention case: CPU f32 reference on the bf16-rounded inputs against the kernel.
+fn flash_case<D: KernelDevice>(dev: &D, d: AttentionDims, lens: &[usize], bias_mode: Option<bool>, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let q = random_bf16(&mut rng, d.batch * d.q_len * d.heads * d.head_dim, -1.0, 1.0);
+    let k = random_bf16(&mut rng, d.batch * d.kv_len * d.heads * d.head_dim, -1.0, 1.0);
+    let v = random_bf16(&mut rng, d.batch * d.kv_len * d.heads * d.v_head_dim, -1.0, 1.0);
+    let bias_len = bias_mode.map_or(0, |pb| if pb { d.batch } else { 1 } * d.heads * d.q_len * d.kv_len);
+    let bias: Vec<f32> = (0..bias_len).map(|_| rng.random_range(-2.0..2.0)).collect();
+    let (qf, kf, vf) = (widen(&q), widen(&k), widen(&v));
+    let inputs = AttentionInputs { q: &qf, k: &kf, v: &vf, kv_lens: Some(lens), bias: bias_mode.map(|per_batch| AttentionBias { data: &bias, per_batch }) };
+    let (mut want, mut want_lse) = (vec![0.0; d.batch * d.q_len * d.heads * d.v_head_dim], vec![0.0; d.batch * d.heads * d.q_len]);
+    let mut ws = vec![0.0; d.workspace_len(2)];
+    attention(&mut want, &mut want_lse, inputs, &d, &mut ws).unwrap();
+
+    let (bq, bk, bv) = (dev.upload_bf16(&q).unwrap(), dev.upload_bf16(&k).unwrap(), dev.upload_bf16(&v).unwrap());
+    let lens_i32: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+    let blens = dev.upload(bytemuck::cast_slice(&lens_i32)).unwrap();
+    let bbias = dev.upload_f32(&bias).unwrap();
+    let out = dev.alloc_zeroed(want.len() * 2).unwrap();
+    let lse = dev.alloc_zeroed(want_lse.len() * 4).unwrap();
+    let bias_arg = bias_mode.map(|pb| (&bbias, pb));
+    ops::flash_attention_forward(dev, &out, &lse, &bq, &bk, &bv, Some(&blens), bias_arg, &d).unwrap();
+    let what = format!("{} flash forward {d:?} lens {lens:?} bias {bias_mode:?}", dev.name());
+    assert_bf16_close(&what, &dev.download_bf16(&out).unwrap(), &want);
+    let got_lse = dev.download_f32(&lse).unwrap();
+    for (g, w) in got_lse.iter().zip(&want_lse) {
+        assert!(g == w || (g - w).abs() <= 1e-3 * w.abs().max(1.0), "{what}: lse {g} vs {w}");
+    }
+}
+
+fn check_flash_attention<D: KernelDevice>(dev: &D) {
+    // Odd lengths (not multiples of the 64-row and 32-key tiles), padding and a fully masked batch entry.
+    flash_case(dev, AttentionDims::new(3, 2, 37, 37, 32), &[37, 20, 0], None, 1);
+    // Cross-attention with NT-v2's head dim 48, keys past one tile.
+    flash_case(dev, AttentionDims::new(2, 2, 29, 70, 48), &[70, 33], None, 2);
+    // Enformer: keys 64, values 192, relative-position bias per batch and broadcast.
+    let enformer = AttentionDims { v_head_dim: 192, ..AttentionDims::new(2, 2, 67, 67, 64) };
+    flash_case(dev, enformer, &[67, 67], Some(true), 3);
+    flash_case(dev, enformer, &[67, 50], Some(false), 4);
+    // IsoFormer's cross-attention: head dim 384, DNA queries against padded RNA keys.
+    flash_case(dev, AttentionDims::new(1, 1, 20, 45, 384), &[41], None, 5);
+}
+
+#[test]
+fn emu_flash_attention_forward() {
+    check_flash_attention(&EmuDevice::default());
+}
+
 #[test]
 fn emu_elementwise_activations_swiglu_add_cast() {
     check_elementwise(&EmuDevice::default());
@@ -410,6 +459,7 @@ fn gpu_kernels_when_a_gpu_is_present() {
             check_layernorm(&dev);
             check_elementwise(&dev);
             check_optimizer(&dev);
+            check_flash_attention(&dev);
         }
         Err(e) => println!("skipped: no GPU run ({e})"),
     }

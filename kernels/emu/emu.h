@@ -138,9 +138,11 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
 #define EMU_REGISTER(kernel) static emu::Registrar emu_registrar_##kernel(#kernel, kernel);
 
 #include "registry.h"
+#include "wmma.h"
 
 #else  // __CUDACC__
 #include <cuda_bf16.h>
+#include <mma.h>
 #define EMU_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
 #define EMU_REGISTER(kernel)
 #endif

@@ -412,3 +412,67 @@ pub fn adamw<D: KernelDevice>(
     ];
     dev.launch("adamw_bf16", elementwise_config(n), &args)
 }
+
+/// Shape of an attention call on the GPU (same meaning as [`crate::ops::attention::AttentionDims`]).
+pub use crate::ops::attention::AttentionDims;
+
+const FA_BR: usize = 64;
+const FA_BC: usize = 32;
+const FA_DVC: usize = 64;
+
+/// Dynamic shared memory of `flash_attention_forward_bf16` for head dim `d`.
+pub fn flash_forward_smem_bytes(d: usize) -> usize {
+    (FA_BR * d + FA_BC * d + FA_BC * FA_DVC) * BF16 + FA_BR * FA_BC * F32 + FA_BR * FA_BC * BF16 + FA_BR * FA_DVC * F32 + 2 * FA_BR * F32
+}
+
+/// Flash attention forward. `kv_lens` (i32 per batch) and `bias` (f32 `[1 or B, H, Lq, Lk]`) are optional.
+pub fn flash_attention_forward<D: KernelDevice>(
+    dev: &D,
+    out: &D::Buffer,
+    lse: &D::Buffer,
+    q: &D::Buffer,
+    k: &D::Buffer,
+    v: &D::Buffer,
+    kv_lens: Option<&D::Buffer>,
+    bias: Option<(&D::Buffer, bool)>,
+    d: &AttentionDims,
+) -> Result<()> {
+    const OP: &str = "flash_attention_forward";
+    if d.head_dim % 16 != 0 || d.v_head_dim % 16 != 0 || d.head_dim == 0 || d.v_head_dim == 0 {
+        return Err(crate::Error::invalid(OP, format!("head dims {} / {} must be positive multiples of 16", d.head_dim, d.v_head_dim)));
+    }
+    let (b, h) = (d.batch, d.heads);
+    check_bf16(OP, "q", q, b * d.q_len * h * d.head_dim)?;
+    check_bf16(OP, "k", k, b * d.kv_len * h * d.head_dim)?;
+    check_bf16(OP, "v", v, b * d.kv_len * h * d.v_head_dim)?;
+    check_bf16(OP, "out", out, b * d.q_len * h * d.v_head_dim)?;
+    check_len(OP, "lse (bytes)", lse.len_bytes(), b * h * d.q_len * F32)?;
+    if let Some(l) = kv_lens {
+        check_len(OP, "kv_lens (bytes)", l.len_bytes(), b * 4)?;
+    }
+    if let Some((bias, per_batch)) = bias {
+        check_len(OP, "bias (bytes)", bias.len_bytes(), if per_batch { b } else { 1 } * h * d.q_len * d.kv_len * F32)?;
+    }
+    let cfg = LaunchConfig {
+        grid: [d.q_len.div_ceil(FA_BR).max(1) as u32, (b * h) as u32, d.v_head_dim.div_ceil(FA_DVC) as u32],
+        block: [128, 1, 1],
+        shared_bytes: flash_forward_smem_bytes(d.head_dim) as u32,
+    };
+    let args = [
+        ptr(out),
+        ptr(lse),
+        ptr(q),
+        ptr(k),
+        ptr(v),
+        Arg::Ptr(kv_lens.map_or(0, |l| l.ptr())),
+        Arg::Ptr(bias.map_or(0, |(x, _)| x.ptr())),
+        Arg::I32(bias.is_some_and(|(_, p)| p) as i32),
+        Arg::I32(h as i32),
+        Arg::I32(d.q_len as i32),
+        Arg::I32(d.kv_len as i32),
+        Arg::I32(d.head_dim as i32),
+        Arg::I32(d.v_head_dim as i32),
+        Arg::F32(d.scale),
+    ];
+    dev.launch("flash_attention_forward_bf16", cfg, &args)
+}
