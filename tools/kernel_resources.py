@@ -2,8 +2,9 @@
 """Compiles every kernels/*.cu for sm_80 and sm_90 with nvcc (ptxas -v) and writes kernels/RESOURCES.md: registers,
 shared memory, stack frame and spills per kernel and architecture.
 
-With --check it also fails (exit 1) when any kernel at sm_90 has spill stores/loads or a stack frame.
-nvcc comes from $NVCC, else PATH. Usage: kernel_resources.py [--check]
+With --check it also fails (exit 1) when any kernel at sm_90 has spill stores/loads or a stack frame, or when a
+kernel of kernels/attention.cu has no tensor-core instruction (HMMA) in its sm_90 SASS (cuobjdump + nvdisasm
+next to nvcc or on PATH). nvcc comes from $NVCC, else PATH. Usage: kernel_resources.py [--check]
 """
 import glob
 import os
@@ -57,8 +58,40 @@ def main():
     with open(os.path.join(ROOT, "kernels", "RESOURCES.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"{len(rows)} kernel builds recorded in kernels/RESOURCES.md")
-    if "--check" in sys.argv and bad:
-        sys.exit("kernels with spills or a stack frame at sm_90:\n  " + "\n  ".join(bad))
+    if "--check" in sys.argv:
+        bad += check_tensor_cores(nvcc)
+        if bad:
+            sys.exit("kernel check failed:\n  " + "\n  ".join(bad))
+
+
+def check_tensor_cores(nvcc):
+    """Every kernel of attention.cu must use HMMA at sm_90."""
+    bindir = os.path.dirname(nvcc) if os.path.dirname(nvcc) else ""
+    cuobjdump = os.path.join(bindir, "cuobjdump") if bindir and os.path.exists(os.path.join(bindir, "cuobjdump")) else "cuobjdump"
+    env = dict(os.environ, PATH=(bindir + os.pathsep if bindir else "") + os.environ.get("PATH", ""))
+    problems = []
+    with tempfile.TemporaryDirectory() as d:
+        cubin = os.path.join(d, "attention.cubin")
+        subprocess.run([nvcc, "-cubin", "-arch=sm_90", "-O3", "-std=c++17", "-I", os.path.join(ROOT, "kernels"), "-o", cubin,
+                        os.path.join(ROOT, "kernels", "attention.cu")], check=True, capture_output=True)
+        sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, env=env)
+        if sass.returncode != 0:
+            return [f"cuobjdump failed: {sass.stderr.strip()}"]
+        counts, current = {}, None
+        for line in sass.stdout.splitlines():
+            m = re.search(r"Function : (\w+)", line)
+            if m:
+                current = m.group(1)
+                counts[current] = 0
+            elif current and "HMMA" in line:
+                counts[current] += 1
+        if not counts:
+            problems.append("no kernels found in the attention SASS")
+        for kernel, n in counts.items():
+            print(f"{kernel}: {n} HMMA instructions at sm_90")
+            if n == 0:
+                problems.append(f"{kernel} has no tensor-core (HMMA) instruction at sm_90")
+    return problems
 
 
 if __name__ == "__main__":
