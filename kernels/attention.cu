@@ -132,3 +132,247 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_forward_bf16(
 }
 
 EMU_REGISTER(flash_attention_forward_bf16)
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward (FlashAttention-2: P recomputed from the saved LSE, D = rowsum(dO ∘ O)), deterministic: no atomics.
+// With dS = P ∘ (dP − D) and dP = dO·Vᵀ:  dV += Pᵀ·dO,  dK += scale·dSᵀ·Q,  dQ += scale·dS·K,  dbias = dS.
+//
+// flash_attention_backward_rowdot_bf16: Drow[b, h, i] = Σ_c dO[b, i, h, c]·O[b, i, h, c] (one warp per row).
+// flash_attention_backward_dkdv_bf16: grid (⌈Lk/16⌉, B·H), one warp owning 16 keys, walking query tiles of 16;
+//   dK, dV of its keys accumulate in shared f32 and are added to the bf16 outputs at the end.
+// flash_attention_backward_dq_bf16: grid (⌈Lq/16⌉, B·H), one warp owning 16 queries, walking key tiles of 16;
+//   adds into dbias (per batch entry: [B, H, Lq, Lk]) when a buffer is given, and into dQ.
+// Same layouts and masking as the forward; gradients are added into dq, dk, dv.
+
+#define FB 16
+
+__device__ __forceinline__ float score_prob(float s_acc, float scale, const float* bias, int bias_per_batch, int b, int h,
+                                            int heads, int q_len, int kv_len, int qi, int kj, int n, float lse_i) {
+    if (qi >= q_len || kj >= n || lse_i == -INFINITY) return 0.0f;
+    float s = s_acc * scale;
+    if (bias) s += bias[(((size_t)(bias_per_batch ? b : 0) * heads + h) * q_len + qi) * kv_len + kj];
+    return expf(s - lse_i);
+}
+
+extern "C" __global__ void flash_attention_backward_rowdot_bf16(float* __restrict__ drow, const bf16* __restrict__ dout,
+                                                                const bf16* __restrict__ out, int batch, int heads,
+                                                                int q_len, int dv) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;  // over (b, i, h)
+    int lane = threadIdx.x % 32;
+    if (row >= batch * q_len * heads) return;
+    const bf16* o = out + (size_t)row * dv;
+    const bf16* g = dout + (size_t)row * dv;
+    float s = 0.0f;
+    for (int c = lane; c < dv; c += 32) s += to_f32(o[c]) * to_f32(g[c]);
+    s = warp_sum(s);
+    if (lane == 0) {
+        int h = row % heads, i = (row / heads) % q_len, b = row / (heads * q_len);
+        drow[((size_t)b * heads + h) * q_len + i] = s;
+    }
+}
+
+// Loads a [FB, width] tile of rows r0.. of a [B, L, H, width] tensor into shared memory (zeros past `limit`).
+__device__ __forceinline__ void load_rows(bf16* dst, const bf16* src, int b, int h, int heads, int len, int r0, int limit,
+                                          int width) {
+    for (int i = threadIdx.x; i < FB * width; i += blockDim.x) {
+        int r = i / width, c = i % width, row = r0 + r;
+        dst[i] = row < limit ? src[((size_t)(b * len + row) * heads + h) * width + c] : to_bf16(0.0f);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(32) flash_attention_backward_dkdv_bf16(
+    bf16* __restrict__ dk, bf16* __restrict__ dv_out, const bf16* __restrict__ q, const bf16* __restrict__ k,
+    const bf16* __restrict__ v, const bf16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ drow,
+    const int* __restrict__ kv_lens, const float* __restrict__ bias, int bias_per_batch, int heads, int q_len, int kv_len,
+    int d, int dv, float scale) {
+    EMU_DYNAMIC_SHARED(unsigned char, smem);
+    bf16* Ks = reinterpret_cast<bf16*>(smem);
+    bf16* Vs = Ks + FB * d;
+    bf16* Qs = Vs + FB * dv;
+    bf16* dOs = Qs + FB * d;
+    bf16* Pt = dOs + FB * dv;  // [key][query]
+    bf16* dSt = Pt + FB * FB;
+    float* dK = reinterpret_cast<float*>(dSt + FB * FB);
+    float* dV = dK + FB * d;
+    float* T = dV + FB * dv;  // [FB][FB] scratch
+
+    const int b = blockIdx.y / heads, h = blockIdx.y % heads, k0 = blockIdx.x * FB, lane = threadIdx.x;
+    const int n = kv_lens ? kv_lens[b] : kv_len;
+    if (k0 >= n) return;  // these keys are masked: no gradient
+    load_rows(Ks, k, b, h, heads, kv_len, k0, n, d);
+    load_rows(Vs, v, b, h, heads, kv_len, k0, n, dv);
+    for (int i = lane; i < FB * d; i += 32) dK[i] = 0.0f;
+    for (int i = lane; i < FB * dv; i += 32) dV[i] = 0.0f;
+    __syncwarp();
+    for (int q0 = 0; q0 < q_len; q0 += FB) {
+        load_rows(Qs, q, b, h, heads, q_len, q0, q_len, d);
+        load_rows(dOs, dout, b, h, heads, q_len, q0, q_len, dv);
+        __syncwarp();
+        // Sᵀ = K·Qᵀ  (keys × queries)
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        wmma::fill_fragment(acc, 0.0f);
+        for (int kk = 0; kk < d; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bq;
+            wmma::load_matrix_sync(a, Ks + kk, d);
+            wmma::load_matrix_sync(bq, Qs + kk, d);
+            wmma::mma_sync(acc, a, bq, acc);
+        }
+        wmma::store_matrix_sync(T, acc, FB, wmma::mem_row_major);
+        __syncwarp();
+        for (int i = lane; i < FB * FB; i += 32) {
+            int kr = i / FB, qc = i % FB, qi = q0 + qc, kj = k0 + kr;
+            float lse_i = qi < q_len ? lse[((size_t)b * heads + h) * q_len + qi] : -INFINITY;
+            Pt[i] = to_bf16(score_prob(T[i], scale, bias, bias_per_batch, b, h, heads, q_len, kv_len, qi, kj, n, lse_i));
+        }
+        __syncwarp();
+        // dPᵀ = V·dOᵀ
+        wmma::fill_fragment(acc, 0.0f);
+        for (int kk = 0; kk < dv; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bo;
+            wmma::load_matrix_sync(a, Vs + kk, dv);
+            wmma::load_matrix_sync(bo, dOs + kk, dv);
+            wmma::mma_sync(acc, a, bo, acc);
+        }
+        wmma::store_matrix_sync(T, acc, FB, wmma::mem_row_major);
+        __syncwarp();
+        for (int i = lane; i < FB * FB; i += 32) {
+            int qc = i % FB, qi = q0 + qc;
+            float dri = qi < q_len ? drow[((size_t)b * heads + h) * q_len + qi] : 0.0f;
+            dSt[i] = to_bf16(to_f32(Pt[i]) * (T[i] - dri));
+        }
+        __syncwarp();
+        // dV += Pᵀ·dO ; dK += dSᵀ·Q (scale applied at the end)
+        for (int cc = 0; cc < dv; cc += 16) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> o;
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> bo;
+            wmma::load_matrix_sync(o, dV + cc, dv, wmma::mem_row_major);
+            wmma::load_matrix_sync(a, Pt, FB);
+            wmma::load_matrix_sync(bo, dOs + cc, dv);
+            wmma::mma_sync(o, a, bo, o);
+            wmma::store_matrix_sync(dV + cc, o, dv, wmma::mem_row_major);
+        }
+        for (int cc = 0; cc < d; cc += 16) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> o;
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> bq;
+            wmma::load_matrix_sync(o, dK + cc, d, wmma::mem_row_major);
+            wmma::load_matrix_sync(a, dSt, FB);
+            wmma::load_matrix_sync(bq, Qs + cc, d);
+            wmma::mma_sync(o, a, bq, o);
+            wmma::store_matrix_sync(dK + cc, o, d, wmma::mem_row_major);
+        }
+        __syncwarp();
+    }
+    for (int i = lane; i < FB * d; i += 32) {
+        int r = i / d, c = i % d, kj = k0 + r;
+        if (kj < n) {
+            bf16* p = dk + ((size_t)(b * kv_len + kj) * heads + h) * d + c;
+            *p = to_bf16(to_f32(*p) + scale * dK[i]);
+        }
+    }
+    for (int i = lane; i < FB * dv; i += 32) {
+        int r = i / dv, c = i % dv, kj = k0 + r;
+        if (kj < n) {
+            bf16* p = dv_out + ((size_t)(b * kv_len + kj) * heads + h) * dv + c;
+            *p = to_bf16(to_f32(*p) + dV[i]);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(32) flash_attention_backward_dq_bf16(
+    bf16* __restrict__ dq, float* __restrict__ dbias, const bf16* __restrict__ q, const bf16* __restrict__ k,
+    const bf16* __restrict__ v, const bf16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ drow,
+    const int* __restrict__ kv_lens, const float* __restrict__ bias, int bias_per_batch, int heads, int q_len, int kv_len,
+    int d, int dv, float scale) {
+    EMU_DYNAMIC_SHARED(unsigned char, smem);
+    bf16* Qs = reinterpret_cast<bf16*>(smem);
+    bf16* dOs = Qs + FB * d;
+    bf16* Ks = dOs + FB * dv;
+    bf16* Vs = Ks + FB * d;
+    bf16* dS = Vs + FB * dv;
+    float* dQ = reinterpret_cast<float*>(dS + FB * FB);
+    float* S = dQ + FB * d;
+    float* T = S + FB * FB;
+
+    const int b = blockIdx.y / heads, h = blockIdx.y % heads, q0 = blockIdx.x * FB, lane = threadIdx.x;
+    const int n = kv_lens ? kv_lens[b] : kv_len;
+    load_rows(Qs, q, b, h, heads, q_len, q0, q_len, d);
+    load_rows(dOs, dout, b, h, heads, q_len, q0, q_len, dv);
+    for (int i = lane; i < FB * d; i += 32) dQ[i] = 0.0f;
+    __syncwarp();
+    for (int k0 = 0; k0 < n; k0 += FB) {
+        load_rows(Ks, k, b, h, heads, kv_len, k0, n, d);
+        load_rows(Vs, v, b, h, heads, kv_len, k0, n, dv);
+        __syncwarp();
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        wmma::fill_fragment(acc, 0.0f);
+        for (int kk = 0; kk < d; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bk;
+            wmma::load_matrix_sync(a, Qs + kk, d);
+            wmma::load_matrix_sync(bk, Ks + kk, d);
+            wmma::mma_sync(acc, a, bk, acc);
+        }
+        wmma::store_matrix_sync(S, acc, FB, wmma::mem_row_major);
+        wmma::fill_fragment(acc, 0.0f);
+        for (int kk = 0; kk < dv; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bvt;
+            wmma::load_matrix_sync(a, dOs + kk, dv);
+            wmma::load_matrix_sync(bvt, Vs + kk, dv);
+            wmma::mma_sync(acc, a, bvt, acc);
+        }
+        wmma::store_matrix_sync(T, acc, FB, wmma::mem_row_major);
+        __syncwarp();
+        for (int i = lane; i < FB * FB; i += 32) {
+            int qr = i / FB, kc = i % FB, qi = q0 + qr, kj = k0 + kc;
+            float lse_i = qi < q_len ? lse[((size_t)b * heads + h) * q_len + qi] : -INFINITY;
+            float p = score_prob(S[i], scale, bias, bias_per_batch, b, h, heads, q_len, kv_len, qi, kj, n, lse_i);
+            float dri = qi < q_len ? drow[((size_t)b * heads + h) * q_len + qi] : 0.0f;
+            float ds = p * (T[i] - dri);
+            dS[i] = to_bf16(ds);
+            if (dbias && qi < q_len && kj < n) dbias[(((size_t)b * heads + h) * q_len + qi) * kv_len + kj] += ds;
+        }
+        __syncwarp();
+        for (int cc = 0; cc < d; cc += 16) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> o;
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> bk;
+            wmma::load_matrix_sync(o, dQ + cc, d, wmma::mem_row_major);
+            wmma::load_matrix_sync(a, dS, FB);
+            wmma::load_matrix_sync(bk, Ks + cc, d);
+            wmma::mma_sync(o, a, bk, o);
+            wmma::store_matrix_sync(dQ + cc, o, d, wmma::mem_row_major);
+        }
+        __syncwarp();
+    }
+    for (int i = lane; i < FB * d; i += 32) {
+        int r = i / d, c = i % d, qi = q0 + r;
+        if (qi < q_len) {
+            bf16* p = dq + ((size_t)(b * q_len + qi) * heads + h) * d + c;
+            *p = to_bf16(to_f32(*p) + scale * dQ[i]);
+        }
+    }
+}
+
+extern "C" __global__ void fill_f32(float* __restrict__ out, float value, long long n) {
+    for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < n; j += (long long)gridDim.x * blockDim.x) out[j] = value;
+}
+
+// out[j] += Σ_b in[b, j] over `batch` slices of `n` elements, in batch order (broadcast-bias gradients).
+extern "C" __global__ void sum_over_batch_f32(float* __restrict__ out, const float* __restrict__ in, int batch, long long n) {
+    for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < n; j += (long long)gridDim.x * blockDim.x) {
+        float s = 0.0f;
+        for (int b = 0; b < batch; ++b) s += in[(size_t)b * n + j];
+        out[j] += s;
+    }
+}
+
+EMU_REGISTER(flash_attention_backward_rowdot_bf16)
+EMU_REGISTER(flash_attention_backward_dkdv_bf16)
+EMU_REGISTER(flash_attention_backward_dq_bf16)
+EMU_REGISTER(sum_over_batch_f32)
+EMU_REGISTER(fill_f32)

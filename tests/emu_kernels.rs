@@ -9,7 +9,9 @@ use half::bf16;
 use isoformer_engine::gpu::cuda::CudaDevice;
 use isoformer_engine::gpu::emulator::EmuDevice;
 use isoformer_engine::gpu::{ops, Arg, DeviceBuffer, KernelDevice, KernelDeviceExt, LaunchConfig};
-use isoformer_engine::ops::attention::{attention, AttentionBias, AttentionDims, AttentionInputs};
+use isoformer_engine::ops::attention::{
+    attention, attention_backward, AttentionBias, AttentionDims, AttentionInputs,
+};
 use isoformer_engine::ops::elementwise::{
     activation, activation_backward, swiglu, swiglu_backward, Activation, GeluErf, GeluSigmoid,
     Relu, Softplus,
@@ -351,42 +353,187 @@ fn check_optimizer<D: KernelDevice>(dev: &D) {
 }
 
 /// One attention case: CPU f32 reference on the bf16-rounded inputs against the kernel.
-fn flash_case<D: KernelDevice>(dev: &D, d: AttentionDims, lens: &[usize], bias_mode: Option<bool>, seed: u64) {
+fn flash_case<D: KernelDevice>(
+    dev: &D,
+    d: AttentionDims,
+    lens: &[usize],
+    bias_mode: Option<bool>,
+    seed: u64,
+) {
     let mut rng = StdRng::seed_from_u64(seed);
-    let q = random_bf16(&mut rng, d.batch * d.q_len * d.heads * d.head_dim, -1.0, 1.0);
-    let k = random_bf16(&mut rng, d.batch * d.kv_len * d.heads * d.head_dim, -1.0, 1.0);
-    let v = random_bf16(&mut rng, d.batch * d.kv_len * d.heads * d.v_head_dim, -1.0, 1.0);
-    let bias_len = bias_mode.map_or(0, |pb| if pb { d.batch } else { 1 } * d.heads * d.q_len * d.kv_len);
+    let q = random_bf16(
+        &mut rng,
+        d.batch * d.q_len * d.heads * d.head_dim,
+        -1.0,
+        1.0,
+    );
+    let k = random_bf16(
+        &mut rng,
+        d.batch * d.kv_len * d.heads * d.head_dim,
+        -1.0,
+        1.0,
+    );
+    let v = random_bf16(
+        &mut rng,
+        d.batch * d.kv_len * d.heads * d.v_head_dim,
+        -1.0,
+        1.0,
+    );
+    let bias_len = bias_mode.map_or(
+        0,
+        |pb| if pb { d.batch } else { 1 } * d.heads * d.q_len * d.kv_len,
+    );
     let bias: Vec<f32> = (0..bias_len).map(|_| rng.random_range(-2.0..2.0)).collect();
     let (qf, kf, vf) = (widen(&q), widen(&k), widen(&v));
-    let inputs = AttentionInputs { q: &qf, k: &kf, v: &vf, kv_lens: Some(lens), bias: bias_mode.map(|per_batch| AttentionBias { data: &bias, per_batch }) };
-    let (mut want, mut want_lse) = (vec![0.0; d.batch * d.q_len * d.heads * d.v_head_dim], vec![0.0; d.batch * d.heads * d.q_len]);
+    let inputs = AttentionInputs {
+        q: &qf,
+        k: &kf,
+        v: &vf,
+        kv_lens: Some(lens),
+        bias: bias_mode.map(|per_batch| AttentionBias {
+            data: &bias,
+            per_batch,
+        }),
+    };
+    let (mut want, mut want_lse) = (
+        vec![0.0; d.batch * d.q_len * d.heads * d.v_head_dim],
+        vec![0.0; d.batch * d.heads * d.q_len],
+    );
     let mut ws = vec![0.0; d.workspace_len(2)];
     attention(&mut want, &mut want_lse, inputs, &d, &mut ws).unwrap();
 
-    let (bq, bk, bv) = (dev.upload_bf16(&q).unwrap(), dev.upload_bf16(&k).unwrap(), dev.upload_bf16(&v).unwrap());
+    let (bq, bk, bv) = (
+        dev.upload_bf16(&q).unwrap(),
+        dev.upload_bf16(&k).unwrap(),
+        dev.upload_bf16(&v).unwrap(),
+    );
     let lens_i32: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
     let blens = dev.upload(bytemuck::cast_slice(&lens_i32)).unwrap();
     let bbias = dev.upload_f32(&bias).unwrap();
     let out = dev.alloc_zeroed(want.len() * 2).unwrap();
     let lse = dev.alloc_zeroed(want_lse.len() * 4).unwrap();
     let bias_arg = bias_mode.map(|pb| (&bbias, pb));
-    ops::flash_attention_forward(dev, &out, &lse, &bq, &bk, &bv, Some(&blens), bias_arg, &d).unwrap();
-    let what = format!("{} flash forward {d:?} lens {lens:?} bias {bias_mode:?}", dev.name());
+    ops::flash_attention_forward(dev, &out, &lse, &bq, &bk, &bv, Some(&blens), bias_arg, &d)
+        .unwrap();
+    let what = format!(
+        "{} flash forward {d:?} lens {lens:?} bias {bias_mode:?}",
+        dev.name()
+    );
     assert_bf16_close(&what, &dev.download_bf16(&out).unwrap(), &want);
     let got_lse = dev.download_f32(&lse).unwrap();
     for (g, w) in got_lse.iter().zip(&want_lse) {
-        assert!(g == w || (g - w).abs() <= 1e-3 * w.abs().max(1.0), "{what}: lse {g} vs {w}");
+        assert!(
+            g == w || (g - w).abs() <= 1e-3 * w.abs().max(1.0),
+            "{what}: lse {g} vs {w}"
+        );
+    }
+
+    // Backward from the kernel's own output and LSE; the CPU reference uses its f32 ones.
+    let dout = random_bf16(&mut rng, want.len(), -1.0, 1.0);
+    let (mut wdq, mut wdk, mut wdv) = (
+        vec![0.0; qf.len()],
+        vec![0.0; kf.len()],
+        vec![0.0; vf.len()],
+    );
+    let mut wdbias = vec![0.0; bias_len];
+    let dbias_arg = bias_mode.map(|_| &mut wdbias[..]);
+    attention_backward(
+        &mut wdq,
+        &mut wdk,
+        &mut wdv,
+        dbias_arg,
+        &widen(&dout),
+        &want,
+        &want_lse,
+        inputs,
+        &d,
+        &mut ws,
+    )
+    .unwrap();
+    let (bdq, bdk, bdv) = (
+        dev.alloc_zeroed(qf.len() * 2).unwrap(),
+        dev.alloc_zeroed(kf.len() * 2).unwrap(),
+        dev.alloc_zeroed(vf.len() * 2).unwrap(),
+    );
+    let scratch = dev
+        .alloc_zeroed(ops::flash_backward_scratch_bytes(
+            &d,
+            bias_mode == Some(false),
+        ))
+        .unwrap();
+    let bdout = dev.upload_bf16(&dout).unwrap();
+    let bdbias_check = dev.alloc_zeroed(bias_len * 4).unwrap();
+    let dbias_buf = bias_mode.map(|_| &bdbias_check);
+    ops::flash_attention_backward(
+        dev,
+        &bdq,
+        &bdk,
+        &bdv,
+        dbias_buf,
+        &scratch,
+        &bdout,
+        &out,
+        &lse,
+        &bq,
+        &bk,
+        &bv,
+        Some(&blens),
+        bias_arg,
+        &d,
+    )
+    .unwrap();
+    let what = format!(
+        "{} flash backward {d:?} lens {lens:?} bias {bias_mode:?}",
+        dev.name()
+    );
+    assert_bf16_close(
+        &format!("{what} dq"),
+        &dev.download_bf16(&bdq).unwrap(),
+        &wdq,
+    );
+    assert_bf16_close(
+        &format!("{what} dk"),
+        &dev.download_bf16(&bdk).unwrap(),
+        &wdk,
+    );
+    assert_bf16_close(
+        &format!("{what} dv"),
+        &dev.download_bf16(&bdv).unwrap(),
+        &wdv,
+    );
+    if bias_mode.is_some() {
+        // dbias is f32, but computed from bf16 O (in D = rowsum(dO∘O)): one bf16 unit (2⁻⁸) of its scale.
+        assert_f32_close(
+            &format!("{what} dbias"),
+            &dev.download_f32(&bdbias_check).unwrap(),
+            &wdbias,
+            1.0 / 256.0,
+        );
     }
 }
 
 fn check_flash_attention<D: KernelDevice>(dev: &D) {
     // Odd lengths (not multiples of the 64-row and 32-key tiles), padding and a fully masked batch entry.
-    flash_case(dev, AttentionDims::new(3, 2, 37, 37, 32), &[37, 20, 0], None, 1);
+    flash_case(
+        dev,
+        AttentionDims::new(3, 2, 37, 37, 32),
+        &[37, 20, 0],
+        None,
+        1,
+    );
     // Cross-attention with NT-v2's head dim 48, keys past one tile.
-    flash_case(dev, AttentionDims::new(2, 2, 29, 70, 48), &[70, 33], None, 2);
+    flash_case(
+        dev,
+        AttentionDims::new(2, 2, 29, 70, 48),
+        &[70, 33],
+        None,
+        2,
+    );
     // Enformer: keys 64, values 192, relative-position bias per batch and broadcast.
-    let enformer = AttentionDims { v_head_dim: 192, ..AttentionDims::new(2, 2, 67, 67, 64) };
+    let enformer = AttentionDims {
+        v_head_dim: 192,
+        ..AttentionDims::new(2, 2, 67, 67, 64)
+    };
     flash_case(dev, enformer, &[67, 67], Some(true), 3);
     flash_case(dev, enformer, &[67, 50], Some(false), 4);
     // IsoFormer's cross-attention: head dim 384, DNA queries against padded RNA keys.
@@ -394,7 +541,7 @@ fn check_flash_attention<D: KernelDevice>(dev: &D) {
 }
 
 #[test]
-fn emu_flash_attention_forward() {
+fn emu_flash_attention_forward_and_backward() {
     check_flash_attention(&EmuDevice::default());
 }
 
