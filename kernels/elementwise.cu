@@ -8,6 +8,8 @@
 // swiglu_forward_bf16(out, u, rows, width):   out[r, j] = silu(u[r, j]) · u[r, width + j]
 // swiglu_backward_bf16(du, dout, u, rows, width): du += ∂/∂u (both halves)
 // add_bf16(out, a, b, n):                     out = a + b  (residual)
+// bias_add_bf16(out, bias, rows, cols):       out[r, c] += bias[c]  (in place)
+// fill_rows_bf16(out, row, rows, cols):       out[r, :] = row (a bias, before a GEMM accumulates onto it)
 // cast_f32_to_bf16 / cast_bf16_to_f32(out, in, n): round to nearest even / widen.
 #include "common.cuh"
 
@@ -84,6 +86,14 @@ extern "C" __global__ void swiglu_backward_bf16(bf16* __restrict__ du, const bf1
     }
 }
 
+extern "C" __global__ void fill_rows_bf16(bf16* __restrict__ out, const bf16* __restrict__ row, long long rows, int cols) {
+    GRID_STRIDE(i, rows * cols) out[i] = row[i % cols];
+}
+
+extern "C" __global__ void bias_add_bf16(bf16* __restrict__ out, const bf16* __restrict__ bias, long long rows, int cols) {
+    GRID_STRIDE(i, rows * cols) out[i] = to_bf16(to_f32(out[i]) + to_f32(bias[i % cols]));
+}
+
 extern "C" __global__ void add_bf16(bf16* __restrict__ out, const bf16* __restrict__ a, const bf16* __restrict__ b, long long n) {
     GRID_STRIDE(i, n) out[i] = to_bf16(to_f32(a[i]) + to_f32(b[i]));
 }
@@ -102,5 +112,7 @@ EMU_REGISTER(bias_act_forward_bf16)
 EMU_REGISTER(swiglu_forward_bf16)
 EMU_REGISTER(swiglu_backward_bf16)
 EMU_REGISTER(add_bf16)
+EMU_REGISTER(bias_add_bf16)
+EMU_REGISTER(fill_rows_bf16)
 EMU_REGISTER(cast_f32_to_bf16)
 EMU_REGISTER(cast_bf16_to_f32)

@@ -540,6 +540,390 @@ fn check_flash_attention<D: KernelDevice>(dev: &D) {
     flash_case(dev, AttentionDims::new(1, 1, 20, 45, 384), &[41], None, 5);
 }
 
+fn check_remaining_ops<D: KernelDevice>(dev: &D) {
+    use isoformer_engine::ops::conv::{conv1d, conv1d_backward, Conv1dDims};
+    use isoformer_engine::ops::embedding::{embedding, embedding_backward};
+    use isoformer_engine::ops::loss::{mse, mse_backward};
+    use isoformer_engine::ops::matmul::{matmul, MatmulDims};
+    use isoformer_engine::ops::norm::{batchnorm_backward, batchnorm_eval, batchnorm_train};
+    use isoformer_engine::ops::pool::{attention_pool, attention_pool_backward, PoolDims};
+    use isoformer_engine::ops::rotary::{rotary, rotary_backward, RotaryTable};
+    use isoformer_engine::ops::softmax::{softmax, softmax_backward};
+    let mut rng = StdRng::seed_from_u64(21);
+    let name = dev.name();
+    let up = |v: &[bf16]| dev.upload_bf16(v).unwrap();
+
+    // GEMM (every transpose, batched; bf16 and f32 outputs, accumulate).
+    for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {
+        let d = MatmulDims {
+            batch: 3,
+            m: 33,
+            n: 17,
+            k: 45,
+            trans_a,
+            trans_b,
+        };
+        let (a, b) = (
+            random_bf16(&mut rng, 3 * 33 * 45, -1.0, 1.0),
+            random_bf16(&mut rng, 3 * 45 * 17, -1.0, 1.0),
+        );
+        let mut want = vec![0.0; 3 * 33 * 17];
+        matmul(&mut want, &widen(&a), &widen(&b), d, false).unwrap();
+        let c = dev.alloc_zeroed(want.len() * 2).unwrap();
+        dev.gemm(&c, false, &up(&a), &up(&b), d, false).unwrap();
+        assert_bf16_close(
+            &format!("{name} gemm {d:?}"),
+            &dev.download_bf16(&c).unwrap(),
+            &want,
+        );
+        let c32 = dev.upload_f32(&want).unwrap();
+        dev.gemm(&c32, true, &up(&a), &up(&b), d, true).unwrap();
+        let doubled: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
+        assert_f32_close(
+            &format!("{name} gemm f32 accumulate"),
+            &dev.download_f32(&c32).unwrap(),
+            &doubled,
+            1e-5,
+        );
+    }
+
+    // Softmax with a fully masked row.
+    let (rows, dim) = (9, 77);
+    let mut x = random_bf16(&mut rng, rows * dim, -8.0, 8.0);
+    x[..dim].iter_mut().for_each(|v| *v = bf16::NEG_INFINITY);
+    let mut want = vec![0.0; rows * dim];
+    softmax(&mut want, &widen(&x), dim).unwrap();
+    let out = dev.alloc_zeroed(rows * dim * 2).unwrap();
+    ops::softmax_forward(dev, &out, &up(&x), rows, dim).unwrap();
+    let y = dev.download_bf16(&out).unwrap();
+    assert_bf16_close(&format!("{name} softmax"), &y, &want);
+    let dy = random_bf16(&mut rng, rows * dim, -1.0, 1.0);
+    let mut wdx = vec![0.0; rows * dim];
+    softmax_backward(&mut wdx, &widen(&dy), &widen(&y), dim).unwrap();
+    let dx = dev.alloc_zeroed(rows * dim * 2).unwrap();
+    ops::softmax_backward(dev, &dx, &up(&dy), &out, rows, dim).unwrap();
+    assert_bf16_close(
+        &format!("{name} softmax backward"),
+        &dev.download_bf16(&dx).unwrap(),
+        &wdx,
+    );
+
+    // Rotary, forward and backward, with the CPU's tables.
+    let (batch, len, heads, hd) = (2, 13, 3, 32);
+    let table = RotaryTable::new(16, hd, 10_000.0).unwrap();
+    let (cos, sin): (Vec<f32>, Vec<f32>) = (0..16 * hd / 2)
+        .map(|i| {
+            let (p, j) = (i / (hd / 2), i % (hd / 2));
+            let angle = p as f32 * (1.0 / 10_000f32.powf((2 * j) as f32 / hd as f32));
+            (angle.cos(), angle.sin())
+        })
+        .unzip();
+    let x = random_bf16(&mut rng, batch * len * heads * hd, -1.0, 1.0);
+    let mut want = vec![0.0; x.len()];
+    rotary(&mut want, &widen(&x), &table, len, heads).unwrap();
+    let (bc, bs) = (dev.upload_f32(&cos).unwrap(), dev.upload_f32(&sin).unwrap());
+    let out = dev.alloc_zeroed(x.len() * 2).unwrap();
+    ops::rotary(dev, &out, &up(&x), &bc, &bs, batch, len, heads, hd, false).unwrap();
+    assert_bf16_close(
+        &format!("{name} rotary"),
+        &dev.download_bf16(&out).unwrap(),
+        &want,
+    );
+    let mut wback = vec![0.0; x.len()];
+    rotary_backward(&mut wback, &widen(&x), &table, len, heads).unwrap();
+    let back = dev.alloc_zeroed(x.len() * 2).unwrap();
+    ops::rotary(dev, &back, &up(&x), &bc, &bs, batch, len, heads, hd, true).unwrap();
+    assert_bf16_close(
+        &format!("{name} rotary backward"),
+        &dev.download_bf16(&back).unwrap(),
+        &wback,
+    );
+
+    // Embedding and its scatter-add with repeated ids; out-of-vocabulary ids refused before upload.
+    let (vocab, edim) = (11, 70);
+    let table_v = random_bf16(&mut rng, vocab * edim, -1.0, 1.0);
+    let ids = [3u32, 0, 10, 3, 3, 7];
+    let mut want = vec![0.0; ids.len() * edim];
+    embedding(&mut want, &ids, &widen(&table_v), edim).unwrap();
+    let bids = ops::upload_ids(dev, &ids, vocab).unwrap();
+    assert!(ops::upload_ids(dev, &[1, 11], vocab).is_err());
+    let out = dev.alloc_zeroed(want.len() * 2).unwrap();
+    ops::embedding_forward(dev, &out, &bids, &up(&table_v), ids.len(), edim, vocab).unwrap();
+    assert_bf16_close(
+        &format!("{name} embedding"),
+        &dev.download_bf16(&out).unwrap(),
+        &want,
+    );
+    let dout = random_bf16(&mut rng, ids.len() * edim, -1.0, 1.0);
+    let mut wdt = vec![0.0; vocab * edim];
+    embedding_backward(&mut wdt, &widen(&dout), &ids, edim).unwrap();
+    let dt = dev.alloc_zeroed(vocab * edim * 4).unwrap();
+    ops::embedding_backward(dev, &dt, &up(&dout), &bids, ids.len(), edim, vocab).unwrap();
+    assert_f32_close(
+        &format!("{name} embedding backward"),
+        &dev.download_f32(&dt).unwrap(),
+        &wdt,
+        1e-6,
+    );
+
+    // MSE.
+    let n = 3001;
+    let pred = random_bf16(&mut rng, n, -2.0, 2.0);
+    let target: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
+    let want = mse(&widen(&pred), &target).unwrap();
+    let (lout, scratch) = (
+        dev.alloc_zeroed(4).unwrap(),
+        dev.alloc_zeroed(ops::NORM_BLOCKS * 4).unwrap(),
+    );
+    let (bp, bt) = (up(&pred), dev.upload_f32(&target).unwrap());
+    ops::mse_sum(dev, &lout, &scratch, &bp, &bt, n).unwrap();
+    assert_f32_close(
+        &format!("{name} mse"),
+        &[dev.download_f32(&lout).unwrap()[0] / n as f32],
+        &[want],
+        1e-5,
+    );
+    let mut wdp = vec![0.0; n];
+    mse_backward(&mut wdp, &widen(&pred), &target, 0.5).unwrap();
+    let dp = dev.alloc_zeroed(n * 2).unwrap();
+    ops::mse_backward(dev, &dp, &bp, &bt, n, 0.5).unwrap();
+    assert_bf16_close(
+        &format!("{name} mse backward"),
+        &dev.download_bf16(&dp).unwrap(),
+        &wdp,
+    );
+
+    // conv1d via im2col + GEMM (Enformer's widths 15, 5, 1).
+    for (c_in, c_out, width) in [(4, 24, 15), (24, 48, 5), (48, 48, 1)] {
+        let d = Conv1dDims {
+            batch: 2,
+            len: 19,
+            c_in,
+            c_out,
+            width,
+        };
+        let x = random_bf16(&mut rng, 2 * 19 * c_in, -1.0, 1.0);
+        let w = random_bf16(&mut rng, c_out * c_in * width, -0.5, 0.5);
+        let b = random_bf16(&mut rng, c_out, -0.5, 0.5);
+        let mut want = vec![0.0; 2 * 19 * c_out];
+        conv1d(&mut want, &widen(&x), &widen(&w), Some(&widen(&b)), d).unwrap();
+        let (bx, bw, bb) = (up(&x), up(&w), up(&b));
+        let cols = dev.alloc_zeroed(ops::conv1d_scratch_bytes(&d)).unwrap();
+        let out = dev.alloc_zeroed(want.len() * 2).unwrap();
+        ops::conv1d_forward(dev, &out, &cols, &bx, &bw, &bb, d).unwrap();
+        assert_bf16_close(
+            &format!("{name} conv1d {d:?}"),
+            &dev.download_bf16(&out).unwrap(),
+            &want,
+        );
+        let dout = random_bf16(&mut rng, want.len(), -1.0, 1.0);
+        let (mut wdx, mut wdw, mut wdb) =
+            (vec![0.0; x.len()], vec![0.0; w.len()], vec![0.0; c_out]);
+        conv1d_backward(
+            Some(&mut wdx),
+            Some(&mut wdw),
+            Some(&mut wdb),
+            &widen(&dout),
+            &widen(&x),
+            &widen(&w),
+            d,
+        )
+        .unwrap();
+        let (dx, dw, db, dcols) = (
+            dev.alloc_zeroed(x.len() * 2).unwrap(),
+            dev.alloc_zeroed(w.len() * 4).unwrap(),
+            dev.alloc_zeroed(c_out * 4).unwrap(),
+            dev.alloc_zeroed(ops::conv1d_scratch_bytes(&d)).unwrap(),
+        );
+        ops::conv1d_backward(dev, &dx, &dw, &db, &dcols, &cols, &up(&dout), &bw, d).unwrap();
+        // dx passes through the bf16 im2col gradient: the bf16 criterion with one extra rounding.
+        assert_f32_close(
+            &format!("{name} conv1d dx {d:?}"),
+            &widen(&dev.download_bf16(&dx).unwrap()),
+            &wdx,
+            1.0 / 128.0,
+        );
+        assert_f32_close(
+            &format!("{name} conv1d dw {d:?}"),
+            &dev.download_f32(&dw).unwrap(),
+            &wdw,
+            1e-5,
+        );
+        assert_f32_close(
+            &format!("{name} conv1d dbias {d:?}"),
+            &dev.download_f32(&db).unwrap(),
+            &wdb,
+            1e-5,
+        );
+    }
+
+    // Batchnorm, train and eval.
+    let (rows, ch) = (41, 37);
+    let x = random_bf16(&mut rng, rows * ch, -2.0, 3.0);
+    let (g, b) = (
+        random_bf16(&mut rng, ch, 0.5, 1.5),
+        random_bf16(&mut rng, ch, -0.5, 0.5),
+    );
+    let (bx, bg, bb) = (up(&x), up(&g), up(&b));
+    for train in [true, false] {
+        let (mut want, mut wm, mut wr) = (vec![0.0; rows * ch], vec![0.0; ch], vec![0.0; ch]);
+        let rm: Vec<f32> = (0..ch).map(|_| rng.random_range(-0.5..0.5)).collect();
+        let rv: Vec<f32> = (0..ch).map(|_| rng.random_range(0.5..2.0)).collect();
+        let (mean, var) = (
+            dev.alloc_zeroed(ch * 4).unwrap(),
+            dev.alloc_zeroed(ch * 4).unwrap(),
+        );
+        if train {
+            batchnorm_train(
+                &mut want,
+                &mut wm,
+                &mut wr,
+                &widen(&x),
+                &widen(&g),
+                &widen(&b),
+                ch,
+                1e-5,
+                None,
+            )
+            .unwrap();
+            ops::batchnorm_stats(dev, &mean, &var, &bx, rows, ch).unwrap();
+        } else {
+            batchnorm_eval(
+                &mut want,
+                &mut wm,
+                &mut wr,
+                &widen(&x),
+                &widen(&g),
+                &widen(&b),
+                &rm,
+                &rv,
+                ch,
+                1e-5,
+            )
+            .unwrap();
+        }
+        let (mean, var) = if train {
+            (mean, var)
+        } else {
+            (dev.upload_f32(&rm).unwrap(), dev.upload_f32(&rv).unwrap())
+        };
+        let out = dev.alloc_zeroed(rows * ch * 2).unwrap();
+        ops::batchnorm_forward(dev, &out, &bx, &mean, &var, &bg, &bb, rows, ch, 1e-5).unwrap();
+        assert_bf16_close(
+            &format!("{name} batchnorm train={train}"),
+            &dev.download_bf16(&out).unwrap(),
+            &want,
+        );
+        let dout = random_bf16(&mut rng, rows * ch, -1.0, 1.0);
+        let (mut wdx, mut wdg, mut wdb) = (vec![0.0; rows * ch], vec![0.0; ch], vec![0.0; ch]);
+        batchnorm_backward(
+            &mut wdx,
+            &mut wdg,
+            &mut wdb,
+            &widen(&dout),
+            &widen(&x),
+            &widen(&g),
+            &wm,
+            &wr,
+            ch,
+            train,
+        )
+        .unwrap();
+        let (dx, dgb) = (
+            dev.alloc_zeroed(rows * ch * 2).unwrap(),
+            dev.alloc_zeroed(2 * ch * 4).unwrap(),
+        );
+        ops::batchnorm_backward(
+            dev,
+            &dx,
+            &dgb,
+            &up(&dout),
+            &bx,
+            &mean,
+            &var,
+            &bg,
+            rows,
+            ch,
+            train,
+            1e-5,
+        )
+        .unwrap();
+        assert_bf16_close(
+            &format!("{name} batchnorm dx train={train}"),
+            &dev.download_bf16(&dx).unwrap(),
+            &wdx,
+        );
+        let dgb = dev.download_f32(&dgb).unwrap();
+        assert_f32_close(&format!("{name} batchnorm dgamma"), &dgb[..ch], &wdg, 1e-4);
+        assert_f32_close(&format!("{name} batchnorm dbeta"), &dgb[ch..], &wdb, 1e-4);
+    }
+
+    // Attention pooling, even and odd lengths.
+    for len in [10, 11] {
+        let d = PoolDims {
+            batch: 2,
+            len,
+            channels: 24,
+        };
+        let x = random_bf16(&mut rng, 2 * len * 24, -1.0, 1.0);
+        let mut wv: Vec<f32> = (0..24 * 24).map(|_| rng.random_range(-0.3..0.3)).collect();
+        (0..24).for_each(|i| wv[i * 24 + i] += 2.0);
+        let w: Vec<bf16> = wv.iter().map(|&v| bf16::from_f32(v)).collect();
+        let (mut want, mut wl) = (vec![0.0; 2 * d.out_len() * 24], vec![0.0; x.len()]);
+        attention_pool(&mut want, &mut wl, &widen(&x), &widen(&w), d).unwrap();
+        let (bx, bw) = (up(&x), up(&w));
+        let (out, logits) = (
+            dev.alloc_zeroed(want.len() * 2).unwrap(),
+            dev.alloc_zeroed(x.len() * 2).unwrap(),
+        );
+        ops::attention_pool_forward(dev, &out, &logits, &bx, &bw, d).unwrap();
+        // Logits are rounded to bf16 before the window softmax: one more rounding than the f32 reference.
+        assert_f32_close(
+            &format!("{name} attention pool len {len}"),
+            &widen(&dev.download_bf16(&out).unwrap()),
+            &want,
+            1.0 / 128.0,
+        );
+        let dout = random_bf16(&mut rng, want.len(), -1.0, 1.0);
+        let (mut wdx, mut wdw, mut scratch) =
+            (vec![0.0; x.len()], vec![0.0; w.len()], vec![0.0; x.len()]);
+        attention_pool_backward(
+            &mut wdx,
+            &mut wdw,
+            &mut scratch,
+            &widen(&dout),
+            &widen(&x),
+            &widen(&w),
+            &wl,
+            d,
+        )
+        .unwrap();
+        let (dx, dw, dl) = (
+            dev.alloc_zeroed(x.len() * 2).unwrap(),
+            dev.alloc_zeroed(w.len() * 4).unwrap(),
+            dev.alloc_zeroed(x.len() * 2).unwrap(),
+        );
+        ops::attention_pool_backward(dev, &dx, &dw, &dl, &up(&dout), &bx, &bw, &logits, d).unwrap();
+        assert_f32_close(
+            &format!("{name} attention pool dx"),
+            &widen(&dev.download_bf16(&dx).unwrap()),
+            &wdx,
+            1.0 / 128.0,
+        );
+        assert_f32_close(
+            &format!("{name} attention pool dw"),
+            &dev.download_f32(&dw).unwrap(),
+            &wdw,
+            1.0 / 128.0,
+        );
+    }
+}
+
+#[test]
+fn emu_gemm_softmax_rotary_embedding_mse_conv_batchnorm_pool() {
+    check_remaining_ops(&EmuDevice::default());
+}
+
 #[test]
 fn emu_flash_attention_forward_and_backward() {
     check_flash_attention(&EmuDevice::default());
@@ -607,6 +991,7 @@ fn gpu_kernels_when_a_gpu_is_present() {
             check_elementwise(&dev);
             check_optimizer(&dev);
             check_flash_attention(&dev);
+            check_remaining_ops(&dev);
         }
         Err(e) => println!("skipped: no GPU run ({e})"),
     }

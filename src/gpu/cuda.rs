@@ -12,7 +12,7 @@ use cudarc::driver::{
 };
 
 use super::embedded::{COMMON_HEADER, KERNEL_FILES};
-use super::{Arg, DeviceBuffer, KernelDevice, LaunchConfig};
+use super::{check_gemm, Arg, DeviceBuffer, KernelDevice, LaunchConfig, MatmulDims};
 use crate::{Error, Result};
 
 pub struct CudaBuffer {
@@ -34,6 +34,7 @@ pub struct CudaDevice {
     stream: Arc<CudaStream>,
     modules: Mutex<HashMap<String, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
+    blas: Mutex<Option<cudarc::cublas::CudaBlas>>,
 }
 
 fn driver_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
@@ -70,6 +71,7 @@ impl CudaDevice {
             stream,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            blas: Mutex::new(None),
         })
     }
 
@@ -193,5 +195,78 @@ impl KernelDevice for CudaDevice {
         self.stream
             .synchronize()
             .map_err(driver_err("synchronising"))
+    }
+
+    fn gemm(
+        &self,
+        c: &CudaBuffer,
+        c_f32: bool,
+        a: &CudaBuffer,
+        b: &CudaBuffer,
+        d: MatmulDims,
+        accumulate: bool,
+    ) -> Result<()> {
+        use cudarc::cublas::sys::{
+            cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType,
+        };
+        check_gemm(c, c_f32, a, b, &d)?;
+        let mut blas = self.blas.lock().expect("cublas handle");
+        if blas.is_none() {
+            // SAFETY: only probes whether libcublas can be loaded.
+            if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+                return Err(Error::Device("cuBLAS (libcublas.so) was not found".into()));
+            }
+            *blas = Some(
+                cudarc::cublas::CudaBlas::new(self.stream.clone())
+                    .map_err(|e| Error::Device(format!("cuBLAS: {e:?}")))?,
+            );
+        }
+        let handle = *blas.as_ref().expect("created above").handle();
+        // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: cuBLAS gets B first.
+        let op = |t: bool| {
+            if t {
+                cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let (lda, ldb) = (
+            if d.trans_b { d.k } else { d.n },
+            if d.trans_a { d.m } else { d.k },
+        );
+        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
+        // SAFETY: sizes were checked; the pointers address live device buffers on this context.
+        unsafe {
+            cudarc::cublas::result::gemm_strided_batched_ex(
+                handle,
+                op(d.trans_b),
+                op(d.trans_a),
+                d.n as i32,
+                d.m as i32,
+                d.k as i32,
+                &alpha as *const f32 as *const _,
+                b.ptr as *const _,
+                cudaDataType::CUDA_R_16BF,
+                lda as i32,
+                (d.k * d.n) as i64,
+                a.ptr as *const _,
+                cudaDataType::CUDA_R_16BF,
+                ldb as i32,
+                (d.m * d.k) as i64,
+                &beta as *const f32 as *const _,
+                c.ptr as *mut _,
+                if c_f32 {
+                    cudaDataType::CUDA_R_32F
+                } else {
+                    cudaDataType::CUDA_R_16BF
+                },
+                d.n as i32,
+                (d.m * d.n) as i64,
+                d.batch as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| Error::Device(format!("cuBLAS GEMM: {e:?}")))
     }
 }

@@ -3,7 +3,7 @@
 
 use std::ffi::{c_char, c_void, CString};
 
-use super::{Arg, DeviceBuffer, KernelDevice, LaunchConfig};
+use super::{check_gemm, Arg, DeviceBuffer, KernelDevice, LaunchConfig, MatmulDims};
 use crate::{Error, Result};
 
 extern "C" {
@@ -21,15 +21,49 @@ extern "C" {
     fn emu_kernel_name(i: usize) -> *const c_char;
 }
 
-/// Host memory standing in for device memory (16-byte aligned, as cudaMalloc's is at least).
+/// Host memory standing in for device memory (256-byte aligned, like cudaMalloc's). Kernels write it
+/// through its address, so it is held as a raw allocation, never behind a Rust reference.
 pub struct EmuBuffer {
-    words: Vec<u128>,
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
     len: usize,
+}
+
+impl EmuBuffer {
+    fn zeroed(len: usize) -> Result<Self> {
+        let layout = std::alloc::Layout::from_size_align(len.max(1), 256)
+            .map_err(|e| Error::invalid("allocation", e.to_string()))?;
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = std::ptr::NonNull::new(raw).ok_or_else(|| {
+            Error::Device(format!("emulator: out of memory allocating {len} bytes"))
+        })?;
+        Ok(EmuBuffer { ptr, layout, len })
+    }
+
+    /// The bytes, copied out.
+    fn read(&self) -> Vec<u8> {
+        // SAFETY: `len` bytes were allocated; no kernel runs concurrently with a host read (launches block).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }.to_vec()
+    }
+
+    fn write(&self, bytes: &[u8]) {
+        assert!(bytes.len() <= self.len);
+        // SAFETY: as above; the region is within the allocation.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.as_ptr(), bytes.len()) }
+    }
+}
+
+impl Drop for EmuBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
 }
 
 impl DeviceBuffer for EmuBuffer {
     fn ptr(&self) -> u64 {
-        self.words.as_ptr() as u64
+        self.ptr.as_ptr() as u64
     }
     fn len_bytes(&self) -> usize {
         self.len
@@ -74,20 +108,52 @@ impl KernelDevice for EmuDevice {
     }
 
     fn alloc_zeroed(&self, bytes: usize) -> Result<EmuBuffer> {
-        Ok(EmuBuffer {
-            words: vec![0u128; bytes.div_ceil(16)],
-            len: bytes,
-        })
+        EmuBuffer::zeroed(bytes)
     }
 
     fn upload(&self, bytes: &[u8]) -> Result<EmuBuffer> {
-        let mut b = self.alloc_zeroed(bytes.len())?;
-        bytemuck::cast_slice_mut::<u128, u8>(&mut b.words)[..bytes.len()].copy_from_slice(bytes);
+        let b = EmuBuffer::zeroed(bytes.len())?;
+        b.write(bytes);
         Ok(b)
     }
 
     fn download(&self, buf: &EmuBuffer) -> Result<Vec<u8>> {
-        Ok(bytemuck::cast_slice::<u128, u8>(&buf.words)[..buf.len].to_vec())
+        Ok(buf.read())
+    }
+
+    fn gemm(
+        &self,
+        c: &EmuBuffer,
+        c_f32: bool,
+        a: &EmuBuffer,
+        b: &EmuBuffer,
+        dims: MatmulDims,
+        accumulate: bool,
+    ) -> Result<()> {
+        check_gemm(c, c_f32, a, b, &dims)?;
+        let widen = |bytes: Vec<u8>| -> Vec<f32> {
+            bytes
+                .chunks_exact(2)
+                .map(|x| half::bf16::from_ne_bytes([x[0], x[1]]).to_f32())
+                .collect()
+        };
+        let (af, bf) = (widen(a.read()), widen(b.read()));
+        let mut cf: Vec<f32> = if c_f32 {
+            c.read()
+                .chunks_exact(4)
+                .map(|x| f32::from_ne_bytes([x[0], x[1], x[2], x[3]]))
+                .collect()
+        } else {
+            widen(c.read())
+        };
+        crate::ops::matmul::matmul(&mut cf, &af, &bf, dims, accumulate)?;
+        if c_f32 {
+            c.write(bytemuck::cast_slice(&cf));
+        } else {
+            let out: Vec<half::bf16> = cf.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            c.write(bytemuck::cast_slice(&out));
+        }
+        Ok(())
     }
 
     fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {

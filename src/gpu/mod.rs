@@ -73,6 +73,39 @@ pub trait KernelDevice {
     fn download(&self, buf: &Self::Buffer) -> Result<Vec<u8>>;
     fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()>;
     fn synchronize(&self) -> Result<()>;
+    /// `C[b] = op(A[b])·op(B[b])`, or `C[b] += …` with `accumulate`, row-major with the meaning of
+    /// [`crate::ops::matmul::matmul`]: bf16 A and B, C in bf16 or f32, f32 accumulation (cuBLAS on the GPU;
+    /// the CPU GEMM with the same semantics on the emulator).
+    fn gemm(
+        &self,
+        c: &Self::Buffer,
+        c_f32: bool,
+        a: &Self::Buffer,
+        b: &Self::Buffer,
+        dims: MatmulDims,
+        accumulate: bool,
+    ) -> Result<()>;
+}
+
+pub use crate::ops::matmul::MatmulDims;
+
+/// Checks the byte sizes of a GEMM's operands (shared by both devices).
+pub(crate) fn check_gemm<B: DeviceBuffer>(
+    c: &B,
+    c_f32: bool,
+    a: &B,
+    b: &B,
+    d: &MatmulDims,
+) -> Result<()> {
+    use crate::error::check_len;
+    check_len("gemm (bytes)", "a", a.len_bytes(), d.batch * d.m * d.k * 2)?;
+    check_len("gemm (bytes)", "b", b.len_bytes(), d.batch * d.k * d.n * 2)?;
+    check_len(
+        "gemm (bytes)",
+        "c",
+        c.len_bytes(),
+        d.batch * d.m * d.n * if c_f32 { 4 } else { 2 },
+    )
 }
 
 /// Typed helpers over [`KernelDevice`] for f32 and bf16 data.

@@ -4,7 +4,7 @@
 // Kernel-style signatures: outputs, saved statistics, inputs, dims.
 #![allow(clippy::too_many_arguments)]
 
-use super::{Arg, DeviceBuffer, KernelDevice, LaunchConfig};
+use super::{Arg, DeviceBuffer, KernelDevice, LaunchConfig, MatmulDims};
 use crate::error::check_len;
 use crate::Result;
 
@@ -657,4 +657,613 @@ pub fn flash_attention_backward<D: KernelDevice>(
         )?;
     }
     Ok(())
+}
+
+fn rows_config(rows: usize) -> LaunchConfig {
+    LaunchConfig::linear(rows.div_ceil(4).max(1) as u32, 128, 0)
+}
+
+/// Row softmax, bf16.
+pub fn softmax_forward<D: KernelDevice>(
+    dev: &D,
+    out: &D::Buffer,
+    x: &D::Buffer,
+    rows: usize,
+    dim: usize,
+) -> Result<()> {
+    check_bf16("softmax_forward", "out", out, rows * dim)?;
+    check_bf16("softmax_forward", "x", x, rows * dim)?;
+    dev.launch(
+        "softmax_forward_bf16",
+        rows_config(rows),
+        &[
+            ptr(out),
+            ptr(x),
+            Arg::I32(rows as i32),
+            Arg::I32(dim as i32),
+        ],
+    )
+}
+
+/// `dx += y ∘ (dy − Σ dy∘y)`.
+pub fn softmax_backward<D: KernelDevice>(
+    dev: &D,
+    dx: &D::Buffer,
+    dy: &D::Buffer,
+    y: &D::Buffer,
+    rows: usize,
+    dim: usize,
+) -> Result<()> {
+    for (name, b) in [("dx", dx), ("dy", dy), ("y", y)] {
+        check_bf16("softmax_backward", name, b, rows * dim)?;
+    }
+    dev.launch(
+        "softmax_backward_bf16",
+        rows_config(rows),
+        &[
+            ptr(dx),
+            ptr(dy),
+            ptr(y),
+            Arg::I32(rows as i32),
+            Arg::I32(dim as i32),
+        ],
+    )
+}
+
+/// Rotary embedding on `x [batch, len, heads, d]` with f32 tables `[max_len, d/2]`: `out = rope(x)`, or with
+/// `backward`, `out += ropeᵀ(x)`.
+pub fn rotary<D: KernelDevice>(
+    dev: &D,
+    out: &D::Buffer,
+    x: &D::Buffer,
+    cos: &D::Buffer,
+    sin: &D::Buffer,
+    batch: usize,
+    len: usize,
+    heads: usize,
+    d: usize,
+    backward: bool,
+) -> Result<()> {
+    let vectors = batch * len * heads;
+    check_bf16("rotary", "out", out, vectors * d)?;
+    check_bf16("rotary", "x", x, vectors * d)?;
+    if cos.len_bytes() < len * d / 2 * F32 || sin.len_bytes() != cos.len_bytes() {
+        return Err(crate::Error::shape(
+            "rotary",
+            format!("cos/sin tables shorter than {len} positions"),
+        ));
+    }
+    let args = [
+        ptr(out),
+        ptr(x),
+        ptr(cos),
+        ptr(sin),
+        Arg::I64(vectors as i64),
+        Arg::I32(len as i32),
+        Arg::I32(heads as i32),
+        Arg::I32(d as i32),
+        Arg::F32(if backward { -1.0 } else { 1.0 }),
+    ];
+    dev.launch("rotary_bf16", elementwise_config(vectors * d / 2), &args)
+}
+
+/// Uploads token ids as i32 after checking them against the vocabulary (the kernels trust them).
+pub fn upload_ids<D: KernelDevice>(dev: &D, ids: &[u32], vocab: usize) -> Result<D::Buffer> {
+    if let Some((i, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+        return Err(crate::Error::invalid(
+            "token id",
+            format!("{id} at position {i} is outside the vocabulary of {vocab}"),
+        ));
+    }
+    let v: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+    dev.upload(bytemuck::cast_slice(&v))
+}
+
+/// `out[t, :] = table[ids[t], :]`.
+pub fn embedding_forward<D: KernelDevice>(
+    dev: &D,
+    out: &D::Buffer,
+    ids: &D::Buffer,
+    table: &D::Buffer,
+    tokens: usize,
+    dim: usize,
+    vocab: usize,
+) -> Result<()> {
+    check_bf16("embedding_forward", "out", out, tokens * dim)?;
+    check_bf16("embedding_forward", "table", table, vocab * dim)?;
+    check_len(
+        "embedding_forward",
+        "ids (bytes)",
+        ids.len_bytes(),
+        tokens * 4,
+    )?;
+    let args = [
+        ptr(out),
+        ptr(ids),
+        ptr(table),
+        Arg::I64(tokens as i64),
+        Arg::I32(dim as i32),
+        Arg::I32(vocab as i32),
+    ];
+    dev.launch(
+        "embedding_forward_bf16",
+        elementwise_config(tokens * dim),
+        &args,
+    )
+}
+
+/// `dtable[ids[t], :] += dout[t, :]` into f32 gradients, deterministically.
+pub fn embedding_backward<D: KernelDevice>(
+    dev: &D,
+    dtable: &D::Buffer,
+    dout: &D::Buffer,
+    ids: &D::Buffer,
+    tokens: usize,
+    dim: usize,
+    vocab: usize,
+) -> Result<()> {
+    check_len(
+        "embedding_backward",
+        "dtable (bytes)",
+        dtable.len_bytes(),
+        vocab * dim * F32,
+    )?;
+    check_bf16("embedding_backward", "dout", dout, tokens * dim)?;
+    let args = [
+        ptr(dtable),
+        ptr(dout),
+        ptr(ids),
+        Arg::I64(tokens as i64),
+        Arg::I32(dim as i32),
+        Arg::I32(vocab as i32),
+    ];
+    dev.launch(
+        "embedding_backward_f32",
+        LaunchConfig::linear(dim.div_ceil(128) as u32, 128, 0),
+        &args,
+    )
+}
+
+/// `out[0] = Σ (pred − target)²` (divide by n for the MSE), deterministically; `scratch` holds
+/// [`NORM_BLOCKS`] f32.
+pub fn mse_sum<D: KernelDevice>(
+    dev: &D,
+    out: &D::Buffer,
+    scratch: &D::Buffer,
+    pred: &D::Buffer,
+    target: &D::Buffer,
+    n: usize,
+) -> Result<()> {
+    check_bf16("mse", "pred", pred, n)?;
+    check_len("mse", "target (bytes)", target.len_bytes(), n * F32)?;
+    check_len(
+        "mse",
+        "scratch (bytes)",
+        scratch.len_bytes(),
+        NORM_BLOCKS * F32,
+    )?;
+    dev.launch(
+        "mse_partial_f32",
+        LaunchConfig::linear(NORM_BLOCKS as u32, 256, 0),
+        &[ptr(scratch), ptr(pred), ptr(target), Arg::I64(n as i64)],
+    )?;
+    dev.launch(
+        "sum_partials_f32",
+        LaunchConfig::linear(1, 32, 0),
+        &[ptr(out), ptr(scratch), Arg::I32(NORM_BLOCKS as i32)],
+    )
+}
+
+/// `dpred += dloss · 2(pred − target)/n`.
+pub fn mse_backward<D: KernelDevice>(
+    dev: &D,
+    dpred: &D::Buffer,
+    pred: &D::Buffer,
+    target: &D::Buffer,
+    n: usize,
+    dloss: f32,
+) -> Result<()> {
+    check_bf16("mse_backward", "dpred", dpred, n)?;
+    check_bf16("mse_backward", "pred", pred, n)?;
+    let args = [
+        ptr(dpred),
+        ptr(pred),
+        ptr(target),
+        Arg::I64(n as i64),
+        Arg::F32(2.0 * dloss / n.max(1) as f32),
+    ];
+    dev.launch("mse_backward_bf16", elementwise_config(n), &args)
+}
+
+pub use crate::ops::conv::Conv1dDims;
+
+/// Bytes of the im2col scratch of [`conv1d_forward`] and [`conv1d_backward`].
+pub fn conv1d_scratch_bytes(d: &Conv1dDims) -> usize {
+    d.batch * d.len * d.c_in * d.width * BF16
+}
+
+/// conv1d ('same', odd width) as im2col + GEMM + bias; weight `[Cout, Cin, K]` bf16.
+pub fn conv1d_forward<D: KernelDevice>(
+    dev: &D,
+    out: &D::Buffer,
+    cols: &D::Buffer,
+    x: &D::Buffer,
+    w: &D::Buffer,
+    bias: &D::Buffer,
+    d: Conv1dDims,
+) -> Result<()> {
+    if d.width % 2 == 0 {
+        return Err(crate::Error::invalid(
+            "conv1d width",
+            format!("{} ('same' padding needs an odd width)", d.width),
+        ));
+    }
+    let rows = d.batch * d.len;
+    check_bf16("conv1d", "x", x, rows * d.c_in)?;
+    check_bf16("conv1d", "out", out, rows * d.c_out)?;
+    check_bf16("conv1d", "weight", w, d.c_out * d.c_in * d.width)?;
+    check_bf16("conv1d", "bias", bias, d.c_out)?;
+    check_len(
+        "conv1d",
+        "cols (bytes)",
+        cols.len_bytes(),
+        conv1d_scratch_bytes(&d),
+    )?;
+    let geo = [
+        Arg::I32(d.batch as i32),
+        Arg::I32(d.len as i32),
+        Arg::I32(d.c_in as i32),
+        Arg::I32(d.width as i32),
+    ];
+    dev.launch(
+        "im2col_bf16",
+        elementwise_config(rows * d.c_in * d.width),
+        &[&[ptr(cols), ptr(x)][..], &geo].concat(),
+    )?;
+    // The bias is written first and the GEMM accumulates onto it: one bf16 rounding of the f32 result.
+    dev.launch(
+        "fill_rows_bf16",
+        elementwise_config(rows * d.c_out),
+        &[
+            ptr(out),
+            ptr(bias),
+            Arg::I64(rows as i64),
+            Arg::I32(d.c_out as i32),
+        ],
+    )?;
+    let mm = MatmulDims {
+        batch: 1,
+        m: rows,
+        n: d.c_out,
+        k: d.c_in * d.width,
+        trans_a: false,
+        trans_b: true,
+    };
+    dev.gemm(out, false, cols, w, mm, true)
+}
+
+/// Gradients of [`conv1d_forward`]: `dx += …` (bf16), `dw += …` and `dbias += …` (f32). `cols` must still hold
+/// the forward's im2col of x; `dcols` is scratch of the same size.
+pub fn conv1d_backward<D: KernelDevice>(
+    dev: &D,
+    dx: &D::Buffer,
+    dw: &D::Buffer,
+    dbias: &D::Buffer,
+    dcols: &D::Buffer,
+    cols: &D::Buffer,
+    dout: &D::Buffer,
+    w: &D::Buffer,
+    d: Conv1dDims,
+) -> Result<()> {
+    let rows = d.batch * d.len;
+    check_bf16("conv1d_backward", "dx", dx, rows * d.c_in)?;
+    check_bf16("conv1d_backward", "dout", dout, rows * d.c_out)?;
+    check_len(
+        "conv1d_backward",
+        "dw (bytes)",
+        dw.len_bytes(),
+        d.c_out * d.c_in * d.width * F32,
+    )?;
+    check_len(
+        "conv1d_backward",
+        "dbias (bytes)",
+        dbias.len_bytes(),
+        d.c_out * F32,
+    )?;
+    check_len(
+        "conv1d_backward",
+        "dcols (bytes)",
+        dcols.len_bytes(),
+        conv1d_scratch_bytes(&d),
+    )?;
+    let kk = d.c_in * d.width;
+    dev.gemm(
+        dcols,
+        false,
+        dout,
+        w,
+        MatmulDims {
+            batch: 1,
+            m: rows,
+            n: kk,
+            k: d.c_out,
+            trans_a: false,
+            trans_b: false,
+        },
+        false,
+    )?;
+    let geo = [
+        Arg::I32(d.batch as i32),
+        Arg::I32(d.len as i32),
+        Arg::I32(d.c_in as i32),
+        Arg::I32(d.width as i32),
+    ];
+    dev.launch(
+        "col2im_bf16",
+        elementwise_config(rows * d.c_in),
+        &[&[ptr(dx), ptr(dcols)][..], &geo].concat(),
+    )?;
+    dev.gemm(
+        dw,
+        true,
+        dout,
+        cols,
+        MatmulDims {
+            batch: 1,
+            m: d.c_out,
+            n: kk,
+            k: rows,
+            trans_a: true,
+            trans_b: false,
+        },
+        true,
+    )?;
+    dev.launch(
+        "column_sum_bf16_f32",
+        LaunchConfig::linear(d.c_out.div_ceil(128) as u32, 128, 0),
+        &[
+            ptr(dbias),
+            ptr(dout),
+            Arg::I64(rows as i64),
+            Arg::I32(d.c_out as i32),
+        ],
+    )
+}
+
+/// Batch statistics per channel (biased variance) of `x [rows, channels]`, for training-mode batchnorm.
+pub fn batchnorm_stats<D: KernelDevice>(
+    dev: &D,
+    mean: &D::Buffer,
+    var: &D::Buffer,
+    x: &D::Buffer,
+    rows: usize,
+    channels: usize,
+) -> Result<()> {
+    check_bf16("batchnorm_stats", "x", x, rows * channels)?;
+    check_len(
+        "batchnorm_stats",
+        "mean (bytes)",
+        mean.len_bytes(),
+        channels * F32,
+    )?;
+    check_len(
+        "batchnorm_stats",
+        "var (bytes)",
+        var.len_bytes(),
+        channels * F32,
+    )?;
+    dev.launch(
+        "batchnorm_stats_f32",
+        LaunchConfig::linear(channels.div_ceil(128) as u32, 128, 0),
+        &[
+            ptr(mean),
+            ptr(var),
+            ptr(x),
+            Arg::I64(rows as i64),
+            Arg::I32(channels as i32),
+        ],
+    )
+}
+
+/// `out = (x − mean)/√(var + eps)·γ + β` with batch (train) or running (eval) statistics.
+pub fn batchnorm_forward<D: KernelDevice>(
+    dev: &D,
+    out: &D::Buffer,
+    x: &D::Buffer,
+    mean: &D::Buffer,
+    var: &D::Buffer,
+    gamma: &D::Buffer,
+    beta: &D::Buffer,
+    rows: usize,
+    channels: usize,
+    eps: f32,
+) -> Result<()> {
+    check_bf16("batchnorm_forward", "x", x, rows * channels)?;
+    check_bf16("batchnorm_forward", "out", out, rows * channels)?;
+    check_bf16("batchnorm_forward", "gamma", gamma, channels)?;
+    check_bf16("batchnorm_forward", "beta", beta, channels)?;
+    let args = [
+        ptr(out),
+        ptr(x),
+        ptr(mean),
+        ptr(var),
+        ptr(gamma),
+        ptr(beta),
+        Arg::I64(rows as i64),
+        Arg::I32(channels as i32),
+        Arg::F32(eps),
+    ];
+    dev.launch(
+        "batchnorm_forward_bf16",
+        elementwise_config(rows * channels),
+        &args,
+    )
+}
+
+/// Gradients of batchnorm: `dx += …` (bf16), `dgamma_dbeta [2, C] += …` (f32); `train` includes the path
+/// through the batch statistics.
+pub fn batchnorm_backward<D: KernelDevice>(
+    dev: &D,
+    dx: &D::Buffer,
+    dgamma_dbeta: &D::Buffer,
+    dout: &D::Buffer,
+    x: &D::Buffer,
+    mean: &D::Buffer,
+    var: &D::Buffer,
+    gamma: &D::Buffer,
+    rows: usize,
+    channels: usize,
+    train: bool,
+    eps: f32,
+) -> Result<()> {
+    check_bf16("batchnorm_backward", "dx", dx, rows * channels)?;
+    check_bf16("batchnorm_backward", "dout", dout, rows * channels)?;
+    check_len(
+        "batchnorm_backward",
+        "dgamma_dbeta (bytes)",
+        dgamma_dbeta.len_bytes(),
+        2 * channels * F32,
+    )?;
+    let args = [
+        ptr(dx),
+        ptr(dgamma_dbeta),
+        ptr(dout),
+        ptr(x),
+        ptr(mean),
+        ptr(var),
+        ptr(gamma),
+        Arg::I64(rows as i64),
+        Arg::I32(channels as i32),
+        Arg::I32(train as i32),
+        Arg::F32(eps),
+    ];
+    dev.launch(
+        "batchnorm_backward_bf16",
+        LaunchConfig::linear(channels.div_ceil(128) as u32, 128, 0),
+        &args,
+    )
+}
+
+pub use crate::ops::pool::PoolDims;
+
+/// Enformer's attention pooling: `logits = x·Wᵀ` (GEMM, kept for the backward), then the window softmax.
+pub fn attention_pool_forward<D: KernelDevice>(
+    dev: &D,
+    out: &D::Buffer,
+    logits: &D::Buffer,
+    x: &D::Buffer,
+    w: &D::Buffer,
+    d: PoolDims,
+) -> Result<()> {
+    let rows = d.batch * d.len;
+    check_bf16("attention_pool", "x", x, rows * d.channels)?;
+    check_bf16("attention_pool", "logits", logits, rows * d.channels)?;
+    check_bf16(
+        "attention_pool",
+        "out",
+        out,
+        d.batch * d.out_len() * d.channels,
+    )?;
+    check_bf16("attention_pool", "weight", w, d.channels * d.channels)?;
+    dev.gemm(
+        logits,
+        false,
+        x,
+        w,
+        MatmulDims {
+            batch: 1,
+            m: rows,
+            n: d.channels,
+            k: d.channels,
+            trans_a: false,
+            trans_b: true,
+        },
+        false,
+    )?;
+    let args = [
+        ptr(out),
+        ptr(logits),
+        ptr(x),
+        Arg::I32(d.batch as i32),
+        Arg::I32(d.len as i32),
+        Arg::I32(d.channels as i32),
+    ];
+    dev.launch(
+        "attention_pool_forward_bf16",
+        elementwise_config(d.batch * d.out_len() * d.channels),
+        &args,
+    )
+}
+
+/// Gradients of [`attention_pool_forward`]: `dx += …` (bf16), `dw += …` (f32); `dlogits` is bf16 scratch.
+pub fn attention_pool_backward<D: KernelDevice>(
+    dev: &D,
+    dx: &D::Buffer,
+    dw: &D::Buffer,
+    dlogits: &D::Buffer,
+    dout: &D::Buffer,
+    x: &D::Buffer,
+    w: &D::Buffer,
+    logits: &D::Buffer,
+    d: PoolDims,
+) -> Result<()> {
+    let rows = d.batch * d.len;
+    check_bf16("attention_pool_backward", "dx", dx, rows * d.channels)?;
+    check_bf16(
+        "attention_pool_backward",
+        "dlogits",
+        dlogits,
+        rows * d.channels,
+    )?;
+    check_len(
+        "attention_pool_backward",
+        "dw (bytes)",
+        dw.len_bytes(),
+        d.channels * d.channels * F32,
+    )?;
+    let args = [
+        ptr(dx),
+        ptr(dlogits),
+        ptr(dout),
+        ptr(x),
+        ptr(logits),
+        Arg::I32(d.batch as i32),
+        Arg::I32(d.len as i32),
+        Arg::I32(d.channels as i32),
+    ];
+    dev.launch(
+        "attention_pool_backward_bf16",
+        elementwise_config(d.batch * d.out_len() * d.channels),
+        &args,
+    )?;
+    dev.gemm(
+        dx,
+        false,
+        dlogits,
+        w,
+        MatmulDims {
+            batch: 1,
+            m: rows,
+            n: d.channels,
+            k: d.channels,
+            trans_a: false,
+            trans_b: false,
+        },
+        true,
+    )?;
+    dev.gemm(
+        dw,
+        true,
+        dlogits,
+        x,
+        MatmulDims {
+            batch: 1,
+            m: d.channels,
+            n: d.channels,
+            k: rows,
+            trans_a: true,
+            trans_b: false,
+        },
+        true,
+    )
 }
