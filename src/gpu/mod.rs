@@ -5,6 +5,7 @@
 //! array, as `cuLaunchKernel` does. The launch code in [`ops`] (grid sizes, arguments, checks) is written once
 //! against that trait.
 
+pub mod block;
 pub mod cuda;
 pub mod emulator;
 pub mod ops;

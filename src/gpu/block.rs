@@ -1,0 +1,405 @@
+//! One pre-LN transformer block (the ESM-2 / NT-v2 layer with a GELU FFN) on a [`KernelDevice`], forward and
+//! backward, composed from the kernels in [`super::ops`]: the whole-step check that the GPU path computes what
+//! the CPU backend computes (`tests/emu_block.rs`).
+//!
+//! ```text
+//! h = LN₁(x); q,k,v = h·Wᵀ + b; q,k = RoPE; a = FlashAttention(q, k, v; key padding)
+//! m = x + a·W_oᵀ + b_o;  y = m + GELU(LN₂(m)·W₁ᵀ + b₁)·W₂ᵀ + b₂
+//! ```
+//! Weights and activations are bf16; weight gradients f32 (master gradients), activation gradients bf16.
+
+use super::ops::{self, Act, AttentionDims};
+use super::{Arg, KernelDevice, LaunchConfig, MatmulDims};
+use crate::Result;
+
+/// A linear layer's buffers: weight `[out, in]` and bias `[out]` (bf16), their gradients (f32).
+pub struct Linear<B> {
+    pub w: B,
+    pub b: B,
+    pub dw: B,
+    pub db: B,
+    pub d_in: usize,
+    pub d_out: usize,
+}
+
+/// LayerNorm parameters (bf16) and gradients `[2, dim]` (f32: dgamma then dbeta).
+pub struct Norm<B> {
+    pub gamma: B,
+    pub beta: B,
+    pub dgamma_dbeta: B,
+}
+
+pub struct BlockParams<B> {
+    pub ln1: Norm<B>,
+    pub q: Linear<B>,
+    pub k: Linear<B>,
+    pub v: Linear<B>,
+    pub o: Linear<B>,
+    pub ln2: Norm<B>,
+    pub ff1: Linear<B>,
+    pub ff2: Linear<B>,
+    /// Rotary tables `[max_len, head_dim/2]` (f32).
+    pub cos: B,
+    pub sin: B,
+}
+
+/// Geometry of a block call.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockDims {
+    pub batch: usize,
+    pub len: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub ffn: usize,
+    pub eps: f32,
+}
+
+/// Saved activations (and scratch) for one call; allocate with [`BlockActs::new`].
+pub struct BlockActs<B> {
+    pub x: B,
+    pub ln1: B,
+    pub mean1: B,
+    pub rstd1: B,
+    pub q: B,
+    pub k: B,
+    pub v: B,
+    pub q_rot: B,
+    pub k_rot: B,
+    pub attn: B,
+    pub lse: B,
+    pub mid: B,
+    pub ln2: B,
+    pub mean2: B,
+    pub rstd2: B,
+    pub ff_lin: B,
+    pub ff_pre: B,
+    pub ff_act: B,
+    pub out: B,
+}
+
+impl<B> BlockActs<B> {
+    pub fn new<D: KernelDevice<Buffer = B>>(dev: &D, d: &BlockDims) -> Result<Self> {
+        let n = d.batch * d.len;
+        let bf = |elems: usize| dev.alloc_zeroed(elems * 2);
+        let f32s = |elems: usize| dev.alloc_zeroed(elems * 4);
+        Ok(BlockActs {
+            x: bf(n * d.hidden)?,
+            ln1: bf(n * d.hidden)?,
+            mean1: f32s(n)?,
+            rstd1: f32s(n)?,
+            q: bf(n * d.hidden)?,
+            k: bf(n * d.hidden)?,
+            v: bf(n * d.hidden)?,
+            q_rot: bf(n * d.hidden)?,
+            k_rot: bf(n * d.hidden)?,
+            attn: bf(n * d.hidden)?,
+            lse: f32s(d.batch * d.heads * d.len)?,
+            mid: bf(n * d.hidden)?,
+            ln2: bf(n * d.hidden)?,
+            mean2: f32s(n)?,
+            rstd2: f32s(n)?,
+            ff_lin: bf(n * d.ffn)?,
+            ff_pre: bf(n * d.ffn)?,
+            ff_act: bf(n * d.ffn)?,
+            out: bf(n * d.hidden)?,
+        })
+    }
+}
+
+fn copy<D: KernelDevice>(dev: &D, dst: &D::Buffer, src: &D::Buffer, n: usize) -> Result<()> {
+    // fill_rows with a single row of n elements is a copy.
+    use super::DeviceBuffer;
+    dev.launch(
+        "fill_rows_bf16",
+        LaunchConfig::linear(n.div_ceil(256).clamp(1, 65_535) as u32, 256, 0),
+        &[
+            Arg::Ptr(dst.ptr()),
+            Arg::Ptr(src.ptr()),
+            Arg::I64(1),
+            Arg::I32(n as i32),
+        ],
+    )
+}
+
+fn linear_forward<D: KernelDevice>(
+    dev: &D,
+    y: &D::Buffer,
+    x: &D::Buffer,
+    l: &Linear<D::Buffer>,
+    rows: usize,
+) -> Result<()> {
+    use super::DeviceBuffer;
+    dev.launch(
+        "fill_rows_bf16",
+        LaunchConfig::linear(
+            (rows * l.d_out).div_ceil(256).clamp(1, 65_535) as u32,
+            256,
+            0,
+        ),
+        &[
+            Arg::Ptr(y.ptr()),
+            Arg::Ptr(l.b.ptr()),
+            Arg::I64(rows as i64),
+            Arg::I32(l.d_out as i32),
+        ],
+    )?;
+    dev.gemm(
+        y,
+        false,
+        x,
+        &l.w,
+        MatmulDims {
+            batch: 1,
+            m: rows,
+            n: l.d_out,
+            k: l.d_in,
+            trans_a: false,
+            trans_b: true,
+        },
+        true,
+    )
+}
+
+/// `dx += dy·W`, `dW += dyᵀ·x`, `db += Σ dy`.
+fn linear_backward<D: KernelDevice>(
+    dev: &D,
+    dx: &D::Buffer,
+    dy: &D::Buffer,
+    x: &D::Buffer,
+    l: &Linear<D::Buffer>,
+    rows: usize,
+) -> Result<()> {
+    use super::DeviceBuffer;
+    dev.gemm(
+        dx,
+        false,
+        dy,
+        &l.w,
+        MatmulDims {
+            batch: 1,
+            m: rows,
+            n: l.d_in,
+            k: l.d_out,
+            trans_a: false,
+            trans_b: false,
+        },
+        true,
+    )?;
+    dev.gemm(
+        &l.dw,
+        true,
+        dy,
+        x,
+        MatmulDims {
+            batch: 1,
+            m: l.d_out,
+            n: l.d_in,
+            k: rows,
+            trans_a: true,
+            trans_b: false,
+        },
+        true,
+    )?;
+    dev.launch(
+        "column_sum_bf16_f32",
+        LaunchConfig::linear(l.d_out.div_ceil(128) as u32, 128, 0),
+        &[
+            Arg::Ptr(l.db.ptr()),
+            Arg::Ptr(dy.ptr()),
+            Arg::I64(rows as i64),
+            Arg::I32(l.d_out as i32),
+        ],
+    )
+}
+
+fn attention_dims(d: &BlockDims) -> AttentionDims {
+    AttentionDims::new(d.batch, d.heads, d.len, d.len, d.hidden / d.heads)
+}
+
+/// Forward of one block; `a.x` holds the input, `a.out` receives the output. `kv_lens`: i32 per batch entry.
+pub fn forward<D: KernelDevice>(
+    dev: &D,
+    p: &BlockParams<D::Buffer>,
+    a: &BlockActs<D::Buffer>,
+    kv_lens: &D::Buffer,
+    d: &BlockDims,
+) -> Result<()> {
+    let (n, h) = (d.batch * d.len, d.hidden);
+    ops::layernorm_forward(
+        dev,
+        &a.ln1,
+        &a.mean1,
+        &a.rstd1,
+        &a.x,
+        &p.ln1.gamma,
+        &p.ln1.beta,
+        n,
+        h,
+        d.eps,
+    )?;
+    linear_forward(dev, &a.q, &a.ln1, &p.q, n)?;
+    linear_forward(dev, &a.k, &a.ln1, &p.k, n)?;
+    linear_forward(dev, &a.v, &a.ln1, &p.v, n)?;
+    let hd = h / d.heads;
+    ops::rotary(
+        dev, &a.q_rot, &a.q, &p.cos, &p.sin, d.batch, d.len, d.heads, hd, false,
+    )?;
+    ops::rotary(
+        dev, &a.k_rot, &a.k, &p.cos, &p.sin, d.batch, d.len, d.heads, hd, false,
+    )?;
+    ops::flash_attention_forward(
+        dev,
+        &a.attn,
+        &a.lse,
+        &a.q_rot,
+        &a.k_rot,
+        &a.v,
+        Some(kv_lens),
+        None,
+        &attention_dims(d),
+    )?;
+    linear_forward(dev, &a.mid, &a.attn, &p.o, n)?;
+    add_in_place(dev, &a.mid, &a.x, n * h)?;
+    ops::layernorm_forward(
+        dev,
+        &a.ln2,
+        &a.mean2,
+        &a.rstd2,
+        &a.mid,
+        &p.ln2.gamma,
+        &p.ln2.beta,
+        n,
+        h,
+        d.eps,
+    )?;
+    // ff_lin = ln2·W₁ᵀ, then the fused bias + GELU keeps the pre-activation.
+    dev.gemm(
+        &a.ff_lin,
+        false,
+        &a.ln2,
+        &p.ff1.w,
+        MatmulDims {
+            batch: 1,
+            m: n,
+            n: d.ffn,
+            k: h,
+            trans_a: false,
+            trans_b: true,
+        },
+        false,
+    )?;
+    ops::bias_act_forward(
+        dev,
+        &a.ff_pre,
+        &a.ff_act,
+        &a.ff_lin,
+        &p.ff1.b,
+        n,
+        d.ffn,
+        Act::GeluErf,
+    )?;
+    linear_forward(dev, &a.out, &a.ff_act, &p.ff2, n)?;
+    add_in_place(dev, &a.out, &a.mid, n * h)
+}
+
+/// `acc += x` (bf16).
+fn add_in_place<D: KernelDevice>(dev: &D, acc: &D::Buffer, x: &D::Buffer, n: usize) -> Result<()> {
+    use super::DeviceBuffer;
+    dev.launch(
+        "bias_add_bf16",
+        LaunchConfig::linear(n.div_ceil(256).clamp(1, 65_535) as u32, 256, 0),
+        &[
+            Arg::Ptr(acc.ptr()),
+            Arg::Ptr(x.ptr()),
+            Arg::I64(1),
+            Arg::I32(n as i32),
+        ],
+    )
+}
+
+/// Backward of one block: from `dout` (bf16), adds parameter gradients and writes the input gradient into
+/// `dx` (bf16, overwritten).
+pub fn backward<D: KernelDevice>(
+    dev: &D,
+    p: &BlockParams<D::Buffer>,
+    a: &BlockActs<D::Buffer>,
+    kv_lens: &D::Buffer,
+    dout: &D::Buffer,
+    dx: &D::Buffer,
+    d: &BlockDims,
+) -> Result<()> {
+    let (n, h) = (d.batch * d.len, d.hidden);
+    let bf = |elems: usize| dev.alloc_zeroed(elems * 2);
+    // FFN: y = m + GELU(pre)·W₂ᵀ + b₂
+    let d_act = bf(n * d.ffn)?;
+    linear_backward(dev, &d_act, dout, &a.ff_act, &p.ff2, n)?;
+    let d_pre = bf(n * d.ffn)?;
+    ops::act_backward(dev, &d_pre, &d_act, &a.ff_pre, n * d.ffn, Act::GeluErf)?;
+    let d_ln2 = bf(n * h)?;
+    linear_backward(dev, &d_ln2, &d_pre, &a.ln2, &p.ff1, n)?;
+    let d_mid = bf(n * h)?;
+    copy(dev, &d_mid, dout, n * h)?;
+    let scratch = dev.alloc_zeroed(ops::layernorm_backward_scratch_bytes(n, h))?;
+    ops::layernorm_backward(
+        dev,
+        &d_mid,
+        &p.ln2.dgamma_dbeta,
+        &scratch,
+        &d_ln2,
+        &a.mid,
+        &p.ln2.gamma,
+        &a.mean2,
+        &a.rstd2,
+        n,
+        h,
+    )?;
+    // Attention: m = x + attn·W_oᵀ + b_o
+    let d_attn = bf(n * h)?;
+    linear_backward(dev, &d_attn, &d_mid, &a.attn, &p.o, n)?;
+    let (dq_rot, dk_rot, dv) = (bf(n * h)?, bf(n * h)?, bf(n * h)?);
+    let ad = attention_dims(d);
+    let fscratch = dev.alloc_zeroed(ops::flash_backward_scratch_bytes(&ad, false))?;
+    ops::flash_attention_backward(
+        dev,
+        &dq_rot,
+        &dk_rot,
+        &dv,
+        None,
+        &fscratch,
+        &d_attn,
+        &a.attn,
+        &a.lse,
+        &a.q_rot,
+        &a.k_rot,
+        &a.v,
+        Some(kv_lens),
+        None,
+        &ad,
+    )?;
+    let (dq, dk) = (bf(n * h)?, bf(n * h)?);
+    let hd = h / d.heads;
+    ops::rotary(
+        dev, &dq, &dq_rot, &p.cos, &p.sin, d.batch, d.len, d.heads, hd, true,
+    )?;
+    ops::rotary(
+        dev, &dk, &dk_rot, &p.cos, &p.sin, d.batch, d.len, d.heads, hd, true,
+    )?;
+    let d_ln1 = bf(n * h)?;
+    linear_backward(dev, &d_ln1, &dq, &a.ln1, &p.q, n)?;
+    linear_backward(dev, &d_ln1, &dk, &a.ln1, &p.k, n)?;
+    linear_backward(dev, &d_ln1, &dv, &a.ln1, &p.v, n)?;
+    copy(dev, dx, &d_mid, n * h)?;
+    ops::layernorm_backward(
+        dev,
+        dx,
+        &p.ln1.dgamma_dbeta,
+        &scratch,
+        &d_ln1,
+        &a.x,
+        &p.ln1.gamma,
+        &a.mean1,
+        &a.rstd1,
+        n,
+        h,
+    )
+}
