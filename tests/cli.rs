@@ -171,3 +171,33 @@ fn data_check_summarises_and_export_writes_what_the_model_sees() {
         .count();
     assert_eq!(leftovers, 0);
 }
+
+#[test]
+fn the_emulator_device_runs_the_gemm_benchmark() {
+    let out = engine(&[
+        "bench",
+        "gemm",
+        "--m",
+        "48",
+        "--n",
+        "40",
+        "--k",
+        "32",
+        "--dtype",
+        "bf16",
+        "--device",
+        "emu",
+        "--repeats",
+        "2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("device=emu"));
+    let out = engine(&[
+        "bench", "gemm", "--m", "48", "--dtype", "f32", "--device", "emu",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("use --dtype bf16"));
+}

@@ -48,7 +48,7 @@ pub struct EmbedArgs {
 }
 
 pub fn run(a: EmbedArgs) -> Result<()> {
-    DeviceRequest::parse(&a.device)?.resolve()?;
+    DeviceRequest::parse(&a.device)?.resolve_cpu_only("embed")?;
     let kind = ModelKind::parse(&a.model)?;
     let pool = Pool::parse(&a.pool)?;
     if a.batch == 0 {

@@ -7,6 +7,10 @@ use crate::{Error, Result};
 pub enum Device {
     #[default]
     Cpu,
+    /// The host emulator running the CUDA kernels on the CPU.
+    Emulator,
+    /// A GPU, by ordinal.
+    Cuda(usize),
 }
 
 /// What a user may ask for with `--device`.
@@ -33,18 +37,30 @@ impl DeviceRequest {
         }
     }
 
-    /// Resolves the request to a device this build can run, or says why it cannot.
+    /// Resolves the request to a device this machine can run, or says why it cannot: `cuda` checks the
+    /// kernels, the driver and a GPU (without panicking); `auto` takes the GPU when there is one, else the CPU.
     pub fn resolve(self) -> Result<Device> {
         match self {
+            DeviceRequest::Cpu => Ok(Device::Cpu),
+            DeviceRequest::Emulator => Ok(Device::Emulator),
+            DeviceRequest::Cuda => crate::gpu::cuda::CudaDevice::new(0).map(|_| Device::Cuda(0)).map_err(|e| {
+                let msg = match e {
+                    Error::Device(m) => m,
+                    other => other.to_string(),
+                };
+                Error::Device(format!("{msg}; use --device cpu (or emu to run the CUDA kernels on the host emulator)"))
+            }),
+            DeviceRequest::Auto => Ok(if crate::gpu::cuda::CudaDevice::new(0).is_ok() { Device::Cuda(0) } else { Device::Cpu }),
+        }
+    }
+
+    /// For commands whose models run on the CPU only in this version: the CPU, or a clear error.
+    pub fn resolve_cpu_only(self, command: &str) -> Result<Device> {
+        match self {
             DeviceRequest::Cpu | DeviceRequest::Auto => Ok(Device::Cpu),
-            DeviceRequest::Cuda => Err(Error::Device(
-                "this build has no CUDA device yet (the CUDA path is not part of this version); use --device cpu"
-                    .into(),
-            )),
-            DeviceRequest::Emulator => Err(Error::Device(
-                "this build has no kernel emulator yet (the CUDA path is not part of this version); use --device cpu"
-                    .into(),
-            )),
+            other => Err(Error::Device(format!(
+                "`{command}` runs on the CPU in this version (the GPU path has its kernels and a transformer block, not yet the full models); {other:?} was requested, use --device cpu"
+            ))),
         }
     }
 }
@@ -53,6 +69,8 @@ impl std::fmt::Display for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Device::Cpu => f.write_str("cpu"),
+            Device::Emulator => f.write_str("emu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
         }
     }
 }
