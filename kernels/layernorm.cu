@@ -5,6 +5,9 @@
 // layernorm_backward_bf16: dx[r, :] += rstd·(dn − mean(dn) − xhat·mean(dn·xhat)) with dn = dout·gamma, and
 //   per-block partial sums of dgamma/dbeta written to `partial` ([grid, 2, dim], f32), which
 //   reduce_columns_f32 then sums in block order (deterministic, no atomics).
+// residual_layernorm_forward_bf16: the fused residual add + LayerNorm of a pre-LN block:
+//   res = x + delta (written, bf16), out = LN(res) with mean/rstd saved; the statistics are taken on the
+//   bf16-rounded res that the next layer reads, so the fusion changes no result.
 // Layouts: row-major [rows, dim]. Assumes dim ≥ 1; rows past the end are skipped (odd sizes are fine).
 #include "common.cuh"
 
@@ -92,6 +95,36 @@ extern "C" __global__ void reduce_columns_f32(float* __restrict__ out, const flo
     out[c] += s;
 }
 
+extern "C" __global__ void residual_layernorm_forward_bf16(bf16* __restrict__ res, bf16* __restrict__ out, float* __restrict__ mean,
+                                                           float* __restrict__ rstd, const bf16* __restrict__ x,
+                                                           const bf16* __restrict__ delta, const bf16* __restrict__ gamma,
+                                                           const bf16* __restrict__ beta, int rows, int dim, float eps) {
+    int warps = blockDim.x / 32;
+    int row = blockIdx.x * warps + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    size_t base = (size_t)row * dim;
+    float sum = 0.0f;
+    for (int i = lane; i < dim; i += 32) {
+        bf16 r = to_bf16(to_f32(x[base + i]) + to_f32(delta[base + i]));
+        res[base + i] = r;
+        sum += to_f32(r);
+    }
+    float mu = warp_sum(sum) / dim;
+    float sq = 0.0f;
+    for (int i = lane; i < dim; i += 32) {
+        float d = to_f32(res[base + i]) - mu;
+        sq += d * d;
+    }
+    float r = rsqrtf(warp_sum(sq) / dim + eps);
+    for (int i = lane; i < dim; i += 32) out[base + i] = to_bf16((to_f32(res[base + i]) - mu) * r * to_f32(gamma[i]) + to_f32(beta[i]));
+    if (lane == 0) {
+        mean[row] = mu;
+        rstd[row] = r;
+    }
+}
+
+EMU_REGISTER(residual_layernorm_forward_bf16)
 EMU_REGISTER(layernorm_forward_bf16)
 EMU_REGISTER(layernorm_backward_bf16)
 EMU_REGISTER(reduce_columns_f32)

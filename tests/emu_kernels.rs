@@ -132,6 +132,64 @@ fn check_layernorm<D: KernelDevice>(dev: &D) {
         assert_f32_close(&format!("{what} dgamma"), &dgb[..dim], &wdg, 1e-4);
         assert_f32_close(&format!("{what} dbeta"), &dgb[dim..], &wdb, 1e-4);
     }
+    // Fused residual + LayerNorm: res = bf16(x + delta), out = LN(res).
+    let (rows, dim) = (11, 97);
+    let x = random_bf16(&mut rng, rows * dim, -2.0, 2.0);
+    let delta = random_bf16(&mut rng, rows * dim, -2.0, 2.0);
+    let g = random_bf16(&mut rng, dim, 0.5, 1.5);
+    let b = random_bf16(&mut rng, dim, -0.5, 0.5);
+    let res_bf: Vec<bf16> = x
+        .iter()
+        .zip(&delta)
+        .map(|(a, d)| bf16::from_f32(a.to_f32() + d.to_f32()))
+        .collect();
+    let (mut want, mut wm, mut wr) = (vec![0.0; rows * dim], vec![0.0; rows], vec![0.0; rows]);
+    layernorm(
+        &mut want,
+        &mut wm,
+        &mut wr,
+        &widen(&res_bf),
+        &widen(&g),
+        &widen(&b),
+        dim,
+        1e-5,
+    )
+    .unwrap();
+    let (res, out) = (
+        dev.alloc_zeroed(rows * dim * 2).unwrap(),
+        dev.alloc_zeroed(rows * dim * 2).unwrap(),
+    );
+    let (mean, rstd) = (
+        dev.alloc_zeroed(rows * 4).unwrap(),
+        dev.alloc_zeroed(rows * 4).unwrap(),
+    );
+    let (bx, bd, bg, bb) = (
+        dev.upload_bf16(&x).unwrap(),
+        dev.upload_bf16(&delta).unwrap(),
+        dev.upload_bf16(&g).unwrap(),
+        dev.upload_bf16(&b).unwrap(),
+    );
+    ops::residual_layernorm_forward(
+        dev, &res, &out, &mean, &rstd, &bx, &bd, &bg, &bb, rows, dim, 1e-5,
+    )
+    .unwrap();
+    assert_eq!(
+        dev.download_bf16(&res).unwrap(),
+        res_bf,
+        "residual sum, bit for bit"
+    );
+    assert_bf16_close(
+        &format!("{} residual+layernorm", dev.name()),
+        &dev.download_bf16(&out).unwrap(),
+        &want,
+    );
+    assert_f32_close(
+        "residual+layernorm rstd",
+        &dev.download_f32(&rstd).unwrap(),
+        &wr,
+        1e-5,
+    );
+
     // A wrong size is an error before any launch.
     let small = dev.alloc_zeroed(8).unwrap();
     assert!(ops::layernorm_forward(

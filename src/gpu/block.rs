@@ -67,6 +67,7 @@ pub struct BlockActs<B> {
     pub k_rot: B,
     pub attn: B,
     pub lse: B,
+    pub proj: B,
     pub mid: B,
     pub ln2: B,
     pub mean2: B,
@@ -94,6 +95,7 @@ impl<B> BlockActs<B> {
             k_rot: bf(n * d.hidden)?,
             attn: bf(n * d.hidden)?,
             lse: f32s(d.batch * d.heads * d.len)?,
+            proj: bf(n * d.hidden)?,
             mid: bf(n * d.hidden)?,
             ln2: bf(n * d.hidden)?,
             mean2: f32s(n)?,
@@ -258,14 +260,16 @@ pub fn forward<D: KernelDevice>(
         None,
         &attention_dims(d),
     )?;
-    linear_forward(dev, &a.mid, &a.attn, &p.o, n)?;
-    add_in_place(dev, &a.mid, &a.x, n * h)?;
-    ops::layernorm_forward(
+    // m = x + attn·W_oᵀ + b_o and LN₂(m) in one fused kernel.
+    linear_forward(dev, &a.proj, &a.attn, &p.o, n)?;
+    ops::residual_layernorm_forward(
         dev,
+        &a.mid,
         &a.ln2,
         &a.mean2,
         &a.rstd2,
-        &a.mid,
+        &a.x,
+        &a.proj,
         &p.ln2.gamma,
         &p.ln2.beta,
         n,

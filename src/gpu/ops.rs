@@ -1267,3 +1267,57 @@ pub fn attention_pool_backward<D: KernelDevice>(
         true,
     )
 }
+
+/// Fused residual add + LayerNorm: `res = x + delta`, `out = LN(res)` (mean/rstd saved), bf16.
+pub fn residual_layernorm_forward<D: KernelDevice>(
+    dev: &D,
+    res: &D::Buffer,
+    out: &D::Buffer,
+    mean: &D::Buffer,
+    rstd: &D::Buffer,
+    x: &D::Buffer,
+    delta: &D::Buffer,
+    gamma: &D::Buffer,
+    beta: &D::Buffer,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+) -> Result<()> {
+    for (name, b, n) in [
+        ("res", res, rows * dim),
+        ("out", out, rows * dim),
+        ("x", x, rows * dim),
+        ("delta", delta, rows * dim),
+        ("gamma", gamma, dim),
+        ("beta", beta, dim),
+    ] {
+        check_bf16("residual_layernorm_forward", name, b, n)?;
+    }
+    check_len(
+        "residual_layernorm_forward",
+        "mean (bytes)",
+        mean.len_bytes(),
+        rows * F32,
+    )?;
+    check_len(
+        "residual_layernorm_forward",
+        "rstd (bytes)",
+        rstd.len_bytes(),
+        rows * F32,
+    )?;
+    let cfg = LaunchConfig::linear(rows.div_ceil(4) as u32, 128, 0);
+    let args = [
+        ptr(res),
+        ptr(out),
+        ptr(mean),
+        ptr(rstd),
+        ptr(x),
+        ptr(delta),
+        ptr(gamma),
+        ptr(beta),
+        Arg::I32(rows as i32),
+        Arg::I32(dim as i32),
+        Arg::F32(eps),
+    ];
+    dev.launch("residual_layernorm_forward_bf16", cfg, &args)
+}
