@@ -1,6 +1,9 @@
 // Shared device helpers: bf16 loads/stores, warp and block reductions. Included by every kernel file.
 #pragma once
 #include "emu/emu.h"
+#ifdef __CUDACC__
+#include <cuda_fp16.h>
+#endif
 
 #define CEIL_DIV(a, b) (((a) + (b) - 1) / (b))
 

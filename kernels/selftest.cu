@@ -33,5 +33,26 @@ extern "C" __global__ void selftest_divergent_barrier(int* flag) {
     }
 }
 
+// ballot[w] = mask of lanes of warp w with an odd thread index (ballot, any, all, popc);
+// half_bits[t] = the fp16 bits of values[t] (conversion check against the host's RNE).
+extern "C" __global__ void selftest_ballot_half(unsigned* __restrict__ ballot, int* __restrict__ flags, unsigned short* __restrict__ half_bits,
+                                                const float* __restrict__ values, int n) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    unsigned m = __ballot_sync(0xffffffffu, t % 2 == 1);
+    int any = __any_sync(0xffffffffu, t == 5);
+    int all = __all_sync(0xffffffffu, t < n);
+    if (threadIdx.x % 32 == 0) {
+        int w = t / 32;
+        ballot[w] = m;
+        flags[2 * w] = any;
+        flags[2 * w + 1] = all + 2 * __popc(m);
+    }
+    if (t < n) {
+        __half h = __float2half(values[t]);
+        half_bits[t] = *reinterpret_cast<unsigned short*>(&h);
+    }
+}
+
 EMU_REGISTER(selftest_reduce_f32)
+EMU_REGISTER(selftest_ballot_half)
 EMU_REGISTER(selftest_divergent_barrier)

@@ -997,6 +997,78 @@ fn emu_adamw_global_norm_and_clipping() {
     check_optimizer(&EmuDevice::default());
 }
 
+fn check_ballot_and_half<D: KernelDevice>(dev: &D) {
+    let n = 50usize;
+    let mut values: Vec<f32> = vec![
+        1.0,
+        -2.5,
+        65504.0,
+        65520.0,
+        1e-7,
+        5.96e-8,
+        2.98e-8,
+        3.0e-5,
+        1.0 + 1.0 / 2048.0,
+        1.0 + 3.0 / 2048.0,
+        f32::INFINITY,
+        -0.0,
+    ];
+    let mut rng = StdRng::seed_from_u64(99);
+    while values.len() < n {
+        values.push(rng.random_range(-70000.0f32..70000.0) * 10f32.powi(rng.random_range(-9..0)));
+    }
+    let (ballot, flags, bits) = (
+        dev.alloc_zeroed(2 * 4).unwrap(),
+        dev.alloc_zeroed(4 * 4).unwrap(),
+        dev.alloc_zeroed(n * 2).unwrap(),
+    );
+    let bv = dev.upload_f32(&values).unwrap();
+    dev.launch(
+        "selftest_ballot_half",
+        LaunchConfig::linear(1, 64, 0),
+        &[
+            Arg::Ptr(ballot.ptr()),
+            Arg::Ptr(flags.ptr()),
+            Arg::Ptr(bits.ptr()),
+            Arg::Ptr(bv.ptr()),
+            Arg::I32(n as i32),
+        ],
+    )
+    .unwrap();
+    let b: Vec<u32> = dev
+        .download(&ballot)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    assert_eq!(b, vec![0xaaaa_aaaa, 0xaaaa_aaaa], "ballot of odd lanes");
+    let f: Vec<i32> = dev
+        .download(&flags)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    assert_eq!(f, vec![1, 1 + 32, 0, 32], "any/all/popc per warp");
+    let got: Vec<u16> = dev
+        .download(&bits)
+        .unwrap()
+        .chunks_exact(2)
+        .map(|c| u16::from_ne_bytes([c[0], c[1]]))
+        .collect();
+    for (v, g) in values.iter().zip(&got) {
+        assert_eq!(
+            *g,
+            half::f16::from_f32(*v).to_bits(),
+            "fp16 conversion of {v} (round to nearest even)"
+        );
+    }
+}
+
+#[test]
+fn emu_ballot_any_all_and_fp16_rounding() {
+    check_ballot_and_half(&EmuDevice::default());
+}
+
 #[test]
 fn emu_layernorm_forward_and_backward() {
     check_layernorm(&EmuDevice::default());
@@ -1045,6 +1117,7 @@ fn gpu_kernels_when_a_gpu_is_present() {
     match CudaDevice::new(0) {
         Ok(dev) => {
             check_execution_model(&dev);
+            check_ballot_and_half(&dev);
             check_layernorm(&dev);
             check_elementwise(&dev);
             check_optimizer(&dev);

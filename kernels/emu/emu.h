@@ -38,6 +38,8 @@ void syncthreads(int line);
 void syncwarp();
 // Deposits `bits` in this lane's slot, waits for the warp, returns the slot of lane `src`.
 uint64_t warp_exchange(uint64_t bits, int src_lane);
+// Deposits `pred`, waits for the warp, returns the bit mask of the lanes whose predicate was true.
+unsigned warp_ballot(bool pred);
 int lane_id();
 }  // namespace emu
 
@@ -87,6 +89,11 @@ inline T __shfl_down_sync(unsigned, T v, unsigned delta, int width = 32) {
     return emu_shfl(v, src);
 }
 
+inline unsigned __ballot_sync(unsigned mask, int pred) { return emu::warp_ballot(pred != 0) & mask; }
+inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
+inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == __ballot_sync(mask, 1); }
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+
 template <typename T>
 inline T atomicAdd(T* addr, T v) {
     return std::atomic_ref<T>(*addr).fetch_add(v);
@@ -135,6 +142,52 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
     }
     return out;
 }
+// fp16 storage type with CUDA's round-to-nearest-even conversion (subnormals and overflow to inf included).
+struct __half {
+    uint16_t bits;
+};
+inline float __half2float(__half h) {
+    uint32_t sign = uint32_t(h.bits & 0x8000u) << 16, exp = (h.bits >> 10) & 0x1fu, man = h.bits & 0x3ffu, u;
+    if (exp == 0x1f) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else if (exp == 0) {
+        if (man == 0) {
+            u = sign;
+        } else {  // subnormal: normalise
+            int e = -1;
+            do {
+                man <<= 1;
+                ++e;
+            } while ((man & 0x400u) == 0);
+            u = sign | uint32_t(127 - 15 - e) << 23 | ((man & 0x3ffu) << 13);
+        }
+    } else {
+        u = sign | (exp + 112) << 23 | (man << 13);
+    }
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline __half __float2half(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    uint32_t sign = (u >> 16) & 0x8000u, abs = u & 0x7fffffffu;
+    __half out;
+    if (abs > 0x7f800000u) {
+        out.bits = uint16_t(sign | 0x7e00u);  // NaN
+    } else if (abs >= 0x477ff000u) {
+        out.bits = uint16_t(sign | 0x7c00u);  // rounds to infinity
+    } else if (abs < 0x38800000u) {  // subnormal or zero in fp16: scale by 2^24 and round
+        float a;
+        std::memcpy(&a, &abs, 4);
+        out.bits = uint16_t(sign | uint32_t(std::nearbyint(a * 16777216.0f)));
+    } else {
+        uint32_t r = abs + 0xfffu + ((abs >> 13) & 1u);  // round to nearest even on the 13 dropped bits
+        out.bits = uint16_t(sign | ((r - 0x38000000u) >> 13));
+    }
+    return out;
+}
+
 #define EMU_REGISTER(kernel) static emu::Registrar emu_registrar_##kernel(#kernel, kernel);
 
 #include "registry.h"

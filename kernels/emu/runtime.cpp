@@ -194,6 +194,20 @@ uint64_t warp_exchange(uint64_t bits, int src_lane) {
     return w->slots[base + (src_lane & 31)];
 }
 
+unsigned warp_ballot(bool pred) {
+    Worker* w = worker;
+    Fiber& f = w->fibers[w->current];
+    unsigned buf = f.gen++ & 1u;
+    size_t base = size_t(f.warp) * 64 + buf * 32;
+    w->slots[base + f.lane] = pred ? 1u : 0u;
+    yield(State::WarpBarrier);
+    unsigned mask = 0;
+    int lanes = std::min<int>(32, int(w->fibers.size()) - f.warp * 32);
+    for (int l = 0; l < lanes; ++l)
+        if (w->fibers[size_t(f.warp) * 32 + l].state != State::Done && w->slots[base + l]) mask |= 1u << l;
+    return mask;
+}
+
 }  // namespace emu
 
 extern "C" {
