@@ -10,14 +10,16 @@
 
 use super::ops::{self, Act, AttentionDims};
 use super::{Arg, KernelDevice, LaunchConfig, MatmulDims};
+use crate::models::transformer::FeedForward;
 use crate::Result;
 
 /// A linear layer's buffers: weight `[out, in]` and bias `[out]` (bf16), their gradients (f32).
 pub struct Linear<B> {
     pub w: B,
-    pub b: B,
+    /// Absent for NT-v2's bias-free FFN.
+    pub b: Option<B>,
     pub dw: B,
-    pub db: B,
+    pub db: Option<B>,
     pub d_in: usize,
     pub d_out: usize,
 }
@@ -50,8 +52,20 @@ pub struct BlockDims {
     pub len: usize,
     pub hidden: usize,
     pub heads: usize,
+    /// FFN inner width F.
     pub ffn: usize,
+    pub ffn_kind: FeedForward,
     pub eps: f32,
+}
+
+impl BlockDims {
+    /// Width of the first FFN projection (SwiGLU's holds gate and value).
+    pub fn ffn_in(&self) -> usize {
+        match self.ffn_kind {
+            FeedForward::Gelu => self.ffn,
+            FeedForward::SwiGlu => 2 * self.ffn,
+        }
+    }
 }
 
 /// Saved activations (and scratch) for one call; allocate with [`BlockActs::new`].
@@ -100,8 +114,8 @@ impl<B> BlockActs<B> {
             ln2: bf(n * d.hidden)?,
             mean2: f32s(n)?,
             rstd2: f32s(n)?,
-            ff_lin: bf(n * d.ffn)?,
-            ff_pre: bf(n * d.ffn)?,
+            ff_lin: bf(n * d.ffn_in())?,
+            ff_pre: bf(n * d.ffn_in())?,
             ff_act: bf(n * d.ffn)?,
             out: bf(n * d.hidden)?,
         })
@@ -131,35 +145,33 @@ fn linear_forward<D: KernelDevice>(
     rows: usize,
 ) -> Result<()> {
     use super::DeviceBuffer;
-    dev.launch(
-        "fill_rows_bf16",
-        LaunchConfig::linear(
+    if let Some(b) = &l.b {
+        // The bias is written first and the GEMM accumulates onto it: one rounding of the f32 result.
+        let cfg = LaunchConfig::linear(
             (rows * l.d_out).div_ceil(256).clamp(1, 65_535) as u32,
             256,
             0,
-        ),
-        &[
-            Arg::Ptr(y.ptr()),
-            Arg::Ptr(l.b.ptr()),
-            Arg::I64(rows as i64),
-            Arg::I32(l.d_out as i32),
-        ],
-    )?;
-    dev.gemm(
-        y,
-        false,
-        x,
-        &l.w,
-        MatmulDims {
-            batch: 1,
-            m: rows,
-            n: l.d_out,
-            k: l.d_in,
-            trans_a: false,
-            trans_b: true,
-        },
-        true,
-    )
+        );
+        dev.launch(
+            "fill_rows_bf16",
+            cfg,
+            &[
+                Arg::Ptr(y.ptr()),
+                Arg::Ptr(b.ptr()),
+                Arg::I64(rows as i64),
+                Arg::I32(l.d_out as i32),
+            ],
+        )?;
+    }
+    let dims = MatmulDims {
+        batch: 1,
+        m: rows,
+        n: l.d_out,
+        k: l.d_in,
+        trans_a: false,
+        trans_b: true,
+    };
+    dev.gemm(y, false, x, &l.w, dims, l.b.is_some())
 }
 
 /// `dx += dy·W`, `dW += dyᵀ·x`, `db += Σ dy`.
@@ -202,16 +214,19 @@ fn linear_backward<D: KernelDevice>(
         },
         true,
     )?;
-    dev.launch(
-        "column_sum_bf16_f32",
-        LaunchConfig::linear(l.d_out.div_ceil(128) as u32, 128, 0),
-        &[
-            Arg::Ptr(l.db.ptr()),
-            Arg::Ptr(dy.ptr()),
-            Arg::I64(rows as i64),
-            Arg::I32(l.d_out as i32),
-        ],
-    )
+    match &l.db {
+        Some(db) => dev.launch(
+            "column_sum_bf16_f32",
+            LaunchConfig::linear(l.d_out.div_ceil(128) as u32, 128, 0),
+            &[
+                Arg::Ptr(db.ptr()),
+                Arg::Ptr(dy.ptr()),
+                Arg::I64(rows as i64),
+                Arg::I32(l.d_out as i32),
+            ],
+        ),
+        None => Ok(()),
+    }
 }
 
 fn attention_dims(d: &BlockDims) -> AttentionDims {
@@ -276,32 +291,39 @@ pub fn forward<D: KernelDevice>(
         h,
         d.eps,
     )?;
-    // ff_lin = ln2·W₁ᵀ, then the fused bias + GELU keeps the pre-activation.
-    dev.gemm(
-        &a.ff_lin,
-        false,
-        &a.ln2,
-        &p.ff1.w,
-        MatmulDims {
-            batch: 1,
-            m: n,
-            n: d.ffn,
-            k: h,
-            trans_a: false,
-            trans_b: true,
-        },
-        false,
-    )?;
-    ops::bias_act_forward(
-        dev,
-        &a.ff_pre,
-        &a.ff_act,
-        &a.ff_lin,
-        &p.ff1.b,
-        n,
-        d.ffn,
-        Act::GeluErf,
-    )?;
+    match d.ffn_kind {
+        FeedForward::Gelu => {
+            // ff_lin = ln2·W₁ᵀ, then the fused bias + GELU keeps the pre-activation.
+            let dims = MatmulDims {
+                batch: 1,
+                m: n,
+                n: d.ffn,
+                k: h,
+                trans_a: false,
+                trans_b: true,
+            };
+            dev.gemm(&a.ff_lin, false, &a.ln2, &p.ff1.w, dims, false)?;
+            let b1 = p
+                .ff1
+                .b
+                .as_ref()
+                .ok_or_else(|| crate::Error::invalid("block", "the GELU FFN needs a bias"))?;
+            ops::bias_act_forward(
+                dev,
+                &a.ff_pre,
+                &a.ff_act,
+                &a.ff_lin,
+                b1,
+                n,
+                d.ffn,
+                Act::GeluErf,
+            )?;
+        }
+        FeedForward::SwiGlu => {
+            linear_forward(dev, &a.ff_lin, &a.ln2, &p.ff1, n)?;
+            ops::swiglu_forward(dev, &a.ff_act, &a.ff_lin, n, d.ffn)?;
+        }
+    }
     linear_forward(dev, &a.out, &a.ff_act, &p.ff2, n)?;
     add_in_place(dev, &a.out, &a.mid, n * h)
 }
@@ -337,8 +359,13 @@ pub fn backward<D: KernelDevice>(
     // FFN: y = m + GELU(pre)·W₂ᵀ + b₂
     let d_act = bf(n * d.ffn)?;
     linear_backward(dev, &d_act, dout, &a.ff_act, &p.ff2, n)?;
-    let d_pre = bf(n * d.ffn)?;
-    ops::act_backward(dev, &d_pre, &d_act, &a.ff_pre, n * d.ffn, Act::GeluErf)?;
+    let d_pre = bf(n * d.ffn_in())?;
+    match d.ffn_kind {
+        FeedForward::Gelu => {
+            ops::act_backward(dev, &d_pre, &d_act, &a.ff_pre, n * d.ffn, Act::GeluErf)?
+        }
+        FeedForward::SwiGlu => ops::swiglu_backward(dev, &d_pre, &d_act, &a.ff_lin, n, d.ffn)?,
+    }
     let d_ln2 = bf(n * h)?;
     linear_backward(dev, &d_ln2, &d_pre, &a.ln2, &p.ff1, n)?;
     let d_mid = bf(n * h)?;
