@@ -4,7 +4,8 @@
 //   log-sum-exp `lse` (f32, −∞ for a row with no visible key, whose output is 0).
 //   Layouts: q [B, Lq, H, D], k [B, Lk, H, D], v [B, Lk, H, Dv], out [B, Lq, H, Dv] (bf16);
 //   lse [B, H, Lq]; bias [1 or B, H, Lq, Lk] (f32, optional: null); kv_lens [B] (int, optional: null).
-//   Self- or cross-attention (Lq ≠ Lk), any lengths; D and Dv multiples of 16 (32, 48, 64, 192, 384, …).
+//   Self- or cross-attention (Lq ≠ Lk), any lengths, any head dims (shared-memory tiles are zero-padded to
+//   multiples of 16 for the 16×16×16 products; 32, 48, 64, 192 and 384 need no padding).
 //   Grid (⌈Lq/64⌉, B·H, ⌈Dv/64⌉), 128 threads: each of 4 warps owns 16 query rows; the block walks key tiles
 //   of 32 with an online softmax (one key per lane), keeping its O slice (64 columns of Dv) in shared f32.
 //   S = Q·Kᵀ and O += P·V are 16×16×16 bf16 WMMA products with f32 accumulation; P is rounded to bf16 for
@@ -22,9 +23,10 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_forward_bf16(
     const bf16* __restrict__ v, const int* __restrict__ kv_lens, const float* __restrict__ bias, int bias_per_batch,
     int heads, int q_len, int kv_len, int d, int dv, float scale) {
     EMU_DYNAMIC_SHARED(unsigned char, smem);
+    const int dp = CEIL_DIV(d, 16) * 16;  // padded head dim (row stride of Qs and Ks)
     bf16* Qs = reinterpret_cast<bf16*>(smem);
-    bf16* Ks = Qs + FA_BR * d;
-    bf16* Vs = Ks + FA_BC * d;
+    bf16* Ks = Qs + FA_BR * dp;
+    bf16* Vs = Ks + FA_BC * dp;
     float* S = reinterpret_cast<float*>(Vs + FA_BC * FA_DVC);
     bf16* P = reinterpret_cast<bf16*>(S + FA_BR * FA_BC);
     float* O = reinterpret_cast<float*>(P + FA_BR * FA_BC);
@@ -38,9 +40,9 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_forward_bf16(
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const bf16 zero = to_bf16(0.0f);
 
-    for (int i = threadIdx.x; i < FA_BR * d; i += blockDim.x) {
-        int r = i / d, c = i % d, qi = q0 + r;
-        Qs[i] = qi < q_len ? q[((size_t)(b * q_len + qi) * heads + h) * d + c] : zero;
+    for (int i = threadIdx.x; i < FA_BR * dp; i += blockDim.x) {
+        int r = i / dp, c = i % dp, qi = q0 + r;
+        Qs[i] = (qi < q_len && c < d) ? q[((size_t)(b * q_len + qi) * heads + h) * d + c] : zero;
     }
     for (int i = threadIdx.x; i < FA_BR * FA_DVC; i += blockDim.x) O[i] = 0.0f;
     for (int i = threadIdx.x; i < FA_BR; i += blockDim.x) {
@@ -50,9 +52,9 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_forward_bf16(
     __syncthreads();
 
     for (int k0 = 0; k0 < n; k0 += FA_BC) {
-        for (int i = threadIdx.x; i < FA_BC * d; i += blockDim.x) {
-            int r = i / d, c = i % d, kj = k0 + r;
-            Ks[i] = kj < n ? k[((size_t)(b * kv_len + kj) * heads + h) * d + c] : zero;
+        for (int i = threadIdx.x; i < FA_BC * dp; i += blockDim.x) {
+            int r = i / dp, c = i % dp, kj = k0 + r;
+            Ks[i] = (kj < n && c < d) ? k[((size_t)(b * kv_len + kj) * heads + h) * d + c] : zero;
         }
         for (int i = threadIdx.x; i < FA_BC * FA_DVC; i += blockDim.x) {
             int r = i / FA_DVC, c = i % FA_DVC, kj = k0 + r;
@@ -64,13 +66,13 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_forward_bf16(
         wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc0, acc1;
         wmma::fill_fragment(acc0, 0.0f);
         wmma::fill_fragment(acc1, 0.0f);
-        for (int kk = 0; kk < d; kk += 16) {
+        for (int kk = 0; kk < dp; kk += 16) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
             wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> kt;
-            wmma::load_matrix_sync(a, Qs + warp * 16 * d + kk, d);
-            wmma::load_matrix_sync(kt, Ks + kk, d);
+            wmma::load_matrix_sync(a, Qs + warp * 16 * dp + kk, dp);
+            wmma::load_matrix_sync(kt, Ks + kk, dp);
             wmma::mma_sync(acc0, a, kt, acc0);
-            wmma::load_matrix_sync(kt, Ks + 16 * d + kk, d);
+            wmma::load_matrix_sync(kt, Ks + 16 * dp + kk, dp);
             wmma::mma_sync(acc1, a, kt, acc1);
         }
         wmma::store_matrix_sync(S + warp * 16 * FA_BC, acc0, FA_BC, wmma::mem_row_major);
@@ -171,12 +173,13 @@ extern "C" __global__ void flash_attention_backward_rowdot_bf16(float* __restric
     }
 }
 
-// Loads a [FB, width] tile of rows r0.. of a [B, L, H, width] tensor into shared memory (zeros past `limit`).
+// Loads a [FB, padded] tile of rows r0.. of a [B, L, H, width] tensor into shared memory, zeros past `limit`
+// and in the padding columns (padded = width rounded up to 16).
 __device__ __forceinline__ void load_rows(bf16* dst, const bf16* src, int b, int h, int heads, int len, int r0, int limit,
-                                          int width) {
-    for (int i = threadIdx.x; i < FB * width; i += blockDim.x) {
-        int r = i / width, c = i % width, row = r0 + r;
-        dst[i] = row < limit ? src[((size_t)(b * len + row) * heads + h) * width + c] : to_bf16(0.0f);
+                                          int width, int padded) {
+    for (int i = threadIdx.x; i < FB * padded; i += blockDim.x) {
+        int r = i / padded, c = i % padded, row = r0 + r;
+        dst[i] = (row < limit && c < width) ? src[((size_t)(b * len + row) * heads + h) * width + c] : to_bf16(0.0f);
     }
 }
 
@@ -186,36 +189,42 @@ extern "C" __global__ void __launch_bounds__(32) flash_attention_backward_dkdv_b
     const int* __restrict__ kv_lens, const float* __restrict__ bias, int bias_per_batch, int heads, int q_len, int kv_len,
     int d, int dv, float scale) {
     EMU_DYNAMIC_SHARED(unsigned char, smem);
+    const int dp = CEIL_DIV(d, 16) * 16, dvp = CEIL_DIV(dv, 16) * 16;  // padded strides
     bf16* Ks = reinterpret_cast<bf16*>(smem);
-    bf16* Vs = Ks + FB * d;
-    bf16* Qs = Vs + FB * dv;
-    bf16* dOs = Qs + FB * d;
-    bf16* Pt = dOs + FB * dv;  // [key][query]
-    bf16* dSt = Pt + FB * FB;
-    float* dK = reinterpret_cast<float*>(dSt + FB * FB);
-    float* dV = dK + FB * d;
-    float* T = dV + FB * dv;  // [FB][FB] scratch
+    bf16* Vs = Ks + FB * dp;
+    bf16* Qs = Vs + FB * dvp;
+    bf16* dOs = Qs + FB * dp;
+    // P and dS go to the tensor cores as two bf16 terms, hi + lo (hi = bf16(x), lo = bf16(x − hi)), which
+    // keeps their f32 accuracy in the products.
+    bf16* Pt = dOs + FB * dvp;  // [key][query]
+    bf16* Ptl = Pt + FB * FB;
+    bf16* dSt = Ptl + FB * FB;
+    bf16* dStl = dSt + FB * FB;
+    float* dK = reinterpret_cast<float*>(dStl + FB * FB);
+    float* dV = dK + FB * dp;
+    float* T = dV + FB * dvp;  // [FB][FB] scratch
+    float* Pf = T + FB * FB;   // P in f32
 
     const int b = blockIdx.y / heads, h = blockIdx.y % heads, k0 = blockIdx.x * FB, lane = threadIdx.x;
     const int n = kv_lens ? kv_lens[b] : kv_len;
     if (k0 >= n) return;  // these keys are masked: no gradient
-    load_rows(Ks, k, b, h, heads, kv_len, k0, n, d);
-    load_rows(Vs, v, b, h, heads, kv_len, k0, n, dv);
-    for (int i = lane; i < FB * d; i += 32) dK[i] = 0.0f;
-    for (int i = lane; i < FB * dv; i += 32) dV[i] = 0.0f;
+    load_rows(Ks, k, b, h, heads, kv_len, k0, n, d, dp);
+    load_rows(Vs, v, b, h, heads, kv_len, k0, n, dv, dvp);
+    for (int i = lane; i < FB * dp; i += 32) dK[i] = 0.0f;
+    for (int i = lane; i < FB * dvp; i += 32) dV[i] = 0.0f;
     __syncwarp();
     for (int q0 = 0; q0 < q_len; q0 += FB) {
-        load_rows(Qs, q, b, h, heads, q_len, q0, q_len, d);
-        load_rows(dOs, dout, b, h, heads, q_len, q0, q_len, dv);
+        load_rows(Qs, q, b, h, heads, q_len, q0, q_len, d, dp);
+        load_rows(dOs, dout, b, h, heads, q_len, q0, q_len, dv, dvp);
         __syncwarp();
         // Sᵀ = K·Qᵀ  (keys × queries)
         wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
         wmma::fill_fragment(acc, 0.0f);
-        for (int kk = 0; kk < d; kk += 16) {
+        for (int kk = 0; kk < dp; kk += 16) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
             wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bq;
-            wmma::load_matrix_sync(a, Ks + kk, d);
-            wmma::load_matrix_sync(bq, Qs + kk, d);
+            wmma::load_matrix_sync(a, Ks + kk, dp);
+            wmma::load_matrix_sync(bq, Qs + kk, dp);
             wmma::mma_sync(acc, a, bq, acc);
         }
         wmma::store_matrix_sync(T, acc, FB, wmma::mem_row_major);
@@ -223,16 +232,19 @@ extern "C" __global__ void __launch_bounds__(32) flash_attention_backward_dkdv_b
         for (int i = lane; i < FB * FB; i += 32) {
             int kr = i / FB, qc = i % FB, qi = q0 + qc, kj = k0 + kr;
             float lse_i = qi < q_len ? lse[((size_t)b * heads + h) * q_len + qi] : -INFINITY;
-            Pt[i] = to_bf16(score_prob(T[i], scale, bias, bias_per_batch, b, h, heads, q_len, kv_len, qi, kj, n, lse_i));
+            float p = score_prob(T[i], scale, bias, bias_per_batch, b, h, heads, q_len, kv_len, qi, kj, n, lse_i);
+            Pf[i] = p;
+            Pt[i] = to_bf16(p);
+            Ptl[i] = to_bf16(p - to_f32(Pt[i]));
         }
         __syncwarp();
         // dPᵀ = V·dOᵀ
         wmma::fill_fragment(acc, 0.0f);
-        for (int kk = 0; kk < dv; kk += 16) {
+        for (int kk = 0; kk < dvp; kk += 16) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
             wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bo;
-            wmma::load_matrix_sync(a, Vs + kk, dv);
-            wmma::load_matrix_sync(bo, dOs + kk, dv);
+            wmma::load_matrix_sync(a, Vs + kk, dvp);
+            wmma::load_matrix_sync(bo, dOs + kk, dvp);
             wmma::mma_sync(acc, a, bo, acc);
         }
         wmma::store_matrix_sync(T, acc, FB, wmma::mem_row_major);
@@ -240,42 +252,48 @@ extern "C" __global__ void __launch_bounds__(32) flash_attention_backward_dkdv_b
         for (int i = lane; i < FB * FB; i += 32) {
             int qc = i % FB, qi = q0 + qc;
             float dri = qi < q_len ? drow[((size_t)b * heads + h) * q_len + qi] : 0.0f;
-            dSt[i] = to_bf16(to_f32(Pt[i]) * (T[i] - dri));
+            float ds = Pf[i] * (T[i] - dri);
+            dSt[i] = to_bf16(ds);
+            dStl[i] = to_bf16(ds - to_f32(dSt[i]));
         }
         __syncwarp();
         // dV += Pᵀ·dO ; dK += dSᵀ·Q (scale applied at the end)
-        for (int cc = 0; cc < dv; cc += 16) {
+        for (int cc = 0; cc < dvp; cc += 16) {
             wmma::fragment<wmma::accumulator, 16, 16, 16, float> o;
             wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
             wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> bo;
-            wmma::load_matrix_sync(o, dV + cc, dv, wmma::mem_row_major);
+            wmma::load_matrix_sync(o, dV + cc, dvp, wmma::mem_row_major);
             wmma::load_matrix_sync(a, Pt, FB);
-            wmma::load_matrix_sync(bo, dOs + cc, dv);
+            wmma::load_matrix_sync(bo, dOs + cc, dvp);
             wmma::mma_sync(o, a, bo, o);
-            wmma::store_matrix_sync(dV + cc, o, dv, wmma::mem_row_major);
+            wmma::load_matrix_sync(a, Ptl, FB);
+            wmma::mma_sync(o, a, bo, o);
+            wmma::store_matrix_sync(dV + cc, o, dvp, wmma::mem_row_major);
         }
-        for (int cc = 0; cc < d; cc += 16) {
+        for (int cc = 0; cc < dp; cc += 16) {
             wmma::fragment<wmma::accumulator, 16, 16, 16, float> o;
             wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
             wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> bq;
-            wmma::load_matrix_sync(o, dK + cc, d, wmma::mem_row_major);
+            wmma::load_matrix_sync(o, dK + cc, dp, wmma::mem_row_major);
             wmma::load_matrix_sync(a, dSt, FB);
-            wmma::load_matrix_sync(bq, Qs + cc, d);
+            wmma::load_matrix_sync(bq, Qs + cc, dp);
             wmma::mma_sync(o, a, bq, o);
-            wmma::store_matrix_sync(dK + cc, o, d, wmma::mem_row_major);
+            wmma::load_matrix_sync(a, dStl, FB);
+            wmma::mma_sync(o, a, bq, o);
+            wmma::store_matrix_sync(dK + cc, o, dp, wmma::mem_row_major);
         }
         __syncwarp();
     }
-    for (int i = lane; i < FB * d; i += 32) {
-        int r = i / d, c = i % d, kj = k0 + r;
-        if (kj < n) {
+    for (int i = lane; i < FB * dp; i += 32) {
+        int r = i / dp, c = i % dp, kj = k0 + r;
+        if (kj < n && c < d) {
             bf16* p = dk + ((size_t)(b * kv_len + kj) * heads + h) * d + c;
             *p = to_bf16(to_f32(*p) + scale * dK[i]);
         }
     }
-    for (int i = lane; i < FB * dv; i += 32) {
-        int r = i / dv, c = i % dv, kj = k0 + r;
-        if (kj < n) {
+    for (int i = lane; i < FB * dvp; i += 32) {
+        int r = i / dvp, c = i % dvp, kj = k0 + r;
+        if (kj < n && c < dv) {
             bf16* p = dv_out + ((size_t)(b * kv_len + kj) * heads + h) * dv + c;
             *p = to_bf16(to_f32(*p) + dV[i]);
         }
@@ -288,41 +306,43 @@ extern "C" __global__ void __launch_bounds__(32) flash_attention_backward_dq_bf1
     const int* __restrict__ kv_lens, const float* __restrict__ bias, int bias_per_batch, int heads, int q_len, int kv_len,
     int d, int dv, float scale) {
     EMU_DYNAMIC_SHARED(unsigned char, smem);
+    const int dp = CEIL_DIV(d, 16) * 16, dvp = CEIL_DIV(dv, 16) * 16;  // padded strides
     bf16* Qs = reinterpret_cast<bf16*>(smem);
-    bf16* dOs = Qs + FB * d;
-    bf16* Ks = dOs + FB * dv;
-    bf16* Vs = Ks + FB * d;
-    bf16* dS = Vs + FB * dv;
-    float* dQ = reinterpret_cast<float*>(dS + FB * FB);
-    float* S = dQ + FB * d;
+    bf16* dOs = Qs + FB * dp;
+    bf16* Ks = dOs + FB * dvp;
+    bf16* Vs = Ks + FB * dp;
+    bf16* dS = Vs + FB * dvp;  // dS as hi + lo bf16 terms (see the dK/dV kernel)
+    bf16* dSl = dS + FB * FB;
+    float* dQ = reinterpret_cast<float*>(dSl + FB * FB);
+    float* S = dQ + FB * dp;
     float* T = S + FB * FB;
 
     const int b = blockIdx.y / heads, h = blockIdx.y % heads, q0 = blockIdx.x * FB, lane = threadIdx.x;
     const int n = kv_lens ? kv_lens[b] : kv_len;
-    load_rows(Qs, q, b, h, heads, q_len, q0, q_len, d);
-    load_rows(dOs, dout, b, h, heads, q_len, q0, q_len, dv);
-    for (int i = lane; i < FB * d; i += 32) dQ[i] = 0.0f;
+    load_rows(Qs, q, b, h, heads, q_len, q0, q_len, d, dp);
+    load_rows(dOs, dout, b, h, heads, q_len, q0, q_len, dv, dvp);
+    for (int i = lane; i < FB * dp; i += 32) dQ[i] = 0.0f;
     __syncwarp();
     for (int k0 = 0; k0 < n; k0 += FB) {
-        load_rows(Ks, k, b, h, heads, kv_len, k0, n, d);
-        load_rows(Vs, v, b, h, heads, kv_len, k0, n, dv);
+        load_rows(Ks, k, b, h, heads, kv_len, k0, n, d, dp);
+        load_rows(Vs, v, b, h, heads, kv_len, k0, n, dv, dvp);
         __syncwarp();
         wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
         wmma::fill_fragment(acc, 0.0f);
-        for (int kk = 0; kk < d; kk += 16) {
+        for (int kk = 0; kk < dp; kk += 16) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
             wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bk;
-            wmma::load_matrix_sync(a, Qs + kk, d);
-            wmma::load_matrix_sync(bk, Ks + kk, d);
+            wmma::load_matrix_sync(a, Qs + kk, dp);
+            wmma::load_matrix_sync(bk, Ks + kk, dp);
             wmma::mma_sync(acc, a, bk, acc);
         }
         wmma::store_matrix_sync(S, acc, FB, wmma::mem_row_major);
         wmma::fill_fragment(acc, 0.0f);
-        for (int kk = 0; kk < dv; kk += 16) {
+        for (int kk = 0; kk < dvp; kk += 16) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
             wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bvt;
-            wmma::load_matrix_sync(a, dOs + kk, dv);
-            wmma::load_matrix_sync(bvt, Vs + kk, dv);
+            wmma::load_matrix_sync(a, dOs + kk, dvp);
+            wmma::load_matrix_sync(bvt, Vs + kk, dvp);
             wmma::mma_sync(acc, a, bvt, acc);
         }
         wmma::store_matrix_sync(T, acc, FB, wmma::mem_row_major);
@@ -334,24 +354,27 @@ extern "C" __global__ void __launch_bounds__(32) flash_attention_backward_dq_bf1
             float dri = qi < q_len ? drow[((size_t)b * heads + h) * q_len + qi] : 0.0f;
             float ds = p * (T[i] - dri);
             dS[i] = to_bf16(ds);
+            dSl[i] = to_bf16(ds - to_f32(dS[i]));
             if (dbias && qi < q_len && kj < n) dbias[(((size_t)b * heads + h) * q_len + qi) * kv_len + kj] += ds;
         }
         __syncwarp();
-        for (int cc = 0; cc < d; cc += 16) {
+        for (int cc = 0; cc < dp; cc += 16) {
             wmma::fragment<wmma::accumulator, 16, 16, 16, float> o;
             wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
             wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> bk;
-            wmma::load_matrix_sync(o, dQ + cc, d, wmma::mem_row_major);
+            wmma::load_matrix_sync(o, dQ + cc, dp, wmma::mem_row_major);
             wmma::load_matrix_sync(a, dS, FB);
-            wmma::load_matrix_sync(bk, Ks + cc, d);
+            wmma::load_matrix_sync(bk, Ks + cc, dp);
             wmma::mma_sync(o, a, bk, o);
-            wmma::store_matrix_sync(dQ + cc, o, d, wmma::mem_row_major);
+            wmma::load_matrix_sync(a, dSl, FB);
+            wmma::mma_sync(o, a, bk, o);
+            wmma::store_matrix_sync(dQ + cc, o, dp, wmma::mem_row_major);
         }
         __syncwarp();
     }
-    for (int i = lane; i < FB * d; i += 32) {
-        int r = i / d, c = i % d, qi = q0 + r;
-        if (qi < q_len) {
+    for (int i = lane; i < FB * dp; i += 32) {
+        int r = i / dp, c = i % dp, qi = q0 + r;
+        if (qi < q_len && c < d) {
             bf16* p = dq + ((size_t)(b * q_len + qi) * heads + h) * d + c;
             *p = to_bf16(to_f32(*p) + scale * dQ[i]);
         }

@@ -10,6 +10,7 @@
 // add_bf16(out, a, b, n):                     out = a + b  (residual)
 // bias_add_bf16(out, bias, rows, cols):       out[r, c] += bias[c]  (in place)
 // fill_rows_bf16(out, row, rows, cols):       out[r, :] = row (a bias, before a GEMM accumulates onto it)
+// scale_rows_bf16(x, scales, rows, cols):     x[r, :] *= scales[r] (f32; embedding masks and token dropout)
 // cast_f32_to_bf16 / cast_bf16_to_f32(out, in, n): round to nearest even / widen.
 #include "common.cuh"
 
@@ -86,6 +87,10 @@ extern "C" __global__ void swiglu_backward_bf16(bf16* __restrict__ du, const bf1
     }
 }
 
+extern "C" __global__ void scale_rows_bf16(bf16* __restrict__ x, const float* __restrict__ scales, long long rows, int cols) {
+    GRID_STRIDE(i, rows * cols) x[i] = to_bf16(to_f32(x[i]) * scales[i / cols]);
+}
+
 extern "C" __global__ void fill_rows_bf16(bf16* __restrict__ out, const bf16* __restrict__ row, long long rows, int cols) {
     GRID_STRIDE(i, rows * cols) out[i] = row[i % cols];
 }
@@ -114,5 +119,6 @@ EMU_REGISTER(swiglu_backward_bf16)
 EMU_REGISTER(add_bf16)
 EMU_REGISTER(bias_add_bf16)
 EMU_REGISTER(fill_rows_bf16)
+EMU_REGISTER(scale_rows_bf16)
 EMU_REGISTER(cast_f32_to_bf16)
 EMU_REGISTER(cast_bf16_to_f32)

@@ -239,3 +239,41 @@ fn bad_requests_are_clear_errors() {
     );
     assert!(!out.exists(), "no output is left behind by a failed run");
 }
+
+/// `embed --device emu`: ESM-2 and NT-v2 run with the GPU kernels on the host emulator (bf16 activations),
+/// against the PyTorch hidden states; 2⁻⁶ of the scale for a bf16 pipeline of two layers.
+#[test]
+fn emu_embed_runs_the_transformers_with_the_gpu_kernels() {
+    use isoformer_engine::models::embed::{Embedder, ModelKind, Pool};
+    for (kind, dir) in [
+        (ModelKind::Esm2, "esm2"),
+        (ModelKind::NucleotideTransformer, "nt_v2"),
+    ] {
+        let (reference, meta) = tensors(&fixture(dir).join("reference.safetensors"));
+        let seqs: Vec<String> = meta["sequences"].split('\n').map(String::from).collect();
+        let refs: Vec<&str> = seqs.iter().map(String::as_str).collect();
+        let mut e = Embedder::load(kind, &fixture(dir), None).unwrap();
+        e.to_device(isoformer_engine::Device::Emulator).unwrap();
+        let got = e.embed(&refs, Pool::None).unwrap();
+        let (shape, hidden) = &reference["last_hidden_state"];
+        let (len, h) = (shape[1], shape[2]);
+        let scale = hidden.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for (b, rows) in got.iter().enumerate() {
+            let want = &hidden[b * len * h..b * len * h + rows.len()];
+            let err = rows
+                .iter()
+                .zip(want)
+                .fold(0.0f32, |m, (g, w)| m.max((g - w).abs()));
+            assert!(
+                err <= scale / 64.0,
+                "{dir} sequence {b}: error {err:.3e} vs scale {scale:.3e}"
+            );
+        }
+    }
+    let mut enf = Embedder::load(ModelKind::Enformer, &fixture("enformer"), None).unwrap();
+    let err = enf
+        .to_device(isoformer_engine::Device::Emulator)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("Enformer runs on the CPU"), "{err}");
+}

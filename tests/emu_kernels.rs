@@ -594,6 +594,17 @@ fn check_flash_attention<D: KernelDevice>(dev: &D) {
     };
     flash_case(dev, enformer, &[67, 67], Some(true), 3);
     flash_case(dev, enformer, &[67, 50], Some(false), 4);
+    // Head dims that are not multiples of the 16-wide tile (tiny models): zero-padded in shared memory.
+    flash_case(
+        dev,
+        AttentionDims {
+            v_head_dim: 20,
+            ..AttentionDims::new(2, 3, 19, 23, 8)
+        },
+        &[23, 9],
+        Some(true),
+        6,
+    );
     // IsoFormer's cross-attention: head dim 384, DNA queries against padded RNA keys.
     flash_case(dev, AttentionDims::new(1, 1, 20, 45, 384), &[41], None, 5);
 }

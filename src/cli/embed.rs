@@ -42,13 +42,13 @@ pub struct EmbedArgs {
     /// used with `use_tf_gamma`.
     #[arg(long)]
     pub tf_gammas: Option<PathBuf>,
-    /// cpu, cuda, emu or auto.
+    /// cpu, cuda, emu or auto (ESM-2 and NT-v2 run on every device; Enformer on the CPU).
     #[arg(long, default_value = "auto")]
     pub device: String,
 }
 
 pub fn run(a: EmbedArgs) -> Result<()> {
-    DeviceRequest::parse(&a.device)?.resolve_cpu_only("embed")?;
+    let device = DeviceRequest::parse(&a.device)?.resolve()?;
     let kind = ModelKind::parse(&a.model)?;
     let pool = Pool::parse(&a.pool)?;
     if a.batch == 0 {
@@ -63,6 +63,7 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     let seqs = read_sequences(&a.input)?;
     let mut embedder = Embedder::load(kind, &a.weights, a.config.as_deref())?;
     embedder.max_tokens = a.max_tokens.max(3);
+    embedder.to_device(device)?;
     if let Some(path) = &a.tf_gammas {
         embedder.set_tf_gammas(path)?;
     }

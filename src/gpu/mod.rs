@@ -8,6 +8,7 @@
 pub mod block;
 pub mod cuda;
 pub mod emulator;
+pub mod encoder;
 pub mod ops;
 
 use crate::Result;

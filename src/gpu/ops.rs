@@ -422,6 +422,7 @@ const FA_DVC: usize = 64;
 
 /// Dynamic shared memory of `flash_attention_forward_bf16` for head dim `d`.
 pub fn flash_forward_smem_bytes(d: usize) -> usize {
+    let d = d.div_ceil(16) * 16;
     (FA_BR * d + FA_BC * d + FA_BC * FA_DVC) * BF16
         + FA_BR * FA_BC * F32
         + FA_BR * FA_BC * BF16
@@ -442,14 +443,8 @@ pub fn flash_attention_forward<D: KernelDevice>(
     d: &AttentionDims,
 ) -> Result<()> {
     const OP: &str = "flash_attention_forward";
-    if d.head_dim % 16 != 0 || d.v_head_dim % 16 != 0 || d.head_dim == 0 || d.v_head_dim == 0 {
-        return Err(crate::Error::invalid(
-            OP,
-            format!(
-                "head dims {} / {} must be positive multiples of 16",
-                d.head_dim, d.v_head_dim
-            ),
-        ));
+    if d.head_dim == 0 || d.v_head_dim == 0 {
+        return Err(crate::Error::invalid(OP, "head dims must be positive"));
     }
     let (b, h) = (d.batch, d.heads);
     check_bf16(OP, "q", q, b * d.q_len * h * d.head_dim)?;
@@ -530,14 +525,8 @@ pub fn flash_attention_backward<D: KernelDevice>(
     d: &AttentionDims,
 ) -> Result<()> {
     const OP: &str = "flash_attention_backward";
-    if d.head_dim % 16 != 0 || d.v_head_dim % 16 != 0 || d.head_dim == 0 || d.v_head_dim == 0 {
-        return Err(crate::Error::invalid(
-            OP,
-            format!(
-                "head dims {} / {} must be positive multiples of 16",
-                d.head_dim, d.v_head_dim
-            ),
-        ));
+    if d.head_dim == 0 || d.v_head_dim == 0 {
+        return Err(crate::Error::invalid(OP, "head dims must be positive"));
     }
     let (b, h) = (d.batch, d.heads);
     for (name, buf, n) in [
@@ -587,6 +576,8 @@ pub fn flash_attention_backward<D: KernelDevice>(
         ],
     )?;
     let (dk_dim, dv_dim) = (d.head_dim, d.v_head_dim);
+    // Shared-memory tiles are padded to multiples of 16 (the WMMA tile).
+    let (dkp, dvp) = (dk_dim.div_ceil(16) * 16, dv_dim.div_ceil(16) * 16);
     let common = [
         ptr(q),
         ptr(k),
@@ -604,8 +595,8 @@ pub fn flash_attention_backward<D: KernelDevice>(
         Arg::I32(dv_dim as i32),
         Arg::F32(d.scale),
     ];
-    let smem_kv = (2 * FB * dk_dim + 2 * FB * dv_dim + 2 * FB * FB) * BF16
-        + (FB * dk_dim + FB * dv_dim + FB * FB) * F32;
+    let smem_kv = (2 * FB * dkp + 2 * FB * dvp + 4 * FB * FB) * BF16
+        + (FB * dkp + FB * dvp + 2 * FB * FB) * F32;
     let cfg = LaunchConfig {
         grid: [d.kv_len.div_ceil(FB).max(1) as u32, (b * h) as u32, 1],
         block: [32, 1, 1],
@@ -634,7 +625,7 @@ pub fn flash_attention_backward<D: KernelDevice>(
         None => 0,
     };
     let smem_q =
-        (2 * FB * dk_dim + 2 * FB * dv_dim + FB * FB) * BF16 + (FB * dk_dim + 2 * FB * FB) * F32;
+        (2 * FB * dkp + 2 * FB * dvp + 2 * FB * FB) * BF16 + (FB * dkp + 2 * FB * FB) * F32;
     let cfg = LaunchConfig {
         grid: [d.q_len.div_ceil(FB).max(1) as u32, (b * h) as u32, 1],
         block: [32, 1, 1],
@@ -1320,4 +1311,31 @@ pub fn residual_layernorm_forward<D: KernelDevice>(
         Arg::F32(eps),
     ];
     dev.launch("residual_layernorm_forward_bf16", cfg, &args)
+}
+
+/// `x[r, :] *= scales[r]` (f32 scales), in place.
+pub fn scale_rows<D: KernelDevice>(
+    dev: &D,
+    x: &D::Buffer,
+    scales: &D::Buffer,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
+    check_bf16("scale_rows", "x", x, rows * cols)?;
+    check_len(
+        "scale_rows",
+        "scales (bytes)",
+        scales.len_bytes(),
+        rows * F32,
+    )?;
+    dev.launch(
+        "scale_rows_bf16",
+        elementwise_config(rows * cols),
+        &[
+            ptr(x),
+            ptr(scales),
+            Arg::I64(rows as i64),
+            Arg::I32(cols as i32),
+        ],
+    )
 }

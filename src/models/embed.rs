@@ -87,10 +87,17 @@ enum Network {
     Enformer(EnformerTrunk),
 }
 
+/// The transformer encoders uploaded to a GPU-path device.
+enum DeviceNet {
+    Emu(Box<crate::gpu::encoder::DeviceEncoder<crate::gpu::emulator::EmuDevice>>),
+    Cuda(Box<crate::gpu::encoder::DeviceEncoder<crate::gpu::cuda::CudaDevice>>),
+}
+
 pub struct Embedder {
     kind: ModelKind,
     network: Network,
     params: ModelParams,
+    device_net: Option<DeviceNet>,
     /// Token budget per sequence, special tokens included (transformers).
     pub max_tokens: usize,
 }
@@ -177,6 +184,7 @@ impl Embedder {
             kind,
             network,
             params,
+            device_net: None,
             max_tokens: 2048,
         })
     }
@@ -195,6 +203,34 @@ impl Embedder {
             msg: format!("missing from {}", path.display()),
         })?;
         trunk.set_tf_gammas(data)
+    }
+
+    /// Runs the model on `device` from now on: the CPU, or (ESM-2 and NT-v2) the emulator or a GPU, with the
+    /// weights uploaded as bf16. Enformer runs on the CPU in this version.
+    pub fn to_device(&mut self, device: crate::Device) -> Result<()> {
+        use crate::gpu::encoder::DeviceEncoder;
+        let Network::Transformer { encoder, .. } = &self.network else {
+            return match device {
+                crate::Device::Cpu => Ok(()),
+                other => Err(Error::Device(format!("Enformer runs on the CPU in this version ({other} requested); use --device cpu"))),
+            };
+        };
+        self.device_net = match device {
+            crate::Device::Cpu => None,
+            crate::Device::Emulator => Some(DeviceNet::Emu(Box::new(DeviceEncoder::upload(
+                crate::gpu::emulator::EmuDevice::default(),
+                encoder,
+                &self.params,
+                self.max_tokens,
+            )?))),
+            crate::Device::Cuda(i) => Some(DeviceNet::Cuda(Box::new(DeviceEncoder::upload(
+                crate::gpu::cuda::CudaDevice::new(i)?,
+                encoder,
+                &self.params,
+                self.max_tokens,
+            )?))),
+        };
+        Ok(())
     }
 
     pub fn kind(&self) -> ModelKind {
@@ -232,8 +268,21 @@ impl Embedder {
                     .collect();
                 let (ids, lens, len) = tokenizer.pad_batch(&encoded);
                 let mut acts = EncoderActivations::default();
-                encoder.forward(&self.params, &ids, &lens, len, &mut acts, false)?;
-                let hidden = acts.hidden();
+                let device_hidden;
+                let hidden: &[f32] = match &self.device_net {
+                    Some(DeviceNet::Emu(d)) => {
+                        device_hidden = d.forward(&ids, &lens, len)?;
+                        &device_hidden
+                    }
+                    Some(DeviceNet::Cuda(d)) => {
+                        device_hidden = d.forward(&ids, &lens, len)?;
+                        &device_hidden
+                    }
+                    None => {
+                        encoder.forward(&self.params, &ids, &lens, len, &mut acts, false)?;
+                        acts.hidden()
+                    }
+                };
                 let specials_after = tokenizer.eos.is_some() as usize;
                 Ok(lens
                     .iter()

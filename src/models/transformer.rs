@@ -303,8 +303,14 @@ impl TransformerEncoder {
                 10_000.0,
             )?);
         }
-        // Embedding scale per row: token dropout (ESM-2) and the padding mask.
-        acts.row_scale.clear();
+        acts.row_scale = self.embedding_row_scales(ids, lens, len);
+        Ok(())
+    }
+
+    /// The factor each embedding row is multiplied by: ESM-2's token dropout (`<mask>` rows zeroed, the rest
+    /// scaled by `0.88 / (1 − mask ratio)`) and the padding mask (padded rows zeroed).
+    pub fn embedding_row_scales(&self, ids: &[u32], lens: &[usize], len: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(ids.len());
         for (b, &l) in lens.iter().enumerate() {
             let row = &ids[b * len..(b + 1) * len];
             let scale = if self.cfg.token_dropout {
@@ -318,11 +324,10 @@ impl TransformerEncoder {
             };
             for (t, &id) in row.iter().enumerate() {
                 let dropped = self.cfg.token_dropout && id == self.cfg.mask_token;
-                acts.row_scale
-                    .push(if t < l && !dropped { scale } else { 0.0 });
+                out.push(if t < l && !dropped { scale } else { 0.0 });
             }
         }
-        Ok(())
+        out
     }
 
     /// Forward for `ids [batch, len]` (right-padded, `lens` real tokens each). The last hidden state is in

@@ -46,6 +46,15 @@ impl RotaryTable {
         })
     }
 
+    /// cos of the angles, `[max_len, head_dim/2]` (what the GPU kernels read).
+    pub fn cos(&self) -> &[f32] {
+        &self.cos
+    }
+
+    pub fn sin(&self) -> &[f32] {
+        &self.sin
+    }
+
     pub fn max_len(&self) -> usize {
         self.max_len
     }
