@@ -656,6 +656,34 @@ fn check_remaining_ops<D: KernelDevice>(dev: &D) {
         );
     }
 
+    // Linear with the bias (and ReLU) fused into the GEMM epilogue.
+    for relu in [false, true] {
+        let (rows, d_in, d_out) = (37, 45, 29);
+        let x = random_bf16(&mut rng, rows * d_in, -1.0, 1.0);
+        let w = random_bf16(&mut rng, d_out * d_in, -0.5, 0.5);
+        let b = random_bf16(&mut rng, d_out, -0.5, 0.5);
+        let mut want = vec![0.0; rows * d_out];
+        isoformer_engine::ops::matmul::linear(
+            &mut want,
+            &widen(&x),
+            &widen(&w),
+            Some(&widen(&b)),
+            isoformer_engine::ops::matmul::LinearDims { rows, d_in, d_out },
+        )
+        .unwrap();
+        if relu {
+            want.iter_mut().for_each(|v| *v = v.max(0.0));
+        }
+        let y = dev.alloc_zeroed(rows * d_out * 2).unwrap();
+        dev.linear_bias(&y, &up(&x), &up(&w), &up(&b), rows, d_in, d_out, relu)
+            .unwrap();
+        assert_bf16_close(
+            &format!("{name} linear+bias relu={relu}"),
+            &dev.download_bf16(&y).unwrap(),
+            &want,
+        );
+    }
+
     // Softmax with a fully masked row.
     let (rows, dim) = (9, 77);
     let mut x = random_bf16(&mut rng, rows * dim, -8.0, 8.0);

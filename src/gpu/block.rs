@@ -144,34 +144,25 @@ fn linear_forward<D: KernelDevice>(
     l: &Linear<D::Buffer>,
     rows: usize,
 ) -> Result<()> {
-    use super::DeviceBuffer;
-    if let Some(b) = &l.b {
-        // The bias is written first and the GEMM accumulates onto it: one rounding of the f32 result.
-        let cfg = LaunchConfig::linear(
-            (rows * l.d_out).div_ceil(256).clamp(1, 65_535) as u32,
-            256,
-            0,
-        );
-        dev.launch(
-            "fill_rows_bf16",
-            cfg,
-            &[
-                Arg::Ptr(y.ptr()),
-                Arg::Ptr(b.ptr()),
-                Arg::I64(rows as i64),
-                Arg::I32(l.d_out as i32),
-            ],
-        )?;
+    match &l.b {
+        // Bias fused into the GEMM's epilogue (cuBLASLt on the GPU).
+        Some(b) => dev.linear_bias(y, x, &l.w, b, rows, l.d_in, l.d_out, false),
+        None => dev.gemm(
+            y,
+            false,
+            x,
+            &l.w,
+            MatmulDims {
+                batch: 1,
+                m: rows,
+                n: l.d_out,
+                k: l.d_in,
+                trans_a: false,
+                trans_b: true,
+            },
+            false,
+        ),
     }
-    let dims = MatmulDims {
-        batch: 1,
-        m: rows,
-        n: l.d_out,
-        k: l.d_in,
-        trans_a: false,
-        trans_b: true,
-    };
-    dev.gemm(y, false, x, &l.w, dims, l.b.is_some())
 }
 
 /// `dx += dy·W`, `dW += dyᵀ·x`, `db += Σ dy`.

@@ -12,7 +12,7 @@ use cudarc::driver::{
 };
 
 use super::embedded::{COMMON_HEADER, KERNEL_FILES};
-use super::{check_gemm, Arg, DeviceBuffer, KernelDevice, LaunchConfig, MatmulDims};
+use super::{check_gemm, check_linear, Arg, DeviceBuffer, KernelDevice, LaunchConfig, MatmulDims};
 use crate::{Error, Result};
 
 pub struct CudaBuffer {
@@ -35,6 +35,7 @@ pub struct CudaDevice {
     modules: Mutex<HashMap<String, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
     blas: Mutex<Option<cudarc::cublas::CudaBlas>>,
+    blas_lt: Mutex<Option<cudarc::cublaslt::CudaBlasLT>>,
 }
 
 fn driver_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
@@ -42,6 +43,12 @@ fn driver_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ 
 }
 
 impl CudaDevice {
+    /// A second handle on `y`'s device memory (for APIs that want `&mut CudaSlice`); never drop it.
+    fn y_slice(&self, y: &CudaBuffer) -> Result<CudaSlice<u8>> {
+        // SAFETY: the memory stays owned by `y`; the caller forgets the returned handle.
+        Ok(unsafe { self.stream.upgrade_device_ptr::<u8>(y.ptr, y.slice.len()) })
+    }
+
     /// Whether this build has GPU kernels at all.
     pub fn built_with_kernels() -> bool {
         cfg!(cuda_kernels)
@@ -72,6 +79,7 @@ impl CudaDevice {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             blas: Mutex::new(None),
+            blas_lt: Mutex::new(None),
         })
     }
 
@@ -195,6 +203,80 @@ impl KernelDevice for CudaDevice {
         self.stream
             .synchronize()
             .map_err(driver_err("synchronising"))
+    }
+
+    fn linear_bias(
+        &self,
+        y: &CudaBuffer,
+        x: &CudaBuffer,
+        w: &CudaBuffer,
+        bias: &CudaBuffer,
+        rows: usize,
+        d_in: usize,
+        d_out: usize,
+        relu: bool,
+    ) -> Result<()> {
+        use cudarc::cublaslt::{Activation, CudaBlasLT, Matmul, MatmulConfig};
+        check_linear(y, x, w, bias, rows, d_in, d_out)?;
+        let mut lt = self.blas_lt.lock().expect("cublasLt handle");
+        if lt.is_none() {
+            // SAFETY: only probes whether libcublasLt can be loaded.
+            if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+                return Err(Error::Device(
+                    "cuBLASLt (libcublasLt.so) was not found".into(),
+                ));
+            }
+            *lt = Some(
+                CudaBlasLT::new(self.stream.clone())
+                    .map_err(|e| Error::Device(format!("cuBLASLt: {e:?}")))?,
+            );
+        }
+        let lt = lt.as_ref().expect("created above");
+        // Column-major view: yᵀ[out, rows] = W[out, in]·xᵀ; the bias runs along the output rows of that view.
+        let cfg = MatmulConfig {
+            transa: true,
+            transb: false,
+            transc: false,
+            m: d_out as u64,
+            n: rows as u64,
+            k: d_in as u64,
+            alpha: 1.0,
+            lda: d_in as i64,
+            ldb: d_in as i64,
+            beta: 0.0,
+            ldc: d_out as i64,
+            stride_a: None,
+            stride_b: None,
+            stride_c: None,
+            stride_bias: None,
+            batch_size: None,
+        };
+        let mut out = self.y_slice(y)?;
+        // SAFETY: the typed views cover exactly the checked byte sizes of live buffers, and `y` is never one of
+        // the inputs, so its view is the only writer.
+        unsafe {
+            let wv = w
+                .slice
+                .transmute::<half::bf16>(d_out * d_in)
+                .ok_or_else(|| Error::Device("weight view".into()))?;
+            let xv = x
+                .slice
+                .transmute::<half::bf16>(rows * d_in)
+                .ok_or_else(|| Error::Device("input view".into()))?;
+            let bv = bias
+                .slice
+                .transmute::<half::bf16>(d_out)
+                .ok_or_else(|| Error::Device("bias view".into()))?;
+            let mut yv = out
+                .transmute_mut::<half::bf16>(rows * d_out)
+                .ok_or_else(|| Error::Device("output view".into()))?;
+            let act = relu.then_some(Activation::Relu);
+            lt.matmul(cfg, &wv, &xv, &mut yv, Some(&bv), act.as_ref())
+                .map_err(|e| Error::Device(format!("cuBLASLt matmul: {e:?}")))?;
+        }
+        // The handle shares y's memory: forget it instead of freeing the buffer twice.
+        std::mem::forget(out);
+        Ok(())
     }
 
     fn gemm(

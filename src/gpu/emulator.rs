@@ -3,7 +3,7 @@
 
 use std::ffi::{c_char, c_void, CString};
 
-use super::{check_gemm, Arg, DeviceBuffer, KernelDevice, LaunchConfig, MatmulDims};
+use super::{check_gemm, check_linear, Arg, DeviceBuffer, KernelDevice, LaunchConfig, MatmulDims};
 use crate::{Error, Result};
 
 extern "C" {
@@ -152,6 +152,67 @@ impl KernelDevice for EmuDevice {
         } else {
             let out: Vec<half::bf16> = cf.iter().map(|&v| half::bf16::from_f32(v)).collect();
             c.write(bytemuck::cast_slice(&out));
+        }
+        Ok(())
+    }
+
+    fn linear_bias(
+        &self,
+        y: &EmuBuffer,
+        x: &EmuBuffer,
+        w: &EmuBuffer,
+        bias: &EmuBuffer,
+        rows: usize,
+        d_in: usize,
+        d_out: usize,
+        relu: bool,
+    ) -> Result<()> {
+        check_linear(y, x, w, bias, rows, d_in, d_out)?;
+        let n = rows * d_out;
+        let cfg = LaunchConfig::linear(n.div_ceil(256).clamp(1, 65_535) as u32, 256, 0);
+        // Bias first, the GEMM accumulating onto it (one rounding), then ReLU from a separate buffer.
+        let pre = if relu {
+            self.alloc_zeroed(n * 2)?
+        } else {
+            EmuBuffer::zeroed(0)?
+        };
+        let target = if relu { &pre } else { y };
+        self.launch(
+            "fill_rows_bf16",
+            cfg,
+            &[
+                Arg::Ptr(target.ptr()),
+                Arg::Ptr(bias.ptr()),
+                Arg::I64(rows as i64),
+                Arg::I32(d_out as i32),
+            ],
+        )?;
+        self.gemm(
+            target,
+            false,
+            x,
+            w,
+            MatmulDims {
+                batch: 1,
+                m: rows,
+                n: d_out,
+                k: d_in,
+                trans_a: false,
+                trans_b: true,
+            },
+            true,
+        )?;
+        if relu {
+            self.launch(
+                "act_forward_bf16",
+                cfg,
+                &[
+                    Arg::Ptr(y.ptr()),
+                    Arg::Ptr(pre.ptr()),
+                    Arg::I64(n as i64),
+                    Arg::I32(2),
+                ],
+            )?;
         }
         Ok(())
     }

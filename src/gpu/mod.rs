@@ -75,6 +75,22 @@ pub trait KernelDevice {
     fn download(&self, buf: &Self::Buffer) -> Result<Vec<u8>>;
     fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()>;
     fn synchronize(&self) -> Result<()>;
+    /// A linear layer's forward with a fused epilogue: `y[rows, out] = x[rows, in]·Wᵀ + bias` (ReLU after it
+    /// with `relu`), bf16 in and out, f32 accumulation, one rounding. cuBLASLt's bias (or ReLU + bias)
+    /// epilogue on the GPU; bias-then-GEMM-then-kernel on the emulator. (GELU is not fused here: cuBLASLt's
+    /// GELU epilogue is the tanh approximation, while ESM-2 needs erf GELU and Enformer the sigmoid form.)
+    #[allow(clippy::too_many_arguments)]
+    fn linear_bias(
+        &self,
+        y: &Self::Buffer,
+        x: &Self::Buffer,
+        w: &Self::Buffer,
+        bias: &Self::Buffer,
+        rows: usize,
+        d_in: usize,
+        d_out: usize,
+        relu: bool,
+    ) -> Result<()>;
     /// `C[b] = op(A[b])·op(B[b])`, or `C[b] += …` with `accumulate`, row-major with the meaning of
     /// [`crate::ops::matmul::matmul`]: bf16 A and B, C in bf16 or f32, f32 accumulation (cuBLAS on the GPU;
     /// the CPU GEMM with the same semantics on the emulator).
@@ -90,6 +106,23 @@ pub trait KernelDevice {
 }
 
 pub use crate::ops::matmul::MatmulDims;
+
+/// Checks the byte sizes of a fused linear's operands (shared by both devices).
+pub(crate) fn check_linear<B: DeviceBuffer>(
+    y: &B,
+    x: &B,
+    w: &B,
+    bias: &B,
+    rows: usize,
+    d_in: usize,
+    d_out: usize,
+) -> Result<()> {
+    use crate::error::check_len;
+    check_len("linear (bytes)", "y", y.len_bytes(), rows * d_out * 2)?;
+    check_len("linear (bytes)", "x", x.len_bytes(), rows * d_in * 2)?;
+    check_len("linear (bytes)", "weight", w.len_bytes(), d_out * d_in * 2)?;
+    check_len("linear (bytes)", "bias", bias.len_bytes(), d_out * 2)
+}
 
 /// Checks the byte sizes of a GEMM's operands (shared by both devices).
 pub(crate) fn check_gemm<B: DeviceBuffer>(
