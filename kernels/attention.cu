@@ -381,6 +381,21 @@ extern "C" __global__ void __launch_bounds__(32) flash_attention_backward_dq_bf1
     }
 }
 
+// Enformer's relative-position logits, the additive bias of its attention:
+// bias[b, h, i, j] = Σ_c q_pos[b, i, h, c] · rel_k[(n − 1) + j − i, h, c]   (q_pos [B, n, H, dk], rel_k [2n−1, H, dk]).
+extern "C" __global__ void relative_logits_f32(float* __restrict__ bias, const bf16* __restrict__ q_pos, const bf16* __restrict__ rel_k,
+                                               int batch, int heads, int n, int dk) {
+    long long total = (long long)batch * heads * n * n;
+    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total; t += (long long)gridDim.x * blockDim.x) {
+        int j = (int)(t % n), i = (int)((t / n) % n), h = (int)((t / ((long long)n * n)) % heads), b = (int)(t / ((long long)n * n * heads));
+        const bf16* qv = q_pos + ((size_t)(b * n + i) * heads + h) * dk;
+        const bf16* rv = rel_k + ((size_t)(n - 1 + j - i) * heads + h) * dk;
+        float s = 0.0f;
+        for (int c = 0; c < dk; ++c) s += to_f32(qv[c]) * to_f32(rv[c]);
+        bias[t] = s;
+    }
+}
+
 extern "C" __global__ void fill_f32(float* __restrict__ out, float value, long long n) {
     for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < n; j += (long long)gridDim.x * blockDim.x) out[j] = value;
 }
@@ -399,3 +414,4 @@ EMU_REGISTER(flash_attention_backward_dkdv_bf16)
 EMU_REGISTER(flash_attention_backward_dq_bf16)
 EMU_REGISTER(sum_over_batch_f32)
 EMU_REGISTER(fill_f32)
+EMU_REGISTER(relative_logits_f32)

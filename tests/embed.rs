@@ -240,8 +240,8 @@ fn bad_requests_are_clear_errors() {
     assert!(!out.exists(), "no output is left behind by a failed run");
 }
 
-/// `embed --device emu`: ESM-2 and NT-v2 run with the GPU kernels on the host emulator (bf16 activations),
-/// against the PyTorch hidden states; 2⁻⁶ of the scale for a bf16 pipeline of two layers.
+/// `embed --device emu`: ESM-2, NT-v2 and Enformer run with the GPU kernels on the host emulator (bf16 activations),
+/// against the PyTorch outputs; 2⁻⁶ of the scale for these bf16 pipelines.
 #[test]
 fn emu_embed_runs_the_transformers_with_the_gpu_kernels() {
     use isoformer_engine::models::embed::{Embedder, ModelKind, Pool};
@@ -270,10 +270,23 @@ fn emu_embed_runs_the_transformers_with_the_gpu_kernels() {
             );
         }
     }
+    // Enformer: conv tower, attention pooling, relative-position transformer, all with the GPU kernels.
+    let (reference, meta) = tensors(&fixture("enformer").join("reference.safetensors"));
+    let seqs: Vec<String> = meta["sequences"].split('\n').map(String::from).collect();
+    let refs: Vec<&str> = seqs.iter().map(String::as_str).collect();
     let mut enf = Embedder::load(ModelKind::Enformer, &fixture("enformer"), None).unwrap();
-    let err = enf
-        .to_device(isoformer_engine::Device::Emulator)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("Enformer runs on the CPU"), "{err}");
+    enf.to_device(isoformer_engine::Device::Emulator).unwrap();
+    let got = enf.embed(&refs, Pool::None).unwrap();
+    let want = &reference["embeddings"].1;
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let err = got
+        .concat()
+        .iter()
+        .zip(want)
+        .fold(0.0f32, |m, (g, w)| m.max((g - w).abs()));
+    println!("enformer on the emulator: error {err:.3e}, scale {scale:.3e}");
+    assert!(
+        err <= scale / 64.0,
+        "enformer: error {err:.3e} vs scale {scale:.3e}"
+    );
 }

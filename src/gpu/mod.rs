@@ -9,6 +9,7 @@ pub mod block;
 pub mod cuda;
 pub mod emulator;
 pub mod encoder;
+pub mod enformer;
 pub mod ops;
 
 use crate::Result;

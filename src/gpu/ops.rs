@@ -1339,3 +1339,39 @@ pub fn scale_rows<D: KernelDevice>(
         ],
     )
 }
+
+/// Enformer's relative-position attention bias `[B, H, n, n]` (f32) from `q_pos [B, n, H, dk]` and
+/// `rel_k [2n−1, H, dk]` (bf16).
+pub fn relative_logits<D: KernelDevice>(
+    dev: &D,
+    bias: &D::Buffer,
+    q_pos: &D::Buffer,
+    rel_k: &D::Buffer,
+    batch: usize,
+    heads: usize,
+    n: usize,
+    dk: usize,
+) -> Result<()> {
+    check_len(
+        "relative_logits",
+        "bias (bytes)",
+        bias.len_bytes(),
+        batch * heads * n * n * F32,
+    )?;
+    check_bf16("relative_logits", "q_pos", q_pos, batch * n * heads * dk)?;
+    check_bf16("relative_logits", "rel_k", rel_k, (2 * n - 1) * heads * dk)?;
+    let args = [
+        ptr(bias),
+        ptr(q_pos),
+        ptr(rel_k),
+        Arg::I32(batch as i32),
+        Arg::I32(heads as i32),
+        Arg::I32(n as i32),
+        Arg::I32(dk as i32),
+    ];
+    dev.launch(
+        "relative_logits_f32",
+        elementwise_config(batch * heads * n * n),
+        &args,
+    )
+}

@@ -91,6 +91,8 @@ enum Network {
 enum DeviceNet {
     Emu(Box<crate::gpu::encoder::DeviceEncoder<crate::gpu::emulator::EmuDevice>>),
     Cuda(Box<crate::gpu::encoder::DeviceEncoder<crate::gpu::cuda::CudaDevice>>),
+    EmuEnformer(Box<crate::gpu::enformer::DeviceEnformer<crate::gpu::emulator::EmuDevice>>),
+    CudaEnformer(Box<crate::gpu::enformer::DeviceEnformer<crate::gpu::cuda::CudaDevice>>),
 }
 
 pub struct Embedder {
@@ -205,30 +207,38 @@ impl Embedder {
         trunk.set_tf_gammas(data)
     }
 
-    /// Runs the model on `device` from now on: the CPU, or (ESM-2 and NT-v2) the emulator or a GPU, with the
-    /// weights uploaded as bf16. Enformer runs on the CPU in this version.
+    /// Runs the model on `device` from now on: the CPU (f32), or the emulator or a GPU, with the weights
+    /// uploaded as bf16 and the GPU kernels.
     pub fn to_device(&mut self, device: crate::Device) -> Result<()> {
+        use crate::gpu::cuda::CudaDevice;
+        use crate::gpu::emulator::EmuDevice;
         use crate::gpu::encoder::DeviceEncoder;
-        let Network::Transformer { encoder, .. } = &self.network else {
-            return match device {
-                crate::Device::Cpu => Ok(()),
-                other => Err(Error::Device(format!("Enformer runs on the CPU in this version ({other} requested); use --device cpu"))),
-            };
-        };
-        self.device_net = match device {
-            crate::Device::Cpu => None,
-            crate::Device::Emulator => Some(DeviceNet::Emu(Box::new(DeviceEncoder::upload(
-                crate::gpu::emulator::EmuDevice::default(),
-                encoder,
-                &self.params,
-                self.max_tokens,
-            )?))),
-            crate::Device::Cuda(i) => Some(DeviceNet::Cuda(Box::new(DeviceEncoder::upload(
-                crate::gpu::cuda::CudaDevice::new(i)?,
-                encoder,
-                &self.params,
-                self.max_tokens,
-            )?))),
+        use crate::gpu::enformer::DeviceEnformer;
+        let (params, max_tokens) = (&self.params, self.max_tokens);
+        self.device_net = match (&self.network, device) {
+            (_, crate::Device::Cpu) => None,
+            (Network::Transformer { encoder, .. }, crate::Device::Emulator) => {
+                Some(DeviceNet::Emu(Box::new(DeviceEncoder::upload(
+                    EmuDevice::default(),
+                    encoder,
+                    params,
+                    max_tokens,
+                )?)))
+            }
+            (Network::Transformer { encoder, .. }, crate::Device::Cuda(i)) => {
+                Some(DeviceNet::Cuda(Box::new(DeviceEncoder::upload(
+                    CudaDevice::new(i)?,
+                    encoder,
+                    params,
+                    max_tokens,
+                )?)))
+            }
+            (Network::Enformer(trunk), crate::Device::Emulator) => Some(DeviceNet::EmuEnformer(
+                Box::new(DeviceEnformer::upload(EmuDevice::default(), trunk, params)?),
+            )),
+            (Network::Enformer(trunk), crate::Device::Cuda(i)) => Some(DeviceNet::CudaEnformer(
+                Box::new(DeviceEnformer::upload(CudaDevice::new(i)?, trunk, params)?),
+            )),
         };
         Ok(())
     }
@@ -278,7 +288,7 @@ impl Embedder {
                         device_hidden = d.forward(&ids, &lens, len)?;
                         &device_hidden
                     }
-                    None => {
+                    Some(DeviceNet::EmuEnformer(_) | DeviceNet::CudaEnformer(_)) | None => {
                         encoder.forward(&self.params, &ids, &lens, len, &mut acts, false)?;
                         acts.hidden()
                     }
@@ -317,11 +327,17 @@ impl Embedder {
                     dna_one_hot(s.as_bytes(), &mut row);
                     one_hot.extend_from_slice(&row);
                 }
-                let acts = trunk.forward(&self.params, &one_hot, seqs.len(), len, false)?;
-                let bins = acts.out_len;
+                let (embeddings, bins) = match &self.device_net {
+                    Some(DeviceNet::EmuEnformer(d)) => d.forward(&one_hot, seqs.len(), len)?,
+                    Some(DeviceNet::CudaEnformer(d)) => d.forward(&one_hot, seqs.len(), len)?,
+                    _ => {
+                        let acts = trunk.forward(&self.params, &one_hot, seqs.len(), len, false)?;
+                        (acts.embeddings, acts.out_len)
+                    }
+                };
                 Ok((0..seqs.len())
                     .map(|b| {
-                        let rows = &acts.embeddings[b * bins * h..(b + 1) * bins * h];
+                        let rows = &embeddings[b * bins * h..(b + 1) * bins * h];
                         match pool {
                             Pool::Mean => mean_rows(rows, h),
                             _ => rows.to_vec(),

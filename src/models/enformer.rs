@@ -1056,7 +1056,7 @@ impl EnformerTrunk {
 }
 
 /// Rows kept by enformer-pytorch's `TargetLengthCrop`: `(start, count)`.
-fn crop_range(n: usize, target: usize) -> (usize, usize) {
+pub(crate) fn crop_range(n: usize, target: usize) -> (usize, usize) {
     let trim = (target as i64 - n as i64).div_euclid(2); // ≤ 0
     if trim == 0 {
         return (0, n);
