@@ -122,21 +122,6 @@ impl<B> BlockActs<B> {
     }
 }
 
-fn copy<D: KernelDevice>(dev: &D, dst: &D::Buffer, src: &D::Buffer, n: usize) -> Result<()> {
-    // fill_rows with a single row of n elements is a copy.
-    use super::DeviceBuffer;
-    dev.launch(
-        "fill_rows_bf16",
-        LaunchConfig::linear(n.div_ceil(256).clamp(1, 65_535) as u32, 256, 0),
-        &[
-            Arg::Ptr(dst.ptr()),
-            Arg::Ptr(src.ptr()),
-            Arg::I64(1),
-            Arg::I32(n as i32),
-        ],
-    )
-}
-
 fn linear_forward<D: KernelDevice>(
     dev: &D,
     y: &D::Buffer,
@@ -316,22 +301,7 @@ pub fn forward<D: KernelDevice>(
         }
     }
     linear_forward(dev, &a.out, &a.ff_act, &p.ff2, n)?;
-    add_in_place(dev, &a.out, &a.mid, n * h)
-}
-
-/// `acc += x` (bf16).
-fn add_in_place<D: KernelDevice>(dev: &D, acc: &D::Buffer, x: &D::Buffer, n: usize) -> Result<()> {
-    use super::DeviceBuffer;
-    dev.launch(
-        "bias_add_bf16",
-        LaunchConfig::linear(n.div_ceil(256).clamp(1, 65_535) as u32, 256, 0),
-        &[
-            Arg::Ptr(acc.ptr()),
-            Arg::Ptr(x.ptr()),
-            Arg::I64(1),
-            Arg::I32(n as i32),
-        ],
-    )
+    ops::bias_add(dev, &a.out, &a.mid, 1, n * h)
 }
 
 /// Backward of one block: from `dout` (bf16), adds parameter gradients and writes the input gradient into
@@ -360,7 +330,7 @@ pub fn backward<D: KernelDevice>(
     let d_ln2 = bf(n * h)?;
     linear_backward(dev, &d_ln2, &d_pre, &a.ln2, &p.ff1, n)?;
     let d_mid = bf(n * h)?;
-    copy(dev, &d_mid, dout, n * h)?;
+    ops::copy_at(dev, &d_mid, 0, dout, 0, n * h)?;
     let scratch = dev.alloc_zeroed(ops::layernorm_backward_scratch_bytes(n, h))?;
     ops::layernorm_backward(
         dev,
@@ -410,7 +380,7 @@ pub fn backward<D: KernelDevice>(
     linear_backward(dev, &d_ln1, &dq, &a.ln1, &p.q, n)?;
     linear_backward(dev, &d_ln1, &dk, &a.ln1, &p.k, n)?;
     linear_backward(dev, &d_ln1, &dv, &a.ln1, &p.v, n)?;
-    copy(dev, dx, &d_mid, n * h)?;
+    ops::copy_at(dev, dx, 0, &d_mid, 0, n * h)?;
     ops::layernorm_backward(
         dev,
         dx,

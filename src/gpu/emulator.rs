@@ -169,7 +169,6 @@ impl KernelDevice for EmuDevice {
     ) -> Result<()> {
         check_linear(y, x, w, bias, rows, d_in, d_out)?;
         let n = rows * d_out;
-        let cfg = LaunchConfig::linear(n.div_ceil(256).clamp(1, 65_535) as u32, 256, 0);
         // Bias first, the GEMM accumulating onto it (one rounding), then ReLU from a separate buffer.
         let pre = if relu {
             self.alloc_zeroed(n * 2)?
@@ -177,16 +176,7 @@ impl KernelDevice for EmuDevice {
             EmuBuffer::zeroed(0)?
         };
         let target = if relu { &pre } else { y };
-        self.launch(
-            "fill_rows_bf16",
-            cfg,
-            &[
-                Arg::Ptr(target.ptr()),
-                Arg::Ptr(bias.ptr()),
-                Arg::I64(rows as i64),
-                Arg::I32(d_out as i32),
-            ],
-        )?;
+        super::ops::fill_rows(self, target, bias, rows, d_out)?;
         self.gemm(
             target,
             false,
@@ -203,16 +193,7 @@ impl KernelDevice for EmuDevice {
             true,
         )?;
         if relu {
-            self.launch(
-                "act_forward_bf16",
-                cfg,
-                &[
-                    Arg::Ptr(y.ptr()),
-                    Arg::Ptr(pre.ptr()),
-                    Arg::I64(n as i64),
-                    Arg::I32(2),
-                ],
-            )?;
+            super::ops::act_forward(self, y, &pre, n, super::ops::Act::Relu)?;
         }
         Ok(())
     }

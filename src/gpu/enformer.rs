@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use half::bf16;
 
-use super::{ops, Arg, DeviceBuffer, KernelDevice, KernelDeviceExt, LaunchConfig, MatmulDims};
+use super::{ops, KernelDevice, KernelDeviceExt, MatmulDims};
 use crate::models::enformer::{crop_range, EnformerTrunk};
 use crate::models::weights::ModelParams;
 use crate::ops::conv::Conv1dDims;
@@ -24,10 +24,6 @@ pub struct DeviceEnformer<D: KernelDevice> {
     trunk: EnformerTrunk,
     /// Weights by layout name: bf16, except batchnorm running statistics (f32).
     w: HashMap<String, D::Buffer>,
-}
-
-fn cfg_for(n: usize) -> LaunchConfig {
-    LaunchConfig::linear(n.div_ceil(256).clamp(1, 65_535) as u32, 256, 0)
 }
 
 impl<D: KernelDevice> DeviceEnformer<D> {
@@ -115,19 +111,6 @@ impl<D: KernelDevice> DeviceEnformer<D> {
         Ok(out)
     }
 
-    fn add_in_place(&self, acc: &D::Buffer, x: &D::Buffer, n: usize) -> Result<()> {
-        self.dev.launch(
-            "bias_add_bf16",
-            cfg_for(n),
-            &[
-                Arg::Ptr(acc.ptr()),
-                Arg::Ptr(x.ptr()),
-                Arg::I64(1),
-                Arg::I32(n as i32),
-            ],
-        )
-    }
-
     fn pool(
         &self,
         name: &str,
@@ -198,7 +181,7 @@ impl<D: KernelDevice> DeviceEnformer<D> {
         )?;
         drop(cols);
         let r = self.conv_block("stem.1.fn.", &stem, batch, len, half, half, 1)?;
-        self.add_in_place(&r, &stem, batch * len * half)?;
+        ops::bias_add(dev, &r, &stem, 1, batch * len * half)?;
         let mut x = self.pool("stem.2.to_attn_logits.weight", &r, batch, len, half)?;
         len /= 2;
         // Tower.
@@ -214,7 +197,7 @@ impl<D: KernelDevice> DeviceEnformer<D> {
                 w[1],
                 1,
             )?;
-            self.add_in_place(&z, &y, batch * len * w[1])?;
+            ops::bias_add(dev, &z, &y, 1, batch * len * w[1])?;
             x = self.pool(
                 &format!("conv_tower.{t}.2.to_attn_logits.weight"),
                 &z,
@@ -288,26 +271,8 @@ impl<D: KernelDevice> DeviceEnformer<D> {
             ops::scale_rows(dev, &q, &scales, rows, heads * dk)?;
             let (qc, qp) = (self.bf(rows * heads * dk)?, self.bf(rows * heads * dk)?);
             for (dst, bias_name) in [(&qc, "1.rel_content_bias"), (&qp, "1.rel_pos_bias")] {
-                dev.launch(
-                    "fill_rows_bf16",
-                    cfg_for(rows * heads * dk),
-                    &[
-                        Arg::Ptr(dst.ptr()),
-                        Arg::Ptr(q.ptr()),
-                        Arg::I64(1),
-                        Arg::I32((rows * heads * dk) as i32),
-                    ],
-                )?;
-                dev.launch(
-                    "bias_add_bf16",
-                    cfg_for(rows * heads * dk),
-                    &[
-                        Arg::Ptr(dst.ptr()),
-                        Arg::Ptr(g(bias_name)?.ptr()),
-                        Arg::I64(rows as i64),
-                        Arg::I32((heads * dk) as i32),
-                    ],
-                )?;
+                ops::copy_at(dev, dst, 0, &q, 0, rows * heads * dk)?;
+                ops::bias_add(dev, dst, g(bias_name)?, rows, heads * dk)?;
             }
             let rel_k = self.bf((2 * n - 1) * heads * dk)?;
             dev.gemm(
@@ -362,7 +327,7 @@ impl<D: KernelDevice> DeviceEnformer<D> {
                 dim,
                 false,
             )?;
-            self.add_in_place(&mid, &x, rows * dim)?;
+            ops::bias_add(dev, &mid, &x, 1, rows * dim)?;
             let gf = |s: &str| self.get(&format!("{f}{s}"));
             let ln2 = self.bf(rows * dim)?;
             ops::layernorm_forward(
@@ -399,26 +364,20 @@ impl<D: KernelDevice> DeviceEnformer<D> {
                 dim,
                 false,
             )?;
-            self.add_in_place(&out, &mid, rows * dim)?;
+            ops::bias_add(dev, &out, &mid, 1, rows * dim)?;
             x = out;
         }
         // Crop, then the final pointwise block and GELUσ.
         let (start, out_len) = crop_range(n, cfg.target_length);
         let cropped = self.bf(batch * out_len * dim)?;
         for b in 0..batch {
-            let (src, dst) = (
-                x.ptr() + ((b * n + start) * dim * 2) as u64,
-                cropped.ptr() + (b * out_len * dim * 2) as u64,
-            );
-            dev.launch(
-                "fill_rows_bf16",
-                cfg_for(out_len * dim),
-                &[
-                    Arg::Ptr(dst),
-                    Arg::Ptr(src),
-                    Arg::I64(1),
-                    Arg::I32((out_len * dim) as i32),
-                ],
+            ops::copy_at(
+                dev,
+                &cropped,
+                b * out_len * dim,
+                &x,
+                (b * n + start) * dim,
+                out_len * dim,
             )?;
         }
         let last = *filters.last().expect("filters");

@@ -1375,3 +1375,84 @@ pub fn relative_logits<D: KernelDevice>(
         &args,
     )
 }
+
+/// `out[r, :] = row` for `rows` rows of `cols` (a bias before a GEMM accumulates onto it; `rows = 1` copies).
+pub fn fill_rows<D: KernelDevice>(
+    dev: &D,
+    out: &D::Buffer,
+    row: &D::Buffer,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
+    check_bf16("fill_rows", "out", out, rows * cols)?;
+    check_bf16("fill_rows", "row", row, cols)?;
+    dev.launch(
+        "fill_rows_bf16",
+        elementwise_config(rows * cols),
+        &[
+            ptr(out),
+            ptr(row),
+            Arg::I64(rows as i64),
+            Arg::I32(cols as i32),
+        ],
+    )
+}
+
+/// `dst = src` for `n` bf16 values, at element offsets (views into larger buffers).
+pub fn copy_at<D: KernelDevice>(
+    dev: &D,
+    dst: &D::Buffer,
+    dst_offset: usize,
+    src: &D::Buffer,
+    src_offset: usize,
+    n: usize,
+) -> Result<()> {
+    check_len(
+        "copy",
+        "dst (bytes)",
+        dst.len_bytes().max((dst_offset + n) * BF16),
+        dst.len_bytes(),
+    )?;
+    check_len(
+        "copy",
+        "src (bytes)",
+        src.len_bytes().max((src_offset + n) * BF16),
+        src.len_bytes(),
+    )?;
+    let (d, s) = (
+        Arg::Ptr(dst.ptr() + (dst_offset * BF16) as u64),
+        Arg::Ptr(src.ptr() + (src_offset * BF16) as u64),
+    );
+    dev.launch(
+        "fill_rows_bf16",
+        elementwise_config(n),
+        &[d, s, Arg::I64(1), Arg::I32(n as i32)],
+    )
+}
+
+/// `out[r, c] += bias[c]`; with `rows = 1` and `cols = n`, `out += x` (residuals).
+pub fn bias_add<D: KernelDevice>(
+    dev: &D,
+    out: &D::Buffer,
+    bias: &D::Buffer,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
+    check_bf16("bias_add", "out", out, rows * cols)?;
+    check_len(
+        "bias_add",
+        "bias (bytes)",
+        bias.len_bytes().max(cols * BF16),
+        bias.len_bytes(),
+    )?;
+    dev.launch(
+        "bias_add_bf16",
+        elementwise_config(rows * cols),
+        &[
+            ptr(out),
+            ptr(bias),
+            Arg::I64(rows as i64),
+            Arg::I32(cols as i32),
+        ],
+    )
+}
