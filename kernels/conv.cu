@@ -6,6 +6,8 @@
 //   (each output gathers its K contributions: deterministic).
 // column_sum_bf16_f32(out, m, rows, cols): out[c] += Σ_r m[r, c] (bias gradients), rows in order.
 // batchnorm_stats_f32(mean, var, x, rows, channels): biased batch statistics per channel (training mode).
+// batchnorm_running_update_f32(running_mean, running_var, mean, var, rows, channels, momentum): the update of
+//   the running statistics after a training step (unbiased variance).
 // batchnorm_forward_bf16(out, x, mean, var, gamma, beta, rows, channels, eps): out = (x − mean)/√(var+eps)·γ + β
 //   (train: batch statistics from batchnorm_stats_f32; eval: running statistics).
 // batchnorm_backward_bf16(dx, dgamma_dbeta, dout, x, mean, var, gamma, rows, channels, train, eps): dgamma/dbeta
@@ -63,6 +65,17 @@ extern "C" __global__ void batchnorm_stats_f32(float* __restrict__ mean, float* 
     }
     mean[c] = mu;
     var[c] = q / rows;
+}
+
+// running = (1 − momentum)·running + momentum·batch, with the unbiased batch variance (PyTorch's rule).
+extern "C" __global__ void batchnorm_running_update_f32(float* __restrict__ running_mean, float* __restrict__ running_var,
+                                                        const float* __restrict__ mean, const float* __restrict__ var,
+                                                        long long rows, int channels, float momentum) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= channels) return;
+    float unbias = rows > 1 ? (float)rows / (float)(rows - 1) : 1.0f;
+    running_mean[c] = (1.0f - momentum) * running_mean[c] + momentum * mean[c];
+    running_var[c] = (1.0f - momentum) * running_var[c] + momentum * var[c] * unbias;
 }
 
 extern "C" __global__ void batchnorm_forward_bf16(bf16* __restrict__ out, const bf16* __restrict__ x, const float* __restrict__ mean,
@@ -153,6 +166,7 @@ EMU_REGISTER(im2col_bf16)
 EMU_REGISTER(col2im_bf16)
 EMU_REGISTER(column_sum_bf16_f32)
 EMU_REGISTER(batchnorm_stats_f32)
+EMU_REGISTER(batchnorm_running_update_f32)
 EMU_REGISTER(batchnorm_forward_bf16)
 EMU_REGISTER(batchnorm_backward_bf16)
 EMU_REGISTER(attention_pool_forward_bf16)

@@ -41,10 +41,16 @@ extern "C" __global__ void selftest_ballot_half(unsigned* __restrict__ ballot, i
     unsigned m = __ballot_sync(0xffffffffu, t % 2 == 1);
     int any = __any_sync(0xffffffffu, t == 5);
     int all = __all_sync(0xffffffffu, t < n);
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    int sum = __reduce_add_sync(0xffffffffu, t % 32);  // 0 + 1 + … + 31 = 496
+    int mx = __reduce_max_sync(0xffffffffu, t);
+#else
+    int sum = 496, mx = t | 31;
+#endif
     if (threadIdx.x % 32 == 0) {
         int w = t / 32;
         ballot[w] = m;
-        flags[2 * w] = any;
+        flags[2 * w] = any + 1000 * (sum == 496) + 10000 * (mx == t + 31);
         flags[2 * w + 1] = all + 2 * __popc(m);
     }
     if (t < n) {

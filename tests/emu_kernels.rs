@@ -1087,7 +1087,11 @@ fn check_ballot_and_half<D: KernelDevice>(dev: &D) {
         .chunks_exact(4)
         .map(|c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
-    assert_eq!(f, vec![1, 1 + 32, 0, 32], "any/all/popc per warp");
+    assert_eq!(
+        f,
+        vec![11001, 1 + 32, 11000, 32],
+        "any/all/popc and reduce add/max per warp"
+    );
     let got: Vec<u16> = dev
         .download(&bits)
         .unwrap()

@@ -93,6 +93,18 @@ inline unsigned __ballot_sync(unsigned mask, int pred) { return emu::warp_ballot
 inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
 inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == __ballot_sync(mask, 1); }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
+// sm_80 warp reductions: a butterfly of exchanges, as the hardware result is defined (sum, min, max).
+inline int emu_reduce(int v, int (*op)(int, int)) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        int lane = emu::lane_id();
+        uint64_t got = emu::warp_exchange(uint64_t(uint32_t(v)), lane ^ offset);
+        v = op(v, int(uint32_t(got)));
+    }
+    return v;
+}
+inline int __reduce_add_sync(unsigned, int v) { return emu_reduce(v, [](int a, int b) { return a + b; }); }
+inline int __reduce_min_sync(unsigned, int v) { return emu_reduce(v, [](int a, int b) { return a < b ? a : b; }); }
+inline int __reduce_max_sync(unsigned, int v) { return emu_reduce(v, [](int a, int b) { return a > b ? a : b; }); }
 
 template <typename T>
 inline T atomicAdd(T* addr, T v) {

@@ -1456,3 +1456,44 @@ pub fn bias_add<D: KernelDevice>(
         ],
     )
 }
+
+/// After a training step: `running = (1 − momentum)·running + momentum·batch` (unbiased variance), from the
+/// batch statistics of [`batchnorm_stats`].
+pub fn batchnorm_running_update<D: KernelDevice>(
+    dev: &D,
+    running_mean: &D::Buffer,
+    running_var: &D::Buffer,
+    mean: &D::Buffer,
+    var: &D::Buffer,
+    rows: usize,
+    channels: usize,
+    momentum: f32,
+) -> Result<()> {
+    for (name, b) in [
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("mean", mean),
+        ("var", var),
+    ] {
+        check_len(
+            "batchnorm_running_update",
+            &format!("{name} (bytes)"),
+            b.len_bytes(),
+            channels * F32,
+        )?;
+    }
+    let args = [
+        ptr(running_mean),
+        ptr(running_var),
+        ptr(mean),
+        ptr(var),
+        Arg::I64(rows as i64),
+        Arg::I32(channels as i32),
+        Arg::F32(momentum),
+    ];
+    dev.launch(
+        "batchnorm_running_update_f32",
+        LaunchConfig::linear(channels.div_ceil(128) as u32, 128, 0),
+        &args,
+    )
+}
