@@ -1497,3 +1497,19 @@ pub fn batchnorm_running_update<D: KernelDevice>(
         &args,
     )
 }
+
+/// bf16 → f32 (exact).
+pub fn cast_to_f32<D: KernelDevice>(
+    dev: &D,
+    out: &D::Buffer,
+    input: &D::Buffer,
+    n: usize,
+) -> Result<()> {
+    check_len("cast_to_f32", "out (bytes)", out.len_bytes(), n * F32)?;
+    check_bf16("cast_to_f32", "input", input, n)?;
+    dev.launch(
+        "cast_bf16_to_f32",
+        elementwise_config(n),
+        &[ptr(out), ptr(input), Arg::I64(n as i64)],
+    )
+}
