@@ -16,6 +16,47 @@ pub enum DataCommand {
     Export(ExportArgs),
 }
 
+/// `prepare`: build GTEx_final.csv from the raw public files.
+#[derive(Args, Debug)]
+pub struct PrepareArgs {
+    /// GTEx transcript TPM GCT (decompressed), e.g. GTEx_Analysis_2017-06-05_v8_RSEMv1.3.0_transcript_tpm.gct
+    #[arg(long)]
+    pub gct: PathBuf,
+    /// GTEx sample attributes (SAMPID → SMTS tissue), e.g. GTEx_Analysis_v8_Annotations_SampleAttributesDS.txt
+    #[arg(long)]
+    pub attributes: PathBuf,
+    /// GENCODE GTF (decompressed) matching the GCT's transcripts (v26 for GTEx v8).
+    #[arg(long)]
+    pub gtf: PathBuf,
+    /// hg38 genome FASTA.
+    #[arg(long)]
+    pub genome: PathBuf,
+    /// Output directory (receives GTEx_final.csv).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Seed of the 90/5/5 gene split.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+pub fn run_prepare(a: PrepareArgs) -> Result<()> {
+    let inputs = crate::data::prepare::PrepareInputs {
+        gct: a.gct,
+        attributes: a.attributes,
+        gtf: a.gtf,
+        genome: a.genome,
+        out_dir: a.out.clone(),
+        seed: a.seed,
+        cache_dir: crate::data::fasta::default_cache_dir(),
+    };
+    let n = crate::data::prepare::prepare(&inputs)?;
+    eprintln!(
+        "wrote {n} transcripts to {}",
+        a.out.join("GTEx_final.csv").display()
+    );
+    Ok(())
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct DataArgs {
     /// Directory with GTEx_final.csv (or train/validation/test *.tsv files).

@@ -26,6 +26,8 @@ pub enum Command {
     Bench(bench::BenchCommand),
     /// Embed DNA (Enformer), RNA (NT-v2) or protein (ESM-2) sequences.
     Embed(embed::EmbedArgs),
+    /// Build GTEx_final.csv from the GTEx TPM GCT, sample attributes, a GENCODE GTF and the genome.
+    Prepare(data::PrepareArgs),
     /// Validate and export datasets.
     #[command(subcommand)]
     Data(data::DataCommand),
@@ -37,6 +39,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Data(cmd) => data::run(cmd),
+        Command::Prepare(args) => data::run_prepare(args),
         Command::Embed(args) => embed::run(args),
         Command::Info => {
             info();

@@ -5,6 +5,7 @@ pub mod dataset;
 pub mod export;
 pub mod fasta;
 pub mod loader;
+pub mod prepare;
 pub mod records;
 pub mod sequences;
 pub mod window;
