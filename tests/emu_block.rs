@@ -284,6 +284,10 @@ fn gpu_whole_transformer_block_when_a_gpu_is_present() {
         Ok(dev) => {
             whole_block(&dev);
         }
-        Err(e) => println!("skipped: no GPU run ({e})"),
+        // Written to stderr directly, past the test harness's capture, so the skip shows in every run.
+        Err(e) => {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "skipped: no GPU run ({e})");
+        }
     }
 }

@@ -1167,6 +1167,10 @@ fn gpu_kernels_when_a_gpu_is_present() {
             check_flash_attention(&dev);
             check_remaining_ops(&dev);
         }
-        Err(e) => println!("skipped: no GPU run ({e})"),
+        // Written to stderr directly, past the test harness's capture, so the skip shows in every run.
+        Err(e) => {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "skipped: no GPU run ({e})");
+        }
     }
 }
