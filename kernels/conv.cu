@@ -3,7 +3,8 @@
 //
 // im2col_bf16(cols, x, batch, len, cin, k): cols[b·L + l, ci·K + t] = x[b, l + t − K/2, ci] (zero outside).
 // col2im_bf16(dx, dcols, batch, len, cin, k): dx[b, l, ci] += Σ_t dcols[b·L + l − t + K/2, ci·K + t]
-//   (each output gathers its K contributions: deterministic).
+//   (dcols in f32, straight from the GEMM, so dx is rounded once; each output gathers its K contributions in
+//   order: deterministic).
 // column_sum_bf16_f32(out, m, rows, cols): out[c] += Σ_r m[r, c] (bias gradients), rows in order.
 // batchnorm_stats_f32(mean, var, x, rows, channels): biased batch statistics per channel (training mode).
 // batchnorm_running_update_f32(running_mean, running_var, mean, var, rows, channels, momentum): the update of
@@ -13,9 +14,10 @@
 // batchnorm_backward_bf16(dx, dgamma_dbeta, dout, x, mean, var, gamma, rows, channels, train, eps): dgamma/dbeta
 //   (f32, [2, C]) and dx += …; one block per 32 channels, rows walked in order: deterministic.
 // attention_pool_forward_bf16(out, logits, x, batch, len, channels): out[b, j, c] = Σ_p softmax_p(logits)·x
-//   over positions 2j, 2j+1 (an odd tail has one); logits = x·Wᵀ comes from a GEMM.
-// attention_pool_backward_bf16(dx, dlogits, dout, x, logits, batch, len, channels): dx += direct term,
-//   dlogits = the softmax gradient (then dx += dlogits·W and dW += dlogitsᵀ·x by GEMM).
+//   over positions 2j, 2j+1 (an odd tail has one); logits = x·Wᵀ comes from a GEMM, in f32.
+// attention_pool_backward_bf16(dx, dlogits_hi, dlogits_lo, dout, x, logits, batch, len, channels): dx += the
+//   direct term; the softmax gradient dlogits as two bf16 terms hi + lo (hi = bf16(g), lo = bf16(g − hi)), so
+//   the GEMMs that follow (dx += dlogits·W, dW += dlogitsᵀ·x) keep its f32 accuracy.
 #include "common.cuh"
 
 #define GRID_STRIDE(i, n) for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
@@ -30,7 +32,7 @@ extern "C" __global__ void im2col_bf16(bf16* __restrict__ cols, const bf16* __re
     }
 }
 
-extern "C" __global__ void col2im_bf16(bf16* __restrict__ dx, const bf16* __restrict__ dcols, int batch, int len, int cin, int k) {
+extern "C" __global__ void col2im_bf16(bf16* __restrict__ dx, const float* __restrict__ dcols, int batch, int len, int cin, int k) {
     GRID_STRIDE(i, (long long)batch * len * cin) {
         int ci = (int)(i % cin);
         long long r = i / cin;
@@ -38,7 +40,7 @@ extern "C" __global__ void col2im_bf16(bf16* __restrict__ dx, const bf16* __rest
         float s = 0.0f;
         for (int t = 0; t < k; ++t) {
             int out_l = l - t + k / 2;
-            if (out_l >= 0 && out_l < len) s += to_f32(dcols[((size_t)b * len + out_l) * cin * k + (size_t)ci * k + t]);
+            if (out_l >= 0 && out_l < len) s += dcols[((size_t)b * len + out_l) * cin * k + (size_t)ci * k + t];
         }
         dx[i] = to_bf16(to_f32(dx[i]) + s);
     }
@@ -122,7 +124,7 @@ __device__ __forceinline__ void pool_weights(float l0, float l1, bool pair, floa
     *a1 = e1 / (e0 + e1);
 }
 
-extern "C" __global__ void attention_pool_forward_bf16(bf16* __restrict__ out, const bf16* __restrict__ logits, const bf16* __restrict__ x,
+extern "C" __global__ void attention_pool_forward_bf16(bf16* __restrict__ out, const float* __restrict__ logits, const bf16* __restrict__ x,
                                                        int batch, int len, int channels) {
     int out_len = (len + 1) / 2;
     GRID_STRIDE(i, (long long)batch * out_len * channels) {
@@ -132,14 +134,14 @@ extern "C" __global__ void attention_pool_forward_bf16(bf16* __restrict__ out, c
         size_t p0 = ((size_t)b * len + 2 * j) * channels + c;
         bool pair = 2 * j + 1 < len;
         float a0, a1;
-        pool_weights(to_f32(logits[p0]), pair ? to_f32(logits[p0 + channels]) : 0.0f, pair, &a0, &a1);
+        pool_weights(logits[p0], pair ? logits[p0 + channels] : 0.0f, pair, &a0, &a1);
         out[i] = to_bf16(a0 * to_f32(x[p0]) + (pair ? a1 * to_f32(x[p0 + channels]) : 0.0f));
     }
 }
 
-extern "C" __global__ void attention_pool_backward_bf16(bf16* __restrict__ dx, bf16* __restrict__ dlogits, const bf16* __restrict__ dout,
-                                                        const bf16* __restrict__ x, const bf16* __restrict__ logits, int batch, int len,
-                                                        int channels) {
+extern "C" __global__ void attention_pool_backward_bf16(bf16* __restrict__ dx, bf16* __restrict__ dlogits_hi, bf16* __restrict__ dlogits_lo,
+                                                        const bf16* __restrict__ dout, const bf16* __restrict__ x,
+                                                        const float* __restrict__ logits, int batch, int len, int channels) {
     int out_len = (len + 1) / 2;
     GRID_STRIDE(i, (long long)batch * out_len * channels) {
         int c = (int)(i % channels);
@@ -148,16 +150,20 @@ extern "C" __global__ void attention_pool_backward_bf16(bf16* __restrict__ dx, b
         size_t p0 = ((size_t)b * len + 2 * j) * channels + c;
         bool pair = 2 * j + 1 < len;
         float a0, a1;
-        pool_weights(to_f32(logits[p0]), pair ? to_f32(logits[p0 + channels]) : 0.0f, pair, &a0, &a1);
+        pool_weights(logits[p0], pair ? logits[p0 + channels] : 0.0f, pair, &a0, &a1);
         float g = to_f32(dout[i]), x0 = to_f32(x[p0]);
         dx[p0] = to_bf16(to_f32(dx[p0]) + g * a0);
         if (pair) {
             float x1 = to_f32(x[p0 + channels]), y = a0 * x0 + a1 * x1;
             dx[p0 + channels] = to_bf16(to_f32(dx[p0 + channels]) + g * a1);
-            dlogits[p0] = to_bf16(g * a0 * (x0 - y));
-            dlogits[p0 + channels] = to_bf16(g * a1 * (x1 - y));
+            float d0 = g * a0 * (x0 - y), d1 = g * a1 * (x1 - y);
+            dlogits_hi[p0] = to_bf16(d0);
+            dlogits_lo[p0] = to_bf16(d0 - to_f32(dlogits_hi[p0]));
+            dlogits_hi[p0 + channels] = to_bf16(d1);
+            dlogits_lo[p0 + channels] = to_bf16(d1 - to_f32(dlogits_hi[p0 + channels]));
         } else {
-            dlogits[p0] = to_bf16(0.0f);
+            dlogits_hi[p0] = to_bf16(0.0f);
+            dlogits_lo[p0] = to_bf16(0.0f);
         }
     }
 }

@@ -12,6 +12,7 @@
 // fill_rows_bf16(out, row, rows, cols):       out[r, :] = row (a bias, before a GEMM accumulates onto it)
 // scale_rows_bf16(x, scales, rows, cols):     x[r, :] *= scales[r] (f32; embedding masks and token dropout)
 // cast_f32_to_bf16 / cast_bf16_to_f32(out, in, n): round to nearest even / widen.
+// add_f32_to_bf16(out, x, n):                 out += x (an f32 gradient added into bf16, one rounding)
 #include "common.cuh"
 
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
@@ -103,6 +104,10 @@ extern "C" __global__ void add_bf16(bf16* __restrict__ out, const bf16* __restri
     GRID_STRIDE(i, n) out[i] = to_bf16(to_f32(a[i]) + to_f32(b[i]));
 }
 
+extern "C" __global__ void add_f32_to_bf16(bf16* __restrict__ out, const float* __restrict__ x, long long n) {
+    GRID_STRIDE(i, n) out[i] = to_bf16(to_f32(out[i]) + x[i]);
+}
+
 extern "C" __global__ void cast_f32_to_bf16(bf16* __restrict__ out, const float* __restrict__ in, long long n) {
     GRID_STRIDE(i, n) out[i] = to_bf16(in[i]);
 }
@@ -121,4 +126,5 @@ EMU_REGISTER(bias_add_bf16)
 EMU_REGISTER(fill_rows_bf16)
 EMU_REGISTER(scale_rows_bf16)
 EMU_REGISTER(cast_f32_to_bf16)
+EMU_REGISTER(add_f32_to_bf16)
 EMU_REGISTER(cast_bf16_to_f32)

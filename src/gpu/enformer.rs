@@ -124,7 +124,10 @@ impl<D: KernelDevice> DeviceEnformer<D> {
             len,
             channels: c,
         };
-        let (out, logits) = (self.bf(batch * d.out_len() * c)?, self.bf(batch * len * c)?);
+        let (out, logits) = (
+            self.bf(batch * d.out_len() * c)?,
+            self.dev.alloc_zeroed(batch * len * c * 4)?,
+        );
         ops::attention_pool_forward(&self.dev, &out, &logits, x, self.get(name)?, d)?;
         Ok(out)
     }

@@ -868,9 +868,14 @@ pub fn mse_backward<D: KernelDevice>(
 
 pub use crate::ops::conv::Conv1dDims;
 
-/// Bytes of the im2col scratch of [`conv1d_forward`] and [`conv1d_backward`].
+/// Bytes of the im2col scratch of [`conv1d_forward`] and [`conv1d_backward`] (bf16 columns).
 pub fn conv1d_scratch_bytes(d: &Conv1dDims) -> usize {
     d.batch * d.len * d.c_in * d.width * BF16
+}
+
+/// Bytes of the f32 column-gradient scratch of [`conv1d_backward`].
+pub fn conv1d_dcols_bytes(d: &Conv1dDims) -> usize {
+    d.batch * d.len * d.c_in * d.width * F32
 }
 
 /// conv1d ('same', odd width) as im2col + GEMM + bias; weight `[Cout, Cin, K]` bf16.
@@ -934,7 +939,7 @@ pub fn conv1d_forward<D: KernelDevice>(
 }
 
 /// Gradients of [`conv1d_forward`]: `dx += …` (bf16), `dw += …` and `dbias += …` (f32). `cols` must still hold
-/// the forward's im2col of x; `dcols` is scratch of the same size.
+/// the forward's im2col of x; `dcols` is f32 scratch of [`conv1d_dcols_bytes`].
 pub fn conv1d_backward<D: KernelDevice>(
     dev: &D,
     dx: &D::Buffer,
@@ -965,12 +970,13 @@ pub fn conv1d_backward<D: KernelDevice>(
         "conv1d_backward",
         "dcols (bytes)",
         dcols.len_bytes(),
-        conv1d_scratch_bytes(&d),
+        conv1d_dcols_bytes(&d),
     )?;
     let kk = d.c_in * d.width;
+    // dcols stays f32, so dx is rounded to bf16 once, after col2im's sum.
     dev.gemm(
         dcols,
-        false,
+        true,
         dout,
         w,
         MatmulDims {
@@ -1137,7 +1143,8 @@ pub fn batchnorm_backward<D: KernelDevice>(
 
 pub use crate::ops::pool::PoolDims;
 
-/// Enformer's attention pooling: `logits = x·Wᵀ` (GEMM, kept for the backward), then the window softmax.
+/// Enformer's attention pooling: `logits = x·Wᵀ` (GEMM into f32, kept for the backward), then the window
+/// softmax. `logits` holds `batch·len·channels` f32.
 pub fn attention_pool_forward<D: KernelDevice>(
     dev: &D,
     out: &D::Buffer,
@@ -1148,7 +1155,12 @@ pub fn attention_pool_forward<D: KernelDevice>(
 ) -> Result<()> {
     let rows = d.batch * d.len;
     check_bf16("attention_pool", "x", x, rows * d.channels)?;
-    check_bf16("attention_pool", "logits", logits, rows * d.channels)?;
+    check_len(
+        "attention_pool",
+        "logits (bytes)",
+        logits.len_bytes(),
+        rows * d.channels * F32,
+    )?;
     check_bf16(
         "attention_pool",
         "out",
@@ -1158,7 +1170,7 @@ pub fn attention_pool_forward<D: KernelDevice>(
     check_bf16("attention_pool", "weight", w, d.channels * d.channels)?;
     dev.gemm(
         logits,
-        false,
+        true,
         x,
         w,
         MatmulDims {
@@ -1186,12 +1198,14 @@ pub fn attention_pool_forward<D: KernelDevice>(
     )
 }
 
-/// Gradients of [`attention_pool_forward`]: `dx += …` (bf16), `dw += …` (f32); `dlogits` is bf16 scratch.
+/// Gradients of [`attention_pool_forward`]: `dx += …` (bf16), `dw += …` (f32). `dlogits_hi` and `dlogits_lo`
+/// are bf16 scratch of the logits' size: the logit gradient as hi + lo terms, two GEMMs each, for f32 accuracy.
 pub fn attention_pool_backward<D: KernelDevice>(
     dev: &D,
     dx: &D::Buffer,
     dw: &D::Buffer,
-    dlogits: &D::Buffer,
+    dlogits_hi: &D::Buffer,
+    dlogits_lo: &D::Buffer,
     dout: &D::Buffer,
     x: &D::Buffer,
     w: &D::Buffer,
@@ -1202,8 +1216,14 @@ pub fn attention_pool_backward<D: KernelDevice>(
     check_bf16("attention_pool_backward", "dx", dx, rows * d.channels)?;
     check_bf16(
         "attention_pool_backward",
-        "dlogits",
-        dlogits,
+        "dlogits_hi",
+        dlogits_hi,
+        rows * d.channels,
+    )?;
+    check_bf16(
+        "attention_pool_backward",
+        "dlogits_lo",
+        dlogits_lo,
         rows * d.channels,
     )?;
     check_len(
@@ -1214,7 +1234,8 @@ pub fn attention_pool_backward<D: KernelDevice>(
     )?;
     let args = [
         ptr(dx),
-        ptr(dlogits),
+        ptr(dlogits_hi),
+        ptr(dlogits_lo),
         ptr(dout),
         ptr(x),
         ptr(logits),
@@ -1227,35 +1248,44 @@ pub fn attention_pool_backward<D: KernelDevice>(
         elementwise_config(d.batch * d.out_len() * d.channels),
         &args,
     )?;
-    dev.gemm(
-        dx,
-        false,
-        dlogits,
-        w,
-        MatmulDims {
-            batch: 1,
-            m: rows,
-            n: d.channels,
-            k: d.channels,
-            trans_a: false,
-            trans_b: false,
-        },
-        true,
-    )?;
-    dev.gemm(
-        dw,
-        true,
-        dlogits,
-        x,
-        MatmulDims {
-            batch: 1,
-            m: d.channels,
-            n: d.channels,
-            k: rows,
-            trans_a: true,
-            trans_b: false,
-        },
-        true,
+    // dx += dlogits·W summed in f32 before the single rounding: stage it in an f32 buffer.
+    let acc = dev.alloc_zeroed(rows * d.channels * F32)?;
+    for part in [dlogits_hi, dlogits_lo] {
+        dev.gemm(
+            &acc,
+            true,
+            part,
+            w,
+            MatmulDims {
+                batch: 1,
+                m: rows,
+                n: d.channels,
+                k: d.channels,
+                trans_a: false,
+                trans_b: false,
+            },
+            true,
+        )?;
+        dev.gemm(
+            dw,
+            true,
+            part,
+            x,
+            MatmulDims {
+                batch: 1,
+                m: d.channels,
+                n: d.channels,
+                k: rows,
+                trans_a: true,
+                trans_b: false,
+            },
+            true,
+        )?;
+    }
+    dev.launch(
+        "add_f32_to_bf16",
+        elementwise_config(rows * d.channels),
+        &[ptr(dx), ptr(&acc), Arg::I64((rows * d.channels) as i64)],
     )
 }
 
