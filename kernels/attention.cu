@@ -156,6 +156,37 @@ __device__ __forceinline__ float score_prob(float s_acc, float scale, const floa
     return expf(s - lse_i);
 }
 
+// out[16×16] (f32, ld 16) = A·Bᵀ for A, B row-major [16 × kdim] in shared memory (ld kdim, a multiple of 16).
+__device__ __forceinline__ void tile_a_bt(float* out, const bf16* A, const bf16* B, int kdim) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.0f);
+    for (int kk = 0; kk < kdim; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bt;
+        wmma::load_matrix_sync(a, A + kk, kdim);
+        wmma::load_matrix_sync(bt, B + kk, kdim);
+        wmma::mma_sync(acc, a, bt, acc);
+    }
+    wmma::store_matrix_sync(out, acc, FB, wmma::mem_row_major);
+}
+
+// acc[16 × width] (f32, ld width) += (hi + lo)·B: the 16×16 factor given as two bf16 terms, B row-major
+// [16 × width] (ld width, a multiple of 16).
+__device__ __forceinline__ void accumulate_hi_lo(float* acc, const bf16* hi, const bf16* lo, const bf16* B, int width) {
+    for (int cc = 0; cc < width; cc += 16) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> o;
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> bm;
+        wmma::load_matrix_sync(o, acc + cc, width, wmma::mem_row_major);
+        wmma::load_matrix_sync(bm, B + cc, width);
+        wmma::load_matrix_sync(a, hi, FB);
+        wmma::mma_sync(o, a, bm, o);
+        wmma::load_matrix_sync(a, lo, FB);
+        wmma::mma_sync(o, a, bm, o);
+        wmma::store_matrix_sync(acc + cc, o, width, wmma::mem_row_major);
+    }
+}
+
 extern "C" __global__ void flash_attention_backward_rowdot_bf16(float* __restrict__ drow, const bf16* __restrict__ dout,
                                                                 const bf16* __restrict__ out, int batch, int heads,
                                                                 int q_len, int dv) {
@@ -217,17 +248,7 @@ extern "C" __global__ void __launch_bounds__(32) flash_attention_backward_dkdv_b
         load_rows(Qs, q, b, h, heads, q_len, q0, q_len, d, dp);
         load_rows(dOs, dout, b, h, heads, q_len, q0, q_len, dv, dvp);
         __syncwarp();
-        // Sᵀ = K·Qᵀ  (keys × queries)
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-        wmma::fill_fragment(acc, 0.0f);
-        for (int kk = 0; kk < dp; kk += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bq;
-            wmma::load_matrix_sync(a, Ks + kk, dp);
-            wmma::load_matrix_sync(bq, Qs + kk, dp);
-            wmma::mma_sync(acc, a, bq, acc);
-        }
-        wmma::store_matrix_sync(T, acc, FB, wmma::mem_row_major);
+        tile_a_bt(T, Ks, Qs, dp);  // Sᵀ = K·Qᵀ  (keys × queries)
         __syncwarp();
         for (int i = lane; i < FB * FB; i += 32) {
             int kr = i / FB, qc = i % FB, qi = q0 + qc, kj = k0 + kr;
@@ -238,16 +259,7 @@ extern "C" __global__ void __launch_bounds__(32) flash_attention_backward_dkdv_b
             Ptl[i] = to_bf16(p - to_f32(Pt[i]));
         }
         __syncwarp();
-        // dPᵀ = V·dOᵀ
-        wmma::fill_fragment(acc, 0.0f);
-        for (int kk = 0; kk < dvp; kk += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bo;
-            wmma::load_matrix_sync(a, Vs + kk, dvp);
-            wmma::load_matrix_sync(bo, dOs + kk, dvp);
-            wmma::mma_sync(acc, a, bo, acc);
-        }
-        wmma::store_matrix_sync(T, acc, FB, wmma::mem_row_major);
+        tile_a_bt(T, Vs, dOs, dvp);  // dPᵀ = V·dOᵀ
         __syncwarp();
         for (int i = lane; i < FB * FB; i += 32) {
             int qc = i % FB, qi = q0 + qc;
@@ -258,30 +270,8 @@ extern "C" __global__ void __launch_bounds__(32) flash_attention_backward_dkdv_b
         }
         __syncwarp();
         // dV += Pᵀ·dO ; dK += dSᵀ·Q (scale applied at the end)
-        for (int cc = 0; cc < dvp; cc += 16) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> o;
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> bo;
-            wmma::load_matrix_sync(o, dV + cc, dvp, wmma::mem_row_major);
-            wmma::load_matrix_sync(a, Pt, FB);
-            wmma::load_matrix_sync(bo, dOs + cc, dvp);
-            wmma::mma_sync(o, a, bo, o);
-            wmma::load_matrix_sync(a, Ptl, FB);
-            wmma::mma_sync(o, a, bo, o);
-            wmma::store_matrix_sync(dV + cc, o, dvp, wmma::mem_row_major);
-        }
-        for (int cc = 0; cc < dp; cc += 16) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> o;
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> bq;
-            wmma::load_matrix_sync(o, dK + cc, dp, wmma::mem_row_major);
-            wmma::load_matrix_sync(a, dSt, FB);
-            wmma::load_matrix_sync(bq, Qs + cc, dp);
-            wmma::mma_sync(o, a, bq, o);
-            wmma::load_matrix_sync(a, dStl, FB);
-            wmma::mma_sync(o, a, bq, o);
-            wmma::store_matrix_sync(dK + cc, o, dp, wmma::mem_row_major);
-        }
+        accumulate_hi_lo(dV, Pt, Ptl, dOs, dvp);
+        accumulate_hi_lo(dK, dSt, dStl, Qs, dp);
         __syncwarp();
     }
     for (int i = lane; i < FB * dp; i += 32) {
@@ -327,25 +317,8 @@ extern "C" __global__ void __launch_bounds__(32) flash_attention_backward_dq_bf1
         load_rows(Ks, k, b, h, heads, kv_len, k0, n, d, dp);
         load_rows(Vs, v, b, h, heads, kv_len, k0, n, dv, dvp);
         __syncwarp();
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-        wmma::fill_fragment(acc, 0.0f);
-        for (int kk = 0; kk < dp; kk += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bk;
-            wmma::load_matrix_sync(a, Qs + kk, dp);
-            wmma::load_matrix_sync(bk, Ks + kk, dp);
-            wmma::mma_sync(acc, a, bk, acc);
-        }
-        wmma::store_matrix_sync(S, acc, FB, wmma::mem_row_major);
-        wmma::fill_fragment(acc, 0.0f);
-        for (int kk = 0; kk < dvp; kk += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bvt;
-            wmma::load_matrix_sync(a, dOs + kk, dvp);
-            wmma::load_matrix_sync(bvt, Vs + kk, dvp);
-            wmma::mma_sync(acc, a, bvt, acc);
-        }
-        wmma::store_matrix_sync(T, acc, FB, wmma::mem_row_major);
+        tile_a_bt(S, Qs, Ks, dp);    // S = Q·Kᵀ
+        tile_a_bt(T, dOs, Vs, dvp);  // dP = dO·Vᵀ
         __syncwarp();
         for (int i = lane; i < FB * FB; i += 32) {
             int qr = i / FB, kc = i % FB, qi = q0 + qr, kj = k0 + kc;
@@ -358,18 +331,7 @@ extern "C" __global__ void __launch_bounds__(32) flash_attention_backward_dq_bf1
             if (dbias && qi < q_len && kj < n) dbias[(((size_t)b * heads + h) * q_len + qi) * kv_len + kj] += ds;
         }
         __syncwarp();
-        for (int cc = 0; cc < dp; cc += 16) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> o;
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> bk;
-            wmma::load_matrix_sync(o, dQ + cc, dp, wmma::mem_row_major);
-            wmma::load_matrix_sync(a, dS, FB);
-            wmma::load_matrix_sync(bk, Ks + cc, dp);
-            wmma::mma_sync(o, a, bk, o);
-            wmma::load_matrix_sync(a, dSl, FB);
-            wmma::mma_sync(o, a, bk, o);
-            wmma::store_matrix_sync(dQ + cc, o, dp, wmma::mem_row_major);
-        }
+        accumulate_hi_lo(dQ, dS, dSl, Ks, dp);  // dQ += dS·K (scale applied at the end)
         __syncwarp();
     }
     for (int i = lane; i < FB * dp; i += 32) {

@@ -1013,33 +1013,17 @@ impl EnformerTrunk {
         let scale = (dk as f32).powf(-0.5);
         let dq: Vec<f32> = dqc.iter().zip(&dqp).map(|(a, b)| (a + b) * scale).collect();
         let mut d_ln1 = vec![0.0; rows * dim];
-        linear_backward(
-            Some(&mut d_ln1),
-            Some(g[l.q]),
-            None,
-            &dq,
-            &a.ln1,
-            p.get(l.q),
-            lin(dim, hk),
-        )?;
-        linear_backward(
-            Some(&mut d_ln1),
-            Some(g[l.k]),
-            None,
-            &dk_,
-            &a.ln1,
-            p.get(l.k),
-            lin(dim, hk),
-        )?;
-        linear_backward(
-            Some(&mut d_ln1),
-            Some(g[l.v]),
-            None,
-            &dv,
-            &a.ln1,
-            p.get(l.v),
-            lin(dim, dim),
-        )?;
+        for (grad, w, width) in [(&dq, l.q, hk), (&dk_, l.k, hk), (&dv, l.v, dim)] {
+            linear_backward(
+                Some(&mut d_ln1),
+                Some(g[w]),
+                None,
+                grad,
+                &a.ln1,
+                p.get(w),
+                lin(dim, width),
+            )?;
+        }
         let [gw, gb] = g.get_disjoint_mut([l.ln1.0, l.ln1.1]).expect("distinct");
         layernorm_backward(
             dx,

@@ -368,27 +368,9 @@ impl TransformerEncoder {
                 h,
                 cfg.ln_eps,
             )?;
-            linear(
-                &mut la.q,
-                &la.ln1,
-                p.get(lp.q.0),
-                Some(p.get(lp.q.1)),
-                lin(h, h),
-            )?;
-            linear(
-                &mut la.k,
-                &la.ln1,
-                p.get(lp.k.0),
-                Some(p.get(lp.k.1)),
-                lin(h, h),
-            )?;
-            linear(
-                &mut la.v,
-                &la.ln1,
-                p.get(lp.v.0),
-                Some(p.get(lp.v.1)),
-                lin(h, h),
-            )?;
+            for (out, (w, b)) in [(&mut la.q, lp.q), (&mut la.k, lp.k), (&mut la.v, lp.v)] {
+                linear(out, &la.ln1, p.get(w), Some(p.get(b)), lin(h, h))?;
+            }
             rotary(&mut la.q_rot, &la.q, &rotary_table, len, cfg.heads)?;
             rotary(&mut la.k_rot, &la.k, &rotary_table, len, cfg.heads)?;
             let inputs = AttentionInputs {
