@@ -5,6 +5,7 @@
 //! Layout: [`runtime`] (dtypes, tensors, planned memory), [`device`], [`ops`] (CPU forward and backward
 //! of every op), [`training`] (optimiser), [`bench`] (measurements shared by the CLI and criterion).
 
+pub mod backend;
 pub mod bench;
 pub mod cli;
 pub mod data;
@@ -20,7 +21,7 @@ pub mod training;
 
 pub use device::{Device, DeviceRequest};
 pub use error::{Context, Error, Result};
-pub use runtime::{DType, Shape, Tensor};
+pub use runtime::{DType, Shape};
 
 /// Compiles and runs the README's Rust examples as doc tests.
 #[cfg(doctest)]

@@ -43,10 +43,13 @@ fn driver_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ 
 }
 
 impl CudaDevice {
-    /// A second handle on `y`'s device memory (for APIs that want `&mut CudaSlice`); never drop it.
-    fn y_slice(&self, y: &CudaBuffer) -> Result<CudaSlice<u8>> {
-        // SAFETY: the memory stays owned by `y`; the caller forgets the returned handle.
-        Ok(unsafe { self.stream.upgrade_device_ptr::<u8>(y.ptr, y.slice.len()) })
+    /// A second handle on the device memory of a buffer or view (for APIs that want a `CudaSlice`). It
+    /// does not own the memory: the caller must `std::mem::forget` it.
+    ///
+    /// # Safety
+    /// `b` must address live device memory of this context for as long as the handle is used.
+    unsafe fn borrowed_slice(&self, b: &dyn DeviceBuffer) -> CudaSlice<u8> {
+        self.stream.upgrade_device_ptr::<u8>(b.ptr(), b.len_bytes())
     }
 
     /// Whether this build has GPU kernels at all.
@@ -166,10 +169,39 @@ impl KernelDevice for CudaDevice {
         Ok(CudaBuffer { slice, ptr })
     }
 
-    fn download(&self, buf: &CudaBuffer) -> Result<Vec<u8>> {
-        self.stream
-            .clone_dtoh(&buf.slice)
-            .map_err(driver_err("copy from the GPU"))
+    fn read(&self, src: &dyn DeviceBuffer) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; src.len_bytes()];
+        // SAFETY: `src` addresses `len_bytes` bytes of live device memory on this context; the stream is
+        // synchronised before `out` is read.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(&mut out, src.ptr(), self.stream.cu_stream())
+        }
+        .map_err(driver_err("copy from the GPU"))?;
+        self.synchronize()?;
+        Ok(out)
+    }
+
+    fn zero(&self, dst: &dyn DeviceBuffer) -> Result<()> {
+        // SAFETY: the range is live device memory of this context.
+        unsafe {
+            cudarc::driver::result::memset_d8_async(dst.ptr(), 0, dst.len_bytes(), self.stream.cu_stream())
+        }
+        .map_err(driver_err("cuMemsetD8"))
+    }
+
+    fn write(&self, dst: &dyn DeviceBuffer, bytes: &[u8]) -> Result<()> {
+        if bytes.len() > dst.len_bytes() {
+            return Err(Error::shape(
+                "copy to the GPU",
+                format!("{} bytes into a buffer of {}", bytes.len(), dst.len_bytes()),
+            ));
+        }
+        // SAFETY: the destination range is live device memory; the copy completes before `bytes` is released.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(dst.ptr(), bytes, self.stream.cu_stream())
+        }
+        .map_err(driver_err("copy to the GPU"))?;
+        self.synchronize()
     }
 
     fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
@@ -207,10 +239,10 @@ impl KernelDevice for CudaDevice {
 
     fn linear_bias(
         &self,
-        y: &CudaBuffer,
-        x: &CudaBuffer,
-        w: &CudaBuffer,
-        bias: &CudaBuffer,
+        y: &dyn DeviceBuffer,
+        x: &dyn DeviceBuffer,
+        w: &dyn DeviceBuffer,
+        bias: &dyn DeviceBuffer,
         rows: usize,
         d_in: usize,
         d_out: usize,
@@ -251,40 +283,47 @@ impl KernelDevice for CudaDevice {
             stride_bias: None,
             batch_size: None,
         };
-        let mut out = self.y_slice(y)?;
-        // SAFETY: the typed views cover exactly the checked byte sizes of live buffers, and `y` is never one of
-        // the inputs, so its view is the only writer.
+        // SAFETY: the buffers are live device memory of this context, their sizes were checked, `y` is never
+        // one of the inputs, and every borrowed handle is forgotten below, so nothing is freed twice.
         unsafe {
-            let wv = w
-                .slice
-                .transmute::<half::bf16>(d_out * d_in)
-                .ok_or_else(|| Error::Device("weight view".into()))?;
-            let xv = x
-                .slice
-                .transmute::<half::bf16>(rows * d_in)
-                .ok_or_else(|| Error::Device("input view".into()))?;
-            let bv = bias
-                .slice
-                .transmute::<half::bf16>(d_out)
-                .ok_or_else(|| Error::Device("bias view".into()))?;
-            let mut yv = out
-                .transmute_mut::<half::bf16>(rows * d_out)
-                .ok_or_else(|| Error::Device("output view".into()))?;
-            let act = relu.then_some(Activation::Relu);
-            lt.matmul(cfg, &wv, &xv, &mut yv, Some(&bv), act.as_ref())
-                .map_err(|e| Error::Device(format!("cuBLASLt matmul: {e:?}")))?;
+            let (w, x, bias, mut out) = (
+                self.borrowed_slice(w),
+                self.borrowed_slice(x),
+                self.borrowed_slice(bias),
+                self.borrowed_slice(y),
+            );
+            let result = (|| -> Result<()> {
+                let wv = w
+                    .transmute::<half::bf16>(d_out * d_in)
+                    .ok_or_else(|| Error::Device("weight view".into()))?;
+                let xv = x
+                    .transmute::<half::bf16>(rows * d_in)
+                    .ok_or_else(|| Error::Device("input view".into()))?;
+                let bv = bias
+                    .transmute::<half::bf16>(d_out)
+                    .ok_or_else(|| Error::Device("bias view".into()))?;
+                let mut yv = out
+                    .transmute_mut::<half::bf16>(rows * d_out)
+                    .ok_or_else(|| Error::Device("output view".into()))?;
+                let act = relu.then_some(Activation::Relu);
+                lt.matmul(cfg, &wv, &xv, &mut yv, Some(&bv), act.as_ref())
+                    .map_err(|e| Error::Device(format!("cuBLASLt matmul: {e:?}")))
+            })();
+            std::mem::forget(w);
+            std::mem::forget(x);
+            std::mem::forget(bias);
+            std::mem::forget(out);
+            result?;
         }
-        // The handle shares y's memory: forget it instead of freeing the buffer twice.
-        std::mem::forget(out);
         Ok(())
     }
 
     fn gemm(
         &self,
-        c: &CudaBuffer,
+        c: &dyn DeviceBuffer,
         c_f32: bool,
-        a: &CudaBuffer,
-        b: &CudaBuffer,
+        a: &dyn DeviceBuffer,
+        b: &dyn DeviceBuffer,
         d: MatmulDims,
         accumulate: bool,
     ) -> Result<()> {
@@ -327,16 +366,16 @@ impl KernelDevice for CudaDevice {
                 d.m as i32,
                 d.k as i32,
                 &alpha as *const f32 as *const _,
-                b.ptr as *const _,
+                b.ptr() as *const _,
                 cudaDataType::CUDA_R_16BF,
                 lda as i32,
                 (d.k * d.n) as i64,
-                a.ptr as *const _,
+                a.ptr() as *const _,
                 cudaDataType::CUDA_R_16BF,
                 ldb as i32,
                 (d.m * d.k) as i64,
                 &beta as *const f32 as *const _,
-                c.ptr as *mut _,
+                c.ptr() as *mut _,
                 if c_f32 {
                     cudaDataType::CUDA_R_32F
                 } else {

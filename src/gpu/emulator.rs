@@ -41,12 +41,6 @@ impl EmuBuffer {
         Ok(EmuBuffer { ptr, layout, len })
     }
 
-    /// The bytes, copied out.
-    fn read(&self) -> Vec<u8> {
-        // SAFETY: `len` bytes were allocated; no kernel runs concurrently with a host read (launches block).
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }.to_vec()
-    }
-
     fn write(&self, bytes: &[u8]) {
         assert!(bytes.len() <= self.len);
         // SAFETY: as above; the region is within the allocation.
@@ -59,6 +53,13 @@ impl Drop for EmuBuffer {
         // SAFETY: allocated in `zeroed` with this layout.
         unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
     }
+}
+
+/// The host bytes behind an emulator buffer or a view into one.
+fn host_bytes(b: &dyn DeviceBuffer) -> &[u8] {
+    // SAFETY: emulator memory is host memory of `len_bytes` bytes at `ptr`, alive while `b` is borrowed;
+    // launches block, so no kernel writes it meanwhile.
+    unsafe { std::slice::from_raw_parts(b.ptr() as *const u8, b.len_bytes()) }
 }
 
 impl DeviceBuffer for EmuBuffer {
@@ -117,16 +118,37 @@ impl KernelDevice for EmuDevice {
         Ok(b)
     }
 
-    fn download(&self, buf: &EmuBuffer) -> Result<Vec<u8>> {
-        Ok(buf.read())
+    fn read(&self, src: &dyn DeviceBuffer) -> Result<Vec<u8>> {
+        Ok(host_bytes(src).to_vec())
+    }
+
+    fn zero(&self, dst: &dyn DeviceBuffer) -> Result<()> {
+        // SAFETY: emulator memory is host memory of `len_bytes` bytes at `ptr`; launches block.
+        unsafe { std::ptr::write_bytes(dst.ptr() as *mut u8, 0, dst.len_bytes()) };
+        Ok(())
+    }
+
+    fn write(&self, dst: &dyn DeviceBuffer, bytes: &[u8]) -> Result<()> {
+        if bytes.len() > dst.len_bytes() {
+            return Err(Error::shape(
+                "emulator write",
+                format!("{} bytes into a buffer of {}", bytes.len(), dst.len_bytes()),
+            ));
+        }
+        // SAFETY: every emulator buffer (and view into one) is host memory of `len_bytes` bytes at `ptr`;
+        // no kernel runs concurrently with a host copy (launches block).
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst.ptr() as *mut u8, bytes.len())
+        };
+        Ok(())
     }
 
     fn gemm(
         &self,
-        c: &EmuBuffer,
+        c: &dyn DeviceBuffer,
         c_f32: bool,
-        a: &EmuBuffer,
-        b: &EmuBuffer,
+        a: &dyn DeviceBuffer,
+        b: &dyn DeviceBuffer,
         dims: MatmulDims,
         accumulate: bool,
     ) -> Result<()> {
@@ -137,31 +159,31 @@ impl KernelDevice for EmuDevice {
                 .map(|x| half::bf16::from_ne_bytes([x[0], x[1]]).to_f32())
                 .collect()
         };
-        let (af, bf) = (widen(a.read()), widen(b.read()));
+        let (af, bf) = (widen(self.read(a)?), widen(self.read(b)?));
         let mut cf: Vec<f32> = if c_f32 {
-            c.read()
+            self.read(c)?
                 .chunks_exact(4)
                 .map(|x| f32::from_ne_bytes([x[0], x[1], x[2], x[3]]))
                 .collect()
         } else {
-            widen(c.read())
+            widen(self.read(c)?)
         };
         crate::ops::matmul::matmul(&mut cf, &af, &bf, dims, accumulate)?;
         if c_f32 {
-            c.write(bytemuck::cast_slice(&cf));
+            self.write(c, bytemuck::cast_slice(&cf))?;
         } else {
             let out: Vec<half::bf16> = cf.iter().map(|&v| half::bf16::from_f32(v)).collect();
-            c.write(bytemuck::cast_slice(&out));
+            self.write(c, bytemuck::cast_slice(&out))?;
         }
         Ok(())
     }
 
     fn linear_bias(
         &self,
-        y: &EmuBuffer,
-        x: &EmuBuffer,
-        w: &EmuBuffer,
-        bias: &EmuBuffer,
+        y: &dyn DeviceBuffer,
+        x: &dyn DeviceBuffer,
+        w: &dyn DeviceBuffer,
+        bias: &dyn DeviceBuffer,
         rows: usize,
         d_in: usize,
         d_out: usize,
@@ -175,7 +197,7 @@ impl KernelDevice for EmuDevice {
         } else {
             EmuBuffer::zeroed(0)?
         };
-        let target = if relu { &pre } else { y };
+        let target: &dyn DeviceBuffer = if relu { &pre } else { y };
         super::ops::fill_rows(self, target, bias, rows, d_out)?;
         self.gemm(
             target,

@@ -73,7 +73,15 @@ pub trait KernelDevice {
     fn name(&self) -> String;
     fn alloc_zeroed(&self, bytes: usize) -> Result<Self::Buffer>;
     fn upload(&self, bytes: &[u8]) -> Result<Self::Buffer>;
-    fn download(&self, buf: &Self::Buffer) -> Result<Vec<u8>>;
+    /// The bytes of `src` (a whole buffer or a view into one), copied to the host.
+    fn read(&self, src: &dyn DeviceBuffer) -> Result<Vec<u8>>;
+    /// Sets every byte of `dst` to zero.
+    fn zero(&self, dst: &dyn DeviceBuffer) -> Result<()>;
+    /// Copies host `bytes` into the start of `dst` (a whole buffer or a view into one).
+    fn write(&self, dst: &dyn DeviceBuffer, bytes: &[u8]) -> Result<()>;
+    fn download(&self, buf: &Self::Buffer) -> Result<Vec<u8>> {
+        self.read(buf)
+    }
     fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()>;
     fn synchronize(&self) -> Result<()>;
     /// A linear layer's forward with a fused epilogue: `y[rows, out] = x[rows, in]·Wᵀ + bias` (ReLU after it
@@ -83,10 +91,10 @@ pub trait KernelDevice {
     #[allow(clippy::too_many_arguments)]
     fn linear_bias(
         &self,
-        y: &Self::Buffer,
-        x: &Self::Buffer,
-        w: &Self::Buffer,
-        bias: &Self::Buffer,
+        y: &dyn DeviceBuffer,
+        x: &dyn DeviceBuffer,
+        w: &dyn DeviceBuffer,
+        bias: &dyn DeviceBuffer,
         rows: usize,
         d_in: usize,
         d_out: usize,
@@ -97,10 +105,10 @@ pub trait KernelDevice {
     /// the CPU GEMM with the same semantics on the emulator).
     fn gemm(
         &self,
-        c: &Self::Buffer,
+        c: &dyn DeviceBuffer,
         c_f32: bool,
-        a: &Self::Buffer,
-        b: &Self::Buffer,
+        a: &dyn DeviceBuffer,
+        b: &dyn DeviceBuffer,
         dims: MatmulDims,
         accumulate: bool,
     ) -> Result<()>;
@@ -109,7 +117,7 @@ pub trait KernelDevice {
 pub use crate::ops::matmul::MatmulDims;
 
 /// Checks the byte sizes of a fused linear's operands (shared by both devices).
-pub(crate) fn check_linear<B: DeviceBuffer>(
+pub(crate) fn check_linear<B: DeviceBuffer + ?Sized>(
     y: &B,
     x: &B,
     w: &B,
@@ -126,7 +134,7 @@ pub(crate) fn check_linear<B: DeviceBuffer>(
 }
 
 /// Checks the byte sizes of a GEMM's operands (shared by both devices).
-pub(crate) fn check_gemm<B: DeviceBuffer>(
+pub(crate) fn check_gemm<B: DeviceBuffer + ?Sized>(
     c: &B,
     c_f32: bool,
     a: &B,

@@ -11,19 +11,19 @@ use crate::Result;
 const BF16: usize = 2;
 const F32: usize = 4;
 
-fn ptr<B: DeviceBuffer>(b: &B) -> Arg {
+fn ptr<B: DeviceBuffer + ?Sized>(b: &B) -> Arg {
     Arg::Ptr(b.ptr())
 }
 
 /// LayerNorm forward, bf16 (one warp per row, 4 rows per block).
 pub fn layernorm_forward<D: KernelDevice>(
     dev: &D,
-    out: &D::Buffer,
-    mean: &D::Buffer,
-    rstd: &D::Buffer,
-    x: &D::Buffer,
-    gamma: &D::Buffer,
-    beta: &D::Buffer,
+    out: &dyn DeviceBuffer,
+    mean: &dyn DeviceBuffer,
+    rstd: &dyn DeviceBuffer,
+    x: &dyn DeviceBuffer,
+    gamma: &dyn DeviceBuffer,
+    beta: &dyn DeviceBuffer,
     rows: usize,
     dim: usize,
     eps: f32,
@@ -88,14 +88,14 @@ pub fn layernorm_forward<D: KernelDevice>(
 /// per-block partial sums in `scratch` (see [`layernorm_backward_scratch_bytes`]).
 pub fn layernorm_backward<D: KernelDevice>(
     dev: &D,
-    dx: &D::Buffer,
-    dgamma_dbeta: &D::Buffer,
-    scratch: &D::Buffer,
-    dout: &D::Buffer,
-    x: &D::Buffer,
-    gamma: &D::Buffer,
-    mean: &D::Buffer,
-    rstd: &D::Buffer,
+    dx: &dyn DeviceBuffer,
+    dgamma_dbeta: &dyn DeviceBuffer,
+    scratch: &dyn DeviceBuffer,
+    dout: &dyn DeviceBuffer,
+    x: &dyn DeviceBuffer,
+    gamma: &dyn DeviceBuffer,
+    mean: &dyn DeviceBuffer,
+    rstd: &dyn DeviceBuffer,
     rows: usize,
     dim: usize,
 ) -> Result<()> {
@@ -172,15 +172,15 @@ pub enum Act {
     Softplus = 3,
 }
 
-fn check_bf16(op: &'static str, name: &str, b: &impl DeviceBuffer, n: usize) -> Result<()> {
+fn check_bf16(op: &'static str, name: &str, b: &dyn DeviceBuffer, n: usize) -> Result<()> {
     check_len(op, &format!("{name} (bytes)"), b.len_bytes(), n * BF16)
 }
 
 /// `out = act(x)` over `n` bf16 values.
 pub fn act_forward<D: KernelDevice>(
     dev: &D,
-    out: &D::Buffer,
-    x: &D::Buffer,
+    out: &dyn DeviceBuffer,
+    x: &dyn DeviceBuffer,
     n: usize,
     act: Act,
 ) -> Result<()> {
@@ -196,9 +196,9 @@ pub fn act_forward<D: KernelDevice>(
 /// `dx += dout · act'(x)`.
 pub fn act_backward<D: KernelDevice>(
     dev: &D,
-    dx: &D::Buffer,
-    dout: &D::Buffer,
-    x: &D::Buffer,
+    dx: &dyn DeviceBuffer,
+    dout: &dyn DeviceBuffer,
+    x: &dyn DeviceBuffer,
     n: usize,
     act: Act,
 ) -> Result<()> {
@@ -221,10 +221,10 @@ pub fn act_backward<D: KernelDevice>(
 /// Fused bias + activation of a linear layer's output: `pre = x + bias`, `out = act(pre)`.
 pub fn bias_act_forward<D: KernelDevice>(
     dev: &D,
-    pre: &D::Buffer,
-    out: &D::Buffer,
-    x: &D::Buffer,
-    bias: &D::Buffer,
+    pre: &dyn DeviceBuffer,
+    out: &dyn DeviceBuffer,
+    x: &dyn DeviceBuffer,
+    bias: &dyn DeviceBuffer,
     rows: usize,
     cols: usize,
     act: Act,
@@ -256,8 +256,8 @@ pub fn bias_act_forward<D: KernelDevice>(
 /// SwiGLU on rows of `[gate | value]` (`u [rows, 2·width]` → `out [rows, width]`).
 pub fn swiglu_forward<D: KernelDevice>(
     dev: &D,
-    out: &D::Buffer,
-    u: &D::Buffer,
+    out: &dyn DeviceBuffer,
+    u: &dyn DeviceBuffer,
     rows: usize,
     width: usize,
 ) -> Result<()> {
@@ -277,9 +277,9 @@ pub fn swiglu_forward<D: KernelDevice>(
 
 pub fn swiglu_backward<D: KernelDevice>(
     dev: &D,
-    du: &D::Buffer,
-    dout: &D::Buffer,
-    u: &D::Buffer,
+    du: &dyn DeviceBuffer,
+    dout: &dyn DeviceBuffer,
+    u: &dyn DeviceBuffer,
     rows: usize,
     width: usize,
 ) -> Result<()> {
@@ -303,9 +303,9 @@ pub fn swiglu_backward<D: KernelDevice>(
 /// `out = a + b` (residual connections).
 pub fn add<D: KernelDevice>(
     dev: &D,
-    out: &D::Buffer,
-    a: &D::Buffer,
-    b: &D::Buffer,
+    out: &dyn DeviceBuffer,
+    a: &dyn DeviceBuffer,
+    b: &dyn DeviceBuffer,
     n: usize,
 ) -> Result<()> {
     for (name, buf) in [("out", out), ("a", a), ("b", b)] {
@@ -321,8 +321,8 @@ pub fn add<D: KernelDevice>(
 /// f32 → bf16 (round to nearest even).
 pub fn cast_to_bf16<D: KernelDevice>(
     dev: &D,
-    out: &D::Buffer,
-    input: &D::Buffer,
+    out: &dyn DeviceBuffer,
+    input: &dyn DeviceBuffer,
     n: usize,
 ) -> Result<()> {
     check_bf16("cast_to_bf16", "out", out, n)?;
@@ -340,9 +340,9 @@ pub const NORM_BLOCKS: usize = 256;
 /// `out[0] = Σ x²` over `n` f32 values, deterministically (fixed blocks, partials summed in order).
 pub fn global_norm_squared<D: KernelDevice>(
     dev: &D,
-    out: &D::Buffer,
-    scratch: &D::Buffer,
-    x: &D::Buffer,
+    out: &dyn DeviceBuffer,
+    scratch: &dyn DeviceBuffer,
+    x: &dyn DeviceBuffer,
     n: usize,
 ) -> Result<()> {
     check_len("global_norm_squared", "x (bytes)", x.len_bytes(), n * F32)?;
@@ -381,11 +381,11 @@ pub struct AdamWStep {
 /// One fused AdamW step over `n` f32 master weights, writing their bf16 copy too.
 pub fn adamw<D: KernelDevice>(
     dev: &D,
-    params: &D::Buffer,
-    params_bf16: &D::Buffer,
-    m: &D::Buffer,
-    v: &D::Buffer,
-    grads: &D::Buffer,
+    params: &dyn DeviceBuffer,
+    params_bf16: &dyn DeviceBuffer,
+    m: &dyn DeviceBuffer,
+    v: &dyn DeviceBuffer,
+    grads: &dyn DeviceBuffer,
     n: usize,
     s: AdamWStep,
 ) -> Result<()> {
@@ -433,13 +433,13 @@ pub fn flash_forward_smem_bytes(d: usize) -> usize {
 /// Flash attention forward. `kv_lens` (i32 per batch) and `bias` (f32 `[1 or B, H, Lq, Lk]`) are optional.
 pub fn flash_attention_forward<D: KernelDevice>(
     dev: &D,
-    out: &D::Buffer,
-    lse: &D::Buffer,
-    q: &D::Buffer,
-    k: &D::Buffer,
-    v: &D::Buffer,
-    kv_lens: Option<&D::Buffer>,
-    bias: Option<(&D::Buffer, bool)>,
+    out: &dyn DeviceBuffer,
+    lse: &dyn DeviceBuffer,
+    q: &dyn DeviceBuffer,
+    k: &dyn DeviceBuffer,
+    v: &dyn DeviceBuffer,
+    kv_lens: Option<&dyn DeviceBuffer>,
+    bias: Option<(&dyn DeviceBuffer, bool)>,
     d: &AttentionDims,
 ) -> Result<()> {
     const OP: &str = "flash_attention_forward";
@@ -509,19 +509,19 @@ pub fn flash_backward_scratch_bytes(d: &AttentionDims, broadcast_dbias: bool) ->
 /// the bias: per batch, or broadcast and summed over the batch in order).
 pub fn flash_attention_backward<D: KernelDevice>(
     dev: &D,
-    dq: &D::Buffer,
-    dk: &D::Buffer,
-    dv: &D::Buffer,
-    dbias: Option<&D::Buffer>,
-    scratch: &D::Buffer,
-    dout: &D::Buffer,
-    out: &D::Buffer,
-    lse: &D::Buffer,
-    q: &D::Buffer,
-    k: &D::Buffer,
-    v: &D::Buffer,
-    kv_lens: Option<&D::Buffer>,
-    bias: Option<(&D::Buffer, bool)>,
+    dq: &dyn DeviceBuffer,
+    dk: &dyn DeviceBuffer,
+    dv: &dyn DeviceBuffer,
+    dbias: Option<&dyn DeviceBuffer>,
+    scratch: &dyn DeviceBuffer,
+    dout: &dyn DeviceBuffer,
+    out: &dyn DeviceBuffer,
+    lse: &dyn DeviceBuffer,
+    q: &dyn DeviceBuffer,
+    k: &dyn DeviceBuffer,
+    v: &dyn DeviceBuffer,
+    kv_lens: Option<&dyn DeviceBuffer>,
+    bias: Option<(&dyn DeviceBuffer, bool)>,
     d: &AttentionDims,
 ) -> Result<()> {
     const OP: &str = "flash_attention_backward";
@@ -657,8 +657,8 @@ fn rows_config(rows: usize) -> LaunchConfig {
 /// Row softmax, bf16.
 pub fn softmax_forward<D: KernelDevice>(
     dev: &D,
-    out: &D::Buffer,
-    x: &D::Buffer,
+    out: &dyn DeviceBuffer,
+    x: &dyn DeviceBuffer,
     rows: usize,
     dim: usize,
 ) -> Result<()> {
@@ -679,9 +679,9 @@ pub fn softmax_forward<D: KernelDevice>(
 /// `dx += y ∘ (dy − Σ dy∘y)`.
 pub fn softmax_backward<D: KernelDevice>(
     dev: &D,
-    dx: &D::Buffer,
-    dy: &D::Buffer,
-    y: &D::Buffer,
+    dx: &dyn DeviceBuffer,
+    dy: &dyn DeviceBuffer,
+    y: &dyn DeviceBuffer,
     rows: usize,
     dim: usize,
 ) -> Result<()> {
@@ -705,10 +705,10 @@ pub fn softmax_backward<D: KernelDevice>(
 /// `backward`, `out += ropeᵀ(x)`.
 pub fn rotary<D: KernelDevice>(
     dev: &D,
-    out: &D::Buffer,
-    x: &D::Buffer,
-    cos: &D::Buffer,
-    sin: &D::Buffer,
+    out: &dyn DeviceBuffer,
+    x: &dyn DeviceBuffer,
+    cos: &dyn DeviceBuffer,
+    sin: &dyn DeviceBuffer,
     batch: usize,
     len: usize,
     heads: usize,
@@ -753,9 +753,9 @@ pub fn upload_ids<D: KernelDevice>(dev: &D, ids: &[u32], vocab: usize) -> Result
 /// `out[t, :] = table[ids[t], :]`.
 pub fn embedding_forward<D: KernelDevice>(
     dev: &D,
-    out: &D::Buffer,
-    ids: &D::Buffer,
-    table: &D::Buffer,
+    out: &dyn DeviceBuffer,
+    ids: &dyn DeviceBuffer,
+    table: &dyn DeviceBuffer,
     tokens: usize,
     dim: usize,
     vocab: usize,
@@ -786,9 +786,9 @@ pub fn embedding_forward<D: KernelDevice>(
 /// `dtable[ids[t], :] += dout[t, :]` into f32 gradients, deterministically.
 pub fn embedding_backward<D: KernelDevice>(
     dev: &D,
-    dtable: &D::Buffer,
-    dout: &D::Buffer,
-    ids: &D::Buffer,
+    dtable: &dyn DeviceBuffer,
+    dout: &dyn DeviceBuffer,
+    ids: &dyn DeviceBuffer,
     tokens: usize,
     dim: usize,
     vocab: usize,
@@ -819,10 +819,10 @@ pub fn embedding_backward<D: KernelDevice>(
 /// [`NORM_BLOCKS`] f32.
 pub fn mse_sum<D: KernelDevice>(
     dev: &D,
-    out: &D::Buffer,
-    scratch: &D::Buffer,
-    pred: &D::Buffer,
-    target: &D::Buffer,
+    out: &dyn DeviceBuffer,
+    scratch: &dyn DeviceBuffer,
+    pred: &dyn DeviceBuffer,
+    target: &dyn DeviceBuffer,
     n: usize,
 ) -> Result<()> {
     check_bf16("mse", "pred", pred, n)?;
@@ -848,9 +848,9 @@ pub fn mse_sum<D: KernelDevice>(
 /// `dpred += dloss · 2(pred − target)/n`.
 pub fn mse_backward<D: KernelDevice>(
     dev: &D,
-    dpred: &D::Buffer,
-    pred: &D::Buffer,
-    target: &D::Buffer,
+    dpred: &dyn DeviceBuffer,
+    pred: &dyn DeviceBuffer,
+    target: &dyn DeviceBuffer,
     n: usize,
     dloss: f32,
 ) -> Result<()> {
@@ -881,11 +881,11 @@ pub fn conv1d_dcols_bytes(d: &Conv1dDims) -> usize {
 /// conv1d ('same', odd width) as im2col + GEMM + bias; weight `[Cout, Cin, K]` bf16.
 pub fn conv1d_forward<D: KernelDevice>(
     dev: &D,
-    out: &D::Buffer,
-    cols: &D::Buffer,
-    x: &D::Buffer,
-    w: &D::Buffer,
-    bias: &D::Buffer,
+    out: &dyn DeviceBuffer,
+    cols: &dyn DeviceBuffer,
+    x: &dyn DeviceBuffer,
+    w: &dyn DeviceBuffer,
+    bias: &dyn DeviceBuffer,
     d: Conv1dDims,
 ) -> Result<()> {
     if d.width % 2 == 0 {
@@ -942,13 +942,13 @@ pub fn conv1d_forward<D: KernelDevice>(
 /// the forward's im2col of x; `dcols` is f32 scratch of [`conv1d_dcols_bytes`].
 pub fn conv1d_backward<D: KernelDevice>(
     dev: &D,
-    dx: &D::Buffer,
-    dw: &D::Buffer,
-    dbias: &D::Buffer,
-    dcols: &D::Buffer,
-    cols: &D::Buffer,
-    dout: &D::Buffer,
-    w: &D::Buffer,
+    dx: &dyn DeviceBuffer,
+    dw: &dyn DeviceBuffer,
+    dbias: &dyn DeviceBuffer,
+    dcols: &dyn DeviceBuffer,
+    cols: &dyn DeviceBuffer,
+    dout: &dyn DeviceBuffer,
+    w: &dyn DeviceBuffer,
     d: Conv1dDims,
 ) -> Result<()> {
     let rows = d.batch * d.len;
@@ -1030,9 +1030,9 @@ pub fn conv1d_backward<D: KernelDevice>(
 /// Batch statistics per channel (biased variance) of `x [rows, channels]`, for training-mode batchnorm.
 pub fn batchnorm_stats<D: KernelDevice>(
     dev: &D,
-    mean: &D::Buffer,
-    var: &D::Buffer,
-    x: &D::Buffer,
+    mean: &dyn DeviceBuffer,
+    var: &dyn DeviceBuffer,
+    x: &dyn DeviceBuffer,
     rows: usize,
     channels: usize,
 ) -> Result<()> {
@@ -1065,12 +1065,12 @@ pub fn batchnorm_stats<D: KernelDevice>(
 /// `out = (x − mean)/√(var + eps)·γ + β` with batch (train) or running (eval) statistics.
 pub fn batchnorm_forward<D: KernelDevice>(
     dev: &D,
-    out: &D::Buffer,
-    x: &D::Buffer,
-    mean: &D::Buffer,
-    var: &D::Buffer,
-    gamma: &D::Buffer,
-    beta: &D::Buffer,
+    out: &dyn DeviceBuffer,
+    x: &dyn DeviceBuffer,
+    mean: &dyn DeviceBuffer,
+    var: &dyn DeviceBuffer,
+    gamma: &dyn DeviceBuffer,
+    beta: &dyn DeviceBuffer,
     rows: usize,
     channels: usize,
     eps: f32,
@@ -1101,13 +1101,13 @@ pub fn batchnorm_forward<D: KernelDevice>(
 /// through the batch statistics.
 pub fn batchnorm_backward<D: KernelDevice>(
     dev: &D,
-    dx: &D::Buffer,
-    dgamma_dbeta: &D::Buffer,
-    dout: &D::Buffer,
-    x: &D::Buffer,
-    mean: &D::Buffer,
-    var: &D::Buffer,
-    gamma: &D::Buffer,
+    dx: &dyn DeviceBuffer,
+    dgamma_dbeta: &dyn DeviceBuffer,
+    dout: &dyn DeviceBuffer,
+    x: &dyn DeviceBuffer,
+    mean: &dyn DeviceBuffer,
+    var: &dyn DeviceBuffer,
+    gamma: &dyn DeviceBuffer,
     rows: usize,
     channels: usize,
     train: bool,
@@ -1147,10 +1147,10 @@ pub use crate::ops::pool::PoolDims;
 /// softmax. `logits` holds `batch·len·channels` f32.
 pub fn attention_pool_forward<D: KernelDevice>(
     dev: &D,
-    out: &D::Buffer,
-    logits: &D::Buffer,
-    x: &D::Buffer,
-    w: &D::Buffer,
+    out: &dyn DeviceBuffer,
+    logits: &dyn DeviceBuffer,
+    x: &dyn DeviceBuffer,
+    w: &dyn DeviceBuffer,
     d: PoolDims,
 ) -> Result<()> {
     let rows = d.batch * d.len;
@@ -1202,14 +1202,14 @@ pub fn attention_pool_forward<D: KernelDevice>(
 /// are bf16 scratch of the logits' size: the logit gradient as hi + lo terms, two GEMMs each, for f32 accuracy.
 pub fn attention_pool_backward<D: KernelDevice>(
     dev: &D,
-    dx: &D::Buffer,
-    dw: &D::Buffer,
-    dlogits_hi: &D::Buffer,
-    dlogits_lo: &D::Buffer,
-    dout: &D::Buffer,
-    x: &D::Buffer,
-    w: &D::Buffer,
-    logits: &D::Buffer,
+    dx: &dyn DeviceBuffer,
+    dw: &dyn DeviceBuffer,
+    dlogits_hi: &dyn DeviceBuffer,
+    dlogits_lo: &dyn DeviceBuffer,
+    dout: &dyn DeviceBuffer,
+    x: &dyn DeviceBuffer,
+    w: &dyn DeviceBuffer,
+    logits: &dyn DeviceBuffer,
     d: PoolDims,
 ) -> Result<()> {
     let rows = d.batch * d.len;
@@ -1292,14 +1292,14 @@ pub fn attention_pool_backward<D: KernelDevice>(
 /// Fused residual add + LayerNorm: `res = x + delta`, `out = LN(res)` (mean/rstd saved), bf16.
 pub fn residual_layernorm_forward<D: KernelDevice>(
     dev: &D,
-    res: &D::Buffer,
-    out: &D::Buffer,
-    mean: &D::Buffer,
-    rstd: &D::Buffer,
-    x: &D::Buffer,
-    delta: &D::Buffer,
-    gamma: &D::Buffer,
-    beta: &D::Buffer,
+    res: &dyn DeviceBuffer,
+    out: &dyn DeviceBuffer,
+    mean: &dyn DeviceBuffer,
+    rstd: &dyn DeviceBuffer,
+    x: &dyn DeviceBuffer,
+    delta: &dyn DeviceBuffer,
+    gamma: &dyn DeviceBuffer,
+    beta: &dyn DeviceBuffer,
     rows: usize,
     dim: usize,
     eps: f32,
@@ -1346,8 +1346,8 @@ pub fn residual_layernorm_forward<D: KernelDevice>(
 /// `x[r, :] *= scales[r]` (f32 scales), in place.
 pub fn scale_rows<D: KernelDevice>(
     dev: &D,
-    x: &D::Buffer,
-    scales: &D::Buffer,
+    x: &dyn DeviceBuffer,
+    scales: &dyn DeviceBuffer,
     rows: usize,
     cols: usize,
 ) -> Result<()> {
@@ -1374,9 +1374,9 @@ pub fn scale_rows<D: KernelDevice>(
 /// `rel_k [2n−1, H, dk]` (bf16).
 pub fn relative_logits<D: KernelDevice>(
     dev: &D,
-    bias: &D::Buffer,
-    q_pos: &D::Buffer,
-    rel_k: &D::Buffer,
+    bias: &dyn DeviceBuffer,
+    q_pos: &dyn DeviceBuffer,
+    rel_k: &dyn DeviceBuffer,
     batch: usize,
     heads: usize,
     n: usize,
@@ -1409,8 +1409,8 @@ pub fn relative_logits<D: KernelDevice>(
 /// `out[r, :] = row` for `rows` rows of `cols` (a bias before a GEMM accumulates onto it; `rows = 1` copies).
 pub fn fill_rows<D: KernelDevice>(
     dev: &D,
-    out: &D::Buffer,
-    row: &D::Buffer,
+    out: &dyn DeviceBuffer,
+    row: &dyn DeviceBuffer,
     rows: usize,
     cols: usize,
 ) -> Result<()> {
@@ -1431,9 +1431,9 @@ pub fn fill_rows<D: KernelDevice>(
 /// `dst = src` for `n` bf16 values, at element offsets (views into larger buffers).
 pub fn copy_at<D: KernelDevice>(
     dev: &D,
-    dst: &D::Buffer,
+    dst: &dyn DeviceBuffer,
     dst_offset: usize,
-    src: &D::Buffer,
+    src: &dyn DeviceBuffer,
     src_offset: usize,
     n: usize,
 ) -> Result<()> {
@@ -1463,8 +1463,8 @@ pub fn copy_at<D: KernelDevice>(
 /// `out[r, c] += bias[c]`; with `rows = 1` and `cols = n`, `out += x` (residuals).
 pub fn bias_add<D: KernelDevice>(
     dev: &D,
-    out: &D::Buffer,
-    bias: &D::Buffer,
+    out: &dyn DeviceBuffer,
+    bias: &dyn DeviceBuffer,
     rows: usize,
     cols: usize,
 ) -> Result<()> {
@@ -1491,10 +1491,10 @@ pub fn bias_add<D: KernelDevice>(
 /// batch statistics of [`batchnorm_stats`].
 pub fn batchnorm_running_update<D: KernelDevice>(
     dev: &D,
-    running_mean: &D::Buffer,
-    running_var: &D::Buffer,
-    mean: &D::Buffer,
-    var: &D::Buffer,
+    running_mean: &dyn DeviceBuffer,
+    running_var: &dyn DeviceBuffer,
+    mean: &dyn DeviceBuffer,
+    var: &dyn DeviceBuffer,
     rows: usize,
     channels: usize,
     momentum: f32,
@@ -1531,8 +1531,8 @@ pub fn batchnorm_running_update<D: KernelDevice>(
 /// bf16 → f32 (exact).
 pub fn cast_to_f32<D: KernelDevice>(
     dev: &D,
-    out: &D::Buffer,
-    input: &D::Buffer,
+    out: &dyn DeviceBuffer,
+    input: &dyn DeviceBuffer,
     n: usize,
 ) -> Result<()> {
     check_len("cast_to_f32", "out (bytes)", out.len_bytes(), n * F32)?;
@@ -1541,5 +1541,39 @@ pub fn cast_to_f32<D: KernelDevice>(
         "cast_bf16_to_f32",
         elementwise_config(n),
         &[ptr(out), ptr(input), Arg::I64(n as i64)],
+    )
+}
+
+/// `out[j] += Σ_b input[b·n + j]` over `batch` blocks of `n` f32 values, in order (`batch = 1`: `out += input`).
+pub fn sum_over_batch<D: KernelDevice>(
+    dev: &D,
+    out: &dyn DeviceBuffer,
+    input: &dyn DeviceBuffer,
+    batch: usize,
+    n: usize,
+) -> Result<()> {
+    check_len("sum_over_batch", "out (bytes)", out.len_bytes(), n * F32)?;
+    check_len("sum_over_batch", "input (bytes)", input.len_bytes(), batch * n * F32)?;
+    dev.launch(
+        "sum_over_batch_f32",
+        elementwise_config(n),
+        &[ptr(out), ptr(input), Arg::I32(batch as i32), Arg::I64(n as i64)],
+    )
+}
+
+/// `out[c] += Σ_r m[r, c]` for bf16 `m [rows, cols]` into f32 (a bias gradient), in row order.
+pub fn column_sum<D: KernelDevice>(
+    dev: &D,
+    out: &dyn DeviceBuffer,
+    m: &dyn DeviceBuffer,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
+    check_len("column_sum", "out (bytes)", out.len_bytes(), cols * F32)?;
+    check_bf16("column_sum", "m", m, rows * cols)?;
+    dev.launch(
+        "column_sum_bf16_f32",
+        LaunchConfig::linear(cols.div_ceil(128) as u32, 128, 0),
+        &[ptr(out), ptr(m), Arg::I64(rows as i64), Arg::I32(cols as i32)],
     )
 }

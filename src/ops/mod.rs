@@ -19,6 +19,7 @@ pub mod embedding;
 pub mod loss;
 pub mod matmul;
 pub mod norm;
+pub mod optim;
 pub mod pool;
 pub mod rotary;
 pub(crate) mod simd;

@@ -83,8 +83,6 @@ impl RotaryTable {
         Ok(())
     }
 
-    /// Rotates every head vector of `x` by its position's angles (`sign` = −1 rotates backwards, which is
-    /// the transpose, hence the backward).
     fn rotate(
         &self,
         out: &mut [f32],
@@ -94,28 +92,74 @@ impl RotaryTable {
         sign: f32,
         accumulate: bool,
     ) {
-        let (h, d) = (self.half, self.head_dim());
-        out.par_chunks_mut(heads * d)
-            .zip(x.par_chunks(heads * d))
-            .enumerate()
-            .for_each(|(row, (o, x))| {
-                let p = row % len;
-                let (cos, sin) = (&self.cos[p * h..(p + 1) * h], &self.sin[p * h..(p + 1) * h]);
-                for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
-                    for j in 0..h {
-                        let (a, b, s) = (x[j], x[j + h], sign * sin[j]);
-                        let (ra, rb) = (a * cos[j] - b * s, b * cos[j] + a * s);
-                        if accumulate {
-                            o[j] += ra;
-                            o[j + h] += rb;
-                        } else {
-                            o[j] = ra;
-                            o[j + h] = rb;
-                        }
+        rotate(&self.cos, &self.sin, self.half, out, x, len, heads, sign, accumulate)
+    }
+}
+
+/// Rotates every head vector of `x [.., len, heads, 2·half]` by its position's angles from the
+/// `[max_len, half]` tables (`sign` = −1 rotates backwards, which is the transpose, hence the backward).
+fn rotate(
+    cos: &[f32],
+    sin: &[f32],
+    h: usize,
+    out: &mut [f32],
+    x: &[f32],
+    len: usize,
+    heads: usize,
+    sign: f32,
+    accumulate: bool,
+) {
+    let d = 2 * h;
+    out.par_chunks_mut(heads * d)
+        .zip(x.par_chunks(heads * d))
+        .enumerate()
+        .for_each(|(row, (o, x))| {
+            let p = row % len;
+            let (cos, sin) = (&cos[p * h..(p + 1) * h], &sin[p * h..(p + 1) * h]);
+            for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
+                for j in 0..h {
+                    let (a, b, s) = (x[j], x[j + h], sign * sin[j]);
+                    let (ra, rb) = (a * cos[j] - b * s, b * cos[j] + a * s);
+                    if accumulate {
+                        o[j] += ra;
+                        o[j + h] += rb;
+                    } else {
+                        o[j] = ra;
+                        o[j + h] = rb;
                     }
                 }
-            });
+            }
+        });
+}
+
+/// Rotary with explicit `[≥len, head_dim/2]` cos/sin tables (what the backends hold): `out = rope(x)`, or
+/// with `backward`, `out += ropeᵀ(x)`.
+pub fn rotary_with_tables(
+    out: &mut [f32],
+    x: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    len: usize,
+    heads: usize,
+    head_dim: usize,
+    backward: bool,
+) -> Result<()> {
+    let op = if backward { "rotary_backward" } else { "rotary" };
+    if head_dim == 0 || head_dim % 2 != 0 {
+        return Err(Error::invalid(op, format!("head_dim {head_dim} must be even and positive")));
     }
+    let half = head_dim / 2;
+    if cos.len() < len * half || sin.len() != cos.len() {
+        return Err(Error::shape(op, format!("cos/sin tables shorter than {len} positions")));
+    }
+    let row = heads * head_dim;
+    if row == 0 || len == 0 || x.len() % (len * row) != 0 {
+        return Err(Error::shape(op, format!("{} elements is not a whole [batch, {len}, {heads}, {head_dim}]", x.len())));
+    }
+    check_len(op, "out", out.len(), x.len())?;
+    let sign = if backward { -1.0 } else { 1.0 };
+    rotate(cos, sin, half, out, x, len, heads, sign, backward);
+    Ok(())
 }
 
 /// `out = rope(x)` for `x [batch, len, heads, head_dim]`.

@@ -7,12 +7,14 @@ pub enum DType {
     F32,
     BF16,
     F16,
+    /// Token ids and lengths on a backend (not a storage type of weights).
+    I32,
 }
 
 impl DType {
     pub fn size_in_bytes(self) -> usize {
         match self {
-            DType::F32 => 4,
+            DType::F32 | DType::I32 => 4,
             DType::BF16 | DType::F16 => 2,
         }
     }
@@ -22,6 +24,7 @@ impl DType {
             DType::F32 => "f32",
             DType::BF16 => "bf16",
             DType::F16 => "f16",
+            DType::I32 => "i32",
         }
     }
 

@@ -4,11 +4,9 @@ pub mod dtype;
 pub mod memory;
 pub mod safetensors_file;
 pub mod shape;
-pub mod tensor;
 
 pub use dtype::{DType, Element};
 pub use memory::{
     ActivationArena, ActivationPlan, Arena, Layout, Lifetime, TensorSpec, TrainState,
 };
 pub use shape::Shape;
-pub use tensor::Tensor;

@@ -6,6 +6,7 @@
 
 use rayon::prelude::*;
 
+use crate::ops::optim::{adamw_update, AdamWUpdate};
 use crate::runtime::TrainState;
 use crate::{Error, Result};
 
@@ -116,22 +117,22 @@ impl AdamW {
             let p = state.params.f32_mut(name)?;
             let m = state.adam_m.f32_mut(name)?;
             let v = state.adam_v.f32_mut(name)?;
-            const CHUNK: usize = 4096;
-            p.par_chunks_mut(CHUNK)
-                .zip(m.par_chunks_mut(CHUNK))
-                .zip(v.par_chunks_mut(CHUNK))
-                .zip(g.par_chunks(CHUNK))
-                .for_each(|(((p, m), v), g)| {
-                    for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g)
-                    {
-                        *p -= lr * wd * *p;
-                        *m = b1 * *m + (1.0 - b1) * g;
-                        *v = b2 * *v + (1.0 - b2) * g * g;
-                        let m_hat = *m / bc1;
-                        let v_hat = *v / bc2;
-                        *p -= lr * m_hat / (v_hat.sqrt() + self.eps);
-                    }
-                });
+            adamw_update(
+                p,
+                m,
+                v,
+                g,
+                &AdamWUpdate {
+                    lr,
+                    beta1: b1,
+                    beta2: b2,
+                    eps: self.eps,
+                    weight_decay: wd,
+                    bias_corr1: bc1,
+                    bias_corr2: bc2,
+                    grad_scale: 1.0,
+                },
+            )?;
         }
         Ok(())
     }

@@ -1,0 +1,602 @@
+//! The CPU backend: the reference. f32 everywhere (activations, statistics, gradients), over the op bodies
+//! of [`crate::ops`], which are themselves checked against naive f64 code and finite differences.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use super::{
+    check_view, rows_of, Act, AdamWStep, AttentionDims, Backend, LinearDims, Memory, View, ViewMut,
+};
+use crate::ops;
+use crate::ops::attention::{AttentionBias, AttentionInputs};
+use crate::ops::elementwise::{GeluErf, GeluSigmoid, Relu, Softplus};
+use crate::error::check_len;
+use crate::runtime::DType;
+use crate::{Error, Result};
+
+/// Host memory, 64-byte aligned and zero-filled. Ops reach it only through views.
+pub struct HostMem {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: HostMem is a plain heap allocation; access goes through views whose borrows the type system tracks.
+unsafe impl Send for HostMem {}
+unsafe impl Sync for HostMem {}
+
+impl HostMem {
+    fn zeroed(bytes: usize) -> Result<Self> {
+        let layout = std::alloc::Layout::from_size_align(bytes.max(1), 64)
+            .map_err(|e| Error::invalid("allocation", format!("{bytes} bytes: {e}")))?;
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = std::ptr::NonNull::new(raw)
+            .ok_or_else(|| Error::invalid("allocation", format!("out of memory for {bytes} bytes")))?;
+        Ok(HostMem { ptr, layout })
+    }
+}
+
+impl Drop for HostMem {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+impl Memory for HostMem {
+    fn addr(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+    fn bytes(&self) -> usize {
+        self.layout.size()
+    }
+}
+
+/// The f32 CPU backend (multi-threaded with rayon).
+#[derive(Default)]
+pub struct CpuBackend {
+    allocations: AtomicUsize,
+    /// Attention scratch, grown on demand and kept.
+    workspace: Mutex<Vec<f32>>,
+}
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A view of host f32 values (for example parameters mapped from a weight file).
+    pub fn host_view(values: &[f32]) -> View<'_, CpuBackend> {
+        // SAFETY: the slice is readable and borrowed for the view's life.
+        unsafe { View::from_raw(values.as_ptr() as u64, values.len(), DType::F32) }
+    }
+
+    /// A mutable view of host f32 values.
+    pub fn host_view_mut(values: &mut [f32]) -> ViewMut<'_, CpuBackend> {
+        // SAFETY: the slice is borrowed mutably for the view's life.
+        unsafe { ViewMut::from_raw(values.as_mut_ptr() as u64, values.len(), DType::F32) }
+    }
+}
+
+fn f32s<'a>(op: &'static str, name: &str, v: View<'a, CpuBackend>) -> Result<&'a [f32]> {
+    if v.dtype() != DType::F32 {
+        return Err(Error::shape(op, format!("{name} is {}, expected f32", v.dtype())));
+    }
+    // SAFETY: a CPU view addresses `numel` host f32 values, shared for `'a` (see the module comment of
+    // `backend`).
+    Ok(unsafe { std::slice::from_raw_parts(v.addr() as *const f32, v.numel()) })
+}
+
+fn f32s_mut<'a>(op: &'static str, name: &str, v: ViewMut<'a, CpuBackend>) -> Result<&'a mut [f32]> {
+    if v.dtype() != DType::F32 {
+        return Err(Error::shape(op, format!("{name} is {}, expected f32", v.dtype())));
+    }
+    // SAFETY: a CPU mutable view addresses `numel` host f32 values that no other view reaches for `'a`.
+    Ok(unsafe { std::slice::from_raw_parts_mut(v.addr() as *mut f32, v.numel()) })
+}
+
+fn i32s<'a>(op: &'static str, name: &str, v: View<'a, CpuBackend>) -> Result<&'a [i32]> {
+    if v.dtype() != DType::I32 {
+        return Err(Error::shape(op, format!("{name} is {}, expected i32", v.dtype())));
+    }
+    // SAFETY: as for `f32s`.
+    Ok(unsafe { std::slice::from_raw_parts(v.addr() as *const i32, v.numel()) })
+}
+
+fn opt_mut<'a>(op: &'static str, name: &str, v: Option<ViewMut<'a, CpuBackend>>) -> Result<Option<&'a mut [f32]>> {
+    v.map(|v| f32s_mut(op, name, v)).transpose()
+}
+
+fn lens_of(op: &'static str, v: Option<View<'_, CpuBackend>>) -> Result<Option<Vec<usize>>> {
+    v.map(|v| {
+        i32s(op, "kv_lens", v)?
+            .iter()
+            .map(|&l| {
+                usize::try_from(l).map_err(|_| Error::invalid(op, format!("negative key length {l}")))
+            })
+            .collect()
+    })
+    .transpose()
+}
+
+fn activation_fwd(act: Act, out: &mut [f32], x: &[f32]) -> Result<()> {
+    match act {
+        Act::GeluErf => ops::elementwise::activation::<GeluErf>(out, x),
+        Act::GeluSigmoid => ops::elementwise::activation::<GeluSigmoid>(out, x),
+        Act::Relu => ops::elementwise::activation::<Relu>(out, x),
+        Act::Softplus => ops::elementwise::activation::<Softplus>(out, x),
+    }
+}
+
+fn activation_bwd(act: Act, dx: &mut [f32], dout: &[f32], x: &[f32]) -> Result<()> {
+    use ops::elementwise::activation_backward as bw;
+    match act {
+        Act::GeluErf => bw::<GeluErf>(dx, dout, x),
+        Act::GeluSigmoid => bw::<GeluSigmoid>(dx, dout, x),
+        Act::Relu => bw::<Relu>(dx, dout, x),
+        Act::Softplus => bw::<Softplus>(dx, dout, x),
+    }
+}
+
+impl Backend for CpuBackend {
+    type Mem = HostMem;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn compute_dtype(&self) -> DType {
+        DType::F32
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<HostMem> {
+        self.allocations.fetch_add(1, Ordering::Relaxed);
+        HostMem::zeroed(bytes)
+    }
+
+    fn allocations(&self) -> usize {
+        self.allocations.load(Ordering::Relaxed)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn write_f32(&self, dst: ViewMut<'_, Self>, src: &[f32]) -> Result<()> {
+        match dst.dtype() {
+            DType::I32 => {
+                let ints: Vec<i32> = src.iter().map(|&v| v as i32).collect();
+                self.write_i32(dst, &ints)
+            }
+            _ => {
+                let d = f32s_mut("write", "dst", dst)?;
+                check_len("write", "src", src.len(), d.len())?;
+                d.copy_from_slice(src);
+                Ok(())
+            }
+        }
+    }
+
+    fn write_i32(&self, dst: ViewMut<'_, Self>, src: &[i32]) -> Result<()> {
+        check_view("write", "dst", dst.numel(), dst.dtype(), src.len(), DType::I32)?;
+        // SAFETY: an i32 view of `numel` host values, exclusively borrowed.
+        let d = unsafe { std::slice::from_raw_parts_mut(dst.addr() as *mut i32, dst.numel()) };
+        d.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn read_f32(&self, src: View<'_, Self>) -> Result<Vec<f32>> {
+        match src.dtype() {
+            DType::I32 => Ok(i32s("read", "src", src)?.iter().map(|&v| v as f32).collect()),
+            _ => Ok(f32s("read", "src", src)?.to_vec()),
+        }
+    }
+
+    fn zero(&self, dst: ViewMut<'_, Self>) -> Result<()> {
+        // SAFETY: the view's bytes are exclusively borrowed host memory; zero is valid for f32 and i32.
+        unsafe { std::ptr::write_bytes(dst.addr() as *mut u8, 0, dst.bytes()) };
+        Ok(())
+    }
+
+    fn copy(&self, dst: ViewMut<'_, Self>, src: View<'_, Self>) -> Result<()> {
+        let s = f32s("copy", "src", src)?;
+        let d = f32s_mut("copy", "dst", dst)?;
+        check_len("copy", "dst", d.len(), s.len())?;
+        d.copy_from_slice(s);
+        Ok(())
+    }
+
+    fn linear(
+        &self,
+        y: ViewMut<'_, Self>,
+        x: View<'_, Self>,
+        w: View<'_, Self>,
+        bias: Option<View<'_, Self>>,
+        dims: LinearDims,
+    ) -> Result<()> {
+        const OP: &str = "linear";
+        let bias = bias.map(|b| f32s(OP, "bias", b)).transpose()?;
+        ops::matmul::linear(
+            f32s_mut(OP, "y", y)?,
+            f32s(OP, "x", x)?,
+            f32s(OP, "w", w)?,
+            bias,
+            dims,
+        )
+    }
+
+    fn linear_act(
+        &self,
+        pre: ViewMut<'_, Self>,
+        out: ViewMut<'_, Self>,
+        x: View<'_, Self>,
+        w: View<'_, Self>,
+        bias: View<'_, Self>,
+        act: Act,
+        dims: LinearDims,
+    ) -> Result<()> {
+        const OP: &str = "linear_act";
+        let pre = f32s_mut(OP, "pre", pre)?;
+        ops::matmul::linear(pre, f32s(OP, "x", x)?, f32s(OP, "w", w)?, Some(f32s(OP, "bias", bias)?), dims)?;
+        activation_fwd(act, f32s_mut(OP, "out", out)?, pre)
+    }
+
+    fn linear_backward(
+        &self,
+        dx: Option<ViewMut<'_, Self>>,
+        dw: Option<ViewMut<'_, Self>>,
+        dbias: Option<ViewMut<'_, Self>>,
+        dy: View<'_, Self>,
+        x: View<'_, Self>,
+        w: View<'_, Self>,
+        dims: LinearDims,
+    ) -> Result<()> {
+        const OP: &str = "linear_backward";
+        ops::matmul::linear_backward(
+            opt_mut(OP, "dx", dx)?,
+            opt_mut(OP, "dw", dw)?,
+            opt_mut(OP, "dbias", dbias)?,
+            f32s(OP, "dy", dy)?,
+            f32s(OP, "x", x)?,
+            f32s(OP, "w", w)?,
+            dims,
+        )
+    }
+
+    fn add(&self, out: ViewMut<'_, Self>, a: View<'_, Self>, b: View<'_, Self>) -> Result<()> {
+        ops::elementwise::add(f32s_mut("add", "out", out)?, f32s("add", "a", a)?, f32s("add", "b", b)?)
+    }
+
+    fn add_row_bias(&self, x: ViewMut<'_, Self>, bias: View<'_, Self>) -> Result<()> {
+        const OP: &str = "add_row_bias";
+        let (x, bias) = (f32s_mut(OP, "x", x)?, f32s(OP, "bias", bias)?);
+        rows_of(OP, "x", x.len(), bias.len())?;
+        x.chunks_mut(bias.len())
+            .for_each(|row| row.iter_mut().zip(bias).for_each(|(o, b)| *o += b));
+        Ok(())
+    }
+
+    fn scale_rows(&self, x: ViewMut<'_, Self>, scales: View<'_, Self>) -> Result<()> {
+        const OP: &str = "scale_rows";
+        let (x, scales) = (f32s_mut(OP, "x", x)?, f32s(OP, "scales", scales)?);
+        if scales.is_empty() || x.len() % scales.len() != 0 {
+            return Err(Error::shape(OP, format!("{} values in {} rows", x.len(), scales.len())));
+        }
+        let cols = x.len() / scales.len();
+        if cols > 0 {
+            x.chunks_mut(cols)
+                .zip(scales)
+                .for_each(|(row, &s)| row.iter_mut().for_each(|v| *v *= s));
+        }
+        Ok(())
+    }
+
+    fn activation(&self, out: ViewMut<'_, Self>, x: View<'_, Self>, act: Act) -> Result<()> {
+        activation_fwd(act, f32s_mut("activation", "out", out)?, f32s("activation", "x", x)?)
+    }
+
+    fn activation_backward(
+        &self,
+        dx: ViewMut<'_, Self>,
+        dout: View<'_, Self>,
+        x: View<'_, Self>,
+        act: Act,
+    ) -> Result<()> {
+        const OP: &str = "activation_backward";
+        activation_bwd(act, f32s_mut(OP, "dx", dx)?, f32s(OP, "dout", dout)?, f32s(OP, "x", x)?)
+    }
+
+    fn swiglu(&self, out: ViewMut<'_, Self>, u: View<'_, Self>, width: usize) -> Result<()> {
+        ops::elementwise::swiglu(f32s_mut("swiglu", "out", out)?, f32s("swiglu", "u", u)?, width)
+    }
+
+    fn swiglu_backward(
+        &self,
+        du: ViewMut<'_, Self>,
+        dout: View<'_, Self>,
+        u: View<'_, Self>,
+        width: usize,
+    ) -> Result<()> {
+        const OP: &str = "swiglu_backward";
+        ops::elementwise::swiglu_backward(f32s_mut(OP, "du", du)?, f32s(OP, "dout", dout)?, f32s(OP, "u", u)?, width)
+    }
+
+    fn layernorm(
+        &self,
+        out: ViewMut<'_, Self>,
+        mean: ViewMut<'_, Self>,
+        rstd: ViewMut<'_, Self>,
+        x: View<'_, Self>,
+        gamma: View<'_, Self>,
+        beta: View<'_, Self>,
+        eps: f32,
+    ) -> Result<()> {
+        const OP: &str = "layernorm";
+        ops::norm::layernorm(
+            f32s_mut(OP, "out", out)?,
+            f32s_mut(OP, "mean", mean)?,
+            f32s_mut(OP, "rstd", rstd)?,
+            f32s(OP, "x", x)?,
+            f32s(OP, "gamma", gamma)?,
+            f32s(OP, "beta", beta)?,
+            gamma.numel(),
+            eps,
+        )
+    }
+
+    fn residual_layernorm(
+        &self,
+        sum: ViewMut<'_, Self>,
+        out: ViewMut<'_, Self>,
+        mean: ViewMut<'_, Self>,
+        rstd: ViewMut<'_, Self>,
+        x: View<'_, Self>,
+        delta: View<'_, Self>,
+        gamma: View<'_, Self>,
+        beta: View<'_, Self>,
+        eps: f32,
+    ) -> Result<()> {
+        const OP: &str = "residual_layernorm";
+        let sum = f32s_mut(OP, "sum", sum)?;
+        ops::elementwise::add(sum, f32s(OP, "x", x)?, f32s(OP, "delta", delta)?)?;
+        ops::norm::layernorm(
+            f32s_mut(OP, "out", out)?,
+            f32s_mut(OP, "mean", mean)?,
+            f32s_mut(OP, "rstd", rstd)?,
+            sum,
+            f32s(OP, "gamma", gamma)?,
+            f32s(OP, "beta", beta)?,
+            gamma.numel(),
+            eps,
+        )
+    }
+
+    fn layernorm_backward(
+        &self,
+        dx: ViewMut<'_, Self>,
+        dgamma: ViewMut<'_, Self>,
+        dbeta: ViewMut<'_, Self>,
+        dout: View<'_, Self>,
+        x: View<'_, Self>,
+        gamma: View<'_, Self>,
+        mean: View<'_, Self>,
+        rstd: View<'_, Self>,
+    ) -> Result<()> {
+        const OP: &str = "layernorm_backward";
+        ops::norm::layernorm_backward(
+            f32s_mut(OP, "dx", dx)?,
+            f32s_mut(OP, "dgamma", dgamma)?,
+            f32s_mut(OP, "dbeta", dbeta)?,
+            f32s(OP, "dout", dout)?,
+            f32s(OP, "x", x)?,
+            f32s(OP, "gamma", gamma)?,
+            f32s(OP, "mean", mean)?,
+            f32s(OP, "rstd", rstd)?,
+            gamma.numel(),
+        )
+    }
+
+    fn rotary(
+        &self,
+        out: ViewMut<'_, Self>,
+        x: View<'_, Self>,
+        cos: View<'_, Self>,
+        sin: View<'_, Self>,
+        len: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        const OP: &str = "rotary";
+        ops::rotary::rotary_with_tables(
+            f32s_mut(OP, "out", out)?,
+            f32s(OP, "x", x)?,
+            f32s(OP, "cos", cos)?,
+            f32s(OP, "sin", sin)?,
+            len,
+            heads,
+            head_dim,
+            false,
+        )
+    }
+
+    fn rotary_backward(
+        &self,
+        dx: ViewMut<'_, Self>,
+        dout: View<'_, Self>,
+        cos: View<'_, Self>,
+        sin: View<'_, Self>,
+        len: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        const OP: &str = "rotary_backward";
+        ops::rotary::rotary_with_tables(
+            f32s_mut(OP, "dx", dx)?,
+            f32s(OP, "dout", dout)?,
+            f32s(OP, "cos", cos)?,
+            f32s(OP, "sin", sin)?,
+            len,
+            heads,
+            head_dim,
+            true,
+        )
+    }
+
+    fn embedding(&self, out: ViewMut<'_, Self>, ids: View<'_, Self>, table: View<'_, Self>) -> Result<()> {
+        const OP: &str = "embedding";
+        let ids = token_ids(OP, ids)?;
+        let dim = rows_of(OP, "out", out.numel(), ids.len().max(1))?;
+        ops::embedding::embedding(f32s_mut(OP, "out", out)?, &ids, f32s(OP, "table", table)?, dim)
+    }
+
+    fn embedding_backward(
+        &self,
+        dtable: ViewMut<'_, Self>,
+        dout: View<'_, Self>,
+        ids: View<'_, Self>,
+    ) -> Result<()> {
+        const OP: &str = "embedding_backward";
+        let ids = token_ids(OP, ids)?;
+        let dim = rows_of(OP, "dout", dout.numel(), ids.len().max(1))?;
+        ops::embedding::embedding_backward(f32s_mut(OP, "dtable", dtable)?, f32s(OP, "dout", dout)?, &ids, dim)
+    }
+
+    fn attention(
+        &self,
+        out: ViewMut<'_, Self>,
+        lse: ViewMut<'_, Self>,
+        q: View<'_, Self>,
+        k: View<'_, Self>,
+        v: View<'_, Self>,
+        kv_lens: Option<View<'_, Self>>,
+        bias: Option<(View<'_, Self>, bool)>,
+        dims: &AttentionDims,
+    ) -> Result<()> {
+        const OP: &str = "attention";
+        let lens = lens_of(OP, kv_lens)?;
+        let inputs = AttentionInputs {
+            q: f32s(OP, "q", q)?,
+            k: f32s(OP, "k", k)?,
+            v: f32s(OP, "v", v)?,
+            kv_lens: lens.as_deref(),
+            bias: bias
+                .map(|(b, per_batch)| Ok::<_, Error>(AttentionBias { data: f32s(OP, "bias", b)?, per_batch }))
+                .transpose()?,
+        };
+        let mut ws = self.workspace.lock().map_err(|_| Error::invalid(OP, "workspace poisoned"))?;
+        let need = dims.workspace_len(rayon::current_num_threads());
+        if ws.len() < need {
+            ws.resize(need, 0.0);
+        }
+        ops::attention::attention(f32s_mut(OP, "out", out)?, f32s_mut(OP, "lse", lse)?, inputs, dims, &mut ws)
+    }
+
+    fn attention_backward(
+        &self,
+        dq: ViewMut<'_, Self>,
+        dk: ViewMut<'_, Self>,
+        dv: ViewMut<'_, Self>,
+        dbias: Option<ViewMut<'_, Self>>,
+        dout: View<'_, Self>,
+        out: View<'_, Self>,
+        lse: View<'_, Self>,
+        q: View<'_, Self>,
+        k: View<'_, Self>,
+        v: View<'_, Self>,
+        kv_lens: Option<View<'_, Self>>,
+        bias: Option<(View<'_, Self>, bool)>,
+        dims: &AttentionDims,
+    ) -> Result<()> {
+        const OP: &str = "attention_backward";
+        let lens = lens_of(OP, kv_lens)?;
+        let inputs = AttentionInputs {
+            q: f32s(OP, "q", q)?,
+            k: f32s(OP, "k", k)?,
+            v: f32s(OP, "v", v)?,
+            kv_lens: lens.as_deref(),
+            bias: bias
+                .map(|(b, per_batch)| Ok::<_, Error>(AttentionBias { data: f32s(OP, "bias", b)?, per_batch }))
+                .transpose()?,
+        };
+        let mut ws = self.workspace.lock().map_err(|_| Error::invalid(OP, "workspace poisoned"))?;
+        let need = dims.workspace_len(rayon::current_num_threads());
+        if ws.len() < need {
+            ws.resize(need, 0.0);
+        }
+        ops::attention::attention_backward(
+            f32s_mut(OP, "dq", dq)?,
+            f32s_mut(OP, "dk", dk)?,
+            f32s_mut(OP, "dv", dv)?,
+            opt_mut(OP, "dbias", dbias)?,
+            f32s(OP, "dout", dout)?,
+            f32s(OP, "out", out)?,
+            f32s(OP, "lse", lse)?,
+            inputs,
+            dims,
+            &mut ws,
+        )
+    }
+
+    fn mse(&self, pred: View<'_, Self>, target: View<'_, Self>) -> Result<f32> {
+        ops::loss::mse(f32s("mse", "pred", pred)?, f32s("mse", "target", target)?)
+    }
+
+    fn mse_backward(
+        &self,
+        dpred: ViewMut<'_, Self>,
+        pred: View<'_, Self>,
+        target: View<'_, Self>,
+        dloss: f32,
+    ) -> Result<()> {
+        const OP: &str = "mse_backward";
+        ops::loss::mse_backward(f32s_mut(OP, "dpred", dpred)?, f32s(OP, "pred", pred)?, f32s(OP, "target", target)?, dloss)
+    }
+
+    fn sum_squares(&self, x: View<'_, Self>) -> Result<f32> {
+        let x = f32s("sum_squares", "x", x)?;
+        Ok(x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() as f32)
+    }
+
+    fn adamw(
+        &self,
+        params: ViewMut<'_, Self>,
+        compute_copy: Option<ViewMut<'_, Self>>,
+        m: ViewMut<'_, Self>,
+        v: ViewMut<'_, Self>,
+        grads: View<'_, Self>,
+        s: &AdamWStep,
+    ) -> Result<()> {
+        const OP: &str = "adamw";
+        let t = s.step.max(1) as i32;
+        let p = f32s_mut(OP, "params", params)?;
+        ops::optim::adamw_update(
+            p,
+            f32s_mut(OP, "m", m)?,
+            f32s_mut(OP, "v", v)?,
+            f32s(OP, "grads", grads)?,
+            &ops::optim::AdamWUpdate {
+                lr: s.lr,
+                beta1: s.beta1,
+                beta2: s.beta2,
+                eps: s.eps,
+                weight_decay: s.weight_decay,
+                bias_corr1: 1.0 - s.beta1.powi(t),
+                bias_corr2: 1.0 - s.beta2.powi(t),
+                grad_scale: s.grad_scale,
+            },
+        )?;
+        if let Some(copy) = compute_copy {
+            let c = f32s_mut(OP, "compute copy", copy)?;
+            check_len(OP, "compute copy", c.len(), p.len())?;
+            c.copy_from_slice(p);
+        }
+        Ok(())
+    }
+}
+
+fn token_ids(op: &'static str, ids: View<'_, CpuBackend>) -> Result<Vec<u32>> {
+    i32s(op, "ids", ids)?
+        .iter()
+        .map(|&i| u32::try_from(i).map_err(|_| Error::invalid(op, format!("negative token id {i}"))))
+        .collect()
+}

@@ -1,0 +1,592 @@
+//! One model, every device: the [`Backend`] op trait that every model and the training step are written
+//! against, once. Three implementations sit behind it:
+//! - [`cpu::CpuBackend`]: the reference, f32, over the CPU op bodies in [`crate::ops`];
+//! - [`kernel::KernelBackend`] over any [`crate::gpu::KernelDevice`]: the host emulator and CUDA, with bf16
+//!   activations and f32 statistics, gradients and master weights.
+//!
+//! Memory is reached through [`View`] / [`ViewMut`]: (address, element count, dtype) borrowed from a
+//! [`Tensor`] (one allocation) or split from a larger view, and tagged with the backend type so a CPU view
+//! cannot reach a GPU kernel. A `ViewMut` is only made from `&mut Tensor` or by splitting another
+//! `ViewMut`, so two live mutable views never overlap and an output never aliases an input.
+//!
+//! Conventions of every op (as in [`crate::ops`]): a forward overwrites its output; a backward **adds** into
+//! its gradients. Activations are in the backend's [`Backend::compute_dtype`]; norm statistics, the
+//! log-sum-exp, scales, attention biases, parameter gradients and optimiser state are always f32. Model
+//! code never names a dtype: it asks for [`Role`]s.
+
+// Kernel-style signatures (outputs, saved statistics, inputs, dims) are long by nature.
+#![allow(clippy::too_many_arguments)]
+
+pub mod cpu;
+pub mod kernel;
+
+use std::marker::PhantomData;
+
+pub use crate::ops::attention::AttentionDims;
+pub use crate::ops::conv::Conv1dDims;
+pub use crate::ops::matmul::LinearDims;
+pub use crate::ops::pool::PoolDims;
+use crate::runtime::DType;
+use crate::{Error, Result};
+
+/// The pointwise activations of the models.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    /// Exact erf GELU (ESM-2).
+    GeluErf,
+    /// `x·σ(1.702x)` (Enformer).
+    GeluSigmoid,
+    Relu,
+    Softplus,
+}
+
+/// What a tensor holds; the backend picks its dtype.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Activations, their gradients and compute copies of parameters: the compute dtype.
+    Activation,
+    /// Statistics, scales, biases of scores, gradients of parameters, master weights, optimiser state: f32.
+    Exact,
+    /// Token ids and lengths: i32.
+    Index,
+}
+
+/// An allocation of backend memory (host memory on the CPU and the emulator, device memory on CUDA).
+pub trait Memory {
+    fn addr(&self) -> u64;
+    fn bytes(&self) -> usize;
+}
+
+/// The op trait. Every op checks the sizes and dtypes of its views and returns an error, never panics.
+pub trait Backend: Sized {
+    type Mem: Memory;
+
+    fn name(&self) -> String;
+    /// The dtype of activations (f32 on the CPU reference, bf16 on kernel devices).
+    fn compute_dtype(&self) -> DType;
+    /// Zero-filled memory.
+    fn alloc(&self, bytes: usize) -> Result<Self::Mem>;
+    /// How many allocations this backend has made (the planned-memory tests count them).
+    fn allocations(&self) -> usize;
+    /// Waits for queued work (a no-op on synchronous backends).
+    fn synchronize(&self) -> Result<()>;
+
+    fn dtype_of(&self, role: Role) -> DType {
+        match role {
+            Role::Activation => self.compute_dtype(),
+            Role::Exact => DType::F32,
+            Role::Index => DType::I32,
+        }
+    }
+
+    // ---- transfers ----
+    /// Writes host values into `dst`, converting to its dtype (f32, bf16; i32 from integral values).
+    fn write_f32(&self, dst: ViewMut<'_, Self>, src: &[f32]) -> Result<()>;
+    fn write_i32(&self, dst: ViewMut<'_, Self>, src: &[i32]) -> Result<()>;
+    /// Reads `src` to the host as f32.
+    fn read_f32(&self, src: View<'_, Self>) -> Result<Vec<f32>>;
+    fn zero(&self, dst: ViewMut<'_, Self>) -> Result<()>;
+    /// `dst = src`, converting between f32 and the compute dtype where they differ.
+    fn copy(&self, dst: ViewMut<'_, Self>, src: View<'_, Self>) -> Result<()>;
+
+    // ---- linear algebra ----
+    /// `y[rows, out] = x[rows, in]·Wᵀ + bias` with `w [out, in]`.
+    fn linear(
+        &self,
+        y: ViewMut<'_, Self>,
+        x: View<'_, Self>,
+        w: View<'_, Self>,
+        bias: Option<View<'_, Self>>,
+        dims: LinearDims,
+    ) -> Result<()>;
+    /// Linear with a bias and activation epilogue: `pre = x·Wᵀ + bias`, `out = act(pre)` (pre is kept for
+    /// the backward).
+    fn linear_act(
+        &self,
+        pre: ViewMut<'_, Self>,
+        out: ViewMut<'_, Self>,
+        x: View<'_, Self>,
+        w: View<'_, Self>,
+        bias: View<'_, Self>,
+        act: Act,
+        dims: LinearDims,
+    ) -> Result<()>;
+    /// Gradients of [`Backend::linear`]: `dx += dy·W`, `dw += dyᵀ·x`, `dbias += Σ_rows dy` (dw, dbias f32).
+    fn linear_backward(
+        &self,
+        dx: Option<ViewMut<'_, Self>>,
+        dw: Option<ViewMut<'_, Self>>,
+        dbias: Option<ViewMut<'_, Self>>,
+        dy: View<'_, Self>,
+        x: View<'_, Self>,
+        w: View<'_, Self>,
+        dims: LinearDims,
+    ) -> Result<()>;
+
+    // ---- pointwise ----
+    /// `out = a + b`.
+    fn add(&self, out: ViewMut<'_, Self>, a: View<'_, Self>, b: View<'_, Self>) -> Result<()>;
+    /// `x[r, :] += bias` for every row of `x [rows, bias.len]`.
+    fn add_row_bias(&self, x: ViewMut<'_, Self>, bias: View<'_, Self>) -> Result<()>;
+    /// `x[r, :] *= scales[r]` (f32 scales, one per row of `x [scales.len, cols]`).
+    fn scale_rows(&self, x: ViewMut<'_, Self>, scales: View<'_, Self>) -> Result<()>;
+    fn activation(&self, out: ViewMut<'_, Self>, x: View<'_, Self>, act: Act) -> Result<()>;
+    /// `dx += dout · act'(x)`.
+    fn activation_backward(
+        &self,
+        dx: ViewMut<'_, Self>,
+        dout: View<'_, Self>,
+        x: View<'_, Self>,
+        act: Act,
+    ) -> Result<()>;
+    /// SwiGLU on rows `[gate | value]` of `u [rows, 2·width]`: `out = silu(gate)·value`.
+    fn swiglu(&self, out: ViewMut<'_, Self>, u: View<'_, Self>, width: usize) -> Result<()>;
+    fn swiglu_backward(
+        &self,
+        du: ViewMut<'_, Self>,
+        dout: View<'_, Self>,
+        u: View<'_, Self>,
+        width: usize,
+    ) -> Result<()>;
+
+    // ---- normalisation ----
+    /// `out = LN(x)·gamma + beta` over rows of `gamma.len`, saving `mean`, `rstd` (f32, one per row).
+    fn layernorm(
+        &self,
+        out: ViewMut<'_, Self>,
+        mean: ViewMut<'_, Self>,
+        rstd: ViewMut<'_, Self>,
+        x: View<'_, Self>,
+        gamma: View<'_, Self>,
+        beta: View<'_, Self>,
+        eps: f32,
+    ) -> Result<()>;
+    /// Residual add fused with the LayerNorm that follows it: `sum = x + delta`, `out = LN(sum)`.
+    fn residual_layernorm(
+        &self,
+        sum: ViewMut<'_, Self>,
+        out: ViewMut<'_, Self>,
+        mean: ViewMut<'_, Self>,
+        rstd: ViewMut<'_, Self>,
+        x: View<'_, Self>,
+        delta: View<'_, Self>,
+        gamma: View<'_, Self>,
+        beta: View<'_, Self>,
+        eps: f32,
+    ) -> Result<()>;
+    /// `dx += …`, `dgamma += …`, `dbeta += …` (f32).
+    fn layernorm_backward(
+        &self,
+        dx: ViewMut<'_, Self>,
+        dgamma: ViewMut<'_, Self>,
+        dbeta: ViewMut<'_, Self>,
+        dout: View<'_, Self>,
+        x: View<'_, Self>,
+        gamma: View<'_, Self>,
+        mean: View<'_, Self>,
+        rstd: View<'_, Self>,
+    ) -> Result<()>;
+
+    // ---- positions and tokens ----
+    /// Split-half rotary embedding of `x [batch, len, heads, head_dim]` with f32 tables `[≥len, head_dim/2]`.
+    fn rotary(
+        &self,
+        out: ViewMut<'_, Self>,
+        x: View<'_, Self>,
+        cos: View<'_, Self>,
+        sin: View<'_, Self>,
+        len: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()>;
+    /// `dx += ropeᵀ(dout)`.
+    fn rotary_backward(
+        &self,
+        dx: ViewMut<'_, Self>,
+        dout: View<'_, Self>,
+        cos: View<'_, Self>,
+        sin: View<'_, Self>,
+        len: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()>;
+    /// `out[t, :] = table[ids[t], :]` (`table [vocab, dim]`); ids out of the vocabulary are an error.
+    fn embedding(
+        &self,
+        out: ViewMut<'_, Self>,
+        ids: View<'_, Self>,
+        table: View<'_, Self>,
+    ) -> Result<()>;
+    /// `dtable[ids[t], :] += dout[t, :]` (f32).
+    fn embedding_backward(
+        &self,
+        dtable: ViewMut<'_, Self>,
+        dout: View<'_, Self>,
+        ids: View<'_, Self>,
+    ) -> Result<()>;
+
+    // ---- attention ----
+    /// FlashAttention-2's contract: `out` and the f32 log-sum-exp `lse [B, H, Lq]` are saved, never the
+    /// probabilities. `kv_lens` (i32 per batch) masks keys; `bias` (f32 `[1 or B, H, Lq, Lk]`, with
+    /// whether it is per batch) is added to the scores.
+    fn attention(
+        &self,
+        out: ViewMut<'_, Self>,
+        lse: ViewMut<'_, Self>,
+        q: View<'_, Self>,
+        k: View<'_, Self>,
+        v: View<'_, Self>,
+        kv_lens: Option<View<'_, Self>>,
+        bias: Option<(View<'_, Self>, bool)>,
+        dims: &AttentionDims,
+    ) -> Result<()>;
+    /// Adds into `dq`, `dk`, `dv` and, when given, `dbias` (f32, laid out like the bias).
+    fn attention_backward(
+        &self,
+        dq: ViewMut<'_, Self>,
+        dk: ViewMut<'_, Self>,
+        dv: ViewMut<'_, Self>,
+        dbias: Option<ViewMut<'_, Self>>,
+        dout: View<'_, Self>,
+        out: View<'_, Self>,
+        lse: View<'_, Self>,
+        q: View<'_, Self>,
+        k: View<'_, Self>,
+        v: View<'_, Self>,
+        kv_lens: Option<View<'_, Self>>,
+        bias: Option<(View<'_, Self>, bool)>,
+        dims: &AttentionDims,
+    ) -> Result<()>;
+
+    // ---- loss and optimiser ----
+    /// Mean squared error of `pred` (compute dtype) against `target` (f32).
+    fn mse(&self, pred: View<'_, Self>, target: View<'_, Self>) -> Result<f32>;
+    /// `dpred += dloss · 2(pred − target)/n`.
+    fn mse_backward(
+        &self,
+        dpred: ViewMut<'_, Self>,
+        pred: View<'_, Self>,
+        target: View<'_, Self>,
+        dloss: f32,
+    ) -> Result<()>;
+    /// `Σ x²` over f32 values, in a fixed order.
+    fn sum_squares(&self, x: View<'_, Self>) -> Result<f32>;
+    /// One AdamW step over f32 master weights, refreshing their compute copy (`None` where the master is
+    /// the compute copy, as on the f32 CPU backend).
+    fn adamw(
+        &self,
+        params: ViewMut<'_, Self>,
+        compute_copy: Option<ViewMut<'_, Self>>,
+        m: ViewMut<'_, Self>,
+        v: ViewMut<'_, Self>,
+        grads: View<'_, Self>,
+        step: &AdamWStep,
+    ) -> Result<()>;
+
+}
+
+/// Hyper-parameters of one AdamW step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step number (bias correction).
+    pub step: u64,
+    /// Multiplies the gradients (the global-norm clipping coefficient, or 1).
+    pub grad_scale: f32,
+}
+
+/// One allocation of backend memory with a dtype and an element count.
+pub struct Tensor<B: Backend> {
+    mem: B::Mem,
+    dtype: DType,
+    numel: usize,
+}
+
+impl<B: Backend> Tensor<B> {
+    /// A zero-filled tensor of `numel` elements of `dtype`; the byte size is checked before allocating.
+    pub fn zeros(backend: &B, dtype: DType, numel: usize) -> Result<Self> {
+        let bytes = numel.checked_mul(dtype.size_in_bytes()).ok_or_else(|| {
+            Error::invalid(
+                "tensor size",
+                format!("{numel} elements of {dtype} overflow the address space"),
+            )
+        })?;
+        Ok(Tensor {
+            mem: backend.alloc(bytes)?,
+            dtype,
+            numel,
+        })
+    }
+
+    /// A zero-filled tensor for `role` (its dtype is the backend's choice).
+    pub fn new(backend: &B, role: Role, numel: usize) -> Result<Self> {
+        Self::zeros(backend, backend.dtype_of(role), numel)
+    }
+
+    /// A tensor holding host values, converted to the dtype of `role`.
+    pub fn from_f32(backend: &B, role: Role, values: &[f32]) -> Result<Self> {
+        let mut t = Self::new(backend, role, values.len())?;
+        backend.write_f32(t.view_mut(), values)?;
+        Ok(t)
+    }
+
+    pub fn numel(&self) -> usize {
+        self.numel
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn view(&self) -> View<'_, B> {
+        View {
+            addr: self.mem.addr(),
+            numel: self.numel,
+            dtype: self.dtype,
+            _p: PhantomData,
+        }
+    }
+
+    pub fn view_mut(&mut self) -> ViewMut<'_, B> {
+        ViewMut {
+            addr: self.mem.addr(),
+            numel: self.numel,
+            dtype: self.dtype,
+            _p: PhantomData,
+        }
+    }
+
+    /// Makes the tensor hold exactly `numel` elements of `role`, reallocating only when it must (a new
+    /// shape or role; a new allocation is zero-filled, a kept one keeps its contents).
+    pub fn ensure(&mut self, backend: &B, role: Role, numel: usize) -> Result<()> {
+        let dtype = backend.dtype_of(role);
+        if self.dtype != dtype || self.mem.bytes() < numel * dtype.size_in_bytes() {
+            *self = Self::zeros(backend, dtype, numel)?;
+        }
+        self.numel = numel;
+        Ok(())
+    }
+}
+
+fn slice_check(what: &str, numel: usize, start: usize, len: usize) -> Result<()> {
+    match start.checked_add(len) {
+        Some(end) if end <= numel => Ok(()),
+        _ => Err(Error::shape(
+            "view",
+            format!("{what}: elements {start}..+{len} of a view of {numel}"),
+        )),
+    }
+}
+
+/// A read-only view: `numel` elements of `dtype` at an address of backend `B`'s memory.
+pub struct View<'a, B> {
+    addr: u64,
+    numel: usize,
+    dtype: DType,
+    _p: PhantomData<(&'a [u8], fn() -> B)>,
+}
+
+impl<B> Clone for View<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B> Copy for View<'_, B> {}
+
+impl<'a, B> View<'a, B> {
+    /// # Safety
+    /// `addr` must address `numel` elements of `dtype` of `B`'s memory, readable and not written for `'a`.
+    pub(crate) unsafe fn from_raw(addr: u64, numel: usize, dtype: DType) -> Self {
+        View {
+            addr,
+            numel,
+            dtype,
+            _p: PhantomData,
+        }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.numel
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.numel * self.dtype.size_in_bytes()
+    }
+
+    /// Elements `start .. start + len`.
+    pub fn slice(self, start: usize, len: usize) -> Result<View<'a, B>> {
+        slice_check("slice", self.numel, start, len)?;
+        Ok(View {
+            addr: self.addr + (start * self.dtype.size_in_bytes()) as u64,
+            numel: len,
+            ..self
+        })
+    }
+}
+
+/// A mutable view; never overlaps another live view (see the module comment).
+pub struct ViewMut<'a, B> {
+    addr: u64,
+    numel: usize,
+    dtype: DType,
+    _p: PhantomData<(&'a mut [u8], fn() -> B)>,
+}
+
+impl<'a, B> ViewMut<'a, B> {
+    /// # Safety
+    /// `addr` must address `numel` elements of `dtype` of `B`'s memory, reachable by no other view for `'a`.
+    pub(crate) unsafe fn from_raw(addr: u64, numel: usize, dtype: DType) -> Self {
+        ViewMut {
+            addr,
+            numel,
+            dtype,
+            _p: PhantomData,
+        }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.numel
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.numel * self.dtype.size_in_bytes()
+    }
+
+    /// A shorter-lived mutable view of the same elements (to pass to an op and keep this one).
+    pub fn rb(&mut self) -> ViewMut<'_, B> {
+        ViewMut {
+            addr: self.addr,
+            numel: self.numel,
+            dtype: self.dtype,
+            _p: PhantomData,
+        }
+    }
+
+    /// Read access while this view is borrowed.
+    pub fn view(&self) -> View<'_, B> {
+        View {
+            addr: self.addr,
+            numel: self.numel,
+            dtype: self.dtype,
+            _p: PhantomData,
+        }
+    }
+
+    /// Gives up write access for good.
+    pub fn into_view(self) -> View<'a, B> {
+        View {
+            addr: self.addr,
+            numel: self.numel,
+            dtype: self.dtype,
+            _p: PhantomData,
+        }
+    }
+
+    /// Elements `start .. start + len`, for the rest of this view's life.
+    pub fn slice_mut(self, start: usize, len: usize) -> Result<ViewMut<'a, B>> {
+        slice_check("slice", self.numel, start, len)?;
+        Ok(ViewMut {
+            addr: self.addr + (start * self.dtype.size_in_bytes()) as u64,
+            numel: len,
+            ..self
+        })
+    }
+
+    /// Two disjoint views: elements `..mid` and `mid..`.
+    pub fn split_at(self, mid: usize) -> Result<(ViewMut<'a, B>, ViewMut<'a, B>)> {
+        slice_check("split", self.numel, 0, mid)?;
+        let size = self.dtype.size_in_bytes();
+        Ok((
+            ViewMut {
+                addr: self.addr,
+                numel: mid,
+                dtype: self.dtype,
+                _p: PhantomData,
+            },
+            ViewMut {
+                addr: self.addr + (mid * size) as u64,
+                numel: self.numel - mid,
+                dtype: self.dtype,
+                _p: PhantomData,
+            },
+        ))
+    }
+
+    /// Disjoint views at the given `(start, len)` element ranges, which must be sorted and not overlap.
+    pub fn split_ranges(self, ranges: &[(usize, usize)]) -> Result<Vec<ViewMut<'a, B>>> {
+        let mut out = Vec::with_capacity(ranges.len());
+        let mut end = 0;
+        for &(start, len) in ranges {
+            if start < end {
+                return Err(Error::shape(
+                    "view",
+                    format!("ranges overlap or are unsorted at element {start}"),
+                ));
+            }
+            slice_check("split", self.numel, start, len)?;
+            out.push(ViewMut {
+                addr: self.addr + (start * self.dtype.size_in_bytes()) as u64,
+                numel: len,
+                dtype: self.dtype,
+                _p: PhantomData,
+            });
+            end = start + len;
+        }
+        Ok(out)
+    }
+}
+
+/// Checks that a view has `want` elements of `dtype`.
+pub(crate) fn check_view(
+    op: &'static str,
+    name: &str,
+    numel: usize,
+    dtype: DType,
+    want: usize,
+    want_dtype: DType,
+) -> Result<()> {
+    if dtype != want_dtype {
+        return Err(Error::shape(
+            op,
+            format!("{name} is {dtype}, expected {want_dtype}"),
+        ));
+    }
+    if numel != want {
+        return Err(Error::shape(
+            op,
+            format!("{name} has {numel} elements, expected {want}"),
+        ));
+    }
+    Ok(())
+}
+
+/// `rows` of a `[rows, cols]` matrix of `numel` elements, or an error naming the op.
+pub(crate) fn rows_of(op: &'static str, name: &str, numel: usize, cols: usize) -> Result<usize> {
+    if cols == 0 || numel % cols != 0 {
+        return Err(Error::shape(
+            op,
+            format!("{name} has {numel} elements, not whole rows of {cols}"),
+        ));
+    }
+    Ok(numel / cols)
+}
