@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use isoformer_engine::models::config::EsmConfig;
 use isoformer_engine::models::tokenizers::Tokenizer;
+use isoformer_engine::backend::cpu::CpuBackend;
+use isoformer_engine::backend::{Backend, Role, Tensor};
 use isoformer_engine::models::transformer::{
     EncoderActivations, TransformerConfig, TransformerEncoder,
 };
@@ -109,12 +111,17 @@ fn check_esm_like(
             .collect::<Vec<_>>()
     );
 
+    let cpu = CpuBackend::new();
+    let views: Vec<_> = (0..enc.layout().entries().len())
+        .map(|i| CpuBackend::host_view(params.get(i)))
+        .collect();
     let mut acts = EncoderActivations::default();
-    enc.forward(&params, &ids, &lens, len, &mut acts, true)
+    enc.forward(&cpu, &views, &ids, &lens, len, &mut acts, true)
         .unwrap();
     let h = enc.cfg.hidden;
     let real = |i: usize| mask[i / h] == 1.0;
-    let hidden_err = rel_err(acts.hidden(), &r.tensors["last_hidden_state"].1, real);
+    let hidden = cpu.read_f32(acts.hidden().unwrap()).unwrap();
+    let hidden_err = rel_err(&hidden, &r.tensors["last_hidden_state"].1, real);
     assert!(
         hidden_err <= 1e-4,
         "{name}: hidden state error {hidden_err:.2e}"
@@ -126,9 +133,17 @@ fn check_esm_like(
         .enumerate()
         .map(|(i, w)| if real(i) { *w } else { 0.0 })
         .collect();
+    let dhidden = Tensor::from_f32(&cpu, Role::Activation, &dhidden).unwrap();
     let mut grads = Arena::zeros(enc.layout().clone());
-    enc.backward(&params, &mut acts, &dhidden, &mut grads.entries_f32_mut())
-        .unwrap();
+    {
+        let mut grad_views: Vec<_> = grads
+            .entries_f32_mut()
+            .into_iter()
+            .map(CpuBackend::host_view_mut)
+            .collect();
+        enc.backward(&cpu, &views, &mut acts, dhidden.view(), &mut grad_views)
+            .unwrap();
+    }
     let mut worst = 0.0f64;
     for (i, e) in enc.layout().entries().iter().enumerate() {
         let (_, want) = r

@@ -17,8 +17,10 @@
 // Kernel-style signatures (outputs, saved statistics, inputs, dims) are long by nature.
 #![allow(clippy::too_many_arguments)]
 
+pub mod any;
 pub mod cpu;
 pub mod kernel;
+pub mod state;
 
 use std::marker::PhantomData;
 

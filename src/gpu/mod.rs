@@ -5,10 +5,8 @@
 //! array, as `cuLaunchKernel` does. The launch code in [`ops`] (grid sizes, arguments, checks) is written once
 //! against that trait.
 
-pub mod block;
 pub mod cuda;
 pub mod emulator;
-pub mod encoder;
 pub mod enformer;
 pub mod ops;
 

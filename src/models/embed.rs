@@ -22,6 +22,13 @@ use super::enformer::{EnformerNames, EnformerTrunk};
 use super::tokenizers::{dna_one_hot, Tokenizer};
 use super::transformer::{EncoderActivations, TransformerConfig, TransformerEncoder};
 use super::weights::{ModelParams, Prefixes, WeightFile};
+use crate::backend::any::AnyBackend;
+use crate::backend::cpu::CpuBackend;
+use crate::backend::kernel::KernelBackend;
+use crate::backend::state::ParamSet;
+use crate::backend::{Backend, View};
+use crate::gpu::cuda::CudaDevice;
+use crate::gpu::emulator::EmuDevice;
 use crate::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,18 +94,72 @@ enum Network {
     Enformer(EnformerTrunk),
 }
 
-/// The transformer encoders uploaded to a GPU-path device.
+/// The Enformer trunk uploaded to a GPU-path device.
 enum DeviceNet {
-    Emu(Box<crate::gpu::encoder::DeviceEncoder<crate::gpu::emulator::EmuDevice>>),
-    Cuda(Box<crate::gpu::encoder::DeviceEncoder<crate::gpu::cuda::CudaDevice>>),
     EmuEnformer(Box<crate::gpu::enformer::DeviceEnformer<crate::gpu::emulator::EmuDevice>>),
     CudaEnformer(Box<crate::gpu::enformer::DeviceEnformer<crate::gpu::cuda::CudaDevice>>),
+}
+
+/// A model's state on one backend: the backend, the parameters uploaded to it (none on the CPU, which
+/// reads the host parameters in place, mapped from the weight file when they are f32), and activations
+/// kept between batches so that equal shapes reuse their memory.
+struct Placement<B: Backend> {
+    backend: B,
+    params: Option<ParamSet<B>>,
+    acts: std::sync::Mutex<EncoderActivations<B>>,
+}
+
+enum Placed {
+    Cpu(Placement<CpuBackend>),
+    Emu(Placement<KernelBackend<EmuDevice>>),
+    Cuda(Placement<KernelBackend<CudaDevice>>),
+}
+
+impl<B: Backend> Placement<B> {
+    fn new(backend: B, host: &ModelParams, upload: bool) -> Result<Self> {
+        let params = if upload {
+            Some(ParamSet::upload(&backend, host.layout().clone(), |i| host.get(i), false)?)
+        } else {
+            None
+        };
+        Ok(Placement {
+            backend,
+            params,
+            acts: std::sync::Mutex::new(EncoderActivations::default()),
+        })
+    }
+
+    /// The uploaded parameters' views.
+    fn views(&self) -> Result<Vec<View<'_, B>>> {
+        self.params
+            .as_ref()
+            .ok_or_else(|| Error::invalid("embed", "the parameters were not uploaded"))?
+            .views()
+    }
+
+    /// The last hidden state `[batch, len, hidden]` of the encoder on this backend, as f32.
+    fn transformer_hidden(
+        &self,
+        encoder: &TransformerEncoder,
+        views: &[View<'_, B>],
+        ids: &[u32],
+        lens: &[usize],
+        len: usize,
+    ) -> Result<Vec<f32>> {
+        let mut acts = self
+            .acts
+            .lock()
+            .map_err(|_| Error::invalid("embed", "activations poisoned by an earlier panic"))?;
+        encoder.forward(&self.backend, views, ids, lens, len, &mut acts, false)?;
+        self.backend.read_f32(acts.hidden()?)
+    }
 }
 
 pub struct Embedder {
     kind: ModelKind,
     network: Network,
     params: ModelParams,
+    placed: Placed,
     device_net: Option<DeviceNet>,
     /// Token budget per sequence, special tokens included (transformers).
     pub max_tokens: usize,
@@ -182,10 +243,12 @@ impl Embedder {
                 (Network::Enformer(trunk), params)
             }
         };
+        let placed = Placed::Cpu(Placement::new(CpuBackend::new(), &params, false)?);
         Ok(Embedder {
             kind,
             network,
             params,
+            placed,
             device_net: None,
             max_tokens: 2048,
         })
@@ -210,35 +273,22 @@ impl Embedder {
     /// Runs the model on `device` from now on: the CPU (f32), or the emulator or a GPU, with the weights
     /// uploaded as bf16 and the GPU kernels.
     pub fn to_device(&mut self, device: crate::Device) -> Result<()> {
-        use crate::gpu::cuda::CudaDevice;
-        use crate::gpu::emulator::EmuDevice;
-        use crate::gpu::encoder::DeviceEncoder;
         use crate::gpu::enformer::DeviceEnformer;
-        let (params, max_tokens) = (&self.params, self.max_tokens);
+        let params = &self.params;
+        let upload = device != crate::Device::Cpu;
+        self.placed = match AnyBackend::open(device)? {
+            AnyBackend::Cpu(b) => Placed::Cpu(Placement::new(b, params, upload)?),
+            AnyBackend::Emu(b) => Placed::Emu(Placement::new(b, params, upload)?),
+            AnyBackend::Cuda(b) => Placed::Cuda(Placement::new(b, params, upload)?),
+        };
         self.device_net = match (&self.network, device) {
-            (_, crate::Device::Cpu) => None,
-            (Network::Transformer { encoder, .. }, crate::Device::Emulator) => {
-                Some(DeviceNet::Emu(Box::new(DeviceEncoder::upload(
-                    EmuDevice::default(),
-                    encoder,
-                    params,
-                    max_tokens,
-                )?)))
-            }
-            (Network::Transformer { encoder, .. }, crate::Device::Cuda(i)) => {
-                Some(DeviceNet::Cuda(Box::new(DeviceEncoder::upload(
-                    CudaDevice::new(i)?,
-                    encoder,
-                    params,
-                    max_tokens,
-                )?)))
-            }
             (Network::Enformer(trunk), crate::Device::Emulator) => Some(DeviceNet::EmuEnformer(
                 Box::new(DeviceEnformer::upload(EmuDevice::default(), trunk, params)?),
             )),
             (Network::Enformer(trunk), crate::Device::Cuda(i)) => Some(DeviceNet::CudaEnformer(
                 Box::new(DeviceEnformer::upload(CudaDevice::new(i)?, trunk, params)?),
             )),
+            _ => None,
         };
         Ok(())
     }
@@ -277,22 +327,14 @@ impl Embedder {
                     .map(|s| tokenizer.encode(s, self.max_tokens))
                     .collect();
                 let (ids, lens, len) = tokenizer.pad_batch(&encoded);
-                let mut acts = EncoderActivations::default();
-                let device_hidden;
-                let hidden: &[f32] = match &self.device_net {
-                    Some(DeviceNet::Emu(d)) => {
-                        device_hidden = d.forward(&ids, &lens, len)?;
-                        &device_hidden
+                let hidden = match &self.placed {
+                    // The CPU reads the host parameters in place.
+                    Placed::Cpu(p) => {
+                        p.transformer_hidden(encoder, &host_views(&self.params), &ids, &lens, len)
                     }
-                    Some(DeviceNet::Cuda(d)) => {
-                        device_hidden = d.forward(&ids, &lens, len)?;
-                        &device_hidden
-                    }
-                    Some(DeviceNet::EmuEnformer(_) | DeviceNet::CudaEnformer(_)) | None => {
-                        encoder.forward(&self.params, &ids, &lens, len, &mut acts, false)?;
-                        acts.hidden()
-                    }
-                };
+                    Placed::Emu(p) => p.transformer_hidden(encoder, &p.views()?, &ids, &lens, len),
+                    Placed::Cuda(p) => p.transformer_hidden(encoder, &p.views()?, &ids, &lens, len),
+                }?;
                 let specials_after = tokenizer.eos.is_some() as usize;
                 Ok(lens
                     .iter()
@@ -347,6 +389,13 @@ impl Embedder {
             }
         }
     }
+}
+
+/// The host parameters as CPU views (in place: mapped weights are not copied).
+fn host_views(host: &ModelParams) -> Vec<View<'_, CpuBackend>> {
+    (0..host.layout().entries().len())
+        .map(|i| CpuBackend::host_view(host.get(i)))
+        .collect()
 }
 
 fn mean_rows(rows: &[f32], h: usize) -> Vec<f32> {

@@ -7,24 +7,18 @@
 //! out = LN_f(x)
 //! ```
 //!
-//! Parameter names are the HF names without the `esm.` prefix. Forward keeps what the backward needs when
-//! asked to (training, gradient tests); for inference one layer's buffers are reused for every layer.
+//! Written once over the [`Backend`] trait: the same code runs on the CPU reference (f32), the emulator
+//! and CUDA (bf16 activations). Parameter names are the HF names without the `esm.` prefix, spelled only
+//! in [`TransformerEncoder::new`]. The forward keeps what the backward needs when asked to (training,
+//! gradient tests); for inference one layer's buffers serve every layer.
 
 use std::sync::Arc;
 
 use super::config::EsmConfig;
-use crate::ops::attention::{attention, attention_backward, AttentionDims, AttentionInputs};
-use crate::ops::elementwise::{
-    accumulate, activation, activation_backward, swiglu, swiglu_backward, GeluErf,
-};
-use crate::ops::embedding::{embedding, embedding_backward};
-use crate::ops::matmul::{linear, linear_backward, LinearDims};
-use crate::ops::norm::{layernorm, layernorm_backward};
-use crate::ops::rotary::{rotary, rotary_backward, RotaryTable};
+use crate::backend::{Act, AttentionDims, Backend, LinearDims, Role, Tensor, View, ViewMut};
+use crate::ops::rotary::RotaryTable;
 use crate::runtime::{Layout, TensorSpec};
 use crate::{Error, Result};
-
-use super::weights::ModelParams;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FeedForward {
@@ -107,58 +101,146 @@ pub struct TransformerEncoder {
     final_ln: (usize, usize),
 }
 
-/// Buffers of one layer's forward that the backward reads.
-#[derive(Default, Clone)]
-struct LayerActs {
-    x_in: Vec<f32>,
-    ln1: Vec<f32>,
-    mean1: Vec<f32>,
-    rstd1: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    q_rot: Vec<f32>,
-    k_rot: Vec<f32>,
-    attn: Vec<f32>,
-    lse: Vec<f32>,
-    x_mid: Vec<f32>,
-    ln2: Vec<f32>,
-    mean2: Vec<f32>,
-    rstd2: Vec<f32>,
-    ffn_pre: Vec<f32>,
-    ffn_act: Vec<f32>,
+
+/// One layer's saved activations (or, for inference, the buffers every layer reuses).
+struct LayerActs<B: Backend> {
+    ln1: Tensor<B>,
+    mean1: Tensor<B>,
+    rstd1: Tensor<B>,
+    q: Tensor<B>,
+    k: Tensor<B>,
+    v: Tensor<B>,
+    q_rot: Tensor<B>,
+    k_rot: Tensor<B>,
+    attn: Tensor<B>,
+    lse: Tensor<B>,
+    mid: Tensor<B>,
+    ln2: Tensor<B>,
+    mean2: Tensor<B>,
+    rstd2: Tensor<B>,
+    ffn_pre: Tensor<B>,
+    ffn_act: Tensor<B>,
 }
 
-/// Forward state for one batch shape; reused across calls of the same shape.
-#[derive(Default)]
-pub struct EncoderActivations {
+/// Buffers of the backward pass, shared by every layer.
+struct BackwardBuffers<B: Backend> {
+    /// Gradient of the residual stream (ping-pong: the layer's output and its input).
+    d_out: Tensor<B>,
+    d_in: Tensor<B>,
+    d_act: Tensor<B>,
+    d_pre: Tensor<B>,
+    d_ln: Tensor<B>,
+    d_attn: Tensor<B>,
+    dq_rot: Tensor<B>,
+    dk_rot: Tensor<B>,
+    dv: Tensor<B>,
+    dq: Tensor<B>,
+    dk: Tensor<B>,
+}
+
+/// The planned activations of one batch shape: allocated on the first call of a shape, then reused, so a
+/// forward plus backward of the same shape allocates nothing.
+struct Planned<B: Backend> {
     batch: usize,
     len: usize,
     keep_all: bool,
-    ids: Vec<u32>,
-    lens: Vec<usize>,
-    /// Per-row embedding scale (token dropout × padding mask).
-    row_scale: Vec<f32>,
-    x: Vec<f32>,
-    layers: Vec<LayerActs>,
-    final_mean: Vec<f32>,
-    final_rstd: Vec<f32>,
-    x_final: Vec<f32>,
-    pub hidden: Vec<f32>,
-    workspace: Vec<f32>,
-    rotary: Option<RotaryTable>,
+    ids: Tensor<B>,
+    kv_lens: Tensor<B>,
+    /// Per-row embedding scale (token dropout × padding mask), f32.
+    row_scale: Tensor<B>,
+    /// Residual stream: with `keep_all`, the input of every layer and the final one (`layers + 1`);
+    /// otherwise two that alternate.
+    xs: Vec<Tensor<B>>,
+    /// Scratch for the attention projection and the FFN output (not read by the backward).
+    proj: Tensor<B>,
+    layers: Vec<LayerActs<B>>,
+    final_mean: Tensor<B>,
+    final_rstd: Tensor<B>,
+    hidden: Tensor<B>,
+    backward: Option<BackwardBuffers<B>>,
+    /// Host copies for the backward's checks.
+    host_ids: Vec<u32>,
 }
 
-impl EncoderActivations {
-    /// The last hidden state `[batch, len, hidden]` of the latest forward.
-    pub fn hidden(&self) -> &[f32] {
-        &self.hidden
+/// Activations of the latest forward, on backend `B`.
+pub struct EncoderActivations<B: Backend> {
+    planned: Option<Planned<B>>,
+    /// Rotary tables `[max_len, head_dim/2]` (f32).
+    cos: Option<Tensor<B>>,
+    sin: Option<Tensor<B>>,
+    rotary_len: usize,
+}
+
+impl<B: Backend> Default for EncoderActivations<B> {
+    fn default() -> Self {
+        EncoderActivations {
+            planned: None,
+            cos: None,
+            sin: None,
+            rotary_len: 0,
+        }
     }
 }
 
-fn resize(v: &mut Vec<f32>, n: usize) {
-    v.clear();
-    v.resize(n, 0.0);
+impl<B: Backend> EncoderActivations<B> {
+    /// The last hidden state `[batch, len, hidden]` of the latest forward.
+    pub fn hidden(&self) -> Result<View<'_, B>> {
+        self.planned
+            .as_ref()
+            .map(|p| p.hidden.view())
+            .ok_or_else(|| Error::invalid("encoder", "no forward has run"))
+    }
+}
+
+fn act<B: Backend>(b: &B, n: usize) -> Result<Tensor<B>> {
+    Tensor::new(b, Role::Activation, n)
+}
+
+fn exact<B: Backend>(b: &B, n: usize) -> Result<Tensor<B>> {
+    Tensor::new(b, Role::Exact, n)
+}
+
+impl<B: Backend> LayerActs<B> {
+    fn new(b: &B, cfg: &TransformerConfig, batch: usize, len: usize) -> Result<Self> {
+        let (n, h) = (batch * len, cfg.hidden);
+        Ok(LayerActs {
+            ln1: act(b, n * h)?,
+            mean1: exact(b, n)?,
+            rstd1: exact(b, n)?,
+            q: act(b, n * h)?,
+            k: act(b, n * h)?,
+            v: act(b, n * h)?,
+            q_rot: act(b, n * h)?,
+            k_rot: act(b, n * h)?,
+            attn: act(b, n * h)?,
+            lse: exact(b, batch * cfg.heads * len)?,
+            mid: act(b, n * h)?,
+            ln2: act(b, n * h)?,
+            mean2: exact(b, n)?,
+            rstd2: exact(b, n)?,
+            ffn_pre: act(b, n * cfg.ffn_in_width())?,
+            ffn_act: act(b, n * cfg.ffn_dim)?,
+        })
+    }
+}
+
+impl<B: Backend> BackwardBuffers<B> {
+    fn new(b: &B, cfg: &TransformerConfig, n: usize) -> Result<Self> {
+        let h = cfg.hidden;
+        Ok(BackwardBuffers {
+            d_out: act(b, n * h)?,
+            d_in: act(b, n * h)?,
+            d_act: act(b, n * cfg.ffn_dim)?,
+            d_pre: act(b, n * cfg.ffn_in_width())?,
+            d_ln: act(b, n * h)?,
+            d_attn: act(b, n * h)?,
+            dq_rot: act(b, n * h)?,
+            dk_rot: act(b, n * h)?,
+            dv: act(b, n * h)?,
+            dq: act(b, n * h)?,
+            dk: act(b, n * h)?,
+        })
+    }
 }
 
 impl TransformerEncoder {
@@ -230,83 +312,6 @@ impl TransformerEncoder {
         &self.layout
     }
 
-    fn prepare(
-        &self,
-        acts: &mut EncoderActivations,
-        ids: &[u32],
-        lens: &[usize],
-        len: usize,
-        keep_all: bool,
-    ) -> Result<()> {
-        let batch = lens.len();
-        if ids.len() != batch * len {
-            return Err(Error::shape(
-                "encoder",
-                format!("{} ids for {batch} sequences of {len}", ids.len()),
-            ));
-        }
-        if let Some((b, l)) = lens.iter().enumerate().find(|(_, &l)| l > len || l == 0) {
-            return Err(Error::invalid(
-                "sequence length",
-                format!("sequence {b} has length {l}, padded length {len}"),
-            ));
-        }
-        let (n, h) = (batch * len, self.cfg.hidden);
-        acts.batch = batch;
-        acts.len = len;
-        acts.keep_all = keep_all;
-        acts.ids.clear();
-        acts.ids.extend_from_slice(ids);
-        acts.lens.clear();
-        acts.lens.extend_from_slice(lens);
-        let n_layers = if keep_all { self.cfg.layers } else { 1 };
-        acts.layers.resize_with(n_layers.max(1), LayerActs::default);
-        let fi = self.cfg.ffn_in_width();
-        let lse_len = batch * self.cfg.heads * len;
-        for la in acts.layers.iter_mut() {
-            for (v, size) in [
-                (&mut la.x_in, n * h),
-                (&mut la.ln1, n * h),
-                (&mut la.mean1, n),
-                (&mut la.rstd1, n),
-                (&mut la.q, n * h),
-                (&mut la.k, n * h),
-                (&mut la.v, n * h),
-                (&mut la.q_rot, n * h),
-                (&mut la.k_rot, n * h),
-                (&mut la.attn, n * h),
-                (&mut la.lse, lse_len),
-                (&mut la.x_mid, n * h),
-                (&mut la.ln2, n * h),
-                (&mut la.mean2, n),
-                (&mut la.rstd2, n),
-                (&mut la.ffn_pre, n * fi),
-                (&mut la.ffn_act, n * self.cfg.ffn_dim),
-            ] {
-                resize(v, size);
-            }
-        }
-        resize(&mut acts.x, n * h);
-        resize(&mut acts.final_mean, n);
-        resize(&mut acts.final_rstd, n);
-        resize(&mut acts.x_final, n * h);
-        resize(&mut acts.hidden, n * h);
-        let d = AttentionDims::new(batch, self.cfg.heads, len, len, self.cfg.head_dim());
-        resize(
-            &mut acts.workspace,
-            d.workspace_len(rayon::current_num_threads()),
-        );
-        if acts.rotary.as_ref().is_none_or(|t| t.max_len() < len) {
-            acts.rotary = Some(RotaryTable::new(
-                len.max(64),
-                self.cfg.head_dim(),
-                10_000.0,
-            )?);
-        }
-        acts.row_scale = self.embedding_row_scales(ids, lens, len);
-        Ok(())
-    }
-
     /// The factor each embedding row is multiplied by: ESM-2's token dropout (`<mask>` rows zeroed, the rest
     /// scaled by `0.88 / (1 − mask ratio)`) and the padding mask (padded rows zeroed).
     pub fn embedding_row_scales(&self, ids: &[u32], lens: &[usize], len: usize) -> Vec<f32> {
@@ -330,323 +335,398 @@ impl TransformerEncoder {
         out
     }
 
-    /// Forward for `ids [batch, len]` (right-padded, `lens` real tokens each). The last hidden state is in
-    /// `acts.hidden()`. With `keep_all`, every layer's activations are kept for [`Self::backward`].
-    pub fn forward(
+
+    /// Plans (or reuses) the activations for this batch shape and writes the inputs.
+    fn prepare<B: Backend>(
         &self,
-        p: &ModelParams,
+        b: &B,
+        acts: &mut EncoderActivations<B>,
         ids: &[u32],
         lens: &[usize],
         len: usize,
-        acts: &mut EncoderActivations,
         keep_all: bool,
     ) -> Result<()> {
-        self.prepare(acts, ids, lens, len, keep_all)?;
         let cfg = &self.cfg;
-        let (batch, n, h) = (lens.len(), lens.len() * len, cfg.hidden);
-        embedding(&mut acts.x, ids, p.get(self.embed), h)?;
-        for (row, &s) in acts.x.chunks_mut(h).zip(&acts.row_scale) {
-            row.iter_mut().for_each(|v| *v *= s);
+        let batch = lens.len();
+        if batch == 0 || ids.len() != batch * len {
+            return Err(Error::shape(
+                "encoder",
+                format!("{} ids for {batch} sequences of {len}", ids.len()),
+            ));
         }
-        let lin = |d_out: usize, d_in: usize| LinearDims {
-            rows: n,
-            d_in,
-            d_out,
-        };
-        let dims = AttentionDims::new(batch, cfg.heads, len, len, cfg.head_dim());
-        let rotary_table = acts.rotary.take().expect("prepared");
-        for (l, lp) in self.layers.iter().enumerate() {
-            let la = &mut acts.layers[if keep_all { l } else { 0 }];
-            la.x_in.copy_from_slice(&acts.x);
-            layernorm(
-                &mut la.ln1,
-                &mut la.mean1,
-                &mut la.rstd1,
-                &la.x_in,
-                p.get(lp.ln1.0),
-                p.get(lp.ln1.1),
-                h,
-                cfg.ln_eps,
-            )?;
-            for (out, (w, b)) in [(&mut la.q, lp.q), (&mut la.k, lp.k), (&mut la.v, lp.v)] {
-                linear(out, &la.ln1, p.get(w), Some(p.get(b)), lin(h, h))?;
-            }
-            rotary(&mut la.q_rot, &la.q, &rotary_table, len, cfg.heads)?;
-            rotary(&mut la.k_rot, &la.k, &rotary_table, len, cfg.heads)?;
-            let inputs = AttentionInputs {
-                q: &la.q_rot,
-                k: &la.k_rot,
-                v: &la.v,
-                kv_lens: Some(lens),
-                bias: None,
+        if let Some((i, l)) = lens.iter().enumerate().find(|(_, &l)| l > len || l == 0) {
+            return Err(Error::invalid(
+                "sequence length",
+                format!("sequence {i} has length {l}, padded length {len}"),
+            ));
+        }
+        if let Some((i, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= cfg.vocab) {
+            return Err(Error::invalid(
+                "token id",
+                format!("{id} at position {i} is outside the vocabulary of {}", cfg.vocab),
+            ));
+        }
+        if len > acts.rotary_len {
+            let table = RotaryTable::new(len.max(64), cfg.head_dim(), 10_000.0)?;
+            acts.cos = Some(Tensor::from_f32(b, Role::Exact, table.cos())?);
+            acts.sin = Some(Tensor::from_f32(b, Role::Exact, table.sin())?);
+            acts.rotary_len = table.max_len();
+        }
+        let reuse = acts
+            .planned
+            .as_ref()
+            .is_some_and(|p| p.batch == batch && p.len == len && p.keep_all == keep_all);
+        if !reuse {
+            let (n, h) = (batch * len, cfg.hidden);
+            let (streams, layer_sets) = if keep_all {
+                (cfg.layers + 1, cfg.layers)
+            } else {
+                (2, 1)
             };
-            attention(
-                &mut la.attn,
-                &mut la.lse,
-                inputs,
-                &dims,
-                &mut acts.workspace,
-            )?;
-            // x_mid = x_in + attn·W_oᵀ + b_o
-            linear(
-                &mut la.x_mid,
-                &la.attn,
-                p.get(lp.o.0),
-                Some(p.get(lp.o.1)),
-                lin(h, h),
-            )?;
-            accumulate(&mut la.x_mid, &la.x_in)?;
-            layernorm(
-                &mut la.ln2,
-                &mut la.mean2,
-                &mut la.rstd2,
-                &la.x_mid,
-                p.get(lp.ln2.0),
-                p.get(lp.ln2.1),
-                h,
+            acts.planned = Some(Planned {
+                batch,
+                len,
+                keep_all,
+                ids: Tensor::new(b, Role::Index, n)?,
+                kv_lens: Tensor::new(b, Role::Index, batch)?,
+                row_scale: exact(b, n)?,
+                xs: (0..streams).map(|_| act(b, n * h)).collect::<Result<_>>()?,
+                proj: act(b, n * h)?,
+                layers: (0..layer_sets)
+                    .map(|_| LayerActs::new(b, cfg, batch, len))
+                    .collect::<Result<_>>()?,
+                final_mean: exact(b, n)?,
+                final_rstd: exact(b, n)?,
+                hidden: act(b, n * h)?,
+                backward: None,
+                host_ids: Vec::with_capacity(n),
+            });
+        }
+        let p = acts.planned.as_mut().expect("planned above");
+        let ids_i32: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+        b.write_i32(p.ids.view_mut(), &ids_i32)?;
+        let lens_i32: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+        b.write_i32(p.kv_lens.view_mut(), &lens_i32)?;
+        b.write_f32(p.row_scale.view_mut(), &self.embedding_row_scales(ids, lens, len))?;
+        p.host_ids.clear();
+        p.host_ids.extend_from_slice(ids);
+        Ok(())
+    }
+
+    fn lin(&self, rows: usize, d_in: usize, d_out: usize) -> LinearDims {
+        LinearDims { rows, d_in, d_out }
+    }
+
+    /// Forward for `ids [batch, len]` (right-padded, `lens` real tokens each) with parameters `p` (one view
+    /// per layout entry). The last hidden state is in `acts.hidden()`. With `keep_all`, every layer's
+    /// activations are kept for [`Self::backward`].
+    pub fn forward<B: Backend>(
+        &self,
+        b: &B,
+        p: &[View<'_, B>],
+        ids: &[u32],
+        lens: &[usize],
+        len: usize,
+        acts: &mut EncoderActivations<B>,
+        keep_all: bool,
+    ) -> Result<()> {
+        self.check_params(p)?;
+        self.prepare(b, acts, ids, lens, len, keep_all)?;
+        let cfg = &self.cfg;
+        let (batch, n, h, hd) = (lens.len(), lens.len() * len, cfg.hidden, cfg.head_dim());
+        let (cos, sin) = (
+            acts.cos.as_ref().expect("prepared").view(),
+            acts.sin.as_ref().expect("prepared").view(),
+        );
+        let pl = acts.planned.as_mut().expect("prepared");
+        b.embedding(pl.xs[0].view_mut(), pl.ids.view(), p[self.embed])?;
+        b.scale_rows(pl.xs[0].view_mut(), pl.row_scale.view())?;
+        let dims = AttentionDims::new(batch, cfg.heads, len, len, hd);
+        for (l, lp) in self.layers.iter().enumerate() {
+            let (si, so) = if pl.keep_all { (l, l + 1) } else { (l % 2, (l + 1) % 2) };
+            let la = &mut pl.layers[if pl.keep_all { l } else { 0 }];
+            let [x_in, x_out] = pl.xs.get_disjoint_mut([si, so]).expect("distinct streams");
+            let x_in = x_in.view();
+            b.layernorm(
+                la.ln1.view_mut(),
+                la.mean1.view_mut(),
+                la.rstd1.view_mut(),
+                x_in,
+                p[lp.ln1.0],
+                p[lp.ln1.1],
                 cfg.ln_eps,
             )?;
-            linear(
-                &mut la.ffn_pre,
-                &la.ln2,
-                p.get(lp.ffn_in.0),
-                lp.ffn_in.1.map(|b| p.get(b)),
-                lin(cfg.ffn_in_width(), h),
-            )?;
-            match cfg.ffn {
-                FeedForward::Gelu => activation::<GeluErf>(&mut la.ffn_act, &la.ffn_pre)?,
-                FeedForward::SwiGlu => swiglu(&mut la.ffn_act, &la.ffn_pre, cfg.ffn_dim)?,
+            for (out, (w, bias)) in [(&mut la.q, lp.q), (&mut la.k, lp.k), (&mut la.v, lp.v)] {
+                b.linear(out.view_mut(), la.ln1.view(), p[w], Some(p[bias]), self.lin(n, h, h))?;
             }
-            linear(
-                &mut acts.x,
-                &la.ffn_act,
-                p.get(lp.ffn_out.0),
-                lp.ffn_out.1.map(|b| p.get(b)),
-                lin(h, cfg.ffn_dim),
+            b.rotary(la.q_rot.view_mut(), la.q.view(), cos, sin, len, cfg.heads, hd)?;
+            b.rotary(la.k_rot.view_mut(), la.k.view(), cos, sin, len, cfg.heads, hd)?;
+            b.attention(
+                la.attn.view_mut(),
+                la.lse.view_mut(),
+                la.q_rot.view(),
+                la.k_rot.view(),
+                la.v.view(),
+                Some(pl.kv_lens.view()),
+                None,
+                &dims,
             )?;
-            accumulate(&mut acts.x, &la.x_mid)?;
+            // mid = x_in + attn·W_oᵀ + b_o, and LN₂(mid), fused where the backend fuses.
+            b.linear(pl.proj.view_mut(), la.attn.view(), p[lp.o.0], Some(p[lp.o.1]), self.lin(n, h, h))?;
+            b.residual_layernorm(
+                la.mid.view_mut(),
+                la.ln2.view_mut(),
+                la.mean2.view_mut(),
+                la.rstd2.view_mut(),
+                x_in,
+                pl.proj.view(),
+                p[lp.ln2.0],
+                p[lp.ln2.1],
+                cfg.ln_eps,
+            )?;
+            let ffn_in = self.lin(n, h, cfg.ffn_in_width());
+            match cfg.ffn {
+                FeedForward::Gelu => {
+                    let bias = lp.ffn_in.1.ok_or_else(|| Error::invalid("encoder", "the GELU FFN has a bias"))?;
+                    b.linear_act(
+                        la.ffn_pre.view_mut(),
+                        la.ffn_act.view_mut(),
+                        la.ln2.view(),
+                        p[lp.ffn_in.0],
+                        p[bias],
+                        Act::GeluErf,
+                        ffn_in,
+                    )?;
+                }
+                FeedForward::SwiGlu => {
+                    b.linear(la.ffn_pre.view_mut(), la.ln2.view(), p[lp.ffn_in.0], None, ffn_in)?;
+                    b.swiglu(la.ffn_act.view_mut(), la.ffn_pre.view(), cfg.ffn_dim)?;
+                }
+            }
+            b.linear(
+                pl.proj.view_mut(),
+                la.ffn_act.view(),
+                p[lp.ffn_out.0],
+                lp.ffn_out.1.map(|i| p[i]),
+                self.lin(n, cfg.ffn_dim, h),
+            )?;
+            b.add(x_out.view_mut(), la.mid.view(), pl.proj.view())?;
         }
-        acts.rotary = Some(rotary_table);
-        acts.x_final.copy_from_slice(&acts.x);
+        let last = if pl.keep_all { cfg.layers } else { cfg.layers % 2 };
         let (fw, fb) = self.final_ln;
-        layernorm(
-            &mut acts.hidden,
-            &mut acts.final_mean,
-            &mut acts.final_rstd,
-            &acts.x_final,
-            p.get(fw),
-            p.get(fb),
-            h,
+        b.layernorm(
+            pl.hidden.view_mut(),
+            pl.final_mean.view_mut(),
+            pl.final_rstd.view_mut(),
+            pl.xs[last].view(),
+            p[fw],
+            p[fb],
             cfg.ln_eps,
         )
     }
 
-    /// Adds the gradients of a loss with `dhidden = ∂loss/∂hidden` into `grads` (one slice per layout entry).
-    pub fn backward(
-        &self,
-        p: &ModelParams,
-        acts: &mut EncoderActivations,
-        dhidden: &[f32],
-        grads: &mut [&mut [f32]],
-    ) -> Result<()> {
-        if !acts.keep_all {
-            return Err(Error::invalid(
-                "backward",
-                "the forward was run without keeping activations",
+    fn check_params<V>(&self, p: &[V]) -> Result<()> {
+        if p.len() != self.layout.entries().len() {
+            return Err(Error::shape(
+                "encoder",
+                format!("{} parameter views for a layout of {}", p.len(), self.layout.entries().len()),
             ));
         }
+        Ok(())
+    }
+
+    /// Adds the gradients of a loss with `dhidden = ∂loss/∂hidden` into `grads` (one view per layout entry,
+    /// f32). Needs a forward run with `keep_all`.
+    pub fn backward<B: Backend>(
+        &self,
+        b: &B,
+        p: &[View<'_, B>],
+        acts: &mut EncoderActivations<B>,
+        dhidden: View<'_, B>,
+        grads: &mut [ViewMut<'_, B>],
+    ) -> Result<()> {
+        self.check_params(p)?;
+        self.check_params(grads)?;
         let cfg = &self.cfg;
-        let (batch, len, h) = (acts.batch, acts.len, cfg.hidden);
+        let (cos, sin) = match (&acts.cos, &acts.sin) {
+            (Some(c), Some(s)) => (c.view(), s.view()),
+            _ => return Err(Error::invalid("backward", "no forward has run")),
+        };
+        let pl = match acts.planned.as_mut() {
+            Some(pl) if pl.keep_all => pl,
+            _ => {
+                return Err(Error::invalid(
+                    "backward",
+                    "the forward was run without keeping activations",
+                ))
+            }
+        };
+        let (batch, len, h, hd) = (pl.batch, pl.len, cfg.hidden, cfg.head_dim());
         let n = batch * len;
-        if dhidden.len() != n * h || grads.len() != self.layout.entries().len() {
+        if dhidden.numel() != n * h {
             return Err(Error::shape(
                 "encoder backward",
-                "dhidden or gradient list does not match the forward",
+                format!("dhidden has {} values, the forward made {}", dhidden.numel(), n * h),
             ));
         }
-        let lin = |d_out: usize, d_in: usize| LinearDims {
-            rows: n,
-            d_in,
-            d_out,
-        };
-        let dims = AttentionDims::new(batch, cfg.heads, len, len, cfg.head_dim());
-        let mut dx = vec![0.0f32; n * h];
+        if pl.backward.is_none() {
+            pl.backward = Some(BackwardBuffers::new(b, cfg, n)?);
+        }
+        let bw = pl.backward.as_mut().expect("allocated above");
+        let dims = AttentionDims::new(batch, cfg.heads, len, len, hd);
         let (fw, fb) = self.final_ln;
+        b.zero(bw.d_out.view_mut())?;
         {
             let [gw, gb] = grads.get_disjoint_mut([fw, fb]).expect("distinct entries");
-            layernorm_backward(
-                &mut dx,
-                gw,
-                gb,
+            b.layernorm_backward(
+                bw.d_out.view_mut(),
+                gw.rb(),
+                gb.rb(),
                 dhidden,
-                &acts.x_final,
-                p.get(fw),
-                &acts.final_mean,
-                &acts.final_rstd,
-                h,
+                pl.xs[cfg.layers].view(),
+                p[fw],
+                pl.final_mean.view(),
+                pl.final_rstd.view(),
             )?;
         }
-        let (mut d_act, mut d_pre) = (
-            vec![0.0f32; n * cfg.ffn_dim],
-            vec![0.0f32; n * cfg.ffn_in_width()],
-        );
-        let (mut d_ln, mut d_attn) = (vec![0.0f32; n * h], vec![0.0f32; n * h]);
-        let (mut dq_rot, mut dk_rot, mut dv) = (
-            vec![0.0f32; n * h],
-            vec![0.0f32; n * h],
-            vec![0.0f32; n * h],
-        );
-        let (mut dq, mut dk) = (vec![0.0f32; n * h], vec![0.0f32; n * h]);
-        let table = acts.rotary.take().expect("prepared");
-        let zero = |v: &mut Vec<f32>| v.iter_mut().for_each(|x| *x = 0.0);
         for (l, lp) in self.layers.iter().enumerate().rev() {
-            let la = &acts.layers[l];
-            // FFN: x_out = x_mid + FFN(LN₂(x_mid))
-            zero(&mut d_act);
+            let la = &pl.layers[l];
+            let x_in = pl.xs[l].view();
+            // FFN: x_out = mid + FFN(LN₂(mid)); d_out is ∂/∂x_out, and becomes ∂/∂mid.
+            b.zero(bw.d_act.view_mut())?;
             {
-                let (w, b) = lp.ffn_out;
-                let (gw, gb) = grads_pair(grads, w, b);
-                linear_backward(
-                    Some(&mut d_act),
+                let (gw, gb) = grads_pair(grads, lp.ffn_out.0, lp.ffn_out.1);
+                b.linear_backward(
+                    Some(bw.d_act.view_mut()),
                     Some(gw),
                     gb,
-                    &dx,
-                    &la.ffn_act,
-                    p.get(w),
-                    lin(h, cfg.ffn_dim),
+                    bw.d_out.view(),
+                    la.ffn_act.view(),
+                    p[lp.ffn_out.0],
+                    self.lin(n, cfg.ffn_dim, h),
                 )?;
             }
-            zero(&mut d_pre);
+            b.zero(bw.d_pre.view_mut())?;
             match cfg.ffn {
-                FeedForward::Gelu => {
-                    activation_backward::<GeluErf>(&mut d_pre, &d_act, &la.ffn_pre)?
-                }
-                FeedForward::SwiGlu => {
-                    swiglu_backward(&mut d_pre, &d_act, &la.ffn_pre, cfg.ffn_dim)?
-                }
+                FeedForward::Gelu => b.activation_backward(
+                    bw.d_pre.view_mut(),
+                    bw.d_act.view(),
+                    la.ffn_pre.view(),
+                    Act::GeluErf,
+                )?,
+                FeedForward::SwiGlu => b.swiglu_backward(
+                    bw.d_pre.view_mut(),
+                    bw.d_act.view(),
+                    la.ffn_pre.view(),
+                    cfg.ffn_dim,
+                )?,
             }
-            zero(&mut d_ln);
+            b.zero(bw.d_ln.view_mut())?;
             {
-                let (w, b) = lp.ffn_in;
-                let (gw, gb) = grads_pair(grads, w, b);
-                linear_backward(
-                    Some(&mut d_ln),
+                let (gw, gb) = grads_pair(grads, lp.ffn_in.0, lp.ffn_in.1);
+                b.linear_backward(
+                    Some(bw.d_ln.view_mut()),
                     Some(gw),
                     gb,
-                    &d_pre,
-                    &la.ln2,
-                    p.get(w),
-                    lin(cfg.ffn_in_width(), h),
+                    bw.d_pre.view(),
+                    la.ln2.view(),
+                    p[lp.ffn_in.0],
+                    self.lin(n, h, cfg.ffn_in_width()),
                 )?;
             }
             {
-                let [gw, gb] = grads
-                    .get_disjoint_mut([lp.ln2.0, lp.ln2.1])
-                    .expect("distinct entries");
-                layernorm_backward(
-                    &mut dx,
-                    gw,
-                    gb,
-                    &d_ln,
-                    &la.x_mid,
-                    p.get(lp.ln2.0),
-                    &la.mean2,
-                    &la.rstd2,
-                    h,
+                let [gw, gb] = grads.get_disjoint_mut([lp.ln2.0, lp.ln2.1]).expect("distinct entries");
+                b.layernorm_backward(
+                    bw.d_out.view_mut(),
+                    gw.rb(),
+                    gb.rb(),
+                    bw.d_ln.view(),
+                    la.mid.view(),
+                    p[lp.ln2.0],
+                    la.mean2.view(),
+                    la.rstd2.view(),
                 )?;
             }
-            // Attention: x_mid = x_in + Attn(LN₁(x_in))·W_oᵀ + b_o
-            zero(&mut d_attn);
+            // Attention: mid = x_in + Attn(LN₁(x_in))·W_oᵀ + b_o; ∂/∂x_in starts as ∂/∂mid.
+            b.copy(bw.d_in.view_mut(), bw.d_out.view())?;
+            b.zero(bw.d_attn.view_mut())?;
             {
-                let [gw, gb] = grads
-                    .get_disjoint_mut([lp.o.0, lp.o.1])
-                    .expect("distinct entries");
-                linear_backward(
-                    Some(&mut d_attn),
+                let (gw, gb) = grads_pair(grads, lp.o.0, Some(lp.o.1));
+                b.linear_backward(
+                    Some(bw.d_attn.view_mut()),
                     Some(gw),
-                    Some(gb),
-                    &dx,
-                    &la.attn,
-                    p.get(lp.o.0),
-                    lin(h, h),
+                    gb,
+                    bw.d_out.view(),
+                    la.attn.view(),
+                    p[lp.o.0],
+                    self.lin(n, h, h),
                 )?;
             }
-            zero(&mut dq_rot);
-            zero(&mut dk_rot);
-            zero(&mut dv);
-            let inputs = AttentionInputs {
-                q: &la.q_rot,
-                k: &la.k_rot,
-                v: &la.v,
-                kv_lens: Some(&acts.lens),
-                bias: None,
-            };
-            attention_backward(
-                &mut dq_rot,
-                &mut dk_rot,
-                &mut dv,
+            for t in [&mut bw.dq_rot, &mut bw.dk_rot, &mut bw.dv, &mut bw.dq, &mut bw.dk] {
+                b.zero(t.view_mut())?;
+            }
+            b.attention_backward(
+                bw.dq_rot.view_mut(),
+                bw.dk_rot.view_mut(),
+                bw.dv.view_mut(),
                 None,
-                &d_attn,
-                &la.attn,
-                &la.lse,
-                inputs,
+                bw.d_attn.view(),
+                la.attn.view(),
+                la.lse.view(),
+                la.q_rot.view(),
+                la.k_rot.view(),
+                la.v.view(),
+                Some(pl.kv_lens.view()),
+                None,
                 &dims,
-                &mut acts.workspace,
             )?;
-            zero(&mut dq);
-            zero(&mut dk);
-            rotary_backward(&mut dq, &dq_rot, &table, len, cfg.heads)?;
-            rotary_backward(&mut dk, &dk_rot, &table, len, cfg.heads)?;
-            zero(&mut d_ln);
-            for (proj, dproj) in [(lp.q, &dq), (lp.k, &dk), (lp.v, &dv)] {
-                let [gw, gb] = grads
-                    .get_disjoint_mut([proj.0, proj.1])
-                    .expect("distinct entries");
-                linear_backward(
-                    Some(&mut d_ln),
+            b.rotary_backward(bw.dq.view_mut(), bw.dq_rot.view(), cos, sin, len, cfg.heads, hd)?;
+            b.rotary_backward(bw.dk.view_mut(), bw.dk_rot.view(), cos, sin, len, cfg.heads, hd)?;
+            b.zero(bw.d_ln.view_mut())?;
+            for (proj, dproj) in [(lp.q, &bw.dq), (lp.k, &bw.dk), (lp.v, &bw.dv)] {
+                let (gw, gb) = grads_pair(grads, proj.0, Some(proj.1));
+                b.linear_backward(
+                    Some(bw.d_ln.view_mut()),
                     Some(gw),
-                    Some(gb),
-                    dproj,
-                    &la.ln1,
-                    p.get(proj.0),
-                    lin(h, h),
+                    gb,
+                    dproj.view(),
+                    la.ln1.view(),
+                    p[proj.0],
+                    self.lin(n, h, h),
                 )?;
             }
             {
-                let [gw, gb] = grads
-                    .get_disjoint_mut([lp.ln1.0, lp.ln1.1])
-                    .expect("distinct entries");
-                layernorm_backward(
-                    &mut dx,
-                    gw,
-                    gb,
-                    &d_ln,
-                    &la.x_in,
-                    p.get(lp.ln1.0),
-                    &la.mean1,
-                    &la.rstd1,
-                    h,
+                let [gw, gb] = grads.get_disjoint_mut([lp.ln1.0, lp.ln1.1]).expect("distinct entries");
+                b.layernorm_backward(
+                    bw.d_in.view_mut(),
+                    gw.rb(),
+                    gb.rb(),
+                    bw.d_ln.view(),
+                    x_in,
+                    p[lp.ln1.0],
+                    la.mean1.view(),
+                    la.rstd1.view(),
                 )?;
             }
+            std::mem::swap(&mut bw.d_in, &mut bw.d_out);
         }
-        acts.rotary = Some(table);
-        for (row, &s) in dx.chunks_mut(h).zip(&acts.row_scale) {
-            row.iter_mut().for_each(|v| *v *= s);
-        }
-        embedding_backward(&mut *grads[self.embed], &dx, &acts.ids, h)
+        // Embedding: x₀ = E[ids]·row_scale.
+        b.scale_rows(bw.d_out.view_mut(), pl.row_scale.view())?;
+        b.embedding_backward(grads[self.embed].rb(), bw.d_out.view(), pl.ids.view())
     }
 }
 
-fn grads_pair<'a>(
-    grads: &'a mut [&mut [f32]],
+/// The weight gradient of a linear layer and, when it has one, its bias gradient.
+fn grads_pair<'a, 'g, B>(
+    grads: &'a mut [ViewMut<'g, B>],
     w: usize,
-    b: Option<usize>,
-) -> (&'a mut [f32], Option<&'a mut [f32]>) {
-    match b {
-        Some(b) => {
-            let [gw, gb] = grads.get_disjoint_mut([w, b]).expect("distinct entries");
-            (&mut **gw, Some(&mut **gb))
+    bias: Option<usize>,
+) -> (ViewMut<'a, B>, Option<ViewMut<'a, B>>) {
+    match bias {
+        Some(bi) => {
+            let [gw, gb] = grads.get_disjoint_mut([w, bi]).expect("distinct entries");
+            (gw.rb(), Some(gb.rb()))
         }
-        None => (&mut *grads[w], None),
+        None => (grads[w].rb(), None),
     }
 }

@@ -1,0 +1,175 @@
+//! Planned parameter memory on a backend, as llm.c lays it out: every category is one allocation over one
+//! [`Layout`], reached through per-tensor views.
+//! - [`ParamSet`]: f32 master weights and, where the backend computes in another dtype, their compute copy
+//!   (bf16 on kernel devices) at the same element offsets. Inference sets may keep only the compute copy.
+//! - [`TrainState`]: a [`ParamSet`] with f32 gradients and both AdamW moments on the same layout, so zeroing,
+//!   the global norm and AdamW are single passes over one buffer each.
+
+use std::sync::Arc;
+
+use super::{AdamWStep, Backend, Role, Tensor, View, ViewMut};
+use crate::runtime::{DType, Layout};
+use crate::{Error, Result};
+
+/// Element ranges `(start, len)` of the layout's entries (the layout's specs are f32, so element offsets
+/// are byte offsets / 4, whatever the dtype of the tensor laid out with them).
+fn entry_ranges(layout: &Layout) -> Result<Vec<(usize, usize)>> {
+    layout
+        .entries()
+        .iter()
+        .map(|e| {
+            if e.spec.dtype != DType::F32 {
+                return Err(Error::invalid(
+                    "parameter layout",
+                    format!("'{}' is {}, parameters are laid out as f32", e.spec.name, e.spec.dtype),
+                ));
+            }
+            Ok((e.offset_bytes / 4, e.numel()))
+        })
+        .collect()
+}
+
+fn layout_elems(layout: &Layout) -> usize {
+    layout.total_bytes() / 4
+}
+
+fn split_views<'a, B: Backend>(t: &'a Tensor<B>, ranges: &[(usize, usize)]) -> Result<Vec<View<'a, B>>> {
+    let v = t.view();
+    ranges.iter().map(|&(s, n)| v.slice(s, n)).collect()
+}
+
+/// Parameters on a backend.
+pub struct ParamSet<B: Backend> {
+    layout: Arc<Layout>,
+    ranges: Vec<(usize, usize)>,
+    /// f32 master weights (absent in an inference set on a backend that computes in another dtype).
+    master: Option<Tensor<B>>,
+    /// The compute-dtype copy, where it differs from the master.
+    compute: Option<Tensor<B>>,
+}
+
+impl<B: Backend> ParamSet<B> {
+    /// Uploads host parameters (`get(i)` is entry i). With `trainable`, f32 masters are kept beside the
+    /// compute copy; otherwise only what the forward reads.
+    pub fn upload<'h>(
+        backend: &B,
+        layout: Arc<Layout>,
+        get: impl Fn(usize) -> &'h [f32],
+        trainable: bool,
+    ) -> Result<Self> {
+        let ranges = entry_ranges(&layout)?;
+        let elems = layout_elems(&layout);
+        let separate_copy = backend.compute_dtype() != DType::F32;
+        let mut staging = vec![0.0f32; elems];
+        for (i, &(s, n)) in ranges.iter().enumerate() {
+            let src = get(i);
+            if src.len() != n {
+                return Err(Error::Tensor {
+                    name: layout.entries()[i].spec.name.clone(),
+                    msg: format!("{} values, the layout needs {n}", src.len()),
+                });
+            }
+            staging[s..s + n].copy_from_slice(src);
+        }
+        let master = if trainable || !separate_copy {
+            Some(Tensor::from_f32(backend, Role::Exact, &staging)?)
+        } else {
+            None
+        };
+        let compute = if separate_copy {
+            Some(Tensor::from_f32(backend, Role::Activation, &staging)?)
+        } else {
+            None
+        };
+        Ok(ParamSet {
+            layout,
+            ranges,
+            master,
+            compute,
+        })
+    }
+
+    pub fn layout(&self) -> &Arc<Layout> {
+        &self.layout
+    }
+
+    /// What the forward reads: one view per layout entry, in the compute dtype.
+    pub fn views(&self) -> Result<Vec<View<'_, B>>> {
+        let t = self
+            .compute
+            .as_ref()
+            .or(self.master.as_ref())
+            .expect("a parameter set holds at least one copy");
+        split_views(t, &self.ranges)
+    }
+
+    /// The f32 master weights, one view per entry (for checkpoints and tests).
+    pub fn master_views(&self) -> Result<Vec<View<'_, B>>> {
+        let t = self.master.as_ref().ok_or_else(|| {
+            Error::invalid("parameters", "this inference set keeps no f32 master weights")
+        })?;
+        split_views(t, &self.ranges)
+    }
+}
+
+/// Parameters, gradients and AdamW moments on one layout.
+pub struct TrainState<B: Backend> {
+    pub params: ParamSet<B>,
+    grads: Tensor<B>,
+    adam_m: Tensor<B>,
+    adam_v: Tensor<B>,
+    /// Optimiser steps taken (AdamW's bias correction).
+    pub step: u64,
+}
+
+impl<B: Backend> TrainState<B> {
+    pub fn new(backend: &B, params: ParamSet<B>) -> Result<Self> {
+        if params.master.is_none() {
+            return Err(Error::invalid("training", "the parameters were uploaded for inference only"));
+        }
+        let elems = layout_elems(&params.layout);
+        Ok(TrainState {
+            grads: Tensor::new(backend, Role::Exact, elems)?,
+            adam_m: Tensor::new(backend, Role::Exact, elems)?,
+            adam_v: Tensor::new(backend, Role::Exact, elems)?,
+            params,
+            step: 0,
+        })
+    }
+
+    /// The parameters the forward reads and the gradients the backward adds into, one view per entry.
+    pub fn params_and_grads(&mut self) -> Result<(Vec<View<'_, B>>, Vec<ViewMut<'_, B>>)> {
+        let views = self.params.views()?;
+        let grads = self.grads.view_mut().split_ranges(&self.params.ranges)?;
+        Ok((views, grads))
+    }
+
+    /// Gradient views (read-only), one per entry.
+    pub fn grad_views(&self) -> Result<Vec<View<'_, B>>> {
+        split_views(&self.grads, &self.params.ranges)
+    }
+
+    pub fn zero_grads(&mut self, backend: &B) -> Result<()> {
+        backend.zero(self.grads.view_mut())
+    }
+
+    /// The L2 norm of every gradient together (padding between entries is zero).
+    pub fn grad_norm(&self, backend: &B) -> Result<f32> {
+        Ok(backend.sum_squares(self.grads.view())?.sqrt())
+    }
+
+    /// One AdamW step over all parameters with one learning rate and decay (`step.step` is set here).
+    pub fn adamw_step(&mut self, backend: &B, mut step: AdamWStep) -> Result<()> {
+        self.step += 1;
+        step.step = self.step;
+        let master = self.params.master.as_mut().expect("checked in new");
+        backend.adamw(
+            master.view_mut(),
+            self.params.compute.as_mut().map(|c| c.view_mut()),
+            self.adam_m.view_mut(),
+            self.adam_v.view_mut(),
+            self.grads.view(),
+            &step,
+        )
+    }
+}
