@@ -470,8 +470,8 @@ fn flash_case<D: KernelDevice>(
     let bbias = dev.upload_f32(&bias).unwrap();
     let out = dev.alloc_zeroed(want.len() * 2).unwrap();
     let lse = dev.alloc_zeroed(want_lse.len() * 4).unwrap();
-    let bias_arg = bias_mode.map(|pb| (&bbias, pb));
-    ops::flash_attention_forward(dev, &out, &lse, &bq, &bk, &bv, Some(&blens), bias_arg, &d)
+    let bias_arg = bias_mode.map(|pb| (&bbias as &dyn DeviceBuffer, pb));
+    ops::flash_attention_forward(dev, &out, &lse, &bq, &bk, &bv, Some(&blens as &dyn DeviceBuffer), bias_arg, &d)
         .unwrap();
     let what = format!(
         "{} flash forward {d:?} lens {lens:?} bias {bias_mode:?}",
@@ -521,7 +521,7 @@ fn flash_case<D: KernelDevice>(
         .unwrap();
     let bdout = dev.upload_bf16(&dout).unwrap();
     let bdbias_check = dev.alloc_zeroed(bias_len * 4).unwrap();
-    let dbias_buf = bias_mode.map(|_| &bdbias_check);
+    let dbias_buf = bias_mode.map(|_| &bdbias_check as &dyn DeviceBuffer);
     ops::flash_attention_backward(
         dev,
         &bdq,
@@ -535,7 +535,7 @@ fn flash_case<D: KernelDevice>(
         &bq,
         &bk,
         &bv,
-        Some(&blens),
+        Some(&blens as &dyn DeviceBuffer),
         bias_arg,
         &d,
     )
