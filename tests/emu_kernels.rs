@@ -471,8 +471,18 @@ fn flash_case<D: KernelDevice>(
     let out = dev.alloc_zeroed(want.len() * 2).unwrap();
     let lse = dev.alloc_zeroed(want_lse.len() * 4).unwrap();
     let bias_arg = bias_mode.map(|pb| (&bbias as &dyn DeviceBuffer, pb));
-    ops::flash_attention_forward(dev, &out, &lse, &bq, &bk, &bv, Some(&blens as &dyn DeviceBuffer), bias_arg, &d)
-        .unwrap();
+    ops::flash_attention_forward(
+        dev,
+        &out,
+        &lse,
+        &bq,
+        &bk,
+        &bv,
+        Some(&blens as &dyn DeviceBuffer),
+        bias_arg,
+        &d,
+    )
+    .unwrap();
     let what = format!(
         "{} flash forward {d:?} lens {lens:?} bias {bias_mode:?}",
         dev.name()

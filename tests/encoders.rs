@@ -6,10 +6,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use isoformer_engine::models::config::EsmConfig;
-use isoformer_engine::models::tokenizers::Tokenizer;
 use isoformer_engine::backend::cpu::CpuBackend;
 use isoformer_engine::backend::{Backend, Role, Tensor};
+use isoformer_engine::models::config::EsmConfig;
+use isoformer_engine::models::tokenizers::Tokenizer;
 use isoformer_engine::models::transformer::{
     EncoderActivations, TransformerConfig, TransformerEncoder,
 };

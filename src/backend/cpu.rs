@@ -7,10 +7,10 @@ use std::sync::Mutex;
 use super::{
     check_view, rows_of, Act, AdamWStep, AttentionDims, Backend, LinearDims, Memory, View, ViewMut,
 };
+use crate::error::check_len;
 use crate::ops;
 use crate::ops::attention::{AttentionBias, AttentionInputs};
 use crate::ops::elementwise::{GeluErf, GeluSigmoid, Relu, Softplus};
-use crate::error::check_len;
 use crate::runtime::DType;
 use crate::{Error, Result};
 
@@ -30,8 +30,9 @@ impl HostMem {
             .map_err(|e| Error::invalid("allocation", format!("{bytes} bytes: {e}")))?;
         // SAFETY: the layout has a non-zero size.
         let raw = unsafe { std::alloc::alloc_zeroed(layout) };
-        let ptr = std::ptr::NonNull::new(raw)
-            .ok_or_else(|| Error::invalid("allocation", format!("out of memory for {bytes} bytes")))?;
+        let ptr = std::ptr::NonNull::new(raw).ok_or_else(|| {
+            Error::invalid("allocation", format!("out of memory for {bytes} bytes"))
+        })?;
         Ok(HostMem { ptr, layout })
     }
 }
@@ -58,11 +59,45 @@ pub struct CpuBackend {
     allocations: AtomicUsize,
     /// Attention scratch, grown on demand and kept.
     workspace: Mutex<Vec<f32>>,
+    /// Rounds every activation (and activation gradient) an op writes to bf16, as kernel devices store
+    /// them, while computing in f32: the "bf16-rounded reference" of FlashAttention's accuracy criterion,
+    /// applied to whole models.
+    bf16_storage: bool,
 }
 
 impl CpuBackend {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The reference with bf16 activation storage (see the `bf16_storage` field).
+    pub fn with_bf16_storage() -> Self {
+        CpuBackend {
+            bf16_storage: true,
+            ..Self::default()
+        }
+    }
+
+    /// An activation output: rounded to bf16 when dropped (or [`Stored::settle`]d) in bf16-storage mode.
+    fn act<'a>(
+        &self,
+        op: &'static str,
+        name: &str,
+        v: ViewMut<'a, CpuBackend>,
+    ) -> Result<Stored<'a>> {
+        Ok(Stored {
+            values: f32s_mut(op, name, v)?,
+            round: self.bf16_storage,
+        })
+    }
+
+    fn act_opt<'a>(
+        &self,
+        op: &'static str,
+        name: &str,
+        v: Option<ViewMut<'a, CpuBackend>>,
+    ) -> Result<Option<Stored<'a>>> {
+        v.map(|v| self.act(op, name, v)).transpose()
     }
 
     /// A view of host f32 values (for example parameters mapped from a weight file).
@@ -78,9 +113,48 @@ impl CpuBackend {
     }
 }
 
+/// An activation output being written; see [`CpuBackend::act`].
+struct Stored<'a> {
+    values: &'a mut [f32],
+    round: bool,
+}
+
+impl Stored<'_> {
+    /// Rounds now (before a later step of the same op reads the values, as a kernel would).
+    fn settle(&mut self) {
+        if self.round {
+            self.values
+                .iter_mut()
+                .for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
+        }
+    }
+}
+
+impl std::ops::Deref for Stored<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        self.values
+    }
+}
+
+impl std::ops::DerefMut for Stored<'_> {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        self.values
+    }
+}
+
+impl Drop for Stored<'_> {
+    fn drop(&mut self) {
+        self.settle();
+    }
+}
+
 fn f32s<'a>(op: &'static str, name: &str, v: View<'a, CpuBackend>) -> Result<&'a [f32]> {
     if v.dtype() != DType::F32 {
-        return Err(Error::shape(op, format!("{name} is {}, expected f32", v.dtype())));
+        return Err(Error::shape(
+            op,
+            format!("{name} is {}, expected f32", v.dtype()),
+        ));
     }
     // SAFETY: a CPU view addresses `numel` host f32 values, shared for `'a` (see the module comment of
     // `backend`).
@@ -89,7 +163,10 @@ fn f32s<'a>(op: &'static str, name: &str, v: View<'a, CpuBackend>) -> Result<&'a
 
 fn f32s_mut<'a>(op: &'static str, name: &str, v: ViewMut<'a, CpuBackend>) -> Result<&'a mut [f32]> {
     if v.dtype() != DType::F32 {
-        return Err(Error::shape(op, format!("{name} is {}, expected f32", v.dtype())));
+        return Err(Error::shape(
+            op,
+            format!("{name} is {}, expected f32", v.dtype()),
+        ));
     }
     // SAFETY: a CPU mutable view addresses `numel` host f32 values that no other view reaches for `'a`.
     Ok(unsafe { std::slice::from_raw_parts_mut(v.addr() as *mut f32, v.numel()) })
@@ -97,13 +174,20 @@ fn f32s_mut<'a>(op: &'static str, name: &str, v: ViewMut<'a, CpuBackend>) -> Res
 
 fn i32s<'a>(op: &'static str, name: &str, v: View<'a, CpuBackend>) -> Result<&'a [i32]> {
     if v.dtype() != DType::I32 {
-        return Err(Error::shape(op, format!("{name} is {}, expected i32", v.dtype())));
+        return Err(Error::shape(
+            op,
+            format!("{name} is {}, expected i32", v.dtype()),
+        ));
     }
     // SAFETY: as for `f32s`.
     Ok(unsafe { std::slice::from_raw_parts(v.addr() as *const i32, v.numel()) })
 }
 
-fn opt_mut<'a>(op: &'static str, name: &str, v: Option<ViewMut<'a, CpuBackend>>) -> Result<Option<&'a mut [f32]>> {
+fn opt_mut<'a>(
+    op: &'static str,
+    name: &str,
+    v: Option<ViewMut<'a, CpuBackend>>,
+) -> Result<Option<&'a mut [f32]>> {
     v.map(|v| f32s_mut(op, name, v)).transpose()
 }
 
@@ -112,7 +196,8 @@ fn lens_of(op: &'static str, v: Option<View<'_, CpuBackend>>) -> Result<Option<V
         i32s(op, "kv_lens", v)?
             .iter()
             .map(|&l| {
-                usize::try_from(l).map_err(|_| Error::invalid(op, format!("negative key length {l}")))
+                usize::try_from(l)
+                    .map_err(|_| Error::invalid(op, format!("negative key length {l}")))
             })
             .collect()
     })
@@ -178,7 +263,14 @@ impl Backend for CpuBackend {
     }
 
     fn write_i32(&self, dst: ViewMut<'_, Self>, src: &[i32]) -> Result<()> {
-        check_view("write", "dst", dst.numel(), dst.dtype(), src.len(), DType::I32)?;
+        check_view(
+            "write",
+            "dst",
+            dst.numel(),
+            dst.dtype(),
+            src.len(),
+            DType::I32,
+        )?;
         // SAFETY: an i32 view of `numel` host values, exclusively borrowed.
         let d = unsafe { std::slice::from_raw_parts_mut(dst.addr() as *mut i32, dst.numel()) };
         d.copy_from_slice(src);
@@ -187,7 +279,10 @@ impl Backend for CpuBackend {
 
     fn read_f32(&self, src: View<'_, Self>) -> Result<Vec<f32>> {
         match src.dtype() {
-            DType::I32 => Ok(i32s("read", "src", src)?.iter().map(|&v| v as f32).collect()),
+            DType::I32 => Ok(i32s("read", "src", src)?
+                .iter()
+                .map(|&v| v as f32)
+                .collect()),
             _ => Ok(f32s("read", "src", src)?.to_vec()),
         }
     }
@@ -217,7 +312,7 @@ impl Backend for CpuBackend {
         const OP: &str = "linear";
         let bias = bias.map(|b| f32s(OP, "bias", b)).transpose()?;
         ops::matmul::linear(
-            f32s_mut(OP, "y", y)?,
+            &mut self.act(OP, "y", y)?,
             f32s(OP, "x", x)?,
             f32s(OP, "w", w)?,
             bias,
@@ -236,9 +331,16 @@ impl Backend for CpuBackend {
         dims: LinearDims,
     ) -> Result<()> {
         const OP: &str = "linear_act";
-        let pre = f32s_mut(OP, "pre", pre)?;
-        ops::matmul::linear(pre, f32s(OP, "x", x)?, f32s(OP, "w", w)?, Some(f32s(OP, "bias", bias)?), dims)?;
-        activation_fwd(act, f32s_mut(OP, "out", out)?, pre)
+        let mut pre = self.act(OP, "pre", pre)?;
+        ops::matmul::linear(
+            &mut pre,
+            f32s(OP, "x", x)?,
+            f32s(OP, "w", w)?,
+            Some(f32s(OP, "bias", bias)?),
+            dims,
+        )?;
+        pre.settle();
+        activation_fwd(act, &mut self.act(OP, "out", out)?, &pre)
     }
 
     fn linear_backward(
@@ -253,7 +355,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         const OP: &str = "linear_backward";
         ops::matmul::linear_backward(
-            opt_mut(OP, "dx", dx)?,
+            self.act_opt(OP, "dx", dx)?.as_deref_mut(),
             opt_mut(OP, "dw", dw)?,
             opt_mut(OP, "dbias", dbias)?,
             f32s(OP, "dy", dy)?,
@@ -264,12 +366,16 @@ impl Backend for CpuBackend {
     }
 
     fn add(&self, out: ViewMut<'_, Self>, a: View<'_, Self>, b: View<'_, Self>) -> Result<()> {
-        ops::elementwise::add(f32s_mut("add", "out", out)?, f32s("add", "a", a)?, f32s("add", "b", b)?)
+        ops::elementwise::add(
+            &mut self.act("add", "out", out)?,
+            f32s("add", "a", a)?,
+            f32s("add", "b", b)?,
+        )
     }
 
     fn add_row_bias(&self, x: ViewMut<'_, Self>, bias: View<'_, Self>) -> Result<()> {
         const OP: &str = "add_row_bias";
-        let (x, bias) = (f32s_mut(OP, "x", x)?, f32s(OP, "bias", bias)?);
+        let (mut x, bias) = (self.act(OP, "x", x)?, f32s(OP, "bias", bias)?);
         rows_of(OP, "x", x.len(), bias.len())?;
         x.chunks_mut(bias.len())
             .for_each(|row| row.iter_mut().zip(bias).for_each(|(o, b)| *o += b));
@@ -278,9 +384,12 @@ impl Backend for CpuBackend {
 
     fn scale_rows(&self, x: ViewMut<'_, Self>, scales: View<'_, Self>) -> Result<()> {
         const OP: &str = "scale_rows";
-        let (x, scales) = (f32s_mut(OP, "x", x)?, f32s(OP, "scales", scales)?);
+        let (mut x, scales) = (self.act(OP, "x", x)?, f32s(OP, "scales", scales)?);
         if scales.is_empty() || x.len() % scales.len() != 0 {
-            return Err(Error::shape(OP, format!("{} values in {} rows", x.len(), scales.len())));
+            return Err(Error::shape(
+                OP,
+                format!("{} values in {} rows", x.len(), scales.len()),
+            ));
         }
         let cols = x.len() / scales.len();
         if cols > 0 {
@@ -292,7 +401,11 @@ impl Backend for CpuBackend {
     }
 
     fn activation(&self, out: ViewMut<'_, Self>, x: View<'_, Self>, act: Act) -> Result<()> {
-        activation_fwd(act, f32s_mut("activation", "out", out)?, f32s("activation", "x", x)?)
+        activation_fwd(
+            act,
+            &mut self.act("activation", "out", out)?,
+            f32s("activation", "x", x)?,
+        )
     }
 
     fn activation_backward(
@@ -303,11 +416,20 @@ impl Backend for CpuBackend {
         act: Act,
     ) -> Result<()> {
         const OP: &str = "activation_backward";
-        activation_bwd(act, f32s_mut(OP, "dx", dx)?, f32s(OP, "dout", dout)?, f32s(OP, "x", x)?)
+        activation_bwd(
+            act,
+            &mut self.act(OP, "dx", dx)?,
+            f32s(OP, "dout", dout)?,
+            f32s(OP, "x", x)?,
+        )
     }
 
     fn swiglu(&self, out: ViewMut<'_, Self>, u: View<'_, Self>, width: usize) -> Result<()> {
-        ops::elementwise::swiglu(f32s_mut("swiglu", "out", out)?, f32s("swiglu", "u", u)?, width)
+        ops::elementwise::swiglu(
+            &mut self.act("swiglu", "out", out)?,
+            f32s("swiglu", "u", u)?,
+            width,
+        )
     }
 
     fn swiglu_backward(
@@ -318,7 +440,12 @@ impl Backend for CpuBackend {
         width: usize,
     ) -> Result<()> {
         const OP: &str = "swiglu_backward";
-        ops::elementwise::swiglu_backward(f32s_mut(OP, "du", du)?, f32s(OP, "dout", dout)?, f32s(OP, "u", u)?, width)
+        ops::elementwise::swiglu_backward(
+            &mut self.act(OP, "du", du)?,
+            f32s(OP, "dout", dout)?,
+            f32s(OP, "u", u)?,
+            width,
+        )
     }
 
     fn layernorm(
@@ -333,7 +460,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         const OP: &str = "layernorm";
         ops::norm::layernorm(
-            f32s_mut(OP, "out", out)?,
+            &mut self.act(OP, "out", out)?,
             f32s_mut(OP, "mean", mean)?,
             f32s_mut(OP, "rstd", rstd)?,
             f32s(OP, "x", x)?,
@@ -357,13 +484,14 @@ impl Backend for CpuBackend {
         eps: f32,
     ) -> Result<()> {
         const OP: &str = "residual_layernorm";
-        let sum = f32s_mut(OP, "sum", sum)?;
-        ops::elementwise::add(sum, f32s(OP, "x", x)?, f32s(OP, "delta", delta)?)?;
+        let mut sum = self.act(OP, "sum", sum)?;
+        ops::elementwise::add(&mut sum, f32s(OP, "x", x)?, f32s(OP, "delta", delta)?)?;
+        sum.settle();
         ops::norm::layernorm(
-            f32s_mut(OP, "out", out)?,
+            &mut self.act(OP, "out", out)?,
             f32s_mut(OP, "mean", mean)?,
             f32s_mut(OP, "rstd", rstd)?,
-            sum,
+            &sum,
             f32s(OP, "gamma", gamma)?,
             f32s(OP, "beta", beta)?,
             gamma.numel(),
@@ -384,7 +512,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         const OP: &str = "layernorm_backward";
         ops::norm::layernorm_backward(
-            f32s_mut(OP, "dx", dx)?,
+            &mut self.act(OP, "dx", dx)?,
             f32s_mut(OP, "dgamma", dgamma)?,
             f32s_mut(OP, "dbeta", dbeta)?,
             f32s(OP, "dout", dout)?,
@@ -408,7 +536,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         const OP: &str = "rotary";
         ops::rotary::rotary_with_tables(
-            f32s_mut(OP, "out", out)?,
+            &mut self.act(OP, "out", out)?,
             f32s(OP, "x", x)?,
             f32s(OP, "cos", cos)?,
             f32s(OP, "sin", sin)?,
@@ -431,7 +559,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         const OP: &str = "rotary_backward";
         ops::rotary::rotary_with_tables(
-            f32s_mut(OP, "dx", dx)?,
+            &mut self.act(OP, "dx", dx)?,
             f32s(OP, "dout", dout)?,
             f32s(OP, "cos", cos)?,
             f32s(OP, "sin", sin)?,
@@ -442,11 +570,21 @@ impl Backend for CpuBackend {
         )
     }
 
-    fn embedding(&self, out: ViewMut<'_, Self>, ids: View<'_, Self>, table: View<'_, Self>) -> Result<()> {
+    fn embedding(
+        &self,
+        out: ViewMut<'_, Self>,
+        ids: View<'_, Self>,
+        table: View<'_, Self>,
+    ) -> Result<()> {
         const OP: &str = "embedding";
         let ids = token_ids(OP, ids)?;
         let dim = rows_of(OP, "out", out.numel(), ids.len().max(1))?;
-        ops::embedding::embedding(f32s_mut(OP, "out", out)?, &ids, f32s(OP, "table", table)?, dim)
+        ops::embedding::embedding(
+            &mut self.act(OP, "out", out)?,
+            &ids,
+            f32s(OP, "table", table)?,
+            dim,
+        )
     }
 
     fn embedding_backward(
@@ -458,7 +596,12 @@ impl Backend for CpuBackend {
         const OP: &str = "embedding_backward";
         let ids = token_ids(OP, ids)?;
         let dim = rows_of(OP, "dout", dout.numel(), ids.len().max(1))?;
-        ops::embedding::embedding_backward(f32s_mut(OP, "dtable", dtable)?, f32s(OP, "dout", dout)?, &ids, dim)
+        ops::embedding::embedding_backward(
+            f32s_mut(OP, "dtable", dtable)?,
+            f32s(OP, "dout", dout)?,
+            &ids,
+            dim,
+        )
     }
 
     fn attention(
@@ -480,15 +623,29 @@ impl Backend for CpuBackend {
             v: f32s(OP, "v", v)?,
             kv_lens: lens.as_deref(),
             bias: bias
-                .map(|(b, per_batch)| Ok::<_, Error>(AttentionBias { data: f32s(OP, "bias", b)?, per_batch }))
+                .map(|(b, per_batch)| {
+                    Ok::<_, Error>(AttentionBias {
+                        data: f32s(OP, "bias", b)?,
+                        per_batch,
+                    })
+                })
                 .transpose()?,
         };
-        let mut ws = self.workspace.lock().map_err(|_| Error::invalid(OP, "workspace poisoned"))?;
+        let mut ws = self
+            .workspace
+            .lock()
+            .map_err(|_| Error::invalid(OP, "workspace poisoned"))?;
         let need = dims.workspace_len(rayon::current_num_threads());
         if ws.len() < need {
             ws.resize(need, 0.0);
         }
-        ops::attention::attention(f32s_mut(OP, "out", out)?, f32s_mut(OP, "lse", lse)?, inputs, dims, &mut ws)
+        ops::attention::attention(
+            &mut self.act(OP, "out", out)?,
+            f32s_mut(OP, "lse", lse)?,
+            inputs,
+            dims,
+            &mut ws,
+        )
     }
 
     fn attention_backward(
@@ -515,18 +672,26 @@ impl Backend for CpuBackend {
             v: f32s(OP, "v", v)?,
             kv_lens: lens.as_deref(),
             bias: bias
-                .map(|(b, per_batch)| Ok::<_, Error>(AttentionBias { data: f32s(OP, "bias", b)?, per_batch }))
+                .map(|(b, per_batch)| {
+                    Ok::<_, Error>(AttentionBias {
+                        data: f32s(OP, "bias", b)?,
+                        per_batch,
+                    })
+                })
                 .transpose()?,
         };
-        let mut ws = self.workspace.lock().map_err(|_| Error::invalid(OP, "workspace poisoned"))?;
+        let mut ws = self
+            .workspace
+            .lock()
+            .map_err(|_| Error::invalid(OP, "workspace poisoned"))?;
         let need = dims.workspace_len(rayon::current_num_threads());
         if ws.len() < need {
             ws.resize(need, 0.0);
         }
         ops::attention::attention_backward(
-            f32s_mut(OP, "dq", dq)?,
-            f32s_mut(OP, "dk", dk)?,
-            f32s_mut(OP, "dv", dv)?,
+            &mut self.act(OP, "dq", dq)?,
+            &mut self.act(OP, "dk", dk)?,
+            &mut self.act(OP, "dv", dv)?,
             opt_mut(OP, "dbias", dbias)?,
             f32s(OP, "dout", dout)?,
             f32s(OP, "out", out)?,
@@ -549,7 +714,12 @@ impl Backend for CpuBackend {
         dloss: f32,
     ) -> Result<()> {
         const OP: &str = "mse_backward";
-        ops::loss::mse_backward(f32s_mut(OP, "dpred", dpred)?, f32s(OP, "pred", pred)?, f32s(OP, "target", target)?, dloss)
+        ops::loss::mse_backward(
+            &mut self.act(OP, "dpred", dpred)?,
+            f32s(OP, "pred", pred)?,
+            f32s(OP, "target", target)?,
+            dloss,
+        )
     }
 
     fn sum_squares(&self, x: View<'_, Self>) -> Result<f32> {
@@ -586,7 +756,7 @@ impl Backend for CpuBackend {
             },
         )?;
         if let Some(copy) = compute_copy {
-            let c = f32s_mut(OP, "compute copy", copy)?;
+            let mut c = self.act(OP, "compute copy", copy)?;
             check_len(OP, "compute copy", c.len(), p.len())?;
             c.copy_from_slice(p);
         }
@@ -597,6 +767,8 @@ impl Backend for CpuBackend {
 fn token_ids(op: &'static str, ids: View<'_, CpuBackend>) -> Result<Vec<u32>> {
     i32s(op, "ids", ids)?
         .iter()
-        .map(|&i| u32::try_from(i).map_err(|_| Error::invalid(op, format!("negative token id {i}"))))
+        .map(|&i| {
+            u32::try_from(i).map_err(|_| Error::invalid(op, format!("negative token id {i}")))
+        })
         .collect()
 }

@@ -118,17 +118,24 @@ impl<D: KernelDevice> KernelBackend<D> {
 
 fn expect(op: &'static str, name: &str, got: DType, want: DType) -> Result<()> {
     if got != want {
-        return Err(Error::shape(op, format!("{name} is {got}, expected {want}")));
+        return Err(Error::shape(
+            op,
+            format!("{name} is {got}, expected {want}"),
+        ));
     }
     Ok(())
 }
 
 fn expect_bf16(op: &'static str, views: &[(&str, DType)]) -> Result<()> {
-    views.iter().try_for_each(|(n, d)| expect(op, n, *d, DType::BF16))
+    views
+        .iter()
+        .try_for_each(|(n, d)| expect(op, n, *d, DType::BF16))
 }
 
 fn expect_f32(op: &'static str, views: &[(&str, DType)]) -> Result<()> {
-    views.iter().try_for_each(|(n, d)| expect(op, n, *d, DType::F32))
+    views
+        .iter()
+        .try_for_each(|(n, d)| expect(op, n, *d, DType::F32))
 }
 
 fn kernel_act(act: Act) -> KernelAct {
@@ -176,7 +183,14 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
     }
 
     fn write_f32(&self, dst: ViewMut<'_, Self>, src: &[f32]) -> Result<()> {
-        check_view("write", "dst", dst.numel(), dst.dtype(), src.len(), dst.dtype())?;
+        check_view(
+            "write",
+            "dst",
+            dst.numel(),
+            dst.dtype(),
+            src.len(),
+            dst.dtype(),
+        )?;
         match dst.dtype() {
             DType::F32 => self.dev.write(&dst, bytemuck::cast_slice(src)),
             DType::BF16 => {
@@ -187,12 +201,22 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
                 let v: Vec<i32> = src.iter().map(|&x| x as i32).collect();
                 self.dev.write(&dst, bytemuck::cast_slice(&v))
             }
-            other => Err(Error::invalid("write", format!("{other} views are not used on kernel devices"))),
+            other => Err(Error::invalid(
+                "write",
+                format!("{other} views are not used on kernel devices"),
+            )),
         }
     }
 
     fn write_i32(&self, dst: ViewMut<'_, Self>, src: &[i32]) -> Result<()> {
-        check_view("write", "dst", dst.numel(), dst.dtype(), src.len(), DType::I32)?;
+        check_view(
+            "write",
+            "dst",
+            dst.numel(),
+            dst.dtype(),
+            src.len(),
+            DType::I32,
+        )?;
         self.dev.write(&dst, bytemuck::cast_slice(src))
     }
 
@@ -221,7 +245,10 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
     fn copy(&self, dst: ViewMut<'_, Self>, src: View<'_, Self>) -> Result<()> {
         const OP: &str = "copy";
         if dst.numel() != src.numel() {
-            return Err(Error::shape(OP, format!("{} elements into {}", src.numel(), dst.numel())));
+            return Err(Error::shape(
+                OP,
+                format!("{} elements into {}", src.numel(), dst.numel()),
+            ));
         }
         let n = src.numel();
         match (src.dtype(), dst.dtype()) {
@@ -243,11 +270,15 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         bias: Option<View<'_, Self>>,
         dims: LinearDims,
     ) -> Result<()> {
-        expect_bf16("linear", &[("y", y.dtype()), ("x", x.dtype()), ("w", w.dtype())])?;
+        expect_bf16(
+            "linear",
+            &[("y", y.dtype()), ("x", x.dtype()), ("w", w.dtype())],
+        )?;
         match bias {
             Some(b) => {
                 expect("linear", "bias", b.dtype(), DType::BF16)?;
-                self.dev.linear_bias(&y, &x, &w, &b, dims.rows, dims.d_in, dims.d_out, false)
+                self.dev
+                    .linear_bias(&y, &x, &w, &b, dims.rows, dims.d_in, dims.d_out, false)
             }
             None => self.dev.gemm(&y, false, &x, &w, forward_dims(dims), false),
         }
@@ -265,12 +296,25 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
     ) -> Result<()> {
         expect_bf16(
             "linear_act",
-            &[("pre", pre.dtype()), ("out", out.dtype()), ("x", x.dtype()), ("w", w.dtype()), ("bias", bias.dtype())],
+            &[
+                ("pre", pre.dtype()),
+                ("out", out.dtype()),
+                ("x", x.dtype()),
+                ("w", w.dtype()),
+                ("bias", bias.dtype()),
+            ],
         )?;
         // The bias rides in the GEMM epilogue; the activation (erf or sigmoid GELU, which cuBLASLt's tanh
         // epilogue does not compute) is one pointwise pass that keeps `pre` for the backward.
-        self.dev.linear_bias(&pre, &x, &w, &bias, dims.rows, dims.d_in, dims.d_out, false)?;
-        launch::act_forward(&self.dev, &out, &pre, dims.rows * dims.d_out, kernel_act(act))
+        self.dev
+            .linear_bias(&pre, &x, &w, &bias, dims.rows, dims.d_in, dims.d_out, false)?;
+        launch::act_forward(
+            &self.dev,
+            &out,
+            &pre,
+            dims.rows * dims.d_out,
+            kernel_act(act),
+        )
     }
 
     fn linear_backward(
@@ -284,16 +328,33 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         dims: LinearDims,
     ) -> Result<()> {
         const OP: &str = "linear_backward";
-        expect_bf16(OP, &[("dy", dy.dtype()), ("x", x.dtype()), ("w", w.dtype())])?;
+        expect_bf16(
+            OP,
+            &[("dy", dy.dtype()), ("x", x.dtype()), ("w", w.dtype())],
+        )?;
         let LinearDims { rows, d_in, d_out } = dims;
         if let Some(dx) = dx {
             expect(OP, "dx", dx.dtype(), DType::BF16)?;
-            let d = MatmulDims { batch: 1, m: rows, n: d_in, k: d_out, trans_a: false, trans_b: false };
+            let d = MatmulDims {
+                batch: 1,
+                m: rows,
+                n: d_in,
+                k: d_out,
+                trans_a: false,
+                trans_b: false,
+            };
             self.dev.gemm(&dx, false, &dy, &w, d, true)?;
         }
         if let Some(dw) = dw {
             expect(OP, "dw", dw.dtype(), DType::F32)?;
-            let d = MatmulDims { batch: 1, m: d_out, n: d_in, k: rows, trans_a: true, trans_b: false };
+            let d = MatmulDims {
+                batch: 1,
+                m: d_out,
+                n: d_in,
+                k: rows,
+                trans_a: true,
+                trans_b: false,
+            };
             self.dev.gemm(&dw, true, &dy, &x, d, true)?;
         }
         if let Some(db) = dbias {
@@ -304,7 +365,10 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
     }
 
     fn add(&self, out: ViewMut<'_, Self>, a: View<'_, Self>, b: View<'_, Self>) -> Result<()> {
-        expect_bf16("add", &[("out", out.dtype()), ("a", a.dtype()), ("b", b.dtype())])?;
+        expect_bf16(
+            "add",
+            &[("out", out.dtype()), ("a", a.dtype()), ("b", b.dtype())],
+        )?;
         launch::add(&self.dev, &out, &a, &b, out.numel())
     }
 
@@ -333,7 +397,10 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         x: View<'_, Self>,
         act: Act,
     ) -> Result<()> {
-        expect_bf16("activation_backward", &[("dx", dx.dtype()), ("dout", dout.dtype()), ("x", x.dtype())])?;
+        expect_bf16(
+            "activation_backward",
+            &[("dx", dx.dtype()), ("dout", dout.dtype()), ("x", x.dtype())],
+        )?;
         launch::act_backward(&self.dev, &dx, &dout, &x, x.numel(), kernel_act(act))
     }
 
@@ -350,7 +417,10 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         u: View<'_, Self>,
         width: usize,
     ) -> Result<()> {
-        expect_bf16("swiglu_backward", &[("du", du.dtype()), ("dout", dout.dtype()), ("u", u.dtype())])?;
+        expect_bf16(
+            "swiglu_backward",
+            &[("du", du.dtype()), ("dout", dout.dtype()), ("u", u.dtype())],
+        )?;
         let rows = rows_of("swiglu_backward", "dout", dout.numel(), width)?;
         launch::swiglu_backward(&self.dev, &du, &dout, &u, rows, width)
     }
@@ -366,11 +436,21 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         eps: f32,
     ) -> Result<()> {
         const OP: &str = "layernorm";
-        expect_bf16(OP, &[("out", out.dtype()), ("x", x.dtype()), ("gamma", gamma.dtype()), ("beta", beta.dtype())])?;
+        expect_bf16(
+            OP,
+            &[
+                ("out", out.dtype()),
+                ("x", x.dtype()),
+                ("gamma", gamma.dtype()),
+                ("beta", beta.dtype()),
+            ],
+        )?;
         expect_f32(OP, &[("mean", mean.dtype()), ("rstd", rstd.dtype())])?;
         let dim = gamma.numel();
         let rows = rows_of(OP, "x", x.numel(), dim)?;
-        launch::layernorm_forward(&self.dev, &out, &mean, &rstd, &x, &gamma, &beta, rows, dim, eps)
+        launch::layernorm_forward(
+            &self.dev, &out, &mean, &rstd, &x, &gamma, &beta, rows, dim, eps,
+        )
     }
 
     fn residual_layernorm(
@@ -388,7 +468,14 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         const OP: &str = "residual_layernorm";
         expect_bf16(
             OP,
-            &[("sum", sum.dtype()), ("out", out.dtype()), ("x", x.dtype()), ("delta", delta.dtype()), ("gamma", gamma.dtype()), ("beta", beta.dtype())],
+            &[
+                ("sum", sum.dtype()),
+                ("out", out.dtype()),
+                ("x", x.dtype()),
+                ("delta", delta.dtype()),
+                ("gamma", gamma.dtype()),
+                ("beta", beta.dtype()),
+            ],
         )?;
         expect_f32(OP, &[("mean", mean.dtype()), ("rstd", rstd.dtype())])?;
         let dim = gamma.numel();
@@ -410,8 +497,24 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         rstd: View<'_, Self>,
     ) -> Result<()> {
         const OP: &str = "layernorm_backward";
-        expect_bf16(OP, &[("dx", dx.dtype()), ("dout", dout.dtype()), ("x", x.dtype()), ("gamma", gamma.dtype())])?;
-        expect_f32(OP, &[("dgamma", dgamma.dtype()), ("dbeta", dbeta.dtype()), ("mean", mean.dtype()), ("rstd", rstd.dtype())])?;
+        expect_bf16(
+            OP,
+            &[
+                ("dx", dx.dtype()),
+                ("dout", dout.dtype()),
+                ("x", x.dtype()),
+                ("gamma", gamma.dtype()),
+            ],
+        )?;
+        expect_f32(
+            OP,
+            &[
+                ("dgamma", dgamma.dtype()),
+                ("dbeta", dbeta.dtype()),
+                ("mean", mean.dtype()),
+                ("rstd", rstd.dtype()),
+            ],
+        )?;
         let dim = gamma.numel();
         check_view(OP, "dgamma", dgamma.numel(), DType::F32, dim, DType::F32)?;
         check_view(OP, "dbeta", dbeta.numel(), DType::F32, dim, DType::F32)?;
@@ -423,7 +526,9 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         self.with_scratch(partial + both, |s| {
             let (partials, sums) = (s.at(0, partial), s.at(partial, both));
             self.dev.zero(&sums)?;
-            launch::layernorm_backward(&self.dev, &dx, &sums, &partials, &dout, &x, &gamma, &mean, &rstd, rows, dim)?;
+            launch::layernorm_backward(
+                &self.dev, &dx, &sums, &partials, &dout, &x, &gamma, &mean, &rstd, rows, dim,
+            )?;
             self.add_f32(&dgamma, &sums.at(0, dim * 4), dim)?;
             self.add_f32(&dbeta, &sums.at(dim * 4, dim * 4), dim)
         })
@@ -442,7 +547,9 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         expect_bf16("rotary", &[("out", out.dtype()), ("x", x.dtype())])?;
         expect_f32("rotary", &[("cos", cos.dtype()), ("sin", sin.dtype())])?;
         let batch = rows_of("rotary", "x", x.numel(), len * heads * head_dim)?;
-        launch::rotary(&self.dev, &out, &x, &cos, &sin, batch, len, heads, head_dim, false)
+        launch::rotary(
+            &self.dev, &out, &x, &cos, &sin, batch, len, heads, head_dim, false,
+        )
     }
 
     fn rotary_backward(
@@ -455,13 +562,31 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         heads: usize,
         head_dim: usize,
     ) -> Result<()> {
-        expect_bf16("rotary_backward", &[("dx", dx.dtype()), ("dout", dout.dtype())])?;
-        expect_f32("rotary_backward", &[("cos", cos.dtype()), ("sin", sin.dtype())])?;
-        let batch = rows_of("rotary_backward", "dout", dout.numel(), len * heads * head_dim)?;
-        launch::rotary(&self.dev, &dx, &dout, &cos, &sin, batch, len, heads, head_dim, true)
+        expect_bf16(
+            "rotary_backward",
+            &[("dx", dx.dtype()), ("dout", dout.dtype())],
+        )?;
+        expect_f32(
+            "rotary_backward",
+            &[("cos", cos.dtype()), ("sin", sin.dtype())],
+        )?;
+        let batch = rows_of(
+            "rotary_backward",
+            "dout",
+            dout.numel(),
+            len * heads * head_dim,
+        )?;
+        launch::rotary(
+            &self.dev, &dx, &dout, &cos, &sin, batch, len, heads, head_dim, true,
+        )
     }
 
-    fn embedding(&self, out: ViewMut<'_, Self>, ids: View<'_, Self>, table: View<'_, Self>) -> Result<()> {
+    fn embedding(
+        &self,
+        out: ViewMut<'_, Self>,
+        ids: View<'_, Self>,
+        table: View<'_, Self>,
+    ) -> Result<()> {
         const OP: &str = "embedding";
         expect_bf16(OP, &[("out", out.dtype()), ("table", table.dtype())])?;
         expect(OP, "ids", ids.dtype(), DType::I32)?;
@@ -497,7 +622,15 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         dims: &AttentionDims,
     ) -> Result<()> {
         const OP: &str = "attention";
-        expect_bf16(OP, &[("out", out.dtype()), ("q", q.dtype()), ("k", k.dtype()), ("v", v.dtype())])?;
+        expect_bf16(
+            OP,
+            &[
+                ("out", out.dtype()),
+                ("q", q.dtype()),
+                ("k", k.dtype()),
+                ("v", v.dtype()),
+            ],
+        )?;
         expect(OP, "lse", lse.dtype(), DType::F32)?;
         if let Some(l) = &kv_lens {
             expect(OP, "kv_lens", l.dtype(), DType::I32)?;
@@ -537,7 +670,16 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         const OP: &str = "attention_backward";
         expect_bf16(
             OP,
-            &[("dq", dq.dtype()), ("dk", dk.dtype()), ("dv", dv.dtype()), ("dout", dout.dtype()), ("out", out.dtype()), ("q", q.dtype()), ("k", k.dtype()), ("v", v.dtype())],
+            &[
+                ("dq", dq.dtype()),
+                ("dk", dk.dtype()),
+                ("dv", dv.dtype()),
+                ("dout", dout.dtype()),
+                ("out", out.dtype()),
+                ("q", q.dtype()),
+                ("k", k.dtype()),
+                ("v", v.dtype()),
+            ],
         )?;
         expect(OP, "lse", lse.dtype(), DType::F32)?;
         if let Some(db) = &dbias {
@@ -590,7 +732,10 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         target: View<'_, Self>,
         dloss: f32,
     ) -> Result<()> {
-        expect_bf16("mse_backward", &[("dpred", dpred.dtype()), ("pred", pred.dtype())])?;
+        expect_bf16(
+            "mse_backward",
+            &[("dpred", dpred.dtype()), ("pred", pred.dtype())],
+        )?;
         expect("mse_backward", "target", target.dtype(), DType::F32)?;
         launch::mse_backward(&self.dev, &dpred, &pred, &target, pred.numel(), dloss)
     }
@@ -616,9 +761,18 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         s: &AdamWStep,
     ) -> Result<()> {
         const OP: &str = "adamw";
-        expect_f32(OP, &[("params", params.dtype()), ("m", m.dtype()), ("v", v.dtype()), ("grads", grads.dtype())])?;
-        let copy = compute_copy
-            .ok_or_else(|| Error::invalid(OP, "kernel devices keep a bf16 compute copy of the weights"))?;
+        expect_f32(
+            OP,
+            &[
+                ("params", params.dtype()),
+                ("m", m.dtype()),
+                ("v", v.dtype()),
+                ("grads", grads.dtype()),
+            ],
+        )?;
+        let copy = compute_copy.ok_or_else(|| {
+            Error::invalid(OP, "kernel devices keep a bf16 compute copy of the weights")
+        })?;
         expect(OP, "compute copy", copy.dtype(), DType::BF16)?;
         let step = launch::AdamWStep {
             lr: s.lr,
@@ -629,6 +783,15 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
             step: s.step,
             grad_scale: s.grad_scale,
         };
-        launch::adamw(&self.dev, &params, &copy, &m, &v, &grads, params.numel(), step)
+        launch::adamw(
+            &self.dev,
+            &params,
+            &copy,
+            &m,
+            &v,
+            &grads,
+            params.numel(),
+            step,
+        )
     }
 }

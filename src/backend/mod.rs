@@ -284,7 +284,6 @@ pub trait Backend: Sized {
         grads: View<'_, Self>,
         step: &AdamWStep,
     ) -> Result<()>;
-
 }
 
 /// Hyper-parameters of one AdamW step.

@@ -21,7 +21,10 @@ fn entry_ranges(layout: &Layout) -> Result<Vec<(usize, usize)>> {
             if e.spec.dtype != DType::F32 {
                 return Err(Error::invalid(
                     "parameter layout",
-                    format!("'{}' is {}, parameters are laid out as f32", e.spec.name, e.spec.dtype),
+                    format!(
+                        "'{}' is {}, parameters are laid out as f32",
+                        e.spec.name, e.spec.dtype
+                    ),
                 ));
             }
             Ok((e.offset_bytes / 4, e.numel()))
@@ -33,7 +36,10 @@ fn layout_elems(layout: &Layout) -> usize {
     layout.total_bytes() / 4
 }
 
-fn split_views<'a, B: Backend>(t: &'a Tensor<B>, ranges: &[(usize, usize)]) -> Result<Vec<View<'a, B>>> {
+fn split_views<'a, B: Backend>(
+    t: &'a Tensor<B>,
+    ranges: &[(usize, usize)],
+) -> Result<Vec<View<'a, B>>> {
     let v = t.view();
     ranges.iter().map(|&(s, n)| v.slice(s, n)).collect()
 }
@@ -106,7 +112,10 @@ impl<B: Backend> ParamSet<B> {
     /// The f32 master weights, one view per entry (for checkpoints and tests).
     pub fn master_views(&self) -> Result<Vec<View<'_, B>>> {
         let t = self.master.as_ref().ok_or_else(|| {
-            Error::invalid("parameters", "this inference set keeps no f32 master weights")
+            Error::invalid(
+                "parameters",
+                "this inference set keeps no f32 master weights",
+            )
         })?;
         split_views(t, &self.ranges)
     }
@@ -125,7 +134,10 @@ pub struct TrainState<B: Backend> {
 impl<B: Backend> TrainState<B> {
     pub fn new(backend: &B, params: ParamSet<B>) -> Result<Self> {
         if params.master.is_none() {
-            return Err(Error::invalid("training", "the parameters were uploaded for inference only"));
+            return Err(Error::invalid(
+                "training",
+                "the parameters were uploaded for inference only",
+            ));
         }
         let elems = layout_elems(&params.layout);
         Ok(TrainState {

@@ -184,7 +184,12 @@ impl KernelDevice for CudaDevice {
     fn zero(&self, dst: &dyn DeviceBuffer) -> Result<()> {
         // SAFETY: the range is live device memory of this context.
         unsafe {
-            cudarc::driver::result::memset_d8_async(dst.ptr(), 0, dst.len_bytes(), self.stream.cu_stream())
+            cudarc::driver::result::memset_d8_async(
+                dst.ptr(),
+                0,
+                dst.len_bytes(),
+                self.stream.cu_stream(),
+            )
         }
         .map_err(driver_err("cuMemsetD8"))
     }

@@ -137,9 +137,7 @@ impl KernelDevice for EmuDevice {
         }
         // SAFETY: every emulator buffer (and view into one) is host memory of `len_bytes` bytes at `ptr`;
         // no kernel runs concurrently with a host copy (launches block).
-        unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst.ptr() as *mut u8, bytes.len())
-        };
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst.ptr() as *mut u8, bytes.len()) };
         Ok(())
     }
 

@@ -1553,11 +1553,21 @@ pub fn sum_over_batch<D: KernelDevice>(
     n: usize,
 ) -> Result<()> {
     check_len("sum_over_batch", "out (bytes)", out.len_bytes(), n * F32)?;
-    check_len("sum_over_batch", "input (bytes)", input.len_bytes(), batch * n * F32)?;
+    check_len(
+        "sum_over_batch",
+        "input (bytes)",
+        input.len_bytes(),
+        batch * n * F32,
+    )?;
     dev.launch(
         "sum_over_batch_f32",
         elementwise_config(n),
-        &[ptr(out), ptr(input), Arg::I32(batch as i32), Arg::I64(n as i64)],
+        &[
+            ptr(out),
+            ptr(input),
+            Arg::I32(batch as i32),
+            Arg::I64(n as i64),
+        ],
     )
 }
 
@@ -1574,6 +1584,11 @@ pub fn column_sum<D: KernelDevice>(
     dev.launch(
         "column_sum_bf16_f32",
         LaunchConfig::linear(cols.div_ceil(128) as u32, 128, 0),
-        &[ptr(out), ptr(m), Arg::I64(rows as i64), Arg::I32(cols as i32)],
+        &[
+            ptr(out),
+            ptr(m),
+            Arg::I64(rows as i64),
+            Arg::I32(cols as i32),
+        ],
     )
 }

@@ -118,7 +118,12 @@ enum Placed {
 impl<B: Backend> Placement<B> {
     fn new(backend: B, host: &ModelParams, upload: bool) -> Result<Self> {
         let params = if upload {
-            Some(ParamSet::upload(&backend, host.layout().clone(), |i| host.get(i), false)?)
+            Some(ParamSet::upload(
+                &backend,
+                host.layout().clone(),
+                |i| host.get(i),
+                false,
+            )?)
         } else {
             None
         };

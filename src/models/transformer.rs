@@ -101,7 +101,6 @@ pub struct TransformerEncoder {
     final_ln: (usize, usize),
 }
 
-
 /// One layer's saved activations (or, for inference, the buffers every layer reuses).
 struct LayerActs<B: Backend> {
     ln1: Tensor<B>,
@@ -335,7 +334,6 @@ impl TransformerEncoder {
         out
     }
 
-
     /// Plans (or reuses) the activations for this batch shape and writes the inputs.
     fn prepare<B: Backend>(
         &self,
@@ -360,10 +358,17 @@ impl TransformerEncoder {
                 format!("sequence {i} has length {l}, padded length {len}"),
             ));
         }
-        if let Some((i, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= cfg.vocab) {
+        if let Some((i, id)) = ids
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= cfg.vocab)
+        {
             return Err(Error::invalid(
                 "token id",
-                format!("{id} at position {i} is outside the vocabulary of {}", cfg.vocab),
+                format!(
+                    "{id} at position {i} is outside the vocabulary of {}",
+                    cfg.vocab
+                ),
             ));
         }
         if len > acts.rotary_len {
@@ -407,7 +412,10 @@ impl TransformerEncoder {
         b.write_i32(p.ids.view_mut(), &ids_i32)?;
         let lens_i32: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
         b.write_i32(p.kv_lens.view_mut(), &lens_i32)?;
-        b.write_f32(p.row_scale.view_mut(), &self.embedding_row_scales(ids, lens, len))?;
+        b.write_f32(
+            p.row_scale.view_mut(),
+            &self.embedding_row_scales(ids, lens, len),
+        )?;
         p.host_ids.clear();
         p.host_ids.extend_from_slice(ids);
         Ok(())
@@ -443,7 +451,11 @@ impl TransformerEncoder {
         b.scale_rows(pl.xs[0].view_mut(), pl.row_scale.view())?;
         let dims = AttentionDims::new(batch, cfg.heads, len, len, hd);
         for (l, lp) in self.layers.iter().enumerate() {
-            let (si, so) = if pl.keep_all { (l, l + 1) } else { (l % 2, (l + 1) % 2) };
+            let (si, so) = if pl.keep_all {
+                (l, l + 1)
+            } else {
+                (l % 2, (l + 1) % 2)
+            };
             let la = &mut pl.layers[if pl.keep_all { l } else { 0 }];
             let [x_in, x_out] = pl.xs.get_disjoint_mut([si, so]).expect("distinct streams");
             let x_in = x_in.view();
@@ -457,10 +469,32 @@ impl TransformerEncoder {
                 cfg.ln_eps,
             )?;
             for (out, (w, bias)) in [(&mut la.q, lp.q), (&mut la.k, lp.k), (&mut la.v, lp.v)] {
-                b.linear(out.view_mut(), la.ln1.view(), p[w], Some(p[bias]), self.lin(n, h, h))?;
+                b.linear(
+                    out.view_mut(),
+                    la.ln1.view(),
+                    p[w],
+                    Some(p[bias]),
+                    self.lin(n, h, h),
+                )?;
             }
-            b.rotary(la.q_rot.view_mut(), la.q.view(), cos, sin, len, cfg.heads, hd)?;
-            b.rotary(la.k_rot.view_mut(), la.k.view(), cos, sin, len, cfg.heads, hd)?;
+            b.rotary(
+                la.q_rot.view_mut(),
+                la.q.view(),
+                cos,
+                sin,
+                len,
+                cfg.heads,
+                hd,
+            )?;
+            b.rotary(
+                la.k_rot.view_mut(),
+                la.k.view(),
+                cos,
+                sin,
+                len,
+                cfg.heads,
+                hd,
+            )?;
             b.attention(
                 la.attn.view_mut(),
                 la.lse.view_mut(),
@@ -472,7 +506,13 @@ impl TransformerEncoder {
                 &dims,
             )?;
             // mid = x_in + attn·W_oᵀ + b_o, and LN₂(mid), fused where the backend fuses.
-            b.linear(pl.proj.view_mut(), la.attn.view(), p[lp.o.0], Some(p[lp.o.1]), self.lin(n, h, h))?;
+            b.linear(
+                pl.proj.view_mut(),
+                la.attn.view(),
+                p[lp.o.0],
+                Some(p[lp.o.1]),
+                self.lin(n, h, h),
+            )?;
             b.residual_layernorm(
                 la.mid.view_mut(),
                 la.ln2.view_mut(),
@@ -487,7 +527,10 @@ impl TransformerEncoder {
             let ffn_in = self.lin(n, h, cfg.ffn_in_width());
             match cfg.ffn {
                 FeedForward::Gelu => {
-                    let bias = lp.ffn_in.1.ok_or_else(|| Error::invalid("encoder", "the GELU FFN has a bias"))?;
+                    let bias = lp
+                        .ffn_in
+                        .1
+                        .ok_or_else(|| Error::invalid("encoder", "the GELU FFN has a bias"))?;
                     b.linear_act(
                         la.ffn_pre.view_mut(),
                         la.ffn_act.view_mut(),
@@ -499,7 +542,13 @@ impl TransformerEncoder {
                     )?;
                 }
                 FeedForward::SwiGlu => {
-                    b.linear(la.ffn_pre.view_mut(), la.ln2.view(), p[lp.ffn_in.0], None, ffn_in)?;
+                    b.linear(
+                        la.ffn_pre.view_mut(),
+                        la.ln2.view(),
+                        p[lp.ffn_in.0],
+                        None,
+                        ffn_in,
+                    )?;
                     b.swiglu(la.ffn_act.view_mut(), la.ffn_pre.view(), cfg.ffn_dim)?;
                 }
             }
@@ -512,7 +561,11 @@ impl TransformerEncoder {
             )?;
             b.add(x_out.view_mut(), la.mid.view(), pl.proj.view())?;
         }
-        let last = if pl.keep_all { cfg.layers } else { cfg.layers % 2 };
+        let last = if pl.keep_all {
+            cfg.layers
+        } else {
+            cfg.layers % 2
+        };
         let (fw, fb) = self.final_ln;
         b.layernorm(
             pl.hidden.view_mut(),
@@ -529,7 +582,11 @@ impl TransformerEncoder {
         if p.len() != self.layout.entries().len() {
             return Err(Error::shape(
                 "encoder",
-                format!("{} parameter views for a layout of {}", p.len(), self.layout.entries().len()),
+                format!(
+                    "{} parameter views for a layout of {}",
+                    p.len(),
+                    self.layout.entries().len()
+                ),
             ));
         }
         Ok(())
@@ -566,7 +623,11 @@ impl TransformerEncoder {
         if dhidden.numel() != n * h {
             return Err(Error::shape(
                 "encoder backward",
-                format!("dhidden has {} values, the forward made {}", dhidden.numel(), n * h),
+                format!(
+                    "dhidden has {} values, the forward made {}",
+                    dhidden.numel(),
+                    n * h
+                ),
             ));
         }
         if pl.backward.is_none() {
@@ -635,7 +696,9 @@ impl TransformerEncoder {
                 )?;
             }
             {
-                let [gw, gb] = grads.get_disjoint_mut([lp.ln2.0, lp.ln2.1]).expect("distinct entries");
+                let [gw, gb] = grads
+                    .get_disjoint_mut([lp.ln2.0, lp.ln2.1])
+                    .expect("distinct entries");
                 b.layernorm_backward(
                     bw.d_out.view_mut(),
                     gw.rb(),
@@ -662,7 +725,13 @@ impl TransformerEncoder {
                     self.lin(n, h, h),
                 )?;
             }
-            for t in [&mut bw.dq_rot, &mut bw.dk_rot, &mut bw.dv, &mut bw.dq, &mut bw.dk] {
+            for t in [
+                &mut bw.dq_rot,
+                &mut bw.dk_rot,
+                &mut bw.dv,
+                &mut bw.dq,
+                &mut bw.dk,
+            ] {
                 b.zero(t.view_mut())?;
             }
             b.attention_backward(
@@ -680,8 +749,24 @@ impl TransformerEncoder {
                 None,
                 &dims,
             )?;
-            b.rotary_backward(bw.dq.view_mut(), bw.dq_rot.view(), cos, sin, len, cfg.heads, hd)?;
-            b.rotary_backward(bw.dk.view_mut(), bw.dk_rot.view(), cos, sin, len, cfg.heads, hd)?;
+            b.rotary_backward(
+                bw.dq.view_mut(),
+                bw.dq_rot.view(),
+                cos,
+                sin,
+                len,
+                cfg.heads,
+                hd,
+            )?;
+            b.rotary_backward(
+                bw.dk.view_mut(),
+                bw.dk_rot.view(),
+                cos,
+                sin,
+                len,
+                cfg.heads,
+                hd,
+            )?;
             b.zero(bw.d_ln.view_mut())?;
             for (proj, dproj) in [(lp.q, &bw.dq), (lp.k, &bw.dk), (lp.v, &bw.dv)] {
                 let (gw, gb) = grads_pair(grads, proj.0, Some(proj.1));
@@ -696,7 +781,9 @@ impl TransformerEncoder {
                 )?;
             }
             {
-                let [gw, gb] = grads.get_disjoint_mut([lp.ln1.0, lp.ln1.1]).expect("distinct entries");
+                let [gw, gb] = grads
+                    .get_disjoint_mut([lp.ln1.0, lp.ln1.1])
+                    .expect("distinct entries");
                 b.layernorm_backward(
                     bw.d_in.view_mut(),
                     gw.rb(),

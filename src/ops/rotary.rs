@@ -92,7 +92,9 @@ impl RotaryTable {
         sign: f32,
         accumulate: bool,
     ) {
-        rotate(&self.cos, &self.sin, self.half, out, x, len, heads, sign, accumulate)
+        rotate(
+            &self.cos, &self.sin, self.half, out, x, len, heads, sign, accumulate,
+        )
     }
 }
 
@@ -144,17 +146,33 @@ pub fn rotary_with_tables(
     head_dim: usize,
     backward: bool,
 ) -> Result<()> {
-    let op = if backward { "rotary_backward" } else { "rotary" };
+    let op = if backward {
+        "rotary_backward"
+    } else {
+        "rotary"
+    };
     if head_dim == 0 || head_dim % 2 != 0 {
-        return Err(Error::invalid(op, format!("head_dim {head_dim} must be even and positive")));
+        return Err(Error::invalid(
+            op,
+            format!("head_dim {head_dim} must be even and positive"),
+        ));
     }
     let half = head_dim / 2;
     if cos.len() < len * half || sin.len() != cos.len() {
-        return Err(Error::shape(op, format!("cos/sin tables shorter than {len} positions")));
+        return Err(Error::shape(
+            op,
+            format!("cos/sin tables shorter than {len} positions"),
+        ));
     }
     let row = heads * head_dim;
     if row == 0 || len == 0 || x.len() % (len * row) != 0 {
-        return Err(Error::shape(op, format!("{} elements is not a whole [batch, {len}, {heads}, {head_dim}]", x.len())));
+        return Err(Error::shape(
+            op,
+            format!(
+                "{} elements is not a whole [batch, {len}, {heads}, {head_dim}]",
+                x.len()
+            ),
+        ));
     }
     check_len(op, "out", out.len(), x.len())?;
     let sign = if backward { -1.0 } else { 1.0 };
