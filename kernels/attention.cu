@@ -358,6 +358,37 @@ extern "C" __global__ void relative_logits_f32(float* __restrict__ bias, const b
     }
 }
 
+// Its gradients, one thread per output element (no atomics, fixed summation order), added to bf16 outputs:
+// relative_logits_backward_q_bf16: dq_pos[b, i, h, c] += Σ_j dbias[b, h, i, j] · rel_k[(n − 1) + j − i, h, c]
+// relative_logits_backward_k_bf16: drel_k[r, h, c] += Σ_b Σ_i dbias[b, h, i, i + r − (n − 1)] · q_pos[b, i, h, c]
+extern "C" __global__ void relative_logits_backward_q_bf16(bf16* __restrict__ dq_pos, const float* __restrict__ dbias,
+                                                           const bf16* __restrict__ rel_k, int batch, int heads, int n, int dk) {
+    long long total = (long long)batch * n * heads * dk;
+    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total; t += (long long)gridDim.x * blockDim.x) {
+        int c = (int)(t % dk), h = (int)((t / dk) % heads), i = (int)((t / ((long long)dk * heads)) % n);
+        int b = (int)(t / ((long long)dk * heads * n));
+        const float* row = dbias + (((size_t)b * heads + h) * n + i) * n;
+        float s = 0.0f;
+        for (int j = 0; j < n; ++j) s += row[j] * to_f32(rel_k[((size_t)(n - 1 + j - i) * heads + h) * dk + c]);
+        dq_pos[t] = to_bf16(to_f32(dq_pos[t]) + s);
+    }
+}
+
+extern "C" __global__ void relative_logits_backward_k_bf16(bf16* __restrict__ drel_k, const float* __restrict__ dbias,
+                                                           const bf16* __restrict__ q_pos, int batch, int heads, int n, int dk) {
+    long long total = (long long)(2 * n - 1) * heads * dk;
+    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total; t += (long long)gridDim.x * blockDim.x) {
+        int c = (int)(t % dk), h = (int)((t / dk) % heads), r = (int)(t / ((long long)dk * heads));
+        int d = r - (n - 1);  // key − query
+        int i0 = d < 0 ? -d : 0, i1 = d > 0 ? n - d : n;
+        float s = 0.0f;
+        for (int b = 0; b < batch; ++b)
+            for (int i = i0; i < i1; ++i)
+                s += dbias[(((size_t)b * heads + h) * n + i) * n + i + d] * to_f32(q_pos[((size_t)(b * n + i) * heads + h) * dk + c]);
+        drel_k[t] = to_bf16(to_f32(drel_k[t]) + s);
+    }
+}
+
 extern "C" __global__ void fill_f32(float* __restrict__ out, float value, long long n) {
     for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < n; j += (long long)gridDim.x * blockDim.x) out[j] = value;
 }
@@ -377,3 +408,5 @@ EMU_REGISTER(flash_attention_backward_dq_bf16)
 EMU_REGISTER(sum_over_batch_f32)
 EMU_REGISTER(fill_f32)
 EMU_REGISTER(relative_logits_f32)
+EMU_REGISTER(relative_logits_backward_q_bf16)
+EMU_REGISTER(relative_logits_backward_k_bf16)

@@ -179,7 +179,9 @@ fn nt_v2_matches_pytorch() {
 #[test]
 fn enformer_matches_pytorch() {
     use isoformer_engine::models::config::EnformerConfig;
-    use isoformer_engine::models::enformer::{positional_features, EnformerNames, EnformerTrunk};
+    use isoformer_engine::models::enformer::{
+        positional_features, BatchNormMode, EnformerActivations, EnformerNames, EnformerTrunk,
+    };
     use isoformer_engine::models::tokenizers::dna_one_hot;
 
     let dir = fixture("enformer");
@@ -220,9 +222,27 @@ fn enformer_matches_pytorch() {
     }
     assert_eq!(all, r.tensors["one_hot"].1, "one-hot encoding");
     let (batch, seq_len) = (r.sequences.len(), r.sequences[0].len());
-    let acts = trunk.forward(&params, &all, batch, seq_len, true).unwrap();
-    let emb_err = rel_err(&acts.embeddings, &r.tensors["embeddings"].1, |_| true);
-    let head_err = rel_err(&acts.heads["human"], &r.tensors["human"].1, |_| true);
+    let cpu = CpuBackend::new();
+    let views: Vec<_> = (0..trunk.layout().entries().len())
+        .map(|i| CpuBackend::host_view(params.get(i)))
+        .collect();
+    let mut acts = EnformerActivations::default();
+    trunk
+        .forward(
+            &cpu,
+            &views,
+            &all,
+            batch,
+            seq_len,
+            &mut acts,
+            true,
+            BatchNormMode::Eval,
+        )
+        .unwrap();
+    let embeddings = cpu.read_f32(acts.embeddings().unwrap()).unwrap();
+    let human = cpu.read_f32(acts.head("human").unwrap()).unwrap();
+    let emb_err = rel_err(&embeddings, &r.tensors["embeddings"].1, |_| true);
+    let head_err = rel_err(&human, &r.tensors["human"].1, |_| true);
     assert!(
         emb_err <= 1e-4 && head_err <= 1e-4,
         "embeddings {emb_err:.2e}, head {head_err:.2e}"
@@ -232,7 +252,7 @@ fn enformer_matches_pytorch() {
     // the head is part of the reference loss).
     let w_head = params.get(trunk.layout().position("_heads.human.0.weight").unwrap());
     let b_head = params.get(trunk.layout().position("_heads.human.0.bias").unwrap());
-    let (rows, width, d2) = (acts.embeddings.len() / (2 * cfg.dim), 5, 2 * cfg.dim);
+    let (rows, width, d2) = (embeddings.len() / (2 * cfg.dim), 5, 2 * cfg.dim);
     let mut d_emb = r.tensors["loss_weight"].1.clone();
     let hw = &r.tensors["head_loss_weight"].1;
     let mut grads = Arena::zeros(trunk.layout().clone());
@@ -243,7 +263,7 @@ fn enformer_matches_pytorch() {
             trunk.layout().position("_heads.human.0.bias").unwrap(),
         );
         for row in 0..rows {
-            let e = &acts.embeddings[row * d2..(row + 1) * d2];
+            let e = &embeddings[row * d2..(row + 1) * d2];
             for o in 0..width {
                 let pre: f32 = b_head[o]
                     + e.iter()
@@ -258,7 +278,11 @@ fn enformer_matches_pytorch() {
                 }
             }
         }
-        trunk.backward(&params, &acts, &d_emb, &mut g).unwrap();
+        let d_emb = Tensor::from_f32(&cpu, Role::Activation, &d_emb).unwrap();
+        let mut grad_views: Vec<_> = g.into_iter().map(CpuBackend::host_view_mut).collect();
+        trunk
+            .backward(&cpu, &views, &mut acts, d_emb.view(), &mut grad_views)
+            .unwrap();
     }
     let mut worst = 0.0f64;
     for (i, e) in trunk.layout().entries().iter().enumerate() {

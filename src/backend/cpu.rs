@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use super::{
-    check_view, rows_of, Act, AdamWStep, AttentionDims, Backend, LinearDims, Memory, View, ViewMut,
+    check_view, rows_of, Act, AdamWStep, AttentionDims, Backend, BatchNormStats, Conv1dDims,
+    LinearDims, Memory, PoolDims, View, ViewMut,
 };
 use crate::error::check_len;
 use crate::ops;
@@ -699,6 +700,277 @@ impl Backend for CpuBackend {
             inputs,
             dims,
             &mut ws,
+        )
+    }
+
+    fn sum_rows(&self, out: ViewMut<'_, Self>, m: View<'_, Self>) -> Result<()> {
+        const OP: &str = "sum_rows";
+        let (out, m) = (f32s_mut(OP, "out", out)?, f32s(OP, "m", m)?);
+        rows_of(OP, "m", m.len(), out.len())?;
+        ops::matmul::sum_rows_into(out, m, out.len());
+        Ok(())
+    }
+
+    fn softmax(&self, out: ViewMut<'_, Self>, x: View<'_, Self>, dim: usize) -> Result<()> {
+        ops::softmax::softmax(
+            &mut self.act("softmax", "out", out)?,
+            f32s("softmax", "x", x)?,
+            dim,
+        )
+    }
+
+    fn softmax_backward(
+        &self,
+        dx: ViewMut<'_, Self>,
+        dy: View<'_, Self>,
+        y: View<'_, Self>,
+        dim: usize,
+    ) -> Result<()> {
+        const OP: &str = "softmax_backward";
+        ops::softmax::softmax_backward(
+            &mut self.act(OP, "dx", dx)?,
+            f32s(OP, "dy", dy)?,
+            f32s(OP, "y", y)?,
+            dim,
+        )
+    }
+
+    fn conv1d(
+        &self,
+        out: ViewMut<'_, Self>,
+        x: View<'_, Self>,
+        w: View<'_, Self>,
+        bias: Option<View<'_, Self>>,
+        dims: &Conv1dDims,
+    ) -> Result<()> {
+        const OP: &str = "conv1d";
+        let bias = bias.map(|b| f32s(OP, "bias", b)).transpose()?;
+        ops::conv::conv1d(
+            &mut self.act(OP, "out", out)?,
+            f32s(OP, "x", x)?,
+            f32s(OP, "w", w)?,
+            bias,
+            *dims,
+        )
+    }
+
+    fn conv1d_backward(
+        &self,
+        dx: Option<ViewMut<'_, Self>>,
+        dw: ViewMut<'_, Self>,
+        dbias: Option<ViewMut<'_, Self>>,
+        dout: View<'_, Self>,
+        x: View<'_, Self>,
+        w: View<'_, Self>,
+        dims: &Conv1dDims,
+    ) -> Result<()> {
+        const OP: &str = "conv1d_backward";
+        ops::conv::conv1d_backward(
+            self.act_opt(OP, "dx", dx)?.as_deref_mut(),
+            Some(f32s_mut(OP, "dw", dw)?),
+            opt_mut(OP, "dbias", dbias)?,
+            f32s(OP, "dout", dout)?,
+            f32s(OP, "x", x)?,
+            f32s(OP, "w", w)?,
+            *dims,
+        )
+    }
+
+    fn batchnorm(
+        &self,
+        out: ViewMut<'_, Self>,
+        mean: ViewMut<'_, Self>,
+        var: ViewMut<'_, Self>,
+        x: View<'_, Self>,
+        gamma: View<'_, Self>,
+        beta: View<'_, Self>,
+        stats: BatchNormStats<'_, Self>,
+        eps: f32,
+    ) -> Result<()> {
+        const OP: &str = "batchnorm";
+        let (mean, var) = (f32s_mut(OP, "mean", mean)?, f32s_mut(OP, "var", var)?);
+        let channels = gamma.numel();
+        check_len(OP, "var", var.len(), channels)?;
+        let mut rstd = vec![0.0f32; channels];
+        let (x, gamma, beta) = (
+            f32s(OP, "x", x)?,
+            f32s(OP, "gamma", gamma)?,
+            f32s(OP, "beta", beta)?,
+        );
+        let mut out = self.act(OP, "out", out)?;
+        match stats {
+            BatchNormStats::Running { mean: rm, var: rv } => {
+                let (rm, rv) = (f32s(OP, "running_mean", rm)?, f32s(OP, "running_var", rv)?);
+                ops::norm::batchnorm_eval(
+                    &mut out, mean, &mut rstd, x, gamma, beta, rm, rv, channels, eps,
+                )?;
+                var.copy_from_slice(rv);
+            }
+            BatchNormStats::Batch => {
+                ops::norm::batchnorm_train(
+                    &mut out, mean, &mut rstd, x, gamma, beta, channels, eps, None,
+                )?;
+                var.iter_mut()
+                    .zip(&rstd)
+                    .for_each(|(v, r)| *v = 1.0 / (r * r) - eps);
+            }
+        }
+        Ok(())
+    }
+
+    fn batchnorm_running_update(
+        &self,
+        running_mean: ViewMut<'_, Self>,
+        running_var: ViewMut<'_, Self>,
+        mean: View<'_, Self>,
+        var: View<'_, Self>,
+        rows: usize,
+        momentum: f32,
+    ) -> Result<()> {
+        const OP: &str = "batchnorm_running_update";
+        let (rm, rv) = (
+            f32s_mut(OP, "running_mean", running_mean)?,
+            f32s_mut(OP, "running_var", running_var)?,
+        );
+        let (mean, var) = (f32s(OP, "mean", mean)?, f32s(OP, "var", var)?);
+        for (name, len) in [
+            ("running_var", rv.len()),
+            ("mean", mean.len()),
+            ("var", var.len()),
+        ] {
+            check_len(OP, name, len, rm.len())?;
+        }
+        let unbias = if rows > 1 {
+            rows as f32 / (rows - 1) as f32
+        } else {
+            1.0
+        };
+        for c in 0..rm.len() {
+            rm[c] = (1.0 - momentum) * rm[c] + momentum * mean[c];
+            rv[c] = (1.0 - momentum) * rv[c] + momentum * var[c] * unbias;
+        }
+        Ok(())
+    }
+
+    fn batchnorm_backward(
+        &self,
+        dx: ViewMut<'_, Self>,
+        dgamma: ViewMut<'_, Self>,
+        dbeta: ViewMut<'_, Self>,
+        dout: View<'_, Self>,
+        x: View<'_, Self>,
+        gamma: View<'_, Self>,
+        mean: View<'_, Self>,
+        var: View<'_, Self>,
+        eps: f32,
+        train: bool,
+    ) -> Result<()> {
+        const OP: &str = "batchnorm_backward";
+        let rstd: Vec<f32> = f32s(OP, "var", var)?
+            .iter()
+            .map(|v| 1.0 / (v + eps).sqrt())
+            .collect();
+        ops::norm::batchnorm_backward(
+            &mut self.act(OP, "dx", dx)?,
+            f32s_mut(OP, "dgamma", dgamma)?,
+            f32s_mut(OP, "dbeta", dbeta)?,
+            f32s(OP, "dout", dout)?,
+            f32s(OP, "x", x)?,
+            f32s(OP, "gamma", gamma)?,
+            f32s(OP, "mean", mean)?,
+            &rstd,
+            gamma.numel(),
+            train,
+        )
+    }
+
+    fn attention_pool(
+        &self,
+        out: ViewMut<'_, Self>,
+        logits: ViewMut<'_, Self>,
+        x: View<'_, Self>,
+        w: View<'_, Self>,
+        dims: &PoolDims,
+    ) -> Result<()> {
+        const OP: &str = "attention_pool";
+        ops::pool::attention_pool(
+            &mut self.act(OP, "out", out)?,
+            f32s_mut(OP, "logits", logits)?,
+            f32s(OP, "x", x)?,
+            f32s(OP, "w", w)?,
+            *dims,
+        )
+    }
+
+    fn attention_pool_backward(
+        &self,
+        dx: ViewMut<'_, Self>,
+        dw: ViewMut<'_, Self>,
+        dout: View<'_, Self>,
+        x: View<'_, Self>,
+        w: View<'_, Self>,
+        logits: View<'_, Self>,
+        dims: &PoolDims,
+    ) -> Result<()> {
+        const OP: &str = "attention_pool_backward";
+        let mut scratch = vec![0.0f32; logits.numel()];
+        ops::pool::attention_pool_backward(
+            &mut self.act(OP, "dx", dx)?,
+            f32s_mut(OP, "dw", dw)?,
+            &mut scratch,
+            f32s(OP, "dout", dout)?,
+            f32s(OP, "x", x)?,
+            f32s(OP, "w", w)?,
+            f32s(OP, "logits", logits)?,
+            *dims,
+        )
+    }
+
+    fn relative_logits(
+        &self,
+        bias: ViewMut<'_, Self>,
+        q_pos: View<'_, Self>,
+        rel_k: View<'_, Self>,
+        batch: usize,
+        heads: usize,
+        n: usize,
+    ) -> Result<()> {
+        const OP: &str = "relative_logits";
+        let dk = rows_of(OP, "q_pos", q_pos.numel(), (batch * n * heads).max(1))?;
+        ops::relative::relative_logits(
+            f32s_mut(OP, "bias", bias)?,
+            f32s(OP, "q_pos", q_pos)?,
+            f32s(OP, "rel_k", rel_k)?,
+            batch,
+            heads,
+            n,
+            dk,
+        )
+    }
+
+    fn relative_logits_backward(
+        &self,
+        dq_pos: ViewMut<'_, Self>,
+        drel_k: ViewMut<'_, Self>,
+        dbias: View<'_, Self>,
+        q_pos: View<'_, Self>,
+        rel_k: View<'_, Self>,
+        batch: usize,
+        heads: usize,
+        n: usize,
+    ) -> Result<()> {
+        const OP: &str = "relative_logits_backward";
+        let dk = rows_of(OP, "q_pos", q_pos.numel(), (batch * n * heads).max(1))?;
+        ops::relative::relative_logits_backward(
+            &mut self.act(OP, "dq_pos", dq_pos)?,
+            &mut self.act(OP, "drel_k", drel_k)?,
+            f32s(OP, "dbias", dbias)?,
+            f32s(OP, "q_pos", q_pos)?,
+            f32s(OP, "rel_k", rel_k)?,
+            batch,
+            heads,
+            n,
+            dk,
         )
     }
 

@@ -13,7 +13,8 @@ use std::sync::Mutex;
 use half::bf16;
 
 use super::{
-    check_view, rows_of, Act, AdamWStep, AttentionDims, Backend, LinearDims, Memory, View, ViewMut,
+    check_view, rows_of, Act, AdamWStep, AttentionDims, Backend, BatchNormStats, Conv1dDims,
+    LinearDims, Memory, PoolDims, View, ViewMut,
 };
 use crate::gpu::ops::{self as launch, Act as KernelAct};
 use crate::gpu::{DeviceBuffer, KernelDevice, MatmulDims};
@@ -706,6 +707,328 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
                 dims,
             )
         })
+    }
+
+    fn sum_rows(&self, out: ViewMut<'_, Self>, m: View<'_, Self>) -> Result<()> {
+        expect("sum_rows", "out", out.dtype(), DType::F32)?;
+        expect("sum_rows", "m", m.dtype(), DType::BF16)?;
+        let rows = rows_of("sum_rows", "m", m.numel(), out.numel())?;
+        launch::column_sum(&self.dev, &out, &m, rows, out.numel())
+    }
+
+    fn softmax(&self, out: ViewMut<'_, Self>, x: View<'_, Self>, dim: usize) -> Result<()> {
+        expect_bf16("softmax", &[("out", out.dtype()), ("x", x.dtype())])?;
+        let rows = rows_of("softmax", "x", x.numel(), dim)?;
+        launch::softmax_forward(&self.dev, &out, &x, rows, dim)
+    }
+
+    fn softmax_backward(
+        &self,
+        dx: ViewMut<'_, Self>,
+        dy: View<'_, Self>,
+        y: View<'_, Self>,
+        dim: usize,
+    ) -> Result<()> {
+        expect_bf16(
+            "softmax_backward",
+            &[("dx", dx.dtype()), ("dy", dy.dtype()), ("y", y.dtype())],
+        )?;
+        let rows = rows_of("softmax_backward", "y", y.numel(), dim)?;
+        launch::softmax_backward(&self.dev, &dx, &dy, &y, rows, dim)
+    }
+
+    fn conv1d(
+        &self,
+        out: ViewMut<'_, Self>,
+        x: View<'_, Self>,
+        w: View<'_, Self>,
+        bias: Option<View<'_, Self>>,
+        dims: &Conv1dDims,
+    ) -> Result<()> {
+        expect_bf16(
+            "conv1d",
+            &[("out", out.dtype()), ("x", x.dtype()), ("w", w.dtype())],
+        )?;
+        if let Some(b) = &bias {
+            expect("conv1d", "bias", b.dtype(), DType::BF16)?;
+        }
+        let cols = launch::conv1d_scratch_bytes(dims);
+        self.with_scratch(cols, |s| {
+            launch::conv1d_forward(
+                &self.dev,
+                &out,
+                &s.at(0, cols),
+                &x,
+                &w,
+                bias.as_ref().map(|b| b as &dyn DeviceBuffer),
+                *dims,
+            )
+        })
+    }
+
+    fn conv1d_backward(
+        &self,
+        dx: Option<ViewMut<'_, Self>>,
+        dw: ViewMut<'_, Self>,
+        dbias: Option<ViewMut<'_, Self>>,
+        dout: View<'_, Self>,
+        x: View<'_, Self>,
+        w: View<'_, Self>,
+        dims: &Conv1dDims,
+    ) -> Result<()> {
+        const OP: &str = "conv1d_backward";
+        expect_bf16(
+            OP,
+            &[("dout", dout.dtype()), ("x", x.dtype()), ("w", w.dtype())],
+        )?;
+        expect(OP, "dw", dw.dtype(), DType::F32)?;
+        if let Some(d) = &dx {
+            expect(OP, "dx", d.dtype(), DType::BF16)?;
+        }
+        if let Some(d) = &dbias {
+            expect(OP, "dbias", d.dtype(), DType::F32)?;
+        }
+        // The im2col columns of x are rebuilt here rather than kept from the forward (no extra saved
+        // activation; the copy is cheap next to the GEMMs).
+        let cols = launch::conv1d_scratch_bytes(dims);
+        let dcols = if dx.is_some() {
+            launch::conv1d_dcols_bytes(dims)
+        } else {
+            0
+        };
+        self.with_scratch(cols + dcols, |s| {
+            let (c, dc) = (s.at(0, cols), s.at(cols, dcols));
+            launch::im2col(&self.dev, &c, &x, *dims)?;
+            launch::conv1d_backward(
+                &self.dev,
+                dx.as_ref()
+                    .map(|d| (d as &dyn DeviceBuffer, &dc as &dyn DeviceBuffer)),
+                &dw,
+                dbias.as_ref().map(|d| d as &dyn DeviceBuffer),
+                &c,
+                &dout,
+                &w,
+                *dims,
+            )
+        })
+    }
+
+    fn batchnorm(
+        &self,
+        out: ViewMut<'_, Self>,
+        mut mean: ViewMut<'_, Self>,
+        mut var: ViewMut<'_, Self>,
+        x: View<'_, Self>,
+        gamma: View<'_, Self>,
+        beta: View<'_, Self>,
+        stats: BatchNormStats<'_, Self>,
+        eps: f32,
+    ) -> Result<()> {
+        const OP: &str = "batchnorm";
+        expect_bf16(
+            OP,
+            &[
+                ("out", out.dtype()),
+                ("x", x.dtype()),
+                ("gamma", gamma.dtype()),
+                ("beta", beta.dtype()),
+            ],
+        )?;
+        expect_f32(OP, &[("mean", mean.dtype()), ("var", var.dtype())])?;
+        let channels = gamma.numel();
+        let rows = rows_of(OP, "x", x.numel(), channels)?;
+        check_view(OP, "mean", mean.numel(), DType::F32, channels, DType::F32)?;
+        check_view(OP, "var", var.numel(), DType::F32, channels, DType::F32)?;
+        match stats {
+            BatchNormStats::Running { mean: rm, var: rv } => {
+                self.copy(mean.rb(), rm)?;
+                self.copy(var.rb(), rv)?;
+            }
+            BatchNormStats::Batch => {
+                launch::batchnorm_stats(&self.dev, &mean, &var, &x, rows, channels)?
+            }
+        }
+        launch::batchnorm_forward(
+            &self.dev, &out, &x, &mean, &var, &gamma, &beta, rows, channels, eps,
+        )
+    }
+
+    fn batchnorm_running_update(
+        &self,
+        running_mean: ViewMut<'_, Self>,
+        running_var: ViewMut<'_, Self>,
+        mean: View<'_, Self>,
+        var: View<'_, Self>,
+        rows: usize,
+        momentum: f32,
+    ) -> Result<()> {
+        const OP: &str = "batchnorm_running_update";
+        expect_f32(
+            OP,
+            &[
+                ("running_mean", running_mean.dtype()),
+                ("running_var", running_var.dtype()),
+                ("mean", mean.dtype()),
+                ("var", var.dtype()),
+            ],
+        )?;
+        let channels = running_mean.numel();
+        launch::batchnorm_running_update(
+            &self.dev,
+            &running_mean,
+            &running_var,
+            &mean,
+            &var,
+            rows,
+            channels,
+            momentum,
+        )
+    }
+
+    fn batchnorm_backward(
+        &self,
+        dx: ViewMut<'_, Self>,
+        dgamma: ViewMut<'_, Self>,
+        dbeta: ViewMut<'_, Self>,
+        dout: View<'_, Self>,
+        x: View<'_, Self>,
+        gamma: View<'_, Self>,
+        mean: View<'_, Self>,
+        var: View<'_, Self>,
+        eps: f32,
+        train: bool,
+    ) -> Result<()> {
+        const OP: &str = "batchnorm_backward";
+        expect_bf16(
+            OP,
+            &[
+                ("dx", dx.dtype()),
+                ("dout", dout.dtype()),
+                ("x", x.dtype()),
+                ("gamma", gamma.dtype()),
+            ],
+        )?;
+        expect_f32(
+            OP,
+            &[
+                ("dgamma", dgamma.dtype()),
+                ("dbeta", dbeta.dtype()),
+                ("mean", mean.dtype()),
+                ("var", var.dtype()),
+            ],
+        )?;
+        let channels = gamma.numel();
+        let rows = rows_of(OP, "x", x.numel(), channels)?;
+        let both = 2 * channels * 4;
+        self.with_scratch(both, |s| {
+            let sums = s.at(0, both);
+            self.dev.zero(&sums)?;
+            launch::batchnorm_backward(
+                &self.dev, &dx, &sums, &dout, &x, &mean, &var, &gamma, rows, channels, train, eps,
+            )?;
+            self.add_f32(&dgamma, &sums.at(0, channels * 4), channels)?;
+            self.add_f32(&dbeta, &sums.at(channels * 4, channels * 4), channels)
+        })
+    }
+
+    fn attention_pool(
+        &self,
+        out: ViewMut<'_, Self>,
+        logits: ViewMut<'_, Self>,
+        x: View<'_, Self>,
+        w: View<'_, Self>,
+        dims: &PoolDims,
+    ) -> Result<()> {
+        expect_bf16(
+            "attention_pool",
+            &[("out", out.dtype()), ("x", x.dtype()), ("w", w.dtype())],
+        )?;
+        expect("attention_pool", "logits", logits.dtype(), DType::F32)?;
+        launch::attention_pool_forward(&self.dev, &out, &logits, &x, &w, *dims)
+    }
+
+    fn attention_pool_backward(
+        &self,
+        dx: ViewMut<'_, Self>,
+        dw: ViewMut<'_, Self>,
+        dout: View<'_, Self>,
+        x: View<'_, Self>,
+        w: View<'_, Self>,
+        logits: View<'_, Self>,
+        dims: &PoolDims,
+    ) -> Result<()> {
+        const OP: &str = "attention_pool_backward";
+        expect_bf16(
+            OP,
+            &[
+                ("dx", dx.dtype()),
+                ("dout", dout.dtype()),
+                ("x", x.dtype()),
+                ("w", w.dtype()),
+            ],
+        )?;
+        expect_f32(OP, &[("dw", dw.dtype()), ("logits", logits.dtype())])?;
+        let n = logits.numel();
+        let (half, full) = (n * 2, n * 4);
+        self.with_scratch(2 * half + full, |s| {
+            launch::attention_pool_backward(
+                &self.dev,
+                &dx,
+                &dw,
+                &s.at(0, half),
+                &s.at(half, half),
+                &dout,
+                &x,
+                &w,
+                &logits,
+                &s.at(2 * half, full),
+                *dims,
+            )
+        })
+    }
+
+    fn relative_logits(
+        &self,
+        bias: ViewMut<'_, Self>,
+        q_pos: View<'_, Self>,
+        rel_k: View<'_, Self>,
+        batch: usize,
+        heads: usize,
+        n: usize,
+    ) -> Result<()> {
+        const OP: &str = "relative_logits";
+        expect(OP, "bias", bias.dtype(), DType::F32)?;
+        expect_bf16(OP, &[("q_pos", q_pos.dtype()), ("rel_k", rel_k.dtype())])?;
+        let dk = rows_of(OP, "q_pos", q_pos.numel(), (batch * n * heads).max(1))?;
+        launch::relative_logits(&self.dev, &bias, &q_pos, &rel_k, batch, heads, n, dk)
+    }
+
+    fn relative_logits_backward(
+        &self,
+        dq_pos: ViewMut<'_, Self>,
+        drel_k: ViewMut<'_, Self>,
+        dbias: View<'_, Self>,
+        q_pos: View<'_, Self>,
+        rel_k: View<'_, Self>,
+        batch: usize,
+        heads: usize,
+        n: usize,
+    ) -> Result<()> {
+        const OP: &str = "relative_logits_backward";
+        expect(OP, "dbias", dbias.dtype(), DType::F32)?;
+        expect_bf16(
+            OP,
+            &[
+                ("dq_pos", dq_pos.dtype()),
+                ("drel_k", drel_k.dtype()),
+                ("q_pos", q_pos.dtype()),
+                ("rel_k", rel_k.dtype()),
+            ],
+        )?;
+        let dk = rows_of(OP, "q_pos", q_pos.numel(), (batch * n * heads).max(1))?;
+        launch::relative_logits_backward(
+            &self.dev, &dq_pos, &drel_k, &dbias, &q_pos, &rel_k, batch, heads, n, dk,
+        )
     }
 
     fn mse(&self, pred: View<'_, Self>, target: View<'_, Self>) -> Result<f32> {

@@ -260,6 +260,124 @@ pub trait Backend: Sized {
         dims: &AttentionDims,
     ) -> Result<()>;
 
+    // ---- reductions and rows ----
+    /// `out[c] += Σ_r m[r, c]` over the rows of `m [rows, out.len]` into f32 (bias gradients).
+    fn sum_rows(&self, out: ViewMut<'_, Self>, m: View<'_, Self>) -> Result<()>;
+    /// Row softmax over the last dimension `dim`.
+    fn softmax(&self, out: ViewMut<'_, Self>, x: View<'_, Self>, dim: usize) -> Result<()>;
+    /// `dx += y ∘ (dy − rowsum(dy ∘ y))`.
+    fn softmax_backward(
+        &self,
+        dx: ViewMut<'_, Self>,
+        dy: View<'_, Self>,
+        y: View<'_, Self>,
+        dim: usize,
+    ) -> Result<()>;
+
+    // ---- Enformer ----
+    /// 'same'-padded 1-D convolution, channels last: `x [B, L, Cin]`, `w [Cout, Cin, width]`.
+    fn conv1d(
+        &self,
+        out: ViewMut<'_, Self>,
+        x: View<'_, Self>,
+        w: View<'_, Self>,
+        bias: Option<View<'_, Self>>,
+        dims: &Conv1dDims,
+    ) -> Result<()>;
+    fn conv1d_backward(
+        &self,
+        dx: Option<ViewMut<'_, Self>>,
+        dw: ViewMut<'_, Self>,
+        dbias: Option<ViewMut<'_, Self>>,
+        dout: View<'_, Self>,
+        x: View<'_, Self>,
+        w: View<'_, Self>,
+        dims: &Conv1dDims,
+    ) -> Result<()>;
+    /// Batch normalisation over the channels of `x [rows, C]`, with the running statistics (eval) or the
+    /// batch's own (train: biased variance). The statistics used are saved in `mean` and `var` (f32) for the
+    /// backward; after a training step [`Backend::batchnorm_running_update`] folds them into the running
+    /// ones.
+    fn batchnorm(
+        &self,
+        out: ViewMut<'_, Self>,
+        mean: ViewMut<'_, Self>,
+        var: ViewMut<'_, Self>,
+        x: View<'_, Self>,
+        gamma: View<'_, Self>,
+        beta: View<'_, Self>,
+        stats: BatchNormStats<'_, Self>,
+        eps: f32,
+    ) -> Result<()>;
+    /// `running = (1 − momentum)·running + momentum·batch`, with the batch variance made unbiased over
+    /// `rows` (PyTorch's convention).
+    fn batchnorm_running_update(
+        &self,
+        running_mean: ViewMut<'_, Self>,
+        running_var: ViewMut<'_, Self>,
+        mean: View<'_, Self>,
+        var: View<'_, Self>,
+        rows: usize,
+        momentum: f32,
+    ) -> Result<()>;
+    /// `dx += …`, `dgamma += …`, `dbeta += …`; `train` says whether the statistics came from the batch (and
+    /// so carry gradient).
+    fn batchnorm_backward(
+        &self,
+        dx: ViewMut<'_, Self>,
+        dgamma: ViewMut<'_, Self>,
+        dbeta: ViewMut<'_, Self>,
+        dout: View<'_, Self>,
+        x: View<'_, Self>,
+        gamma: View<'_, Self>,
+        mean: View<'_, Self>,
+        var: View<'_, Self>,
+        eps: f32,
+        train: bool,
+    ) -> Result<()>;
+    /// Enformer's attention pooling by 2 along the length: softmax over pairs of `x·W` logits (saved, f32).
+    fn attention_pool(
+        &self,
+        out: ViewMut<'_, Self>,
+        logits: ViewMut<'_, Self>,
+        x: View<'_, Self>,
+        w: View<'_, Self>,
+        dims: &PoolDims,
+    ) -> Result<()>;
+    fn attention_pool_backward(
+        &self,
+        dx: ViewMut<'_, Self>,
+        dw: ViewMut<'_, Self>,
+        dout: View<'_, Self>,
+        x: View<'_, Self>,
+        w: View<'_, Self>,
+        logits: View<'_, Self>,
+        dims: &PoolDims,
+    ) -> Result<()>;
+    /// Enformer's relative-position logits `bias [B, H, n, n]` (f32) from `q_pos [B, n, H, dk]` and
+    /// `rel_k [2n−1, H, dk]`: `bias[b,h,i,j] = q_pos[b,i,h]·rel_k[j−i+n−1, h]`.
+    fn relative_logits(
+        &self,
+        bias: ViewMut<'_, Self>,
+        q_pos: View<'_, Self>,
+        rel_k: View<'_, Self>,
+        batch: usize,
+        heads: usize,
+        n: usize,
+    ) -> Result<()>;
+    /// Adds into `dq_pos` and `drel_k`.
+    fn relative_logits_backward(
+        &self,
+        dq_pos: ViewMut<'_, Self>,
+        drel_k: ViewMut<'_, Self>,
+        dbias: View<'_, Self>,
+        q_pos: View<'_, Self>,
+        rel_k: View<'_, Self>,
+        batch: usize,
+        heads: usize,
+        n: usize,
+    ) -> Result<()>;
+
     // ---- loss and optimiser ----
     /// Mean squared error of `pred` (compute dtype) against `target` (f32).
     fn mse(&self, pred: View<'_, Self>, target: View<'_, Self>) -> Result<f32>;
@@ -284,6 +402,14 @@ pub trait Backend: Sized {
         grads: View<'_, Self>,
         step: &AdamWStep,
     ) -> Result<()>;
+}
+
+/// The statistics a batchnorm normalises with.
+pub enum BatchNormStats<'a, B> {
+    /// The running statistics (evaluation).
+    Running { mean: View<'a, B>, var: View<'a, B> },
+    /// The batch's own (training).
+    Batch,
 }
 
 /// Hyper-parameters of one AdamW step.

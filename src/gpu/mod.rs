@@ -7,7 +7,6 @@
 
 pub mod cuda;
 pub mod emulator;
-pub mod enformer;
 pub mod ops;
 
 use crate::Result;

@@ -878,29 +878,17 @@ pub fn conv1d_dcols_bytes(d: &Conv1dDims) -> usize {
     d.batch * d.len * d.c_in * d.width * F32
 }
 
-/// conv1d ('same', odd width) as im2col + GEMM + bias; weight `[Cout, Cin, K]` bf16.
-pub fn conv1d_forward<D: KernelDevice>(
+/// `cols [B·L, Cin·K]` = the 'same'-padded windows of `x [B, L, Cin]` (zero outside the sequence).
+pub fn im2col<D: KernelDevice>(
     dev: &D,
-    out: &dyn DeviceBuffer,
     cols: &dyn DeviceBuffer,
     x: &dyn DeviceBuffer,
-    w: &dyn DeviceBuffer,
-    bias: &dyn DeviceBuffer,
     d: Conv1dDims,
 ) -> Result<()> {
-    if d.width % 2 == 0 {
-        return Err(crate::Error::invalid(
-            "conv1d width",
-            format!("{} ('same' padding needs an odd width)", d.width),
-        ));
-    }
     let rows = d.batch * d.len;
-    check_bf16("conv1d", "x", x, rows * d.c_in)?;
-    check_bf16("conv1d", "out", out, rows * d.c_out)?;
-    check_bf16("conv1d", "weight", w, d.c_out * d.c_in * d.width)?;
-    check_bf16("conv1d", "bias", bias, d.c_out)?;
+    check_bf16("im2col", "x", x, rows * d.c_in)?;
     check_len(
-        "conv1d",
+        "im2col",
         "cols (bytes)",
         cols.len_bytes(),
         conv1d_scratch_bytes(&d),
@@ -915,18 +903,52 @@ pub fn conv1d_forward<D: KernelDevice>(
         "im2col_bf16",
         elementwise_config(rows * d.c_in * d.width),
         &[&[ptr(cols), ptr(x)][..], &geo].concat(),
+    )
+}
+
+/// conv1d ('same', odd width) as im2col + GEMM + bias; weight `[Cout, Cin, K]` bf16.
+pub fn conv1d_forward<D: KernelDevice>(
+    dev: &D,
+    out: &dyn DeviceBuffer,
+    cols: &dyn DeviceBuffer,
+    x: &dyn DeviceBuffer,
+    w: &dyn DeviceBuffer,
+    bias: Option<&dyn DeviceBuffer>,
+    d: Conv1dDims,
+) -> Result<()> {
+    if d.width % 2 == 0 {
+        return Err(crate::Error::invalid(
+            "conv1d width",
+            format!("{} ('same' padding needs an odd width)", d.width),
+        ));
+    }
+    let rows = d.batch * d.len;
+    check_bf16("conv1d", "x", x, rows * d.c_in)?;
+    check_bf16("conv1d", "out", out, rows * d.c_out)?;
+    check_bf16("conv1d", "weight", w, d.c_out * d.c_in * d.width)?;
+    if let Some(bias) = bias {
+        check_bf16("conv1d", "bias", bias, d.c_out)?;
+    }
+    check_len(
+        "conv1d",
+        "cols (bytes)",
+        cols.len_bytes(),
+        conv1d_scratch_bytes(&d),
     )?;
+    im2col(dev, cols, x, d)?;
     // The bias is written first and the GEMM accumulates onto it: one bf16 rounding of the f32 result.
-    dev.launch(
-        "fill_rows_bf16",
-        elementwise_config(rows * d.c_out),
-        &[
-            ptr(out),
-            ptr(bias),
-            Arg::I64(rows as i64),
-            Arg::I32(d.c_out as i32),
-        ],
-    )?;
+    if let Some(bias) = bias {
+        dev.launch(
+            "fill_rows_bf16",
+            elementwise_config(rows * d.c_out),
+            &[
+                ptr(out),
+                ptr(bias),
+                Arg::I64(rows as i64),
+                Arg::I32(d.c_out as i32),
+            ],
+        )?;
+    }
     let mm = MatmulDims {
         batch: 1,
         m: rows,
@@ -935,24 +957,22 @@ pub fn conv1d_forward<D: KernelDevice>(
         trans_a: false,
         trans_b: true,
     };
-    dev.gemm(out, false, cols, w, mm, true)
+    dev.gemm(out, false, cols, w, mm, bias.is_some())
 }
 
 /// Gradients of [`conv1d_forward`]: `dx += …` (bf16), `dw += …` and `dbias += …` (f32). `cols` must still hold
 /// the forward's im2col of x; `dcols` is f32 scratch of [`conv1d_dcols_bytes`].
 pub fn conv1d_backward<D: KernelDevice>(
     dev: &D,
-    dx: &dyn DeviceBuffer,
+    dx_and_dcols: Option<(&dyn DeviceBuffer, &dyn DeviceBuffer)>,
     dw: &dyn DeviceBuffer,
-    dbias: &dyn DeviceBuffer,
-    dcols: &dyn DeviceBuffer,
+    dbias: Option<&dyn DeviceBuffer>,
     cols: &dyn DeviceBuffer,
     dout: &dyn DeviceBuffer,
     w: &dyn DeviceBuffer,
     d: Conv1dDims,
 ) -> Result<()> {
     let rows = d.batch * d.len;
-    check_bf16("conv1d_backward", "dx", dx, rows * d.c_in)?;
     check_bf16("conv1d_backward", "dout", dout, rows * d.c_out)?;
     check_len(
         "conv1d_backward",
@@ -960,46 +980,51 @@ pub fn conv1d_backward<D: KernelDevice>(
         dw.len_bytes(),
         d.c_out * d.c_in * d.width * F32,
     )?;
-    check_len(
-        "conv1d_backward",
-        "dbias (bytes)",
-        dbias.len_bytes(),
-        d.c_out * F32,
-    )?;
-    check_len(
-        "conv1d_backward",
-        "dcols (bytes)",
-        dcols.len_bytes(),
-        conv1d_dcols_bytes(&d),
-    )?;
+    if let Some(dbias) = dbias {
+        check_len(
+            "conv1d_backward",
+            "dbias (bytes)",
+            dbias.len_bytes(),
+            d.c_out * F32,
+        )?;
+    }
     let kk = d.c_in * d.width;
-    // dcols stays f32, so dx is rounded to bf16 once, after col2im's sum.
-    dev.gemm(
-        dcols,
-        true,
-        dout,
-        w,
-        MatmulDims {
-            batch: 1,
-            m: rows,
-            n: kk,
-            k: d.c_out,
-            trans_a: false,
-            trans_b: false,
-        },
-        false,
-    )?;
     let geo = [
         Arg::I32(d.batch as i32),
         Arg::I32(d.len as i32),
         Arg::I32(d.c_in as i32),
         Arg::I32(d.width as i32),
     ];
-    dev.launch(
-        "col2im_bf16",
-        elementwise_config(rows * d.c_in),
-        &[&[ptr(dx), ptr(dcols)][..], &geo].concat(),
-    )?;
+    if let Some((dx, dcols)) = dx_and_dcols {
+        check_bf16("conv1d_backward", "dx", dx, rows * d.c_in)?;
+        check_len(
+            "conv1d_backward",
+            "dcols (bytes)",
+            dcols.len_bytes(),
+            conv1d_dcols_bytes(&d),
+        )?;
+        // dcols stays f32, so dx is rounded to bf16 once, after col2im's sum.
+        dev.gemm(
+            dcols,
+            true,
+            dout,
+            w,
+            MatmulDims {
+                batch: 1,
+                m: rows,
+                n: kk,
+                k: d.c_out,
+                trans_a: false,
+                trans_b: false,
+            },
+            false,
+        )?;
+        dev.launch(
+            "col2im_bf16",
+            elementwise_config(rows * d.c_in),
+            &[&[ptr(dx), ptr(dcols)][..], &geo].concat(),
+        )?;
+    }
     dev.gemm(
         dw,
         true,
@@ -1015,16 +1040,10 @@ pub fn conv1d_backward<D: KernelDevice>(
         },
         true,
     )?;
-    dev.launch(
-        "column_sum_bf16_f32",
-        LaunchConfig::linear(d.c_out.div_ceil(128) as u32, 128, 0),
-        &[
-            ptr(dbias),
-            ptr(dout),
-            Arg::I64(rows as i64),
-            Arg::I32(d.c_out as i32),
-        ],
-    )
+    match dbias {
+        Some(dbias) => column_sum(dev, dbias, dout, rows, d.c_out),
+        None => Ok(()),
+    }
 }
 
 /// Batch statistics per channel (biased variance) of `x [rows, channels]`, for training-mode batchnorm.
@@ -1210,10 +1229,17 @@ pub fn attention_pool_backward<D: KernelDevice>(
     x: &dyn DeviceBuffer,
     w: &dyn DeviceBuffer,
     logits: &dyn DeviceBuffer,
+    acc: &dyn DeviceBuffer,
     d: PoolDims,
 ) -> Result<()> {
     let rows = d.batch * d.len;
     check_bf16("attention_pool_backward", "dx", dx, rows * d.channels)?;
+    check_len(
+        "attention_pool_backward",
+        "acc (bytes)",
+        acc.len_bytes(),
+        rows * d.channels * F32,
+    )?;
     check_bf16(
         "attention_pool_backward",
         "dlogits_hi",
@@ -1248,11 +1274,10 @@ pub fn attention_pool_backward<D: KernelDevice>(
         elementwise_config(d.batch * d.out_len() * d.channels),
         &args,
     )?;
-    // dx += dlogits·W summed in f32 before the single rounding: stage it in an f32 buffer.
-    let acc = dev.alloc_zeroed(rows * d.channels * F32)?;
-    for part in [dlogits_hi, dlogits_lo] {
+    // dx += dlogits·W summed in f32 before the single rounding: staged in the f32 `acc` (overwritten).
+    for (i, part) in [dlogits_hi, dlogits_lo].into_iter().enumerate() {
         dev.gemm(
-            &acc,
+            acc,
             true,
             part,
             w,
@@ -1264,7 +1289,7 @@ pub fn attention_pool_backward<D: KernelDevice>(
                 trans_a: false,
                 trans_b: false,
             },
-            true,
+            i > 0,
         )?;
         dev.gemm(
             dw,
@@ -1285,7 +1310,7 @@ pub fn attention_pool_backward<D: KernelDevice>(
     dev.launch(
         "add_f32_to_bf16",
         elementwise_config(rows * d.channels),
-        &[ptr(dx), ptr(&acc), Arg::I64((rows * d.channels) as i64)],
+        &[ptr(dx), ptr(acc), Arg::I64((rows * d.channels) as i64)],
     )
 }
 
@@ -1590,5 +1615,51 @@ pub fn column_sum<D: KernelDevice>(
             Arg::I64(rows as i64),
             Arg::I32(cols as i32),
         ],
+    )
+}
+
+/// Gradients of [`relative_logits`], added into bf16 `dq_pos [B, n, H, dk]` and `drel_k [2n−1, H, dk]` from
+/// the f32 `dbias [B, H, n, n]`.
+pub fn relative_logits_backward<D: KernelDevice>(
+    dev: &D,
+    dq_pos: &dyn DeviceBuffer,
+    drel_k: &dyn DeviceBuffer,
+    dbias: &dyn DeviceBuffer,
+    q_pos: &dyn DeviceBuffer,
+    rel_k: &dyn DeviceBuffer,
+    batch: usize,
+    heads: usize,
+    n: usize,
+    dk: usize,
+) -> Result<()> {
+    const OP: &str = "relative_logits_backward";
+    if n == 0 {
+        return Err(crate::Error::invalid(OP, "empty sequence"));
+    }
+    check_bf16(OP, "dq_pos", dq_pos, batch * n * heads * dk)?;
+    check_bf16(OP, "q_pos", q_pos, batch * n * heads * dk)?;
+    check_bf16(OP, "drel_k", drel_k, (2 * n - 1) * heads * dk)?;
+    check_bf16(OP, "rel_k", rel_k, (2 * n - 1) * heads * dk)?;
+    check_len(
+        OP,
+        "dbias (bytes)",
+        dbias.len_bytes(),
+        batch * heads * n * n * F32,
+    )?;
+    let geo = [
+        Arg::I32(batch as i32),
+        Arg::I32(heads as i32),
+        Arg::I32(n as i32),
+        Arg::I32(dk as i32),
+    ];
+    dev.launch(
+        "relative_logits_backward_q_bf16",
+        elementwise_config(batch * n * heads * dk),
+        &[&[ptr(dq_pos), ptr(dbias), ptr(rel_k)][..], &geo].concat(),
+    )?;
+    dev.launch(
+        "relative_logits_backward_k_bf16",
+        elementwise_config((2 * n - 1) * heads * dk),
+        &[&[ptr(drel_k), ptr(dbias), ptr(q_pos)][..], &geo].concat(),
     )
 }

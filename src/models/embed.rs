@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::config::{EnformerConfig, EsmConfig};
-use super::enformer::{EnformerNames, EnformerTrunk};
+use super::enformer::{BatchNormMode, EnformerActivations, EnformerNames, EnformerTrunk};
 use super::tokenizers::{dna_one_hot, Tokenizer};
 use super::transformer::{EncoderActivations, TransformerConfig, TransformerEncoder};
 use super::weights::{ModelParams, Prefixes, WeightFile};
@@ -94,12 +94,6 @@ enum Network {
     Enformer(EnformerTrunk),
 }
 
-/// The Enformer trunk uploaded to a GPU-path device.
-enum DeviceNet {
-    EmuEnformer(Box<crate::gpu::enformer::DeviceEnformer<crate::gpu::emulator::EmuDevice>>),
-    CudaEnformer(Box<crate::gpu::enformer::DeviceEnformer<crate::gpu::cuda::CudaDevice>>),
-}
-
 /// A model's state on one backend: the backend, the parameters uploaded to it (none on the CPU, which
 /// reads the host parameters in place, mapped from the weight file when they are f32), and activations
 /// kept between batches so that equal shapes reuse their memory.
@@ -107,6 +101,7 @@ struct Placement<B: Backend> {
     backend: B,
     params: Option<ParamSet<B>>,
     acts: std::sync::Mutex<EncoderActivations<B>>,
+    enformer_acts: std::sync::Mutex<EnformerActivations<B>>,
 }
 
 enum Placed {
@@ -131,6 +126,7 @@ impl<B: Backend> Placement<B> {
             backend,
             params,
             acts: std::sync::Mutex::new(EncoderActivations::default()),
+            enformer_acts: std::sync::Mutex::new(EnformerActivations::default()),
         })
     }
 
@@ -158,6 +154,32 @@ impl<B: Backend> Placement<B> {
         encoder.forward(&self.backend, views, ids, lens, len, &mut acts, false)?;
         self.backend.read_f32(acts.hidden()?)
     }
+
+    /// The Enformer embeddings `[batch, bins, 2·dim]` on this backend, as f32, and the number of bins.
+    fn enformer_embeddings(
+        &self,
+        trunk: &EnformerTrunk,
+        views: &[View<'_, B>],
+        one_hot: &[f32],
+        batch: usize,
+        len: usize,
+    ) -> Result<(Vec<f32>, usize)> {
+        let mut acts = self
+            .enformer_acts
+            .lock()
+            .map_err(|_| Error::invalid("embed", "activations poisoned by an earlier panic"))?;
+        trunk.forward(
+            &self.backend,
+            views,
+            one_hot,
+            batch,
+            len,
+            &mut acts,
+            false,
+            BatchNormMode::Eval,
+        )?;
+        Ok((self.backend.read_f32(acts.embeddings()?)?, acts.out_len))
+    }
 }
 
 pub struct Embedder {
@@ -165,7 +187,6 @@ pub struct Embedder {
     network: Network,
     params: ModelParams,
     placed: Placed,
-    device_net: Option<DeviceNet>,
     /// Token budget per sequence, special tokens included (transformers).
     pub max_tokens: usize,
 }
@@ -254,7 +275,6 @@ impl Embedder {
             network,
             params,
             placed,
-            device_net: None,
             max_tokens: 2048,
         })
     }
@@ -278,22 +298,12 @@ impl Embedder {
     /// Runs the model on `device` from now on: the CPU (f32), or the emulator or a GPU, with the weights
     /// uploaded as bf16 and the GPU kernels.
     pub fn to_device(&mut self, device: crate::Device) -> Result<()> {
-        use crate::gpu::enformer::DeviceEnformer;
         let params = &self.params;
         let upload = device != crate::Device::Cpu;
         self.placed = match AnyBackend::open(device)? {
             AnyBackend::Cpu(b) => Placed::Cpu(Placement::new(b, params, upload)?),
             AnyBackend::Emu(b) => Placed::Emu(Placement::new(b, params, upload)?),
             AnyBackend::Cuda(b) => Placed::Cuda(Placement::new(b, params, upload)?),
-        };
-        self.device_net = match (&self.network, device) {
-            (Network::Enformer(trunk), crate::Device::Emulator) => Some(DeviceNet::EmuEnformer(
-                Box::new(DeviceEnformer::upload(EmuDevice::default(), trunk, params)?),
-            )),
-            (Network::Enformer(trunk), crate::Device::Cuda(i)) => Some(DeviceNet::CudaEnformer(
-                Box::new(DeviceEnformer::upload(CudaDevice::new(i)?, trunk, params)?),
-            )),
-            _ => None,
         };
         Ok(())
     }
@@ -374,14 +384,23 @@ impl Embedder {
                     dna_one_hot(s.as_bytes(), &mut row);
                     one_hot.extend_from_slice(&row);
                 }
-                let (embeddings, bins) = match &self.device_net {
-                    Some(DeviceNet::EmuEnformer(d)) => d.forward(&one_hot, seqs.len(), len)?,
-                    Some(DeviceNet::CudaEnformer(d)) => d.forward(&one_hot, seqs.len(), len)?,
-                    _ => {
-                        let acts = trunk.forward(&self.params, &one_hot, seqs.len(), len, false)?;
-                        (acts.embeddings, acts.out_len)
+                let batch = seqs.len();
+                let (embeddings, bins) = match &self.placed {
+                    // The CPU reads the host parameters in place.
+                    Placed::Cpu(p) => p.enformer_embeddings(
+                        trunk,
+                        &host_views(&self.params),
+                        &one_hot,
+                        batch,
+                        len,
+                    ),
+                    Placed::Emu(p) => {
+                        p.enformer_embeddings(trunk, &p.views()?, &one_hot, batch, len)
                     }
-                };
+                    Placed::Cuda(p) => {
+                        p.enformer_embeddings(trunk, &p.views()?, &one_hot, batch, len)
+                    }
+                }?;
                 Ok((0..seqs.len())
                     .map(|b| {
                         let rows = &embeddings[b * bins * h..(b + 1) * bins * h];

@@ -368,7 +368,7 @@ pub fn linear_backward(
 
 /// `acc[j] += Σ_i m[i, j]` for a row-major `m` with `cols` columns; parallel over column blocks, so the
 /// summation order (hence the result) does not depend on the thread count.
-pub(crate) fn sum_rows_into(acc: &mut [f32], m: &[f32], cols: usize) {
+pub fn sum_rows_into(acc: &mut [f32], m: &[f32], cols: usize) {
     const BLOCK: usize = 64;
     acc.par_chunks_mut(BLOCK)
         .enumerate()

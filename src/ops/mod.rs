@@ -21,6 +21,7 @@ pub mod matmul;
 pub mod norm;
 pub mod optim;
 pub mod pool;
+pub mod relative;
 pub mod rotary;
 pub(crate) mod simd;
 pub mod softmax;

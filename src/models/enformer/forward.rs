@@ -1,0 +1,797 @@
+//! The Enformer trunk's forward over the backend trait, and the activations it keeps.
+//!
+//! Memory: the tensors between modules ("streams") are numbered in forward order. With `keep` (training,
+//! gradient checks) each has its own tensor, as does every module's saved state. For inference they
+//! rotate through three tensors (stream i is only read while streams i+1 and i+2 are made), and every
+//! module of a kind shares one set of buffers, so the peak is a few tensors of the stem's size rather than
+//! the whole network's activations. Either way the tensors are planned on the first call of a shape and
+//! reused after it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::{crop_range, AttnLayer, ConvBlock, EnformerTrunk, BN_EPS, LN_EPS};
+use crate::backend::{
+    Act, AttentionDims, Backend, BatchNormStats, Conv1dDims, LinearDims, PoolDims, Role, Tensor,
+    View, ViewMut,
+};
+use crate::{Error, Result};
+
+/// Which statistics the batchnorms use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchNormMode {
+    /// The running statistics (inference, frozen fine-tuning).
+    Eval,
+    /// The batch's own statistics (training); [`EnformerTrunk::update_running_stats`] then folds them
+    /// into the running ones.
+    Train,
+}
+
+/// A ConvBlock's saved state; its input and output are streams (or the shared temporary).
+pub(super) struct ConvBlockActs<B: Backend> {
+    pub normed: Tensor<B>,
+    pub mean: Tensor<B>,
+    pub var: Tensor<B>,
+    pub gelu: Tensor<B>,
+    /// Rows of the latest forward (for the running-statistics update).
+    pub rows: usize,
+}
+
+/// One transformer layer's saved state.
+pub(super) struct AttnActs<B: Backend> {
+    pub ln1: Tensor<B>,
+    pub mean1: Tensor<B>,
+    pub rstd1: Tensor<B>,
+    /// `q·dk^−½`.
+    pub q: Tensor<B>,
+    pub q_content: Tensor<B>,
+    pub q_pos: Tensor<B>,
+    pub k: Tensor<B>,
+    pub v: Tensor<B>,
+    /// `R = P·W_rᵀ`, `[2n−1, H·dk]`.
+    pub rel_k: Tensor<B>,
+    /// Relative-position logits `[B, H, n, n]` (f32).
+    pub bias: Tensor<B>,
+    pub attn: Tensor<B>,
+    pub lse: Tensor<B>,
+    pub ln2: Tensor<B>,
+    pub mean2: Tensor<B>,
+    pub rstd2: Tensor<B>,
+    pub ff_pre: Tensor<B>,
+    pub ff_act: Tensor<B>,
+}
+
+/// Where each stream of the latest forward lives (indices into `streams`).
+#[derive(Default, Clone)]
+pub(super) struct Trace {
+    pub stem_x0: usize,
+    pub stem_r: usize,
+    /// Per tower level: (input, y = ConvBlock₅ output, z = y + ConvBlock₁(y), pooled).
+    pub tower: Vec<(usize, usize, usize, usize)>,
+    /// Per layer: (input, mid, output).
+    pub layers: Vec<(usize, usize, usize)>,
+    pub cropped: usize,
+    pub pre: usize,
+    pub emb: usize,
+}
+
+/// Activations of the latest forward on backend `B`.
+pub struct EnformerActivations<B: Backend> {
+    pub(super) batch: usize,
+    pub(super) seq_len: usize,
+    pub(super) keep: bool,
+    pub(super) mode: BatchNormMode,
+    /// Transformer length n and output bins T.
+    pub transformer_len: usize,
+    pub out_len: usize,
+    pub(super) input: Option<Tensor<B>>,
+    pub(super) streams: Vec<Tensor<B>>,
+    /// Outputs of residual convolutions, projections and FFNs, read once right after.
+    pub(super) temp: Option<Tensor<B>>,
+    pub(super) blocks: Vec<ConvBlockActs<B>>,
+    pub(super) pool_logits: Vec<Tensor<B>>,
+    pub(super) layers: Vec<AttnActs<B>>,
+    /// `dk^−½` per row (f32), the query scale.
+    pub(super) q_scale: Option<Tensor<B>>,
+    pub(super) positions: Option<Tensor<B>>,
+    positions_src: Option<Arc<Vec<f32>>>,
+    heads: HashMap<String, Tensor<B>>,
+    pub(super) trace: Trace,
+    pub(super) backward: Option<super::backward::Grads<B>>,
+}
+
+impl<B: Backend> Default for EnformerActivations<B> {
+    fn default() -> Self {
+        EnformerActivations {
+            batch: 0,
+            seq_len: 0,
+            keep: false,
+            mode: BatchNormMode::Eval,
+            transformer_len: 0,
+            out_len: 0,
+            input: None,
+            streams: Vec::new(),
+            temp: None,
+            blocks: Vec::new(),
+            pool_logits: Vec::new(),
+            layers: Vec::new(),
+            q_scale: None,
+            positions: None,
+            positions_src: None,
+            heads: HashMap::new(),
+            trace: Trace::default(),
+            backward: None,
+        }
+    }
+}
+
+/// Makes `slot` hold a tensor of `numel` elements of `role`, allocating only when it must.
+pub(super) fn ensure<B: Backend>(
+    b: &B,
+    slot: &mut Option<Tensor<B>>,
+    role: Role,
+    numel: usize,
+) -> Result<()> {
+    match slot {
+        Some(t) => t.ensure(b, role, numel),
+        None => {
+            *slot = Some(Tensor::new(b, role, numel)?);
+            Ok(())
+        }
+    }
+}
+
+/// The same for an element of a growing list.
+pub(super) fn ensure_at<B: Backend>(
+    b: &B,
+    list: &mut Vec<Tensor<B>>,
+    i: usize,
+    role: Role,
+    numel: usize,
+) -> Result<()> {
+    if i == list.len() {
+        list.push(Tensor::new(b, role, numel)?);
+        Ok(())
+    } else {
+        list[i].ensure(b, role, numel)
+    }
+}
+
+impl<B: Backend> ConvBlockActs<B> {
+    fn new(b: &B, rows: usize, c: usize) -> Result<Self> {
+        Ok(ConvBlockActs {
+            normed: Tensor::new(b, Role::Activation, rows * c)?,
+            mean: Tensor::new(b, Role::Exact, c)?,
+            var: Tensor::new(b, Role::Exact, c)?,
+            gelu: Tensor::new(b, Role::Activation, rows * c)?,
+            rows,
+        })
+    }
+
+    fn ensure(&mut self, b: &B, rows: usize, c: usize) -> Result<()> {
+        self.normed.ensure(b, Role::Activation, rows * c)?;
+        self.mean.ensure(b, Role::Exact, c)?;
+        self.var.ensure(b, Role::Exact, c)?;
+        self.gelu.ensure(b, Role::Activation, rows * c)?;
+        self.rows = rows;
+        Ok(())
+    }
+}
+
+impl<B: Backend> AttnActs<B> {
+    fn new(b: &B, t: &EnformerTrunk, batch: usize, n: usize) -> Result<Self> {
+        let (dim, heads, dk) = (t.cfg.dim, t.cfg.heads, t.cfg.attn_dim_key);
+        let (rows, hk) = (batch * n, heads * dk);
+        let a = |numel: usize| Tensor::new(b, Role::Activation, numel);
+        let e = |numel: usize| Tensor::new(b, Role::Exact, numel);
+        Ok(AttnActs {
+            ln1: a(rows * dim)?,
+            mean1: e(rows)?,
+            rstd1: e(rows)?,
+            q: a(rows * hk)?,
+            q_content: a(rows * hk)?,
+            q_pos: a(rows * hk)?,
+            k: a(rows * hk)?,
+            v: a(rows * dim)?,
+            rel_k: a((2 * n - 1) * hk)?,
+            bias: e(batch * heads * n * n)?,
+            attn: a(rows * dim)?,
+            lse: e(batch * heads * n)?,
+            ln2: a(rows * dim)?,
+            mean2: e(rows)?,
+            rstd2: e(rows)?,
+            ff_pre: a(rows * 2 * dim)?,
+            ff_act: a(rows * 2 * dim)?,
+        })
+    }
+}
+
+impl<B: Backend> EnformerActivations<B> {
+    /// The embeddings `[B, T, 2·dim]` of the latest forward.
+    pub fn embeddings(&self) -> Result<View<'_, B>> {
+        self.streams
+            .get(self.trace.emb)
+            .filter(|_| self.out_len > 0)
+            .map(|t| t.view())
+            .ok_or_else(|| Error::invalid("enformer", "no forward has run"))
+    }
+
+    /// Output head `name` (`[B, T, width]`, softplus), when the trunk has it.
+    pub fn head(&self, name: &str) -> Option<View<'_, B>> {
+        self.heads.get(name).map(|t| t.view())
+    }
+
+    /// Stream `i` of this forward: its own tensor when keeping activations, else one of three.
+    fn stream(&mut self, b: &B, i: usize, numel: usize) -> Result<usize> {
+        let slot = if self.keep { i } else { i % 3 };
+        ensure_at(b, &mut self.streams, slot, Role::Activation, numel)?;
+        Ok(slot)
+    }
+
+    fn block(&mut self, b: &B, i: usize, rows: usize, c: usize) -> Result<usize> {
+        let slot = if self.keep { i } else { 0 };
+        if slot == self.blocks.len() {
+            self.blocks.push(ConvBlockActs::new(b, rows, c)?);
+        } else {
+            self.blocks[slot].ensure(b, rows, c)?;
+        }
+        Ok(slot)
+    }
+
+    fn pool(&mut self, b: &B, i: usize, numel: usize) -> Result<usize> {
+        let slot = if self.keep { i } else { 0 };
+        ensure_at(b, &mut self.pool_logits, slot, Role::Exact, numel)?;
+        Ok(slot)
+    }
+}
+
+/// `out = conv(GELUσ(BN(x)))`, saving BN's statistics and both intermediates in `blk`.
+pub(super) fn conv_block<B: Backend>(
+    b: &B,
+    p: &[View<'_, B>],
+    cb: &ConvBlock,
+    blk: &mut ConvBlockActs<B>,
+    x: View<'_, B>,
+    out: ViewMut<'_, B>,
+    batch: usize,
+    len: usize,
+    mode: BatchNormMode,
+) -> Result<()> {
+    let stats = match mode {
+        BatchNormMode::Eval => BatchNormStats::Running {
+            mean: p[cb.bn[2]],
+            var: p[cb.bn[3]],
+        },
+        BatchNormMode::Train => BatchNormStats::Batch,
+    };
+    b.batchnorm(
+        blk.normed.view_mut(),
+        blk.mean.view_mut(),
+        blk.var.view_mut(),
+        x,
+        p[cb.bn[0]],
+        p[cb.bn[1]],
+        stats,
+        BN_EPS,
+    )?;
+    b.activation(blk.gelu.view_mut(), blk.normed.view(), Act::GeluSigmoid)?;
+    b.conv1d(
+        out,
+        blk.gelu.view(),
+        p[cb.conv_w],
+        Some(p[cb.conv_b]),
+        &cb.dims(batch, len),
+    )
+}
+
+impl ConvBlock {
+    pub(super) fn dims(&self, batch: usize, len: usize) -> Conv1dDims {
+        Conv1dDims {
+            batch,
+            len,
+            c_in: self.c_in,
+            c_out: self.c_out,
+            width: self.width,
+        }
+    }
+}
+
+impl EnformerTrunk {
+    /// Checks the input geometry: `(transformer length n, output bins T)`.
+    pub(super) fn geometry(&self, batch: usize, seq_len: usize) -> Result<(usize, usize)> {
+        let ds = self.downsample();
+        if batch == 0 {
+            return Err(Error::invalid("enformer", "empty batch"));
+        }
+        if seq_len % ds != 0 || seq_len / ds < self.cfg.target_length {
+            return Err(Error::invalid(
+                "DNA length",
+                format!(
+                    "{seq_len} bp: Enformer needs a multiple of {ds} giving at least {} bins ({} bp)",
+                    self.cfg.target_length,
+                    ds * self.cfg.target_length
+                ),
+            ));
+        }
+        let n = seq_len / ds;
+        Ok((n, crop_range(n, self.cfg.target_length).1))
+    }
+
+    /// Forward on one-hot DNA `[batch, seq_len, 4]` with parameters `p` (one view per layout entry).
+    /// With `keep`, saves what [`Self::backward`] needs. `mode` picks the batchnorm statistics.
+    pub fn forward<B: Backend>(
+        &self,
+        b: &B,
+        p: &[View<'_, B>],
+        one_hot: &[f32],
+        batch: usize,
+        seq_len: usize,
+        acts: &mut EnformerActivations<B>,
+        keep: bool,
+        mode: BatchNormMode,
+    ) -> Result<()> {
+        if p.len() != self.layout.entries().len() {
+            return Err(Error::shape(
+                "enformer",
+                format!(
+                    "{} parameter views for a layout of {}",
+                    p.len(),
+                    self.layout.entries().len()
+                ),
+            ));
+        }
+        if one_hot.len() != batch * seq_len * 4 {
+            return Err(Error::shape(
+                "enformer",
+                format!(
+                    "{} values for one-hot [{batch}, {seq_len}, 4]",
+                    one_hot.len()
+                ),
+            ));
+        }
+        let (n, out_len) = self.geometry(batch, seq_len)?;
+        let reshaped = acts.batch != batch || acts.seq_len != seq_len || acts.keep != keep;
+        if reshaped {
+            // A new shape is planned afresh; buffers of the old one go.
+            *acts = EnformerActivations::default();
+        }
+        acts.batch = batch;
+        acts.seq_len = seq_len;
+        acts.keep = keep;
+        acts.mode = mode;
+        acts.transformer_len = n;
+        acts.out_len = out_len;
+        acts.trace = Trace::default();
+        let (dim, half) = (self.cfg.dim, self.cfg.dim / 2);
+
+        ensure(b, &mut acts.input, Role::Activation, one_hot.len())?;
+        b.write_f32(acts.input.as_mut().expect("ensured").view_mut(), one_hot)?;
+        let max_rows_c = batch * seq_len * half;
+        ensure(b, &mut acts.temp, Role::Activation, max_rows_c)?;
+
+        // Stem: x0 = conv15(one-hot); r = x0 + ConvBlock₁(x0); pooled = AttentionPool(r).
+        let mut len = seq_len;
+        let mut next = 0usize;
+        let x0 = acts.stream(b, next, batch * len * half)?;
+        next += 1;
+        b.conv1d(
+            acts.streams[x0].view_mut(),
+            acts.input.as_ref().expect("ensured").view(),
+            p[self.stem_conv.0],
+            Some(p[self.stem_conv.1]),
+            &Conv1dDims {
+                batch,
+                len,
+                c_in: 4,
+                c_out: half,
+                width: 15,
+            },
+        )?;
+        let mut block = 0usize;
+        let bi = acts.block(b, block, batch * len, half)?;
+        block += 1;
+        self.residual_block(b, p, acts, &self.stem_residual, bi, x0, batch, len, mode)?;
+        let r = acts.stream(b, next, batch * len * half)?;
+        next += 1;
+        self.add_temp(b, acts, r, x0, batch * len * half)?;
+        let mut pooled = acts.stream(b, next, batch * len.div_ceil(2) * half)?;
+        next += 1;
+        self.pool(b, p, acts, 0, self.stem_pool, r, pooled, batch, len, half)?;
+        acts.trace.stem_x0 = x0;
+        acts.trace.stem_r = r;
+        len /= 2;
+
+        // Tower: y = ConvBlock₅(x); z = y + ConvBlock₁(y); pooled = AttentionPool(z).
+        for (t, tb) in self.tower.iter().enumerate() {
+            let x_in = pooled;
+            let c = tb.channels;
+            let y = acts.stream(b, next, batch * len * c)?;
+            next += 1;
+            let bi = acts.block(b, block, batch * len, tb.conv.c_in)?;
+            block += 1;
+            {
+                let [xs, ys] = acts
+                    .streams
+                    .get_disjoint_mut([x_in, y])
+                    .map_err(|_| Error::invalid("enformer", "stream plan overlaps"))?;
+                conv_block(
+                    b,
+                    p,
+                    &tb.conv,
+                    &mut acts.blocks[bi],
+                    xs.view(),
+                    ys.view_mut(),
+                    batch,
+                    len,
+                    mode,
+                )?;
+            }
+            let bi = acts.block(b, block, batch * len, c)?;
+            block += 1;
+            self.residual_block(b, p, acts, &tb.residual, bi, y, batch, len, mode)?;
+            let z = acts.stream(b, next, batch * len * c)?;
+            next += 1;
+            self.add_temp(b, acts, z, y, batch * len * c)?;
+            pooled = acts.stream(b, next, batch * len.div_ceil(2) * c)?;
+            next += 1;
+            self.pool(b, p, acts, t + 1, tb.pool, z, pooled, batch, len, c)?;
+            acts.trace.tower.push((x_in, y, z, pooled));
+            len /= 2;
+        }
+
+        // Transformer.
+        self.prepare_attention(b, acts, batch, n)?;
+        let mut x = pooled;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let mid = acts.stream(b, next, batch * n * dim)?;
+            let out = acts.stream(b, next + 1, batch * n * dim)?;
+            next += 2;
+            let slot = if keep { l } else { 0 };
+            if slot == acts.layers.len() {
+                acts.layers.push(AttnActs::new(b, self, batch, n)?);
+            }
+            self.attention_layer(b, p, acts, layer, slot, x, mid, out, batch, n)?;
+            acts.trace.layers.push((x, mid, out));
+            x = out;
+        }
+
+        // Crop to the target bins, final pointwise block, GELU.
+        let (start, _) = crop_range(n, self.cfg.target_length);
+        let cropped = acts.stream(b, next, batch * out_len * dim)?;
+        next += 1;
+        {
+            let [src, dst] = acts
+                .streams
+                .get_disjoint_mut([x, cropped])
+                .map_err(|_| Error::invalid("enformer", "stream plan overlaps"))?;
+            let (src, mut dst) = (src.view(), dst.view_mut());
+            for bb in 0..batch {
+                b.copy(
+                    dst.rb().slice_mut(bb * out_len * dim, out_len * dim)?,
+                    src.slice((bb * n + start) * dim, out_len * dim)?,
+                )?;
+            }
+        }
+        let pre = acts.stream(b, next, batch * out_len * 2 * dim)?;
+        let emb = acts.stream(b, next + 1, batch * out_len * 2 * dim)?;
+        let bi = acts.block(b, block, batch * out_len, dim)?;
+        {
+            let [cs, ps] = acts
+                .streams
+                .get_disjoint_mut([cropped, pre])
+                .map_err(|_| Error::invalid("enformer", "stream plan overlaps"))?;
+            conv_block(
+                b,
+                p,
+                &self.final_block,
+                &mut acts.blocks[bi],
+                cs.view(),
+                ps.view_mut(),
+                batch,
+                out_len,
+                mode,
+            )?;
+        }
+        {
+            let [ps, es] = acts
+                .streams
+                .get_disjoint_mut([pre, emb])
+                .map_err(|_| Error::invalid("enformer", "stream plan overlaps"))?;
+            b.activation(es.view_mut(), ps.view(), Act::GeluSigmoid)?;
+        }
+        acts.trace.cropped = cropped;
+        acts.trace.pre = pre;
+        acts.trace.emb = emb;
+
+        // Heads: softplus(emb·Wᵀ + b).
+        for (name, w, bias, width) in &self.heads {
+            let rows = batch * out_len;
+            let temp = acts.temp.as_mut().expect("ensured");
+            temp.ensure(b, Role::Activation, rows * width)?;
+            b.linear(
+                temp.view_mut(),
+                acts.streams[emb].view(),
+                p[*w],
+                Some(p[*bias]),
+                LinearDims {
+                    rows,
+                    d_in: 2 * dim,
+                    d_out: *width,
+                },
+            )?;
+            let mut slot = acts.heads.remove(name);
+            ensure(b, &mut slot, Role::Activation, rows * width)?;
+            let head = slot.expect("ensured");
+            let mut head = head;
+            b.activation(
+                head.view_mut(),
+                acts.temp.as_ref().expect("ensured").view(),
+                Act::Softplus,
+            )?;
+            acts.heads.insert(name.clone(), head);
+        }
+        Ok(())
+    }
+
+    /// `temp = ConvBlock(stream x)` with block slot `bi`.
+    fn residual_block<B: Backend>(
+        &self,
+        b: &B,
+        p: &[View<'_, B>],
+        acts: &mut EnformerActivations<B>,
+        cb: &ConvBlock,
+        bi: usize,
+        x: usize,
+        batch: usize,
+        len: usize,
+        mode: BatchNormMode,
+    ) -> Result<()> {
+        let temp = acts.temp.as_mut().expect("planned");
+        temp.ensure(b, Role::Activation, batch * len * cb.c_out)?;
+        conv_block(
+            b,
+            p,
+            cb,
+            &mut acts.blocks[bi],
+            acts.streams[x].view(),
+            temp.view_mut(),
+            batch,
+            len,
+            mode,
+        )
+    }
+
+    /// `stream out = stream x + temp`.
+    fn add_temp<B: Backend>(
+        &self,
+        b: &B,
+        acts: &mut EnformerActivations<B>,
+        out: usize,
+        x: usize,
+        numel: usize,
+    ) -> Result<()> {
+        let temp = acts.temp.as_ref().expect("planned");
+        let [o, xs] = acts
+            .streams
+            .get_disjoint_mut([out, x])
+            .map_err(|_| Error::invalid("enformer", "stream plan overlaps"))?;
+        if temp.numel() != numel {
+            return Err(Error::shape("enformer", "residual sizes differ"));
+        }
+        b.add(o.view_mut(), xs.view(), temp.view())
+    }
+
+    /// `stream out = AttentionPool(stream x)`, logits in pool slot `i`.
+    fn pool<B: Backend>(
+        &self,
+        b: &B,
+        p: &[View<'_, B>],
+        acts: &mut EnformerActivations<B>,
+        i: usize,
+        w: usize,
+        x: usize,
+        out: usize,
+        batch: usize,
+        len: usize,
+        channels: usize,
+    ) -> Result<()> {
+        let pi = acts.pool(b, i, batch * len * channels)?;
+        let [xs, os] = acts
+            .streams
+            .get_disjoint_mut([x, out])
+            .map_err(|_| Error::invalid("enformer", "stream plan overlaps"))?;
+        b.attention_pool(
+            os.view_mut(),
+            acts.pool_logits[pi].view_mut(),
+            xs.view(),
+            p[w],
+            &PoolDims {
+                batch,
+                len,
+                channels,
+            },
+        )
+    }
+
+    /// The positional features for length `n` (uploaded when they change) and the query scale.
+    fn prepare_attention<B: Backend>(
+        &self,
+        b: &B,
+        acts: &mut EnformerActivations<B>,
+        batch: usize,
+        n: usize,
+    ) -> Result<()> {
+        let table = self.positional_table(n)?;
+        let fresh = acts
+            .positions_src
+            .as_ref()
+            .is_some_and(|old| Arc::ptr_eq(old, &table) || **old == *table);
+        if !fresh {
+            ensure(b, &mut acts.positions, Role::Activation, table.len())?;
+            b.write_f32(acts.positions.as_mut().expect("ensured").view_mut(), &table)?;
+            acts.positions_src = Some(table);
+        }
+        let rows = batch * n;
+        let scale = (self.cfg.attn_dim_key as f32).powf(-0.5);
+        if acts.q_scale.as_ref().is_none_or(|t| t.numel() != rows) {
+            acts.q_scale = Some(Tensor::from_f32(b, Role::Exact, &vec![scale; rows])?);
+        }
+        Ok(())
+    }
+
+    /// One transformer layer: `mid = x + MHA_rel(LN(x))`, `out = mid + FFN(LN(mid))`.
+    fn attention_layer<B: Backend>(
+        &self,
+        b: &B,
+        p: &[View<'_, B>],
+        acts: &mut EnformerActivations<B>,
+        l: &AttnLayer,
+        slot: usize,
+        x: usize,
+        mid: usize,
+        out: usize,
+        batch: usize,
+        n: usize,
+    ) -> Result<()> {
+        let (dim, heads, dk) = (self.cfg.dim, self.cfg.heads, self.cfg.attn_dim_key);
+        let (rows, hk, rel) = (batch * n, heads * dk, dim / heads);
+        let lin = |d_in: usize, d_out: usize| LinearDims { rows, d_in, d_out };
+        let a = &mut acts.layers[slot];
+        let positions = acts.positions.as_ref().expect("prepared").view();
+        let q_scale = acts.q_scale.as_ref().expect("prepared").view();
+        let temp = acts.temp.as_mut().expect("planned");
+        let [xs, ms, os] = acts
+            .streams
+            .get_disjoint_mut([x, mid, out])
+            .map_err(|_| Error::invalid("enformer", "stream plan overlaps"))?;
+        let x_in = xs.view();
+        b.layernorm(
+            a.ln1.view_mut(),
+            a.mean1.view_mut(),
+            a.rstd1.view_mut(),
+            x_in,
+            p[l.ln1.0],
+            p[l.ln1.1],
+            LN_EPS,
+        )?;
+        b.linear(a.q.view_mut(), a.ln1.view(), p[l.q], None, lin(dim, hk))?;
+        b.scale_rows(a.q.view_mut(), q_scale)?;
+        b.copy(a.q_content.view_mut(), a.q.view())?;
+        b.add_row_bias(a.q_content.view_mut(), p[l.content_bias])?;
+        b.copy(a.q_pos.view_mut(), a.q.view())?;
+        b.add_row_bias(a.q_pos.view_mut(), p[l.pos_bias])?;
+        b.linear(a.k.view_mut(), a.ln1.view(), p[l.k], None, lin(dim, hk))?;
+        b.linear(a.v.view_mut(), a.ln1.view(), p[l.v], None, lin(dim, dim))?;
+        b.linear(
+            a.rel_k.view_mut(),
+            positions,
+            p[l.rel_k],
+            None,
+            LinearDims {
+                rows: 2 * n - 1,
+                d_in: rel,
+                d_out: hk,
+            },
+        )?;
+        b.relative_logits(
+            a.bias.view_mut(),
+            a.q_pos.view(),
+            a.rel_k.view(),
+            batch,
+            heads,
+            n,
+        )?;
+        let dims = self.attention_dims(batch, n);
+        b.attention(
+            a.attn.view_mut(),
+            a.lse.view_mut(),
+            a.q_content.view(),
+            a.k.view(),
+            a.v.view(),
+            None,
+            Some((a.bias.view(), true)),
+            &dims,
+        )?;
+        temp.ensure(b, Role::Activation, rows * dim)?;
+        b.linear(
+            temp.view_mut(),
+            a.attn.view(),
+            p[l.out.0],
+            Some(p[l.out.1]),
+            lin(dim, dim),
+        )?;
+        b.add(ms.view_mut(), x_in, temp.view())?;
+        b.layernorm(
+            a.ln2.view_mut(),
+            a.mean2.view_mut(),
+            a.rstd2.view_mut(),
+            ms.view(),
+            p[l.ln2.0],
+            p[l.ln2.1],
+            LN_EPS,
+        )?;
+        b.linear_act(
+            a.ff_pre.view_mut(),
+            a.ff_act.view_mut(),
+            a.ln2.view(),
+            p[l.ff1.0],
+            p[l.ff1.1],
+            Act::Relu,
+            lin(dim, 2 * dim),
+        )?;
+        b.linear(
+            temp.view_mut(),
+            a.ff_act.view(),
+            p[l.ff2.0],
+            Some(p[l.ff2.1]),
+            lin(2 * dim, dim),
+        )?;
+        b.add(os.view_mut(), ms.view(), temp.view())
+    }
+
+    pub(super) fn attention_dims(&self, batch: usize, n: usize) -> AttentionDims {
+        AttentionDims {
+            batch,
+            heads: self.cfg.heads,
+            q_len: n,
+            kv_len: n,
+            head_dim: self.cfg.attn_dim_key,
+            v_head_dim: self.cfg.dim / self.cfg.heads,
+            scale: 1.0,
+        }
+    }
+
+    /// After a training-mode forward (and its optimiser step): folds each batchnorm's batch statistics
+    /// into its running ones. `running` holds, per ConvBlock in forward order, mutable views of the running
+    /// mean and variance (see [`Self::running_stat_entries`]).
+    pub fn update_running_stats<B: Backend>(
+        &self,
+        b: &B,
+        acts: &EnformerActivations<B>,
+        running: &mut [(ViewMut<'_, B>, ViewMut<'_, B>)],
+    ) -> Result<()> {
+        if acts.mode != BatchNormMode::Train || !acts.keep {
+            return Err(Error::invalid(
+                "batchnorm running statistics",
+                "they are updated after a training-mode forward that kept its activations",
+            ));
+        }
+        if running.len() != acts.blocks.len() {
+            return Err(Error::shape(
+                "batchnorm running statistics",
+                "one (mean, var) pair per ConvBlock",
+            ));
+        }
+        for ((rm, rv), blk) in running.iter_mut().zip(&acts.blocks) {
+            b.batchnorm_running_update(
+                rm.rb(),
+                rv.rb(),
+                blk.mean.view(),
+                blk.var.view(),
+                blk.rows,
+                super::BN_MOMENTUM,
+            )?;
+        }
+        Ok(())
+    }
+}
