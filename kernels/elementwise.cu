@@ -3,8 +3,6 @@
 // act_forward_bf16(out, x, n, kind):      out = act(x)
 // act_backward_bf16(dx, dout, x, n, kind): dx += dout · act'(x)      (gradients accumulate, as on the CPU)
 //   kind: 0 = GELU (erf), 1 = GELU sigmoid x·σ(1.702x) (Enformer), 2 = ReLU, 3 = softplus (threshold 20).
-// bias_act_forward_bf16(pre, out, x, bias, rows, cols, kind): pre = x + bias (per column), out = act(pre);
-//   the fused bias + GELU of a linear layer; `pre` is kept for the backward.
 // swiglu_forward_bf16(out, u, rows, width):   out[r, j] = silu(u[r, j]) · u[r, width + j]
 // swiglu_backward_bf16(du, dout, u, rows, width): du += ∂/∂u (both halves)
 // add_bf16(out, a, b, n):                     out = a + b  (residual)
@@ -54,16 +52,6 @@ extern "C" __global__ void act_forward_bf16(bf16* __restrict__ out, const bf16* 
 extern "C" __global__ void act_backward_bf16(bf16* __restrict__ dx, const bf16* __restrict__ dout, const bf16* __restrict__ x,
                                              long long n, int kind) {
     GRID_STRIDE(i, n) dx[i] = to_bf16(to_f32(dx[i]) + to_f32(dout[i]) * act_df(to_f32(x[i]), kind));
-}
-
-extern "C" __global__ void bias_act_forward_bf16(bf16* __restrict__ pre, bf16* __restrict__ out, const bf16* __restrict__ x,
-                                                 const bf16* __restrict__ bias, long long rows, int cols, int kind) {
-    GRID_STRIDE(i, rows * cols) {
-        float p = to_f32(x[i]) + to_f32(bias[i % cols]);
-        bf16 pb = to_bf16(p);
-        pre[i] = pb;
-        out[i] = to_bf16(act_f(to_f32(pb), kind));
-    }
 }
 
 extern "C" __global__ void swiglu_forward_bf16(bf16* __restrict__ out, const bf16* __restrict__ u, long long rows, int width) {
@@ -118,7 +106,6 @@ extern "C" __global__ void cast_bf16_to_f32(float* __restrict__ out, const bf16*
 
 EMU_REGISTER(act_forward_bf16)
 EMU_REGISTER(act_backward_bf16)
-EMU_REGISTER(bias_act_forward_bf16)
 EMU_REGISTER(swiglu_forward_bf16)
 EMU_REGISTER(swiglu_backward_bf16)
 EMU_REGISTER(add_bf16)

@@ -509,12 +509,16 @@ fn slice_check(what: &str, numel: usize, start: usize, len: usize) -> Result<()>
     }
 }
 
+/// Borrow and backend markers of the views: a view borrows memory of backend `B` for `'a`.
+type ReadMarker<'a, B> = (&'a [u8], fn() -> B);
+type WriteMarker<'a, B> = (&'a mut [u8], fn() -> B);
+
 /// A read-only view: `numel` elements of `dtype` at an address of backend `B`'s memory.
 pub struct View<'a, B> {
     addr: u64,
     numel: usize,
     dtype: DType,
-    _p: PhantomData<(&'a [u8], fn() -> B)>,
+    _p: PhantomData<ReadMarker<'a, B>>,
 }
 
 impl<B> Clone for View<'_, B> {
@@ -568,7 +572,7 @@ pub struct ViewMut<'a, B> {
     addr: u64,
     numel: usize,
     dtype: DType,
-    _p: PhantomData<(&'a mut [u8], fn() -> B)>,
+    _p: PhantomData<WriteMarker<'a, B>>,
 }
 
 impl<'a, B> ViewMut<'a, B> {

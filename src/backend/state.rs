@@ -121,6 +121,9 @@ impl<B: Backend> ParamSet<B> {
     }
 }
 
+/// Parameter views for the forward and gradient views for the backward, one per layout entry.
+pub type ParamsAndGrads<'a, B> = (Vec<View<'a, B>>, Vec<ViewMut<'a, B>>);
+
 /// Parameters, gradients and AdamW moments on one layout.
 pub struct TrainState<B: Backend> {
     pub params: ParamSet<B>,
@@ -150,7 +153,7 @@ impl<B: Backend> TrainState<B> {
     }
 
     /// The parameters the forward reads and the gradients the backward adds into, one view per entry.
-    pub fn params_and_grads(&mut self) -> Result<(Vec<View<'_, B>>, Vec<ViewMut<'_, B>>)> {
+    pub fn params_and_grads(&mut self) -> Result<ParamsAndGrads<'_, B>> {
         let views = self.params.views()?;
         let grads = self.grads.view_mut().split_ranges(&self.params.ranges)?;
         Ok((views, grads))

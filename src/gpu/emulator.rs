@@ -21,6 +21,10 @@ extern "C" {
     fn emu_kernel_name(i: usize) -> *const c_char;
 }
 
+/// Kernels launched in this process, for coverage checks.
+static LAUNCHED: std::sync::Mutex<std::collections::BTreeSet<String>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
 /// Host memory standing in for device memory (256-byte aligned, like cudaMalloc's). Kernels write it
 /// through its address, so it is held as a raw allocation, never behind a Rust reference.
 pub struct EmuBuffer {
@@ -87,6 +91,14 @@ impl Default for EmuDevice {
 
 impl EmuDevice {
     /// Names of the kernels compiled into the emulator.
+    /// Names of the kernels launched so far in this process (the op-coverage check of the tests reads it).
+    pub fn launched_kernels() -> Vec<String> {
+        LAUNCHED
+            .lock()
+            .map(|set| set.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     pub fn kernels() -> Vec<String> {
         // SAFETY: the registry is filled by static initialisers before main and never changes after.
         unsafe {
@@ -220,6 +232,11 @@ impl KernelDevice for EmuDevice {
 
     fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
         let name = CString::new(kernel).map_err(|_| Error::invalid("kernel name", kernel))?;
+        if let Ok(mut set) = LAUNCHED.lock() {
+            if !set.contains(kernel) {
+                set.insert(kernel.to_string());
+            }
+        }
         let mut storage: Vec<[u8; 8]> = args.iter().map(Arg::bytes).collect();
         let mut ptrs: Vec<*mut c_void> = storage
             .iter_mut()

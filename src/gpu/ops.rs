@@ -218,41 +218,6 @@ pub fn act_backward<D: KernelDevice>(
     )
 }
 
-/// Fused bias + activation of a linear layer's output: `pre = x + bias`, `out = act(pre)`.
-pub fn bias_act_forward<D: KernelDevice>(
-    dev: &D,
-    pre: &dyn DeviceBuffer,
-    out: &dyn DeviceBuffer,
-    x: &dyn DeviceBuffer,
-    bias: &dyn DeviceBuffer,
-    rows: usize,
-    cols: usize,
-    act: Act,
-) -> Result<()> {
-    for (name, b, n) in [
-        ("pre", pre, rows * cols),
-        ("out", out, rows * cols),
-        ("x", x, rows * cols),
-        ("bias", bias, cols),
-    ] {
-        check_bf16("bias_act_forward", name, b, n)?;
-    }
-    let args = [
-        ptr(pre),
-        ptr(out),
-        ptr(x),
-        ptr(bias),
-        Arg::I64(rows as i64),
-        Arg::I32(cols as i32),
-        Arg::I32(act as i32),
-    ];
-    dev.launch(
-        "bias_act_forward_bf16",
-        elementwise_config(rows * cols),
-        &args,
-    )
-}
-
 /// SwiGLU on rows of `[gate | value]` (`u [rows, 2·width]` → `out [rows, width]`).
 pub fn swiglu_forward<D: KernelDevice>(
     dev: &D,

@@ -105,9 +105,9 @@ struct Placement<B: Backend> {
 }
 
 enum Placed {
-    Cpu(Placement<CpuBackend>),
-    Emu(Placement<KernelBackend<EmuDevice>>),
-    Cuda(Placement<KernelBackend<CudaDevice>>),
+    Cpu(Box<Placement<CpuBackend>>),
+    Emu(Box<Placement<KernelBackend<EmuDevice>>>),
+    Cuda(Box<Placement<KernelBackend<CudaDevice>>>),
 }
 
 impl<B: Backend> Placement<B> {
@@ -269,7 +269,7 @@ impl Embedder {
                 (Network::Enformer(trunk), params)
             }
         };
-        let placed = Placed::Cpu(Placement::new(CpuBackend::new(), &params, false)?);
+        let placed = Placed::Cpu(Box::new(Placement::new(CpuBackend::new(), &params, false)?));
         Ok(Embedder {
             kind,
             network,
@@ -301,9 +301,9 @@ impl Embedder {
         let params = &self.params;
         let upload = device != crate::Device::Cpu;
         self.placed = match AnyBackend::open(device)? {
-            AnyBackend::Cpu(b) => Placed::Cpu(Placement::new(b, params, upload)?),
-            AnyBackend::Emu(b) => Placed::Emu(Placement::new(b, params, upload)?),
-            AnyBackend::Cuda(b) => Placed::Cuda(Placement::new(b, params, upload)?),
+            AnyBackend::Cpu(b) => Placed::Cpu(Box::new(Placement::new(*b, params, upload)?)),
+            AnyBackend::Emu(b) => Placed::Emu(Box::new(Placement::new(*b, params, upload)?)),
+            AnyBackend::Cuda(b) => Placed::Cuda(Box::new(Placement::new(*b, params, upload)?)),
         };
         Ok(())
     }
