@@ -244,7 +244,7 @@ fn bad_requests_are_clear_errors() {
 /// against the PyTorch outputs; 2⁻⁶ of the scale for these bf16 pipelines.
 #[test]
 fn emu_embed_runs_the_transformers_with_the_gpu_kernels() {
-    use isoformer_engine::models::embed::{Embedder, ModelKind, Pool};
+    use isoformer_engine::embed::{Embedder, ModelKind, Pool};
     for (kind, dir) in [
         (ModelKind::Esm2, "esm2"),
         (ModelKind::NucleotideTransformer, "nt_v2"),

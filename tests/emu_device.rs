@@ -14,15 +14,18 @@ fn check_execution_model<D: KernelDevice>(dev: &D) {
         let out = dev.alloc_zeroed(2 * n * 4).unwrap();
         let count = dev.alloc_zeroed(4).unwrap();
         let blocks = n.div_ceil(threads as usize) as u32;
-        dev.launch(
-            "selftest_reduce_f32",
-            LaunchConfig::linear(blocks, threads, 0),
-            &[
-                Arg::Ptr(out.ptr()),
-                Arg::Ptr(count.ptr()),
-                Arg::I32(n as i32),
-            ],
-        )
+        // SAFETY: `out` holds 2·n f32 and `count` one i32, as the self-test kernel writes.
+        unsafe {
+            dev.launch(
+                "selftest_reduce_f32",
+                LaunchConfig::linear(blocks, threads, 0),
+                &[
+                    Arg::Ptr(out.ptr()),
+                    Arg::Ptr(count.ptr()),
+                    Arg::I32(n as i32),
+                ],
+            )
+        }
         .unwrap();
         let got = dev.download_f32(&out).unwrap();
         for t in 0..n {
@@ -77,17 +80,20 @@ fn check_ballot_and_half<D: KernelDevice>(dev: &D) {
         dev.alloc_zeroed(n * 2).unwrap(),
     );
     let bv = dev.upload_f32(&values).unwrap();
-    dev.launch(
-        "selftest_ballot_half",
-        LaunchConfig::linear(1, 64, 0),
-        &[
-            Arg::Ptr(ballot.ptr()),
-            Arg::Ptr(flags.ptr()),
-            Arg::Ptr(bits.ptr()),
-            Arg::Ptr(bv.ptr()),
-            Arg::I32(n as i32),
-        ],
-    )
+    // SAFETY: the buffers have the sizes the self-test kernel reads and writes for `n` values.
+    unsafe {
+        dev.launch(
+            "selftest_ballot_half",
+            LaunchConfig::linear(1, 64, 0),
+            &[
+                Arg::Ptr(ballot.ptr()),
+                Arg::Ptr(flags.ptr()),
+                Arg::Ptr(bits.ptr()),
+                Arg::Ptr(bv.ptr()),
+                Arg::I32(n as i32),
+            ],
+        )
+    }
     .unwrap();
     let b: Vec<u32> = dev
         .download(&ballot)
@@ -136,17 +142,19 @@ fn emu_execution_model_shuffles_shared_memory_atomics() {
 fn emu_reports_divergent_barriers_and_unknown_kernels() {
     let dev = EmuDevice::default();
     let flag = dev.alloc_zeroed(4).unwrap();
-    let err = dev
-        .launch(
+    // SAFETY: `flag` is the one i32 the kernel writes.
+    let err = unsafe {
+        dev.launch(
             "selftest_divergent_barrier",
             LaunchConfig::linear(1, 4, 0),
             &[Arg::Ptr(flag.ptr())],
         )
-        .unwrap_err()
-        .to_string();
+    }
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("divergent __syncthreads"), "{err}");
-    let err = dev
-        .launch("no_such_kernel", LaunchConfig::linear(1, 32, 0), &[])
+    // SAFETY: no such kernel exists, so nothing runs.
+    let err = unsafe { dev.launch("no_such_kernel", LaunchConfig::linear(1, 32, 0), &[]) }
         .unwrap_err()
         .to_string();
     assert!(err.contains("not registered"), "{err}");

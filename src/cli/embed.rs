@@ -8,7 +8,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::data::sequences::read_sequences;
-use crate::models::embed::{Embedder, ModelKind, Pool};
+use crate::embed::{Embedder, ModelKind, Pool};
 use crate::runtime::safetensors_file::{save_f32, NamedTensor};
 use crate::{DeviceRequest, Error, Result};
 

@@ -53,16 +53,6 @@ impl DeviceRequest {
             DeviceRequest::Auto => Ok(if crate::gpu::cuda::CudaDevice::new(0).is_ok() { Device::Cuda(0) } else { Device::Cpu }),
         }
     }
-
-    /// For commands whose models run on the CPU only in this version: the CPU, or a clear error.
-    pub fn resolve_cpu_only(self, command: &str) -> Result<Device> {
-        match self {
-            DeviceRequest::Cpu | DeviceRequest::Auto => Ok(Device::Cpu),
-            other => Err(Error::Device(format!(
-                "`{command}` runs on the CPU in this version (the GPU path has its kernels and a transformer block, not yet the full models); {other:?} was requested, use --device cpu"
-            ))),
-        }
-    }
 }
 
 impl std::fmt::Display for Device {

@@ -230,7 +230,7 @@ impl KernelDevice for EmuDevice {
         Ok(())
     }
 
-    fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+    unsafe fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
         let name = CString::new(kernel).map_err(|_| Error::invalid("kernel name", kernel))?;
         if let Ok(mut set) = LAUNCHED.lock() {
             if !set.contains(kernel) {

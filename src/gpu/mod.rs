@@ -79,7 +79,13 @@ pub trait KernelDevice {
     fn download(&self, buf: &Self::Buffer) -> Result<Vec<u8>> {
         self.read(buf)
     }
-    fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()>;
+    /// Launches `kernel` with `args` as its parameters.
+    ///
+    /// # Safety
+    /// The arguments must match the kernel's parameters, and every pointer must address live memory of
+    /// this device large enough for what the kernel reads and writes with those arguments. The launchers
+    /// in [`ops`] check this; nothing else should call it.
+    unsafe fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()>;
     fn synchronize(&self) -> Result<()>;
     /// A linear layer's forward with a fused epilogue: `y[rows, out] = x[rows, in]·Wᵀ + bias` (ReLU after it
     /// with `relu`), bf16 in and out, f32 accumulation, one rounding. cuBLASLt's bias (or ReLU + bias)

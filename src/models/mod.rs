@@ -5,7 +5,6 @@
 #![allow(clippy::too_many_arguments)]
 
 pub mod config;
-pub mod embed;
 pub mod enformer;
 pub mod tokenizers;
 pub mod transformer;

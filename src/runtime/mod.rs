@@ -2,6 +2,7 @@
 
 pub mod dtype;
 pub mod memory;
+pub mod output;
 pub mod safetensors_file;
 pub mod shape;
 

@@ -7,7 +7,7 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 
-use crate::data::fasta::write_atomically;
+use super::output::write_atomically;
 use crate::{Error, Result};
 
 /// A named f32 tensor to write.

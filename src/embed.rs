@@ -1,8 +1,9 @@
 //! Embedding sequences with ESM-2, NT-v2 or the Enformer trunk: the library entry point behind
-//! `isoformer-engine embed`.
+//! `isoformer-engine embed`. It sits above the models and the backends: the models are generic over the
+//! backend trait, and this is where the concrete backend is chosen ([`AnyBackend`]).
 //!
 //! ```
-//! use isoformer_engine::models::embed::{Embedder, ModelKind, Pool};
+//! use isoformer_engine::embed::{Embedder, ModelKind, Pool};
 //! # fn main() -> isoformer_engine::Result<()> {
 //! # let weights = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/models/esm2");
 //! // `weights`: a directory as `save_pretrained` writes it (config.json + model.safetensors).
@@ -17,11 +18,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::config::{EnformerConfig, EsmConfig};
-use super::enformer::{BatchNormMode, EnformerActivations, EnformerNames, EnformerTrunk};
-use super::tokenizers::{dna_one_hot, Tokenizer};
-use super::transformer::{EncoderActivations, TransformerConfig, TransformerEncoder};
-use super::weights::{ModelParams, Prefixes, WeightFile};
 use crate::backend::any::AnyBackend;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::kernel::KernelBackend;
@@ -29,6 +25,11 @@ use crate::backend::state::ParamSet;
 use crate::backend::{Backend, View};
 use crate::gpu::cuda::CudaDevice;
 use crate::gpu::emulator::EmuDevice;
+use crate::models::config::{EnformerConfig, EsmConfig};
+use crate::models::enformer::{BatchNormMode, EnformerActivations, EnformerNames, EnformerTrunk};
+use crate::models::tokenizers::{dna_one_hot, Tokenizer};
+use crate::models::transformer::{EncoderActivations, TransformerConfig, TransformerEncoder};
+use crate::models::weights::{ModelParams, Prefixes, WeightFile};
 use crate::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
