@@ -293,3 +293,83 @@ fn emu_embed_runs_the_transformers_with_the_gpu_kernels() {
         "enformer: error {err:.3e} vs scale {scale:.3e}"
     );
 }
+
+/// Regression: `embed --device emu|cuda --tf-gammas F` used to upload the trunk before the gammas were set,
+/// so they were ignored (and `use_tf_gamma: true` failed). The positional table is now read at every
+/// forward, so the gammas apply whatever the order, on every device.
+#[test]
+fn emu_enformer_uses_tf_gammas_set_after_the_device() {
+    use isoformer_engine::embed::{Embedder, ModelKind, Pool};
+    use isoformer_engine::runtime::safetensors_file::{save_f32, NamedTensor};
+    let dir = std::env::temp_dir().join(format!("iso-gammas-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // The fixture: dim 48, 2 heads → 4 gamma features; 240 bp → transformer length 30.
+    let (len, n, k) = (240usize, 30usize, 4usize);
+    let gammas: Vec<f32> = (0..(2 * n - 1) * k)
+        .map(|i| ((i * 7919) % 97) as f32 / 97.0 * 40.0 - 20.0)
+        .collect();
+    let path = dir.join("gammas.safetensors");
+    save_f32(
+        &path,
+        &[NamedTensor {
+            name: "tf_gammas".into(),
+            shape: vec![2 * n - 1, k],
+            data: &gammas,
+        }],
+        Default::default(),
+    )
+    .unwrap();
+    let seq: String = (0..len)
+        .map(|i| b"ACGTTGCA"[(i * 5 + i / 7) % 8] as char)
+        .collect();
+    let embed =
+        |device, gammas_first: bool, with_gammas: bool, config: Option<&std::path::Path>| {
+            let weights = match config {
+                Some(_) => fixture("enformer").join("model.safetensors"),
+                None => fixture("enformer"),
+            };
+            let mut e = Embedder::load(ModelKind::Enformer, &weights, config).unwrap();
+            if with_gammas && gammas_first {
+                e.set_tf_gammas(&path).unwrap();
+            }
+            e.to_device(device).unwrap();
+            if with_gammas && !gammas_first {
+                e.set_tf_gammas(&path).unwrap();
+            }
+            e.embed(&[&seq], Pool::None).unwrap().concat()
+        };
+    use isoformer_engine::Device::{Cpu, Emulator};
+    let cpu = embed(Cpu, true, true, None);
+    let plain = embed(Cpu, true, false, None);
+    let scale = cpu.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+    };
+    println!("gamma effect {:.3e}, scale {scale:.3e}", diff(&cpu, &plain));
+    assert!(
+        diff(&cpu, &plain) > scale / 16.0,
+        "the test gammas must change the embeddings"
+    );
+    for gammas_first in [true, false] {
+        let emu = embed(Emulator, gammas_first, true, None);
+        let err = diff(&emu, &cpu);
+        assert!(
+            err <= scale / 64.0,
+            "emu with gammas set {} the device: error {err:.3e} (scale {scale:.3e})",
+            if gammas_first { "before" } else { "after" }
+        );
+    }
+    // use_tf_gamma: true in the config works on the emulator too.
+    let config = dir.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("enformer").join("config.json")).unwrap(),
+    )
+    .unwrap();
+    cfg["use_tf_gamma"] = serde_json::Value::Bool(true);
+    std::fs::write(&config, cfg.to_string()).unwrap();
+    let emu = embed(Emulator, false, true, Some(&config));
+    assert!(diff(&emu, &cpu) <= scale / 64.0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
