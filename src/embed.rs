@@ -139,21 +139,23 @@ impl<B: Backend> Placement<B> {
             .views()
     }
 
-    /// The last hidden state `[batch, len, hidden]` of the encoder on this backend, as f32.
-    fn transformer_hidden(
+    /// Runs the encoder on this backend and hands its last hidden state `[batch, len, hidden]` (f32, in
+    /// place on the CPU) to `pool`.
+    fn transformer_hidden<R>(
         &self,
         encoder: &TransformerEncoder,
         views: &[View<'_, B>],
         ids: &[u32],
         lens: &[usize],
         len: usize,
-    ) -> Result<Vec<f32>> {
+        pool: impl FnOnce(&[f32]) -> R,
+    ) -> Result<R> {
         let mut acts = self
             .acts
             .lock()
             .map_err(|_| Error::invalid("embed", "activations poisoned by an earlier panic"))?;
         encoder.forward(&self.backend, views, ids, lens, len, &mut acts, false)?;
-        self.backend.read_f32(acts.hidden()?)
+        self.backend.with_host_f32(acts.hidden()?, pool)
     }
 
     /// The Enformer embeddings `[batch, bins, 2·dim]` on this backend, as f32, and the number of bins.
@@ -343,27 +345,37 @@ impl Embedder {
                     .map(|s| tokenizer.encode(s, self.max_tokens))
                     .collect();
                 let (ids, lens, len) = tokenizer.pad_batch(&encoded);
-                let hidden = match &self.placed {
-                    // The CPU reads the host parameters in place.
-                    Placed::Cpu(p) => {
-                        p.transformer_hidden(encoder, &host_views(&self.params), &ids, &lens, len)
-                    }
-                    Placed::Emu(p) => p.transformer_hidden(encoder, &p.views()?, &ids, &lens, len),
-                    Placed::Cuda(p) => p.transformer_hidden(encoder, &p.views()?, &ids, &lens, len),
-                }?;
                 let specials_after = tokenizer.eos.is_some() as usize;
-                Ok(lens
-                    .iter()
-                    .enumerate()
-                    .map(|(b, &l)| {
-                        let rows = &hidden[b * len * h..(b * len + l) * h];
-                        match pool {
-                            Pool::None => rows.to_vec(),
-                            Pool::Cls => rows[..h].to_vec(),
-                            Pool::Mean => mean_rows(&rows[h..(l - specials_after) * h], h),
-                        }
-                    })
-                    .collect())
+                let pooled = |hidden: &[f32]| -> Vec<Vec<f32>> {
+                    lens.iter()
+                        .enumerate()
+                        .map(|(b, &l)| {
+                            let rows = &hidden[b * len * h..(b * len + l) * h];
+                            match pool {
+                                Pool::None => rows.to_vec(),
+                                Pool::Cls => rows[..h].to_vec(),
+                                Pool::Mean => mean_rows(&rows[h..(l - specials_after) * h], h),
+                            }
+                        })
+                        .collect()
+                };
+                match &self.placed {
+                    // The CPU reads the host parameters in place.
+                    Placed::Cpu(p) => p.transformer_hidden(
+                        encoder,
+                        &host_views(&self.params),
+                        &ids,
+                        &lens,
+                        len,
+                        pooled,
+                    ),
+                    Placed::Emu(p) => {
+                        p.transformer_hidden(encoder, &p.views()?, &ids, &lens, len, pooled)
+                    }
+                    Placed::Cuda(p) => {
+                        p.transformer_hidden(encoder, &p.views()?, &ids, &lens, len, pooled)
+                    }
+                }
             }
             Network::Enformer(trunk) => {
                 if pool == Pool::Cls {

@@ -288,6 +288,10 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn with_host_f32<R>(&self, src: View<'_, Self>, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+        Ok(f(f32s("read", "src", src)?))
+    }
+
     fn zero(&self, dst: ViewMut<'_, Self>) -> Result<()> {
         // SAFETY: the view's bytes are exclusively borrowed host memory; zero is valid for f32 and i32.
         unsafe { std::ptr::write_bytes(dst.addr() as *mut u8, 0, dst.bytes()) };

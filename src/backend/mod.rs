@@ -87,6 +87,11 @@ pub trait Backend: Sized {
     fn write_i32(&self, dst: ViewMut<'_, Self>, src: &[i32]) -> Result<()>;
     /// Reads `src` to the host as f32.
     fn read_f32(&self, src: View<'_, Self>) -> Result<Vec<f32>>;
+    /// Calls `f` with `src` as host f32 values: in place where the memory is host f32 (the CPU backend),
+    /// through a copy otherwise.
+    fn with_host_f32<R>(&self, src: View<'_, Self>, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+        Ok(f(&self.read_f32(src)?))
+    }
     fn zero(&self, dst: ViewMut<'_, Self>) -> Result<()>;
     /// `dst = src`, converting between f32 and the compute dtype where they differ.
     fn copy(&self, dst: ViewMut<'_, Self>, src: View<'_, Self>) -> Result<()>;

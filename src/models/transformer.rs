@@ -201,44 +201,123 @@ fn exact<B: Backend>(b: &B, n: usize) -> Result<Tensor<B>> {
 
 impl<B: Backend> LayerActs<B> {
     fn new(b: &B, cfg: &TransformerConfig, batch: usize, len: usize) -> Result<Self> {
+        let mut la = LayerActs {
+            ln1: act(b, 0)?,
+            mean1: exact(b, 0)?,
+            rstd1: exact(b, 0)?,
+            q: act(b, 0)?,
+            k: act(b, 0)?,
+            v: act(b, 0)?,
+            q_rot: act(b, 0)?,
+            k_rot: act(b, 0)?,
+            attn: act(b, 0)?,
+            lse: exact(b, 0)?,
+            mid: act(b, 0)?,
+            ln2: act(b, 0)?,
+            mean2: exact(b, 0)?,
+            rstd2: exact(b, 0)?,
+            ffn_pre: act(b, 0)?,
+            ffn_act: act(b, 0)?,
+        };
+        la.fit(b, cfg, batch, len)?;
+        Ok(la)
+    }
+
+    /// Sizes every buffer for this shape, reallocating only those that must grow.
+    fn fit(&mut self, b: &B, cfg: &TransformerConfig, batch: usize, len: usize) -> Result<()> {
         let (n, h) = (batch * len, cfg.hidden);
-        Ok(LayerActs {
-            ln1: act(b, n * h)?,
-            mean1: exact(b, n)?,
-            rstd1: exact(b, n)?,
-            q: act(b, n * h)?,
-            k: act(b, n * h)?,
-            v: act(b, n * h)?,
-            q_rot: act(b, n * h)?,
-            k_rot: act(b, n * h)?,
-            attn: act(b, n * h)?,
-            lse: exact(b, batch * cfg.heads * len)?,
-            mid: act(b, n * h)?,
-            ln2: act(b, n * h)?,
-            mean2: exact(b, n)?,
-            rstd2: exact(b, n)?,
-            ffn_pre: act(b, n * cfg.ffn_in_width())?,
-            ffn_act: act(b, n * cfg.ffn_dim)?,
-        })
+        for (t, role, numel) in [
+            (&mut self.ln1, Role::Activation, n * h),
+            (&mut self.mean1, Role::Exact, n),
+            (&mut self.rstd1, Role::Exact, n),
+            (&mut self.q, Role::Activation, n * h),
+            (&mut self.k, Role::Activation, n * h),
+            (&mut self.v, Role::Activation, n * h),
+            (&mut self.q_rot, Role::Activation, n * h),
+            (&mut self.k_rot, Role::Activation, n * h),
+            (&mut self.attn, Role::Activation, n * h),
+            (&mut self.lse, Role::Exact, batch * cfg.heads * len),
+            (&mut self.mid, Role::Activation, n * h),
+            (&mut self.ln2, Role::Activation, n * h),
+            (&mut self.mean2, Role::Exact, n),
+            (&mut self.rstd2, Role::Exact, n),
+            (&mut self.ffn_pre, Role::Activation, n * cfg.ffn_in_width()),
+            (&mut self.ffn_act, Role::Activation, n * cfg.ffn_dim),
+        ] {
+            t.ensure(b, role, numel)?;
+        }
+        Ok(())
     }
 }
 
 impl<B: Backend> BackwardBuffers<B> {
     fn new(b: &B, cfg: &TransformerConfig, n: usize) -> Result<Self> {
+        let mut bw = BackwardBuffers {
+            d_out: act(b, 0)?,
+            d_in: act(b, 0)?,
+            d_act: act(b, 0)?,
+            d_pre: act(b, 0)?,
+            d_ln: act(b, 0)?,
+            d_attn: act(b, 0)?,
+            dq_rot: act(b, 0)?,
+            dk_rot: act(b, 0)?,
+            dv: act(b, 0)?,
+            dq: act(b, 0)?,
+            dk: act(b, 0)?,
+        };
+        bw.fit(b, cfg, n)?;
+        Ok(bw)
+    }
+
+    fn fit(&mut self, b: &B, cfg: &TransformerConfig, n: usize) -> Result<()> {
         let h = cfg.hidden;
-        Ok(BackwardBuffers {
-            d_out: act(b, n * h)?,
-            d_in: act(b, n * h)?,
-            d_act: act(b, n * cfg.ffn_dim)?,
-            d_pre: act(b, n * cfg.ffn_in_width())?,
-            d_ln: act(b, n * h)?,
-            d_attn: act(b, n * h)?,
-            dq_rot: act(b, n * h)?,
-            dk_rot: act(b, n * h)?,
-            dv: act(b, n * h)?,
-            dq: act(b, n * h)?,
-            dk: act(b, n * h)?,
-        })
+        for (t, numel) in [
+            (&mut self.d_out, n * h),
+            (&mut self.d_in, n * h),
+            (&mut self.d_act, n * cfg.ffn_dim),
+            (&mut self.d_pre, n * cfg.ffn_in_width()),
+            (&mut self.d_ln, n * h),
+            (&mut self.d_attn, n * h),
+            (&mut self.dq_rot, n * h),
+            (&mut self.dk_rot, n * h),
+            (&mut self.dv, n * h),
+            (&mut self.dq, n * h),
+            (&mut self.dk, n * h),
+        ] {
+            t.ensure(b, Role::Activation, numel)?;
+        }
+        Ok(())
+    }
+}
+
+impl<B: Backend> Planned<B> {
+    /// Sizes every buffer for `batch × len`, reallocating only those that must grow: batches of
+    /// decreasing length (as `embed` sorts them) reuse the first batch's memory.
+    fn fit(&mut self, b: &B, cfg: &TransformerConfig, batch: usize, len: usize) -> Result<()> {
+        let (n, h) = (batch * len, cfg.hidden);
+        self.batch = batch;
+        self.len = len;
+        self.ids.ensure(b, Role::Index, n)?;
+        self.kv_lens.ensure(b, Role::Index, batch)?;
+        for (t, role, numel) in [
+            (&mut self.row_scale, Role::Exact, n),
+            (&mut self.proj, Role::Activation, n * h),
+            (&mut self.final_mean, Role::Exact, n),
+            (&mut self.final_rstd, Role::Exact, n),
+            (&mut self.hidden, Role::Activation, n * h),
+        ] {
+            t.ensure(b, role, numel)?;
+        }
+        for x in self.xs.iter_mut() {
+            x.ensure(b, Role::Activation, n * h)?;
+        }
+        for la in self.layers.iter_mut() {
+            la.fit(b, cfg, batch, len)?;
+        }
+        if let Some(bw) = self.backward.as_mut() {
+            bw.fit(b, cfg, n)?;
+        }
+        Ok(())
     }
 }
 
@@ -377,11 +456,16 @@ impl TransformerEncoder {
             acts.sin = Some(Tensor::from_f32(b, Role::Exact, table.sin())?);
             acts.rotary_len = table.max_len();
         }
-        let reuse = acts
+        let same_plan = acts
             .planned
             .as_ref()
-            .is_some_and(|p| p.batch == batch && p.len == len && p.keep_all == keep_all);
-        if !reuse {
+            .is_some_and(|p| p.keep_all == keep_all);
+        if same_plan {
+            let p = acts.planned.as_mut().expect("checked");
+            p.fit(b, cfg, batch, len)?;
+        } else {
+            // Free the old plan's buffers before making the new one, so both never coexist.
+            acts.planned = None;
             let (n, h) = (batch * len, cfg.hidden);
             let (streams, layer_sets) = if keep_all {
                 (cfg.layers + 1, cfg.layers)
