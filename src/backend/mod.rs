@@ -27,6 +27,7 @@ use std::marker::PhantomData;
 pub use crate::ops::attention::AttentionDims;
 pub use crate::ops::conv::Conv1dDims;
 pub use crate::ops::matmul::LinearDims;
+pub use crate::ops::optim::AdamWStep;
 pub use crate::ops::pool::PoolDims;
 use crate::runtime::DType;
 use crate::{Error, Result};
@@ -415,20 +416,6 @@ pub enum BatchNormStats<'a, B> {
     Running { mean: View<'a, B>, var: View<'a, B> },
     /// The batch's own (training).
     Batch,
-}
-
-/// Hyper-parameters of one AdamW step.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdamWStep {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
-    /// 1-based step number (bias correction).
-    pub step: u64,
-    /// Multiplies the gradients (the global-norm clipping coefficient, or 1).
-    pub grad_scale: f32,
 }
 
 /// One allocation of backend memory with a dtype and an element count.

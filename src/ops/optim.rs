@@ -6,6 +6,20 @@ use rayon::prelude::*;
 use crate::error::check_len;
 use crate::Result;
 
+/// Hyper-parameters of one AdamW step (what the backends' `adamw` takes).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step number (bias correction).
+    pub step: u64,
+    /// Multiplies the gradients (the global-norm clipping coefficient, or 1).
+    pub grad_scale: f32,
+}
+
 /// Hyper-parameters of one update, with the bias corrections `1 − βᵗ` already computed.
 #[derive(Clone, Copy, Debug)]
 pub struct AdamWUpdate {

@@ -34,19 +34,7 @@ pub fn global_norm_squared<D: KernelDevice>(
     )
 }
 
-/// Hyper-parameters of one AdamW step for one parameter group.
-#[derive(Clone, Copy, Debug)]
-pub struct AdamWStep {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
-    /// 1-based step number (bias correction).
-    pub step: u64,
-    /// Multiplies the gradients (global-norm clipping coefficient, or 1).
-    pub grad_scale: f32,
-}
+pub use crate::ops::optim::AdamWStep;
 
 /// One fused AdamW step over `n` f32 master weights, writing their bf16 copy too.
 pub fn adamw<D: KernelDevice>(
