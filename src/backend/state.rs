@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use super::{AdamWStep, Backend, Role, Tensor, View, ViewMut};
+use super::{Backend, Role, Tensor, View, ViewMut};
 use crate::runtime::{DType, Layout};
 use crate::{Error, Result};
 
@@ -124,6 +124,15 @@ impl<B: Backend> ParamSet<B> {
 /// Parameter views for the forward and gradient views for the backward, one per layout entry.
 pub type ParamsAndGrads<'a, B> = (Vec<View<'a, B>>, Vec<ViewMut<'a, B>>);
 
+/// One entry's share of an optimiser update.
+pub struct EntryUpdate<'a, B> {
+    pub master: ViewMut<'a, B>,
+    pub compute: Option<ViewMut<'a, B>>,
+    pub m: ViewMut<'a, B>,
+    pub v: ViewMut<'a, B>,
+    pub grad: View<'a, B>,
+}
+
 /// Parameters, gradients and AdamW moments on one layout.
 pub struct TrainState<B: Backend> {
     pub params: ParamSet<B>,
@@ -164,6 +173,57 @@ impl<B: Backend> TrainState<B> {
         split_views(&self.grads, &self.params.ranges)
     }
 
+    /// Gradient views to write (tests, gradient accumulation from outside), one per entry.
+    pub fn grads_mut(&mut self) -> Result<Vec<ViewMut<'_, B>>> {
+        self.grads.view_mut().split_ranges(&self.params.ranges)
+    }
+
+    /// The AdamW moments `(m, v)`, one view per entry each (checkpoints, tests).
+    pub fn moment_views(&self) -> Result<(Vec<View<'_, B>>, Vec<View<'_, B>>)> {
+        Ok((
+            split_views(&self.adam_m, &self.params.ranges)?,
+            split_views(&self.adam_v, &self.params.ranges)?,
+        ))
+    }
+
+    /// Everything one optimiser update touches, entry by entry: f32 master, compute copy (where the
+    /// backend keeps one), both moments, and the gradient.
+    pub fn update_views(&mut self) -> Result<Vec<EntryUpdate<'_, B>>> {
+        let ranges = &self.params.ranges;
+        let master = self
+            .params
+            .master
+            .as_mut()
+            .expect("checked in new")
+            .view_mut()
+            .split_ranges(ranges)?;
+        let mut compute = match self.params.compute.as_mut() {
+            Some(c) => c
+                .view_mut()
+                .split_ranges(ranges)?
+                .into_iter()
+                .map(Some)
+                .collect(),
+            None => (0..ranges.len()).map(|_| None).collect::<Vec<_>>(),
+        };
+        let m = self.adam_m.view_mut().split_ranges(ranges)?;
+        let v = self.adam_v.view_mut().split_ranges(ranges)?;
+        let g = split_views(&self.grads, ranges)?;
+        Ok(master
+            .into_iter()
+            .zip(compute.drain(..))
+            .zip(m.into_iter().zip(v))
+            .zip(g)
+            .map(|(((master, compute), (m, v)), grad)| EntryUpdate {
+                master,
+                compute,
+                m,
+                v,
+                grad,
+            })
+            .collect())
+    }
+
     pub fn zero_grads(&mut self, backend: &B) -> Result<()> {
         backend.zero(self.grads.view_mut())
     }
@@ -171,20 +231,5 @@ impl<B: Backend> TrainState<B> {
     /// The L2 norm of every gradient together (padding between entries is zero).
     pub fn grad_norm(&self, backend: &B) -> Result<f32> {
         Ok(backend.sum_squares(self.grads.view())?.sqrt())
-    }
-
-    /// One AdamW step over all parameters with one learning rate and decay (`step.step` is set here).
-    pub fn adamw_step(&mut self, backend: &B, mut step: AdamWStep) -> Result<()> {
-        self.step += 1;
-        step.step = self.step;
-        let master = self.params.master.as_mut().expect("checked in new");
-        backend.adamw(
-            master.view_mut(),
-            self.params.compute.as_mut().map(|c| c.view_mut()),
-            self.adam_m.view_mut(),
-            self.adam_v.view_mut(),
-            self.grads.view(),
-            &step,
-        )
     }
 }

@@ -2,8 +2,9 @@
 //! activations) lives in one allocation made up front, and code reaches it through named views.
 //!
 //! - [`Layout`] places named tensors at aligned byte offsets. Parameters, gradients and both AdamW moments
-//!   share one layout ([`TrainState`]), so a parameter and its gradient sit at the same offset: zeroing,
-//!   the global norm and a future data-parallel all-reduce are single passes over one buffer.
+//!   share one layout (`backend::state::TrainState`, on any backend), so a parameter and its gradient sit at
+//!   the same offset: zeroing, the global norm and a future data-parallel all-reduce are single passes over
+//!   one buffer.
 //! - [`ActivationPlan`] also knows each tensor's lifetime (first and last step of the schedule that uses it)
 //!   and lets tensors whose lifetimes do not intersect share bytes. Recompute policies change the plan (which
 //!   tensors exist and how long they live), never the code that reads them.
@@ -219,33 +220,6 @@ impl Arena {
     }
 }
 
-/// Parameters, gradients and the two AdamW moments: four allocations sharing one layout.
-#[derive(Debug)]
-pub struct TrainState {
-    pub params: Arena,
-    pub grads: Arena,
-    pub adam_m: Arena,
-    pub adam_v: Arena,
-    /// Optimizer steps taken so far (drives AdamW's bias correction).
-    pub step: u64,
-}
-
-impl TrainState {
-    pub fn new(layout: Arc<Layout>) -> Self {
-        TrainState {
-            params: Arena::zeros(layout.clone()),
-            grads: Arena::zeros(layout.clone()),
-            adam_m: Arena::zeros(layout.clone()),
-            adam_v: Arena::zeros(layout),
-            step: 0,
-        }
-    }
-
-    pub fn layout(&self) -> &Arc<Layout> {
-        self.params.layout()
-    }
-}
-
 /// Inclusive range of schedule steps during which a tensor must keep its contents.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Lifetime {
@@ -456,26 +430,6 @@ mod tests {
         assert!(
             Layout::sequential(vec![TensorSpec::f32("a", [1]), TensorSpec::f32("a", [2])]).is_err()
         );
-    }
-
-    #[test]
-    fn parameters_and_gradients_share_offsets() {
-        let layout = Arc::new(
-            Layout::sequential(vec![TensorSpec::f32("a", [4]), TensorSpec::f32("b", [3])]).unwrap(),
-        );
-        let mut st = TrainState::new(layout);
-        st.params
-            .f32_mut("b")
-            .unwrap()
-            .copy_from_slice(&[1.0, 2.0, 3.0]);
-        st.grads
-            .f32_mut("b")
-            .unwrap()
-            .copy_from_slice(&[4.0, 5.0, 6.0]);
-        let off = st.layout().entry("b").unwrap().offset_bytes / 4;
-        assert_eq!(&st.params.as_f32()[off..off + 3], &[1.0, 2.0, 3.0]);
-        assert_eq!(&st.grads.as_f32()[off..off + 3], &[4.0, 5.0, 6.0]);
-        assert!(st.params.f32("a").unwrap().iter().all(|&x| x == 0.0));
     }
 
     #[test]

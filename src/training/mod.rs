@@ -1,5 +1,5 @@
-//! Training: the AdamW optimiser over the planned parameter arena, and gradient clipping.
+//! Training: the AdamW optimiser over a backend's planned parameter state, with gradient clipping.
 
 pub mod adamw;
 
-pub use adamw::{clip_grad_norm, global_norm, AdamW, ParamGroup};
+pub use adamw::{clip_coefficient, global_norm, AdamW, ParamGroup, StepReport};
