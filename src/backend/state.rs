@@ -124,6 +124,9 @@ impl<B: Backend> ParamSet<B> {
 /// Parameter views for the forward and gradient views for the backward, one per layout entry.
 pub type ParamsAndGrads<'a, B> = (Vec<View<'a, B>>, Vec<ViewMut<'a, B>>);
 
+/// The AdamW moments `(m, v)`, one view per entry each.
+pub type Moments<'a, B> = (Vec<View<'a, B>>, Vec<View<'a, B>>);
+
 /// One entry's share of an optimiser update.
 pub struct EntryUpdate<'a, B> {
     pub master: ViewMut<'a, B>,
@@ -179,7 +182,7 @@ impl<B: Backend> TrainState<B> {
     }
 
     /// The AdamW moments `(m, v)`, one view per entry each (checkpoints, tests).
-    pub fn moment_views(&self) -> Result<(Vec<View<'_, B>>, Vec<View<'_, B>>)> {
+    pub fn moment_views(&self) -> Result<Moments<'_, B>> {
         Ok((
             split_views(&self.adam_m, &self.params.ranges)?,
             split_views(&self.adam_v, &self.params.ranges)?,
