@@ -145,13 +145,18 @@ pub(crate) fn check_gemm<B: DeviceBuffer + ?Sized>(
     d: &MatmulDims,
 ) -> Result<()> {
     use crate::error::check_len;
-    check_len("gemm (bytes)", "a", a.len_bytes(), d.batch * d.m * d.k * 2)?;
-    check_len("gemm (bytes)", "b", b.len_bytes(), d.batch * d.k * d.n * 2)?;
+    let (sa, sb, sc) = d.checked_sizes("gemm")?;
+    let bytes = |n: usize, size: usize| {
+        n.checked_mul(size)
+            .ok_or_else(|| crate::Error::invalid("gemm", "operand size overflows"))
+    };
+    check_len("gemm (bytes)", "a", a.len_bytes(), bytes(sa, 2)?)?;
+    check_len("gemm (bytes)", "b", b.len_bytes(), bytes(sb, 2)?)?;
     check_len(
         "gemm (bytes)",
         "c",
         c.len_bytes(),
-        d.batch * d.m * d.n * if c_f32 { 4 } else { 2 },
+        bytes(sc, if c_f32 { 4 } else { 2 })?,
     )
 }
 

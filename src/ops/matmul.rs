@@ -35,10 +35,32 @@ impl MatmulDims {
         2.0 * self.batch as f64 * self.m as f64 * self.n as f64 * self.k as f64
     }
 
+    /// Elements of `a`, `b` and `c` for these dims, or an error when a product overflows (a huge size
+    /// must not wrap around and pass a bounds check before unsafe code).
+    pub fn checked_sizes(&self, op: &'static str) -> Result<(usize, usize, usize)> {
+        let prod = |what: &str, dims: [usize; 3]| {
+            dims.iter()
+                .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+                .ok_or_else(|| {
+                    Error::invalid(op, format!("{what} of {} × {} × {} elements overflows", dims[0], dims[1], dims[2]))
+                })
+        };
+        // Each matrix on its own too: with batch 0 the batched products are 0 whatever m, n, k are.
+        prod("a", [1, self.m, self.k])?;
+        prod("b", [1, self.k, self.n])?;
+        prod("c", [1, self.m, self.n])?;
+        Ok((
+            prod("a", [self.batch, self.m, self.k])?,
+            prod("b", [self.batch, self.k, self.n])?,
+            prod("c", [self.batch, self.m, self.n])?,
+        ))
+    }
+
     fn check(&self, op: &'static str, a: usize, b: usize, c: usize) -> Result<()> {
-        check_len(op, "a", a, self.batch * self.m * self.k)?;
-        check_len(op, "b", b, self.batch * self.k * self.n)?;
-        check_len(op, "c", c, self.batch * self.m * self.n)
+        let (sa, sb, sc) = self.checked_sizes(op)?;
+        check_len(op, "a", a, sa)?;
+        check_len(op, "b", b, sb)?;
+        check_len(op, "c", c, sc)
     }
 
     fn a_view(&self) -> View {
@@ -98,19 +120,24 @@ impl View {
         }
     }
 
-    /// One past the largest element index the view touches.
-    fn extent(&self) -> usize {
+    /// One past the largest element index the view touches (`None` when it does not fit the address
+    /// space, or a stride is negative).
+    fn extent(&self) -> Option<usize> {
         if self.rows == 0 || self.cols == 0 {
-            return 0;
+            return Some(0);
         }
-        ((self.rows - 1) as isize * self.rs + (self.cols - 1) as isize * self.cs) as usize + 1
+        let (rs, cs) = (usize::try_from(self.rs).ok()?, usize::try_from(self.cs).ok()?);
+        (self.rows - 1)
+            .checked_mul(rs)?
+            .checked_add((self.cols - 1).checked_mul(cs)?)?
+            .checked_add(1)
     }
 }
 
 /// Threads to give one GEMM: all of the current pool when the product is big enough to share.
 fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
     let threads = rayon::current_num_threads();
-    if threads > 1 && (m * n * k) >= 48 * 48 * 48 {
+    if threads > 1 && m.saturating_mul(n).saturating_mul(k) >= 48 * 48 * 48 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
@@ -128,8 +155,9 @@ pub(crate) fn gemm_views(
     rv: View,
     par: Option<gemm::Parallelism>,
 ) {
+    let fits = |v: View, len: usize| v.extent().is_some_and(|e| e <= len);
     assert!(
-        dv.extent() <= dst.len() && lv.extent() <= lhs.len() && rv.extent() <= rhs.len(),
+        fits(dv, dst.len()) && fits(lv, lhs.len()) && fits(rv, rhs.len()),
         "gemm view out of bounds"
     );
     // SAFETY: the views stay inside their buffers (checked above); `dst` is borrowed mutably, so it cannot
@@ -202,7 +230,7 @@ fn for_each_batch(
     if chunk == 0 {
         return;
     }
-    let small = d.m * d.n * d.k < 128 * 128 * 128;
+    let small = d.m.saturating_mul(d.n).saturating_mul(d.k) < 128 * 128 * 128;
     if d.batch > 1 && small {
         c.par_chunks_mut(chunk)
             .enumerate()
