@@ -125,3 +125,11 @@ pub fn check_len(op: &'static str, operand: &str, got: usize, want: usize) -> Re
         ))
     }
 }
+
+/// The product of `dims`, or an error naming `op` when it overflows: sizes from user input must not wrap
+/// around and pass a bounds check before an allocation or unsafe code.
+pub fn checked_product(op: &'static str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| Error::invalid(op, format!("the size {dims:?} overflows")))
+}

@@ -8,7 +8,7 @@ use super::{
     check_view, rows_of, Act, AdamWStep, AttentionDims, Backend, BatchNormStats, Conv1dDims,
     LinearDims, Memory, PoolDims, View, ViewMut,
 };
-use crate::error::check_len;
+use crate::error::{check_len, checked_product};
 use crate::ops;
 use crate::ops::attention::{AttentionBias, AttentionInputs};
 use crate::ops::elementwise::{GeluErf, GeluSigmoid, Relu, Softplus};
@@ -940,7 +940,12 @@ impl Backend for CpuBackend {
         n: usize,
     ) -> Result<()> {
         const OP: &str = "relative_logits";
-        let dk = rows_of(OP, "q_pos", q_pos.numel(), (batch * n * heads).max(1))?;
+        let dk = rows_of(
+            OP,
+            "q_pos",
+            q_pos.numel(),
+            checked_product(OP, &[batch, n, heads])?.max(1),
+        )?;
         ops::relative::relative_logits(
             f32s_mut(OP, "bias", bias)?,
             f32s(OP, "q_pos", q_pos)?,
@@ -964,7 +969,12 @@ impl Backend for CpuBackend {
         n: usize,
     ) -> Result<()> {
         const OP: &str = "relative_logits_backward";
-        let dk = rows_of(OP, "q_pos", q_pos.numel(), (batch * n * heads).max(1))?;
+        let dk = rows_of(
+            OP,
+            "q_pos",
+            q_pos.numel(),
+            checked_product(OP, &[batch, n, heads])?.max(1),
+        )?;
         ops::relative::relative_logits_backward(
             &mut self.act(OP, "dq_pos", dq_pos)?,
             &mut self.act(OP, "drel_k", drel_k)?,

@@ -16,6 +16,7 @@ use super::{
     check_view, rows_of, Act, AdamWStep, AttentionDims, Backend, BatchNormStats, Conv1dDims,
     LinearDims, Memory, PoolDims, View, ViewMut,
 };
+use crate::error::checked_product;
 use crate::gpu::ops::{self as launch, Act as KernelAct};
 use crate::gpu::{DeviceBuffer, KernelDevice, MatmulDims};
 use crate::runtime::DType;
@@ -295,6 +296,7 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         act: Act,
         dims: LinearDims,
     ) -> Result<()> {
+        forward_dims(dims).checked_sizes("linear_act")?;
         expect_bf16(
             "linear_act",
             &[
@@ -329,6 +331,7 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         dims: LinearDims,
     ) -> Result<()> {
         const OP: &str = "linear_backward";
+        forward_dims(dims).checked_sizes(OP)?;
         expect_bf16(
             OP,
             &[("dy", dy.dtype()), ("x", x.dtype()), ("w", w.dtype())],
@@ -547,7 +550,12 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
     ) -> Result<()> {
         expect_bf16("rotary", &[("out", out.dtype()), ("x", x.dtype())])?;
         expect_f32("rotary", &[("cos", cos.dtype()), ("sin", sin.dtype())])?;
-        let batch = rows_of("rotary", "x", x.numel(), len * heads * head_dim)?;
+        let batch = rows_of(
+            "rotary",
+            "x",
+            x.numel(),
+            checked_product("rotary", &[len, heads, head_dim])?,
+        )?;
         launch::rotary(
             &self.dev, &out, &x, &cos, &sin, batch, len, heads, head_dim, false,
         )
@@ -623,6 +631,7 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         dims: &AttentionDims,
     ) -> Result<()> {
         const OP: &str = "attention";
+        dims.checked_sizes(OP)?;
         expect_bf16(
             OP,
             &[
@@ -669,6 +678,7 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         dims: &AttentionDims,
     ) -> Result<()> {
         const OP: &str = "attention_backward";
+        dims.checked_sizes(OP)?;
         expect_bf16(
             OP,
             &[
@@ -777,6 +787,7 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         dims: &Conv1dDims,
     ) -> Result<()> {
         const OP: &str = "conv1d_backward";
+        dims.checked_sizes(OP)?;
         expect_bf16(
             OP,
             &[("dout", dout.dtype()), ("x", x.dtype()), ("w", w.dtype())],
@@ -958,6 +969,7 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         dims: &PoolDims,
     ) -> Result<()> {
         const OP: &str = "attention_pool_backward";
+        dims.checked_sizes(OP)?;
         expect_bf16(
             OP,
             &[
@@ -999,7 +1011,14 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         const OP: &str = "relative_logits";
         expect(OP, "bias", bias.dtype(), DType::F32)?;
         expect_bf16(OP, &[("q_pos", q_pos.dtype()), ("rel_k", rel_k.dtype())])?;
-        let dk = rows_of(OP, "q_pos", q_pos.numel(), (batch * n * heads).max(1))?;
+        checked_product(OP, &[batch, heads, n, n])?;
+        checked_product(OP, &[2 * n, heads])?;
+        let dk = rows_of(
+            OP,
+            "q_pos",
+            q_pos.numel(),
+            checked_product(OP, &[batch, n, heads])?.max(1),
+        )?;
         launch::relative_logits(&self.dev, &bias, &q_pos, &rel_k, batch, heads, n, dk)
     }
 
@@ -1025,7 +1044,14 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
                 ("rel_k", rel_k.dtype()),
             ],
         )?;
-        let dk = rows_of(OP, "q_pos", q_pos.numel(), (batch * n * heads).max(1))?;
+        checked_product(OP, &[batch, heads, n, n])?;
+        checked_product(OP, &[2 * n, heads])?;
+        let dk = rows_of(
+            OP,
+            "q_pos",
+            q_pos.numel(),
+            checked_product(OP, &[batch, n, heads])?.max(1),
+        )?;
         launch::relative_logits_backward(
             &self.dev, &dq_pos, &drel_k, &dbias, &q_pos, &rel_k, batch, heads, n, dk,
         )

@@ -48,6 +48,9 @@ fn device_gemm<D: crate::gpu::KernelDevice>(
     err.map_or(Ok(t), Err)
 }
 
+/// Operand memory `bench gemm` accepts (A, B and C together, as f32).
+pub const MAX_BENCH_BYTES: usize = 16 << 30;
+
 #[derive(Clone, Debug)]
 pub struct GemmResult {
     pub timing: Timing,
@@ -59,11 +62,34 @@ impl GemmBench {
         if self.m == 0 || self.n == 0 || self.k == 0 {
             return Err(Error::invalid("gemm size", "m, n and k must be positive"));
         }
+        if self.threads == 0 {
+            return Err(Error::invalid("threads", "must be at least 1"));
+        }
+        // Sizes are checked before anything is allocated: a product that overflows, or operands beyond the
+        // limit, are errors rather than an abort in the allocator.
+        let dims = MatmulDims::new(self.m, self.n, self.k);
+        let (sa, sb, sc) = dims.checked_sizes("bench gemm")?;
+        let bytes = [sa, sb, sc]
+            .iter()
+            .try_fold(0usize, |acc, &n| acc.checked_add(n.checked_mul(4)?))
+            .unwrap_or(usize::MAX);
+        if bytes > MAX_BENCH_BYTES {
+            return Err(Error::invalid(
+                "gemm size",
+                format!(
+                    "m={} n={} k={} needs {:.1} GiB of operands; the limit is {} GiB",
+                    self.m,
+                    self.n,
+                    self.k,
+                    bytes as f64 / (1u64 << 30) as f64,
+                    MAX_BENCH_BYTES >> 30
+                ),
+            ));
+        }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(self.threads.max(1))
             .build()
             .map_err(|e| Error::invalid("threads", e.to_string()))?;
-        let dims = MatmulDims::new(self.m, self.n, self.k);
         // Deterministic, non-trivial inputs (constant inputs can flatter some kernels).
         let fill = |n: usize, salt: usize| -> Vec<f32> {
             (0..n)

@@ -622,7 +622,7 @@ impl Dataset {
                 let len = genome
                     .length(chrom)
                     .expect("chromosome resolved against this genome");
-                let w = Window::around_tss(*start, *end, *strand, self.config.dna_len);
+                let w = Window::around_tss(*start, *end, *strand, self.config.dna_len)?;
                 Ok(if w.inside(len) {
                     WindowFit::Inside
                 } else {
@@ -702,7 +702,13 @@ impl Dataset {
         match (&parsed.locus, &parsed.dna) {
             (Some((chrom, strand, start, end)), _) => {
                 let genome = self.genome.as_ref().expect("GTEx rows come with a genome");
-                Window::around_tss(*start, *end, *strand, len).fetch(genome, chrom, &mut dna)?;
+                Window::around_tss(*start, *end, *strand, len)
+                    .map_err(|msg| Error::Parse {
+                        path: file.path.clone(),
+                        line: Some(rec.line),
+                        msg,
+                    })?
+                    .fetch(genome, chrom, &mut dna)?;
             }
             (None, Some(given)) => {
                 let given = given.as_bytes();

@@ -38,18 +38,34 @@ pub struct Window {
     pub strand: Strand,
 }
 
+/// Largest coordinate accepted (2⁵⁶, far beyond any genome): window arithmetic stays exact in i64.
+pub const MAX_COORDINATE: u64 = 1 << 56;
+
 impl Window {
-    pub fn around_tss(start_1based: u64, end_1based: u64, strand: Strand, len: usize) -> Self {
-        let tss0 = match strand {
-            Strand::Plus => start_1based as i64 - 1,
-            Strand::Minus => end_1based as i64 - 1,
+    /// The window around the TSS, or an error for coordinates no genome has (0, or past
+    /// [`MAX_COORDINATE`]) or a window longer than that.
+    pub fn around_tss(
+        start_1based: u64,
+        end_1based: u64,
+        strand: Strand,
+        len: usize,
+    ) -> std::result::Result<Self, String> {
+        let pos = match strand {
+            Strand::Plus => start_1based,
+            Strand::Minus => end_1based,
         };
-        let start = tss0 - (len / 2) as i64;
-        Window {
+        if pos == 0 || pos > MAX_COORDINATE || len as u64 > MAX_COORDINATE {
+            return Err(format!(
+                "TSS coordinate {pos} (window {len} bp) is outside 1..={MAX_COORDINATE}"
+            ));
+        }
+        // All terms are below 2⁵⁷ in magnitude: no overflow.
+        let start = (pos as i64 - 1) - (len / 2) as i64;
+        Ok(Window {
             start,
             end: start + len as i64,
             strand,
-        }
+        })
     }
 
     pub fn inside(&self, chrom_len: u64) -> bool {
@@ -65,11 +81,17 @@ impl Window {
             )
         })? as i64;
         out.clear();
+        let len = self.end - self.start;
         let lo = self.start.clamp(0, chrom_len);
         let hi = self.end.clamp(0, chrom_len).max(lo);
-        out.resize((lo - self.start).min(self.end - self.start) as usize, b'N');
-        genome.fetch_into(chrom, lo as u64, hi as u64, out)?;
-        out.resize((self.end - self.start) as usize, b'N');
+        // N up to the chromosome's start (all of it when the window lies wholly past the end), the bases
+        // inside, then N to the window's end.
+        let before = (lo - self.start).clamp(0, len);
+        out.resize(before as usize, b'N');
+        if hi > lo && before < len {
+            genome.fetch_into(chrom, lo as u64, hi as u64, out)?;
+        }
+        out.resize(len as usize, b'N');
         if self.strand == Strand::Minus {
             reverse_complement(out);
         }
@@ -150,11 +172,47 @@ mod tests {
 
     #[test]
     fn windows_are_centred_on_the_zero_based_tss() {
-        let w = Window::around_tss(101, 500, Strand::Plus, 10);
+        let w = Window::around_tss(101, 500, Strand::Plus, 10).unwrap();
         assert_eq!((w.start, w.end), (95, 105));
-        let w = Window::around_tss(101, 500, Strand::Minus, 11);
+        let w = Window::around_tss(101, 500, Strand::Minus, 11).unwrap();
         assert_eq!((w.start, w.end), (494, 505));
-        assert!(!Window::around_tss(3, 9, Strand::Plus, 10).inside(100));
+        assert!(!Window::around_tss(3, 9, Strand::Plus, 10)
+            .unwrap()
+            .inside(100));
+    }
+
+    /// Coordinates of every size, 0 and the extremes included: an error or a window, never a panic or a
+    /// wrapped value.
+    #[test]
+    fn window_arithmetic_never_overflows() {
+        let values = [
+            0u64,
+            1,
+            2,
+            3,
+            1 << 31,
+            1 << 56,
+            (1 << 56) + 1,
+            1 << 62,
+            1 << 63,
+            u64::MAX - 1,
+            u64::MAX,
+        ];
+        let lens = [0usize, 1, 2, 196_608, 1 << 40, usize::MAX];
+        for &a in &values {
+            for &b in &values {
+                for &len in &lens {
+                    for strand in [Strand::Plus, Strand::Minus] {
+                        if let Ok(w) = Window::around_tss(a, b, strand, len) {
+                            assert_eq!(w.end - w.start, len as i64);
+                            assert!(w.start <= MAX_COORDINATE as i64);
+                        }
+                    }
+                }
+            }
+        }
+        assert!(Window::around_tss(0, 10, Strand::Plus, 10).is_err());
+        assert!(Window::around_tss(1 << 63, 10, Strand::Plus, 10).is_err());
     }
 
     #[test]

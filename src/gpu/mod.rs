@@ -7,7 +7,7 @@
 
 pub mod cuda;
 pub mod emulator;
-pub mod ops;
+pub(crate) mod ops;
 
 use crate::Result;
 

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use super::matmul::{gemm_raw, View};
 use super::simd::dispatch;
 use super::softmax::softmax_row_in_place;
-use crate::error::check_len;
+use crate::error::{check_len, checked_product};
 use crate::{Error, Result};
 
 /// Query rows processed together; bounds the scratch to `Q_BLOCK × Lk` per task.
@@ -43,6 +43,22 @@ impl AttentionDims {
             v_head_dim: head_dim,
             scale: (head_dim as f32).powf(-0.5),
         }
+    }
+
+    /// Element counts of every operand, or an error when a product overflows (checked before any
+    /// indexing or unsafe GEMM relies on them).
+    pub fn checked_sizes(&self, op: &'static str) -> Result<AttentionSizes> {
+        let (b, h) = (self.batch, self.heads);
+        let bias_broadcast = checked_product(op, &[h, self.q_len, self.kv_len])?;
+        Ok(AttentionSizes {
+            q: checked_product(op, &[b, self.q_len, h, self.head_dim])?,
+            k: checked_product(op, &[b, self.kv_len, h, self.head_dim])?,
+            v: checked_product(op, &[b, self.kv_len, h, self.v_head_dim])?,
+            out: checked_product(op, &[b, self.q_len, h, self.v_head_dim])?,
+            lse: checked_product(op, &[b, h, self.q_len])?,
+            bias_per_batch: checked_product(op, &[b, bias_broadcast])?,
+            bias_broadcast,
+        })
     }
 
     /// f32 elements of scratch that [`attention`] and [`attention_backward`] need with `threads` workers.
@@ -74,6 +90,18 @@ impl AttentionDims {
     }
 }
 
+/// Element counts of attention's operands ([`AttentionDims::checked_sizes`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionSizes {
+    pub q: usize,
+    pub k: usize,
+    pub v: usize,
+    pub out: usize,
+    pub lse: usize,
+    pub bias_per_batch: usize,
+    pub bias_broadcast: usize,
+}
+
 /// An additive score bias, broadcast over the batch unless `per_batch`.
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionBias<'a> {
@@ -94,10 +122,11 @@ pub struct AttentionInputs<'a> {
 
 impl AttentionInputs<'_> {
     fn check(&self, op: &'static str, d: &AttentionDims) -> Result<()> {
-        let (b, nh) = (d.batch, d.heads);
-        check_len(op, "q", self.q.len(), b * d.q_len * nh * d.head_dim)?;
-        check_len(op, "k", self.k.len(), b * d.kv_len * nh * d.head_dim)?;
-        check_len(op, "v", self.v.len(), b * d.kv_len * nh * d.v_head_dim)?;
+        let s = d.checked_sizes(op)?;
+        check_len(op, "q", self.q.len(), s.q)?;
+        check_len(op, "k", self.k.len(), s.k)?;
+        check_len(op, "v", self.v.len(), s.v)?;
+        let b = d.batch;
         if let Some(lens) = self.kv_lens {
             check_len(op, "kv_lens", lens.len(), b)?;
             if let Some((i, l)) = lens.iter().enumerate().find(|(_, &l)| l > d.kv_len) {
@@ -108,8 +137,16 @@ impl AttentionInputs<'_> {
             }
         }
         if let Some(bias) = self.bias {
-            let bb = if bias.per_batch { b } else { 1 };
-            check_len(op, "bias", bias.data.len(), bb * nh * d.q_len * d.kv_len)?;
+            check_len(
+                op,
+                "bias",
+                bias.data.len(),
+                if bias.per_batch {
+                    s.bias_per_batch
+                } else {
+                    s.bias_broadcast
+                },
+            )?;
         }
         Ok(())
     }

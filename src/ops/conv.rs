@@ -3,7 +3,7 @@
 //! Each tap is one GEMM of the shifted input rows against that tap's weight slice (no im2col copy).
 
 use super::matmul::{gemm_views, sum_rows_into, View};
-use crate::error::check_len;
+use crate::error::{check_len, checked_product};
 use crate::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,9 +23,21 @@ impl Conv1dDims {
                 format!("{} ('same' padding needs an odd width)", self.width),
             ));
         }
-        check_len(op, "x", x, self.batch * self.len * self.c_in)?;
-        check_len(op, "weight", w, self.c_out * self.c_in * self.width)?;
-        check_len(op, "out", out, self.batch * self.len * self.c_out)
+        let (sx, sw, so) = self.checked_sizes(op)?;
+        check_len(op, "x", x, sx)?;
+        check_len(op, "weight", w, sw)?;
+        check_len(op, "out", out, so)
+    }
+
+    /// Elements of x, the weight and the output (with the im2col columns checked too), or an error when a
+    /// product overflows.
+    pub fn checked_sizes(&self, op: &'static str) -> Result<(usize, usize, usize)> {
+        checked_product(op, &[self.batch, self.len, self.c_in, self.width.max(1)])?;
+        Ok((
+            checked_product(op, &[self.batch, self.len, self.c_in])?,
+            checked_product(op, &[self.c_out, self.c_in, self.width])?,
+            checked_product(op, &[self.batch, self.len, self.c_out])?,
+        ))
     }
 
     /// Output rows `l0..l1` that tap `t` reads from input rows `l0+t−pad..`, clipped to the sequence.

@@ -42,7 +42,13 @@ impl MatmulDims {
             dims.iter()
                 .try_fold(1usize, |acc, &d| acc.checked_mul(d))
                 .ok_or_else(|| {
-                    Error::invalid(op, format!("{what} of {} × {} × {} elements overflows", dims[0], dims[1], dims[2]))
+                    Error::invalid(
+                        op,
+                        format!(
+                            "{what} of {} × {} × {} elements overflows",
+                            dims[0], dims[1], dims[2]
+                        ),
+                    )
                 })
         };
         // Each matrix on its own too: with batch 0 the batched products are 0 whatever m, n, k are.
@@ -126,7 +132,10 @@ impl View {
         if self.rows == 0 || self.cols == 0 {
             return Some(0);
         }
-        let (rs, cs) = (usize::try_from(self.rs).ok()?, usize::try_from(self.cs).ok()?);
+        let (rs, cs) = (
+            usize::try_from(self.rs).ok()?,
+            usize::try_from(self.cs).ok()?,
+        );
         (self.rows - 1)
             .checked_mul(rs)?
             .checked_add((self.cols - 1).checked_mul(cs)?)?

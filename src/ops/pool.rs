@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 use super::matmul::{linear, linear_backward, LinearDims};
-use crate::error::check_len;
+use crate::error::{check_len, checked_product};
 use crate::Result;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,10 +30,20 @@ impl PoolDims {
     }
 
     fn check(&self, op: &'static str, x: usize, w: usize, out: usize, logits: usize) -> Result<()> {
-        check_len(op, "x", x, self.batch * self.len * self.channels)?;
-        check_len(op, "weight", w, self.channels * self.channels)?;
-        check_len(op, "out", out, self.batch * self.out_len() * self.channels)?;
+        let (sx, sw, so) = self.checked_sizes(op)?;
+        check_len(op, "x", x, sx)?;
+        check_len(op, "weight", w, sw)?;
+        check_len(op, "out", out, so)?;
         check_len(op, "logits", logits, x)
+    }
+
+    /// Elements of x (and the logits), the weight and the output, or an error when a product overflows.
+    pub fn checked_sizes(&self, op: &'static str) -> Result<(usize, usize, usize)> {
+        Ok((
+            checked_product(op, &[self.batch, self.len, self.channels])?,
+            checked_product(op, &[self.channels, self.channels])?,
+            checked_product(op, &[self.batch, self.out_len(), self.channels])?,
+        ))
     }
 }
 

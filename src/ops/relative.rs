@@ -4,7 +4,7 @@
 //! `R [2n − 1, H, dk]` (the projected positional features). The backward adds into both inputs.
 
 use super::matmul::{gemm_views, View};
-use crate::error::check_len;
+use crate::error::{check_len, checked_product};
 use crate::Result;
 
 /// `bias[b, h, i, j] = (q_pos[b, i, h]·R[(n−1) + j − i, h])` for every query i and key j.
@@ -164,7 +164,25 @@ fn check_shapes(
             "empty sequence, heads or head dim",
         ));
     }
-    check_len(op, "bias", bias, batch * heads * n * n)?;
-    check_len(op, "q_pos", q_pos, batch * n * heads * dk)?;
-    check_len(op, "rel_k", rel_k, (2 * n - 1) * heads * dk)
+    let two_n = n
+        .checked_mul(2)
+        .ok_or_else(|| crate::Error::invalid(op, "sequence length overflows"))?;
+    check_len(
+        op,
+        "bias",
+        bias,
+        checked_product(op, &[batch, heads, n, n])?,
+    )?;
+    check_len(
+        op,
+        "q_pos",
+        q_pos,
+        checked_product(op, &[batch, n, heads, dk])?,
+    )?;
+    check_len(
+        op,
+        "rel_k",
+        rel_k,
+        checked_product(op, &[two_n - 1, heads, dk])?,
+    )
 }

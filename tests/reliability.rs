@@ -1,0 +1,104 @@
+//! Regression tests for the reliability classes (sizes that overflow, windows past the chromosome): every
+//! input gives a result or an error that says what is wrong, never a panic.
+
+use isoformer_engine::backend::cpu::CpuBackend;
+use isoformer_engine::backend::kernel::KernelBackend;
+use isoformer_engine::backend::{AttentionDims, Backend, LinearDims, Role, Tensor};
+use isoformer_engine::data::fasta::Genome;
+use isoformer_engine::data::window::{Strand, Window};
+use isoformer_engine::gpu::emulator::EmuDevice;
+use isoformer_engine::ops::matmul::{matmul, MatmulDims};
+
+const EXTREMES: [usize; 8] = [0, 1, 2, 3, 1 << 31, 1 << 32, 1 << 63, usize::MAX];
+
+/// GEMM bounds: sizes whose products wrap must not pass the check and reach the unsafe kernel.
+#[test]
+fn gemm_sizes_that_overflow_are_errors() {
+    let (a, b) = (vec![1.0f32; 16], vec![1.0f32; 16]);
+    let mut c = vec![0.0f32; 16];
+    for &batch in &EXTREMES {
+        for &m in &EXTREMES {
+            for &n in &EXTREMES {
+                for &k in &EXTREMES {
+                    for (ta, tb) in [(false, false), (true, true)] {
+                        let d = MatmulDims {
+                            batch,
+                            m,
+                            n,
+                            k,
+                            trans_a: ta,
+                            trans_b: tb,
+                        };
+                        let fits = d
+                            .checked_sizes("t")
+                            .is_ok_and(|(x, y, z)| x == 16 && y == 16 && z == 16);
+                        let r = matmul(&mut c, &a, &b, d, false);
+                        assert_eq!(r.is_ok(), fits, "{d:?}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The same through the backend trait, on the CPU and on the kernel path (whose launchers would hand the
+/// sizes to a kernel).
+#[test]
+fn emu_backend_ops_refuse_overflowing_dims() {
+    fn check<B: Backend>(b: &B) {
+        let x = Tensor::new(b, Role::Activation, 64).unwrap();
+        let mut y = Tensor::new(b, Role::Activation, 64).unwrap();
+        let mut lse = Tensor::new(b, Role::Exact, 64).unwrap();
+        for &rows in &EXTREMES {
+            for &d in &EXTREMES {
+                let dims = LinearDims {
+                    rows,
+                    d_in: d,
+                    d_out: 1 << 33,
+                };
+                assert!(b
+                    .linear(y.view_mut(), x.view(), x.view(), None, dims)
+                    .is_err());
+                let ad = AttentionDims::new(rows.max(1), 1 << 40, 8, 8, d.max(1));
+                assert!(b
+                    .attention(
+                        y.view_mut(),
+                        lse.view_mut(),
+                        x.view(),
+                        x.view(),
+                        x.view(),
+                        None,
+                        None,
+                        &ad
+                    )
+                    .is_err());
+            }
+        }
+    }
+    check(&CpuBackend::new());
+    check(&KernelBackend::new(EmuDevice::default()));
+}
+
+/// `--edge pad` with a window that starts past the chromosome's end (a genome-build mismatch) used to
+/// overflow a size and panic; it is all N now, and coordinates near 2⁶³ are an error.
+#[test]
+fn windows_past_the_chromosome_are_all_n() {
+    let dir = std::env::temp_dir().join(format!("iso-rel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fa = dir.join("g.fa");
+    std::fs::write(&fa, ">c\nACGTACGTAC\nGT\n").unwrap();
+    let g = Genome::open(&fa, &dir).unwrap();
+    let mut out = Vec::new();
+    for (start, len) in [(1_000_000u64, 20usize), (13, 8), (12, 8), (1, 30), (5, 0)] {
+        let w = Window::around_tss(start, start, Strand::Plus, len).unwrap();
+        w.fetch(&g, "c", &mut out).unwrap();
+        assert_eq!(out.len(), len, "start {start} len {len}");
+        if start > 100 {
+            assert!(out.iter().all(|&b| b == b'N'));
+        }
+    }
+    for start in [1u64 << 62, 1 << 63, u64::MAX] {
+        assert!(Window::around_tss(start, start, Strand::Minus, 196_608).is_err());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
