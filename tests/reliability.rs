@@ -102,3 +102,116 @@ fn windows_past_the_chromosome_are_all_n() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models")
+        .join(name)
+}
+
+/// A copy of a fixture model in a fresh folder, with its config edited by `edit` and, optionally, one
+/// tensor's first value replaced.
+fn edited_fixture(
+    name: &str,
+    tag: &str,
+    edit: impl Fn(&mut serde_json::Value),
+    poison: Option<(&str, f32)>,
+) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("iso-rel-{name}-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(name).join("config.json")).unwrap())
+            .unwrap();
+    edit(&mut cfg);
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let bytes = std::fs::read(fixture(name).join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n.to_string(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    if let Some((target, value)) = poison {
+        let t = owned
+            .iter_mut()
+            .find(|(n, _, _)| n.ends_with(target))
+            .expect("tensor to poison");
+        t.2[..4].copy_from_slice(&value.to_le_bytes());
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(n, s, d)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(
+        dir.join("model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    dir
+}
+
+/// Non-finite f32 weights are refused, naming the tensor (they are used in place, without a copy), and so
+/// are impossible config values.
+#[test]
+fn nan_weights_and_bad_configs_are_refused() {
+    use isoformer_engine::embed::{Embedder, ModelKind};
+    let nan = edited_fixture(
+        "esm2",
+        "nan",
+        |_| {},
+        Some(("encoder.layer.1.attention.self.key.weight", f32::NAN)),
+    );
+    let err = Embedder::load(ModelKind::Esm2, &nan, None)
+        .err()
+        .expect("NaN weights must fail")
+        .to_string();
+    assert!(
+        err.contains("encoder.layer.1.attention.self.key.weight") && err.contains("non-finite"),
+        "{err}"
+    );
+    let inf = edited_fixture(
+        "enformer",
+        "inf",
+        |_| {},
+        Some(("stem.0.weight", f32::INFINITY)),
+    );
+    assert!(Embedder::load(ModelKind::Enformer, &inf, None).is_err());
+    for (tag, key, value) in [
+        ("eps0", "layer_norm_eps", serde_json::json!(0.0)),
+        ("epsneg", "layer_norm_eps", serde_json::json!(-1e-5)),
+        (
+            "layers",
+            "num_hidden_layers",
+            serde_json::json!(1_000_000_000_000u64),
+        ),
+        ("vocab0", "vocab_size", serde_json::json!(0)),
+    ] {
+        let dir = edited_fixture("esm2", tag, |c| c[key] = value.clone(), None);
+        let err = Embedder::load(ModelKind::Esm2, &dir, None)
+            .err()
+            .expect("bad config")
+            .to_string();
+        assert!(err.contains(key) || err.contains("vocab"), "{tag}: {err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    let dir = edited_fixture(
+        "enformer",
+        "target0",
+        |c| c["target_length"] = serde_json::json!(0),
+        None,
+    );
+    let err = Embedder::load(ModelKind::Enformer, &dir, None)
+        .err()
+        .expect("target_length 0")
+        .to_string();
+    assert!(err.contains("target_length"), "{err}");
+    for d in [nan, inf, dir] {
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

@@ -15,6 +15,13 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     })
 }
 
+/// Bounds on model sizes read from a config: far above any published model (ESM-2 15B: 48 layers, width
+/// 5120; Enformer: width 1536), and low enough that a corrupt or hostile config is refused before a layout
+/// of its size is built.
+pub const MAX_LAYERS: usize = 1024;
+pub const MAX_WIDTH: usize = 1 << 16;
+pub const MAX_VOCAB: usize = 1 << 20;
+
 /// ESM-2 and NT-v2 (`model_type: "esm"`): the fields the encoder needs.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 pub struct EsmConfig {
@@ -77,6 +84,23 @@ impl EsmConfig {
                 "emb_layer_norm_before = true is not supported (ESM-2 and NT-v2 use false)".into(),
             );
         }
+        if !(c.layer_norm_eps > 0.0 && c.layer_norm_eps < 1.0) {
+            return bad(format!(
+                "layer_norm_eps {} must be in (0, 1)",
+                c.layer_norm_eps
+            ));
+        }
+        for (name, value, max) in [
+            ("vocab_size", c.vocab_size, MAX_VOCAB),
+            ("hidden_size", c.hidden_size, MAX_WIDTH),
+            ("num_hidden_layers", c.num_hidden_layers, MAX_LAYERS),
+            ("num_attention_heads", c.num_attention_heads, MAX_WIDTH),
+            ("intermediate_size", c.intermediate_size, 4 * MAX_WIDTH),
+        ] {
+            if value == 0 || value > max {
+                return bad(format!("{name} {value} is outside 1..={max}"));
+            }
+        }
         if c.num_attention_heads == 0
             || c.hidden_size % c.num_attention_heads != 0
             || (c.hidden_size / c.num_attention_heads) % 2 != 0
@@ -136,8 +160,25 @@ impl EnformerConfig {
                 c.dim, c.heads
             ));
         }
-        if c.num_downsamples < 2 || c.dim % 2 != 0 {
-            return bad("num_downsamples must be at least 2 and dim even".into());
+        if c.num_downsamples < 2 || c.num_downsamples > 16 || c.dim % 2 != 0 {
+            return bad("num_downsamples must be in 2..=16 and dim even".into());
+        }
+        for (name, value, max) in [
+            ("dim", c.dim, MAX_WIDTH),
+            ("depth", c.depth, MAX_LAYERS),
+            ("attn_dim_key", c.attn_dim_key, MAX_WIDTH),
+            ("target_length", c.target_length, 1 << 20),
+            ("dim_divisible_by", c.dim_divisible_by, MAX_WIDTH),
+        ] {
+            if value == 0 || value > max {
+                return bad(format!("{name} {value} is outside 1..={max}"));
+            }
+        }
+        if let Some((name, &w)) = c.output_heads.iter().find(|(_, &w)| w == 0 || w > 1 << 20) {
+            return bad(format!(
+                "output head '{name}' has width {w}, outside 1..={}",
+                1 << 20
+            ));
         }
         Ok(c)
     }

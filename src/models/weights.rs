@@ -209,6 +209,21 @@ impl ModelParams {
         }
         let all_f32 = found.iter().all(|(_, t)| file.f32_view(t).is_some());
         if all_f32 && !owned {
+            // Mapped f32 weights are used in place, so they are checked here: a NaN or Inf would
+            // otherwise give all-NaN outputs without a word.
+            for (fname, t) in &found {
+                let values = file.f32_view(t).expect("checked above");
+                if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                    return Err(Error::Tensor {
+                        name: fname.clone(),
+                        msg: format!(
+                            "in {} has a non-finite value ({}) at element {i}",
+                            file.path.display(),
+                            values[i]
+                        ),
+                    });
+                }
+            }
             let ranges = found.iter().map(|(_, t)| (t.start, t.end)).collect();
             return Ok(ModelParams {
                 layout,
@@ -218,13 +233,18 @@ impl ModelParams {
         let mut arena = Arena::zeros(layout.clone());
         for (i, (fname, t)) in found.iter().enumerate() {
             let e = &layout.entries()[i];
-            file.read_into(fname, t, arena.f32_mut(&e.spec.name)?)?;
-        }
-        if let Some(i) = arena.as_f32().iter().position(|v| !v.is_finite()) {
-            return Err(Error::NonFinite {
-                what: format!("weights in {}", file.path.display()),
-                index: i,
-            });
+            let dst = arena.f32_mut(&e.spec.name)?;
+            file.read_into(fname, t, dst)?;
+            if let Some(j) = dst.iter().position(|v| !v.is_finite()) {
+                return Err(Error::Tensor {
+                    name: fname.clone(),
+                    msg: format!(
+                        "in {} has a non-finite value ({}) at element {j}",
+                        file.path.display(),
+                        dst[j]
+                    ),
+                });
+            }
         }
         Ok(ModelParams {
             layout,
