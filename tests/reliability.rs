@@ -215,3 +215,55 @@ fn nan_weights_and_bad_configs_are_refused() {
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
+
+/// The output writer: a device node, an input, or a folder that does not exist are refused before any
+/// work, with the path named, and the target is left as it was.
+#[test]
+fn embed_refuses_outputs_that_are_devices_inputs_or_unwritable() {
+    let bin = env!("CARGO_BIN_EXE_isoformer-engine");
+    let dir = std::env::temp_dir().join(format!("iso-rel-out-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("in.fa");
+    std::fs::write(&input, ">a\nMKTAYIAKQR\n").unwrap();
+    let weights = fixture("esm2");
+    let run = |out: &std::path::Path| {
+        std::process::Command::new(bin)
+            .args(["embed", "--model", "esm2", "--device", "cpu", "--weights"])
+            .arg(&weights)
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    for (out, want) in [
+        (std::path::PathBuf::from("/dev/null"), "not a regular file"),
+        (input.clone(), "same file as the input"),
+        (weights.join("model.safetensors"), "same file as the input"),
+        (dir.join("missing/x.safetensors"), "missing"),
+    ] {
+        let o = run(&out);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(want),
+            "{}: {err}",
+            out.display()
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&input).unwrap(), ">a\nMKTAYIAKQR\n");
+    let o = run(&dir.join("ok.safetensors"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let partial = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".partial")
+        })
+        .count();
+    assert_eq!(partial, 0, "no temporary file is left behind");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

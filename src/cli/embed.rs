@@ -60,9 +60,30 @@ pub fn run(a: EmbedArgs) -> Result<()> {
             "cls is not defined for Enformer (use mean or none)",
         ));
     }
+    if a.max_tokens < 3 {
+        return Err(Error::invalid(
+            "--max-tokens",
+            format!(
+                "{} leaves no room for a residue next to <cls> and <eos> (at least 3)",
+                a.max_tokens
+            ),
+        ));
+    }
+    // The output is checked (not an input, not a device or a link, its folder writable) before any work.
+    let (config_path, weights_path) =
+        crate::embed::resolve_weights(&a.weights, a.config.as_deref())?;
+    let mut inputs = vec![
+        a.input.as_path(),
+        config_path.as_path(),
+        weights_path.as_path(),
+    ];
+    if let Some(g) = &a.tf_gammas {
+        inputs.push(g.as_path());
+    }
+    crate::runtime::output::check_writable_target(&a.output, &inputs)?;
     let seqs = read_sequences(&a.input)?;
     let mut embedder = Embedder::load(kind, &a.weights, a.config.as_deref())?;
-    embedder.max_tokens = a.max_tokens.max(3);
+    embedder.max_tokens = a.max_tokens;
     embedder.to_device(device)?;
     if let Some(path) = &a.tf_gammas {
         embedder.set_tf_gammas(path)?;

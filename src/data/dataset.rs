@@ -643,6 +643,15 @@ impl Dataset {
         &self.config
     }
 
+    /// The files the dataset reads (tables and genome): an output must never be one of them.
+    pub fn input_files(&self) -> Vec<&Path> {
+        let mut out: Vec<&Path> = self.files.iter().map(|f| f.path.as_path()).collect();
+        if let Some(g) = &self.genome {
+            out.push(g.path());
+        }
+        out
+    }
+
     pub fn tissues(&self) -> &[String] {
         &self.tissues
     }

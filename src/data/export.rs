@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::Path;
 
 use super::dataset::{Dataset, Split, TargetStats};
+use crate::runtime::output::AtomicOutput;
 use crate::runtime::safetensors_file::{load_f32, save_f32, NamedTensor};
 use crate::{Error, Result};
 
@@ -15,54 +16,47 @@ pub fn export_tsv(
     limit: Option<usize>,
     out: &Path,
 ) -> Result<usize> {
-    let dir = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.partial{}",
-        out.file_name()
-            .map_or("export".into(), |n| n.to_string_lossy()),
-        std::process::id()
-    ));
-    let result = (|| -> Result<usize> {
-        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-        let io = |e| Error::io(out, e);
-        write!(w, "transcript_id\tsplit\tdna\trna\tprotein").map_err(io)?;
-        for t in ds.tissues() {
+    let inputs: Vec<&Path> = ds.input_files();
+    let mut file = AtomicOutput::create(out, &inputs)?;
+    let io = |e| Error::io(out, e);
+    let w = file.writer();
+    write!(w, "transcript_id\tsplit\tdna\trna\tprotein").map_err(io)?;
+    for t in ds.tissues() {
+        write!(w, "\t{t}").map_err(io)?;
+    }
+    writeln!(w).map_err(io)?;
+    let mut written = 0;
+    for row in ds
+        .rows()
+        .iter()
+        .filter(|r| split.is_none_or(|s| r.split == s))
+    {
+        if limit.is_some_and(|l| written >= l) {
+            break;
+        }
+        let s = ds.sample(row)?;
+        // TSV has no quoting: an id with a tab or a line break would shift or split the row.
+        if s.transcript_id.contains(['\t', '\n', '\r']) {
+            return Err(Error::invalid(
+                "transcript id",
+                format!(
+                    "{:?} contains a tab or line break, which TSV cannot hold",
+                    s.transcript_id
+                ),
+            ));
+        }
+        w.write_all(s.transcript_id.as_bytes()).map_err(io)?;
+        write!(w, "\t{}\t", s.split.name()).map_err(io)?;
+        w.write_all(&s.dna).map_err(io)?;
+        write!(w, "\t{}\t{}", s.rna, s.protein.as_deref().unwrap_or("")).map_err(io)?;
+        for t in &s.targets {
             write!(w, "\t{t}").map_err(io)?;
         }
         writeln!(w).map_err(io)?;
-        let mut written = 0;
-        for row in ds
-            .rows()
-            .iter()
-            .filter(|r| split.is_none_or(|s| r.split == s))
-        {
-            if limit.is_some_and(|l| written >= l) {
-                break;
-            }
-            let s = ds.sample(row)?;
-            w.write_all(s.transcript_id.as_bytes()).map_err(io)?;
-            write!(w, "\t{}\t", s.split.name()).map_err(io)?;
-            w.write_all(&s.dna).map_err(io)?;
-            write!(w, "\t{}\t{}", s.rna, s.protein.as_deref().unwrap_or("")).map_err(io)?;
-            for t in &s.targets {
-                write!(w, "\t{t}").map_err(io)?;
-            }
-            writeln!(w).map_err(io)?;
-            written += 1;
-        }
-        let file = w.into_inner().map_err(|e| Error::io(out, e.into_error()))?;
-        file.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, out).map_err(io)?;
-        Ok(written)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        written += 1;
     }
-    result
+    file.commit()?;
+    Ok(written)
 }
 
 impl TargetStats {

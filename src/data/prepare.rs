@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use super::fasta::Genome;
 use super::window::reverse_complement;
+use crate::runtime::output::AtomicOutput;
 use crate::{Error, Result};
 
 pub struct PrepareInputs {
@@ -229,6 +230,16 @@ fn sequences(
 
 /// Streams the GCT and writes `out_dir/GTEx_final.csv` (through a temporary file). Returns rows written.
 pub fn prepare(inp: &PrepareInputs) -> Result<usize> {
+    std::fs::create_dir_all(&inp.out_dir).map_err(|e| Error::io(&inp.out_dir, e))?;
+    let out_path = inp.out_dir.join("GTEx_final.csv");
+    // The output is opened (and checked against the inputs) before any of the long reading starts.
+    let inputs = [
+        inp.gct.as_path(),
+        inp.attributes.as_path(),
+        inp.gtf.as_path(),
+        inp.genome.as_path(),
+    ];
+    let mut out = AtomicOutput::create(&out_path, &inputs)?;
     let tissue_of = read_attributes(&inp.attributes)?;
     let transcripts = read_gtf(&inp.gtf)?;
     let by_unversioned: HashMap<&str, &str> = transcripts
@@ -284,14 +295,8 @@ pub fn prepare(inp: &PrepareInputs) -> Result<usize> {
         .map(|c| tissue_of.get(*c).map(|t| tissue_index[t.as_str()]))
         .collect();
 
-    std::fs::create_dir_all(&inp.out_dir).map_err(|e| Error::io(&inp.out_dir, e))?;
-    let out_path = inp.out_dir.join("GTEx_final.csv");
-    let tmp = inp
-        .out_dir
-        .join(format!(".GTEx_final.csv.partial{}", std::process::id()));
-    let result = (|| -> Result<usize> {
-        let mut w =
-            std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?);
+    let written = {
+        let w = out.writer();
         let io = |e| Error::io(&out_path, e);
         write!(
             w,
@@ -342,11 +347,14 @@ pub fn prepare(inp: &PrepareInputs) -> Result<usize> {
                         line: Some(i + 1),
                         msg: format!("TPM '{v}' in column '{}' is not a number", cols[c]),
                     })?;
-                    if !x.is_finite() {
+                    if !x.is_finite() || x < 0.0 {
                         return Err(Error::Parse {
                             path: inp.gct.clone(),
                             line: Some(i + 1),
-                            msg: format!("TPM '{v}' in column '{}' is not finite", cols[c]),
+                            msg: format!(
+                                "TPM '{v}' in column '{}' is not a finite non-negative number",
+                                cols[c]
+                            ),
                         });
                     }
                     sums[ti] += x;
@@ -361,10 +369,11 @@ pub fn prepare(inp: &PrepareInputs) -> Result<usize> {
             );
             write!(
                 w,
-                "{id},{},{},{},{},{start},{end},{rna},{utr5},{cds},{utr3},{protein}",
-                t.gene_id,
+                "{},{},{},{},{},{start},{end},{rna},{utr5},{cds},{utr3},{protein}",
+                csv_field(id),
+                csv_field(&t.gene_id),
                 split_of(&t.gene_id, inp.seed),
-                t.chrom,
+                csv_field(&t.chrom),
                 t.strand
             )
             .map_err(io)?;
@@ -375,14 +384,19 @@ pub fn prepare(inp: &PrepareInputs) -> Result<usize> {
             writeln!(w).map_err(io)?;
             written += 1;
         }
-        w.flush().map_err(io)?;
-        std::fs::rename(&tmp, &out_path).map_err(io)?;
-        Ok(written)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        written
+    };
+    out.commit()?;
+    Ok(written)
+}
+
+/// A CSV field, quoted when it holds a comma, a quote or a line break (quotes doubled).
+fn csv_field(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\"")).into()
+    } else {
+        s.into()
     }
-    result
 }
 
 #[cfg(test)]

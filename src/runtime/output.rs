@@ -1,50 +1,143 @@
-//! The one output writer: every file the engine writes goes through [`write_atomically`], so a partial
-//! output never looks complete and nothing outside the named path is touched.
+//! The one output writer: every file the engine writes goes through [`AtomicOutput`] (or
+//! [`write_atomically`] for a buffer), so a partial output never looks complete and nothing outside the
+//! named path is touched.
+//!
+//! - An existing target that is not a regular file (a device, a FIFO, a directory, a symlink) is refused,
+//!   so `--output /dev/null` cannot replace `/dev/null`.
+//! - A target that is the same file as one of the command's inputs is refused before any compute.
+//! - The temporary file sits beside the target (so the rename is atomic), has an unpredictable name and is
+//!   created with `create_new`, so a file or symlink planted at a guessable name is never written through.
+//!   Creating it first also proves the folder writable before the work starts.
+//! - On an error, or when the writer is dropped without [`AtomicOutput::commit`], the temporary is removed.
 
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::path::Path;
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
 
-/// Writes `contents` to `path` through a temporary file in the same folder and a rename.
-///
-/// - An existing `path` that is not a regular file (a device, a FIFO, a directory, a symlink) is refused,
-///   so `--output /dev/null` cannot replace `/dev/null`.
-/// - The temporary file has an unpredictable name and is created with `create_new`, so a file or symlink
-///   planted at a guessable name is never written through.
-/// - On any error the temporary file is removed.
-pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
+fn refuse(path: &Path, why: &str) -> Error {
+    Error::io(path, std::io::Error::other(why.to_string()))
+}
+
+/// Checks an output path before any work: not an existing non-regular file, not one of `inputs`.
+pub fn check_target(path: &Path, inputs: &[&Path]) -> Result<()> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_file() {
-            return Err(Error::io(
+            return Err(refuse(
                 path,
-                std::io::Error::other("exists and is not a regular file; refusing to replace it"),
+                "exists and is not a regular file; refusing to replace it",
             ));
         }
+        for input in inputs {
+            if same_file(path, input) {
+                return Err(refuse(
+                    path,
+                    &format!(
+                        "is the same file as the input {}; refusing to overwrite an input",
+                        input.display()
+                    ),
+                ));
+            }
+        }
     }
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map_or("out".into(), |n| n.to_string_lossy());
-    let nonce: u64 = rand::random();
-    let tmp = dir.join(format!(
-        ".{name}.{}.{nonce:016x}.partial",
-        std::process::id()
-    ));
-    let write = || -> std::io::Result<()> {
-        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        f.write_all(contents)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
+    Ok(())
+}
+
+#[cfg(unix)]
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// [`check_target`], and proof that the target's folder takes a new file: for commands that compute first
+/// and write at the end, so a bad output path fails before the work, not after it.
+pub fn check_writable_target(path: &Path, inputs: &[&Path]) -> Result<()> {
+    // Creating (and dropping, which removes) the temporary file is the check.
+    AtomicOutput::create(path, inputs).map(drop)
+}
+
+/// A file being written under a temporary name, renamed over its target by [`Self::commit`].
+pub struct AtomicOutput {
+    target: PathBuf,
+    tmp: PathBuf,
+    writer: Option<BufWriter<File>>,
+}
+
+impl AtomicOutput {
+    /// Starts writing `target` (checked as by [`check_target`] against `inputs`).
+    pub fn create(target: &Path, inputs: &[&Path]) -> Result<Self> {
+        check_target(target, inputs)?;
+        let dir = target
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = target
+            .file_name()
+            .map_or("out".into(), |n| n.to_string_lossy());
+        let nonce: u64 = rand::random();
+        let tmp = dir.join(format!(
+            ".{name}.{}.{nonce:016x}.partial",
+            std::process::id()
+        ));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| Error::io(dir, e))?;
+        Ok(AtomicOutput {
+            target: target.to_path_buf(),
+            tmp,
+            writer: Some(BufWriter::with_capacity(1 << 20, file)),
+        })
+    }
+
+    /// The buffered writer of the temporary file.
+    pub fn writer(&mut self) -> &mut BufWriter<File> {
+        self.writer.as_mut().expect("only taken by commit")
+    }
+
+    /// Flushes, syncs and renames the file over the target (re-checking that the target is still not a
+    /// non-regular file).
+    pub fn commit(mut self) -> Result<()> {
+        let writer = self.writer.take().expect("committed once");
+        let file = writer
+            .into_inner()
+            .map_err(|e| Error::io(&self.target, e.into_error()))?;
+        file.sync_all().map_err(|e| Error::io(&self.target, e))?;
+        drop(file);
+        check_target(&self.target, &[])?;
+        std::fs::rename(&self.tmp, &self.target).map_err(|e| Error::io(&self.target, e))
+    }
+}
+
+impl Drop for AtomicOutput {
+    fn drop(&mut self) {
+        if self.writer.is_some() {
+            self.writer = None;
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Writes `contents` to `path` atomically (see the module comment).
+pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
+    let mut out = AtomicOutput::create(path, &[])?;
+    out.writer()
+        .write_all(contents)
+        .map_err(|e| Error::io(path, e))?;
+    out.commit()
 }
 
 #[cfg(test)]
@@ -52,7 +145,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn refuses_non_regular_targets_and_leaves_no_temporary() {
+    fn refuses_non_regular_targets_and_inputs_and_leaves_no_temporary() {
         let dir = std::env::temp_dir().join(format!("iso-out-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         assert!(
@@ -72,7 +165,17 @@ mod tests {
                 "a symlink is refused"
             );
             assert_eq!(std::fs::read(&target).unwrap(), b"hello");
+            assert!(check_target(Path::new("/dev/null"), &[]).is_err());
         }
+        assert!(
+            AtomicOutput::create(&target, &[&target]).is_err(),
+            "an input is refused"
+        );
+        {
+            let mut unfinished = AtomicOutput::create(&dir.join("never.bin"), &[]).unwrap();
+            unfinished.writer().write_all(b"partial").unwrap();
+        }
+        assert!(!dir.join("never.bin").exists());
         let leftovers = std::fs::read_dir(&dir)
             .unwrap()
             .filter(|e| {
