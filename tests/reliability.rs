@@ -267,3 +267,39 @@ fn embed_refuses_outputs_that_are_devices_inputs_or_unwritable() {
     assert_eq!(partial, 0, "no temporary file is left behind");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A `.fai` left over from another FASTA (another line width, another length, swapped names) is detected
+/// and rebuilt, never trusted: the bases read are the file's own.
+#[test]
+fn stale_fasta_indexes_are_rebuilt() {
+    let dir = std::env::temp_dir().join(format!("iso-rel-fai-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fa = dir.join("g.fa");
+    let (a, b) = ("ACGTACGTACGTAC", "TTTTGGGGCC");
+    let write = |text: &str| std::fs::write(&fa, text).unwrap();
+    let wrap = |s: &str, w: usize| {
+        s.as_bytes()
+            .chunks(w)
+            .map(|c| format!("{}\n", std::str::from_utf8(c).unwrap()))
+            .collect::<String>()
+    };
+    let layouts = [
+        format!(">a\n{}>b\n{}", wrap(a, 5), wrap(b, 5)),
+        format!(">a\n{}>b\n{}", wrap(a, 4), wrap(b, 4)),
+        format!(">b\n{}>a\n{}", wrap(b, 4), wrap(a, 4)),
+        format!(">a\n{}>b\n{}", wrap(a, 4), wrap(&b[..7], 4)),
+    ];
+    // Index the first layout, then swap the file under the index each time.
+    for (i, text) in layouts.iter().enumerate() {
+        write(text);
+        let g = Genome::open(&fa, &dir.join("cache")).unwrap();
+        let mut out = Vec::new();
+        g.fetch_into("a", 0, a.len() as u64, &mut out).unwrap();
+        assert_eq!(out, a.as_bytes(), "layout {i}: sequence a");
+        let b_len = g.length("b").unwrap() as usize;
+        out.clear();
+        g.fetch_into("b", 0, b_len as u64, &mut out).unwrap();
+        assert_eq!(out, &b.as_bytes()[..b_len], "layout {i}: sequence b");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

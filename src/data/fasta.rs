@@ -353,21 +353,73 @@ fn byte_of(e: &FaiEntry, pos: u64) -> Option<usize> {
     usize::try_from(byte).ok()
 }
 
-/// A quick check that an index describes this file (guards against a stale `.fai`): every sequence's first
-/// base follows a newline and its last base is a letter inside the file.
+/// Checks that an index describes this file (guards against a stale or foreign `.fai`):
+/// - the line before each sequence is its own `>name` header (swapped or renamed sequences fail);
+/// - lines end exactly where the index says: the first, the last and up to 64 evenly spaced lines in
+///   between have `line_bases` letters and then their line break at `line_bytes` (another line width fails);
+/// - the sequence ends where its length says: its last base is a letter, followed by a line break and then
+///   the next header or the end of the file (another length fails).
 fn index_fits(index: &FaiIndex, map: &[u8]) -> bool {
-    index.entries.iter().all(|e| {
-        if e.length == 0 {
-            return (e.offset as usize) <= map.len();
-        }
-        let Some(last) = byte_of(e, e.length - 1) else {
+    index.entries.iter().all(|e| entry_fits(e, map))
+}
+
+fn entry_fits(e: &FaiEntry, map: &[u8]) -> bool {
+    let Ok(offset) = usize::try_from(e.offset) else {
+        return false;
+    };
+    if offset == 0 || offset > map.len() || map[offset - 1] != b'\n' {
+        return false;
+    }
+    // The header line: `>name` then whitespace or the line break.
+    let header_start = map[..offset - 1]
+        .iter()
+        .rposition(|&c| c == b'\n')
+        .map_or(0, |p| p + 1);
+    let header = &map[header_start..offset - 1];
+    let name = e.name.as_bytes();
+    if !(header.first() == Some(&b'>')
+        && header[1..].starts_with(name)
+        && header
+            .get(1 + name.len())
+            .is_none_or(|c| c.is_ascii_whitespace()))
+    {
+        return false;
+    }
+    if e.length == 0 {
+        return true;
+    }
+    let lines = (e.length - 1) / e.line_bases + 1;
+    let check_line = |line: u64| -> bool {
+        let Some(start) = line.checked_mul(e.line_bytes).and_then(|b| b.checked_add(e.offset)) else {
             return false;
         };
-        e.offset > 0
-            && (e.offset as usize) <= map.len()
-            && map[e.offset as usize - 1] == b'\n'
-            && map.get(last).is_some_and(u8::is_ascii_alphabetic)
-    })
+        let bases = if line + 1 == lines {
+            e.length - line * e.line_bases
+        } else {
+            e.line_bases
+        };
+        let (Ok(start), Ok(bases)) = (usize::try_from(start), usize::try_from(bases)) else {
+            return false;
+        };
+        let end = start + bases;
+        end < map.len()
+            && map[start..end].iter().all(u8::is_ascii_alphabetic)
+            && matches!(map[end], b'\n' | b'\r')
+    };
+    let step = (lines / 64).max(1);
+    let sampled = (0..lines).step_by(step as usize).chain([lines - 1]);
+    if !sampled.into_iter().all(check_line) {
+        return false;
+    }
+    // After the last line: its break, then the next header or the end of the file.
+    let Some(last) = byte_of(e, e.length - 1) else {
+        return false;
+    };
+    let mut after = last + 1;
+    while after < map.len() && matches!(map[after], b'\n' | b'\r') {
+        after += 1;
+    }
+    after == map.len() || map[after] == b'>'
 }
 
 #[cfg(test)]

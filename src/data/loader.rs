@@ -88,6 +88,7 @@ pub struct Loader {
     rx: Option<Receiver<Result<Batch>>>,
     worker: Option<JoinHandle<()>>,
     batches: usize,
+    yielded: usize,
 }
 
 impl Loader {
@@ -125,6 +126,7 @@ impl Loader {
             rx: Some(rx),
             worker: Some(worker),
             batches,
+            yielded: 0,
         })
     }
 
@@ -142,7 +144,40 @@ impl Iterator for Loader {
     type Item = Result<Batch>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        self.rx.as_ref()?.recv().ok()
+        match self.rx.as_ref()?.recv() {
+            Ok(batch) => {
+                self.yielded += 1;
+                if batch.is_err() {
+                    self.rx = None;
+                }
+                Some(batch)
+            }
+            Err(_) => {
+                // The channel closed: normal after the last batch; otherwise the worker died (a panic in
+                // reading a sample), which must be an error, not a short epoch that looks complete.
+                self.rx = None;
+                let worker = self.worker.take();
+                let panic = worker.and_then(|w| w.join().err());
+                if self.yielded == self.batches && panic.is_none() {
+                    return None;
+                }
+                let why = panic
+                    .map(|p| {
+                        p.downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "unknown panic".into())
+                    })
+                    .map_or("it stopped early".to_string(), |m| format!("it panicked: {m}"));
+                Some(Err(Error::invalid(
+                    "data loader",
+                    format!(
+                        "the loader thread delivered {} of {} batches: {why}",
+                        self.yielded, self.batches
+                    ),
+                )))
+            }
+        }
     }
 }
 
