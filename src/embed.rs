@@ -228,6 +228,19 @@ pub fn resolve_weights(weights: &Path, config: Option<&Path>) -> Result<(PathBuf
 impl Embedder {
     /// Loads a model from a `save_pretrained`-style directory, or a `.safetensors` file with its config.
     pub fn load(kind: ModelKind, weights: &Path, config: Option<&Path>) -> Result<Self> {
+        Self::load_with(kind, weights, config, false)
+    }
+
+    /// [`Self::load`], where `allow_unused` accepts weight files holding tensors the model does not read
+    /// (beyond the usual extras: LM and contact heads, position ids, Enformer's output heads). Without it
+    /// they are an error that lists them: a config with fewer layers than its weights would otherwise run a
+    /// truncated model without a word.
+    pub fn load_with(
+        kind: ModelKind,
+        weights: &Path,
+        config: Option<&Path>,
+        allow_unused: bool,
+    ) -> Result<Self> {
         let (cfg_path, file_path) = resolve_weights(weights, config)?;
         let file = Arc::new(WeightFile::open(&file_path)?);
         let (network, params) = match kind {
@@ -272,6 +285,26 @@ impl Embedder {
                 (Network::Enformer(trunk), params)
             }
         };
+        let unexpected: Vec<&String> = params
+            .unused()
+            .iter()
+            .filter(|n| !expected_extra(kind, n))
+            .collect();
+        if !unexpected.is_empty() && !allow_unused {
+            let shown: Vec<&str> = unexpected.iter().take(8).map(|s| s.as_str()).collect();
+            return Err(Error::invalid(
+                "weights",
+                format!(
+                    "{} holds {} tensors the {} config does not use (does the config have fewer layers \
+                     than the weights?): {}{}; pass --allow-unused-weights to ignore them",
+                    file_path.display(),
+                    unexpected.len(),
+                    kind.name(),
+                    shown.join(", "),
+                    if unexpected.len() > shown.len() { ", …" } else { "" }
+                ),
+            ));
+        }
         let placed = Placed::Cpu(Box::new(Placement::new(CpuBackend::new(), &params, false)?));
         Ok(Embedder {
             kind,
@@ -425,6 +458,24 @@ impl Embedder {
                     .collect())
             }
         }
+    }
+}
+
+/// Tensors a published checkpoint carries that embedding does not need.
+fn expected_extra(kind: ModelKind, name: &str) -> bool {
+    match kind {
+        ModelKind::Esm2 | ModelKind::NucleotideTransformer => [
+            "lm_head",
+            "contact_head",
+            "position_ids",
+            "inv_freq",
+            "position_embeddings",
+            "pooler",
+        ]
+        .iter()
+        .any(|p| name.contains(p)),
+        // Embedding stops at the trunk: the output heads are read only when predicting tracks.
+        ModelKind::Enformer => name.starts_with("_heads.") || name.contains("._heads."),
     }
 }
 

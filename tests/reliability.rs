@@ -303,3 +303,30 @@ fn stale_fasta_indexes_are_rebuilt() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A config with fewer layers than its weights used to run a truncated model silently; the unread tensors
+/// are now an error that lists them, unless `--allow-unused-weights` is given.
+#[test]
+fn unused_weights_are_an_error_unless_allowed() {
+    use isoformer_engine::embed::{Embedder, ModelKind};
+    let dir = edited_fixture(
+        "esm2",
+        "fewer",
+        |c| c["num_hidden_layers"] = serde_json::json!(1),
+        None,
+    );
+    let err = Embedder::load(ModelKind::Esm2, &dir, None)
+        .err()
+        .expect("unused layer")
+        .to_string();
+    assert!(
+        err.contains("encoder.layer.1.") && err.contains("--allow-unused-weights"),
+        "{err}"
+    );
+    assert!(Embedder::load_with(ModelKind::Esm2, &dir, None, true).is_ok());
+    assert!(
+        Embedder::load(ModelKind::Esm2, &fixture("esm2"), None).is_ok(),
+        "the usual extras pass"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

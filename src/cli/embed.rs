@@ -42,7 +42,10 @@ pub struct EmbedArgs {
     /// used with `use_tf_gamma`.
     #[arg(long)]
     pub tf_gammas: Option<PathBuf>,
-    /// cpu, cuda, emu or auto (ESM-2 and NT-v2 run on every device; Enformer on the CPU).
+    /// Accept weight files with tensors the model does not read (otherwise they are listed as an error).
+    #[arg(long)]
+    pub allow_unused_weights: bool,
+    /// cpu, cuda, emu or auto (every model runs on every device).
     #[arg(long, default_value = "auto")]
     pub device: String,
 }
@@ -82,7 +85,12 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     }
     crate::runtime::output::check_writable_target(&a.output, &inputs)?;
     let seqs = read_sequences(&a.input)?;
-    let mut embedder = Embedder::load(kind, &a.weights, a.config.as_deref())?;
+    let mut embedder = Embedder::load_with(
+        kind,
+        &a.weights,
+        a.config.as_deref(),
+        a.allow_unused_weights,
+    )?;
     embedder.max_tokens = a.max_tokens;
     embedder.to_device(device)?;
     if let Some(path) = &a.tf_gammas {

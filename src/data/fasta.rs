@@ -390,7 +390,10 @@ fn entry_fits(e: &FaiEntry, map: &[u8]) -> bool {
     }
     let lines = (e.length - 1) / e.line_bases + 1;
     let check_line = |line: u64| -> bool {
-        let Some(start) = line.checked_mul(e.line_bytes).and_then(|b| b.checked_add(e.offset)) else {
+        let Some(start) = line
+            .checked_mul(e.line_bytes)
+            .and_then(|b| b.checked_add(e.offset))
+        else {
             return false;
         };
         let bases = if line + 1 == lines {

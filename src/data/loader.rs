@@ -168,7 +168,9 @@ impl Iterator for Loader {
                             .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                             .unwrap_or_else(|| "unknown panic".into())
                     })
-                    .map_or("it stopped early".to_string(), |m| format!("it panicked: {m}"));
+                    .map_or("it stopped early".to_string(), |m| {
+                        format!("it panicked: {m}")
+                    });
                 Some(Err(Error::invalid(
                     "data loader",
                     format!(

@@ -162,6 +162,8 @@ enum Storage {
 pub struct ModelParams {
     layout: Arc<Layout>,
     storage: Storage,
+    /// Tensors of the weight file that the model does not read (see [`ModelParams::unused`]).
+    unused: Vec<String>,
 }
 
 impl ModelParams {
@@ -170,6 +172,7 @@ impl ModelParams {
         ModelParams {
             storage: Storage::Owned(Arena::zeros(layout.clone())),
             layout,
+            unused: Vec::new(),
         }
     }
 
@@ -182,9 +185,18 @@ impl ModelParams {
         owned: bool,
     ) -> Result<Self> {
         let mut found = Vec::with_capacity(layout.entries().len());
+        let mut accounted = std::collections::HashSet::new();
         for e in layout.entries() {
             let spec = &e.spec;
             let candidates = resolver.candidates(&spec.name);
+            // Every name the entry answers to counts as read (a checkpoint may hold a module under two
+            // aliases).
+            accounted.extend(
+                candidates
+                    .iter()
+                    .filter(|c| file.tensors.contains_key(*c))
+                    .cloned(),
+            );
             let Some((fname, t)) = candidates
                 .iter()
                 .find_map(|c| file.tensors.get(c).map(|t| (c.clone(), t)))
@@ -225,9 +237,11 @@ impl ModelParams {
                 }
             }
             let ranges = found.iter().map(|(_, t)| (t.start, t.end)).collect();
+            let unused = unused_names(&file, &accounted);
             return Ok(ModelParams {
                 layout,
                 storage: Storage::Mapped { file, ranges },
+                unused,
             });
         }
         let mut arena = Arena::zeros(layout.clone());
@@ -249,11 +263,18 @@ impl ModelParams {
         Ok(ModelParams {
             layout,
             storage: Storage::Owned(arena),
+            unused: unused_names(&file, &accounted),
         })
     }
 
     pub fn layout(&self) -> &Arc<Layout> {
         &self.layout
+    }
+
+    /// Tensors of the file the model did not read, sorted. A config with fewer layers than its weights shows
+    /// up here; the caller decides which extras are expected (an LM head, a contact head, position ids).
+    pub fn unused(&self) -> &[String] {
+        &self.unused
     }
 
     /// Whether the parameters are views into the mapped file (no copy was made).
@@ -290,6 +311,17 @@ impl ModelParams {
             Storage::Mapped { .. } => unreachable!("converted above"),
         }
     }
+}
+
+fn unused_names(file: &WeightFile, accounted: &std::collections::HashSet<String>) -> Vec<String> {
+    let mut out: Vec<String> = file
+        .tensors
+        .keys()
+        .filter(|n| !accounted.contains(*n))
+        .cloned()
+        .collect();
+    out.sort();
+    out
 }
 
 /// Shapes compared without size-1 dimensions (a `[c, c, 1, 1]` 1×1 conv is a `[c, c]` matrix).
