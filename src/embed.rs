@@ -375,7 +375,22 @@ impl Embedder {
             Network::Transformer { encoder, tokenizer } => {
                 let encoded: Vec<Vec<u32>> = seqs
                     .iter()
-                    .map(|s| tokenizer.encode(s, self.max_tokens))
+                    .map(|s| {
+                        if self.kind == ModelKind::NucleotideTransformer && s.contains(['U', 'u']) {
+                            // NT-v2's vocabulary is DNA: an RNA's U is its T.
+                            let dna: String = s
+                                .chars()
+                                .map(|c| match c {
+                                    'U' => 'T',
+                                    'u' => 't',
+                                    c => c,
+                                })
+                                .collect();
+                            tokenizer.encode(&dna, self.max_tokens)
+                        } else {
+                            tokenizer.encode(s, self.max_tokens)
+                        }
+                    })
                     .collect();
                 let (ids, lens, len) = tokenizer.pad_batch(&encoded);
                 let specials_after = tokenizer.eos.is_some() as usize;
@@ -459,6 +474,39 @@ impl Embedder {
             }
         }
     }
+}
+
+/// Notes about inputs that are accepted but may not mean what the user thinks, one line per kind with a
+/// count (the CLI prints them once, on stderr).
+pub fn input_notes(kind: ModelKind, seqs: &[&str]) -> Vec<String> {
+    let count = |f: &dyn Fn(&str) -> bool| seqs.iter().filter(|s| f(s)).count();
+    let mut notes = Vec::new();
+    if kind != ModelKind::Enformer {
+        let lower = count(&|s| s.bytes().any(|b| b.is_ascii_lowercase()));
+        if lower > 0 {
+            notes.push(format!(
+                "{lower} sequence(s) have lowercase letters: as with the Hugging Face tokenizer, each lowercase \
+                 run becomes one <unk> token; upper-case them if they are real residues"
+            ));
+        }
+    }
+    if kind == ModelKind::NucleotideTransformer {
+        let with_u = count(&|s| s.contains(['U', 'u']));
+        if with_u > 0 {
+            notes.push(format!(
+                "{with_u} sequence(s) contain U: read as T (NT-v2's vocabulary is DNA letters)"
+            ));
+        }
+    }
+    if kind == ModelKind::Enformer {
+        let odd = count(&|s| s.bytes().any(|b| !b"ACGTacgt".contains(&b)));
+        if odd > 0 {
+            notes.push(format!(
+                "{odd} sequence(s) have letters other than A, C, G, T: they are read as N (all-zero one-hot)"
+            ));
+        }
+    }
+    notes
 }
 
 /// Tensors a published checkpoint carries that embedding does not need.

@@ -330,3 +330,52 @@ fn unused_weights_are_an_error_unless_allowed() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Quiet acceptances now say so, and binary or huge inputs are refused as soon as they are seen.
+#[test]
+fn input_notes_and_bounded_text_input() {
+    use isoformer_engine::data::sequences::read_text_bounded;
+    use isoformer_engine::embed::{input_notes, Embedder, ModelKind, Pool};
+    let notes = input_notes(ModelKind::Esm2, &["MKTa", "MKT", "mk"]);
+    assert!(
+        notes.len() == 1 && notes[0].starts_with("2 sequence(s)"),
+        "{notes:?}"
+    );
+    let notes = input_notes(ModelKind::NucleotideTransformer, &["ACGU", "ACGT"]);
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.starts_with("1 sequence(s) contain U")),
+        "{notes:?}"
+    );
+    assert!(input_notes(ModelKind::Esm2, &["MKT"]).is_empty());
+    // U is read as T by NT-v2.
+    let nt = Embedder::load(ModelKind::NucleotideTransformer, &fixture("nt_v2"), None).unwrap();
+    let (rna, dna) = ("ACGUACGUUUGGCCAAUU", "ACGTACGTTTGGCCAATT");
+    assert_eq!(
+        nt.embed(&[rna], Pool::Mean).unwrap(),
+        nt.embed(&[dna], Pool::Mean).unwrap()
+    );
+    // Binary input and byte-order marks.
+    let dir = std::env::temp_dir().join(format!("iso-rel-text-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = dir.join("bin.fa");
+    std::fs::write(&bin, b">a\nMK\0T\n").unwrap();
+    let err = read_text_bounded(&bin, 1 << 20).unwrap_err().to_string();
+    assert!(err.contains("NUL") && err.contains("bin.fa"), "{err}");
+    let big = dir.join("big.fa");
+    std::fs::write(&big, vec![b'A'; 2048]).unwrap();
+    assert!(read_text_bounded(&big, 1024)
+        .unwrap_err()
+        .to_string()
+        .contains("limit"));
+    let bom = dir.join("bom.fa");
+    std::fs::write(&bom, "\u{feff}>a\nMKT\n").unwrap();
+    assert_eq!(read_text_bounded(&bom, 1 << 20).unwrap(), ">a\nMKT\n");
+    #[cfg(unix)]
+    {
+        let err = read_text_bounded(std::path::Path::new("/dev/zero"), 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("NUL"));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

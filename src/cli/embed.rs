@@ -85,6 +85,12 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     }
     crate::runtime::output::check_writable_target(&a.output, &inputs)?;
     let seqs = read_sequences(&a.input)?;
+    {
+        let all: Vec<&str> = seqs.iter().map(|s| s.seq.as_str()).collect();
+        for note in crate::embed::input_notes(kind, &all) {
+            eprintln!("warning: {}: {note}", a.input.display());
+        }
+    }
     let mut embedder = Embedder::load_with(
         kind,
         &a.weights,

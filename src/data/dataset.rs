@@ -356,7 +356,19 @@ impl Dataset {
                 msg: "empty file (no header)".into(),
             });
         }
-        let names: Vec<String> = header.fields().map(|s| s.trim().to_string()).collect();
+        // A UTF-8 byte-order mark (spreadsheet exports) is not part of the first column's name.
+        let names: Vec<String> = header
+            .fields()
+            .enumerate()
+            .map(|(i, s)| {
+                let s = if i == 0 {
+                    s.trim_start_matches('\u{feff}')
+                } else {
+                    s
+                };
+                s.trim().to_string()
+            })
+            .collect();
         let find = |cands: &[&str]| {
             names
                 .iter()

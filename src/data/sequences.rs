@@ -107,8 +107,58 @@ pub fn parse_sequences(text: &str, path: &Path) -> Result<Vec<NamedSequence>> {
 }
 
 pub fn read_sequences(path: &Path) -> Result<Vec<NamedSequence>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = read_text_bounded(path, MAX_INPUT_BYTES)?;
     parse_sequences(&text, path)
+}
+
+/// Largest sequence file read into memory (`embed` holds its inputs; larger sets can be split).
+pub const MAX_INPUT_BYTES: u64 = 4 << 30;
+
+/// Reads a text file of at most `limit` bytes: binary data (a NUL byte, e.g. `/dev/zero`) or a file past
+/// the limit is an error as soon as it is seen, not after memory runs out.
+pub fn read_text_bounded(path: &Path, limit: u64) -> Result<String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut reader = file.take(limit + 1);
+    let mut bytes = Vec::new();
+    let mut chunk = vec![0u8; 1 << 20];
+    loop {
+        let n = reader.read(&mut chunk).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        if let Some(i) = chunk[..n].iter().position(|&b| b == 0) {
+            return Err(Error::Parse {
+                path: path.to_path_buf(),
+                line: None,
+                msg: format!(
+                    "binary data (a NUL byte at offset {}), not a text file",
+                    bytes.len() + i
+                ),
+            });
+        }
+        bytes.extend_from_slice(&chunk[..n]);
+        if bytes.len() as u64 > limit {
+            return Err(Error::Parse {
+                path: path.to_path_buf(),
+                line: None,
+                msg: format!(
+                    "larger than the {} GiB limit of one input file; split it",
+                    limit >> 30
+                ),
+            });
+        }
+    }
+    let mut text = String::from_utf8(bytes).map_err(|e| Error::Parse {
+        path: path.to_path_buf(),
+        line: None,
+        msg: format!("not UTF-8 text ({e})"),
+    })?;
+    // A UTF-8 byte-order mark is not part of the first line.
+    if text.starts_with('\u{feff}') {
+        text.drain(..3);
+    }
+    Ok(text)
 }
 
 #[cfg(test)]
