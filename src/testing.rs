@@ -95,3 +95,42 @@ pub fn check_gradients(
         );
     }
 }
+
+/// Entry points of the fuzz targets (`tools/fuzz`) and their corpus replay (`tests/fuzz_corpus.rs`): each
+/// takes arbitrary bytes and must return, never panic.
+pub mod fuzz {
+    use std::path::Path;
+
+    /// The safetensors header parser and tensor index.
+    pub fn safetensors_header(data: &[u8]) {
+        let _ = crate::models::weights::index_tensors(data, Path::new("fuzz.safetensors"));
+    }
+
+    /// The CSV/TSV record reader, both delimiters, to the end of the input.
+    pub fn csv_records(data: &[u8]) {
+        for delimiter in [b',', b'\t'] {
+            let mut reader = crate::data::records::RecordReader::new(
+                data,
+                Path::new("fuzz.csv"),
+                delimiter,
+                1,
+                0,
+            );
+            let mut rec = crate::data::records::Record::default();
+            while let Ok(true) = reader.next_record(&mut rec) {
+                let _ = rec.fields().count();
+            }
+        }
+    }
+
+    /// The FASTA index builder, the FAI parser, and reads through a built index.
+    pub fn fasta_index(data: &[u8]) {
+        use crate::data::fasta::FaiIndex;
+        if let Ok(index) = FaiIndex::build(data, Path::new("fuzz.fa")) {
+            let _ = FaiIndex::parse(&index.to_text(), Path::new("fuzz.fa.fai"));
+        }
+        if let Ok(text) = std::str::from_utf8(data) {
+            let _ = FaiIndex::parse(text, Path::new("fuzz.fai"));
+        }
+    }
+}

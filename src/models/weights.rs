@@ -19,7 +19,8 @@ use crate::runtime::{Arena, Layout, TensorSpec};
 use crate::{Error, Result};
 
 #[derive(Clone, Debug)]
-struct StoredTensor {
+/// One tensor of a safetensors file: dtype, shape and byte range inside the file.
+pub struct StoredTensor {
     dtype: Dtype,
     shape: Vec<usize>,
     /// Byte range inside the map.
@@ -46,43 +47,75 @@ impl std::fmt::Debug for WeightFile {
     }
 }
 
+/// A safetensors file's tensors by name, and its string metadata.
+pub type TensorIndex = (HashMap<String, StoredTensor>, HashMap<String, String>);
+
+/// Tensors and metadata of a safetensors file's bytes, validated: every tensor's byte range lies inside the
+/// file and holds exactly its shape's elements of its dtype (all arithmetic checked, so a corrupt header is
+/// an error naming the tensor, never a wrapped bound). The fuzz target of the header parser calls this.
+pub fn index_tensors(bytes: &[u8], path: &Path) -> Result<TensorIndex> {
+    let bad = |msg: String| Error::Parse {
+        path: path.to_path_buf(),
+        line: None,
+        msg,
+    };
+    let (header_len, meta) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let base = header_len
+        .checked_add(8)
+        .ok_or_else(|| bad("header length overflows".into()))?;
+    let mut tensors = HashMap::new();
+    for (name, info) in meta.tensors() {
+        let (a, b) = info.data_offsets;
+        let range = base.checked_add(a).zip(base.checked_add(b));
+        let Some((start, end)) = range.filter(|&(s, e)| s <= e && e <= bytes.len()) else {
+            return Err(Error::Tensor {
+                name,
+                msg: format!("data range {a}..{b} lies outside {}", path.display()),
+            });
+        };
+        let elems = info
+            .shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .and_then(|n| n.checked_mul(info.dtype.bitsize()))
+            .map(|bits| bits.div_ceil(8));
+        if elems != Some(end - start) {
+            return Err(Error::Tensor {
+                name,
+                msg: format!(
+                    "shape {:?} of {:?} does not fill its {} bytes in {}",
+                    info.shape,
+                    info.dtype,
+                    end - start,
+                    path.display()
+                ),
+            });
+        }
+        tensors.insert(
+            name,
+            StoredTensor {
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                start,
+                end,
+            },
+        );
+    }
+    Ok((tensors, meta.metadata().clone().unwrap_or_default()))
+}
+
 impl WeightFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: read-only map of a weights file that is not modified while we run.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let bad = |msg: String| Error::Parse {
-            path: path.to_path_buf(),
-            line: None,
-            msg,
-        };
-        let (header_len, meta) = SafeTensors::read_metadata(&map)
-            .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-        let base = 8 + header_len;
-        let mut tensors = HashMap::new();
-        for (name, info) in meta.tensors() {
-            let (a, b) = info.data_offsets;
-            if base + b > map.len() || a > b {
-                return Err(Error::Tensor {
-                    name,
-                    msg: format!("data range {a}..{b} lies outside {}", path.display()),
-                });
-            }
-            tensors.insert(
-                name,
-                StoredTensor {
-                    dtype: info.dtype,
-                    shape: info.shape.clone(),
-                    start: base + a,
-                    end: base + b,
-                },
-            );
-        }
+        let (tensors, metadata) = index_tensors(&map, path)?;
         Ok(WeightFile {
             path: path.to_path_buf(),
             map,
             tensors,
-            metadata: meta.metadata().clone().unwrap_or_default(),
+            metadata,
         })
     }
 
