@@ -55,6 +55,9 @@ impl Split {
     }
 }
 
+/// The longest DNA window a dataset serves (16 Mb).
+pub const MAX_DNA_LEN: usize = 1 << 24;
+
 #[derive(Clone, Debug)]
 pub struct DataConfig {
     pub data_dir: PathBuf,
@@ -252,6 +255,16 @@ fn files_with_ext(dir: &Path, exts: &[&str]) -> Result<Vec<PathBuf>> {
 impl Dataset {
     /// Finds the files in `config.data_dir`, validates every row, and indexes the usable ones.
     pub fn open(config: DataConfig) -> Result<Self> {
+        if config.dna_len == 0 || config.dna_len > MAX_DNA_LEN {
+            return Err(Error::invalid(
+                "--dna-len",
+                format!(
+                    "{} is outside 1..={MAX_DNA_LEN} bp (Enformer reads 196,608; the limit keeps a window's buffers \
+                     far below any machine's memory)",
+                    config.dna_len
+                ),
+            ));
+        }
         let dir = config.data_dir.clone();
         if !dir.is_dir() {
             return Err(Error::invalid(

@@ -68,6 +68,35 @@ pub fn check_writable_target(path: &Path, inputs: &[&Path]) -> Result<()> {
     AtomicOutput::create(path, inputs).map(drop)
 }
 
+/// Temporary files being written, removed by the Ctrl-C / SIGTERM handler so an interrupted command leaves
+/// no hidden partial file behind.
+static LIVE: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+static HANDLER: std::sync::Once = std::sync::Once::new();
+
+fn register(tmp: &Path) {
+    HANDLER.call_once(|| {
+        // If the embedding program installed its own handler first, keep it (the error is ignored).
+        let _ = ctrlc::set_handler(|| {
+            if let Ok(live) = LIVE.lock() {
+                for p in live.iter() {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+            eprintln!("interrupted: partial outputs removed");
+            std::process::exit(130);
+        });
+    });
+    if let Ok(mut live) = LIVE.lock() {
+        live.push(tmp.to_path_buf());
+    }
+}
+
+fn unregister(tmp: &Path) {
+    if let Ok(mut live) = LIVE.lock() {
+        live.retain(|p| p != tmp);
+    }
+}
+
 /// A file being written under a temporary name, renamed over its target by [`Self::commit`].
 pub struct AtomicOutput {
     target: PathBuf,
@@ -96,6 +125,7 @@ impl AtomicOutput {
             .create_new(true)
             .open(&tmp)
             .map_err(|e| Error::io(dir, e))?;
+        register(&tmp);
         Ok(AtomicOutput {
             target: target.to_path_buf(),
             tmp,
@@ -117,8 +147,14 @@ impl AtomicOutput {
             .map_err(|e| Error::io(&self.target, e.into_error()))?;
         file.sync_all().map_err(|e| Error::io(&self.target, e))?;
         drop(file);
-        check_target(&self.target, &[])?;
-        std::fs::rename(&self.tmp, &self.target).map_err(|e| Error::io(&self.target, e))
+        let result = check_target(&self.target, &[]).and_then(|_| {
+            std::fs::rename(&self.tmp, &self.target).map_err(|e| Error::io(&self.target, e))
+        });
+        if result.is_err() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+        unregister(&self.tmp);
+        result
     }
 }
 
@@ -127,6 +163,7 @@ impl Drop for AtomicOutput {
         if self.writer.is_some() {
             self.writer = None;
             let _ = std::fs::remove_file(&self.tmp);
+            unregister(&self.tmp);
         }
     }
 }
