@@ -1,0 +1,261 @@
+//! Reliability regressions through the command line: bounds that are errors with the limit stated,
+//! dataset rows that must not panic or corrupt a TSV, `prepare`'s input checks, and an interrupted export
+//! that must not leave its partial file behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn engine(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_isoformer-engine"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("iso-relcli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The fixture dataset with its CSV rewritten by `edit` (given the text, returns the new text).
+fn dataset(tag: &str, edit: impl Fn(&str) -> String) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data/gtex");
+    let d = scratch(tag);
+    std::fs::copy(src.join("genome.fa"), d.join("genome.fa")).unwrap();
+    let csv = std::fs::read_to_string(src.join("GTEx_final.csv")).unwrap();
+    std::fs::write(d.join("GTEx_final.csv"), edit(&csv)).unwrap();
+    d
+}
+
+#[test]
+fn sizes_past_their_limits_are_errors_that_state_the_limit() {
+    let o = engine(&["bench", "gemm", "--device", "cpu", "--m", "1000000000"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("the limit is"),
+        "{}",
+        stderr(&o)
+    );
+    let o = engine(&[
+        "bench",
+        "gemm",
+        "--device",
+        "cpu",
+        "--threads",
+        "0",
+        "--m",
+        "8",
+        "--n",
+        "8",
+        "--k",
+        "8",
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("at least 1"),
+        "{}",
+        stderr(&o)
+    );
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data/gtex");
+    let o = engine(&[
+        "data",
+        "check",
+        "--data",
+        data.to_str().unwrap(),
+        "--dna-len",
+        "1000000000000",
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("--dna-len"),
+        "{}",
+        stderr(&o)
+    );
+    let fa = scratch("maxtok").join("in.fa");
+    std::fs::write(&fa, ">a\nMKT\n").unwrap();
+    let weights = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/esm2");
+    let o = engine(&[
+        "embed",
+        "--model",
+        "esm2",
+        "--device",
+        "cpu",
+        "--max-tokens",
+        "0",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--input",
+        fa.to_str().unwrap(),
+        "--output",
+        fa.with_extension("st").to_str().unwrap(),
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("--max-tokens"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// Coordinates near 2⁶³ used to pass `data check` and panic in `export`; both now report the row.
+/// A byte-order mark no longer hides the first column; an id with a tab cannot corrupt the TSV.
+#[test]
+fn dataset_rows_that_used_to_panic_or_corrupt() {
+    let huge = dataset("huge", |csv| {
+        csv.replacen(
+            ",+,101,480,",
+            ",+,9223372036854775000,9223372036854775100,",
+            1,
+        )
+    });
+    let d = huge.to_str().unwrap();
+    let o = engine(&["data", "check", "--data", d, "--dna-len", "40"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("GTEx_final.csv:2"),
+        "{}",
+        stderr(&o)
+    );
+    let out = huge.join("out.tsv");
+    let o = engine(&[
+        "data",
+        "export",
+        "--data",
+        d,
+        "--dna-len",
+        "40",
+        "--skip-bad-rows",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = engine(&[
+        "data",
+        "export",
+        "--data",
+        d,
+        "--dna-len",
+        "40",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        !o.status.success() && !stderr(&o).contains("panicked"),
+        "{}",
+        stderr(&o)
+    );
+
+    let bom = dataset("bom", |csv| format!("\u{feff}{csv}"));
+    let o = engine(&[
+        "data",
+        "check",
+        "--data",
+        bom.to_str().unwrap(),
+        "--dna-len",
+        "40",
+    ]);
+    assert!(
+        o.status.success(),
+        "a BOM must not hide the first column: {}",
+        stderr(&o)
+    );
+
+    let tab = dataset("tab", |csv| csv.replacen("ENST01,", "\"ENST\t01\",", 1));
+    let out = tab.join("out.tsv");
+    let o = engine(&[
+        "data",
+        "export",
+        "--data",
+        tab.to_str().unwrap(),
+        "--dna-len",
+        "40",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("tab"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists(), "no half-written export");
+    for d in [huge, bom, tab] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+/// An export interrupted with Ctrl-C removes its partial file.
+#[cfg(unix)]
+#[test]
+fn interrupted_export_leaves_no_partial_file() {
+    // A dataset big enough to take a while: 1,500 rows of 196,608 bp windows on a 4 Mb chromosome.
+    let d = scratch("interrupt");
+    let mut genome = String::from(">chr1\n");
+    let line: String = (0..60).map(|i| b"ACGT"[(i * 7) % 4] as char).collect();
+    for _ in 0..(4_000_000 / 60) {
+        genome.push_str(&line);
+        genome.push('\n');
+    }
+    std::fs::write(d.join("genome.fa"), genome).unwrap();
+    let mut csv = String::from(
+        "transcript_id_gtex,gene_id_gtex,split,chr,strand,start,end,RNA,CDS,Protein,Brain\n",
+    );
+    for i in 0..6000 {
+        let s = 200_000 + (i % 3000) * 1000;
+        csv.push_str(&format!(
+            "T{i},G{i},train,chr1,+,{s},{},ACGU,ACG,M,1.0\n",
+            s + 10
+        ));
+    }
+    std::fs::write(d.join("GTEx_final.csv"), csv).unwrap();
+    let out = d.join("out").join("export.tsv");
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_isoformer-engine"))
+        .args([
+            "data",
+            "export",
+            "--data",
+            d.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the partial file to appear, then interrupt.
+    let partial = || {
+        std::fs::read_dir(out.parent().unwrap())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".partial")
+            })
+            .count()
+    };
+    let start = std::time::Instant::now();
+    while partial() == 0 && start.elapsed().as_secs() < 20 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(partial() > 0, "the export never started writing");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the export finished before it could be interrupted"
+    );
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(partial(), 0, "the interrupted export left its partial file");
+    assert!(!out.exists());
+    std::fs::remove_dir_all(&d).unwrap();
+}
