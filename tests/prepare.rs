@@ -171,4 +171,22 @@ fn prepare_builds_a_dataset_the_reader_accepts() {
         .file_name()
         .to_string_lossy()
         .contains("partial")));
+    // A negative TPM is an error naming the file and line, and leaves no output behind.
+    std::fs::write(dir.join("neg.gct"), gct.replace("\t5\t5\t10", "\t5\t-5\t10")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_isoformer-engine"))
+        .args(["prepare", "--gct"])
+        .arg(dir.join("neg.gct"))
+        .arg("--attributes")
+        .arg(dir.join("attrs.txt"))
+        .arg("--gtf")
+        .arg(dir.join("genes.gtf"))
+        .arg("--genome")
+        .arg(dir.join("genome.fa"))
+        .arg("--out")
+        .arg(dir.join("out_neg"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("neg.gct:5") && err.contains("non-negative"), "{err}");
+    assert!(!dir.join("out_neg/GTEx_final.csv").exists());
 }

@@ -404,6 +404,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn csv_fields_with_commas_or_quotes_are_quoted() {
+        assert_eq!(csv_field("ENST1.2"), "ENST1.2");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("say \"x\""), "\"say \"\"x\"\"\"");
+    }
+
+    #[test]
     fn translation_and_splits() {
         assert_eq!(translate(b"ATGGCCTAAGGG"), "MA");
         assert_eq!(translate(b"ATGNNNTGG"), "MXW");
