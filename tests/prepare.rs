@@ -172,7 +172,11 @@ fn prepare_builds_a_dataset_the_reader_accepts() {
         .to_string_lossy()
         .contains("partial")));
     // A negative TPM is an error naming the file and line, and leaves no output behind.
-    std::fs::write(dir.join("neg.gct"), gct.replace("\t5\t5\t10", "\t5\t-5\t10")).unwrap();
+    std::fs::write(
+        dir.join("neg.gct"),
+        gct.replace("\t5\t5\t10", "\t5\t-5\t10"),
+    )
+    .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_isoformer-engine"))
         .args(["prepare", "--gct"])
         .arg(dir.join("neg.gct"))
@@ -187,6 +191,9 @@ fn prepare_builds_a_dataset_the_reader_accepts() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("neg.gct:5") && err.contains("non-negative"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("neg.gct:5") && err.contains("non-negative"),
+        "{err}"
+    );
     assert!(!dir.join("out_neg/GTEx_final.csv").exists());
 }

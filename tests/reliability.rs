@@ -379,3 +379,42 @@ fn input_notes_and_bounded_text_input() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A panic on the loader thread used to end the epoch early and quietly (`bench loader` printed 0
+/// samples/s and exited 0); it is now an error that says how many batches came and why.
+#[test]
+fn a_panicking_loader_thread_is_an_error() {
+    use isoformer_engine::data::loader::{epoch_plan, Loader, LoaderConfig};
+    use isoformer_engine::data::{DataConfig, Dataset, Split};
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data/gtex");
+    let mut c = DataConfig::new(data);
+    c.dna_len = 40;
+    c.cache_dir = std::env::temp_dir().join(format!("iso-rel-loader-{}", std::process::id()));
+    let ds = std::sync::Arc::new(Dataset::open(c).unwrap());
+    let mut cfg = LoaderConfig::new(Split::Train, 1);
+    cfg.shuffle = false;
+    let plan = epoch_plan(&ds.split_rows(Split::Train), &cfg);
+    assert!(plan.len() >= 2);
+    let poison = plan[1][0].line;
+    let source = ds.clone();
+    let loader = Loader::spawn(plan, 2, move |r| {
+        if r.line == poison {
+            panic!("a sample that cannot be read");
+        }
+        source.sample(r)
+    })
+    .unwrap();
+    let results: Vec<_> = loader.collect();
+    let err = results
+        .iter()
+        .find_map(|r| r.as_ref().err())
+        .expect("the panic must surface as an error")
+        .to_string();
+    assert!(
+        err.contains("panicked") && err.contains("cannot be read") && err.contains("1 of"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(
+        std::env::temp_dir().join(format!("iso-rel-loader-{}", std::process::id())),
+    );
+}

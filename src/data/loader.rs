@@ -97,21 +97,33 @@ impl Loader {
             return Err(Error::invalid("batch size", "must be positive"));
         }
         let plan = epoch_plan(&dataset.split_rows(cfg.split), &cfg);
+        let normalize = cfg.normalize_targets.clone();
+        Self::spawn(plan, cfg.prefetch, move |r: &RowRef| {
+            let mut s = dataset.sample(r)?;
+            if let Some(stats) = &normalize {
+                stats.normalize(&mut s.targets);
+            }
+            Ok(s)
+        })
+    }
+
+    /// Runs `fetch` on every row of `plan`, batch by batch, on a background thread that stays at most
+    /// `prefetch` batches ahead. An error ends the epoch with that error; a panic in `fetch` ends it with an
+    /// error that says so (never with a short epoch that looks complete).
+    pub fn spawn(
+        plan: Vec<Vec<RowRef>>,
+        prefetch: usize,
+        fetch: impl Fn(&RowRef) -> Result<Sample> + Send + 'static,
+    ) -> Result<Self> {
         let batches = plan.len();
-        let (tx, rx) = sync_channel(cfg.prefetch.max(1));
+        let (tx, rx) = sync_channel(prefetch.max(1));
         let worker = std::thread::Builder::new()
             .name("isoformer-loader".into())
             .spawn(move || {
                 for rows in plan {
                     let batch = rows
                         .iter()
-                        .map(|r| {
-                            let mut s = dataset.sample(r)?;
-                            if let Some(stats) = &cfg.normalize_targets {
-                                stats.normalize(&mut s.targets);
-                            }
-                            Ok(s)
-                        })
+                        .map(&fetch)
                         .collect::<Result<Vec<_>>>()
                         .map(|samples| Batch { samples });
                     let failed = batch.is_err();
