@@ -59,3 +59,18 @@ fn check_bf16(op: &'static str, name: &str, b: &dyn DeviceBuffer, n: usize) -> R
 fn rows_config(rows: usize) -> LaunchConfig {
     LaunchConfig::linear(rows.div_ceil(4).max(1) as u32, 128, 0)
 }
+
+/// `out[0] = Σ scratch[b]` over the [`NORM_BLOCKS`] per-block partial sums, in block order.
+fn sum_partials<D: KernelDevice>(
+    dev: &D,
+    out: &dyn DeviceBuffer,
+    scratch: &dyn DeviceBuffer,
+) -> Result<()> {
+    check_len("sum_partials", "out (bytes)", out.len_bytes(), F32)?;
+    launch(
+        dev,
+        "sum_partials_f32",
+        LaunchConfig::linear(1, 32, 0),
+        &[ptr(out), ptr(scratch), Arg::I32(NORM_BLOCKS as i32)],
+    )
+}

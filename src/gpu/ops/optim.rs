@@ -26,12 +26,7 @@ pub fn global_norm_squared<D: KernelDevice>(
         LaunchConfig::linear(NORM_BLOCKS as u32, 256, 0),
         &[ptr(scratch), ptr(x), Arg::I64(n as i64)],
     )?;
-    launch(
-        dev,
-        "sum_partials_f32",
-        LaunchConfig::linear(1, 32, 0),
-        &[ptr(out), ptr(scratch), Arg::I32(NORM_BLOCKS as i32)],
-    )
+    sum_partials(dev, out, scratch)
 }
 
 pub use crate::ops::optim::AdamWStep;
