@@ -179,14 +179,6 @@ fn compare(
     let mut worst = (0.0f64, 0.0f64, String::new());
     for (i, entry) in layout.entries().iter().enumerate() {
         let name = &entry.spec.name;
-        if std::env::var("SHOW").is_ok() {
-            let m = cpu.grads[i].iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            println!(
-                "  {name}: dev {:.2e} bf16-storage {:.2e} scale {m:.2e}",
-                rel_err(&dev.grads[i], &cpu.grads[i]),
-                rel_err(&rounded.grads[i], &cpu.grads[i])
-            );
-        }
         let (e, e_ref) = check(name, &dev.grads[i], &cpu.grads[i], &rounded.grads[i])?;
         outright += (e <= BOUND) as usize;
         if e > worst.0 {

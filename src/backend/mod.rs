@@ -483,7 +483,10 @@ impl<B: Backend> Tensor<B> {
     /// shape or role; a new allocation is zero-filled, a kept one keeps its contents).
     pub fn ensure(&mut self, backend: &B, role: Role, numel: usize) -> Result<()> {
         let dtype = backend.dtype_of(role);
-        if self.dtype != dtype || self.mem.bytes() < numel * dtype.size_in_bytes() {
+        let fits = numel
+            .checked_mul(dtype.size_in_bytes())
+            .is_some_and(|bytes| bytes <= self.mem.bytes());
+        if self.dtype != dtype || !fits {
             *self = Self::zeros(backend, dtype, numel)?;
         }
         self.numel = numel;

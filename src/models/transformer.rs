@@ -425,7 +425,7 @@ impl TransformerEncoder {
     ) -> Result<()> {
         let cfg = &self.cfg;
         let batch = lens.len();
-        if batch == 0 || ids.len() != batch * len {
+        if batch == 0 || Some(ids.len()) != batch.checked_mul(len) {
             return Err(Error::shape(
                 "encoder",
                 format!("{} ids for {batch} sequences of {len}", ids.len()),

@@ -340,7 +340,7 @@ impl EnformerTrunk {
                 ),
             ));
         }
-        if one_hot.len() != batch * seq_len * 4 {
+        if Some(one_hot.len()) != batch.checked_mul(seq_len).and_then(|n| n.checked_mul(4)) {
             return Err(Error::shape(
                 "enformer",
                 format!(
