@@ -66,13 +66,18 @@ fn default_true() -> bool {
 impl EsmConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let c: Self = read_json(path)?;
-        let bad = |msg: String| {
-            Err(Error::Parse {
-                path: path.to_path_buf(),
-                line: None,
-                msg,
-            })
-        };
+        c.validate().map_err(|msg| Error::Parse {
+            path: path.to_path_buf(),
+            line: None,
+            msg,
+        })?;
+        Ok(c)
+    }
+
+    /// Checks what the encoder relies on; the message names the field.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let c = self;
+        let bad = |msg: String| Err(msg);
         if c.position_embedding_type != "rotary" {
             return bad(format!(
                 "position_embedding_type '{}' is not supported (rotary only: ESM-2, NT-v2)",
@@ -110,7 +115,7 @@ impl EsmConfig {
                 c.hidden_size, c.num_attention_heads
             ));
         }
-        Ok(c)
+        Ok(())
     }
 }
 
@@ -147,13 +152,18 @@ fn default_divisible() -> usize {
 impl EnformerConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let c: Self = read_json(path)?;
-        let bad = |msg: String| {
-            Err(Error::Parse {
-                path: path.to_path_buf(),
-                line: None,
-                msg,
-            })
-        };
+        c.validate().map_err(|msg| Error::Parse {
+            path: path.to_path_buf(),
+            line: None,
+            msg,
+        })?;
+        Ok(c)
+    }
+
+    /// Checks what the trunk relies on; the message names the field.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let c = self;
+        let bad = |msg: String| Err(msg);
         if c.heads == 0 || c.dim % c.heads != 0 || (c.dim / c.heads) % 6 != 0 {
             return bad(format!(
                 "dim {} / heads {} must be a multiple of 6 (relative position features)",
@@ -180,7 +190,7 @@ impl EnformerConfig {
                 1 << 20
             ));
         }
-        Ok(c)
+        Ok(())
     }
 
     /// Channel widths of the stem and tower: `[dim/2] + exponential_linspace_int(dim/2, dim, n-1, k)`.

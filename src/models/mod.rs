@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod enformer;
+pub mod isoformer;
 pub mod tokenizers;
 pub mod transformer;
 pub mod weights;

@@ -3,3 +3,5 @@
 pub mod adamw;
 
 pub use adamw::{clip_coefficient, global_norm, AdamW, ParamGroup, StepReport};
+pub mod params;
+pub mod step;

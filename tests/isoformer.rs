@@ -1,0 +1,237 @@
+//! IsoFormer end to end on the backends: the CPU gradients of the whole model (encoders, aggregator, head)
+//! against finite differences, for every aggregator; and one training step on the emulator against the CPU.
+
+use isoformer_engine::backend::cpu::CpuBackend;
+use isoformer_engine::backend::kernel::KernelBackend;
+use isoformer_engine::backend::Backend;
+use isoformer_engine::gpu::emulator::EmuDevice;
+use isoformer_engine::models::isoformer::init::initial_sections;
+use isoformer_engine::models::isoformer::{Isoformer, IsoformerConfig, SampleSeqs};
+use isoformer_engine::training::params::IsoformerParams;
+use isoformer_engine::training::step::{forward_backward, StepBuffers};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn tiny_config(aggregator: &str) -> IsoformerConfig {
+    let json = format!(
+        r#"{{
+        "name": "tiny", "aggregator": "{aggregator}", "num_heads_omics_cross_attention": 2,
+        "pool_window_start": 1, "pool_window_end": 3, "head_hidden": [8], "num_tissues": 3,
+        "dna_sequence_length": 128, "num_tokens_per_seq_nuctf_rna": 16, "num_protein_tokens_per_seq": 12,
+        "enformer_dim": 24, "enformer_depth": 1, "enformer_heads": 2, "enformer_attn_dim_key": 4,
+        "enformer_target_length": 4, "enformer_num_downsamples": 3, "enformer_dim_divisible_by": 4,
+        "nt_hidden_size": 16, "nt_num_hidden_layers": 1, "nt_num_attention_heads": 2, "nt_intermediate_size": 16,
+        "esm_hidden_size": 12, "esm_num_hidden_layers": 1, "esm_num_attention_heads": 2, "esm_intermediate_size": 16,
+        "random_init": ["dna", "rna", "protein"],
+        "train": {{"encoders": {{"dna": "finetune", "rna": "finetune", "protein": "finetune"}}}}
+    }}"#
+    );
+    IsoformerConfig::parse(&json, "tiny.json".as_ref()).expect("tiny config")
+}
+
+struct Batch {
+    dna: Vec<Vec<u8>>,
+    rna: Vec<String>,
+    protein: Vec<Option<String>>,
+    targets: Vec<f32>,
+}
+
+fn random_batch(seed: u64, batch: usize, tissues: usize, dna_len: usize) -> Batch {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let pick = |rng: &mut StdRng, alphabet: &[u8], n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| alphabet[rng.random_range(0..alphabet.len())])
+            .collect()
+    };
+    let mut out = Batch {
+        dna: vec![],
+        rna: vec![],
+        protein: vec![],
+        targets: vec![],
+    };
+    for i in 0..batch {
+        out.dna.push(pick(&mut rng, b"ACGT", dna_len));
+        let rl = rng.random_range(20..70);
+        out.rna
+            .push(String::from_utf8(pick(&mut rng, b"ACGU", rl)).unwrap());
+        let pl = rng.random_range(3..14);
+        // The second sample is non-coding: no protein.
+        out.protein.push(
+            (i != 1)
+                .then(|| String::from_utf8(pick(&mut rng, b"ACDEFGHIKLMNPQRSTVWY", pl)).unwrap()),
+        );
+    }
+    out.targets = (0..batch * tissues)
+        .map(|_| rng.random_range(-1.5..1.5))
+        .collect();
+    out
+}
+
+fn seqs(batch: &Batch) -> Vec<SampleSeqs<'_>> {
+    (0..batch.dna.len())
+        .map(|i| SampleSeqs {
+            dna: &batch.dna[i],
+            rna: &batch.rna[i],
+            protein: batch.protein[i].as_deref(),
+        })
+        .collect()
+}
+
+/// Loss and the gradients of the trainable set (one host vector per entry of its layout).
+fn loss_and_grads<B: Backend>(
+    b: &B,
+    model: &Isoformer,
+    host: &[Vec<Vec<f32>>],
+    batch: &Batch,
+) -> (f32, Vec<Vec<f32>>) {
+    let mut params = IsoformerParams::upload(b, model, host).unwrap();
+    params.train.zero_grads(b).unwrap();
+    let inputs = model.prepare_inputs(&seqs(batch)).unwrap();
+    let mut bufs = StepBuffers::default();
+    let loss = forward_backward(
+        b,
+        model,
+        &mut params,
+        &inputs,
+        &batch.targets,
+        &mut bufs,
+        1.0,
+    )
+    .unwrap();
+    let grads = params
+        .train
+        .grad_views()
+        .unwrap()
+        .into_iter()
+        .map(|g| b.read_f32(g).unwrap())
+        .collect();
+    (loss, grads)
+}
+
+#[test]
+fn isoformer_cpu_gradients_match_finite_differences_for_every_aggregator() {
+    for aggregator in ["cross_attention", "modality_centred", "linear_mean"] {
+        let model = Isoformer::new(tiny_config(aggregator)).unwrap();
+        let host = initial_sections(&model, 3).unwrap();
+        let batch = random_batch(11, 3, 3, 128);
+        let cpu = CpuBackend::new();
+        let (_, grads) = loss_and_grads(&cpu, &model, &host, &batch);
+        // One random direction per section: the directional derivative g·u against central differences.
+        let mut entry = 0;
+        let mut rng = StdRng::seed_from_u64(5);
+        for (s, section) in model.sections().iter().enumerate() {
+            let n_entries = section.layout.entries().len();
+            let mut dir: Vec<Vec<f32>> = host[s]
+                .iter()
+                .map(|v| v.iter().map(|_| rng.random_range(-1.0f32..1.0)).collect())
+                .collect();
+            // Running statistics are not parameters.
+            for (i, d) in dir.iter_mut().enumerate() {
+                if model.is_buffer(s, i) {
+                    d.iter_mut().for_each(|x| *x = 0.0);
+                }
+            }
+            let analytic: f64 = (0..n_entries)
+                .map(|i| {
+                    grads[entry + i]
+                        .iter()
+                        .zip(&dir[i])
+                        .map(|(g, u)| *g as f64 * *u as f64)
+                        .sum::<f64>()
+                })
+                .sum();
+            let eps = 3e-4f32;
+            let shifted = |sign: f32| {
+                let mut h = host.clone();
+                for (i, d) in dir.iter().enumerate() {
+                    h[s][i]
+                        .iter_mut()
+                        .zip(d)
+                        .for_each(|(p, u)| *p += sign * eps * u);
+                }
+                loss_and_grads(&cpu, &model, &h, &batch).0 as f64
+            };
+            let numeric = (shifted(1.0) - shifted(-1.0)) / (2.0 * eps as f64);
+            let err = (analytic - numeric).abs() / analytic.abs().max(numeric.abs()).max(1e-3);
+            println!(
+                "{aggregator} {}: analytic {analytic:.6} numeric {numeric:.6} rel {err:.2e}",
+                section.name
+            );
+            assert!(
+                err < 2e-2,
+                "{aggregator} section {}: analytic {analytic} vs numeric {numeric}",
+                section.name
+            );
+            entry += n_entries;
+        }
+    }
+}
+
+/// One training step on the emulator against the CPU: the loss within 2⁻⁶, and every parameter gradient
+/// within max(2⁻⁶, 3× the error of the CPU itself when it rounds activations to bf16). The second bound is
+/// what bf16 activations allow: a gradient that is a sum with heavy cancellation (a bias before a batchnorm
+/// in training mode has an exactly zero gradient) cannot be closer than its own rounding.
+#[test]
+fn isoformer_emu_training_step_matches_cpu() {
+    let model = Isoformer::new(tiny_config("cross_attention")).unwrap();
+    let host = initial_sections(&model, 7).unwrap();
+    let batch = random_batch(21, 3, 3, 128);
+    let (cpu_loss, cpu_grads) = loss_and_grads(&CpuBackend::new(), &model, &host, &batch);
+    let (_, bf16_grads) = loss_and_grads(&CpuBackend::with_bf16_storage(), &model, &host, &batch);
+    let (emu_loss, emu_grads) = loss_and_grads(
+        &KernelBackend::new(EmuDevice::default()),
+        &model,
+        &host,
+        &batch,
+    );
+    let loss_err = (cpu_loss - emu_loss).abs() / cpu_loss.abs();
+    println!("loss cpu {cpu_loss:.6} emu {emu_loss:.6} rel {loss_err:.2e}");
+    assert!(loss_err < 1.0 / 64.0);
+    let names: Vec<String> = {
+        let params = IsoformerParams::upload(&CpuBackend::new(), &model, &host).unwrap();
+        params
+            .train_layout()
+            .entries()
+            .iter()
+            .map(|e| e.spec.name.clone())
+            .collect()
+    };
+    let rel = |c: &[f32], e: &[f32]| {
+        let scale = c.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
+        let err = c
+            .iter()
+            .zip(e)
+            .fold(0.0f64, |m, (a, b)| m.max((a - b).abs() as f64));
+        if scale == 0.0 {
+            if err == 0.0 {
+                0.0
+            } else {
+                f64::INFINITY
+            }
+        } else {
+            err / scale
+        }
+    };
+    let (mut within, mut failing) = (0, Vec::new());
+    for (((c, e), r), name) in cpu_grads
+        .iter()
+        .zip(&emu_grads)
+        .zip(&bf16_grads)
+        .zip(&names)
+    {
+        let (err, floor) = (rel(c, e), rel(c, r));
+        if err <= 1.0 / 64.0 {
+            within += 1;
+        } else if err > 3.0 * floor {
+            failing.push(format!("{name}: {err:.3e} (bf16 CPU {floor:.3e})"));
+        }
+    }
+    println!(
+        "{within} of {} gradients within 2^-6 of the CPU",
+        names.len()
+    );
+    assert!(
+        failing.is_empty(),
+        "gradients beyond max(2^-6, 3x bf16 rounding): {failing:?}"
+    );
+}
