@@ -189,6 +189,16 @@ impl<B: Backend> TrainState<B> {
         ))
     }
 
+    /// The AdamW moments `(m, v)` to write (restoring a checkpoint), one view per entry each.
+    #[allow(clippy::type_complexity)]
+    pub fn moments_mut(&mut self) -> Result<(Vec<ViewMut<'_, B>>, Vec<ViewMut<'_, B>>)> {
+        let ranges = &self.params.ranges;
+        Ok((
+            self.adam_m.view_mut().split_ranges(ranges)?,
+            self.adam_v.view_mut().split_ranges(ranges)?,
+        ))
+    }
+
     /// Everything one optimiser update touches, entry by entry: f32 master, compute copy (where the
     /// backend keeps one), both moments, and the gradient.
     pub fn update_views(&mut self) -> Result<Vec<EntryUpdate<'_, B>>> {

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod data;
 pub mod embed;
+pub mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -31,6 +32,14 @@ pub enum Command {
     /// Validate and export datasets.
     #[command(subcommand)]
     Data(data::DataCommand),
+    /// Train IsoFormer (default: the built-in demo on the built-in demo data).
+    Train(train::TrainArgs),
+    /// Evaluate a checkpoint on a split of a dataset.
+    Eval(train::EvalArgs),
+    /// Predict expression per tissue with a checkpoint.
+    Predict(train::PredictArgs),
+    /// Write the synthetic demo dataset (GTEx_final.csv and genome.fa).
+    DemoData(train::DemoDataArgs),
     /// Print the devices and CPU features this build can use.
     Info,
 }
@@ -41,6 +50,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Data(cmd) => data::run(cmd),
         Command::Prepare(args) => data::run_prepare(args),
         Command::Embed(args) => embed::run(args),
+        Command::Train(args) => train::run_train(args),
+        Command::Eval(args) => train::run_eval(args),
+        Command::Predict(args) => train::run_predict(args),
+        Command::DemoData(args) => train::run_demo_data(args),
         Command::Info => {
             info();
             Ok(())

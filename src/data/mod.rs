@@ -2,6 +2,7 @@
 //! training loader.
 
 pub mod dataset;
+pub mod demo;
 pub mod export;
 pub mod fasta;
 pub mod loader;

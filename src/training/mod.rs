@@ -3,5 +3,9 @@
 pub mod adamw;
 
 pub use adamw::{clip_coefficient, global_norm, AdamW, ParamGroup, StepReport};
+pub mod checkpoint;
+pub mod metrics;
 pub mod params;
+pub mod schedule;
 pub mod step;
+pub mod trainer;

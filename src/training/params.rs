@@ -19,6 +19,9 @@ pub struct Placement {
     pub count: usize,
 }
 
+/// A named parameter on the host: name, shape, values.
+pub type HostTensor = (String, Vec<usize>, Vec<f32>);
+
 pub struct IsoformerParams<B: Backend> {
     pub placement: Vec<Placement>,
     pub trainable_sections: Vec<usize>,
@@ -153,7 +156,7 @@ impl<B: Backend> IsoformerParams<B> {
     }
 
     /// Every parameter as host f32, by combined name (`dna.…`, `rna.…`, aggregator names), in section order.
-    pub fn to_host(&self, b: &B, model: &Isoformer) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    pub fn to_host(&self, b: &B, model: &Isoformer) -> Result<Vec<HostTensor>> {
         let train = self.train.params.master_views()?;
         let frozen = match &self.frozen {
             Some(f) => f.views()?,

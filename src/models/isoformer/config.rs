@@ -572,14 +572,14 @@ impl IsoformerConfig {
             Aggregator::CrossAttention | Aggregator::ModalityCentred => {
                 for &m in &self.modalities {
                     let w = self.width(m);
-                    if self.aggregator == Aggregator::ModalityCentred || m == self.modalities[0] {
-                        if w % self.num_heads_omics_cross_attention != 0 {
-                            return Err(format!(
-                                "the {} width {w} does not split into {} cross-attention heads",
-                                m.name(),
-                                self.num_heads_omics_cross_attention
-                            ));
-                        }
+                    let queried =
+                        self.aggregator == Aggregator::ModalityCentred || m == self.modalities[0];
+                    if queried && w % self.num_heads_omics_cross_attention != 0 {
+                        return Err(format!(
+                            "the {} width {w} does not split into {} cross-attention heads",
+                            m.name(),
+                            self.num_heads_omics_cross_attention
+                        ));
                     }
                 }
                 q

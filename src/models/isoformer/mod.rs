@@ -37,7 +37,7 @@ use crate::{Error, Result};
 /// One encoder's network.
 #[derive(Clone, Debug)]
 pub enum EncoderNet {
-    Enformer(EnformerTrunk),
+    Enformer(Box<EnformerTrunk>),
     Transformer(TransformerEncoder),
 }
 
@@ -204,7 +204,7 @@ impl Isoformer {
         for &m in &cfg.modalities {
             let (net, tokenizer, max_tokens) = match (m, cfg.dna_encoder) {
                 (Modality::Dna, DnaEncoderKind::Enformer) => (
-                    EncoderNet::Enformer(EnformerTrunk::new(cfg.enformer_config())?),
+                    EncoderNet::Enformer(Box::new(EnformerTrunk::new(cfg.enformer_config())?)),
                     None,
                     0,
                 ),
@@ -515,7 +515,7 @@ impl Isoformer {
         if acts.encoders.len() != self.encoders.len() {
             acts.encoders = self.fresh_acts();
         }
-        for e in 0..self.encoders.len() {
+        for (e, params) in p.iter().enumerate().take(self.encoders.len()) {
             let train = train_encoders.get(e).copied().unwrap_or(false);
             let mode = if train {
                 BatchNormMode::Train
@@ -525,7 +525,7 @@ impl Isoformer {
             self.encode(
                 b,
                 e,
-                p[e],
+                params,
                 &inputs.encoded[e],
                 inputs.batch,
                 &mut acts.encoders[e],

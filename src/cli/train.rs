@@ -1,0 +1,360 @@
+//! `train`, `eval`, `predict` and `demo-data`.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use crate::backend::any::AnyBackend;
+use crate::backend::Backend;
+use crate::data::demo::{write_demo_data, DemoSpec};
+use crate::data::Split;
+use crate::models::isoformer::{Isoformer, IsoformerConfig, Modality, SampleSeqs};
+use crate::runtime::output::AtomicOutput;
+use crate::training::checkpoint::Checkpoint;
+use crate::training::params::IsoformerParams;
+use crate::training::step::predict;
+use crate::training::trainer::{evaluate_split, open_dataset, predict_split, train, TrainOptions};
+use crate::{DeviceRequest, Error, Result};
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// A built-in config name (demo, isoformer, nt-rna, …) or a JSON file. Default: demo.
+    #[arg(long, default_value = "demo")]
+    pub config: String,
+    /// Dataset directory (GTEx_final.csv + genome FASTA, or train/validation/test TSVs). Default with the demo
+    /// config: the demo data, generated into the output directory.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// cpu, cuda, emu or auto.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Output directory. Default: runs/<config>-<unix time>.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue from a checkpoint (bit-identical to an uninterrupted run on the same device).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Optimiser steps in total, counting those before a resume.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Pre-trained encoder weights (save_pretrained directories).
+    #[arg(long)]
+    pub weights_dna: Option<PathBuf>,
+    #[arg(long)]
+    pub weights_rna: Option<PathBuf>,
+    #[arg(long)]
+    pub weights_protein: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[arg(long)]
+    pub data: PathBuf,
+    /// train, validation or test.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Args, Debug)]
+pub struct PredictArgs {
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// A dataset directory, or a TSV with dna_seq, rna_seq and protein_seq columns (and optionally id).
+    #[arg(long)]
+    pub input: PathBuf,
+    #[arg(long)]
+    pub output: PathBuf,
+    /// With a dataset directory: the split to predict.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoDataArgs {
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 4000)]
+    pub genes: usize,
+    /// Permute the labels across transcripts (a control where nothing can be learned).
+    #[arg(long)]
+    pub shuffle_labels: bool,
+}
+
+fn with_backend<R>(device: &str, f: impl FnOnce(&AnyBackend) -> Result<R>) -> Result<R> {
+    let backend = AnyBackend::open(DeviceRequest::parse(device)?.resolve()?)?;
+    f(&backend)
+}
+
+macro_rules! dispatch {
+    ($backend:expr, $b:ident => $body:expr) => {
+        match $backend {
+            AnyBackend::Cpu($b) => $body,
+            AnyBackend::Emu($b) => $body,
+            AnyBackend::Cuda($b) => $body,
+        }
+    };
+}
+
+pub fn run_train(a: TrainArgs) -> Result<()> {
+    let mut config = IsoformerConfig::resolve(&a.config)?;
+    if let Some(e) = a.epochs {
+        config.train.epochs = e;
+    }
+    if let Some(s) = a.seed {
+        config.train.seed = s;
+    }
+    for (m, w) in [
+        (Modality::Dna, &a.weights_dna),
+        (Modality::Rna, &a.weights_rna),
+        (Modality::Protein, &a.weights_protein),
+    ] {
+        if let Some(w) = w {
+            config.set_weights(m, Some(w.clone()));
+        }
+    }
+    config.validate().map_err(|m| Error::invalid("config", m))?;
+    let out = a.out.clone().unwrap_or_else(|| {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        PathBuf::from("runs").join(format!(
+            "{}-{secs}",
+            if config.name.is_empty() {
+                "run"
+            } else {
+                &config.name
+            }
+        ))
+    });
+    let data = match a.data.clone() {
+        Some(d) => d,
+        None if config.name == "demo" || a.resume.is_some() => {
+            let d = out.join("demo-data");
+            if !d.join("GTEx_final.csv").is_file() {
+                let n = write_demo_data(&d, &DemoSpec::default())?;
+                eprintln!(
+                    "wrote the demo dataset ({n} transcripts) to {}",
+                    d.display()
+                );
+            }
+            d
+        }
+        None => {
+            return Err(Error::invalid(
+                "--data",
+                "a dataset directory is needed for this config",
+            ))
+        }
+    };
+    let opts = TrainOptions {
+        config,
+        data_dir: data,
+        out_dir: out.clone(),
+        resume: a.resume.clone(),
+        max_steps: a.max_steps,
+        progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let outcome = with_backend(
+        &a.device,
+        |backend| dispatch!(backend, b => train(b.as_ref(), &opts)),
+    )?;
+    if let Some(v) = &outcome.validation {
+        println!("{}", v.table("validation"));
+    }
+    if let Some(t) = &outcome.test {
+        println!("{}", t.table("test"));
+    }
+    println!("outputs in {}", out.display());
+    Ok(())
+}
+
+fn load_checkpoint(path: &Path) -> Result<(Checkpoint, Isoformer)> {
+    let ck = Checkpoint::load(path)?;
+    let model = Isoformer::new(ck.config.clone())?;
+    Ok((ck, model))
+}
+
+fn parse_split(s: &str) -> Result<Split> {
+    Split::parse(s).ok_or_else(|| {
+        Error::invalid(
+            "--split",
+            format!("'{s}' (expected train, validation or test)"),
+        )
+    })
+}
+
+pub fn run_eval(a: EvalArgs) -> Result<()> {
+    let (ck, model) = load_checkpoint(&a.checkpoint)?;
+    let split = parse_split(&a.split)?;
+    let data = open_dataset(&model.cfg, &a.data)?;
+    let stats = ck.progress.target_stats();
+    let host = ck.sections(&model)?;
+    let metrics = with_backend(&a.device, |backend| {
+        dispatch!(backend, b => {
+            let params = IsoformerParams::upload(b.as_ref(), &model, &host)?;
+            evaluate_split(b.as_ref(), &model, &params, &data, split, &stats)
+        })
+    })?;
+    match metrics {
+        Some(m) => println!("{}", m.table(split.name())),
+        None => {
+            return Err(Error::invalid(
+                "--split",
+                format!("{} has no {} rows", a.data.display(), split.name()),
+            ))
+        }
+    }
+    Ok(())
+}
+
+/// Rows of a TSV with `dna_seq`, `rna_seq`, `protein_seq` (and optionally `id`) columns.
+/// One row to predict: id, DNA, RNA, protein.
+type PredictRow = (String, String, String, Option<String>);
+
+fn read_predict_tsv(path: &Path) -> Result<Vec<PredictRow>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut lines = text.lines().enumerate();
+    let (_, header) = lines.next().ok_or_else(|| Error::Parse {
+        path: path.into(),
+        line: Some(1),
+        msg: "empty file".into(),
+    })?;
+    let cols: Vec<&str> = header.split('\t').map(str::trim).collect();
+    let find = |n: &str| cols.iter().position(|c| c.eq_ignore_ascii_case(n));
+    let need = |n: &str| {
+        find(n).ok_or_else(|| Error::Parse {
+            path: path.into(),
+            line: Some(1),
+            msg: format!("no '{n}' column"),
+        })
+    };
+    let (dna, rna, prot, id) = (
+        need("dna_seq")?,
+        need("rna_seq")?,
+        need("protein_seq")?,
+        find("id"),
+    );
+    let mut out = Vec::new();
+    for (i, line) in lines {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let f: Vec<&str> = line.split('\t').collect();
+        if f.len() != cols.len() {
+            return Err(Error::Parse {
+                path: path.into(),
+                line: Some(i + 1),
+                msg: format!("{} fields, the header has {}", f.len(), cols.len()),
+            });
+        }
+        let p = f[prot].trim();
+        out.push((
+            id.map_or_else(|| format!("row{}", i), |c| f[c].trim().to_string()),
+            f[dna].trim().to_ascii_uppercase(),
+            f[rna].trim().to_string(),
+            (!p.is_empty()).then(|| p.to_string()),
+        ));
+    }
+    Ok(out)
+}
+
+pub fn run_predict(a: PredictArgs) -> Result<()> {
+    let (ck, model) = load_checkpoint(&a.checkpoint)?;
+    let stats = ck.progress.target_stats();
+    let tissues = ck.progress.tissues.clone();
+    let host = ck.sections(&model)?;
+    let mut out = AtomicOutput::create(&a.output, &[&a.input, &a.checkpoint])?;
+    let (ids, preds) = with_backend(&a.device, |backend| {
+        dispatch!(backend, b => {
+            let b = b.as_ref();
+            let params = IsoformerParams::upload(b, &model, &host)?;
+            if a.input.is_dir() {
+                let data = open_dataset(&model.cfg, &a.input)?;
+                let (ids, preds, _, _) = predict_split(b, &model, &params, &data, parse_split(&a.split)?, &stats)?;
+                Ok((ids, preds))
+            } else {
+                let rows = read_predict_tsv(&a.input)?;
+                let len = model.cfg.dna_sequence_length;
+                let mut acts = Default::default();
+                let (mut ids, mut preds) = (Vec::new(), Vec::new());
+                for chunk in rows.chunks(model.cfg.train.batch_size) {
+                    // Centre-crop or N-pad each DNA sequence to the model's window.
+                    let dna: Vec<Vec<u8>> = chunk.iter().map(|r| fit_window(r.1.as_bytes(), len)).collect();
+                    let seqs: Vec<SampleSeqs<'_>> = chunk
+                        .iter()
+                        .zip(&dna)
+                        .map(|(r, d)| SampleSeqs { dna: d, rna: &r.2, protein: r.3.as_deref() })
+                        .collect();
+                    let inputs = model.prepare_inputs(&seqs)?;
+                    let mut p = predict(b, &model, &params, &inputs, &mut acts)?;
+                    for row in p.chunks_mut(tissues.len()) {
+                        stats.denormalize(row);
+                    }
+                    preds.extend_from_slice(&p);
+                    ids.extend(chunk.iter().map(|r| r.0.clone()));
+                }
+                Ok((ids, preds))
+            }
+        })
+    })?;
+    let w = out.writer();
+    let io = |e| Error::io(&a.output, e);
+    write!(w, "id").map_err(io)?;
+    for t in &tissues {
+        write!(w, "\t{t}").map_err(io)?;
+    }
+    writeln!(w).map_err(io)?;
+    for (id, row) in ids.iter().zip(preds.chunks(tissues.len())) {
+        write!(w, "{id}").map_err(io)?;
+        for v in row {
+            write!(w, "\t{v:.5}").map_err(io)?;
+        }
+        writeln!(w).map_err(io)?;
+    }
+    out.commit()?;
+    eprintln!("wrote {} predictions to {}", ids.len(), a.output.display());
+    Ok(())
+}
+
+fn fit_window(seq: &[u8], len: usize) -> Vec<u8> {
+    if seq.len() >= len {
+        let s = (seq.len() - len) / 2;
+        seq[s..s + len].to_vec()
+    } else {
+        let left = (len - seq.len()) / 2;
+        let mut v = vec![b'N'; left];
+        v.extend_from_slice(seq);
+        v.resize(len, b'N');
+        v
+    }
+}
+
+pub fn run_demo_data(a: DemoDataArgs) -> Result<()> {
+    let n = write_demo_data(
+        &a.out,
+        &DemoSpec {
+            genes: a.genes.clamp(10, 1_000_000),
+            seed: a.seed,
+            shuffle_labels: a.shuffle_labels,
+        },
+    )?;
+    println!("wrote {n} transcripts: {}", a.out.display());
+    Ok(())
+}
+
+// The backend's trait must be in scope for `dispatch!` bodies.
+#[allow(unused)]
+fn _uses(b: &impl Backend) {}

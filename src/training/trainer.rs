@@ -1,0 +1,465 @@
+//! The training run: data, parameters, the step loop with gradient accumulation, the schedule, evaluation
+//! with early stopping, checkpoints and metrics. Generic over the backend; the CLI picks it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::adamw::{AdamW, ParamGroup};
+use super::checkpoint::{self, Checkpoint, TrainProgress};
+use super::metrics::{evaluate, SplitMetrics};
+use super::params::IsoformerParams;
+use super::schedule::lr_factor;
+use super::step::{forward_backward, predict, update_running_stats, StepBuffers};
+use crate::backend::Backend;
+use crate::data::loader::epoch_plan;
+use crate::data::{DataConfig, Dataset, Loader, LoaderConfig, Sample, Split, TargetStats};
+use crate::models::isoformer::init::initial_sections;
+use crate::models::isoformer::{Isoformer, IsoformerActivations, IsoformerConfig, SampleSeqs};
+use crate::runtime::output::write_atomically;
+use crate::{Error, Result};
+
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    pub config: IsoformerConfig,
+    pub data_dir: PathBuf,
+    pub out_dir: PathBuf,
+    pub resume: Option<PathBuf>,
+    /// Optimiser steps in total (a resumed run counts the steps already taken).
+    pub max_steps: Option<usize>,
+    pub progress_bar: bool,
+}
+
+pub struct TrainOutcome {
+    pub steps: usize,
+    pub validation: Option<SplitMetrics>,
+    pub test: Option<SplitMetrics>,
+    pub train_losses: Vec<f32>,
+}
+
+/// The dataset as the model reads it: windows of its DNA length, RNA and protein cropped to its budgets.
+pub fn open_dataset(cfg: &IsoformerConfig, data_dir: &Path) -> Result<Arc<Dataset>> {
+    let mut dc = DataConfig::new(data_dir);
+    dc.dna_len = cfg.dna_sequence_length;
+    dc.rna_max_len = cfg.num_tokens_per_seq_nuctf_rna.saturating_sub(1).max(1) * 6;
+    dc.protein_max_len = cfg.num_protein_tokens_per_seq.saturating_sub(2).max(1);
+    let ds = Dataset::open(dc)?;
+    if ds.tissues().len() != cfg.num_tissues {
+        return Err(Error::invalid(
+            "dataset",
+            format!(
+                "{} has {} tissue columns, the config predicts num_tissues = {}",
+                data_dir.display(),
+                ds.tissues().len(),
+                cfg.num_tissues
+            ),
+        ));
+    }
+    Ok(Arc::new(ds))
+}
+
+fn seqs(batch: &[Sample]) -> Vec<SampleSeqs<'_>> {
+    batch
+        .iter()
+        .map(|s| SampleSeqs {
+            dna: &s.dna,
+            rna: &s.rna,
+            protein: s.protein.as_deref(),
+        })
+        .collect()
+}
+
+/// AdamW groups: the aggregator and head at `lr`, fine-tuned encoders at `encoder_lr`; decay only on
+/// matrices; running statistics never move.
+fn param_groups<B: Backend>(model: &Isoformer, params: &IsoformerParams<B>) -> Result<AdamW> {
+    let t = &model.cfg.train;
+    let mut groups: Vec<ParamGroup> = [
+        "aggregator",
+        "aggregator-no-decay",
+        "encoders",
+        "encoders-no-decay",
+        "running-statistics",
+    ]
+    .iter()
+    .map(|n| ParamGroup {
+        name: (*n).into(),
+        lr: 0.0,
+        weight_decay: 0.0,
+        params: Vec::new(),
+    })
+    .collect();
+    groups[0].lr = t.lr;
+    groups[0].weight_decay = t.weight_decay;
+    groups[1].lr = t.lr;
+    groups[2].lr = t.encoder_lr;
+    groups[2].weight_decay = t.weight_decay;
+    groups[3].lr = t.encoder_lr;
+    let sections = model.sections();
+    for &s in &params.trainable_sections {
+        let top = s == sections.len() - 1;
+        for (i, e) in sections[s].layout.entries().iter().enumerate() {
+            let name = format!("{}{}", sections[s].prefix, e.spec.name);
+            let matrix = e.spec.shape.dims().len() >= 2;
+            let g = if model.is_buffer(s, i) {
+                4
+            } else {
+                match (top, matrix) {
+                    (true, true) => 0,
+                    (true, false) => 1,
+                    (false, true) => 2,
+                    (false, false) => 3,
+                }
+            };
+            groups[g].params.push(name);
+        }
+    }
+    groups.retain(|g| !g.params.is_empty());
+    AdamW::new(params.train_layout(), groups, t.beta1, t.beta2, t.adam_eps)
+}
+
+/// Transcript ids, predictions and targets (row-major `[samples, tissues]`, original units), and the loss
+/// in normalised units.
+pub type SplitPredictions = (Vec<String>, Vec<f32>, Vec<f32>, f64);
+
+/// Predictions (original units) and targets (original units) of a split, and the loss in normalised units.
+pub fn predict_split<B: Backend>(
+    b: &B,
+    model: &Isoformer,
+    params: &IsoformerParams<B>,
+    data: &Arc<Dataset>,
+    split: Split,
+    stats: &TargetStats,
+) -> Result<SplitPredictions> {
+    let rows = data.split_rows(split);
+    let mut lc = LoaderConfig::new(split, model.cfg.train.batch_size);
+    lc.shuffle = false;
+    lc.bucket_by_length = false;
+    let plan = epoch_plan(&rows, &lc);
+    let ds = data.clone();
+    let loader = Loader::spawn(plan, 4, move |r| ds.sample(r))?;
+    let mut acts = IsoformerActivations::default();
+    let (mut ids, mut preds, mut truth) = (Vec::new(), Vec::new(), Vec::new());
+    let mut sq = 0.0f64;
+    for batch in loader {
+        let batch = batch?;
+        let inputs = model.prepare_inputs(&seqs(&batch.samples))?;
+        let mut p = predict(b, model, params, &inputs, &mut acts)?;
+        let t = model.cfg.num_tissues;
+        for (i, s) in batch.samples.iter().enumerate() {
+            let mut norm_t = s.targets.clone();
+            stats.normalize(&mut norm_t);
+            let row = &mut p[i * t..(i + 1) * t];
+            sq += row
+                .iter()
+                .zip(&norm_t)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum::<f64>();
+            stats.denormalize(row);
+            truth.extend_from_slice(&s.targets);
+            ids.push(s.transcript_id.clone());
+        }
+        preds.extend_from_slice(&p);
+    }
+    let loss = sq / preds.len().max(1) as f64;
+    Ok((ids, preds, truth, loss))
+}
+
+pub fn evaluate_split<B: Backend>(
+    b: &B,
+    model: &Isoformer,
+    params: &IsoformerParams<B>,
+    data: &Arc<Dataset>,
+    split: Split,
+    stats: &TargetStats,
+) -> Result<Option<SplitMetrics>> {
+    if data.split_rows(split).is_empty() {
+        return Ok(None);
+    }
+    let (_, pred, truth, loss) = predict_split(b, model, params, data, split, stats)?;
+    Ok(Some(evaluate(&pred, &truth, data.tissues(), loss)))
+}
+
+/// Runs a training job; writes `last.safetensors`, `best.safetensors`, `metrics.json` and `config.json` into
+/// the output directory.
+pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
+    let resume = opts.resume.as_deref().map(Checkpoint::load).transpose()?;
+    let cfg = match &resume {
+        Some(ck) => ck.config.clone(),
+        None => opts.config.clone(),
+    };
+    let model = Isoformer::new(cfg.clone())?;
+    let data = open_dataset(&cfg, &opts.data_dir)?;
+    let train_rows = data.split_rows(Split::Train);
+    if train_rows.is_empty() {
+        return Err(Error::invalid(
+            "dataset",
+            format!("{} has no training rows", opts.data_dir.display()),
+        ));
+    }
+    std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::io(&opts.out_dir, e))?;
+    write_atomically(&opts.out_dir.join("config.json"), cfg.to_json().as_bytes())?;
+
+    let t = &cfg.train;
+    let (host, mut progress) = match &resume {
+        Some(ck) => (ck.sections(&model)?, ck.progress.clone()),
+        None => {
+            let stats = data.train_target_stats().cloned().ok_or_else(|| {
+                Error::invalid(
+                    "dataset",
+                    "fewer than two training rows: no target statistics",
+                )
+            })?;
+            (
+                initial_sections(&model, t.seed)?,
+                TrainProgress {
+                    step: 0,
+                    epoch: 0,
+                    batch_in_epoch: 0,
+                    seed: t.seed,
+                    train_losses: Vec::new(),
+                    val_losses: Vec::new(),
+                    best_val_loss: None,
+                    evals_since_best: 0,
+                    target_mean: stats.mean.clone(),
+                    target_std: stats.std.clone(),
+                    tissues: data.tissues().to_vec(),
+                },
+            )
+        }
+    };
+    if progress.tissues != data.tissues() {
+        return Err(Error::invalid(
+            "resume",
+            "the dataset's tissues differ from the checkpoint's",
+        ));
+    }
+    let stats = progress.target_stats();
+    let mut params = IsoformerParams::upload(b, &model, &host)?;
+    drop(host);
+    if let Some(ck) = &resume {
+        ck.restore_moments(b, &mut params)?;
+    }
+    let optimizer = param_groups(&model, &params)?;
+
+    let mut lc = LoaderConfig::new(Split::Train, t.batch_size);
+    lc.seed = progress.seed;
+    let batches_per_epoch = epoch_plan(&train_rows, &lc).len();
+    let steps_per_epoch = batches_per_epoch.div_ceil(t.grad_accum_steps);
+    let total_steps = steps_per_epoch * t.epochs;
+    let stop_at = opts.max_steps.map_or(total_steps, |m| m.min(total_steps));
+
+    let bar = if opts.progress_bar {
+        let bar = ProgressBar::new(stop_at as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps  {per_sec}  loss {msg}  ETA {eta}",
+            )
+            .expect("valid template"),
+        );
+        bar.set_position(progress.step as u64);
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut bufs = StepBuffers::default();
+    let mut stopped_early = false;
+    let started = Instant::now();
+    let last_path = opts.out_dir.join("last.safetensors");
+    let best_path = opts.out_dir.join("best.safetensors");
+    'epochs: while progress.epoch < t.epochs && progress.step < stop_at {
+        lc.epoch = progress.epoch as u64;
+        let plan = epoch_plan(&train_rows, &lc);
+        let skip = progress.batch_in_epoch;
+        let ds = data.clone();
+        let norm = stats.clone();
+        let loader = Loader::spawn(plan[skip.min(plan.len())..].to_vec(), 4, move |r| {
+            let mut s = ds.sample(r)?;
+            norm.normalize(&mut s.targets);
+            Ok(s)
+        })?;
+        params.train.zero_grads(b)?;
+        let (mut micro, mut loss_sum) = (0usize, 0.0f32);
+        let n_batches = plan.len();
+        for (k, batch) in loader.enumerate() {
+            let batch = batch?;
+            let index = skip + k;
+            let inputs = model.prepare_inputs(&seqs(&batch.samples))?;
+            let targets: Vec<f32> = batch
+                .samples
+                .iter()
+                .flat_map(|s| s.targets.iter().copied())
+                .collect();
+            // The last group of an epoch may be short: scale by its real size.
+            let group = t
+                .grad_accum_steps
+                .min(n_batches - (index - index % t.grad_accum_steps));
+            let loss = forward_backward(
+                b,
+                &model,
+                &mut params,
+                &inputs,
+                &targets,
+                &mut bufs,
+                1.0 / group as f32,
+            )?;
+            if !loss.is_finite() {
+                return Err(Error::invalid(
+                    "training",
+                    format!(
+                        "the loss is {loss} at step {} (epoch {}, batch {index})",
+                        progress.step + 1,
+                        progress.epoch
+                    ),
+                ));
+            }
+            update_running_stats(b, &model, &mut params, &bufs)?;
+            loss_sum += loss / group as f32;
+            micro += 1;
+            if micro < group {
+                continue;
+            }
+            let factor = lr_factor(
+                progress.step + 1,
+                t.warmup_steps,
+                total_steps,
+                t.min_lr_ratio,
+            );
+            optimizer
+                .step(b, &mut params.train, factor, t.max_grad_norm)
+                .map_err(|e| {
+                    Error::invalid("training", format!("step {}: {e}", progress.step + 1))
+                })?;
+            params.train.zero_grads(b)?;
+            progress.step += 1;
+            progress.batch_in_epoch = index + 1;
+            progress.train_losses.push(loss_sum);
+            bar.set_position(progress.step as u64);
+            bar.set_message(format!("{loss_sum:.4}"));
+            micro = 0;
+            loss_sum = 0.0;
+            let eval_now = t.eval_every_steps.is_some_and(|n| progress.step % n == 0);
+            if eval_now
+                && validate(
+                    b,
+                    &model,
+                    &params,
+                    &data,
+                    &stats,
+                    &mut progress,
+                    &best_path,
+                    &bar,
+                )?
+            {
+                stopped_early = true;
+                break 'epochs;
+            }
+            // At the epoch's last batch the loop ends by itself, so the epoch's validation still runs.
+            if progress.step >= stop_at && index + 1 < n_batches {
+                break 'epochs;
+            }
+        }
+        progress.epoch += 1;
+        progress.batch_in_epoch = 0;
+        if t.eval_every_steps.is_none()
+            && validate(
+                b,
+                &model,
+                &params,
+                &data,
+                &stats,
+                &mut progress,
+                &best_path,
+                &bar,
+            )?
+        {
+            stopped_early = true;
+            break;
+        }
+        checkpoint::save(&last_path, b, &model, &params, &progress)?;
+    }
+    checkpoint::save(&last_path, b, &model, &params, &progress)?;
+    bar.finish_and_clear();
+    eprintln!(
+        "trained {} steps in {:.1} s{}",
+        progress.step,
+        started.elapsed().as_secs_f64(),
+        if stopped_early {
+            " (early stop: no better validation loss)"
+        } else {
+            ""
+        }
+    );
+    // Final metrics with the best checkpoint (the last one when there was no validation).
+    if best_path.is_file() {
+        let ck = Checkpoint::load(&best_path)?;
+        params = IsoformerParams::upload(b, &model, &ck.sections(&model)?)?;
+    }
+    let validation = evaluate_split(b, &model, &params, &data, Split::Validation, &stats)?;
+    let test = evaluate_split(b, &model, &params, &data, Split::Test, &stats)?;
+    let mut json = serde_json::Map::new();
+    if let Some(v) = &validation {
+        json.insert("validation".into(), v.to_json());
+    }
+    if let Some(v) = &test {
+        json.insert("test".into(), v.to_json());
+    }
+    json.insert("steps".into(), serde_json::json!(progress.step));
+    json.insert(
+        "train_loss".into(),
+        serde_json::json!(progress.train_losses),
+    );
+    json.insert(
+        "validation_loss".into(),
+        serde_json::json!(progress.val_losses),
+    );
+    let text =
+        serde_json::to_string_pretty(&serde_json::Value::Object(json)).expect("serialisable");
+    write_atomically(&opts.out_dir.join("metrics.json"), text.as_bytes())?;
+    Ok(TrainOutcome {
+        steps: progress.step,
+        validation,
+        test,
+        train_losses: progress.train_losses,
+    })
+}
+
+/// Evaluates on the validation split, keeps the best checkpoint, and says whether patience ran out.
+#[allow(clippy::too_many_arguments)]
+fn validate<B: Backend>(
+    b: &B,
+    model: &Isoformer,
+    params: &IsoformerParams<B>,
+    data: &Arc<Dataset>,
+    stats: &TargetStats,
+    progress: &mut TrainProgress,
+    best_path: &Path,
+    bar: &ProgressBar,
+) -> Result<bool> {
+    let Some(m) = evaluate_split(b, model, params, data, Split::Validation, stats)? else {
+        return Ok(false);
+    };
+    progress.val_losses.push((progress.step, m.loss));
+    let line = format!(
+        "step {:>6}  validation loss {:.4}  R² {:.3}  Pearson {:.3}  Spearman {:.3}",
+        progress.step, m.loss, m.r2_mean, m.pearson_mean, m.spearman_mean
+    );
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
+    if progress.best_val_loss.is_none_or(|best| m.loss < best) {
+        progress.best_val_loss = Some(m.loss);
+        progress.evals_since_best = 0;
+        checkpoint::save(best_path, b, model, params, progress)?;
+    } else {
+        progress.evals_since_best += 1;
+    }
+    Ok(model
+        .cfg
+        .train
+        .patience
+        .is_some_and(|p| progress.evals_since_best >= p))
+}
