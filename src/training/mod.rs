@@ -6,6 +6,7 @@ pub use adamw::{clip_coefficient, global_norm, AdamW, ParamGroup, StepReport};
 pub mod checkpoint;
 pub mod metrics;
 pub mod params;
+pub mod plots;
 pub mod schedule;
 pub mod step;
 pub mod trainer;

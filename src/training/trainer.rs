@@ -11,6 +11,7 @@ use super::adamw::{AdamW, ParamGroup};
 use super::checkpoint::{self, Checkpoint, TrainProgress};
 use super::metrics::{evaluate, SplitMetrics};
 use super::params::IsoformerParams;
+use super::plots;
 use super::schedule::lr_factor;
 use super::step::{forward_backward, predict, update_running_stats, StepBuffers};
 use crate::backend::Backend;
@@ -417,6 +418,19 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
     let text =
         serde_json::to_string_pretty(&serde_json::Value::Object(json)).expect("serialisable");
     write_atomically(&opts.out_dir.join("metrics.json"), text.as_bytes())?;
+    plots::loss_curves(
+        &opts.out_dir.join("loss.png"),
+        &progress.train_losses,
+        &progress.val_losses,
+    )?;
+    if let Some(m) = test.as_ref().or(validation.as_ref()) {
+        let split = if test.is_some() { "test" } else { "validation" };
+        plots::r2_bars(
+            &opts.out_dir.join("r2_per_tissue.png"),
+            &format!("R² per tissue ({split}; mean {:.3})", m.r2_mean),
+            &m.r2,
+        )?;
+    }
     Ok(TrainOutcome {
         steps: progress.step,
         validation,
