@@ -7,8 +7,9 @@ use clap::Args;
 
 use crate::backend::any::AnyBackend;
 use crate::backend::Backend;
-use crate::data::demo::{write_demo_data, DemoSpec};
-use crate::data::Split;
+use crate::data::demo::{write_demo_data, DemoSpec, TISSUES};
+use crate::data::{Split, TargetStats};
+use crate::models::isoformer::release::load_released;
 use crate::models::isoformer::{Isoformer, IsoformerConfig, Modality, SampleSeqs};
 use crate::runtime::output::AtomicOutput;
 use crate::training::checkpoint::Checkpoint;
@@ -53,8 +54,12 @@ pub struct TrainArgs {
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
+    /// An engine checkpoint, or the released IsoFormer weights (safetensors) with --config.
     #[arg(long)]
     pub checkpoint: PathBuf,
+    /// The config of a released checkpoint (engine checkpoints carry their own).
+    #[arg(long)]
+    pub config: Option<String>,
     #[arg(long)]
     pub data: PathBuf,
     /// train, validation or test.
@@ -66,8 +71,12 @@ pub struct EvalArgs {
 
 #[derive(Args, Debug)]
 pub struct PredictArgs {
+    /// An engine checkpoint, or the released IsoFormer weights (safetensors) with --config.
     #[arg(long)]
     pub checkpoint: PathBuf,
+    /// The config of a released checkpoint (engine checkpoints carry their own).
+    #[arg(long)]
+    pub config: Option<String>,
     /// A dataset directory, or a TSV with dna_seq, rna_seq and protein_seq columns (and optionally id).
     #[arg(long)]
     pub input: PathBuf,
@@ -181,10 +190,56 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn load_checkpoint(path: &Path) -> Result<(Checkpoint, Isoformer)> {
-    let ck = Checkpoint::load(path)?;
-    let model = Isoformer::new(ck.config.clone())?;
-    Ok((ck, model))
+/// A model to run: an engine checkpoint (its own config, target statistics and tissues), or released
+/// weights with a config (predictions in the released model's units; tissues named as GTEx's 30).
+struct Loaded {
+    model: Isoformer,
+    host: Vec<Vec<Vec<f32>>>,
+    stats: TargetStats,
+    tissues: Vec<String>,
+}
+
+fn load_model(path: &Path, config: Option<&str>) -> Result<Loaded> {
+    let is_engine = crate::models::weights::WeightFile::open(path)?
+        .metadata
+        .contains_key("format");
+    if is_engine {
+        let ck = Checkpoint::load(path)?;
+        let model = Isoformer::new(ck.config.clone())?;
+        let host = ck.sections(&model)?;
+        return Ok(Loaded {
+            host,
+            stats: ck.progress.target_stats(),
+            tissues: ck.progress.tissues.clone(),
+            model,
+        });
+    }
+    let config = config.ok_or_else(|| {
+        Error::invalid(
+            "--checkpoint",
+            format!(
+                "{} is not an engine checkpoint: pass --config for released weights",
+                path.display()
+            ),
+        )
+    })?;
+    let model = Isoformer::new(IsoformerConfig::resolve(config)?)?;
+    let host = load_released(&model, path)?;
+    let n = model.cfg.num_tissues;
+    let tissues = if n == TISSUES.len() {
+        TISSUES.iter().map(|t| t.to_string()).collect()
+    } else {
+        (0..n).map(|i| format!("tissue_{i}")).collect()
+    };
+    Ok(Loaded {
+        model,
+        host,
+        stats: TargetStats {
+            mean: vec![0.0; n],
+            std: vec![1.0; n],
+        },
+        tissues,
+    })
 }
 
 fn parse_split(s: &str) -> Result<Split> {
@@ -197,11 +252,11 @@ fn parse_split(s: &str) -> Result<Split> {
 }
 
 pub fn run_eval(a: EvalArgs) -> Result<()> {
-    let (ck, model) = load_checkpoint(&a.checkpoint)?;
+    let Loaded {
+        model, host, stats, ..
+    } = load_model(&a.checkpoint, a.config.as_deref())?;
     let split = parse_split(&a.split)?;
     let data = open_dataset(&model.cfg, &a.data)?;
-    let stats = ck.progress.target_stats();
-    let host = ck.sections(&model)?;
     let metrics = with_backend(&a.device, |backend| {
         dispatch!(backend, b => {
             let params = IsoformerParams::upload(b.as_ref(), &model, &host)?;
@@ -272,10 +327,12 @@ fn read_predict_tsv(path: &Path) -> Result<Vec<PredictRow>> {
 }
 
 pub fn run_predict(a: PredictArgs) -> Result<()> {
-    let (ck, model) = load_checkpoint(&a.checkpoint)?;
-    let stats = ck.progress.target_stats();
-    let tissues = ck.progress.tissues.clone();
-    let host = ck.sections(&model)?;
+    let Loaded {
+        model,
+        host,
+        stats,
+        tissues,
+    } = load_model(&a.checkpoint, a.config.as_deref())?;
     let mut out = AtomicOutput::create(&a.output, &[&a.input, &a.checkpoint])?;
     let (ids, preds) = with_backend(&a.device, |backend| {
         dispatch!(backend, b => {

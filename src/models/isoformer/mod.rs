@@ -19,6 +19,7 @@
 mod aggregate;
 pub mod config;
 pub mod init;
+pub mod release;
 
 use std::sync::Arc;
 
