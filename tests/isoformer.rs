@@ -96,6 +96,7 @@ fn loss_and_grads<B: Backend>(
         &batch.targets,
         &mut bufs,
         1.0,
+        None,
     )
     .unwrap();
     let grads = params
@@ -234,4 +235,63 @@ fn isoformer_emu_training_step_matches_cpu() {
         failing.is_empty(),
         "gradients beyond max(2^-6, 3x bf16 rounding): {failing:?}"
     );
+}
+
+/// With every encoder frozen, a step from the embedding cache (first filling it, then reading it) gives the
+/// same loss and aggregator gradients, bit for bit on the CPU, as running the encoders.
+#[test]
+fn cached_encoder_outputs_give_the_same_step() {
+    use isoformer_engine::training::cache::EmbeddingCache;
+    let mut cfg = tiny_config("cross_attention");
+    cfg.train.encoders = Default::default(); // all frozen
+    let model = Isoformer::new(cfg).unwrap();
+    let host = initial_sections(&model, 9).unwrap();
+    let batch = random_batch(31, 3, 3, 128);
+    let b = CpuBackend::new();
+    let dir = std::env::temp_dir().join(format!("isoformer-cache-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cache = EmbeddingCache::new(&dir, &model, &host).unwrap();
+    let run = |cache: Option<&mut EmbeddingCache>| {
+        let mut params = IsoformerParams::upload(&b, &model, &host).unwrap();
+        params.train.zero_grads(&b).unwrap();
+        let inputs = model.prepare_inputs(&seqs(&batch)).unwrap();
+        let mut bufs = StepBuffers::default();
+        let loss = forward_backward(
+            &b,
+            &model,
+            &mut params,
+            &inputs,
+            &batch.targets,
+            &mut bufs,
+            1.0,
+            cache,
+        )
+        .unwrap();
+        let grads: Vec<Vec<f32>> = params
+            .train
+            .grad_views()
+            .unwrap()
+            .into_iter()
+            .map(|g| b.read_f32(g).unwrap())
+            .collect();
+        (loss, grads)
+    };
+    let direct = run(None);
+    let filling = run(Some(&mut cache));
+    assert_eq!((cache.hits, cache.misses), (0, 9));
+    let reading = run(Some(&mut cache));
+    assert_eq!((cache.hits, cache.misses), (9, 9));
+    for other in [&filling, &reading] {
+        assert_eq!(direct.0.to_bits(), other.0.to_bits());
+        assert_eq!(direct.1, other.1);
+    }
+    // Other weights: other keys, never a stale embedding.
+    let host2 = initial_sections(&model, 10).unwrap();
+    let mut cache2 = EmbeddingCache::new(&dir, &model, &host2).unwrap();
+    let inputs = model.prepare_inputs(&seqs(&batch)).unwrap();
+    let key = model.encoder_input_bytes(0, &inputs, 0);
+    let width = model.cfg.width(model.encoders[0].modality);
+    let (lens, _) = model.encoder_output_rows(0, &inputs);
+    assert!(cache2.get(0, &key, lens[0], width).unwrap().is_none());
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -11,6 +11,32 @@ pub enum BenchCommand {
     Gemm(GemmArgs),
     /// Data loader throughput (samples/s) over a dataset, as `train` would read it.
     Loader(LoaderArgs),
+    /// One IsoFormer training step with frozen encoders on random weights: time and peak memory, the first
+    /// step filling the embedding cache and the next ones reading it.
+    Step(StepArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StepArgs {
+    /// A built-in config name or a JSON file (default: the released model's sizes).
+    #[arg(long, default_value = "isoformer")]
+    pub config: String,
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 2048)]
+    pub rna_tokens: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub protein_tokens: usize,
+    #[arg(long, default_value_t = 2)]
+    pub steps: usize,
+    /// Run the encoders every step (no embedding cache).
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Cache directory (default: a new temporary one).
+    #[arg(long)]
+    pub cache_dir: Option<std::path::PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 #[derive(Args, Debug)]
@@ -53,6 +79,41 @@ pub struct GemmArgs {
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
+        BenchCommand::Step(a) => {
+            use crate::backend::any::AnyBackend;
+            use crate::training::bench_step::{run_step_bench, StepBenchSpec};
+            let spec = StepBenchSpec {
+                config: crate::models::isoformer::IsoformerConfig::resolve(&a.config)?,
+                batch: a.batch.max(1),
+                rna_tokens: a.rna_tokens.max(2),
+                protein_tokens: a.protein_tokens.max(3),
+                steps: a.steps.max(1),
+                cache_dir: a.cache_dir.clone().unwrap_or_else(|| {
+                    std::env::temp_dir()
+                        .join(format!("isoformer-step-cache-{}", std::process::id()))
+                }),
+                no_cache: a.no_cache,
+            };
+            let backend = AnyBackend::open(DeviceRequest::parse(&a.device)?.resolve()?)?;
+            let lines = match &backend {
+                AnyBackend::Cpu(b) => run_step_bench(b.as_ref(), &spec),
+                AnyBackend::Emu(b) => run_step_bench(b.as_ref(), &spec),
+                AnyBackend::Cuda(b) => run_step_bench(b.as_ref(), &spec),
+            }?;
+            for (i, (secs, rss, cached)) in lines.iter().enumerate() {
+                println!(
+                    "step {} {:.2} s  peak RSS {:.2} GB  encoders: {}",
+                    i + 1,
+                    secs,
+                    *rss as f64 / 1e9,
+                    if *cached { "embedding cache" } else { "run" }
+                );
+            }
+            if a.cache_dir.is_none() {
+                let _ = std::fs::remove_dir_all(&spec.cache_dir);
+            }
+            Ok(())
+        }
         BenchCommand::Gemm(a) => {
             let bench = GemmBench {
                 m: a.m,

@@ -50,6 +50,9 @@ pub struct TrainArgs {
     pub weights_rna: Option<PathBuf>,
     #[arg(long)]
     pub weights_protein: Option<PathBuf>,
+    /// Where frozen encoders' embeddings are cached (default: ~/.cache/isoformer-engine/embeddings).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -175,6 +178,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         resume: a.resume.clone(),
         max_steps: a.max_steps,
         progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        cache_dir: a.cache_dir.clone(),
     };
     let outcome = with_backend(
         &a.device,
@@ -260,7 +264,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     let metrics = with_backend(&a.device, |backend| {
         dispatch!(backend, b => {
             let params = IsoformerParams::upload(b.as_ref(), &model, &host)?;
-            evaluate_split(b.as_ref(), &model, &params, &data, split, &stats)
+            evaluate_split(b.as_ref(), &model, &params, &data, split, &stats, None)
         })
     })?;
     match metrics {
@@ -340,7 +344,7 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
             let params = IsoformerParams::upload(b, &model, &host)?;
             if a.input.is_dir() {
                 let data = open_dataset(&model.cfg, &a.input)?;
-                let (ids, preds, _, _) = predict_split(b, &model, &params, &data, parse_split(&a.split)?, &stats)?;
+                let (ids, preds, _, _) = predict_split(b, &model, &params, &data, parse_split(&a.split)?, &stats, None)?;
                 Ok((ids, preds))
             } else {
                 let rows = read_predict_tsv(&a.input)?;

@@ -8,10 +8,11 @@
 //! backward: head → aggregator → each trained encoder, adding into the gradients
 //! ```
 
-use crate::backend::{Backend, Role, Tensor};
+use super::cache::EmbeddingCache;
+use crate::backend::{Backend, Role, Tensor, View};
 use crate::models::enformer::BatchNormMode;
 use crate::models::isoformer::{
-    EncoderActs, EncoderNet, Isoformer, IsoformerActivations, IsoformerInputs,
+    EncoderActs, EncoderNet, EncoderOutput, Isoformer, IsoformerActivations, IsoformerInputs,
 };
 use crate::{Error, Result};
 
@@ -22,6 +23,8 @@ pub struct StepBuffers<B: Backend> {
     pub acts: IsoformerActivations<B>,
     targets: Option<Tensor<B>>,
     dpred: Option<Tensor<B>>,
+    /// Encoder outputs read from the embedding cache, per encoder `[batch, len, width]`.
+    cached: Vec<Tensor<B>>,
 }
 
 impl<B: Backend> Default for StepBuffers<B> {
@@ -30,8 +33,83 @@ impl<B: Backend> Default for StepBuffers<B> {
             acts: IsoformerActivations::default(),
             targets: None,
             dpred: None,
+            cached: Vec::new(),
         }
     }
+}
+
+/// Fills `bufs.cached` with every encoder's output for this batch from the cache, running the (frozen)
+/// encoders only for the samples it does not hold yet, and storing those.
+fn cached_encoder_outputs<B: Backend>(
+    b: &B,
+    model: &Isoformer,
+    views: &[Vec<View<'_, B>>],
+    inputs: &IsoformerInputs,
+    bufs: &mut StepBuffers<B>,
+    cache: &mut EmbeddingCache,
+) -> Result<()> {
+    let n_enc = model.encoders.len();
+    if bufs.acts.encoders.len() != n_enc {
+        bufs.acts.encoders = model.fresh_acts();
+    }
+    while bufs.cached.len() < n_enc {
+        bufs.cached.push(Tensor::new(b, Role::Activation, 0)?);
+    }
+    let batch = inputs.batch;
+    for (e, encoder_views) in views.iter().enumerate().take(n_enc) {
+        let width = model.cfg.width(model.encoders[e].modality);
+        let (lens, len) = model.encoder_output_rows(e, inputs);
+        let mut host = vec![0.0f32; batch * len * width];
+        let mut missing = Vec::new();
+        for (i, &rows) in lens.iter().enumerate() {
+            let key = model.encoder_input_bytes(e, inputs, i);
+            match cache.get(e, &key, rows, width)? {
+                Some(values) => {
+                    host[i * len * width..(i * len + rows) * width].copy_from_slice(&values)
+                }
+                None => missing.push(i),
+            }
+        }
+        if !missing.is_empty() {
+            model.encode(
+                b,
+                e,
+                encoder_views,
+                &inputs.encoded[e],
+                batch,
+                &mut bufs.acts.encoders[e],
+                false,
+                BatchNormMode::Eval,
+            )?;
+            let out = b.read_f32(model.encoder_hidden(&bufs.acts.encoders[e])?)?;
+            for i in missing {
+                let rows = &out[i * len * width..(i * len + lens[i]) * width];
+                cache.put(e, &model.encoder_input_bytes(e, inputs, i), rows, width)?;
+                host[i * len * width..(i * len + lens[i]) * width].copy_from_slice(rows);
+            }
+        }
+        bufs.cached[e].ensure(b, Role::Activation, host.len())?;
+        b.write_f32(bufs.cached[e].view_mut(), &host)?;
+    }
+    Ok(())
+}
+
+fn cached_outputs<'a, B: Backend>(
+    model: &Isoformer,
+    inputs: &IsoformerInputs,
+    cached: &'a [Tensor<B>],
+) -> Vec<EncoderOutput<'a, B>> {
+    (0..model.encoders.len())
+        .map(|e| {
+            let (lens, len) = model.encoder_output_rows(e, inputs);
+            EncoderOutput {
+                modality: model.encoders[e].modality,
+                hidden: cached[e].view(),
+                lens,
+                len,
+            }
+        })
+        .collect()
 }
 
 fn ensure<B: Backend>(b: &B, slot: &mut Option<Tensor<B>>, role: Role, n: usize) -> Result<()> {
@@ -47,6 +125,9 @@ fn ensure<B: Backend>(b: &B, slot: &mut Option<Tensor<B>>, role: Role, n: usize)
 /// Forward and backward of one (micro-)batch: returns the MSE loss and adds `loss_scale · ∂loss/∂θ` into
 /// the trainable sections' gradients. Fine-tuned Enformer trunks use the batch's batchnorm statistics; call
 /// [`update_running_stats`] after the optimiser step.
+/// With `cache` (every encoder frozen), the encoders' outputs come from the embedding cache and only the
+/// aggregator and head run.
+#[allow(clippy::too_many_arguments)]
 pub fn forward_backward<B: Backend>(
     b: &B,
     model: &Isoformer,
@@ -55,6 +136,7 @@ pub fn forward_backward<B: Backend>(
     targets: &[f32],
     bufs: &mut StepBuffers<B>,
     loss_scale: f32,
+    cache: Option<&mut EmbeddingCache>,
 ) -> Result<f32> {
     let n = inputs.batch * model.cfg.num_tissues;
     if targets.len() != n {
@@ -76,14 +158,42 @@ pub fn forward_backward<B: Backend>(
     b.write_f32(t.view_mut(), targets)?;
     let (views, mut grads) = params.views_and_grads()?;
     let refs: Vec<&[_]> = views.iter().map(Vec::as_slice).collect();
-    model.forward(
-        b,
-        &refs,
-        inputs,
-        &mut bufs.acts,
-        &flags[..model.encoders.len()],
-        true,
-    )?;
+    let n_enc = model.encoders.len();
+    if let Some(cache) = cache {
+        if flags[..n_enc].iter().any(|&f| f) {
+            return Err(Error::invalid(
+                "embedding cache",
+                "it serves only when every encoder is frozen",
+            ));
+        }
+        cached_encoder_outputs(b, model, &views, inputs, bufs, cache)?;
+        let outputs = cached_outputs(model, inputs, &bufs.cached);
+        let top = &mut bufs.acts.aggregate;
+        model.aggregate_forward(b, refs[n_enc], &outputs, &inputs.present, top, inputs.batch)?;
+        let pred = top.predictions()?;
+        let t = bufs.targets.as_ref().expect("ensured").view();
+        let loss = b.mse(pred, t)?;
+        let dpred = bufs.dpred.as_mut().expect("ensured");
+        b.zero(dpred.view_mut())?;
+        b.mse_backward(dpred.view_mut(), pred, t, loss_scale)?;
+        let g = grads[n_enc]
+            .as_deref_mut()
+            .ok_or_else(|| Error::invalid("training step", "the aggregator always trains"))?;
+        let no_encoder_grads = vec![false; n_enc];
+        model.aggregate_backward(
+            b,
+            refs[n_enc],
+            &outputs,
+            &inputs.present,
+            top,
+            inputs.batch,
+            dpred.view(),
+            g,
+            &no_encoder_grads,
+        )?;
+        return Ok(loss);
+    }
+    model.forward(b, &refs, inputs, &mut bufs.acts, &flags[..n_enc], true)?;
     let pred = bufs.acts.aggregate.predictions()?;
     let t = bufs.targets.as_ref().expect("ensured").view();
     let loss = b.mse(pred, t)?;
@@ -159,6 +269,30 @@ pub fn predict<B: Backend>(
     let refs: Vec<&[_]> = views.iter().map(Vec::as_slice).collect();
     let eval = vec![false; model.encoders.len()];
     model.forward(b, &refs, inputs, acts, &eval, false)?;
-    let _ = BatchNormMode::Eval;
     b.read_f32(acts.aggregate.predictions()?)
+}
+
+/// [`predict`] with the encoders' outputs from the embedding cache (every encoder frozen).
+pub fn predict_cached<B: Backend>(
+    b: &B,
+    model: &Isoformer,
+    params: &IsoformerParams<B>,
+    inputs: &IsoformerInputs,
+    bufs: &mut StepBuffers<B>,
+    cache: &mut EmbeddingCache,
+) -> Result<Vec<f32>> {
+    let views = params.section_views()?;
+    cached_encoder_outputs(b, model, &views, inputs, bufs, cache)?;
+    let outputs = cached_outputs(model, inputs, &bufs.cached);
+    let n_enc = model.encoders.len();
+    let top = &mut bufs.acts.aggregate;
+    model.aggregate_forward(
+        b,
+        &views[n_enc],
+        &outputs,
+        &inputs.present,
+        top,
+        inputs.batch,
+    )?;
+    b.read_f32(top.predictions()?)
 }

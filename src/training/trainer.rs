@@ -8,12 +8,13 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::adamw::{AdamW, ParamGroup};
+use super::cache::EmbeddingCache;
 use super::checkpoint::{self, Checkpoint, TrainProgress};
 use super::metrics::{evaluate, SplitMetrics};
 use super::params::IsoformerParams;
 use super::plots;
 use super::schedule::lr_factor;
-use super::step::{forward_backward, predict, update_running_stats, StepBuffers};
+use super::step::{forward_backward, predict, predict_cached, update_running_stats, StepBuffers};
 use crate::backend::Backend;
 use crate::data::loader::epoch_plan;
 use crate::data::{DataConfig, Dataset, Loader, LoaderConfig, Sample, Split, TargetStats};
@@ -31,6 +32,8 @@ pub struct TrainOptions {
     /// Optimiser steps in total (a resumed run counts the steps already taken).
     pub max_steps: Option<usize>,
     pub progress_bar: bool,
+    /// Where the embeddings of frozen encoders are cached (default: the user cache directory).
+    pub cache_dir: Option<PathBuf>,
 }
 
 pub struct TrainOutcome {
@@ -132,6 +135,7 @@ pub fn predict_split<B: Backend>(
     data: &Arc<Dataset>,
     split: Split,
     stats: &TargetStats,
+    mut cache: Option<&mut EmbeddingCache>,
 ) -> Result<SplitPredictions> {
     let rows = data.split_rows(split);
     let mut lc = LoaderConfig::new(split, model.cfg.train.batch_size);
@@ -141,12 +145,16 @@ pub fn predict_split<B: Backend>(
     let ds = data.clone();
     let loader = Loader::spawn(plan, 4, move |r| ds.sample(r))?;
     let mut acts = IsoformerActivations::default();
+    let mut bufs = StepBuffers::default();
     let (mut ids, mut preds, mut truth) = (Vec::new(), Vec::new(), Vec::new());
     let mut sq = 0.0f64;
     for batch in loader {
         let batch = batch?;
         let inputs = model.prepare_inputs(&seqs(&batch.samples))?;
-        let mut p = predict(b, model, params, &inputs, &mut acts)?;
+        let mut p = match cache.as_deref_mut() {
+            Some(c) => predict_cached(b, model, params, &inputs, &mut bufs, c)?,
+            None => predict(b, model, params, &inputs, &mut acts)?,
+        };
         let t = model.cfg.num_tissues;
         for (i, s) in batch.samples.iter().enumerate() {
             let mut norm_t = s.targets.clone();
@@ -174,11 +182,12 @@ pub fn evaluate_split<B: Backend>(
     data: &Arc<Dataset>,
     split: Split,
     stats: &TargetStats,
+    cache: Option<&mut EmbeddingCache>,
 ) -> Result<Option<SplitMetrics>> {
     if data.split_rows(split).is_empty() {
         return Ok(None);
     }
-    let (_, pred, truth, loss) = predict_split(b, model, params, data, split, stats)?;
+    let (_, pred, truth, loss) = predict_split(b, model, params, data, split, stats, cache)?;
     Ok(Some(evaluate(&pred, &truth, data.tissues(), loss)))
 }
 
@@ -238,6 +247,17 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
     }
     let stats = progress.target_stats();
     let mut params = IsoformerParams::upload(b, &model, &host)?;
+    // Frozen encoders compute each sequence's embedding once; the cache is keyed by their weights.
+    let all_frozen = params.trainable_sections.len() == 1;
+    let mut cache = if all_frozen {
+        let dir = opts
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| crate::data::fasta::default_cache_dir().join("embeddings"));
+        Some(EmbeddingCache::new(&dir, &model, &host)?)
+    } else {
+        None
+    };
     drop(host);
     if let Some(ck) = &resume {
         ck.restore_moments(b, &mut params)?;
@@ -269,6 +289,12 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
     let started = Instant::now();
     let last_path = opts.out_dir.join("last.safetensors");
     let best_path = opts.out_dir.join("best.safetensors");
+    let ctx = RunContext {
+        model: &model,
+        data: &data,
+        stats: &stats,
+        best_path: &best_path,
+    };
     'epochs: while progress.epoch < t.epochs && progress.step < stop_at {
         lc.epoch = progress.epoch as u64;
         let plan = epoch_plan(&train_rows, &lc);
@@ -304,6 +330,7 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
                 &targets,
                 &mut bufs,
                 1.0 / group as f32,
+                cache.as_mut(),
             )?;
             if !loss.is_finite() {
                 return Err(Error::invalid(
@@ -341,18 +368,7 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
             micro = 0;
             loss_sum = 0.0;
             let eval_now = t.eval_every_steps.is_some_and(|n| progress.step % n == 0);
-            if eval_now
-                && validate(
-                    b,
-                    &model,
-                    &params,
-                    &data,
-                    &stats,
-                    &mut progress,
-                    &best_path,
-                    &bar,
-                )?
-            {
+            if eval_now && validate(b, &ctx, &params, &mut progress, cache.as_mut(), &bar)? {
                 stopped_early = true;
                 break 'epochs;
             }
@@ -364,16 +380,7 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
         progress.epoch += 1;
         progress.batch_in_epoch = 0;
         if t.eval_every_steps.is_none()
-            && validate(
-                b,
-                &model,
-                &params,
-                &data,
-                &stats,
-                &mut progress,
-                &best_path,
-                &bar,
-            )?
+            && validate(b, &ctx, &params, &mut progress, cache.as_mut(), &bar)?
         {
             stopped_early = true;
             break;
@@ -397,8 +404,27 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
         let ck = Checkpoint::load(&best_path)?;
         params = IsoformerParams::upload(b, &model, &ck.sections(&model)?)?;
     }
-    let validation = evaluate_split(b, &model, &params, &data, Split::Validation, &stats)?;
-    let test = evaluate_split(b, &model, &params, &data, Split::Test, &stats)?;
+    let validation = evaluate_split(
+        b,
+        &model,
+        &params,
+        &data,
+        Split::Validation,
+        &stats,
+        cache.as_mut(),
+    )?;
+    let test = evaluate_split(
+        b,
+        &model,
+        &params,
+        &data,
+        Split::Test,
+        &stats,
+        cache.as_mut(),
+    )?;
+    if let Some(c) = &cache {
+        eprintln!("embedding cache: {} hits, {} misses", c.hits, c.misses);
+    }
     let mut json = serde_json::Map::new();
     if let Some(v) = &validation {
         json.insert("validation".into(), v.to_json());
@@ -439,19 +465,25 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
     })
 }
 
+/// What an evaluation during training reads.
+struct RunContext<'a> {
+    model: &'a Isoformer,
+    data: &'a Arc<Dataset>,
+    stats: &'a TargetStats,
+    best_path: &'a Path,
+}
+
 /// Evaluates on the validation split, keeps the best checkpoint, and says whether patience ran out.
-#[allow(clippy::too_many_arguments)]
 fn validate<B: Backend>(
     b: &B,
-    model: &Isoformer,
+    ctx: &RunContext<'_>,
     params: &IsoformerParams<B>,
-    data: &Arc<Dataset>,
-    stats: &TargetStats,
     progress: &mut TrainProgress,
-    best_path: &Path,
+    cache: Option<&mut EmbeddingCache>,
     bar: &ProgressBar,
 ) -> Result<bool> {
-    let Some(m) = evaluate_split(b, model, params, data, Split::Validation, stats)? else {
+    let (model, data, stats, best_path) = (ctx.model, ctx.data, ctx.stats, ctx.best_path);
+    let Some(m) = evaluate_split(b, model, params, data, Split::Validation, stats, cache)? else {
         return Ok(false);
     };
     progress.val_losses.push((progress.step, m.loss));

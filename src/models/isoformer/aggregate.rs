@@ -231,7 +231,8 @@ impl Isoformer {
     }
 
     #[allow(clippy::too_many_lines)]
-    pub(super) fn aggregate_forward<B: Backend>(
+    /// The aggregator and head on given encoder outputs (from the encoders, or from the embedding cache).
+    pub fn aggregate_forward<B: Backend>(
         &self,
         b: &B,
         p: &[View<'_, B>],
@@ -543,7 +544,9 @@ impl Isoformer {
     }
 
     #[allow(clippy::too_many_lines)]
-    pub(super) fn aggregate_backward<B: Backend>(
+    /// The backward of [`Self::aggregate_forward`]: gradients of the aggregator section, and of each encoder
+    /// output where `want_encoder_grads` asks (read them with [`AggregateActivations::encoder_grad`]).
+    pub fn aggregate_backward<B: Backend>(
         &self,
         b: &B,
         p: &[View<'_, B>],

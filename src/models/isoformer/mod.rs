@@ -432,6 +432,26 @@ impl Isoformer {
         })
     }
 
+    /// Valid rows per sample and the padded length of encoder `e`'s output for these inputs.
+    pub fn encoder_output_rows(&self, e: usize, inputs: &IsoformerInputs) -> (Vec<usize>, usize) {
+        inputs.encoded[e].output_rows(&self.encoders[e], inputs.batch)
+    }
+
+    /// The bytes that determine encoder `e`'s output for sample `i` (its token ids or its one-hot window):
+    /// the embedding cache's key.
+    pub fn encoder_input_bytes(&self, e: usize, inputs: &IsoformerInputs, i: usize) -> Vec<u8> {
+        match &inputs.encoded[e] {
+            EncodedInput::Tokens { ids, lens, len } => ids[i * len..i * len + lens[i]]
+                .iter()
+                .flat_map(|t| t.to_le_bytes())
+                .collect(),
+            EncodedInput::OneHot { data, len } => data[i * len * 4..(i + 1) * len * 4]
+                .iter()
+                .map(|&v| v as u8)
+                .collect(),
+        }
+    }
+
     fn check_sections<V>(&self, what: &str, p: &[&[V]]) -> Result<()> {
         if p.len() != self.sections.len()
             || p.iter()
@@ -488,7 +508,8 @@ impl Isoformer {
         }
     }
 
-    fn fresh_acts<B: Backend>(&self) -> Vec<EncoderActs<B>> {
+    /// Empty activations for each encoder.
+    pub fn fresh_acts<B: Backend>(&self) -> Vec<EncoderActs<B>> {
         self.encoders
             .iter()
             .map(|e| match e.net {

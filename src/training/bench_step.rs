@@ -1,0 +1,113 @@
+//! A timed IsoFormer training step on random weights and random sequences of chosen sizes (the figure a
+//! user needs before a real run): frozen encoders, with the embedding cache filled by the first step and
+//! read by the next ones. Reports wall time per step and the process's peak resident memory.
+
+use std::time::Instant;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::adamw::AdamW;
+use super::cache::EmbeddingCache;
+use super::params::IsoformerParams;
+use super::step::{forward_backward, StepBuffers};
+use crate::backend::Backend;
+use crate::models::isoformer::init::initial_sections;
+use crate::models::isoformer::{EncoderMode, Isoformer, IsoformerConfig, Modality, SampleSeqs};
+use crate::Result;
+
+#[derive(Clone, Debug)]
+pub struct StepBenchSpec {
+    pub config: IsoformerConfig,
+    pub batch: usize,
+    /// RNA and protein lengths in tokens (special tokens included).
+    pub rna_tokens: usize,
+    pub protein_tokens: usize,
+    pub steps: usize,
+    pub cache_dir: std::path::PathBuf,
+    /// Run the encoders every step instead of caching their outputs.
+    pub no_cache: bool,
+}
+
+/// One line per step: (seconds, peak RSS in bytes after the step, whether it read the cache).
+pub fn run_step_bench<B: Backend>(b: &B, spec: &StepBenchSpec) -> Result<Vec<(f64, u64, bool)>> {
+    let mut cfg = spec.config.clone();
+    cfg.random_init = Modality::ALL.to_vec();
+    cfg.train.encoders.dna = EncoderMode::Frozen;
+    cfg.train.encoders.rna = EncoderMode::Frozen;
+    cfg.train.encoders.protein = EncoderMode::Frozen;
+    cfg.num_tokens_per_seq_nuctf_rna = cfg.num_tokens_per_seq_nuctf_rna.max(spec.rna_tokens);
+    cfg.num_protein_tokens_per_seq = cfg.num_protein_tokens_per_seq.max(spec.protein_tokens);
+    let model = Isoformer::new(cfg)?;
+    let host = initial_sections(&model, 0)?;
+    let mut params = IsoformerParams::upload(b, &model, &host)?;
+    let mut cache = EmbeddingCache::new(&spec.cache_dir, &model, &host)?;
+    drop(host);
+    let optimizer = AdamW::single_group(params.train_layout(), 1e-4, 0.0)?;
+    let mut rng = StdRng::seed_from_u64(1);
+    let pick = |rng: &mut StdRng, alphabet: &[u8], n: usize| -> String {
+        (0..n)
+            .map(|_| alphabet[rng.random_range(0..alphabet.len())] as char)
+            .collect()
+    };
+    let dna: Vec<Vec<u8>> = (0..spec.batch)
+        .map(|_| pick(&mut rng, b"ACGT", model.cfg.dna_sequence_length).into_bytes())
+        .collect();
+    // NT-v2: <cls> + 6-mers; ESM-2: <cls> + residues + <eos>.
+    let rna: Vec<String> = (0..spec.batch)
+        .map(|_| pick(&mut rng, b"ACGT", (spec.rna_tokens - 1) * 6))
+        .collect();
+    let protein: Vec<String> = (0..spec.batch)
+        .map(|_| pick(&mut rng, b"ACDEFGHIKLMNPQRSTVWY", spec.protein_tokens - 2))
+        .collect();
+    let seqs: Vec<SampleSeqs<'_>> = (0..spec.batch)
+        .map(|i| SampleSeqs {
+            dna: &dna[i],
+            rna: &rna[i],
+            protein: Some(&protein[i]),
+        })
+        .collect();
+    let inputs = model.prepare_inputs(&seqs)?;
+    let targets = vec![0.5f32; spec.batch * model.cfg.num_tissues];
+    let mut bufs = StepBuffers::default();
+    let mut out = Vec::new();
+    for _ in 0..spec.steps {
+        let hits_before = cache.hits;
+        reset_peak_rss();
+        let t0 = Instant::now();
+        params.train.zero_grads(b)?;
+        let c = if spec.no_cache {
+            None
+        } else {
+            Some(&mut cache)
+        };
+        forward_backward(b, &model, &mut params, &inputs, &targets, &mut bufs, 1.0, c)?;
+        optimizer.step(b, &mut params.train, 1.0, Some(1.0))?;
+        b.synchronize()?;
+        out.push((
+            t0.elapsed().as_secs_f64(),
+            peak_rss_bytes(),
+            cache.hits > hits_before,
+        ));
+    }
+    Ok(out)
+}
+
+/// Restarts the kernel's peak-RSS counter (Linux ≥ 4.0), so the next reading is this step's peak.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// The process's peak resident set (Linux `VmHWM`), 0 where unknown.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<u64>().ok())
+            })
+        })
+        .map_or(0, |kb| kb * 1024)
+}
