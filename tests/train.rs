@@ -120,3 +120,89 @@ fn train_resume_is_bit_identical_and_checkpoints_serve_eval_and_predict() {
     assert!(text.lines().count() > 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// LoRA on every encoder: a resumed run is bit-identical too (adapters and their moments are in the
+/// checkpoint), and the encoders' base weights never change.
+#[test]
+fn lora_training_resumes_bit_identically_and_keeps_base_weights() {
+    let dir = std::env::temp_dir().join(format!("isoformer-lora-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = dir.join("data");
+    let d = data.to_str().unwrap();
+    engine(&["demo-data", "--out", d, "--genes", "80"]);
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(include_str!("../src/configs/demo.json")).unwrap();
+    cfg["train"]["encoders"] = serde_json::json!({"dna": "lora", "rna": "lora", "protein": "lora"});
+    cfg["train"]["lora_targets"] = serde_json::json!(["query", "value", "output"]);
+    let cfg_path = dir.join("lora.json");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let c = cfg_path.to_str().unwrap();
+    let (full, half, resumed) = (dir.join("full"), dir.join("half"), dir.join("resumed"));
+    engine(&[
+        "train",
+        "--config",
+        c,
+        "--data",
+        d,
+        "--out",
+        full.to_str().unwrap(),
+        "--max-steps",
+        "6",
+    ]);
+    engine(&[
+        "train",
+        "--config",
+        c,
+        "--data",
+        d,
+        "--out",
+        half.to_str().unwrap(),
+        "--max-steps",
+        "3",
+    ]);
+    engine(&[
+        "train",
+        "--data",
+        d,
+        "--out",
+        resumed.to_str().unwrap(),
+        "--max-steps",
+        "6",
+        "--resume",
+        half.join("last.safetensors").to_str().unwrap(),
+    ]);
+    let (a, b) = (
+        tensors(&full.join("last.safetensors")),
+        tensors(&resumed.join("last.safetensors")),
+    );
+    assert_eq!(a.len(), b.len());
+    assert!(
+        a.iter().any(|(n, _)| n.ends_with(".lora_b")),
+        "adapters are checkpointed"
+    );
+    for ((na, va), (_, vb)) in a.iter().zip(&b) {
+        assert!(
+            va.iter().zip(vb).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{na} differs after resume"
+        );
+    }
+    // The adapted base weights are the initial ones (the half run's, 3 steps earlier).
+    let early = tensors(&half.join("last.safetensors"));
+    let base = |t: &[(String, Vec<f32>)]| -> Vec<(String, Vec<f32>)> {
+        t.iter()
+            .filter(|(n, _)| n.starts_with("param/rna.") && n.ends_with("query.weight"))
+            .cloned()
+            .collect()
+    };
+    assert!(!base(&a).is_empty());
+    assert_eq!(base(&a), base(&early));
+    let moved = |t: &[(String, Vec<f32>)]| {
+        t.iter()
+            .find(|(n, _)| n.starts_with("param/rna.") && n.ends_with("query.weight.lora_b"))
+            .unwrap()
+            .1
+            .clone()
+    };
+    assert_ne!(moved(&a), moved(&early), "the adapters train");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -199,6 +199,8 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
 struct Loaded {
     model: Isoformer,
     host: Vec<Vec<Vec<f32>>>,
+    /// LoRA adapters by name (engine checkpoints of LoRA runs).
+    lora: std::collections::HashMap<String, Vec<f32>>,
     stats: TargetStats,
     tissues: Vec<String>,
 }
@@ -213,6 +215,7 @@ fn load_model(path: &Path, config: Option<&str>) -> Result<Loaded> {
         let host = ck.sections(&model)?;
         return Ok(Loaded {
             host,
+            lora: ck.lora_values(),
             stats: ck.progress.target_stats(),
             tissues: ck.progress.tissues.clone(),
             model,
@@ -238,6 +241,7 @@ fn load_model(path: &Path, config: Option<&str>) -> Result<Loaded> {
     Ok(Loaded {
         model,
         host,
+        lora: Default::default(),
         stats: TargetStats {
             mean: vec![0.0; n],
             std: vec![1.0; n],
@@ -257,13 +261,17 @@ fn parse_split(s: &str) -> Result<Split> {
 
 pub fn run_eval(a: EvalArgs) -> Result<()> {
     let Loaded {
-        model, host, stats, ..
+        model,
+        host,
+        lora,
+        stats,
+        ..
     } = load_model(&a.checkpoint, a.config.as_deref())?;
     let split = parse_split(&a.split)?;
     let data = open_dataset(&model.cfg, &a.data)?;
     let metrics = with_backend(&a.device, |backend| {
         dispatch!(backend, b => {
-            let params = IsoformerParams::upload(b.as_ref(), &model, &host)?;
+            let params = IsoformerParams::upload_with_lora(b.as_ref(), &model, &host, Some(&lora))?;
             evaluate_split(b.as_ref(), &model, &params, &data, split, &stats, None)
         })
     })?;
@@ -334,6 +342,7 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
     let Loaded {
         model,
         host,
+        lora,
         stats,
         tissues,
     } = load_model(&a.checkpoint, a.config.as_deref())?;
@@ -341,7 +350,7 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
     let (ids, preds) = with_backend(&a.device, |backend| {
         dispatch!(backend, b => {
             let b = b.as_ref();
-            let params = IsoformerParams::upload(b, &model, &host)?;
+            let params = IsoformerParams::upload_with_lora(b, &model, &host, Some(&lora))?;
             if a.input.is_dir() {
                 let data = open_dataset(&model.cfg, &a.input)?;
                 let (ids, preds, _, _) = predict_split(b, &model, &params, &data, parse_split(&a.split)?, &stats, None)?;

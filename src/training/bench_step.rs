@@ -82,7 +82,7 @@ pub fn run_step_bench<B: Backend>(b: &B, spec: &StepBenchSpec) -> Result<Vec<(f6
             Some(&mut cache)
         };
         forward_backward(b, &model, &mut params, &inputs, &targets, &mut bufs, 1.0, c)?;
-        optimizer.step(b, &mut params.train, 1.0, Some(1.0))?;
+        params.optimizer_step(b, &optimizer, 1.0, Some(1.0))?;
         b.synchronize()?;
         out.push((
             t0.elapsed().as_secs_f64(),

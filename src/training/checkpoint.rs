@@ -10,7 +10,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::params::IsoformerParams;
+use super::params::{is_lora_name, IsoformerParams};
 use crate::backend::Backend;
 use crate::data::TargetStats;
 use crate::models::isoformer::{Isoformer, IsoformerConfig};
@@ -54,7 +54,8 @@ pub fn save<B: Backend>(
     params: &IsoformerParams<B>,
     progress: &TrainProgress,
 ) -> Result<()> {
-    let host = params.to_host(b, model)?;
+    let mut host = params.to_host(b, model)?;
+    host.extend(params.lora_host(b)?);
     let (m, v) = params.train.moment_views()?;
     type Moments = (String, Vec<usize>, Vec<f32>, Vec<f32>);
     let moments: Vec<Moments> = params
@@ -160,7 +161,7 @@ impl Checkpoint {
             .tensors
             .tensors
             .keys()
-            .filter(|k| k.starts_with("param/") && !used.contains(*k))
+            .filter(|k| k.starts_with("param/") && !used.contains(*k) && !is_lora_name(k))
             .collect();
         if !unknown.is_empty() {
             unknown.sort();
@@ -173,6 +174,28 @@ impl Checkpoint {
             ));
         }
         Ok(out)
+    }
+
+    /// The LoRA adapters' values by name (empty without LoRA).
+    pub fn lora_values(&self) -> HashMap<String, Vec<f32>> {
+        self.tensors
+            .tensors
+            .iter()
+            .filter_map(|(k, (_, v))| {
+                let name = k.strip_prefix("param/")?;
+                is_lora_name(name).then(|| (name.to_string(), v.clone()))
+            })
+            .collect()
+    }
+
+    /// Uploads the checkpoint's parameters (adapters included) to a backend.
+    pub fn upload<B: Backend>(&self, b: &B, model: &Isoformer) -> Result<IsoformerParams<B>> {
+        IsoformerParams::upload_with_lora(
+            b,
+            model,
+            &self.sections(model)?,
+            Some(&self.lora_values()),
+        )
     }
 
     /// Writes the AdamW moments into the uploaded parameters.

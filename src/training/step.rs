@@ -156,6 +156,7 @@ pub fn forward_backward<B: Backend>(
     ensure(b, &mut bufs.dpred, Role::Activation, n)?;
     let t = bufs.targets.as_mut().expect("ensured");
     b.write_f32(t.view_mut(), targets)?;
+    params.zero_lora_grads(b)?;
     let (views, mut grads) = params.views_and_grads()?;
     let refs: Vec<&[_]> = views.iter().map(Vec::as_slice).collect();
     let n_enc = model.encoders.len();
@@ -210,6 +211,12 @@ pub fn forward_backward<B: Backend>(
         dpred.view(),
         &mut grad_slots,
     )?;
+    drop(grad_slots);
+    drop(refs);
+    drop(grads);
+    drop(views);
+    // LoRA encoders: their merged weights' gradients become the adapters'.
+    params.lora_backward(b)?;
     Ok(loss)
 }
 
@@ -221,11 +228,13 @@ pub fn update_running_stats<B: Backend>(
     params: &mut IsoformerParams<B>,
     bufs: &StepBuffers<B>,
 ) -> Result<()> {
-    let flags = trainable_flags(model);
     for (e, enc) in model.encoders.iter().enumerate() {
-        let (EncoderNet::Enformer(trunk), EncoderActs::Enformer(acts), true) =
-            (&enc.net, &bufs.acts.encoders[e], flags[e])
-        else {
+        // Only fine-tuned trunks run on batch statistics (their weights are in the train state).
+        let (EncoderNet::Enformer(trunk), EncoderActs::Enformer(acts), true) = (
+            &enc.net,
+            &bufs.acts.encoders[e],
+            params.placement[e].trainable,
+        ) else {
             continue;
         };
         let start = params.placement[e].start;

@@ -11,7 +11,7 @@ use super::adamw::{AdamW, ParamGroup};
 use super::cache::EmbeddingCache;
 use super::checkpoint::{self, Checkpoint, TrainProgress};
 use super::metrics::{evaluate, SplitMetrics};
-use super::params::IsoformerParams;
+use super::params::{is_lora_name, trainable_flags, IsoformerParams};
 use super::plots;
 use super::schedule::lr_factor;
 use super::step::{forward_backward, predict, predict_cached, update_running_stats, StepBuffers};
@@ -117,6 +117,12 @@ fn param_groups<B: Backend>(model: &Isoformer, params: &IsoformerParams<B>) -> R
                 }
             };
             groups[g].params.push(name);
+        }
+    }
+    // LoRA adapters train at the encoders' rate, with decay (both are matrices).
+    for e in params.train_layout().entries() {
+        if is_lora_name(&e.spec.name) {
+            groups[2].params.push(e.spec.name.clone());
         }
     }
     groups.retain(|g| !g.params.is_empty());
@@ -246,9 +252,12 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
         ));
     }
     let stats = progress.target_stats();
-    let mut params = IsoformerParams::upload(b, &model, &host)?;
+    let lora = resume.as_ref().map(|ck| ck.lora_values());
+    let mut params = IsoformerParams::upload_with_lora(b, &model, &host, lora.as_ref())?;
     // Frozen encoders compute each sequence's embedding once; the cache is keyed by their weights.
-    let all_frozen = params.trainable_sections.len() == 1;
+    let all_frozen = !trainable_flags(&model)[..model.encoders.len()]
+        .iter()
+        .any(|&t| t);
     let mut cache = if all_frozen {
         let dir = opts
             .cache_dir
@@ -354,8 +363,8 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
                 total_steps,
                 t.min_lr_ratio,
             );
-            optimizer
-                .step(b, &mut params.train, factor, t.max_grad_norm)
+            params
+                .optimizer_step(b, &optimizer, factor, t.max_grad_norm)
                 .map_err(|e| {
                     Error::invalid("training", format!("step {}: {e}", progress.step + 1))
                 })?;
@@ -402,7 +411,7 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
     // Final metrics with the best checkpoint (the last one when there was no validation).
     if best_path.is_file() {
         let ck = Checkpoint::load(&best_path)?;
-        params = IsoformerParams::upload(b, &model, &ck.sections(&model)?)?;
+        params = ck.upload(b, &model)?;
     }
     let validation = evaluate_split(
         b,

@@ -95,6 +95,9 @@ pub enum EncoderMode {
     Frozen,
     /// Every weight trained, at `encoder_lr`.
     Finetune,
+    /// Frozen weights plus trained low-rank adapters `W + (α/r)·B·Aᵀ` on the attention projections
+    /// (`train.lora_targets`), at `encoder_lr`.
+    Lora,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,6 +179,24 @@ pub struct TrainConfig {
     pub seed: u64,
     #[serde(default)]
     pub encoders: EncoderModes,
+    /// LoRA rank r and scale α (the update is (α/r)·B·Aᵀ).
+    #[serde(default = "d_lora_rank")]
+    pub lora_rank: usize,
+    #[serde(default = "d_lora_alpha")]
+    pub lora_alpha: f32,
+    /// Attention projections that get adapters: any of query, key, value, output.
+    #[serde(default = "d_lora_targets")]
+    pub lora_targets: Vec<String>,
+}
+
+fn d_lora_rank() -> usize {
+    8
+}
+fn d_lora_alpha() -> f32 {
+    16.0
+}
+fn d_lora_targets() -> Vec<String> {
+    vec!["query".into(), "value".into()]
 }
 
 fn d_batch() -> usize {
@@ -524,6 +545,24 @@ impl IsoformerConfig {
             if !(c.is_finite() && c > 0.0) {
                 return Err(format!("train.max_grad_norm {c} must be positive"));
             }
+        }
+        if t.lora_rank == 0
+            || t.lora_rank > 4096
+            || !(t.lora_alpha.is_finite() && t.lora_alpha > 0.0)
+        {
+            return Err(format!(
+                "train.lora_rank {} must be in 1..=4096 and lora_alpha {} positive",
+                t.lora_rank, t.lora_alpha
+            ));
+        }
+        if let Some(bad) = t
+            .lora_targets
+            .iter()
+            .find(|x| !["query", "key", "value", "output"].contains(&x.as_str()))
+        {
+            return Err(format!(
+                "train.lora_targets: '{bad}' (expected query, key, value or output)"
+            ));
         }
         if t.eval_every_steps == Some(0) {
             return Err("train.eval_every_steps must be positive (or null)".into());

@@ -358,6 +358,34 @@ impl Isoformer {
         Layout::sequential(specs)
     }
 
+    /// Entries of encoder `e`'s section that LoRA adapts: its attention projections named by `targets`
+    /// (query, key, value, output).
+    pub fn lora_entries(&self, e: usize, targets: &[String]) -> Vec<usize> {
+        let suffixes: Vec<&str> = targets
+            .iter()
+            .flat_map(|t| match (&self.encoders[e].net, t.as_str()) {
+                (EncoderNet::Transformer(_), "query") => vec!["attention.self.query.weight"],
+                (EncoderNet::Transformer(_), "key") => vec!["attention.self.key.weight"],
+                (EncoderNet::Transformer(_), "value") => vec!["attention.self.value.weight"],
+                (EncoderNet::Transformer(_), "output") => vec!["attention.output.dense.weight"],
+                (EncoderNet::Enformer(_), "query") => vec![".1.to_q.weight"],
+                (EncoderNet::Enformer(_), "key") => vec![".1.to_k.weight"],
+                (EncoderNet::Enformer(_), "value") => vec![".1.to_v.weight"],
+                (EncoderNet::Enformer(_), "output") => vec![".1.to_out.weight"],
+                _ => vec![],
+            })
+            .collect();
+        self.encoders[e]
+            .net
+            .layout()
+            .entries()
+            .iter()
+            .enumerate()
+            .filter(|(_, x)| suffixes.iter().any(|s| x.spec.name.ends_with(s)))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
     /// Whether entry `i` of section `s` is a running statistic (never trained).
     pub fn is_buffer(&self, s: usize, i: usize) -> bool {
         match self.encoders.get(s).map(|e| &e.net) {
@@ -539,7 +567,10 @@ impl Isoformer {
         }
         for (e, params) in p.iter().enumerate().take(self.encoders.len()) {
             let train = train_encoders.get(e).copied().unwrap_or(false);
-            let mode = if train {
+            // Batch statistics only where the whole trunk trains; LoRA keeps the base's running ones.
+            let finetuned =
+                self.cfg.train.encoders.get(self.encoders[e].modality) == EncoderMode::Finetune;
+            let mode = if train && finetuned {
                 BatchNormMode::Train
             } else {
                 BatchNormMode::Eval
