@@ -111,7 +111,12 @@ fn loss_and_grads<B: Backend>(
 
 #[test]
 fn isoformer_cpu_gradients_match_finite_differences_for_every_aggregator() {
-    for aggregator in ["cross_attention", "modality_centred", "linear_mean"] {
+    for aggregator in [
+        "cross_attention",
+        "modality_centred",
+        "linear_mean",
+        "perceiver",
+    ] {
         let model = Isoformer::new(tiny_config(aggregator)).unwrap();
         let host = initial_sections(&model, 3).unwrap();
         let batch = random_batch(11, 3, 3, 128);
@@ -188,12 +193,34 @@ fn isoformer_emu_lora_step_matches_cpu() {
     emu_step_matches_cpu(cfg);
 }
 
+/// The other aggregators on the kernels.
+#[test]
+fn isoformer_emu_aggregator_steps_match_cpu() {
+    for aggregator in ["modality_centred", "linear_mean"] {
+        emu_step_matches_cpu(tiny_config(aggregator));
+    }
+}
+
+/// The Perceiver Resampler on the kernels. Its latents start identical, so the attention over each
+/// modality is near-uniform and the keys' gradients are sums that almost cancel: the encoders' gradients
+/// through it carry up to about 4× the bf16 rounding of the CPU reference (measured 3.4–3.8× on three RNA
+/// tensors), hence the bound of 4× here.
+#[test]
+fn isoformer_emu_perceiver_step_matches_cpu() {
+    emu_step_matches_cpu_within(tiny_config("perceiver"), 4.0);
+}
+
 fn emu_step_matches_cpu(cfg: IsoformerConfig) {
+    emu_step_matches_cpu_within(cfg, 3.0);
+}
+
+fn emu_step_matches_cpu_within(cfg: IsoformerConfig, rounding_multiple: f64) {
     let model = Isoformer::new(cfg).unwrap();
     let host = initial_sections(&model, 7).unwrap();
     let batch = random_batch(21, 3, 3, 128);
     let (cpu_loss, cpu_grads) = loss_and_grads(&CpuBackend::new(), &model, &host, &batch);
-    let (_, bf16_grads) = loss_and_grads(&CpuBackend::with_bf16_storage(), &model, &host, &batch);
+    let (bf16_loss, bf16_grads) =
+        loss_and_grads(&CpuBackend::with_bf16_storage(), &model, &host, &batch);
     let (emu_loss, emu_grads) = loss_and_grads(
         &KernelBackend::new(EmuDevice::default()),
         &model,
@@ -201,7 +228,7 @@ fn emu_step_matches_cpu(cfg: IsoformerConfig) {
         &batch,
     );
     let loss_err = (cpu_loss - emu_loss).abs() / cpu_loss.abs();
-    println!("loss cpu {cpu_loss:.6} emu {emu_loss:.6} rel {loss_err:.2e}");
+    println!("loss cpu {cpu_loss:.6} emu {emu_loss:.6} (cpu with bf16 storage {bf16_loss:.6}) rel {loss_err:.2e}");
     assert!(loss_err < 1.0 / 64.0);
     let names: Vec<String> = {
         let params = IsoformerParams::upload(&CpuBackend::new(), &model, &host).unwrap();
@@ -238,8 +265,11 @@ fn emu_step_matches_cpu(cfg: IsoformerConfig) {
         let (err, floor) = (rel(c, e), rel(c, r));
         if err <= 1.0 / 64.0 {
             within += 1;
-        } else if err > 3.0 * floor {
-            failing.push(format!("{name}: {err:.3e} (bf16 CPU {floor:.3e})"));
+        } else if err > rounding_multiple * floor {
+            failing.push(format!(
+                "{name}: {err:.3e} (bf16 CPU {floor:.3e}, emu vs bf16 CPU {:.3e})",
+                rel(r, e)
+            ));
         }
     }
     println!(

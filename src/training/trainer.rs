@@ -149,6 +149,16 @@ pub fn predict_split<B: Backend>(
     lc.bucket_by_length = false;
     let plan = epoch_plan(&rows, &lc);
     let ds = data.clone();
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let bar = ProgressBar::new(rows.len() as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} transcripts  {per_sec}  ETA {eta}")
+                .expect("valid template"),
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
     let loader = Loader::spawn(plan, 4, move |r| ds.sample(r))?;
     let mut acts = IsoformerActivations::default();
     let mut bufs = StepBuffers::default();
@@ -176,7 +186,9 @@ pub fn predict_split<B: Backend>(
             ids.push(s.transcript_id.clone());
         }
         preds.extend_from_slice(&p);
+        bar.inc(batch.samples.len() as u64);
     }
+    bar.finish_and_clear();
     let loss = sq / preds.len().max(1) as f64;
     Ok((ids, preds, truth, loss))
 }

@@ -10,6 +10,7 @@
 //! their real tokens) through `sum_rows` into f32, so no new kernel is needed; its backward spreads the
 //! gradient with `add_row_bias`.
 
+use super::perceiver::PerceiverActivations;
 use super::{Aggregator, Isoformer, Modality};
 use super::{CrossAttnParams, EncoderOutput};
 use crate::backend::{Act, AttentionDims, Backend, LinearDims, Role, Tensor, View, ViewMut};
@@ -40,6 +41,7 @@ struct PoolActs<B: Backend> {
 /// Everything the aggregator and head keep from a forward, and their backward buffers.
 pub struct AggregateActivations<B: Backend> {
     batch: usize,
+    perceiver: PerceiverActivations<B>,
     /// Per encoder: key lengths (i32).
     kv_lens: Vec<Tensor<B>>,
     blocks: Vec<BlockActs<B>>,
@@ -74,6 +76,7 @@ impl<B: Backend> Default for AggregateActivations<B> {
     fn default() -> Self {
         AggregateActivations {
             batch: 0,
+            perceiver: PerceiverActivations::default(),
             kv_lens: Vec::new(),
             blocks: Vec::new(),
             projected: Vec::new(),
@@ -141,7 +144,7 @@ fn fit_one<B: Backend>(b: &B, slot: &mut Option<Tensor<B>>, role: Role, n: usize
     }
 }
 
-fn lin(rows: usize, d_in: usize, d_out: usize) -> LinearDims {
+pub(super) fn lin(rows: usize, d_in: usize, d_out: usize) -> LinearDims {
     LinearDims { rows, d_in, d_out }
 }
 
@@ -191,7 +194,7 @@ fn pool_backward<B: Backend>(
 }
 
 impl Isoformer {
-    fn encoder_index(&self, m: Modality) -> usize {
+    pub(super) fn encoder_index(&self, m: Modality) -> usize {
         self.encoders
             .iter()
             .position(|e| e.modality == m)
@@ -370,6 +373,20 @@ impl Isoformer {
             b.add(blk.out.view_mut(), x, blk.o.view())?;
         }
 
+        if let Some(pp) = &self.top.perceiver {
+            let presence_of = |m: Modality| presence(m).to_vec();
+            self.perceiver_forward(
+                b,
+                pp,
+                p,
+                outputs,
+                &a.kv_lens,
+                &presence_of,
+                &mut a.perceiver,
+                batch,
+            )?;
+        }
+
         // The pooled parts the head reads.
         let parts = self.head_parts();
         let pooled_modalities: Vec<Modality> = match cfg.aggregator {
@@ -400,8 +417,18 @@ impl Isoformer {
         for (k, &m) in pooled_modalities.iter().enumerate() {
             let e = self.encoder_index(m);
             let o = &outputs[e];
-            let ranges = self.pool_ranges(m, o);
-            let here = presence(m);
+            // The resampler's latents: every one of them, for every sample.
+            let latents = self.top.perceiver.as_ref().map(|pp| pp.n);
+            let (ranges, len) = match latents {
+                Some(n) => (vec![(0, n); batch], n),
+                None => (self.pool_ranges(m, o), o.len),
+            };
+            let all_present = vec![1.0; batch];
+            let here: &[f32] = if latents.is_some() {
+                &all_present
+            } else {
+                presence(m)
+            };
             let scale: Vec<f32> = ranges
                 .iter()
                 .enumerate()
@@ -437,13 +464,15 @@ impl Isoformer {
                     lin(batch * o.len, cw, width),
                 )?;
                 a.projected[k].view()
+            } else if latents.is_some() {
+                a.perceiver.output().expect("the resampler ran")
             } else {
                 match self.top.cross.iter().rposition(|c| c.query == m) {
                     Some(j) => a.blocks[j].out.view(),
                     None => o.hidden,
                 }
             };
-            pool_forward(b, &mut a.pools[k], stream, o.len, width)?;
+            pool_forward(b, &mut a.pools[k], stream, len, width)?;
         }
         if cfg.aggregator == Aggregator::LinearMean && a.pools.len() > 1 {
             // Sum the modalities' pooled vectors.
@@ -668,7 +697,7 @@ impl Isoformer {
 
         // Gradient buffers per encoder output.
         let queries: Vec<Modality> = match cfg.aggregator {
-            Aggregator::LinearMean => Vec::new(),
+            Aggregator::LinearMean | Aggregator::Perceiver => Vec::new(),
             _ => parts.iter().map(|p| p.0).collect(),
         };
         let stream_sizes: Vec<(Role, usize)> = queries
@@ -686,7 +715,10 @@ impl Isoformer {
             .map(|e| {
                 let m = self.encoders[e].modality;
                 self.top.cross.iter().any(|c| c.context == m)
-                    || cfg.aggregator == Aggregator::LinearMean
+                    || matches!(
+                        cfg.aggregator,
+                        Aggregator::LinearMean | Aggregator::Perceiver
+                    )
             })
             .collect();
         for e in 0..n_enc {
@@ -702,8 +734,37 @@ impl Isoformer {
             }
         }
 
-        // Pool backward into the streams (or the projections).
-        if cfg.aggregator == Aggregator::LinearMean {
+        // Pool backward into the streams (or the projections, or the resampler's latents).
+        if let Some(pp) = &self.top.perceiver {
+            fit_list(
+                b,
+                &mut a.d_stream,
+                &[(Role::Activation, batch * pp.n * pp.width)],
+            )?;
+            b.zero(a.d_stream[0].view_mut())?;
+            pool_backward(
+                b,
+                &a.pools[0],
+                a.d_stream[0].view_mut(),
+                d_parts[0].view(),
+                pool_tmp,
+                pp.n,
+                pp.width,
+            )?;
+            let d_out = a.d_stream[0].view();
+            self.perceiver_backward(
+                b,
+                pp,
+                p,
+                outputs,
+                &a.kv_lens,
+                &mut a.perceiver,
+                batch,
+                d_out,
+                g,
+                &mut a.d_ctx,
+            )?;
+        } else if cfg.aggregator == Aggregator::LinearMean {
             let width = parts[0].1;
             let proj_sizes: Vec<(Role, usize)> = self
                 .top

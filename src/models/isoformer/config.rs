@@ -31,6 +31,10 @@ pub const NAMED_CONFIGS: &[(&str, &str)] = &[
         include_str!("../../configs/isoformer-linear-mean.json"),
     ),
     (
+        "isoformer-perceiver",
+        include_str!("../../configs/isoformer-perceiver.json"),
+    ),
+    (
         "isoformer-modality-centred",
         include_str!("../../configs/isoformer-modality-centred.json"),
     ),
@@ -85,6 +89,9 @@ pub enum Aggregator {
     ModalityCentred,
     /// The ablation: a linear projection of each modality to a common width, mean pooling, and a sum.
     LinearMean,
+    /// The ablation: a Perceiver Resampler (learned latents cross-attend to every modality, then an FFN,
+    /// `perceiver_depth` times); the head averages the latents.
+    Perceiver,
 }
 
 /// What training does with an encoder's weights.
@@ -256,6 +263,11 @@ pub struct IsoformerConfig {
     /// Width of the linear-mean aggregator's common space (default: the first modality's width).
     #[serde(default)]
     pub aggregator_width: Option<usize>,
+    /// The Perceiver Resampler's latents and layers.
+    #[serde(default = "d_latents")]
+    pub perceiver_latents: usize,
+    #[serde(default = "d_one")]
+    pub perceiver_depth: usize,
     /// Bins (Enformer) or tokens (NT) of the DNA stream that the head averages: `[start, end)`.
     #[serde(default)]
     pub pool_window_start: usize,
@@ -334,6 +346,9 @@ pub struct IsoformerConfig {
     pub train: TrainConfig,
 }
 
+fn d_latents() -> usize {
+    64
+}
 fn d_modalities() -> Vec<Modality> {
     Modality::ALL.to_vec()
 }
@@ -624,6 +639,24 @@ impl IsoformerConfig {
                 q
             }
             Aggregator::LinearMean => self.aggregator_width.unwrap_or(q),
+            Aggregator::Perceiver => {
+                let w = self.aggregator_width.unwrap_or(q);
+                if w % self.num_heads_omics_cross_attention != 0 {
+                    return Err(format!(
+                        "the resampler width {w} does not split into {} heads",
+                        self.num_heads_omics_cross_attention
+                    ));
+                }
+                for (name, v) in [
+                    ("perceiver_latents", self.perceiver_latents),
+                    ("perceiver_depth", self.perceiver_depth),
+                ] {
+                    if v == 0 || v > 4096 {
+                        return Err(format!("{name} {v} is outside 1..=4096"));
+                    }
+                }
+                w
+            }
         };
         if agg_width == 0 || agg_width > MAX_WIDTH {
             return Err(format!(

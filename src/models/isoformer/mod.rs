@@ -19,6 +19,7 @@
 mod aggregate;
 pub mod config;
 pub mod init;
+mod perceiver;
 pub mod release;
 
 use std::sync::Arc;
@@ -97,6 +98,7 @@ struct TopParams {
     head_in_bias: usize,
     /// The rest of the head: (weight, bias, d_in, d_out).
     head_rest: Vec<(usize, usize, usize, usize)>,
+    perceiver: Option<perceiver::PerceiverParams>,
 }
 
 /// The model: configuration, encoders, parameter sections.
@@ -189,6 +191,14 @@ impl TopSpecs {
         self.0.len() - 1
     }
 
+    /// A LayerNorm's scale and shift.
+    fn linear_norm(&mut self, name: &str, d: usize) -> (usize, usize) {
+        (
+            self.push(format!("{name}.weight"), vec![d]),
+            self.push(format!("{name}.bias"), vec![d]),
+        )
+    }
+
     fn linear(&mut self, name: &str, d_in: usize, d_out: usize) -> (usize, usize) {
         (
             self.push(format!("{name}.weight"), vec![d_out, d_in]),
@@ -242,7 +252,7 @@ impl Isoformer {
         let queries: Vec<Modality> = match cfg.aggregator {
             Aggregator::CrossAttention => vec![cfg.modalities[0]],
             Aggregator::ModalityCentred => cfg.modalities.clone(),
-            Aggregator::LinearMean => Vec::new(),
+            Aggregator::LinearMean | Aggregator::Perceiver => Vec::new(),
         };
         for &q in &queries {
             let width = cfg.width(q);
@@ -274,6 +284,51 @@ impl Isoformer {
                 project.push((m, pw, pb));
             }
             head_parts = vec![(cfg.modalities[0], w)];
+        }
+        let mut perceiver = None;
+        if cfg.aggregator == Aggregator::Perceiver {
+            let d = cfg.aggregator_width.unwrap_or(cfg.width(cfg.modalities[0]));
+            let n = cfg.perceiver_latents;
+            let latents = s.push("perceiver.latents".into(), vec![n, d]);
+            let mut layers = Vec::new();
+            for l in 0..cfg.perceiver_depth {
+                let pre = format!("perceiver.layers.{l}");
+                let cross = cfg
+                    .modalities
+                    .iter()
+                    .map(|&m| {
+                        let norm = s.linear_norm(&format!("{pre}.norm_{}", m.name()), d);
+                        let name = format!("{pre}.cross_attention_{}", m.name());
+                        let cw = cfg.width(m);
+                        let c = CrossAttnParams {
+                            query: cfg.modalities[0],
+                            context: m,
+                            q: s.linear(&format!("{name}.query"), d, d),
+                            k: s.linear(&format!("{name}.key"), cw, d),
+                            v: s.linear(&format!("{name}.value"), cw, d),
+                            o: s.linear(&format!("{name}.dense"), d, d),
+                            width: d,
+                            heads,
+                        };
+                        (norm, c)
+                    })
+                    .collect();
+                layers.push(perceiver::PerceiverLayer {
+                    cross,
+                    ffn_norm: s.linear_norm(&format!("{pre}.ffn_norm"), d),
+                    ffn_in: s.linear(&format!("{pre}.ffn.0"), d, 4 * d),
+                    ffn_out: s.linear(&format!("{pre}.ffn.1"), 4 * d, d),
+                });
+            }
+            let norm = s.linear_norm("perceiver.norm", d);
+            perceiver = Some(perceiver::PerceiverParams {
+                latents,
+                n,
+                width: d,
+                layers,
+                norm,
+            });
+            head_parts = vec![(cfg.modalities[0], d)];
         }
         let first_out = cfg.head_hidden.first().copied().unwrap_or(cfg.num_tissues);
         let head_in: Vec<(Modality, usize)> = if head_parts.len() == 1 {
@@ -329,6 +384,7 @@ impl Isoformer {
                 head_in,
                 head_in_bias,
                 head_rest,
+                perceiver,
             },
             layout,
         })
