@@ -208,7 +208,8 @@ struct Loaded {
 fn load_model(path: &Path, config: Option<&str>) -> Result<Loaded> {
     let is_engine = crate::models::weights::WeightFile::open(path)?
         .metadata
-        .contains_key("format");
+        .get("format")
+        .is_some_and(|f| f == crate::training::checkpoint::FORMAT);
     if is_engine {
         let ck = Checkpoint::load(path)?;
         let model = Isoformer::new(ck.config.clone())?;

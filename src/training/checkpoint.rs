@@ -17,7 +17,8 @@ use crate::models::isoformer::{Isoformer, IsoformerConfig};
 use crate::runtime::safetensors_file::{load_f32, save_f32, LoadedTensors, NamedTensor};
 use crate::{Error, Result};
 
-const FORMAT: &str = "isoformer-engine-checkpoint-1";
+/// The `format` metadata of an engine checkpoint.
+pub const FORMAT: &str = "isoformer-engine-checkpoint-1";
 
 /// Everything but the tensors.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -1,0 +1,135 @@
+//! Bad input to `train`, `eval` and `predict`: a clear error that names the file, line or tensor, a
+//! non-zero exit, and no output file.
+
+use std::process::Command;
+
+fn engine(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_isoformer-engine"))
+        .args(args)
+        .output()
+        .expect("runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_configs_checkpoints_and_inputs_are_named_errors() {
+    let dir = std::env::temp_dir().join(format!("isoformer-cli-errors-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
+
+    let (ok, err) = engine(&["train", "--config", "no-such-config"]);
+    assert!(
+        !ok && err.contains("no-such-config") && err.contains("demo"),
+        "{err}"
+    );
+
+    std::fs::write(p("typo.json"), r#"{"modalitys": ["dna"]}"#).unwrap();
+    let (ok, err) = engine(&["train", "--config", &p("typo.json"), "--data", &p("none")]);
+    assert!(
+        !ok && err.contains("typo.json") && err.contains("modalitys"),
+        "{err}"
+    );
+
+    // Weights that are not an engine checkpoint need a config, and the error says so.
+    let esm = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/models/esm2/model.safetensors"
+    );
+    let (ok, err) = engine(&[
+        "predict",
+        "--checkpoint",
+        esm,
+        "--input",
+        esm,
+        "--output",
+        &p("a.tsv"),
+    ]);
+    assert!(!ok && err.contains("--config"), "{err}");
+    // With a config they do not fit, the tensors are listed.
+    let (ok, err) = engine(&[
+        "predict",
+        "--checkpoint",
+        esm,
+        "--config",
+        "demo",
+        "--input",
+        esm,
+        "--output",
+        &p("a.tsv"),
+    ]);
+    assert!(!ok && err.contains("missing tensor"), "{err}");
+
+    // A released-layout checkpoint and a TSV without a protein column, then with a short row.
+    let released = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/models/isoformer/model.safetensors"
+    );
+    let config = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/models/isoformer/config.json"
+    );
+    std::fs::write(p("no-protein.tsv"), "dna_seq\trna_seq\nACGT\tACGU\n").unwrap();
+    let (ok, err) = engine(&[
+        "predict",
+        "--checkpoint",
+        released,
+        "--config",
+        config,
+        "--input",
+        &p("no-protein.tsv"),
+        "--output",
+        &p("b.tsv"),
+    ]);
+    assert!(
+        !ok && err.contains("no-protein.tsv") && err.contains("protein_seq"),
+        "{err}"
+    );
+    std::fs::write(
+        p("short.tsv"),
+        "dna_seq\trna_seq\tprotein_seq\nACGT\tACGU\tMK\nACGT\tAC\n",
+    )
+    .unwrap();
+    let (ok, err) = engine(&[
+        "predict",
+        "--checkpoint",
+        released,
+        "--config",
+        config,
+        "--input",
+        &p("short.tsv"),
+        "--output",
+        &p("b.tsv"),
+    ]);
+    assert!(!ok && err.contains("short.tsv:3"), "{err}");
+    assert!(
+        !dir.join("a.tsv").exists() && !dir.join("b.tsv").exists(),
+        "no partial output"
+    );
+
+    // A good TSV works, and the output has one row per input.
+    std::fs::write(
+        p("good.tsv"),
+        "id\tdna_seq\trna_seq\tprotein_seq\nt1\tACGTN\tACGU\tMKV\nt2\tACG\tAAAAAA\t\n",
+    )
+    .unwrap();
+    let (ok, err) = engine(&[
+        "predict",
+        "--checkpoint",
+        released,
+        "--config",
+        config,
+        "--input",
+        &p("good.tsv"),
+        "--output",
+        &p("c.tsv"),
+    ]);
+    assert!(ok, "{err}");
+    let text = std::fs::read_to_string(dir.join("c.tsv")).unwrap();
+    assert_eq!(text.lines().count(), 3);
+    assert!(text.lines().nth(2).unwrap().starts_with("t2\t"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
