@@ -364,6 +364,35 @@ impl Embedder {
         }
     }
 
+    /// Token ids of one sequence as the transformer reads it (NT-v2 reads an RNA's U as T).
+    fn encode(&self, tokenizer: &Tokenizer, s: &str) -> Vec<u32> {
+        if self.kind == ModelKind::NucleotideTransformer && s.contains(['U', 'u']) {
+            let dna: String = s
+                .chars()
+                .map(|c| match c {
+                    'U' => 'T',
+                    'u' => 't',
+                    c => c,
+                })
+                .collect();
+            tokenizer.encode(&dna, self.max_tokens)
+        } else {
+            tokenizer.encode(s, self.max_tokens)
+        }
+    }
+
+    /// Rows of `seq`'s result under `pool` (1 when pooled; its tokens or Enformer bins otherwise), known
+    /// before running the model, so outputs can be laid out up front.
+    pub fn output_rows(&self, seq: &str, pool: Pool) -> Result<usize> {
+        if pool != Pool::None {
+            return Ok(1);
+        }
+        match &self.network {
+            Network::Transformer { tokenizer, .. } => Ok(self.encode(tokenizer, seq).len()),
+            Network::Enformer(trunk) => trunk.output_bins(seq.len()),
+        }
+    }
+
     /// Embeds a batch. With `Pool::Mean`/`Cls`, each result is one vector; with `Pool::None`, a row-major
     /// `[positions, hidden]` matrix.
     pub fn embed(&self, seqs: &[&str], pool: Pool) -> Result<Vec<Vec<f32>>> {
@@ -373,25 +402,8 @@ impl Embedder {
         let h = self.hidden_size();
         match &self.network {
             Network::Transformer { encoder, tokenizer } => {
-                let encoded: Vec<Vec<u32>> = seqs
-                    .iter()
-                    .map(|s| {
-                        if self.kind == ModelKind::NucleotideTransformer && s.contains(['U', 'u']) {
-                            // NT-v2's vocabulary is DNA: an RNA's U is its T.
-                            let dna: String = s
-                                .chars()
-                                .map(|c| match c {
-                                    'U' => 'T',
-                                    'u' => 't',
-                                    c => c,
-                                })
-                                .collect();
-                            tokenizer.encode(&dna, self.max_tokens)
-                        } else {
-                            tokenizer.encode(s, self.max_tokens)
-                        }
-                    })
-                    .collect();
+                let encoded: Vec<Vec<u32>> =
+                    seqs.iter().map(|s| self.encode(tokenizer, s)).collect();
                 let (ids, lens, len) = tokenizer.pad_batch(&encoded);
                 let specials_after = tokenizer.eos.is_some() as usize;
                 let pooled = |hidden: &[f32]| -> Vec<Vec<f32>> {

@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::data::sequences::read_sequences;
 use crate::embed::{Embedder, ModelKind, Pool};
-use crate::runtime::safetensors_file::{save_f32, NamedTensor};
+use crate::runtime::safetensors_file::StreamingSafetensors;
 use crate::{DeviceRequest, Error, Result};
 
 #[derive(Args, Debug)]
@@ -123,36 +123,9 @@ pub fn run(a: EmbedArgs) -> Result<()> {
             _ => batches.push(vec![i]),
         }
     }
-    let bar = ProgressBar::new(seqs.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} sequences  {per_sec}  eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let start = Instant::now();
-    let mut results: Vec<Option<Vec<f32>>> = vec![None; seqs.len()];
-    for batch in &batches {
-        let texts: Vec<&str> = batch.iter().map(|&i| seqs[i].seq.as_str()).collect();
-        let out = embedder.embed(&texts, pool).map_err(|e| Error::Context {
-            context: format!(
-                "embedding '{}' ({}:{})",
-                seqs[batch[0]].id,
-                a.input.display(),
-                seqs[batch[0]].line
-            ),
-            source: Box::new(e),
-        })?;
-        for (&i, v) in batch.iter().zip(out) {
-            results[i] = Some(v);
-        }
-        bar.inc(batch.len() as u64);
-    }
-    bar.finish_and_clear();
-    let secs = start.elapsed().as_secs_f64();
+    // The output's layout is known before any work: its header is written first and each batch's rows go
+    // straight to their place in the file, so memory does not grow with the number of sequences.
     let h = embedder.hidden_size();
-    let results: Vec<Vec<f32>> = results
-        .into_iter()
-        .map(|r| r.expect("every sequence is embedded"))
-        .collect();
     let ids: Vec<&str> = seqs.iter().map(|s| s.id.as_str()).collect();
     let mut meta = HashMap::new();
     meta.insert(
@@ -161,32 +134,60 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     );
     meta.insert("model".to_string(), kind.name().to_string());
     meta.insert("pool".to_string(), a.pool.clone());
-    match pool {
-        Pool::Mean | Pool::Cls => {
-            let flat: Vec<f32> = results.concat();
-            save_f32(
-                &a.output,
-                &[NamedTensor {
-                    name: "embeddings".into(),
-                    shape: vec![seqs.len(), h],
-                    data: &flat,
-                }],
-                meta,
-            )?;
+    let layout: Vec<(String, Vec<usize>)> = match pool {
+        Pool::Mean | Pool::Cls => vec![("embeddings".into(), vec![seqs.len(), h])],
+        Pool::None => seqs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let rows = embedder
+                    .output_rows(&s.seq, pool)
+                    .map_err(|e| Error::Context {
+                        context: format!("'{}' ({}:{})", s.id, a.input.display(), s.line),
+                        source: Box::new(e),
+                    })?;
+                Ok((format!("seq_{i}"), vec![rows, h]))
+            })
+            .collect::<Result<_>>()?,
+    };
+    let mut out = StreamingSafetensors::create(&a.output, &inputs, &layout, meta)?;
+    // Pooled rows are gathered in input order and written once (one row per sequence).
+    let mut pooled: Vec<f32> = if pool == Pool::None {
+        Vec::new()
+    } else {
+        vec![0.0; seqs.len() * h]
+    };
+    let bar = ProgressBar::new(seqs.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} sequences  {per_sec}  eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let start = Instant::now();
+    for batch in &batches {
+        let texts: Vec<&str> = batch.iter().map(|&i| seqs[i].seq.as_str()).collect();
+        let results = embedder.embed(&texts, pool).map_err(|e| Error::Context {
+            context: format!(
+                "embedding '{}' ({}:{})",
+                seqs[batch[0]].id,
+                a.input.display(),
+                seqs[batch[0]].line
+            ),
+            source: Box::new(e),
+        })?;
+        for (&i, v) in batch.iter().zip(results) {
+            match pool {
+                Pool::None => out.write(i, &v)?,
+                _ => pooled[i * h..(i + 1) * h].copy_from_slice(&v),
+            }
         }
-        Pool::None => {
-            let tensors: Vec<NamedTensor> = results
-                .iter()
-                .enumerate()
-                .map(|(i, r)| NamedTensor {
-                    name: format!("seq_{i}"),
-                    shape: vec![r.len() / h, h],
-                    data: r,
-                })
-                .collect();
-            save_f32(&a.output, &tensors, meta)?;
-        }
+        bar.inc(batch.len() as u64);
     }
+    bar.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    if pool != Pool::None {
+        out.write(0, &pooled)?;
+    }
+    out.commit()?;
     eprintln!(
         "embedded {} sequences in {secs:.2} s ({:.1} sequences/s) → {}",
         seqs.len(),

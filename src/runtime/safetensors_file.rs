@@ -7,7 +7,10 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 
-use super::output::write_atomically;
+use std::io::{Seek, SeekFrom, Write};
+
+use super::output::{write_atomically, AtomicOutput};
+use crate::error::checked_product;
 use crate::{Error, Result};
 
 /// A named f32 tensor to write.
@@ -46,6 +49,105 @@ pub fn save_f32(
         msg: format!("cannot serialise: {e}"),
     })?;
     write_atomically(path, &bytes)
+}
+
+/// A safetensors file written tensor by tensor, in any order, with its header computed up front from the
+/// tensors' names and shapes: memory stays bounded by one tensor whatever the file's size. It goes through
+/// [`AtomicOutput`], so an unfinished file is never renamed into place, and [`Self::commit`] refuses one with
+/// a tensor never written.
+pub struct StreamingSafetensors {
+    out: AtomicOutput,
+    /// Per tensor: absolute byte offset in the file, element count, written yet.
+    slots: Vec<(u64, usize, bool)>,
+}
+
+impl StreamingSafetensors {
+    pub fn create(
+        target: &Path,
+        inputs: &[&Path],
+        tensors: &[(String, Vec<usize>)],
+        metadata: HashMap<String, String>,
+    ) -> Result<Self> {
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), serde_json::json!(metadata));
+        let mut offset = 0usize;
+        let mut sizes = Vec::with_capacity(tensors.len());
+        for (name, shape) in tensors {
+            let numel = checked_product("safetensors output", shape)?;
+            let bytes = checked_product("safetensors output", &[numel, 4])?;
+            let end = offset.checked_add(bytes).ok_or_else(|| {
+                Error::invalid(
+                    "safetensors output",
+                    "the tensors overflow the address space",
+                )
+            })?;
+            if header
+                .insert(
+                    name.clone(),
+                    serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, end]}),
+                )
+                .is_some()
+            {
+                return Err(Error::Tensor { name: name.clone(), msg: "named twice in one output".into() });
+            }
+            sizes.push((offset, numel));
+            offset = end;
+        }
+        let mut json = serde_json::to_string(&header).expect("a JSON map serialises");
+        while (8 + json.len()) % 8 != 0 {
+            json.push(' ');
+        }
+        let data_start = 8 + json.len() as u64;
+        let mut out = AtomicOutput::create(target, inputs)?;
+        let w = out.writer();
+        w.write_all(&(json.len() as u64).to_le_bytes())
+            .map_err(|e| Error::io(target, e))?;
+        w.write_all(json.as_bytes())
+            .map_err(|e| Error::io(target, e))?;
+        // The file has its full size from the start; tensors fill their ranges.
+        w.flush().map_err(|e| Error::io(target, e))?;
+        w.get_ref()
+            .set_len(data_start + offset as u64)
+            .map_err(|e| Error::io(target, e))?;
+        Ok(StreamingSafetensors {
+            out,
+            slots: sizes
+                .into_iter()
+                .map(|(o, n)| (data_start + o as u64, n, false))
+                .collect(),
+        })
+    }
+
+    /// Writes tensor `i` (in the order given to [`Self::create`]).
+    pub fn write(&mut self, i: usize, data: &[f32]) -> Result<()> {
+        let (offset, numel, _) = *self
+            .slots
+            .get(i)
+            .ok_or_else(|| Error::invalid("safetensors output", format!("no tensor {i}")))?;
+        if data.len() != numel {
+            return Err(Error::shape(
+                "safetensors output",
+                format!("tensor {i}: {} values for {numel}", data.len()),
+            ));
+        }
+        let w = self.out.writer();
+        w.seek(SeekFrom::Start(offset))
+            .map_err(|e| Error::io("output", e))?;
+        w.write_all(bytemuck::cast_slice(data))
+            .map_err(|e| Error::io("output", e))?;
+        self.slots[i].2 = true;
+        Ok(())
+    }
+
+    pub fn commit(self) -> Result<()> {
+        if let Some(i) = self.slots.iter().position(|s| !s.2) {
+            return Err(Error::invalid(
+                "safetensors output",
+                format!("tensor {i} was never written"),
+            ));
+        }
+        self.out.commit()
+    }
 }
 
 /// A loaded safetensors file: f32 tensors by name, plus the metadata.
@@ -105,4 +207,63 @@ pub fn load_f32(path: &Path) -> Result<LoadedTensors> {
         tensors,
         metadata: meta.metadata().clone().unwrap_or_default(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streamed_tensors_written_out_of_order_read_back_like_save_f32() {
+        let dir = std::env::temp_dir().join(format!("isoformer-stream-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (
+            dir.join("streamed.safetensors"),
+            dir.join("saved.safetensors"),
+        );
+        let x: Vec<f32> = (0..6).map(|i| i as f32 * 0.5).collect();
+        let y: Vec<f32> = vec![-1.0, 2.5];
+        let meta: HashMap<String, String> = [("k".to_string(), "v".to_string())].into();
+        let mut s = StreamingSafetensors::create(
+            &a,
+            &[],
+            &[("x".into(), vec![2, 3]), ("y".into(), vec![1, 2])],
+            meta.clone(),
+        )
+        .unwrap();
+        s.write(1, &y).unwrap();
+        assert!(
+            s.write(0, &y).is_err(),
+            "a tensor of the wrong size is refused"
+        );
+        s.write(0, &x).unwrap();
+        s.commit().unwrap();
+        save_f32(
+            &b,
+            &[
+                NamedTensor {
+                    name: "x".into(),
+                    shape: vec![2, 3],
+                    data: &x,
+                },
+                NamedTensor {
+                    name: "y".into(),
+                    shape: vec![1, 2],
+                    data: &y,
+                },
+            ],
+            meta,
+        )
+        .unwrap();
+        let (la, lb) = (load_f32(&a).unwrap(), load_f32(&b).unwrap());
+        assert_eq!(la.tensors, lb.tensors);
+        assert_eq!(la.metadata, lb.metadata);
+        // A tensor never written: no file.
+        let c = dir.join("unfinished.safetensors");
+        let s = StreamingSafetensors::create(&c, &[], &[("x".into(), vec![2])], HashMap::new())
+            .unwrap();
+        assert!(s.commit().is_err());
+        assert!(!c.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -298,6 +298,11 @@ impl ConvBlock {
 
 impl EnformerTrunk {
     /// Checks the input geometry: `(transformer length n, output bins T)`.
+    /// The output bins of a `seq_len` bp input, or the error the forward would give.
+    pub fn output_bins(&self, seq_len: usize) -> Result<usize> {
+        Ok(self.geometry(1, seq_len)?.1)
+    }
+
     pub(super) fn geometry(&self, batch: usize, seq_len: usize) -> Result<(usize, usize)> {
         let ds = self.downsample();
         if batch == 0 {
