@@ -15,6 +15,20 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     })
 }
 
+/// A config read from `path` and checked by `validate`, whose message becomes a parse error naming the file.
+fn read_validated<T: for<'de> Deserialize<'de>>(
+    path: &Path,
+    validate: impl Fn(&T) -> std::result::Result<(), String>,
+) -> Result<T> {
+    let c: T = read_json(path)?;
+    validate(&c).map_err(|msg| Error::Parse {
+        path: path.to_path_buf(),
+        line: None,
+        msg,
+    })?;
+    Ok(c)
+}
+
 /// Bounds on model sizes read from a config: far above any published model (ESM-2 15B: 48 layers, width
 /// 5120; Enformer: width 1536), and low enough that a corrupt or hostile config is refused before a layout
 /// of its size is built.
@@ -65,13 +79,7 @@ fn default_true() -> bool {
 
 impl EsmConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let c: Self = read_json(path)?;
-        c.validate().map_err(|msg| Error::Parse {
-            path: path.to_path_buf(),
-            line: None,
-            msg,
-        })?;
-        Ok(c)
+        read_validated(path, Self::validate)
     }
 
     /// Checks what the encoder relies on; the message names the field.
@@ -151,13 +159,7 @@ fn default_divisible() -> usize {
 
 impl EnformerConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let c: Self = read_json(path)?;
-        c.validate().map_err(|msg| Error::Parse {
-            path: path.to_path_buf(),
-            line: None,
-            msg,
-        })?;
-        Ok(c)
+        read_validated(path, Self::validate)
     }
 
     /// Checks what the trunk relies on; the message names the field.

@@ -10,25 +10,12 @@
 //! their real tokens) through `sum_rows` into f32, so no new kernel is needed; its backward spreads the
 //! gradient with `add_row_bias`.
 
+use super::cross::{CrossActs, CrossScratch, CrossShape};
 use super::perceiver::PerceiverActivations;
+use super::EncoderOutput;
 use super::{Aggregator, Isoformer, Modality};
-use super::{CrossAttnParams, EncoderOutput};
-use crate::backend::{Act, AttentionDims, Backend, LinearDims, Role, Tensor, View, ViewMut};
+use crate::backend::{Act, Backend, LinearDims, Role, Tensor, View, ViewMut};
 use crate::{Error, Result};
-
-/// Saved state of one cross-attention block.
-struct BlockActs<B: Backend> {
-    q: Tensor<B>,
-    k: Tensor<B>,
-    v: Tensor<B>,
-    attn: Tensor<B>,
-    lse: Tensor<B>,
-    o: Tensor<B>,
-    /// The query stream after this block.
-    out: Tensor<B>,
-    /// Per query row: 1 where the sample has the context modality, else 0.
-    gate: Tensor<B>,
-}
 
 /// A pooled part: f32 sums, the compute-dtype mean, and each sample's scale (`present / rows`).
 struct PoolActs<B: Backend> {
@@ -42,9 +29,10 @@ struct PoolActs<B: Backend> {
 pub struct AggregateActivations<B: Backend> {
     batch: usize,
     perceiver: PerceiverActivations<B>,
+    cross_scratch: Option<CrossScratch<B>>,
     /// Per encoder: key lengths (i32).
     kv_lens: Vec<Tensor<B>>,
-    blocks: Vec<BlockActs<B>>,
+    blocks: Vec<CrossActs<B>>,
     /// Linear-mean projections per encoder.
     projected: Vec<Tensor<B>>,
     pools: Vec<PoolActs<B>>,
@@ -77,6 +65,7 @@ impl<B: Backend> Default for AggregateActivations<B> {
         AggregateActivations {
             batch: 0,
             perceiver: PerceiverActivations::default(),
+            cross_scratch: None,
             kv_lens: Vec::new(),
             blocks: Vec::new(),
             projected: Vec::new(),
@@ -201,6 +190,28 @@ impl Isoformer {
             .expect("every configured modality has an encoder")
     }
 
+    /// Block `i`'s sizes, its context encoder, and the block whose output is its query stream (`None`: the
+    /// query modality's encoder output).
+    fn cross_geometry<B>(
+        &self,
+        i: usize,
+        outputs: &[EncoderOutput<'_, B>],
+        batch: usize,
+    ) -> (CrossShape, usize, Option<usize>) {
+        let c = &self.top.cross[i];
+        let ce = self.encoder_index(c.context);
+        let shape = CrossShape {
+            batch,
+            lq: outputs[self.encoder_index(c.query)].len,
+            lk: outputs[ce].len,
+            context_width: self.cfg.width(c.context),
+        };
+        let prev = self.top.cross[..i]
+            .iter()
+            .rposition(|pc| pc.query == c.query);
+        (shape, ce, prev)
+    }
+
     /// Rows each sample of modality `m` is pooled over.
     fn pool_ranges(&self, m: Modality, out: &EncoderOutput<'_, impl Sized>) -> Vec<(usize, usize)> {
         out.lens
@@ -276,101 +287,30 @@ impl Isoformer {
         };
 
         // Cross-attention blocks.
-        let block_sizes = |c: &CrossAttnParams| {
-            let (qo, co) = (
-                &outputs[self.encoder_index(c.query)],
-                &outputs[self.encoder_index(c.context)],
-            );
-            let (nq, nk) = (batch * qo.len, batch * co.len);
-            (nq, nk)
-        };
         while a.blocks.len() < self.top.cross.len() {
-            a.blocks.push(BlockActs {
-                q: Tensor::new(b, Role::Activation, 0)?,
-                k: Tensor::new(b, Role::Activation, 0)?,
-                v: Tensor::new(b, Role::Activation, 0)?,
-                attn: Tensor::new(b, Role::Activation, 0)?,
-                lse: Tensor::new(b, Role::Exact, 0)?,
-                o: Tensor::new(b, Role::Activation, 0)?,
-                out: Tensor::new(b, Role::Activation, 0)?,
-                gate: Tensor::new(b, Role::Exact, 0)?,
-            });
+            a.blocks.push(CrossActs::new(b)?);
         }
         a.blocks.truncate(self.top.cross.len());
         for (i, c) in self.top.cross.iter().enumerate() {
-            let (nq, nk) = block_sizes(c);
-            let qo = &outputs[self.encoder_index(c.query)];
-            let ce = self.encoder_index(c.context);
+            let (shape, ce, prev) = self.cross_geometry(i, outputs, batch);
             let co = &outputs[ce];
-            let w = c.width;
-            let cw = cfg.width(c.context);
-            {
-                let blk = &mut a.blocks[i];
-                for (t, role, n) in [
-                    (&mut blk.q, Role::Activation, nq * w),
-                    (&mut blk.k, Role::Activation, nk * w),
-                    (&mut blk.v, Role::Activation, nk * w),
-                    (&mut blk.attn, Role::Activation, nq * w),
-                    (&mut blk.lse, Role::Exact, batch * c.heads * qo.len),
-                    (&mut blk.o, Role::Activation, nq * w),
-                    (&mut blk.out, Role::Activation, nq * w),
-                    (&mut blk.gate, Role::Exact, nq),
-                ] {
-                    t.ensure(b, role, n)?;
-                }
-                let here = presence(c.context);
-                let gate: Vec<f32> = (0..batch)
-                    .flat_map(|bi| {
-                        std::iter::repeat_n(here.get(bi).copied().unwrap_or(1.0), qo.len)
-                    })
-                    .collect();
-                b.write_f32(blk.gate.view_mut(), &gate)?;
-            }
-            // The query stream: the encoder output for the first block of a query, else the previous block's.
-            let prev = self.top.cross[..i]
-                .iter()
-                .rposition(|pc| pc.query == c.query);
             let (before, rest) = a.blocks.split_at_mut(i);
-            let blk = &mut rest[0];
-            let x: View<'_, B> = match prev {
-                Some(j) => before[j].out.view(),
-                None => qo.hidden,
+            let x = match prev {
+                Some(j) => before[j].out(),
+                None => outputs[self.encoder_index(c.query)].hidden,
             };
-            b.linear(blk.q.view_mut(), x, p[c.q.0], Some(p[c.q.1]), lin(nq, w, w))?;
-            b.linear(
-                blk.k.view_mut(),
+            let kv = a.kv_lens[ce].view();
+            c.forward(
+                b,
+                p,
+                shape,
+                x,
+                x,
                 co.hidden,
-                p[c.k.0],
-                Some(p[c.k.1]),
-                lin(nk, cw, w),
+                kv,
+                presence(c.context),
+                &mut rest[0],
             )?;
-            b.linear(
-                blk.v.view_mut(),
-                co.hidden,
-                p[c.v.0],
-                Some(p[c.v.1]),
-                lin(nk, cw, w),
-            )?;
-            let dims = AttentionDims::new(batch, c.heads, qo.len, co.len, w / c.heads);
-            b.attention(
-                blk.attn.view_mut(),
-                blk.lse.view_mut(),
-                blk.q.view(),
-                blk.k.view(),
-                blk.v.view(),
-                Some(a.kv_lens[ce].view()),
-                None,
-                &dims,
-            )?;
-            b.linear(
-                blk.o.view_mut(),
-                blk.attn.view(),
-                p[c.o.0],
-                Some(p[c.o.1]),
-                lin(nq, w, w),
-            )?;
-            b.scale_rows(blk.o.view_mut(), blk.gate.view())?;
-            b.add(blk.out.view_mut(), x, blk.o.view())?;
         }
 
         if let Some(pp) = &self.top.perceiver {
@@ -468,7 +408,7 @@ impl Isoformer {
                 a.perceiver.output().expect("the resampler ran")
             } else {
                 match self.top.cross.iter().rposition(|c| c.query == m) {
-                    Some(j) => a.blocks[j].out.view(),
+                    Some(j) => a.blocks[j].out(),
                     None => o.hidden,
                 }
             };
@@ -818,94 +758,35 @@ impl Isoformer {
                     parts[k].1,
                 )?;
             }
-            // Blocks in reverse order.
-            let mut d_o: Option<Tensor<B>> = None;
+            if a.cross_scratch.is_none() {
+                a.cross_scratch = Some(CrossScratch::new(b)?);
+            }
+            // Blocks in reverse order: each adds its query path into the stream's gradient, which the
+            // residual passes through unchanged.
             for (i, c) in self.top.cross.iter().enumerate().rev() {
                 let k = queries.iter().position(|&m| m == c.query).expect("a query");
-                let qo = &outputs[self.encoder_index(c.query)];
-                let ce = self.encoder_index(c.context);
+                let (shape, ce, prev) = self.cross_geometry(i, outputs, batch);
                 let co = &outputs[ce];
-                let (w, cw) = (c.width, cfg.width(c.context));
-                let (nq, nk) = (batch * qo.len, batch * co.len);
-                let prev = self.top.cross[..i]
-                    .iter()
-                    .rposition(|pc| pc.query == c.query);
                 let x: View<'_, B> = match prev {
-                    Some(j) => a.blocks[j].out.view(),
-                    None => qo.hidden,
+                    Some(j) => a.blocks[j].out(),
+                    None => outputs[self.encoder_index(c.query)].hidden,
                 };
-                let blk = &a.blocks[i];
-                fit_one(b, &mut d_o, Role::Activation, nq * w)?;
-                let d_o = d_o.as_mut().expect("fitted");
-                b.copy(d_o.view_mut(), a.d_stream[k].view())?;
-                b.scale_rows(d_o.view_mut(), blk.gate.view())?;
-                let mut bufs = std::mem::take(&mut a.d_tmp);
-                let base = bufs.len();
-                bufs.push(Tensor::new(b, Role::Activation, nq * w)?); // d_attn
-                bufs.push(Tensor::new(b, Role::Activation, nq * w)?); // dq
-                bufs.push(Tensor::new(b, Role::Activation, nk * w)?); // dk
-                bufs.push(Tensor::new(b, Role::Activation, nk * w)?); // dv
-                {
-                    let [d_attn, dq, dk, dv] = bufs
-                        .get_disjoint_mut([base, base + 1, base + 2, base + 3])
-                        .expect("distinct");
-                    let [gw, gb] = g.get_disjoint_mut([c.o.0, c.o.1]).expect("distinct");
-                    b.linear_backward(
-                        Some(d_attn.view_mut()),
-                        Some(gw.rb()),
-                        Some(gb.rb()),
-                        d_o.view(),
-                        blk.attn.view(),
-                        p[c.o.0],
-                        lin(nq, w, w),
-                    )?;
-                    let dims = AttentionDims::new(batch, c.heads, qo.len, co.len, w / c.heads);
-                    b.attention_backward(
-                        dq.view_mut(),
-                        dk.view_mut(),
-                        dv.view_mut(),
-                        None,
-                        d_attn.view(),
-                        blk.attn.view(),
-                        blk.lse.view(),
-                        blk.q.view(),
-                        blk.k.view(),
-                        blk.v.view(),
-                        Some(a.kv_lens[ce].view()),
-                        None,
-                        &dims,
-                    )?;
-                    // The residual passes d_stream through; the query path adds into it.
-                    let want_dx = prev.is_some() || want_encoder_grads[self.encoder_index(c.query)];
-                    let [gw, gb] = g.get_disjoint_mut([c.q.0, c.q.1]).expect("distinct");
-                    b.linear_backward(
-                        want_dx.then(|| a.d_stream[k].view_mut()),
-                        Some(gw.rb()),
-                        Some(gb.rb()),
-                        dq.view(),
-                        x,
-                        p[c.q.0],
-                        lin(nq, w, w),
-                    )?;
-                    // The key bias adds q·b_k to every score of a row, which the softmax cancels: its
-                    // gradient is exactly zero, so it is not computed (a sum of rounding noise otherwise).
-                    for (proj, dy, bias_grad) in [(c.k, &*dk, false), (c.v, &*dv, true)] {
-                        let [gw, gb] = g.get_disjoint_mut([proj.0, proj.1]).expect("distinct");
-                        let dx = a.d_ctx[ce].as_mut().map(|t| t.view_mut());
-                        let gb = bias_grad.then(|| gb.rb());
-                        b.linear_backward(
-                            dx,
-                            Some(gw.rb()),
-                            gb,
-                            dy.view(),
-                            co.hidden,
-                            p[proj.0],
-                            lin(nk, cw, w),
-                        )?;
-                    }
-                }
-                bufs.truncate(base);
-                a.d_tmp = bufs;
+                let query_grad = prev.is_some() || want_encoder_grads[self.encoder_index(c.query)];
+                c.backward(
+                    b,
+                    p,
+                    shape,
+                    x,
+                    co.hidden,
+                    a.kv_lens[ce].view(),
+                    &a.blocks[i],
+                    a.d_stream[k].view_mut(),
+                    None,
+                    query_grad,
+                    a.d_ctx[ce].as_mut().map(|t| t.view_mut()),
+                    g,
+                    a.cross_scratch.as_mut().expect("made above"),
+                )?;
             }
         }
 

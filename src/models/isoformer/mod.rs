@@ -18,6 +18,7 @@
 
 mod aggregate;
 pub mod config;
+mod cross;
 pub mod init;
 mod perceiver;
 pub mod release;

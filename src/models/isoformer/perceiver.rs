@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! z = latents (per sample)
-//! per layer:  per modality m:  z += gate_m ∘ W_o·Attn(W_q·LN(z), W_k·h_m, W_v·h_m)
+//! per layer:  per modality m:  z += gate_m ∘ W_o·Attn(W_q·LN(z), W_k·h_m, W_v·h_m)     (the shared block)
 //!             z += W₂·GELU(W₁·LN(z) + b₁) + b₂            (W₁: D → 4D)
 //! out = LN(z)  →  mean over the latents  →  head
 //! ```
@@ -13,8 +13,9 @@
 //! the cross-attention aggregator.
 
 use super::aggregate::lin;
+use super::cross::{CrossActs, CrossScratch, CrossShape};
 use super::{CrossAttnParams, EncoderOutput, Isoformer, Modality};
-use crate::backend::{Act, AttentionDims, Backend, Role, Tensor, View, ViewMut};
+use crate::backend::{Act, Backend, Role, Tensor, View, ViewMut};
 use crate::Result;
 
 const LN_EPS: f32 = 1e-5;
@@ -29,57 +30,106 @@ pub(super) struct PerceiverParams {
     pub norm: (usize, usize),
 }
 
+/// A LayerNorm (scale, shift) and the cross-attention that reads its output.
+pub(super) type NormedCross = ((usize, usize), CrossAttnParams);
+
 #[derive(Clone, Debug)]
 pub(super) struct PerceiverLayer {
     /// Per modality: the pre-attention LayerNorm of the latents and the cross-attention.
-    pub cross: Vec<((usize, usize), CrossAttnParams)>,
+    pub cross: Vec<NormedCross>,
     pub ffn_norm: (usize, usize),
     pub ffn_in: (usize, usize),
     pub ffn_out: (usize, usize),
 }
 
+/// A LayerNorm's output and statistics.
+struct Normed<B: Backend> {
+    out: Tensor<B>,
+    mean: Tensor<B>,
+    rstd: Tensor<B>,
+}
+
+impl<B: Backend> Normed<B> {
+    fn new(b: &B, rows: usize, d: usize) -> Result<Self> {
+        Ok(Normed {
+            out: Tensor::new(b, Role::Activation, rows * d)?,
+            mean: Tensor::new(b, Role::Exact, rows)?,
+            rstd: Tensor::new(b, Role::Exact, rows)?,
+        })
+    }
+
+    fn run(
+        &mut self,
+        b: &B,
+        x: View<'_, B>,
+        p: &[View<'_, B>],
+        (w, bias): (usize, usize),
+    ) -> Result<()> {
+        b.layernorm(
+            self.out.view_mut(),
+            self.mean.view_mut(),
+            self.rstd.view_mut(),
+            x,
+            p[w],
+            p[bias],
+            LN_EPS,
+        )
+    }
+
+    /// `dx += LNᵀ(dout)`, with the scale's and shift's gradients.
+    fn backward(
+        &self,
+        b: &B,
+        dx: ViewMut<'_, B>,
+        dout: View<'_, B>,
+        x: View<'_, B>,
+        p: &[View<'_, B>],
+        g: &mut [ViewMut<'_, B>],
+        (w, bias): (usize, usize),
+    ) -> Result<()> {
+        let [gw, gb] = g.get_disjoint_mut([w, bias]).expect("distinct entries");
+        b.layernorm_backward(
+            dx,
+            gw.rb(),
+            gb.rb(),
+            dout,
+            x,
+            p[w],
+            self.mean.view(),
+            self.rstd.view(),
+        )
+    }
+}
+
 enum Stage<B: Backend> {
     Cross {
-        ln: Tensor<B>,
-        mean: Tensor<B>,
-        rstd: Tensor<B>,
-        q: Tensor<B>,
-        k: Tensor<B>,
-        v: Tensor<B>,
-        attn: Tensor<B>,
-        lse: Tensor<B>,
-        o: Tensor<B>,
-        gate: Tensor<B>,
-        out: Tensor<B>,
+        ln: Normed<B>,
+        block: CrossActs<B>,
     },
     Ffn {
-        ln: Tensor<B>,
-        mean: Tensor<B>,
-        rstd: Tensor<B>,
+        ln: Normed<B>,
         pre: Tensor<B>,
         act: Tensor<B>,
-        y: Tensor<B>,
         out: Tensor<B>,
     },
 }
 
 impl<B: Backend> Stage<B> {
-    fn out(&self) -> &Tensor<B> {
+    fn out(&self) -> View<'_, B> {
         match self {
-            Stage::Cross { out, .. } | Stage::Ffn { out, .. } => out,
+            Stage::Cross { block, .. } => block.out(),
+            Stage::Ffn { out, .. } => out.view(),
         }
     }
 }
 
-/// What the resampler keeps from a forward.
+/// What the resampler keeps from a forward, and its backward scratch.
 pub struct PerceiverActivations<B: Backend> {
     z0: Option<Tensor<B>>,
     stages: Vec<Stage<B>>,
-    norm_out: Option<Tensor<B>>,
-    norm_mean: Option<Tensor<B>>,
-    norm_rstd: Option<Tensor<B>>,
-    /// Backward scratch.
+    norm: Option<Normed<B>>,
     scratch: Vec<Tensor<B>>,
+    cross_scratch: Option<CrossScratch<B>>,
 }
 
 impl<B: Backend> Default for PerceiverActivations<B> {
@@ -87,10 +137,9 @@ impl<B: Backend> Default for PerceiverActivations<B> {
         PerceiverActivations {
             z0: None,
             stages: Vec::new(),
-            norm_out: None,
-            norm_mean: None,
-            norm_rstd: None,
+            norm: None,
             scratch: Vec::new(),
+            cross_scratch: None,
         }
     }
 }
@@ -98,21 +147,7 @@ impl<B: Backend> Default for PerceiverActivations<B> {
 impl<B: Backend> PerceiverActivations<B> {
     /// The final latents `[batch, n, D]`.
     pub fn output(&self) -> Option<View<'_, B>> {
-        self.norm_out.as_ref().map(|t| t.view())
-    }
-}
-
-fn t<B: Backend>(b: &B, role: Role, n: usize) -> Result<Tensor<B>> {
-    Tensor::new(b, role, n)
-}
-
-fn fit<B: Backend>(b: &B, slot: &mut Option<Tensor<B>>, role: Role, n: usize) -> Result<()> {
-    match slot {
-        Some(x) => x.ensure(b, role, n),
-        None => {
-            *slot = Some(Tensor::new(b, role, n)?);
-            Ok(())
-        }
+        self.norm.as_ref().map(|t| t.out.view())
     }
 }
 
@@ -131,177 +166,81 @@ impl Isoformer {
     ) -> Result<()> {
         let (n, d) = (pp.n, pp.width);
         let rows = batch * n;
-        fit(b, &mut a.z0, Role::Activation, rows * d)?;
-        {
-            let z0 = a.z0.as_mut().expect("fitted");
-            for bi in 0..batch {
-                b.copy(z0.view_mut().slice_mut(bi * n * d, n * d)?, p[pp.latents])?;
-            }
+        let mut z0 = Tensor::new(b, Role::Activation, rows * d)?;
+        for bi in 0..batch {
+            b.copy(z0.view_mut().slice_mut(bi * n * d, n * d)?, p[pp.latents])?;
         }
-        // Stages in order: the cross-attentions of a layer, then its FFN.
+        a.z0 = Some(z0);
         a.stages.clear();
         for layer in &pp.layers {
-            for ((lnw, lnb), c) in &layer.cross {
+            for (norm, c) in &layer.cross {
                 let e = self.encoder_index(c.context);
                 let co = &outputs[e];
-                let nk = batch * co.len;
-                let cw = self.cfg.width(c.context);
-                let here = presence(c.context);
-                let gate: Vec<f32> = (0..batch)
-                    .flat_map(|bi| std::iter::repeat_n(here.get(bi).copied().unwrap_or(1.0), n))
-                    .collect();
-                let mut st = Stage::Cross {
-                    ln: t(b, Role::Activation, rows * d)?,
-                    mean: t(b, Role::Exact, rows)?,
-                    rstd: t(b, Role::Exact, rows)?,
-                    q: t(b, Role::Activation, rows * d)?,
-                    k: t(b, Role::Activation, nk * d)?,
-                    v: t(b, Role::Activation, nk * d)?,
-                    attn: t(b, Role::Activation, rows * d)?,
-                    lse: t(b, Role::Exact, batch * c.heads * n)?,
-                    o: t(b, Role::Activation, rows * d)?,
-                    gate: Tensor::from_f32(b, Role::Exact, &gate)?,
-                    out: t(b, Role::Activation, rows * d)?,
+                let shape = CrossShape {
+                    batch,
+                    lq: n,
+                    lk: co.len,
+                    context_width: self.cfg.width(c.context),
                 };
-                let z = match a.stages.last() {
-                    Some(s) => s.out().view(),
-                    None => a.z0.as_ref().expect("fitted").view(),
-                };
-                if let Stage::Cross {
-                    ln,
-                    mean,
-                    rstd,
-                    q,
-                    k,
-                    v,
-                    attn,
-                    lse,
-                    o,
-                    gate,
-                    out,
-                } = &mut st
-                {
-                    b.layernorm(
-                        ln.view_mut(),
-                        mean.view_mut(),
-                        rstd.view_mut(),
-                        z,
-                        p[*lnw],
-                        p[*lnb],
-                        LN_EPS,
-                    )?;
-                    b.linear(
-                        q.view_mut(),
-                        ln.view(),
-                        p[c.q.0],
-                        Some(p[c.q.1]),
-                        lin(rows, d, d),
-                    )?;
-                    b.linear(
-                        k.view_mut(),
-                        co.hidden,
-                        p[c.k.0],
-                        Some(p[c.k.1]),
-                        lin(nk, cw, d),
-                    )?;
-                    b.linear(
-                        v.view_mut(),
-                        co.hidden,
-                        p[c.v.0],
-                        Some(p[c.v.1]),
-                        lin(nk, cw, d),
-                    )?;
-                    let dims = AttentionDims::new(batch, c.heads, n, co.len, d / c.heads);
-                    b.attention(
-                        attn.view_mut(),
-                        lse.view_mut(),
-                        q.view(),
-                        k.view(),
-                        v.view(),
-                        Some(kv_lens[e].view()),
-                        None,
-                        &dims,
-                    )?;
-                    b.linear(
-                        o.view_mut(),
-                        attn.view(),
-                        p[c.o.0],
-                        Some(p[c.o.1]),
-                        lin(rows, d, d),
-                    )?;
-                    b.scale_rows(o.view_mut(), gate.view())?;
-                    b.add(out.view_mut(), z, o.view())?;
-                }
-                a.stages.push(st);
-            }
-            let mut st = Stage::Ffn {
-                ln: t(b, Role::Activation, rows * d)?,
-                mean: t(b, Role::Exact, rows)?,
-                rstd: t(b, Role::Exact, rows)?,
-                pre: t(b, Role::Activation, rows * 4 * d)?,
-                act: t(b, Role::Activation, rows * 4 * d)?,
-                y: t(b, Role::Activation, rows * d)?,
-                out: t(b, Role::Activation, rows * d)?,
-            };
-            let z = match a.stages.last() {
-                Some(s) => s.out().view(),
-                None => a.z0.as_ref().expect("fitted").view(),
-            };
-            if let Stage::Ffn {
-                ln,
-                mean,
-                rstd,
-                pre,
-                act,
-                y,
-                out,
-            } = &mut st
-            {
-                let (nw, nb) = layer.ffn_norm;
-                b.layernorm(
-                    ln.view_mut(),
-                    mean.view_mut(),
-                    rstd.view_mut(),
+                let mut ln = Normed::new(b, rows, d)?;
+                let mut block = CrossActs::new(b)?;
+                let z = a
+                    .stages
+                    .last()
+                    .map_or_else(|| a.z0.as_ref().expect("set").view(), |s| s.out());
+                ln.run(b, z, p, *norm)?;
+                c.forward(
+                    b,
+                    p,
+                    shape,
+                    ln.out.view(),
                     z,
-                    p[nw],
-                    p[nb],
-                    LN_EPS,
+                    co.hidden,
+                    kv_lens[e].view(),
+                    &presence(c.context),
+                    &mut block,
                 )?;
-                let (w1, b1) = layer.ffn_in;
-                b.linear_act(
-                    pre.view_mut(),
-                    act.view_mut(),
-                    ln.view(),
-                    p[w1],
-                    p[b1],
-                    Act::GeluErf,
-                    lin(rows, d, 4 * d),
-                )?;
-                let (w2, b2) = layer.ffn_out;
-                b.linear(
-                    y.view_mut(),
-                    act.view(),
-                    p[w2],
-                    Some(p[b2]),
-                    lin(rows, 4 * d, d),
-                )?;
-                b.add(out.view_mut(), z, y.view())?;
+                a.stages.push(Stage::Cross { ln, block });
             }
-            a.stages.push(st);
+            let mut ln = Normed::new(b, rows, d)?;
+            let mut pre = Tensor::new(b, Role::Activation, rows * 4 * d)?;
+            let mut act = Tensor::new(b, Role::Activation, rows * 4 * d)?;
+            let mut y = Tensor::new(b, Role::Activation, rows * d)?;
+            let mut out = Tensor::new(b, Role::Activation, rows * d)?;
+            let z = a
+                .stages
+                .last()
+                .map_or_else(|| a.z0.as_ref().expect("set").view(), |s| s.out());
+            ln.run(b, z, p, layer.ffn_norm)?;
+            let ((w1, b1), (w2, b2)) = (layer.ffn_in, layer.ffn_out);
+            b.linear_act(
+                pre.view_mut(),
+                act.view_mut(),
+                ln.out.view(),
+                p[w1],
+                p[b1],
+                Act::GeluErf,
+                lin(rows, d, 4 * d),
+            )?;
+            b.linear(
+                y.view_mut(),
+                act.view(),
+                p[w2],
+                Some(p[b2]),
+                lin(rows, 4 * d, d),
+            )?;
+            b.add(out.view_mut(), z, y.view())?;
+            a.stages.push(Stage::Ffn { ln, pre, act, out });
         }
-        fit(b, &mut a.norm_out, Role::Activation, rows * d)?;
-        fit(b, &mut a.norm_mean, Role::Exact, rows)?;
-        fit(b, &mut a.norm_rstd, Role::Exact, rows)?;
-        let last = a.stages.last().expect("at least one layer").out().view();
-        b.layernorm(
-            a.norm_out.as_mut().expect("fitted").view_mut(),
-            a.norm_mean.as_mut().expect("fitted").view_mut(),
-            a.norm_rstd.as_mut().expect("fitted").view_mut(),
-            last,
-            p[pp.norm.0],
-            p[pp.norm.1],
-            LN_EPS,
-        )
+        let mut norm = Normed::new(b, rows, d)?;
+        norm.run(
+            b,
+            a.stages.last().expect("at least one layer").out(),
+            p,
+            pp.norm,
+        )?;
+        a.norm = Some(norm);
+        Ok(())
     }
 
     /// The resampler's backward from `d_out` (`[batch, n, D]`, the pooled head's gradient): adds into the
@@ -321,87 +260,55 @@ impl Isoformer {
     ) -> Result<()> {
         let (n, d) = (pp.n, pp.width);
         let rows = batch * n;
-        let max_kv = outputs.iter().map(|o| batch * o.len).max().unwrap_or(0);
-        // Scratch: d_z, copy, d_ln, d_attn, dq, dk, dv, d_act, d_pre.
-        let sizes = [
-            rows * d,
-            rows * d,
-            rows * d,
-            rows * d,
-            rows * d,
-            max_kv * d,
-            max_kv * d,
-            rows * 4 * d,
-            rows * 4 * d,
-        ];
+        // Scratch: d_z (the stream's gradient), d_ln, d_act, d_pre.
+        let sizes = [rows * d, rows * d, rows * 4 * d, rows * 4 * d];
         while a.scratch.len() < sizes.len() {
             a.scratch.push(Tensor::new(b, Role::Activation, 0)?);
         }
         for (s, &size) in a.scratch.iter_mut().zip(&sizes) {
             s.ensure(b, Role::Activation, size)?;
         }
-        let [d_z, d_copy, d_ln, d_attn, dq, dk, dv, d_act, d_pre] = a
-            .scratch
-            .get_disjoint_mut([0, 1, 2, 3, 4, 5, 6, 7, 8])
-            .expect("distinct");
-        let last = a.stages.last().expect("a forward ran").out().view();
+        if a.cross_scratch.is_none() {
+            a.cross_scratch = Some(CrossScratch::new(b)?);
+        }
+        let sc = a.cross_scratch.as_mut().expect("made above");
+        let [d_z, d_ln, d_act, d_pre] = a.scratch.get_disjoint_mut([0, 1, 2, 3]).expect("distinct");
+        let norm = a.norm.as_ref().expect("a forward ran");
         b.zero(d_z.view_mut())?;
-        {
-            let [gw, gb] = g
-                .get_disjoint_mut([pp.norm.0, pp.norm.1])
-                .expect("distinct");
-            b.layernorm_backward(
-                d_z.view_mut(),
-                gw.rb(),
-                gb.rb(),
-                d_out,
-                last,
-                p[pp.norm.0],
-                a.norm_mean.as_ref().expect("a forward ran").view(),
-                a.norm_rstd.as_ref().expect("a forward ran").view(),
-            )?;
-        }
-        // The stage parameters in forward order, to walk backwards.
-        let mut plan: Vec<Option<&((usize, usize), CrossAttnParams)>> = Vec::new();
-        let mut ffns = Vec::new();
+        norm.backward(
+            b,
+            d_z.view_mut(),
+            d_out,
+            a.stages.last().expect("a forward ran").out(),
+            p,
+            g,
+            pp.norm,
+        )?;
+        // The stages' parameters in forward order, walked backwards.
+        let mut plan: Vec<(Option<&NormedCross>, &PerceiverLayer)> = Vec::new();
         for layer in &pp.layers {
-            for c in &layer.cross {
-                plan.push(Some(c));
-            }
-            plan.push(None);
-            ffns.push(layer);
+            plan.extend(layer.cross.iter().map(|c| (Some(c), layer)));
+            plan.push((None, layer));
         }
-        let mut ffn_index = ffns.len();
+        let z0 = a.z0.as_ref().expect("a forward ran");
         for (i, stage) in a.stages.iter().enumerate().rev() {
             let z = if i == 0 {
-                a.z0.as_ref().expect("a forward ran").view()
+                z0.view()
             } else {
-                a.stages[i - 1].out().view()
+                a.stages[i - 1].out()
             };
             match (stage, plan[i]) {
-                (
-                    Stage::Ffn {
-                        ln,
-                        mean,
-                        rstd,
-                        pre,
-                        act,
-                        ..
-                    },
-                    None,
-                ) => {
-                    ffn_index -= 1;
-                    let layer = ffns[ffn_index];
-                    b.copy(d_copy.view_mut(), d_z.view())?;
+                (Stage::Ffn { ln, pre, act, .. }, (None, layer)) => {
+                    // out = z + FFN(LN(z)): d_z passes through and the FFN path adds into it.
+                    let ((w1, b1), (w2, b2)) = (layer.ffn_in, layer.ffn_out);
                     b.zero(d_act.view_mut())?;
-                    let (w2, b2) = layer.ffn_out;
                     {
                         let [gw, gb] = g.get_disjoint_mut([w2, b2]).expect("distinct");
                         b.linear_backward(
                             Some(d_act.view_mut()),
                             Some(gw.rb()),
                             Some(gb.rb()),
-                            d_copy.view(),
+                            d_z.view(),
                             act.view(),
                             p[w2],
                             lin(rows, 4 * d, d),
@@ -415,7 +322,6 @@ impl Isoformer {
                         Act::GeluErf,
                     )?;
                     b.zero(d_ln.view_mut())?;
-                    let (w1, b1) = layer.ffn_in;
                     {
                         let [gw, gb] = g.get_disjoint_mut([w1, b1]).expect("distinct");
                         b.linear_backward(
@@ -423,119 +329,41 @@ impl Isoformer {
                             Some(gw.rb()),
                             Some(gb.rb()),
                             d_pre.view(),
-                            ln.view(),
+                            ln.out.view(),
                             p[w1],
                             lin(rows, d, 4 * d),
                         )?;
                     }
-                    let (nw, nb) = layer.ffn_norm;
-                    let [gw, gb] = g.get_disjoint_mut([nw, nb]).expect("distinct");
-                    b.layernorm_backward(
-                        d_z.view_mut(),
-                        gw.rb(),
-                        gb.rb(),
-                        d_ln.view(),
-                        z,
-                        p[nw],
-                        mean.view(),
-                        rstd.view(),
-                    )?;
+                    ln.backward(b, d_z.view_mut(), d_ln.view(), z, p, g, layer.ffn_norm)?;
                 }
-                (
-                    Stage::Cross {
-                        ln,
-                        mean,
-                        rstd,
-                        q,
-                        k,
-                        v,
-                        attn,
-                        lse,
-                        gate,
-                        ..
-                    },
-                    Some(((lnw, lnb), c)),
-                ) => {
+                (Stage::Cross { ln, block }, (Some((norm, c)), _)) => {
                     let e = self.encoder_index(c.context);
                     let co = &outputs[e];
-                    let nk = batch * co.len;
-                    let cw = self.cfg.width(c.context);
-                    b.copy(d_copy.view_mut(), d_z.view())?;
-                    b.scale_rows(d_copy.view_mut(), gate.view())?;
-                    b.zero(d_attn.view_mut())?;
-                    {
-                        let [gw, gb] = g.get_disjoint_mut([c.o.0, c.o.1]).expect("distinct");
-                        b.linear_backward(
-                            Some(d_attn.view_mut()),
-                            Some(gw.rb()),
-                            Some(gb.rb()),
-                            d_copy.view(),
-                            attn.view(),
-                            p[c.o.0],
-                            lin(rows, d, d),
-                        )?;
-                    }
-                    let mut dk_v = dk.view_mut().slice_mut(0, nk * d)?;
-                    let mut dv_v = dv.view_mut().slice_mut(0, nk * d)?;
-                    b.zero(dq.view_mut())?;
-                    b.zero(dk_v.rb())?;
-                    b.zero(dv_v.rb())?;
-                    let dims = AttentionDims::new(batch, c.heads, n, co.len, d / c.heads);
-                    b.attention_backward(
-                        dq.view_mut(),
-                        dk_v.rb(),
-                        dv_v.rb(),
-                        None,
-                        d_attn.view(),
-                        attn.view(),
-                        lse.view(),
-                        q.view(),
-                        k.view(),
-                        v.view(),
-                        Some(kv_lens[e].view()),
-                        None,
-                        &dims,
-                    )?;
+                    let shape = CrossShape {
+                        batch,
+                        lq: n,
+                        lk: co.len,
+                        context_width: self.cfg.width(c.context),
+                    };
+                    // The query input is LN(z): its gradient goes to d_ln, then through the LayerNorm.
                     b.zero(d_ln.view_mut())?;
-                    {
-                        let [gw, gb] = g.get_disjoint_mut([c.q.0, c.q.1]).expect("distinct");
-                        b.linear_backward(
-                            Some(d_ln.view_mut()),
-                            Some(gw.rb()),
-                            Some(gb.rb()),
-                            dq.view(),
-                            ln.view(),
-                            p[c.q.0],
-                            lin(rows, d, d),
-                        )?;
-                    }
-                    // The key bias's gradient is exactly zero (see the cross-attention aggregator).
-                    for (proj, dy, bias_grad) in
-                        [(c.k, dk_v.view(), false), (c.v, dv_v.view(), true)]
-                    {
-                        let [gw, gb] = g.get_disjoint_mut([proj.0, proj.1]).expect("distinct");
-                        let dx = d_ctx[e].as_mut().map(|t| t.view_mut());
-                        b.linear_backward(
-                            dx,
-                            Some(gw.rb()),
-                            bias_grad.then(|| gb.rb()),
-                            dy,
-                            co.hidden,
-                            p[proj.0],
-                            lin(nk, cw, d),
-                        )?;
-                    }
-                    let [gw, gb] = g.get_disjoint_mut([*lnw, *lnb]).expect("distinct");
-                    b.layernorm_backward(
+                    let d_context = d_ctx[e].as_mut().map(|t| t.view_mut());
+                    c.backward(
+                        b,
+                        p,
+                        shape,
+                        ln.out.view(),
+                        co.hidden,
+                        kv_lens[e].view(),
+                        block,
                         d_z.view_mut(),
-                        gw.rb(),
-                        gb.rb(),
-                        d_ln.view(),
-                        z,
-                        p[*lnw],
-                        mean.view(),
-                        rstd.view(),
+                        Some(d_ln.view_mut()),
+                        true,
+                        d_context,
+                        g,
+                        sc,
                     )?;
+                    ln.backward(b, d_z.view_mut(), d_ln.view(), z, p, g, *norm)?;
                 }
                 _ => unreachable!("stages follow the plan"),
             }
