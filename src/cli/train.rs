@@ -15,7 +15,9 @@ use crate::runtime::output::AtomicOutput;
 use crate::training::checkpoint::Checkpoint;
 use crate::training::params::IsoformerParams;
 use crate::training::step::predict;
-use crate::training::trainer::{evaluate_split, open_dataset, predict_split, train, TrainOptions};
+use crate::training::trainer::{
+    evaluate_split, open_dataset, predict_split_batches, train, TrainOptions,
+};
 use crate::{DeviceRequest, Error, Result};
 
 #[derive(Args, Debug)]
@@ -348,19 +350,44 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
         tissues,
     } = load_model(&a.checkpoint, a.config.as_deref())?;
     let mut out = AtomicOutput::create(&a.output, &[&a.input, &a.checkpoint])?;
-    let (ids, preds) = with_backend(&a.device, |backend| {
+    let path = a.output.clone();
+    {
+        let w = out.writer();
+        let io = |e| Error::io(&path, e);
+        write!(w, "id").map_err(io)?;
+        for t in &tissues {
+            write!(w, "\t{t}").map_err(io)?;
+        }
+        writeln!(w).map_err(io)?;
+    }
+    // Rows are written as each batch is done: memory does not grow with the number of transcripts.
+    let mut written = 0usize;
+    let mut sink = |ids: &[String], preds: &[f32]| -> Result<()> {
+        let w = out.writer();
+        let io = |e| Error::io(&path, e);
+        for (id, row) in ids.iter().zip(preds.chunks(tissues.len())) {
+            write!(w, "{id}").map_err(io)?;
+            for v in row {
+                write!(w, "\t{v:.5}").map_err(io)?;
+            }
+            writeln!(w).map_err(io)?;
+        }
+        written += ids.len();
+        Ok(())
+    };
+    with_backend(&a.device, |backend| {
         dispatch!(backend, b => {
             let b = b.as_ref();
             let params = IsoformerParams::upload_with_lora(b, &model, &host, Some(&lora))?;
             if a.input.is_dir() {
                 let data = open_dataset(&model.cfg, &a.input)?;
-                let (ids, preds, _, _) = predict_split(b, &model, &params, &data, parse_split(&a.split)?, &stats, None)?;
-                Ok((ids, preds))
+                let split = parse_split(&a.split)?;
+                predict_split_batches(b, &model, &params, &data, split, &stats, None, |ids, p, _| sink(ids, p))?;
+                Ok(())
             } else {
                 let rows = read_predict_tsv(&a.input)?;
                 let len = model.cfg.dna_sequence_length;
                 let mut acts = Default::default();
-                let (mut ids, mut preds) = (Vec::new(), Vec::new());
                 for chunk in rows.chunks(model.cfg.train.batch_size) {
                     // Centre-crop or N-pad each DNA sequence to the model's window.
                     let dna: Vec<Vec<u8>> = chunk.iter().map(|r| fit_window(r.1.as_bytes(), len)).collect();
@@ -374,29 +401,16 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
                     for row in p.chunks_mut(tissues.len()) {
                         stats.denormalize(row);
                     }
-                    preds.extend_from_slice(&p);
-                    ids.extend(chunk.iter().map(|r| r.0.clone()));
+                    let ids: Vec<String> = chunk.iter().map(|r| r.0.clone()).collect();
+                    sink(&ids, &p)?;
                 }
-                Ok((ids, preds))
+                Ok(())
             }
         })
     })?;
-    let w = out.writer();
-    let io = |e| Error::io(&a.output, e);
-    write!(w, "id").map_err(io)?;
-    for t in &tissues {
-        write!(w, "\t{t}").map_err(io)?;
-    }
-    writeln!(w).map_err(io)?;
-    for (id, row) in ids.iter().zip(preds.chunks(tissues.len())) {
-        write!(w, "{id}").map_err(io)?;
-        for v in row {
-            write!(w, "\t{v:.5}").map_err(io)?;
-        }
-        writeln!(w).map_err(io)?;
-    }
+    let ids_len = written;
     out.commit()?;
-    eprintln!("wrote {} predictions to {}", ids.len(), a.output.display());
+    eprintln!("wrote {ids_len} predictions to {}", a.output.display());
     Ok(())
 }
 

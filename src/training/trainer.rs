@@ -141,8 +141,41 @@ pub fn predict_split<B: Backend>(
     data: &Arc<Dataset>,
     split: Split,
     stats: &TargetStats,
-    mut cache: Option<&mut EmbeddingCache>,
+    cache: Option<&mut EmbeddingCache>,
 ) -> Result<SplitPredictions> {
+    let (mut ids, mut preds, mut truth) = (Vec::new(), Vec::new(), Vec::new());
+    let loss = predict_split_batches(
+        b,
+        model,
+        params,
+        data,
+        split,
+        stats,
+        cache,
+        |batch_ids, p, t| {
+            ids.extend_from_slice(batch_ids);
+            preds.extend_from_slice(p);
+            truth.extend_from_slice(t);
+            Ok(())
+        },
+    )?;
+    Ok((ids, preds, truth, loss))
+}
+
+/// Predicts a split batch by batch, in file order, handing each batch's ids, predictions and targets
+/// (original units, row-major) to `sink` as soon as it is done, so memory does not grow with the split.
+/// Returns the loss in normalised units.
+#[allow(clippy::too_many_arguments)]
+pub fn predict_split_batches<B: Backend>(
+    b: &B,
+    model: &Isoformer,
+    params: &IsoformerParams<B>,
+    data: &Arc<Dataset>,
+    split: Split,
+    stats: &TargetStats,
+    mut cache: Option<&mut EmbeddingCache>,
+    mut sink: impl FnMut(&[String], &[f32], &[f32]) -> Result<()>,
+) -> Result<f64> {
     let rows = data.split_rows(split);
     let mut lc = LoaderConfig::new(split, model.cfg.train.batch_size);
     lc.shuffle = false;
@@ -162,8 +195,8 @@ pub fn predict_split<B: Backend>(
     let loader = Loader::spawn(plan, 4, move |r| ds.sample(r))?;
     let mut acts = IsoformerActivations::default();
     let mut bufs = StepBuffers::default();
-    let (mut ids, mut preds, mut truth) = (Vec::new(), Vec::new(), Vec::new());
-    let mut sq = 0.0f64;
+    let (mut sq, mut count) = (0.0f64, 0usize);
+    let t = model.cfg.num_tissues;
     for batch in loader {
         let batch = batch?;
         let inputs = model.prepare_inputs(&seqs(&batch.samples))?;
@@ -171,7 +204,7 @@ pub fn predict_split<B: Backend>(
             Some(c) => predict_cached(b, model, params, &inputs, &mut bufs, c)?,
             None => predict(b, model, params, &inputs, &mut acts)?,
         };
-        let t = model.cfg.num_tissues;
+        let mut truth = Vec::with_capacity(p.len());
         for (i, s) in batch.samples.iter().enumerate() {
             let mut norm_t = s.targets.clone();
             stats.normalize(&mut norm_t);
@@ -183,14 +216,18 @@ pub fn predict_split<B: Backend>(
                 .sum::<f64>();
             stats.denormalize(row);
             truth.extend_from_slice(&s.targets);
-            ids.push(s.transcript_id.clone());
         }
-        preds.extend_from_slice(&p);
+        count += p.len();
+        let ids: Vec<String> = batch
+            .samples
+            .iter()
+            .map(|s| s.transcript_id.clone())
+            .collect();
+        sink(&ids, &p, &truth)?;
         bar.inc(batch.samples.len() as u64);
     }
     bar.finish_and_clear();
-    let loss = sq / preds.len().max(1) as f64;
-    Ok((ids, preds, truth, loss))
+    Ok(sq / count.max(1) as f64)
 }
 
 pub fn evaluate_split<B: Backend>(
