@@ -562,3 +562,65 @@ fn accumulated_half_batches_equal_the_whole_batch() {
         assert!(err < 1e-4, "accumulated gradient differs by {err}");
     }
 }
+
+/// Pre-trained encoder weights (a `save_pretrained` directory) load into their IsoFormer section: the
+/// protein encoder's output inside IsoFormer equals `embed`'s on the same weights and sequences.
+#[test]
+fn pretrained_encoder_weights_load_into_their_section() {
+    use isoformer_engine::embed::{Embedder, ModelKind, Pool};
+    use isoformer_engine::models::enformer::BatchNormMode;
+    use isoformer_engine::models::isoformer::EncoderActs;
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/models/esm2");
+    let json = format!(
+        r#"{{"modalities": ["protein"], "num_tissues": 2, "num_heads_omics_cross_attention": 4, "head_hidden": [],
+            "esm_hidden_size": 64, "esm_num_hidden_layers": 2, "esm_num_attention_heads": 4,
+            "esm_intermediate_size": 128, "esm_layer_norm_eps": 1e-5, "num_protein_tokens_per_seq": 64,
+            "weights_protein": "{dir}"}}"#
+    );
+    let model =
+        Isoformer::new(IsoformerConfig::parse(&json, "protein.json".as_ref()).unwrap()).unwrap();
+    let host = initial_sections(&model, 0).unwrap();
+    let cpu = CpuBackend::new();
+    let params = IsoformerParams::upload(&cpu, &model, &host).unwrap();
+    let proteins = ["MKTAYIAKQRQISFVKSHFSRQ", "GSHMSLFDFFKNK"];
+    let dna = vec![b'A'; model.cfg.dna_sequence_length];
+    let seqs: Vec<SampleSeqs<'_>> = proteins
+        .iter()
+        .map(|p| SampleSeqs {
+            dna: &dna,
+            rna: "",
+            protein: Some(p),
+        })
+        .collect();
+    let inputs = model.prepare_inputs(&seqs).unwrap();
+    let views = params.section_views().unwrap();
+    let mut acts = model.fresh_acts::<CpuBackend>();
+    model
+        .encode(
+            &cpu,
+            0,
+            &views[0],
+            &inputs.encoded[0],
+            2,
+            &mut acts[0],
+            false,
+            BatchNormMode::Eval,
+        )
+        .unwrap();
+    let hidden = cpu
+        .read_f32(model.encoder_hidden(&acts[0]).unwrap())
+        .unwrap();
+    let (lens, len) = model.encoder_output_rows(0, &inputs);
+    let esm = Embedder::load(ModelKind::Esm2, dir.as_ref(), None).unwrap();
+    let want = esm.embed(&proteins, Pool::None).unwrap();
+    for (i, w) in want.iter().enumerate() {
+        let got = &hidden[i * len * 64..(i * len + lens[i]) * 64];
+        assert_eq!(got.len(), w.len());
+        let err = got
+            .iter()
+            .zip(w)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err < 1e-5, "sequence {i}: {err}");
+    }
+    assert!(matches!(acts[0], EncoderActs::Transformer(_)));
+}
