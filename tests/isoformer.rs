@@ -624,3 +624,51 @@ fn pretrained_encoder_weights_load_into_their_section() {
     }
     assert!(matches!(acts[0], EncoderActs::Transformer(_)));
 }
+
+/// The planner measures the code that runs: one training step (parameters, then forward, backward and
+/// AdamW) makes as many backend allocations on the recording backend as on the CPU, and frees them all.
+#[test]
+fn the_recording_backend_sees_every_allocation_of_a_real_step() {
+    use isoformer_engine::backend::record::RecordingBackend;
+    use isoformer_engine::runtime::DType;
+    use isoformer_engine::training::adamw::AdamW;
+    let model = Isoformer::new(tiny_config("cross_attention")).unwrap();
+    let host = initial_sections(&model, 3).unwrap();
+    let batch = random_batch(71, 3, 3, 128);
+    fn step<B: Backend>(b: &B, model: &Isoformer, mut params: IsoformerParams<B>, batch: &Batch) {
+        let inputs = model.prepare_inputs(&seqs(batch)).unwrap();
+        let mut bufs = StepBuffers::default();
+        forward_backward(
+            b,
+            model,
+            &mut params,
+            &inputs,
+            &batch.targets,
+            &mut bufs,
+            1.0,
+            None,
+        )
+        .unwrap();
+        let opt = AdamW::single_group(params.train_layout(), 1e-3, 0.0).unwrap();
+        params.optimizer_step(b, &opt, 1.0, Some(1.0)).unwrap();
+    }
+    let cpu = CpuBackend::new();
+    step(
+        &cpu,
+        &model,
+        IsoformerParams::upload(&cpu, &model, &host).unwrap(),
+        &batch,
+    );
+    let rec = RecordingBackend::new(DType::F32);
+    step(
+        &rec,
+        &model,
+        IsoformerParams::zeros(&rec, &model).unwrap(),
+        &batch,
+    );
+    assert_eq!(cpu.allocations(), rec.allocations());
+    assert!(
+        rec.peak_bytes() > 0 && rec.live_bytes() == 0,
+        "every recorded allocation is freed"
+    );
+}

@@ -20,6 +20,7 @@
 pub mod any;
 pub mod cpu;
 pub mod kernel;
+pub mod record;
 pub mod state;
 
 use std::marker::PhantomData;

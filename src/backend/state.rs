@@ -95,6 +95,29 @@ impl<B: Backend> ParamSet<B> {
         })
     }
 
+    /// Zero-filled parameters (no host copy is made): for sizing a run, or for weights written later.
+    pub fn zeros(backend: &B, layout: Arc<Layout>, trainable: bool) -> Result<Self> {
+        let ranges = entry_ranges(&layout)?;
+        let elems = layout_elems(&layout);
+        let separate_copy = backend.compute_dtype() != DType::F32;
+        let master = if trainable || !separate_copy {
+            Some(Tensor::new(backend, Role::Exact, elems)?)
+        } else {
+            None
+        };
+        let compute = if separate_copy {
+            Some(Tensor::new(backend, Role::Activation, elems)?)
+        } else {
+            None
+        };
+        Ok(ParamSet {
+            layout,
+            ranges,
+            master,
+            compute,
+        })
+    }
+
     pub fn layout(&self) -> &Arc<Layout> {
         &self.layout
     }

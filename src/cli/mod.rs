@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod data;
 pub mod embed;
+pub mod plan;
 pub mod train;
 
 use clap::{Parser, Subcommand};
@@ -38,6 +39,9 @@ pub enum Command {
     Eval(train::EvalArgs),
     /// Predict expression per tissue with a checkpoint.
     Predict(train::PredictArgs),
+    /// Memory of a training or inference step at any size, without weights: by category, the peak, and
+    /// the largest batch that fits a budget.
+    Plan(plan::PlanArgs),
     /// Write the synthetic demo dataset (GTEx_final.csv and genome.fa).
     DemoData(train::DemoDataArgs),
     /// Print the devices and CPU features this build can use.
@@ -54,6 +58,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => train::run_eval(args),
         Command::Predict(args) => train::run_predict(args),
         Command::DemoData(args) => train::run_demo_data(args),
+        Command::Plan(args) => plan::run(args),
         Command::Info => {
             info();
             Ok(())

@@ -44,29 +44,9 @@ pub fn run_step_bench<B: Backend>(b: &B, spec: &StepBenchSpec) -> Result<Vec<(f6
     let mut cache = EmbeddingCache::new(&spec.cache_dir, &model, &host)?;
     drop(host);
     let optimizer = AdamW::single_group(params.train_layout(), 1e-4, 0.0)?;
-    let mut rng = StdRng::seed_from_u64(1);
-    let pick = |rng: &mut StdRng, alphabet: &[u8], n: usize| -> String {
-        (0..n)
-            .map(|_| alphabet[rng.random_range(0..alphabet.len())] as char)
-            .collect()
-    };
-    let dna: Vec<Vec<u8>> = (0..spec.batch)
-        .map(|_| pick(&mut rng, b"ACGT", model.cfg.dna_sequence_length).into_bytes())
-        .collect();
-    // NT-v2: <cls> + 6-mers; ESM-2: <cls> + residues + <eos>.
-    let rna: Vec<String> = (0..spec.batch)
-        .map(|_| pick(&mut rng, b"ACGT", (spec.rna_tokens - 1) * 6))
-        .collect();
-    let protein: Vec<String> = (0..spec.batch)
-        .map(|_| pick(&mut rng, b"ACDEFGHIKLMNPQRSTVWY", spec.protein_tokens - 2))
-        .collect();
-    let seqs: Vec<SampleSeqs<'_>> = (0..spec.batch)
-        .map(|i| SampleSeqs {
-            dna: &dna[i],
-            rna: &rna[i],
-            protein: Some(&protein[i]),
-        })
-        .collect();
+    let (dna, rna, protein) =
+        random_sequences(&model, spec.batch, spec.rna_tokens, spec.protein_tokens);
+    let seqs = as_samples(&dna, &rna, &protein);
     let inputs = model.prepare_inputs(&seqs)?;
     let targets = vec![0.5f32; spec.batch * model.cfg.num_tissues];
     let mut bufs = StepBuffers::default();
@@ -96,6 +76,52 @@ pub fn run_step_bench<B: Backend>(b: &B, spec: &StepBenchSpec) -> Result<Vec<(f6
 /// Restarts the kernel's peak-RSS counter (Linux ≥ 4.0), so the next reading is this step's peak.
 fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Random sequences of the given sizes for `batch` samples: DNA of the model's window, RNA of
+/// `rna_tokens` NT-v2 tokens (6-mers after `<cls>`), proteins of `protein_tokens` ESM-2 tokens.
+pub fn random_sequences(
+    model: &Isoformer,
+    batch: usize,
+    rna_tokens: usize,
+    protein_tokens: usize,
+) -> (Vec<Vec<u8>>, Vec<String>, Vec<String>) {
+    let mut rng = StdRng::seed_from_u64(1);
+    let pick = |rng: &mut StdRng, alphabet: &[u8], n: usize| -> String {
+        (0..n)
+            .map(|_| alphabet[rng.random_range(0..alphabet.len())] as char)
+            .collect()
+    };
+    let dna = (0..batch)
+        .map(|_| pick(&mut rng, b"ACGT", model.cfg.dna_sequence_length).into_bytes())
+        .collect();
+    let rna = (0..batch)
+        .map(|_| pick(&mut rng, b"ACGT", rna_tokens.saturating_sub(1) * 6))
+        .collect();
+    let protein = (0..batch)
+        .map(|_| {
+            pick(
+                &mut rng,
+                b"ACDEFGHIKLMNPQRSTVWY",
+                protein_tokens.saturating_sub(2).max(1),
+            )
+        })
+        .collect();
+    (dna, rna, protein)
+}
+
+pub fn as_samples<'a>(
+    dna: &'a [Vec<u8>],
+    rna: &'a [String],
+    protein: &'a [String],
+) -> Vec<SampleSeqs<'a>> {
+    (0..dna.len())
+        .map(|i| SampleSeqs {
+            dna: &dna[i],
+            rna: &rna[i],
+            protein: Some(&protein[i]),
+        })
+        .collect()
 }
 
 /// The process's peak resident set (Linux `VmHWM`), 0 where unknown.

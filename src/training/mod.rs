@@ -8,6 +8,7 @@ pub mod cache;
 pub mod checkpoint;
 pub mod metrics;
 pub mod params;
+pub mod plan;
 pub mod plots;
 pub mod schedule;
 pub mod step;

@@ -128,9 +128,23 @@ impl<B: Backend> IsoformerParams<B> {
         host: &[Vec<Vec<f32>>],
         lora_values: Option<&HashMap<String, Vec<f32>>>,
     ) -> Result<Self> {
+        Self::build(b, model, Some(host), lora_values)
+    }
+
+    /// Zero-filled parameters of every section (no host copy): what a run allocates, for planning.
+    pub fn zeros(b: &B, model: &Isoformer) -> Result<Self> {
+        Self::build(b, model, None, None)
+    }
+
+    fn build(
+        b: &B,
+        model: &Isoformer,
+        host: Option<&[Vec<Vec<f32>>]>,
+        lora_values: Option<&HashMap<String, Vec<f32>>>,
+    ) -> Result<Self> {
         let flags = in_train_state(model);
         let sections = model.sections();
-        if host.len() != sections.len() {
+        if host.is_some_and(|h| h.len() != sections.len()) {
             return Err(Error::shape(
                 "isoformer parameters",
                 "one host set per section",
@@ -159,9 +173,13 @@ impl<B: Backend> IsoformerParams<B> {
             }
         }
         let flat = |list: &[usize]| -> Vec<&[f32]> {
-            list.iter()
-                .flat_map(|&s| host[s].iter().map(Vec::as_slice))
-                .collect()
+            match host {
+                Some(host) => list
+                    .iter()
+                    .flat_map(|&s| host[s].iter().map(Vec::as_slice))
+                    .collect(),
+                None => Vec::new(),
+            }
         };
         // LoRA adapters follow the trainable sections in the train layout.
         let t = &model.cfg.train;
@@ -232,14 +250,22 @@ impl<B: Backend> IsoformerParams<B> {
         let train_layout = Arc::new(base);
         let mut train_host = flat(&trainable_sections);
         train_host.extend(lora_host.iter().map(Vec::as_slice));
-        let params = ParamSet::upload(b, train_layout, |i| train_host[i], true)?;
+        let params = if host.is_some() {
+            ParamSet::upload(b, train_layout, |i| train_host[i], true)?
+        } else {
+            ParamSet::zeros(b, train_layout, true)?
+        };
         let train = TrainState::new(b, params)?;
         let frozen = if frozen_sections.is_empty() {
             None
         } else {
             let layout = Arc::new(Isoformer::combine(sections, &frozen_sections)?);
             let frozen_host = flat(&frozen_sections);
-            Some(ParamSet::upload(b, layout, |i| frozen_host[i], false)?)
+            Some(if host.is_some() {
+                ParamSet::upload(b, layout, |i| frozen_host[i], false)?
+            } else {
+                ParamSet::zeros(b, layout, false)?
+            })
         };
         let mut lora = LoraState {
             rank: t.lora_rank,

@@ -1,0 +1,194 @@
+//! `isoformer-engine plan`: the memory of a step, measured on the recording backend.
+
+use clap::Args;
+
+use crate::models::isoformer::IsoformerConfig;
+use crate::runtime::DType;
+use crate::training::plan::{largest_batch, plan_step, PlanSpec};
+use crate::{Error, Result};
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    /// A built-in config name or a JSON file.
+    #[arg(long, default_value = "isoformer")]
+    pub config: String,
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// DNA window in bases (default: the config's).
+    #[arg(long)]
+    pub dna_len: Option<usize>,
+    /// RNA and protein lengths in tokens (default: the config's budgets, the worst case).
+    #[arg(long)]
+    pub rna_tokens: Option<usize>,
+    #[arg(long)]
+    pub protein_tokens: Option<usize>,
+    /// Plan a training step (the default).
+    #[arg(long, conflicts_with = "infer")]
+    pub train: bool,
+    /// Plan an inference step.
+    #[arg(long)]
+    pub infer: bool,
+    /// The backend planned for: cpu (f32) or cuda / emu (bf16 activations). No GPU is needed.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Memory budget, e.g. 80GiB, 24GB, 512MiB (default on the CPU: this machine's memory; needed for cuda).
+    #[arg(long)]
+    pub budget: Option<String>,
+}
+
+/// `80GiB`, `24GB`, `512MiB`, `1.5TiB` or plain bytes.
+pub fn parse_bytes(s: &str) -> Result<usize> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| Error::invalid("--budget", format!("'{s}' is not a size like 80GiB")))?;
+    let scale = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0f64.powi(2),
+        "gib" => 1024.0f64.powi(3),
+        "tib" => 1024.0f64.powi(4),
+        other => {
+            return Err(Error::invalid(
+                "--budget",
+                format!("unknown unit '{other}' in '{s}'"),
+            ))
+        }
+    };
+    let bytes = value * scale;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > 1e18 {
+        return Err(Error::invalid(
+            "--budget",
+            format!("'{s}' is outside 1 byte ..= 1 EB"),
+        ));
+    }
+    Ok(bytes as usize)
+}
+
+fn machine_memory() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: usize = text
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+fn gib(b: usize) -> String {
+    format!("{:.2} GiB", b as f64 / 1024f64.powi(3))
+}
+
+pub fn run(a: PlanArgs) -> Result<()> {
+    let mut config = IsoformerConfig::resolve(&a.config)?;
+    if let Some(l) = a.dna_len {
+        config.dna_sequence_length = l;
+    }
+    config.validate().map_err(|m| Error::invalid("config", m))?;
+    let compute = match a.device.to_ascii_lowercase().as_str() {
+        "cpu" => DType::F32,
+        "cuda" | "gpu" | "emu" | "emulator" => DType::BF16,
+        other => {
+            return Err(Error::invalid(
+                "--device",
+                format!("'{other}' (expected cpu, cuda or emu)"),
+            ))
+        }
+    };
+    let budget = match (&a.budget, compute) {
+        (Some(b), _) => parse_bytes(b)?,
+        (None, DType::F32) => machine_memory().ok_or_else(|| {
+            Error::invalid(
+                "--budget",
+                "cannot read this machine's memory; pass --budget",
+            )
+        })?,
+        (None, _) => {
+            return Err(Error::invalid(
+                "--budget",
+                "planning for a GPU needs --budget (e.g. 80GiB)",
+            ))
+        }
+    };
+    if a.batch == 0 || a.batch > 1 << 16 {
+        return Err(Error::invalid(
+            "--batch",
+            format!("{} is outside 1..=65536", a.batch),
+        ));
+    }
+    let spec = PlanSpec {
+        rna_tokens: a
+            .rna_tokens
+            .unwrap_or(config.num_tokens_per_seq_nuctf_rna)
+            .max(2),
+        protein_tokens: a
+            .protein_tokens
+            .unwrap_or(config.num_protein_tokens_per_seq)
+            .max(3),
+        config,
+        batch: a.batch,
+        train: !a.infer,
+        compute,
+    };
+    let r = plan_step(&spec)?;
+    println!(
+        "{} step of '{}' on {} (compute {}), batch {}, DNA {} bp, RNA {} tokens, protein {} tokens",
+        if spec.train { "training" } else { "inference" },
+        spec.config.name,
+        a.device,
+        compute,
+        spec.batch,
+        spec.config.dna_sequence_length,
+        spec.rna_tokens,
+        spec.protein_tokens
+    );
+    for (name, bytes) in [
+        ("trainable parameters", r.trainable_params),
+        ("frozen encoder weights", r.frozen_params),
+        ("gradients", r.gradients),
+        ("AdamW moments", r.moments),
+        ("activations and scratch (peak)", r.step_peak),
+    ] {
+        println!("  {name:<32} {:>12}", gib(bytes));
+    }
+    println!("  {:<32} {:>12}", "peak", gib(r.total()));
+    println!(
+        "budget {}: {}",
+        gib(budget),
+        if r.total() <= budget {
+            "fits"
+        } else {
+            "does not fit"
+        }
+    );
+    println!("recompute policy: none (recompute is not implemented yet)");
+    println!(
+        "largest batch that fits: {}",
+        largest_batch(&spec, budget, 4096)?
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_bytes("80GiB").unwrap(), 80 << 30);
+        assert_eq!(parse_bytes("24GB").unwrap(), 24_000_000_000);
+        assert_eq!(parse_bytes("1.5 MiB").unwrap(), 1_572_864);
+        assert!(parse_bytes("12 parsecs").is_err());
+        assert!(parse_bytes("-3GB").is_err());
+    }
+}
