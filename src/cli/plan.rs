@@ -64,7 +64,7 @@ pub fn parse_bytes(s: &str) -> Result<usize> {
         }
     };
     let bytes = value * scale;
-    if !bytes.is_finite() || bytes < 1.0 || bytes > 1e18 {
+    if !bytes.is_finite() || !(1.0..=1e18).contains(&bytes) {
         return Err(Error::invalid(
             "--budget",
             format!("'{s}' is outside 1 byte ..= 1 EB"),
