@@ -131,5 +131,33 @@ fn bad_configs_checkpoints_and_inputs_are_named_errors() {
     let text = std::fs::read_to_string(dir.join("c.tsv")).unwrap();
     assert_eq!(text.lines().count(), 3);
     assert!(text.lines().nth(2).unwrap().starts_with("t2\t"));
+    // A configuration whose planned step exceeds this machine's memory is refused before any work, with the
+    // plan's numbers (the released sizes, all encoders fine-tuned, batch 8: about 166 GiB).
+    let small_machine = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .map(String::from)
+        })
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .is_some_and(|kb| kb < 100 << 20);
+    if small_machine {
+        let (ok, err) = engine(&[
+            "train",
+            "--config",
+            "isoformer",
+            "--data",
+            &p("none"),
+            "--out",
+            &p("big"),
+        ]);
+        assert!(!ok && err.contains("GiB") && err.contains("plan"), "{err}");
+        assert!(!dir.join("big").exists(), "nothing written");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

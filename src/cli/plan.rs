@@ -73,7 +73,8 @@ pub fn parse_bytes(s: &str) -> Result<usize> {
     Ok(bytes as usize)
 }
 
-fn machine_memory() -> Option<usize> {
+/// This machine's memory (`MemTotal`), where the system says.
+pub fn machine_memory() -> Option<usize> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kb: usize = text
         .lines()

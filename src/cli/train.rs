@@ -181,6 +181,12 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         max_steps: a.max_steps,
         progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         cache_dir: a.cache_dir.clone(),
+        // On the CPU the plan is checked against this machine's memory before any work.
+        memory_budget: if a.device.eq_ignore_ascii_case("cpu") {
+            crate::cli::plan::machine_memory()
+        } else {
+            None
+        },
     };
     let outcome = with_backend(
         &a.device,

@@ -12,6 +12,7 @@ use super::cache::EmbeddingCache;
 use super::checkpoint::{self, Checkpoint, TrainProgress};
 use super::metrics::{evaluate, SplitMetrics};
 use super::params::{is_lora_name, trainable_flags, IsoformerParams};
+use super::plan::{plan_step, PlanSpec};
 use super::plots;
 use super::schedule::lr_factor;
 use super::step::{forward_backward, predict, predict_cached, update_running_stats, StepBuffers};
@@ -34,6 +35,8 @@ pub struct TrainOptions {
     pub progress_bar: bool,
     /// Where the embeddings of frozen encoders are cached (default: the user cache directory).
     pub cache_dir: Option<PathBuf>,
+    /// Refuse, before any work, a configuration whose planned step (longest inputs) exceeds this many bytes.
+    pub memory_budget: Option<usize>,
 }
 
 pub struct TrainOutcome {
@@ -255,6 +258,36 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
         None => opts.config.clone(),
     };
     let model = Isoformer::new(cfg.clone())?;
+    if let Some(budget) = opts.memory_budget {
+        let spec = PlanSpec {
+            config: cfg.clone(),
+            batch: cfg.train.batch_size,
+            rna_tokens: cfg.num_tokens_per_seq_nuctf_rna,
+            protein_tokens: cfg.num_protein_tokens_per_seq,
+            train: true,
+            compute: b.compute_dtype(),
+        };
+        let r = plan_step(&spec)?;
+        if r.total() > budget {
+            let gib = |x: usize| x as f64 / 1024f64.powi(3);
+            return Err(Error::invalid(
+                "memory",
+                format!(
+                    "a training step of '{}' at batch {} with the longest inputs needs {:.2} GiB at its peak \
+                     (parameters {:.2}, gradients and moments {:.2}, activations {:.2}), more than the {:.2} GiB \
+                     available; lower train.batch_size or the token budgets, or freeze encoders \
+                     (`isoformer-engine plan` shows the numbers)",
+                    cfg.name,
+                    spec.batch,
+                    gib(r.total()),
+                    gib(r.trainable_params + r.frozen_params),
+                    gib(r.gradients + r.moments),
+                    gib(r.step_peak),
+                    gib(budget)
+                ),
+            ));
+        }
+    }
     let data = open_dataset(&cfg, &opts.data_dir)?;
     let train_rows = data.split_rows(Split::Train);
     if train_rows.is_empty() {
