@@ -301,7 +301,8 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
 type PredictRow = (String, String, String, Option<String>);
 
 fn read_predict_tsv(path: &Path) -> Result<Vec<PredictRow>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text =
+        crate::data::sequences::read_text_bounded(path, crate::data::sequences::MAX_INPUT_BYTES)?;
     let mut lines = text.lines().enumerate();
     let (_, header) = lines.next().ok_or_else(|| Error::Parse {
         path: path.into(),

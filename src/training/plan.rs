@@ -11,7 +11,9 @@ use super::bench_step::{as_samples, random_sequences};
 use super::params::IsoformerParams;
 use super::step::{forward_backward, predict, StepBuffers};
 use crate::backend::record::RecordingBackend;
-use crate::models::isoformer::{Isoformer, IsoformerActivations, IsoformerConfig};
+use crate::models::isoformer::{
+    Isoformer, IsoformerActivations, IsoformerConfig, MAX_INPUT_ELEMENTS,
+};
 use crate::runtime::DType;
 use crate::Result;
 
@@ -106,6 +108,9 @@ pub fn plan_step(spec: &PlanSpec) -> Result<PlanReport> {
 
 /// The largest batch (up to `limit`) whose step fits `budget` bytes, or 0 when even one does not.
 pub fn largest_batch(spec: &PlanSpec, budget: usize, limit: usize) -> Result<usize> {
+    // A batch's inputs are made on the host for the plan too: stay within what one batch may hold.
+    let per_sample = spec.config.dna_sequence_length.saturating_mul(4).max(1);
+    let limit = limit.min(MAX_INPUT_ELEMENTS / per_sample).max(1);
     let fits = |batch: usize| -> Result<bool> {
         let s = PlanSpec {
             batch,

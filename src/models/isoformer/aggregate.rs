@@ -647,7 +647,11 @@ impl Isoformer {
                 (Role::Activation, batch * o.len * cfg.width(m))
             })
             .collect();
-        fit_list(b, &mut a.d_stream, &stream_sizes)?;
+        // Without query streams (linear-mean, the resampler) the branch below sizes d_stream itself;
+        // fitting it here too would shrink and regrow it every step.
+        if !queries.is_empty() {
+            fit_list(b, &mut a.d_stream, &stream_sizes)?;
+        }
         a.d_ctx.resize_with(n_enc, || None);
         a.d_enc.resize_with(n_enc, || None);
         a.enc_grad_src = vec![GradSource::None; n_enc];

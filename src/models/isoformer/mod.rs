@@ -37,6 +37,9 @@ use crate::models::transformer::{EncoderActivations, TransformerEncoder};
 use crate::runtime::{Layout, TensorSpec};
 use crate::{Error, Result};
 
+/// The most one-hot values one batch's DNA may hold (4 GiB of f32).
+pub const MAX_INPUT_ELEMENTS: usize = 1 << 30;
+
 /// One encoder's network.
 #[derive(Clone, Debug)]
 pub enum EncoderNet {
@@ -456,6 +459,21 @@ impl Isoformer {
         let batch = samples.len();
         if batch == 0 {
             return Err(Error::invalid("isoformer batch", "no samples"));
+        }
+        // The one-hot DNA of the batch is the largest host buffer: its size is checked before it is made.
+        let one_hot = crate::error::checked_product(
+            "isoformer inputs",
+            &[batch, self.cfg.dna_sequence_length, 4],
+        )?;
+        if one_hot > MAX_INPUT_ELEMENTS {
+            return Err(Error::invalid(
+                "isoformer batch",
+                format!(
+                    "{batch} windows of {} bp make {one_hot} one-hot values, above the {MAX_INPUT_ELEMENTS} \
+                     one batch may hold; lower the batch size",
+                    self.cfg.dna_sequence_length
+                ),
+            ));
         }
         let mut encoded = Vec::new();
         let mut present = Vec::new();

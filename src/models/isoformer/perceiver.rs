@@ -58,6 +58,13 @@ impl<B: Backend> Normed<B> {
         })
     }
 
+    /// Sizes the buffers for `rows` rows of width `d`, growing only.
+    fn fit(&mut self, b: &B, rows: usize, d: usize) -> Result<()> {
+        self.out.ensure(b, Role::Activation, rows * d)?;
+        self.mean.ensure(b, Role::Exact, rows)?;
+        self.rstd.ensure(b, Role::Exact, rows)
+    }
+
     fn run(
         &mut self,
         b: &B,
@@ -110,6 +117,8 @@ enum Stage<B: Backend> {
         ln: Normed<B>,
         pre: Tensor<B>,
         act: Tensor<B>,
+        /// `W₂·GELU(…) + b₂`, read once right after (kept to reuse its memory).
+        y: Tensor<B>,
         out: Tensor<B>,
     },
 }
@@ -166,12 +175,34 @@ impl Isoformer {
     ) -> Result<()> {
         let (n, d) = (pp.n, pp.width);
         let rows = batch * n;
-        let mut z0 = Tensor::new(b, Role::Activation, rows * d)?;
+        // Every buffer is made on the first call and only grown after it (no allocation in a warm step).
+        if a.stages.is_empty() {
+            for layer in &pp.layers {
+                for _ in &layer.cross {
+                    a.stages.push(Stage::Cross {
+                        ln: Normed::new(b, 0, 0)?,
+                        block: CrossActs::new(b)?,
+                    });
+                }
+                a.stages.push(Stage::Ffn {
+                    ln: Normed::new(b, 0, 0)?,
+                    pre: Tensor::new(b, Role::Activation, 0)?,
+                    act: Tensor::new(b, Role::Activation, 0)?,
+                    y: Tensor::new(b, Role::Activation, 0)?,
+                    out: Tensor::new(b, Role::Activation, 0)?,
+                });
+            }
+        }
+        if a.z0.is_none() {
+            a.z0 = Some(Tensor::new(b, Role::Activation, 0)?);
+        }
+        let z0 = a.z0.as_mut().expect("set above");
+        z0.ensure(b, Role::Activation, rows * d)?;
         for bi in 0..batch {
             b.copy(z0.view_mut().slice_mut(bi * n * d, n * d)?, p[pp.latents])?;
         }
-        a.z0 = Some(z0);
-        a.stages.clear();
+        let z0 = a.z0.as_ref().expect("set above");
+        let mut i = 0;
         for layer in &pp.layers {
             for (norm, c) in &layer.cross {
                 let e = self.encoder_index(c.context);
@@ -182,12 +213,12 @@ impl Isoformer {
                     lk: co.len,
                     context_width: self.cfg.width(c.context),
                 };
-                let mut ln = Normed::new(b, rows, d)?;
-                let mut block = CrossActs::new(b)?;
-                let z = a
-                    .stages
-                    .last()
-                    .map_or_else(|| a.z0.as_ref().expect("set").view(), |s| s.out());
+                let (before, rest) = a.stages.split_at_mut(i);
+                let z = before.last().map_or_else(|| z0.view(), |s| s.out());
+                let Stage::Cross { ln, block } = &mut rest[0] else {
+                    unreachable!("stages follow the layers")
+                };
+                ln.fit(b, rows, d)?;
                 ln.run(b, z, p, *norm)?;
                 c.forward(
                     b,
@@ -198,19 +229,31 @@ impl Isoformer {
                     co.hidden,
                     kv_lens[e].view(),
                     &presence(c.context),
-                    &mut block,
+                    block,
                 )?;
-                a.stages.push(Stage::Cross { ln, block });
+                i += 1;
             }
-            let mut ln = Normed::new(b, rows, d)?;
-            let mut pre = Tensor::new(b, Role::Activation, rows * 4 * d)?;
-            let mut act = Tensor::new(b, Role::Activation, rows * 4 * d)?;
-            let mut y = Tensor::new(b, Role::Activation, rows * d)?;
-            let mut out = Tensor::new(b, Role::Activation, rows * d)?;
-            let z = a
-                .stages
-                .last()
-                .map_or_else(|| a.z0.as_ref().expect("set").view(), |s| s.out());
+            let (before, rest) = a.stages.split_at_mut(i);
+            let z = before.last().map_or_else(|| z0.view(), |s| s.out());
+            let Stage::Ffn {
+                ln,
+                pre,
+                act,
+                y,
+                out,
+            } = &mut rest[0]
+            else {
+                unreachable!("stages follow the layers")
+            };
+            ln.fit(b, rows, d)?;
+            for (t, size) in [
+                (&mut *pre, 4 * d),
+                (&mut *act, 4 * d),
+                (&mut *y, d),
+                (&mut *out, d),
+            ] {
+                t.ensure(b, Role::Activation, rows * size)?;
+            }
             ln.run(b, z, p, layer.ffn_norm)?;
             let ((w1, b1), (w2, b2)) = (layer.ffn_in, layer.ffn_out);
             b.linear_act(
@@ -230,16 +273,19 @@ impl Isoformer {
                 lin(rows, 4 * d, d),
             )?;
             b.add(out.view_mut(), z, y.view())?;
-            a.stages.push(Stage::Ffn { ln, pre, act, out });
+            i += 1;
         }
-        let mut norm = Normed::new(b, rows, d)?;
+        if a.norm.is_none() {
+            a.norm = Some(Normed::new(b, 0, 0)?);
+        }
+        let norm = a.norm.as_mut().expect("set above");
+        norm.fit(b, rows, d)?;
         norm.run(
             b,
             a.stages.last().expect("at least one layer").out(),
             p,
             pp.norm,
         )?;
-        a.norm = Some(norm);
         Ok(())
     }
 
