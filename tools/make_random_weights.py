@@ -29,6 +29,10 @@ def esm_like(out, name, hidden, layers, heads, ffn, vocab, swiglu, eps, token_dr
         for m in ["query", "key", "value"]:
             t[p + f"attention.self.{m}.weight"] = normal(hidden, hidden)
             t[p + f"attention.self.{m}.bias"] = np.zeros(hidden, np.float32)
+        # Published ESM checkpoints carry the rotary frequencies as a buffer (esm-cpp reads it).
+        half = hidden // heads // 2
+        t[p + "attention.self.rotary_embeddings.inv_freq"] = (
+            1.0 / 10000 ** (np.arange(0, half, dtype=np.float32) * 2 / (hidden // heads))).astype(np.float32)
         t[p + "attention.output.dense.weight"] = normal(hidden, hidden)
         t[p + "attention.output.dense.bias"] = np.zeros(hidden, np.float32)
         t[p + "LayerNorm.weight"] = np.ones(hidden, np.float32)
@@ -38,6 +42,14 @@ def esm_like(out, name, hidden, layers, heads, ffn, vocab, swiglu, eps, token_dr
         if not swiglu:
             t[p + "intermediate.dense.bias"] = np.zeros(ffn, np.float32)
             t[p + "output.dense.bias"] = np.zeros(hidden, np.float32)
+    if not swiglu:
+        # ESM-2 is published as EsmForMaskedLM; esm-cpp requires the masked-LM head.
+        t["lm_head.dense.weight"] = normal(hidden, hidden)
+        t["lm_head.dense.bias"] = np.zeros(hidden, np.float32)
+        t["lm_head.layer_norm.weight"] = np.ones(hidden, np.float32)
+        t["lm_head.layer_norm.bias"] = np.zeros(hidden, np.float32)
+        t["lm_head.decoder.weight"] = t["esm.embeddings.word_embeddings.weight"].copy()
+        t["lm_head.bias"] = np.zeros(vocab, np.float32)
     t["esm.encoder.emb_layer_norm_after.weight"] = np.ones(hidden, np.float32)
     t["esm.encoder.emb_layer_norm_after.bias"] = np.zeros(hidden, np.float32)
     cfg = {"model_type": "esm", "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers,

@@ -1,0 +1,333 @@
+#!/usr/bin/env python3
+"""Side by side: isoformer-engine against PyTorch as its users run it, on the same random full-size weights and
+the same inputs, alternating, in one run. Prints one table of ratios, with the CPU and the versions.
+
+PyTorch runs the way its users run it: transformers' default attention (SDPA), one warm-up batch, then
+`torch.inference_mode()`, the same thread count as the engine, in fp32 and in bf16. esm-cpp (PyPI `esm-cpp`,
+a CPU-first C++ ESM-2 engine) is a third column for the ESM-2 rows where it installs. The engine's time is the
+whole `embed` command (process start, weight loading and output writing included); PyTorch's and esm-cpp's
+exclude loading. Every run is a fresh process, so each peak RSS is that run's own.
+
+The script makes its own virtual environment with pinned versions on first use (from PyPI), then re-runs
+itself inside it:
+    python3 tools/bench_vs_torch.py [--engine target/release/isoformer-engine] [--threads 2] [--rounds 2]
+                                    [--only esm2_35m_8x512,enformer] [--work DIR] [--skip-torch-bf16]
+Workloads: esm2_35m_8x512, esm2_35m_1x1024, esm2_150m_8x512, esm2_150m_1x1024, esm2_35m_8000,
+nt_v2_250m_8x1024, enformer (one 196,608 bp sequence). Weights come from tools/make_random_weights.py
+(N(0, 0.02²)); inputs are random with a fixed seed.
+"""
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PINS = ["torch==2.15.0", "transformers==4.56.2", "enformer-pytorch==0.8.12", "safetensors==0.6.2",
+        "numpy<2"]
+OPTIONAL_PINS = ["esm-cpp==0.2.1"]
+# BENCH_VENV names an existing environment with these pins instead.
+VENV = os.environ.get("BENCH_VENV") or os.path.expanduser("~/.cache/isoformer-engine/bench-venv-torch2.15.0")
+
+# name: (model dir, engine --model, sequences, length, batch, max tokens)
+WORKLOADS = {
+    "esm2_35m_8x512": ("esm2_35m", "esm2", 64, 510, 8, 512),
+    "esm2_35m_1x1024": ("esm2_35m", "esm2", 8, 1022, 1, 1024),
+    "esm2_150m_8x512": ("esm2_150m", "esm2", 64, 510, 8, 512),
+    "esm2_150m_1x1024": ("esm2_150m", "esm2", 8, 1022, 1, 1024),
+    "esm2_35m_8000": ("esm2_35m", "esm2", 1, 8000, 1, 8002),
+    # 6,138 nt = 1,023 six-mers + <cls> = 1,024 tokens.
+    "nt_v2_250m_8x1024": ("nt_v2_250m", "nt", 16, 6138, 8, 1024),
+    "enformer": ("enformer", "enformer", 1, 196_608, 1, 0),
+}
+AMINO = "ACDEFGHIKLMNPQRSTVWY"
+
+
+def ensure_venv():
+    if os.environ.get("BENCH_VS_TORCH_VENV") == "1":
+        return
+    py = os.path.join(VENV, "bin", "python")
+    if not os.path.exists(os.path.join(VENV, ".complete")) and not os.environ.get("BENCH_VENV"):
+        print(f"creating {VENV} with {' '.join(PINS)} (once)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
+        subprocess.run([py, "-m", "pip", "install", "-q", *PINS], check=True)
+        for pin in OPTIONAL_PINS:
+            if subprocess.run([py, "-m", "pip", "install", "-q", pin]).returncode != 0:
+                print(f"{pin} does not install here; its column stays empty", flush=True)
+        open(os.path.join(VENV, ".complete"), "w").close()
+    env = dict(os.environ, BENCH_VS_TORCH_VENV="1")
+    os.execve(py, [py, os.path.abspath(__file__), *sys.argv[1:]], env)
+
+
+def write_inputs(path, kind, count, length, seed):
+    rng = random.Random(seed)
+    letters = AMINO if kind == "esm2" else "ACGT"
+    with open(path, "w") as f:
+        for i in range(count):
+            f.write(f">s{i}\n{''.join(rng.choice(letters) for _ in range(length))}\n")
+
+
+def read_fasta(path):
+    seqs = []
+    for line in open(path):
+        if not line.startswith(">") and line.strip():
+            seqs.append(line.strip())
+    return seqs
+
+
+def peak_rss_bytes():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ---- children: one measurement each, in its own process ----
+
+def child_torch(args):
+    import torch
+
+    torch.set_num_threads(args.threads)
+    seqs = read_fasta(args.input)
+    batches = [seqs[i:i + args.batch] for i in range(0, len(seqs), args.batch)]
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    if args.model == "enformer":
+        from enformer_pytorch import Enformer, EnformerConfig, str_to_one_hot
+        from safetensors.torch import load_file
+
+        cfg = json.load(open(os.path.join(args.weights, "config.json")))
+        model = Enformer(EnformerConfig(**cfg))
+        model.load_state_dict(load_file(os.path.join(args.weights, "model.safetensors")), strict=False)
+        model = model.eval().to(dtype)
+
+        def run(batch):
+            return model(torch.stack([str_to_one_hot(s) for s in batch]).to(dtype), return_only_embeddings=True)
+    else:
+        model, tok = esm_model(args)
+        model = model.eval().to(dtype)
+
+        def run(batch):
+            enc = tok(batch, padding=True, return_tensors="pt", truncation=True, max_length=args.max_tokens)
+            return model(**enc).last_hidden_state
+    with torch.inference_mode():
+        if args.model != "enformer" or len(batches) > 1:
+            run(batches[0])  # warm-up (Enformer at 196 kb: one sequence, the run itself is the measure)
+        start = time.perf_counter()
+        for b in batches:
+            run(b)
+        secs = time.perf_counter() - start
+    print(json.dumps({"seconds": secs, "peak_rss": peak_rss_bytes()}))
+
+
+def esm_model(args):
+    import itertools
+    import tempfile
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import EsmConfig, EsmModel, EsmTokenizer
+    from transformers.models.esm.configuration_esm import get_default_vocab_list
+
+    cfg = EsmConfig.from_pretrained(args.weights)  # attention implementation: transformers' default
+    with tempfile.TemporaryDirectory() as d:
+        vocab = os.path.join(d, "vocab.txt")
+        if args.model == "esm2":
+            tokens = get_default_vocab_list()
+        else:
+            tokens = (["<unk>", "<pad>", "<mask>", "<cls>", "<eos>", "<bos>"]
+                      + ["".join(k) for k in itertools.product("ATCG", repeat=6)] + list("ATCGN"))
+        open(vocab, "w").write("\n".join(tokens) + "\n")
+        tok = (EsmTokenizer(vocab) if args.model == "esm2"
+               else EsmTokenizer(vocab, eos_token=None, model_max_length=args.max_tokens))
+    model = EsmModel(cfg, add_pooling_layer=False)
+    if args.model == "nt":
+        # NT-v2's FFN (bias-free SwiGLU) in the native ESM layers.
+        class GluIntermediate(torch.nn.Module):
+            def __init__(self, c):
+                super().__init__()
+                self.dense = torch.nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
+
+            def forward(self, h):
+                u1, u2 = self.dense(h).chunk(2, dim=-1)
+                return torch.nn.functional.silu(u1) * u2
+
+        class GluOutput(torch.nn.Module):
+            def __init__(self, c):
+                super().__init__()
+                self.dense = torch.nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+            def forward(self, h, residual):
+                return self.dense(h) + residual
+
+        for layer in model.encoder.layer:
+            layer.intermediate = GluIntermediate(cfg)
+            layer.output = GluOutput(cfg)
+    sd = {k.removeprefix("esm."): v for k, v in load_file(os.path.join(args.weights, "model.safetensors")).items()
+          if not k.startswith("lm_head.")}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected or [m for m in missing if not any(k in m for k in ("position", "contact", "inv_freq"))]:
+        sys.exit(f"weights do not fit the PyTorch model: missing {missing}, unexpected {unexpected}")
+    return model, tok
+
+
+def child_esm_cpp(args):
+    os.environ["ESM_NUM_THREADS"] = str(args.threads)  # read at the first model load
+    import numpy as np
+    import esm_cpp
+
+    model = esm_cpp.Model.load_from_safetensors(os.path.join(args.weights, "model.safetensors"))
+    if esm_cpp.Model.num_threads != args.threads:
+        sys.exit(f"esm-cpp runs {esm_cpp.Model.num_threads} threads, not {args.threads}")
+    tok = esm_cpp.Tokenizer()
+    seqs = read_fasta(args.input)
+    ids = [np.array(tok.encode(s, True, True), dtype=np.int32) for s in seqs]
+    batches = [ids[i:i + args.batch] for i in range(0, len(ids), args.batch)]
+    model.forward_batch(batches[0])
+    start = time.perf_counter()
+    for b in batches:
+        model.forward_batch(b)
+    secs = time.perf_counter() - start
+    print(json.dumps({"seconds": secs, "peak_rss": peak_rss_bytes()}))
+
+
+def child_measure(cmd):
+    start = time.perf_counter()
+    rc = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
+    secs = time.perf_counter() - start
+    if rc != 0:
+        sys.exit(f"{' '.join(cmd)} failed with {rc}")
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    print(json.dumps({"seconds": secs, "peak_rss": rss}))
+
+
+# ---- the parent ----
+
+def run_child(argv, env=None):
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], capture_output=True, text=True,
+                         env=env)
+    if out.returncode != 0:
+        return {"error": (out.stderr or out.stdout).strip().splitlines()[-1:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cpu_name():
+    name = "unknown CPU"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                name = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    flags = open("/proc/cpuinfo").read()
+    feats = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({', '.join(feats) or 'no AVX-512'})"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--child", choices=["torch", "esm-cpp", "measure"])
+    ap.add_argument("--model")
+    ap.add_argument("--weights")
+    ap.add_argument("--input")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=2048)
+    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--engine", default=os.path.join(HERE, "..", "target", "release", "isoformer-engine"))
+    ap.add_argument("--engine-args", default="", help="extra arguments for every engine run, e.g. '--dtype bf16'")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--only", default=",".join(WORKLOADS))
+    ap.add_argument("--work", default=os.path.expanduser("~/.cache/isoformer-engine/bench-vs-torch"))
+    ap.add_argument("--skip-torch-bf16", action="store_true")
+    ap.add_argument("cmd", nargs=argparse.REMAINDER)
+    args = ap.parse_args()
+    if args.child == "measure":
+        return child_measure(args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd)
+    ensure_venv()
+    if args.child == "torch":
+        return child_torch(args)
+    if args.child == "esm-cpp":
+        return child_esm_cpp(args)
+
+    import torch
+    import transformers
+
+    try:
+        import esm_cpp
+        esm_cpp_version = esm_cpp.__version__
+    except ImportError:
+        esm_cpp_version = None
+    os.makedirs(args.work, exist_ok=True)
+    names = [w for w in args.only.split(",") if w]
+    for w in names:
+        if w not in WORKLOADS:
+            sys.exit(f"unknown workload {w}; known: {', '.join(WORKLOADS)}")
+    engine = os.path.abspath(args.engine)
+    version = subprocess.run([engine, "--version"], capture_output=True, text=True).stdout.strip()
+    env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
+    rows = []
+    for w in names:
+        model_dir, kind, count, length, batch, max_tokens = WORKLOADS[w]
+        weights = os.path.join(args.work, model_dir)
+        if not os.path.exists(os.path.join(weights, "model.safetensors")):
+            subprocess.run([sys.executable, os.path.join(HERE, "make_random_weights.py"), args.work, model_dir],
+                           check=True)
+        fasta = os.path.join(args.work, f"{w}.fa")
+        if not os.path.exists(fasta):
+            write_inputs(fasta, kind, count, length, seed=7)
+        tokens = count * (min(length + 2, max_tokens) if kind == "esm2" else
+                          (length // 6 + 1 if kind == "nt" else length // 128))
+        common = ["--model", kind, "--weights", weights, "--input", fasta, "--batch", str(batch),
+                  "--max-tokens", str(max_tokens or 2048), "--threads", str(args.threads)]
+        columns = {
+            "engine": ["--child", "measure", "--", engine, "embed", "--model", kind, "--weights", weights,
+                       "--input", fasta, "--output", os.path.join(args.work, "out.safetensors"), "--pool",
+                       "none", "--batch", str(batch), "--device", "cpu", *args.engine_args.split()]
+                      + (["--max-tokens", str(max_tokens)] if max_tokens else []),
+            "torch fp32": ["--child", "torch", *common, "--dtype", "fp32"],
+        }
+        if not args.skip_torch_bf16:
+            columns["torch bf16"] = ["--child", "torch", *common, "--dtype", "bf16"]
+        if kind == "esm2" and esm_cpp_version:
+            columns["esm-cpp"] = ["--child", "esm-cpp", *common]
+        results = {c: [] for c in columns}
+        for r in range(args.rounds):
+            for c, argv in columns.items():
+                res = run_child(argv, env)
+                results[c].append(res)
+                shown = (f"{res['seconds']:.2f} s, {res['peak_rss'] / 1e9:.2f} GB" if "seconds" in res
+                         else f"failed: {res['error']}")
+                print(f"[{w} round {r + 1}] {c}: {shown}", flush=True)
+        summary = {}
+        for c, rs in results.items():
+            ok = [x for x in rs if "seconds" in x]
+            if ok:
+                summary[c] = (statistics.median(x["seconds"] for x in ok), max(x["peak_rss"] for x in ok))
+        rows.append((w, tokens, summary))
+
+    print()
+    print(f"Machine: {cpu_name()}, {args.threads} threads. {version}; PyTorch {torch.__version__}, transformers "
+          f"{transformers.__version__}" + (f", esm-cpp {esm_cpp_version}" if esm_cpp_version else "")
+          + f". Median of {args.rounds} alternating rounds.")
+    print()
+    cols = ["engine", "torch fp32", "torch bf16", "esm-cpp"]
+    print("| workload | " + " | ".join(f"{c} s (tok/s, peak RSS)" for c in cols)
+          + " | engine vs best PyTorch | engine vs esm-cpp |")
+    print("|---" * (len(cols) + 3) + "|")
+    for w, tokens, s in rows:
+        cells = []
+        for c in cols:
+            if c in s:
+                secs, rss = s[c]
+                cells.append(f"{secs:.2f} ({tokens / secs:,.0f}, {rss / 1e9:.2f} GB)")
+            else:
+                cells.append("–")
+        torch_best = min((s[c][0] for c in ("torch fp32", "torch bf16") if c in s), default=None)
+        ratio = f"{torch_best / s['engine'][0]:.2f}×" if torch_best and "engine" in s else "–"
+        vs_cpp = f"{s['esm-cpp'][0] / s['engine'][0]:.2f}×" if "esm-cpp" in s and "engine" in s else "–"
+        print(f"| {w} | " + " | ".join(cells) + f" | {ratio} | {vs_cpp} |")
+
+
+if __name__ == "__main__":
+    main()
