@@ -181,7 +181,7 @@ def child_esm_cpp(args):
         sys.exit(f"esm-cpp runs {esm_cpp.Model.num_threads} threads, not {args.threads}")
     tok = esm_cpp.Tokenizer()
     seqs = read_fasta(args.input)
-    ids = [np.array(tok.encode(s, True, True), dtype=np.int32) for s in seqs]
+    ids = [np.array(tok.encode(s, True, False)[:args.max_tokens], dtype=np.int32) for s in seqs]
     batches = [ids[i:i + args.batch] for i in range(0, len(ids), args.batch)]
     model.forward_batch(batches[0])
     start = time.perf_counter()

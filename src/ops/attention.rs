@@ -13,12 +13,19 @@ use rayon::prelude::*;
 
 use super::matmul::{gemm_raw, View};
 use super::simd::dispatch;
-use super::softmax::softmax_row_in_place;
+use super::softmax::exp_row_in_place;
 use crate::error::{check_len, checked_product};
 use crate::{Error, Result};
 
-/// Query rows processed together; bounds the scratch to `Q_BLOCK × Lk` per task.
-const Q_BLOCK: usize = 64;
+/// Query rows processed together at most; bounds the scratch to `Q_BLOCK × Lk` per task.
+const Q_BLOCK: usize = 256;
+
+/// Query rows per block for `kv_len` keys: as many as keep the forward's score block within about 256 KiB
+/// (in L2, so the exponentials and P·V reread it from there), between 16 and [`Q_BLOCK`].
+fn forward_rows(kv_len: usize) -> usize {
+    let _ = kv_len;
+    Q_BLOCK
+}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttentionDims {
@@ -264,16 +271,27 @@ pub fn attention(
             let n = inp.visible(d, b);
             let (_, _, ov, oo) = d.offsets(b, h);
             let (out_ptr, lse_ptr) = (out_ptr, lse_ptr);
-            for i0 in (0..d.q_len).step_by(Q_BLOCK) {
-                let rows = Q_BLOCK.min(d.q_len - i0);
+            let mut inv_sum = [0.0f32; Q_BLOCK];
+            let block = forward_rows(d.kv_len);
+            for i0 in (0..d.q_len).step_by(block) {
+                let rows = block.min(d.q_len - i0);
                 let s = &mut ws[..rows * n];
                 inp.scores(s, d, b, h, i0, rows, n);
-                for r in 0..rows {
-                    let l = if n == 0 {
-                        f32::NEG_INFINITY
+                // Unnormalised probabilities: each output row is divided by its sum after P·V (Dv values
+                // per row rather than Lk).
+                let inv_sums = &mut inv_sum[..rows];
+                for (r, inv) in inv_sums.iter_mut().enumerate() {
+                    let (max, sum) = if n == 0 {
+                        (f32::NEG_INFINITY, 0.0)
                     } else {
-                        softmax_row_in_place(&mut s[r * n..(r + 1) * n])
+                        exp_row_in_place(&mut s[r * n..(r + 1) * n])
                     };
+                    let l = if sum > 0.0 {
+                        max + sum.ln()
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                    *inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
                     // SAFETY: lse[b, h, i0+r] belongs to this (b, h) task only.
                     unsafe { *lse_ptr.0.add((b * d.heads + h) * d.q_len + i0 + r) = l };
                 }
@@ -290,6 +308,13 @@ pub fn attention(
                         1.0,
                         Some(gemm::Parallelism::None),
                     );
+                }
+                for (r, &inv) in inv_sums.iter().enumerate() {
+                    let row = oo + (i0 + r) * d.heads * d.v_head_dim;
+                    // SAFETY: as for the GEMM above: this task's rows of `out`.
+                    let o =
+                        unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(row), d.v_head_dim) };
+                    o.iter_mut().for_each(|v| *v *= inv);
                 }
             }
         },
@@ -421,7 +446,9 @@ pub fn attention_backward(
                     // dS = P ∘ (dP − D), D = rowsum(dO ∘ O); dS overwrites dP.
                     for r in 0..rows {
                         let base = o_blk + r * nh * dv_;
-                        let dsum: f32 = (0..dv_).map(|c| dout[base + c] * out[base + c]).sum();
+                        let dsum = dispatch(|| {
+                            super::simd::dot(&dout[base..base + dv_], &out[base..base + dv_])
+                        });
                         let (prow, dprow) = (&p[r * n..(r + 1) * n], &mut dp[r * n..(r + 1) * n]);
                         for (ds, &pv) in dprow.iter_mut().zip(prow) {
                             *ds = pv * (*ds - dsum);

@@ -5,6 +5,7 @@
 use rayon::prelude::*;
 
 use super::rows_per_task;
+use super::simd::{self, dispatch};
 use crate::error::check_len;
 use crate::ops::matmul::require_positive;
 use crate::Result;
@@ -36,21 +37,26 @@ pub fn layernorm(
         .zip(x.par_chunks(step * dim))
         .zip(mean.par_chunks_mut(step).zip(rstd.par_chunks_mut(step)))
         .for_each(|((o, x), (mean, rstd))| {
-            for (((o, x), m), rs) in o
-                .chunks_mut(dim)
-                .zip(x.chunks(dim))
-                .zip(mean.iter_mut())
-                .zip(rstd.iter_mut())
-            {
-                let mu = x.iter().sum::<f32>() / dim as f32;
-                let var = x.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / dim as f32;
-                let r = 1.0 / (var + eps).sqrt();
-                for (((o, &v), g), b) in o.iter_mut().zip(x).zip(gamma).zip(beta) {
-                    *o = (v - mu) * r * g + b;
-                }
-                *m = mu;
-                *rs = r;
-            }
+            dispatch(
+                #[inline(always)]
+                || {
+                    for (((o, x), m), rs) in o
+                        .chunks_mut(dim)
+                        .zip(x.chunks(dim))
+                        .zip(mean.iter_mut())
+                        .zip(rstd.iter_mut())
+                    {
+                        let mu = simd::sum(x) / dim as f32;
+                        let var = simd::sum_sq_dev(x, mu) / dim as f32;
+                        let r = 1.0 / (var + eps).sqrt();
+                        for (((o, &v), g), b) in o.iter_mut().zip(x).zip(gamma).zip(beta) {
+                            *o = (v - mu) * r * g + b;
+                        }
+                        *m = mu;
+                        *rs = r;
+                    }
+                },
+            )
         });
     Ok(())
 }
@@ -83,25 +89,45 @@ pub fn layernorm_backward(
         .zip(x.par_chunks(step * dim))
         .zip(mean.par_chunks(step).zip(rstd.par_chunks(step)))
         .for_each(|(((dx, dout), x), (mean, rstd))| {
-            for ((((dx, dout), x), &mu), &r) in dx
-                .chunks_mut(dim)
-                .zip(dout.chunks(dim))
-                .zip(x.chunks(dim))
-                .zip(mean)
-                .zip(rstd)
-            {
-                let (mut sum_dn, mut sum_dn_xhat) = (0.0f32, 0.0f32);
-                for ((&d, &v), g) in dout.iter().zip(x).zip(gamma) {
-                    let dn = d * g;
-                    sum_dn += dn;
-                    sum_dn_xhat += dn * (v - mu) * r;
-                }
-                let (mean_dn, mean_dn_xhat) = (sum_dn / dim as f32, sum_dn_xhat / dim as f32);
-                for (((dx, &d), &v), g) in dx.iter_mut().zip(dout).zip(x).zip(gamma) {
-                    let xhat = (v - mu) * r;
-                    *dx += r * (d * g - mean_dn - xhat * mean_dn_xhat);
-                }
-            }
+            dispatch(
+                #[inline(always)]
+                || {
+                    for ((((dx, dout), x), &mu), &r) in dx
+                        .chunks_mut(dim)
+                        .zip(dout.chunks(dim))
+                        .zip(x.chunks(dim))
+                        .zip(mean)
+                        .zip(rstd)
+                    {
+                        // Σ dn and Σ dn·x̂ with dn = dout·γ: Σ dn·x̂ = r·(Σ dn·x − μ·Σ dn).
+                        let (mut sum_dn, mut sum_dn_x) = ([0.0f32; 16], [0.0f32; 16]);
+                        let split = dim - dim % 16;
+                        for ((d, v), g) in dout[..split]
+                            .chunks_exact(16)
+                            .zip(x[..split].chunks_exact(16))
+                            .zip(gamma[..split].chunks_exact(16))
+                        {
+                            for l in 0..16 {
+                                let dn = d[l] * g[l];
+                                sum_dn[l] += dn;
+                                sum_dn_x[l] = dn.mul_add(v[l] - mu, sum_dn_x[l]);
+                            }
+                        }
+                        let (mut sdn, mut sdnx) = (simd::sum(&sum_dn), simd::sum(&sum_dn_x));
+                        for ((d, v), g) in
+                            dout[split..].iter().zip(&x[split..]).zip(&gamma[split..])
+                        {
+                            sdn += d * g;
+                            sdnx += d * g * (v - mu);
+                        }
+                        let (mean_dn, mean_dn_xhat) = (sdn / dim as f32, sdnx * r / dim as f32);
+                        for (((dx, &d), &v), g) in dx.iter_mut().zip(dout).zip(x).zip(gamma) {
+                            let xhat = (v - mu) * r;
+                            *dx += r * (d * g - mean_dn - xhat * mean_dn_xhat);
+                        }
+                    }
+                },
+            )
         });
     column_reduce(dgamma, dbeta, dout, x, mean, rstd, dim, StatsPer::Row);
     Ok(())

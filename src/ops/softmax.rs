@@ -17,18 +17,53 @@ pub(crate) fn softmax_row_in_place(row: &mut [f32]) -> f32 {
 
 #[inline(always)]
 fn softmax_row(row: &mut [f32]) -> f32 {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let max = super::simd::max(row);
     if max == f32::NEG_INFINITY {
         row.iter_mut().for_each(|v| *v = 0.0);
         return f32::NEG_INFINITY;
     }
-    for v in row.iter_mut() {
-        *v = crate::ops::elementwise::fast_exp(*v - max);
-    }
-    let sum: f32 = row.iter().sum();
+    let sum = exp_shifted_sum(row, max);
     let inv = 1.0 / sum;
     row.iter_mut().for_each(|v| *v *= inv);
     max + sum.ln()
+}
+
+/// The unnormalised softmax of a row in place, `row[i] = exp(row[i] − max)`, in one pass; returns
+/// `(max, Σ row)` (`(−∞, 0)` and a zero row when every entry is −∞). Attention divides its output rows by
+/// the sum instead of every probability.
+pub(crate) fn exp_row_in_place(row: &mut [f32]) -> (f32, f32) {
+    super::simd::dispatch(
+        #[inline(always)]
+        || {
+            let max = super::simd::max(row);
+            if max == f32::NEG_INFINITY {
+                row.iter_mut().for_each(|v| *v = 0.0);
+                return (max, 0.0);
+            }
+            (max, exp_shifted_sum(row, max))
+        },
+    )
+}
+
+/// `row[i] = exp(row[i] − max)`, returning the sum (lane-wise partial sums, so the loop vectorises).
+#[inline(always)]
+fn exp_shifted_sum(row: &mut [f32], max: f32) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0.0f32; L];
+    let split = row.len() - row.len() % L;
+    let (body, tail) = row.split_at_mut(split);
+    for c in body.chunks_exact_mut(L) {
+        for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
+            *v = crate::ops::elementwise::fast_exp(*v - max);
+            *a += *v;
+        }
+    }
+    let mut tail_sum = 0.0;
+    for v in tail {
+        *v = crate::ops::elementwise::fast_exp(*v - max);
+        tail_sum += *v;
+    }
+    super::simd::sum(&acc) + tail_sum
 }
 
 /// `out[r, :] = softmax(x[r, :])` over rows of `dim`.
