@@ -247,6 +247,28 @@ fn enformer_matches_pytorch() {
         emb_err <= 1e-4 && head_err <= 1e-4,
         "embeddings {emb_err:.2e}, head {head_err:.2e}"
     );
+    // Inference (nothing kept: the convolutional levels run tile by tile), in tiles of a few positions.
+    let mut tiled_trunk = trunk.clone();
+    tiled_trunk.set_tile_elements(48 * 10);
+    let mut inference = EnformerActivations::default();
+    tiled_trunk
+        .forward(
+            &cpu,
+            &views,
+            &all,
+            batch,
+            seq_len,
+            &mut inference,
+            false,
+            BatchNormMode::Eval,
+        )
+        .unwrap();
+    let tiled = cpu.read_f32(inference.embeddings().unwrap()).unwrap();
+    let tiled_err = rel_err(&tiled, &r.tensors["embeddings"].1, |_| true);
+    assert!(
+        tiled_err <= 1e-4,
+        "tiled inference embeddings {tiled_err:.2e}"
+    );
 
     // d loss / d emb = loss_weight + (head_loss_weight · softplus') through the head (done by hand here:
     // the head is part of the reference loss).
@@ -454,4 +476,100 @@ fn enformer_loads_trunk_aliases_as_well_as_module_names() {
     for i in 0..trunk.layout().entries().len() {
         assert_eq!(aliased.get(i), named.get(i));
     }
+}
+
+/// Inference runs the Enformer's convolutional levels tile by tile (bounded memory); on a longer input,
+/// with tiles that do not divide the levels and on every backend, it must give the whole-sequence result,
+/// and a warm call allocates nothing.
+#[test]
+fn enformer_tiled_inference_matches_whole_sequence() {
+    use isoformer_engine::backend::kernel::KernelBackend;
+    use isoformer_engine::gpu::emulator::EmuDevice;
+    use isoformer_engine::models::config::EnformerConfig;
+    use isoformer_engine::models::enformer::{
+        BatchNormMode, EnformerActivations, EnformerNames, EnformerTrunk,
+    };
+    use isoformer_engine::models::tokenizers::dna_one_hot;
+
+    let dir = fixture("enformer");
+    let cfg = EnformerConfig::from_file(&dir.join("config.json")).unwrap();
+    let mut trunk = EnformerTrunk::new(cfg).unwrap();
+    let file = Arc::new(WeightFile::open(&dir.join("model.safetensors")).unwrap());
+    let names = EnformerNames {
+        prefixes: vec!["".into()],
+    };
+    let params = ModelParams::load(trunk.layout().clone(), file, &names, false).unwrap();
+    let (batch, seq_len) = (2usize, 8 * 70);
+    let mut all = Vec::new();
+    let mut one_hot = Vec::new();
+    let mut state = 12345u64;
+    for _ in 0..batch {
+        let seq: Vec<u8> = (0..seq_len)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                b"ACGTN"[(state >> 33) as usize % 5]
+            })
+            .collect();
+        dna_one_hot(&seq, &mut one_hot);
+        all.extend_from_slice(&one_hot);
+    }
+    fn run<B: Backend>(
+        b: &B,
+        trunk: &EnformerTrunk,
+        params: &ModelParams,
+        all: &[f32],
+        batch: usize,
+        seq_len: usize,
+        keep: bool,
+    ) -> (Vec<f32>, usize) {
+        let set = isoformer_engine::backend::state::ParamSet::upload(
+            b,
+            trunk.layout().clone(),
+            |i| params.get(i),
+            false,
+        )
+        .unwrap();
+        let views = set.views().unwrap();
+        let mut acts = EnformerActivations::default();
+        let forward = |acts: &mut EnformerActivations<B>| {
+            trunk
+                .forward(
+                    b,
+                    &views,
+                    all,
+                    batch,
+                    seq_len,
+                    acts,
+                    keep,
+                    BatchNormMode::Eval,
+                )
+                .unwrap()
+        };
+        forward(&mut acts);
+        let before = b.allocations();
+        forward(&mut acts);
+        let warm = b.allocations() - before;
+        (b.read_f32(acts.embeddings().unwrap()).unwrap(), warm)
+    }
+    let cpu = CpuBackend::new();
+    let (whole, _) = run(&cpu, &trunk, &params, &all, batch, seq_len, true);
+    // Tiles of 10, 14 and 6 positions at the stem and tower levels (48 channels at most), so tile edges,
+    // halos and the sequence ends all occur; and the default (one tile per level here).
+    for elements in [48 * 24, 48 * 12, usize::MAX / 2] {
+        trunk.set_tile_elements(elements);
+        let (tiled, warm) = run(&cpu, &trunk, &params, &all, batch, seq_len, false);
+        let err = rel_err(&tiled, &whole, |_| true);
+        assert!(err <= 1e-6, "cpu tiles of {elements} elements: {err:.2e}");
+        assert_eq!(warm, 0, "a warm tiled forward allocates");
+    }
+    let emu = KernelBackend::new(EmuDevice::default());
+    trunk.set_tile_elements(usize::MAX / 2);
+    let (emu_whole, _) = run(&emu, &trunk, &params, &all, batch, seq_len, true);
+    trunk.set_tile_elements(48 * 12);
+    let (emu_tiled, warm) = run(&emu, &trunk, &params, &all, batch, seq_len, false);
+    let err = rel_err(&emu_tiled, &emu_whole, |_| true);
+    assert!(err <= 1.0 / 128.0, "emu tiled against emu whole: {err:.2e}");
+    assert_eq!(warm, 0, "a warm tiled forward allocates on the emulator");
 }

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::tiled::{plan_temp, tiles_apply};
 use super::{crop_range, AttnLayer, ConvBlock, EnformerTrunk, BN_EPS, LN_EPS};
 use crate::backend::{
     Act, AttentionDims, Backend, BatchNormStats, Conv1dDims, LinearDims, PoolDims, Role, Tensor,
@@ -98,6 +99,8 @@ pub struct EnformerActivations<B: Backend> {
     heads: HashMap<String, Tensor<B>>,
     pub(super) trace: Trace,
     pub(super) backward: Option<super::backward::Grads<B>>,
+    /// Tile buffers of the bounded-memory inference path ([`super::tiled`]).
+    pub(super) tiles: Option<super::tiled::TileActs<B>>,
 }
 
 impl<B: Backend> Default for EnformerActivations<B> {
@@ -121,6 +124,7 @@ impl<B: Backend> Default for EnformerActivations<B> {
             heads: HashMap::new(),
             trace: Trace::default(),
             backward: None,
+            tiles: None,
         }
     }
 }
@@ -158,7 +162,7 @@ pub(super) fn ensure_at<B: Backend>(
 }
 
 impl<B: Backend> ConvBlockActs<B> {
-    fn new(b: &B, rows: usize, c: usize) -> Result<Self> {
+    pub(super) fn new(b: &B, rows: usize, c: usize) -> Result<Self> {
         Ok(ConvBlockActs {
             normed: Tensor::new(b, Role::Activation, rows * c)?,
             mean: Tensor::new(b, Role::Exact, c)?,
@@ -168,7 +172,7 @@ impl<B: Backend> ConvBlockActs<B> {
         })
     }
 
-    fn ensure(&mut self, b: &B, rows: usize, c: usize) -> Result<()> {
+    pub(super) fn ensure(&mut self, b: &B, rows: usize, c: usize) -> Result<()> {
         self.normed.ensure(b, Role::Activation, rows * c)?;
         self.mean.ensure(b, Role::Exact, c)?;
         self.var.ensure(b, Role::Exact, c)?;
@@ -222,7 +226,7 @@ impl<B: Backend> EnformerActivations<B> {
     }
 
     /// Stream `i` of this forward: its own tensor when keeping activations, else one of three.
-    fn stream(&mut self, b: &B, i: usize, numel: usize) -> Result<usize> {
+    pub(super) fn stream(&mut self, b: &B, i: usize, numel: usize) -> Result<usize> {
         let slot = if self.keep { i } else { i % 3 };
         ensure_at(b, &mut self.streams, slot, Role::Activation, numel)?;
         Ok(slot)
@@ -367,10 +371,31 @@ impl EnformerTrunk {
         acts.transformer_len = n;
         acts.out_len = out_len;
         acts.trace = Trace::default();
-        let (dim, half) = (self.cfg.dim, self.cfg.dim / 2);
-
         ensure(b, &mut acts.input, Role::Activation, one_hot.len())?;
         b.write_f32(acts.input.as_mut().expect("ensured").view_mut(), one_hot)?;
+        let (pooled, next, block) = if tiles_apply(keep, mode) {
+            // Inference on running statistics: the convolutional levels tile by tile.
+            plan_temp(b, acts, 0)?;
+            let (pooled, next) = self.tiled_levels(b, p, acts, batch, seq_len)?;
+            (pooled, next, 0)
+        } else {
+            self.whole_levels(b, p, acts, batch, seq_len, mode)?
+        };
+        self.transformer_and_output(b, p, acts, pooled, next, block, batch, n, out_len, keep)
+    }
+
+    /// The stem and tower over whole sequences, keeping what the backward reads when `acts.keep`; returns
+    /// the last pooled stream, the next free stream and the next ConvBlock slot.
+    fn whole_levels<B: Backend>(
+        &self,
+        b: &B,
+        p: &[View<'_, B>],
+        acts: &mut EnformerActivations<B>,
+        batch: usize,
+        seq_len: usize,
+        mode: BatchNormMode,
+    ) -> Result<(usize, usize, usize)> {
+        let half = self.cfg.dim / 2;
         let max_rows_c = batch * seq_len * half;
         ensure(b, &mut acts.temp, Role::Activation, max_rows_c)?;
 
@@ -443,8 +468,26 @@ impl EnformerTrunk {
             acts.trace.tower.push((x_in, y, z, pooled));
             len /= 2;
         }
+        Ok((pooled, next, block))
+    }
 
-        // Transformer.
+    /// The transformer on the last pooled stream, the crop, the final pointwise block and the heads.
+    #[allow(clippy::too_many_arguments)]
+    fn transformer_and_output<B: Backend>(
+        &self,
+        b: &B,
+        p: &[View<'_, B>],
+        acts: &mut EnformerActivations<B>,
+        pooled: usize,
+        mut next: usize,
+        block: usize,
+        batch: usize,
+        n: usize,
+        out_len: usize,
+        keep: bool,
+    ) -> Result<()> {
+        let dim = self.cfg.dim;
+        let mode = acts.mode;
         self.prepare_attention(b, acts, batch, n)?;
         let mut x = pooled;
         for (l, layer) in self.layers.iter().enumerate() {

@@ -20,6 +20,7 @@
 mod backward;
 mod forward;
 pub mod positional;
+mod tiled;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -113,6 +114,8 @@ pub struct EnformerTrunk {
     /// Running statistics: loaded with the weights, but not trained.
     buffers: Vec<usize>,
     positional_override: HashMap<usize, Arc<Vec<f32>>>,
+    /// Elements per tile buffer of bounded-memory inference ([`tiled`]).
+    tile_elements: usize,
 }
 
 struct Specs(Vec<TensorSpec>);
@@ -240,6 +243,7 @@ impl EnformerTrunk {
             heads: heads_list,
             buffers,
             positional_override: HashMap::new(),
+            tile_elements: tiled::TILE_ELEMENTS,
         })
     }
 
@@ -255,6 +259,13 @@ impl EnformerTrunk {
     /// Total downsampling factor of stem and tower.
     pub fn downsample(&self) -> usize {
         1 << (self.tower.len() + 1)
+    }
+
+    /// Elements per tile buffer when inference runs the convolutional levels tile by tile (default 2²¹,
+    /// about 8 MiB of f32): smaller tiles lower the peak a little and cost some speed. At least one
+    /// position pair of the widest level plus its halo is always used.
+    pub fn set_tile_elements(&mut self, elements: usize) {
+        self.tile_elements = elements.max(1);
     }
 
     /// Uses `table` (`[2n−1, dim/heads]`) as the positional features for transformer length `n`.
