@@ -20,12 +20,6 @@ use crate::{Error, Result};
 /// Query rows processed together at most; bounds the scratch to `Q_BLOCK × Lk` per task.
 const Q_BLOCK: usize = 256;
 
-/// Query rows per block for `kv_len` keys: as many as keep the forward's score block within about 256 KiB
-/// (in L2, so the exponentials and P·V reread it from there), between 16 and [`Q_BLOCK`].
-fn forward_rows(kv_len: usize) -> usize {
-    let _ = kv_len;
-    Q_BLOCK
-}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttentionDims {
@@ -206,6 +200,248 @@ impl AttentionInputs<'_> {
     }
 }
 
+/// The forward for small head dims without a score bias, with query rows in vector lanes.
+mod lane_kernel {
+    use super::{AttentionDims, AttentionInputs};
+    #[cfg(doc)]
+    use crate::ops::elementwise::fast_exp;
+
+    /// Query rows per block: one per lane of a 512-bit vector.
+    pub(super) const LANES: usize = 16;
+    /// Largest head dim of the query tile kept on the stack.
+    const MAX_DK: usize = 64;
+    /// Keys scored together (independent FMA chains).
+    #[cfg(target_arch = "x86_64")]
+    const KEYS: usize = 8;
+
+    /// Whether the lane kernel runs: no score bias (ESM-2, NT-v2 and the cross-attentions), a head dim up
+    /// to 64, and AVX-512 with FMA on this CPU (elsewhere the blocked GEMM path serves).
+    pub(super) fn applies(inp: &AttentionInputs<'_>, d: &AttentionDims) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            inp.bias.is_none()
+                && d.head_dim <= MAX_DK
+                && std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (inp, d);
+            false
+        }
+    }
+
+    /// Rows `i0..i0+rows` (`rows ≤ 16`) of head `h` of batch `b` against the first `n` keys. The scores
+    /// are kept transposed, `st[j][lane]`, so each row's maximum and sum are lane-wise (no horizontal
+    /// reductions) and P·V accumulates 16 rows per FMA whatever the head dim (24 for ESM-2 35M, where a
+    /// GEMM over the head dim would pad its vectors or use thin tiles). Writes the rows of `out` and
+    /// `lse[0..rows]`.
+    ///
+    /// # Safety
+    /// AVX-512F and FMA must be present ([`applies`]); `out` must hold the attention output and `lse` at
+    /// least `rows` entries, none of them written by anyone else meanwhile; `ws` needs `16·n` elements.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn forward_block(
+        inp: &AttentionInputs<'_>,
+        d: &AttentionDims,
+        b: usize,
+        h: usize,
+        i0: usize,
+        rows: usize,
+        n: usize,
+        ws: &mut [f32],
+        out: *mut f32,
+        lse: *mut f32,
+    ) {
+        use std::arch::x86_64::*;
+        let (nh, dk, dv) = (d.heads, d.head_dim, d.v_head_dim);
+        let (oq, ok, ov, oo) = d.offsets(b, h);
+        if n == 0 {
+            for l in 0..rows {
+                let dst = oo + (i0 + l) * nh * dv;
+                // SAFETY: this task's output row and lse entry (caller's contract).
+                unsafe {
+                    std::slice::from_raw_parts_mut(out.add(dst), dv).fill(0.0);
+                    *lse.add(l) = f32::NEG_INFINITY;
+                }
+            }
+            return;
+        }
+        // qt[c][lane] = scale · q[i0 + lane, c]; lanes past `rows` stay zero (their results are unused).
+        let mut qt = [[0.0f32; LANES]; MAX_DK];
+        for l in 0..rows {
+            let row = &inp.q[oq + (i0 + l) * nh * dk..][..dk];
+            for (c, &x) in row.iter().enumerate() {
+                qt[c][l] = x * d.scale;
+            }
+        }
+        let st = &mut ws[..n * LANES];
+        // Every key of this head lies inside k (checked by the caller), so the raw reads below are too.
+        let keys = &inp.k[ok..ok + (n - 1) * nh * dk + dk];
+        let stride = nh * dk;
+        let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+        let full = n - n % KEYS;
+        // SAFETY (this block): AVX-512F/FMA are enabled for this function; every pointer below stays
+        // inside `qt`, `keys` or `st` by the loop bounds.
+        unsafe {
+            for j0 in (0..full).step_by(KEYS) {
+                let mut acc = [_mm512_setzero_ps(); KEYS];
+                for (c, qc) in qt.iter().take(dk).enumerate() {
+                    let q = _mm512_loadu_ps(qc.as_ptr());
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        let kc = *keys.get_unchecked((j0 + t) * stride + c);
+                        *a = _mm512_fmadd_ps(_mm512_set1_ps(kc), q, *a);
+                    }
+                }
+                for (t, a) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(st.as_mut_ptr().add((j0 + t) * LANES), *a);
+                    max = _mm512_max_ps(max, *a);
+                }
+            }
+            for j in full..n {
+                let mut a = _mm512_setzero_ps();
+                for (c, qc) in qt.iter().take(dk).enumerate() {
+                    let kc = *keys.get_unchecked(j * stride + c);
+                    a = _mm512_fmadd_ps(_mm512_set1_ps(kc), _mm512_loadu_ps(qc.as_ptr()), a);
+                }
+                _mm512_storeu_ps(st.as_mut_ptr().add(j * LANES), a);
+                max = _mm512_max_ps(max, a);
+            }
+            // Two partial sums: a single loop-carried sum is kept in memory by the compiler here.
+            let (mut sum0, mut sum1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            let mut rows2 = st.chunks_exact_mut(2 * LANES);
+            for pair in &mut rows2 {
+                let ptr = pair.as_mut_ptr();
+                let p0 = exp16(_mm512_sub_ps(_mm512_loadu_ps(ptr), max));
+                let p1 = exp16(_mm512_sub_ps(_mm512_loadu_ps(ptr.add(LANES)), max));
+                _mm512_storeu_ps(ptr, p0);
+                _mm512_storeu_ps(ptr.add(LANES), p1);
+                sum0 = _mm512_add_ps(sum0, p0);
+                sum1 = _mm512_add_ps(sum1, p1);
+            }
+            let rest = rows2.into_remainder();
+            if !rest.is_empty() {
+                let ptr = rest.as_mut_ptr();
+                let p0 = exp16(_mm512_sub_ps(_mm512_loadu_ps(ptr), max));
+                _mm512_storeu_ps(ptr, p0);
+                sum0 = _mm512_add_ps(sum0, p0);
+            }
+            let sum = _mm512_add_ps(sum0, sum1);
+            let mut sums = [0.0f32; LANES];
+            let mut maxes = [0.0f32; LANES];
+            _mm512_storeu_ps(sums.as_mut_ptr(), sum);
+            _mm512_storeu_ps(maxes.as_mut_ptr(), max);
+            let inv = _mm512_div_ps(_mm512_set1_ps(1.0), sum);
+            let values = &inp.v[ov..ov + (n - 1) * nh * dv + dv];
+            let out_base = oo + i0 * nh * dv;
+            let mut c0 = 0;
+            while c0 < dv {
+                c0 += match dv - c0 {
+                    w if w >= 16 => pv_chunk::<16>(values, nh * dv, c0, st, inv, rows, out_base, nh * dv, out),
+                    w if w >= 8 => pv_chunk::<8>(values, nh * dv, c0, st, inv, rows, out_base, nh * dv, out),
+                    _ => pv_chunk::<1>(values, nh * dv, c0, st, inv, rows, out_base, nh * dv, out),
+                };
+            }
+            for l in 0..rows {
+                *lse.add(l) = maxes[l] + sums[l].ln();
+            }
+        }
+    }
+
+    /// Output columns `c0..c0+W` of the block: `out[row, c] = Σ_j p[j][row]·v[j, c] · inv[row]`, with the
+    /// `W` accumulators of 16 rows each held in registers. Returns `W`.
+    ///
+    /// # Safety
+    /// As [`forward_block`]; `values` holds every key's value row of this head at `stride` apart.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pv_chunk<const W: usize>(
+        values: &[f32],
+        stride: usize,
+        c0: usize,
+        st: &[f32],
+        inv: std::arch::x86_64::__m512,
+        rows: usize,
+        out_base: usize,
+        out_stride: usize,
+        out: *mut f32,
+    ) -> usize {
+        use std::arch::x86_64::*;
+        let mut acc = [_mm512_setzero_ps(); W];
+        // SAFETY: rows of `st` and value entries c0..c0+W of each key are in bounds by construction;
+        // output rows belong to the caller's task.
+        unsafe {
+            for j in 0..st.len() / LANES {
+                let p = _mm512_loadu_ps(st.as_ptr().add(j * LANES));
+                let v = values.as_ptr().add(j * stride + c0);
+                for (c, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(_mm512_set1_ps(*v.add(c)), p, *a);
+                }
+            }
+            let mut lanes = [[0.0f32; LANES]; W];
+            for (dst, a) in lanes.iter_mut().zip(&acc) {
+                _mm512_storeu_ps(dst.as_mut_ptr(), _mm512_mul_ps(*a, inv));
+            }
+            for l in 0..rows {
+                let row = out.add(out_base + l * out_stride + c0);
+                for (c, lane) in lanes.iter().enumerate() {
+                    *row.add(c) = lane[l];
+                }
+            }
+        }
+        W
+    }
+
+    /// `eˣ` on 16 lanes, as [`fast_exp`] computes it (degree-7 polynomial after `x = n·ln2 + r`), for the
+    /// shifted scores `x ≤ 0`; inputs below −87.3 give 0.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        const ROUND: f32 = 12_582_912.0;
+        let s = _mm512_set1_ps;
+        let xc = _mm512_min_ps(_mm512_max_ps(x, s(-87.3)), s(88.7));
+        let t = _mm512_add_ps(_mm512_mul_ps(xc, s(std::f32::consts::LOG2_E)), s(ROUND));
+        let n = _mm512_sub_ps(t, s(ROUND));
+        let r = _mm512_sub_ps(
+            _mm512_sub_ps(xc, _mm512_mul_ps(n, s(0.693_145_75))),
+            _mm512_mul_ps(n, s(1.428_606_8e-6)),
+        );
+        let mut p = s(1.0 / 5040.0);
+        for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm512_fmadd_ps(p, r, s(c));
+        }
+        let bits = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(ROUND.to_bits() as i32));
+        let scale = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
+            bits,
+            _mm512_set1_epi32(127),
+        )));
+        let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, s(-87.3));
+        _mm512_maskz_mov_ps(keep, _mm512_mul_ps(p, scale))
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn forward_block(
+        _: &AttentionInputs<'_>,
+        _: &AttentionDims,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: &mut [f32],
+        _: *mut f32,
+        _: *mut f32,
+    ) {
+        unreachable!("the lane kernel is only chosen on x86-64")
+    }
+}
+
+use lane_kernel::LANES;
+
 /// A pointer that tasks share to write disjoint elements of one buffer.
 #[derive(Clone, Copy)]
 struct SharedMut(*mut f32);
@@ -260,6 +496,7 @@ pub fn attention(
     )?;
     check_len("attention", "lse", lse.len(), d.batch * d.heads * d.q_len)?;
     let (out_ptr, lse_ptr) = (SharedMut(out.as_mut_ptr()), SharedMut(lse.as_mut_ptr()));
+    let lanes = lane_kernel::applies(&inp, d);
     let tasks: Vec<(usize, usize)> = (0..d.batch)
         .flat_map(|b| (0..d.heads).map(move |h| (b, h)))
         .collect();
@@ -271,10 +508,23 @@ pub fn attention(
             let n = inp.visible(d, b);
             let (_, _, ov, oo) = d.offsets(b, h);
             let (out_ptr, lse_ptr) = (out_ptr, lse_ptr);
+            if lanes {
+                for i0 in (0..d.q_len).step_by(LANES) {
+                    let rows = LANES.min(d.q_len - i0);
+                    let pos = (b * d.heads + h) * d.q_len + i0;
+                    // SAFETY: rows i0..i0+rows of head h of batch b in `out` and their lse entries belong
+                    // to this (b, h) task only; the kernel's features were detected.
+                    unsafe {
+                        lane_kernel::forward_block(
+                            &inp, d, b, h, i0, rows, n, ws, out_ptr.0, lse_ptr.0.add(pos),
+                        )
+                    };
+                }
+                return;
+            }
             let mut inv_sum = [0.0f32; Q_BLOCK];
-            let block = forward_rows(d.kv_len);
-            for i0 in (0..d.q_len).step_by(block) {
-                let rows = block.min(d.q_len - i0);
+            for i0 in (0..d.q_len).step_by(Q_BLOCK) {
+                let rows = Q_BLOCK.min(d.q_len - i0);
                 let s = &mut ws[..rows * n];
                 inp.scores(s, d, b, h, i0, rows, n);
                 // Unnormalised probabilities: each output row is divided by its sum after P·V (Dv values
