@@ -709,7 +709,7 @@ pub(crate) fn check_view(
 
 /// `rows` of a `[rows, cols]` matrix of `numel` elements, or an error naming the op.
 pub(crate) fn rows_of(op: &'static str, name: &str, numel: usize, cols: usize) -> Result<usize> {
-    if cols == 0 || numel % cols != 0 {
+    if cols == 0 || !numel.is_multiple_of(cols) {
         return Err(Error::shape(
             op,
             format!("{name} has {numel} elements, not whole rows of {cols}"),

@@ -177,7 +177,7 @@ pub fn write_demo_data(dir: &Path, spec: &DemoSpec) -> Result<usize> {
         let split = split_of(rank);
         let n_tx = rng.random_range(1..=2);
         for i in 0..n_tx {
-            if chromosomes.is_empty() || txs.len() % TRANSCRIPTS_PER_CHROMOSOME == 0 {
+            if chromosomes.is_empty() || txs.len().is_multiple_of(TRANSCRIPTS_PER_CHROMOSOME) {
                 chromosomes.push(Vec::new());
             }
             let chrom = chromosomes.len() - 1;

@@ -115,8 +115,8 @@ impl EsmConfig {
             }
         }
         if c.num_attention_heads == 0
-            || c.hidden_size % c.num_attention_heads != 0
-            || (c.hidden_size / c.num_attention_heads) % 2 != 0
+            || !c.hidden_size.is_multiple_of(c.num_attention_heads)
+            || !(c.hidden_size / c.num_attention_heads).is_multiple_of(2)
         {
             return bad(format!(
                 "hidden_size {} does not split into {} heads of even width",
@@ -166,13 +166,13 @@ impl EnformerConfig {
     pub fn validate(&self) -> std::result::Result<(), String> {
         let c = self;
         let bad = |msg: String| Err(msg);
-        if c.heads == 0 || c.dim % c.heads != 0 || (c.dim / c.heads) % 6 != 0 {
+        if c.heads == 0 || !c.dim.is_multiple_of(c.heads) || !(c.dim / c.heads).is_multiple_of(6) {
             return bad(format!(
                 "dim {} / heads {} must be a multiple of 6 (relative position features)",
                 c.dim, c.heads
             ));
         }
-        if c.num_downsamples < 2 || c.num_downsamples > 16 || c.dim % 2 != 0 {
+        if c.num_downsamples < 2 || c.num_downsamples > 16 || !c.dim.is_multiple_of(2) {
             return bad("num_downsamples must be in 2..=16 and dim even".into());
         }
         for (name, value, max) in [

@@ -323,7 +323,10 @@ impl<B: Backend> Planned<B> {
 
 impl TransformerEncoder {
     pub fn new(cfg: TransformerConfig) -> Result<Self> {
-        if cfg.heads == 0 || cfg.hidden % cfg.heads != 0 || cfg.head_dim() % 2 != 0 {
+        if cfg.heads == 0
+            || !cfg.hidden.is_multiple_of(cfg.heads)
+            || !cfg.head_dim().is_multiple_of(2)
+        {
             return Err(Error::invalid(
                 "transformer config",
                 format!(

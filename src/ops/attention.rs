@@ -20,7 +20,6 @@ use crate::{Error, Result};
 /// Query rows processed together at most; bounds the scratch to `Q_BLOCK × Lk` per task.
 const Q_BLOCK: usize = 256;
 
-
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttentionDims {
     pub batch: usize,
@@ -206,8 +205,10 @@ mod lane_kernel {
     #[cfg(doc)]
     use crate::ops::elementwise::fast_exp;
 
-    /// Query rows per block: one per lane of a 512-bit vector.
-    pub(super) const LANES: usize = 16;
+    /// f32 lanes of a 512-bit vector.
+    const LANES: usize = 16;
+    /// Query rows per block: two vectors.
+    pub(super) const ROWS: usize = 2 * LANES;
     /// Largest head dim of the query tile kept on the stack.
     const MAX_DK: usize = 64;
     /// Keys scored together (independent FMA chains).
@@ -231,15 +232,16 @@ mod lane_kernel {
         }
     }
 
-    /// Rows `i0..i0+rows` (`rows ≤ 16`) of head `h` of batch `b` against the first `n` keys. The scores
-    /// are kept transposed, `st[j][lane]`, so each row's maximum and sum are lane-wise (no horizontal
-    /// reductions) and P·V accumulates 16 rows per FMA whatever the head dim (24 for ESM-2 35M, where a
-    /// GEMM over the head dim would pad its vectors or use thin tiles). Writes the rows of `out` and
+    /// Rows `i0..i0+rows` (`rows ≤ 32`) of head `h` of batch `b` against the first `n` keys. The scores
+    /// are kept transposed, `st[j][row]` (32 rows: two vectors per key), so each row's maximum and sum are
+    /// lane-wise (no horizontal reductions) and P·V accumulates 16 rows per FMA whatever the head dim (24
+    /// for ESM-2 35M, where a GEMM over the head dim would pad its vectors or use thin tiles). Two vectors
+    /// of rows per key halve the key and value traffic per FMA. Writes the rows of `out` and
     /// `lse[0..rows]`.
     ///
     /// # Safety
     /// AVX-512F and FMA must be present ([`applies`]); `out` must hold the attention output and `lse` at
-    /// least `rows` entries, none of them written by anyone else meanwhile; `ws` needs `16·n` elements.
+    /// least `rows` entries, none of them written by anyone else meanwhile; `ws` needs `32·n` elements.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,fma")]
     pub(super) unsafe fn forward_block(
@@ -268,78 +270,81 @@ mod lane_kernel {
             }
             return;
         }
-        // qt[c][lane] = scale · q[i0 + lane, c]; lanes past `rows` stay zero (their results are unused).
-        let mut qt = [[0.0f32; LANES]; MAX_DK];
-        for l in 0..rows {
-            let row = &inp.q[oq + (i0 + l) * nh * dk..][..dk];
-            for (c, &x) in row.iter().enumerate() {
-                qt[c][l] = x * d.scale;
+        // qt[c][row] = scale · q[i0 + row, c]; rows past `rows` stay zero (their results are unused).
+        let mut qt = [[0.0f32; ROWS]; MAX_DK];
+        for (c, qc) in qt.iter_mut().take(dk).enumerate() {
+            for (l, x) in qc.iter_mut().take(rows).enumerate() {
+                *x = inp.q[oq + (i0 + l) * nh * dk + c] * d.scale;
             }
         }
-        let st = &mut ws[..n * LANES];
-        // Every key of this head lies inside k (checked by the caller), so the raw reads below are too.
+        let st = &mut ws[..n * ROWS];
+        // Every key of this head lies inside k (checked by the caller), so the reads below are too.
         let keys = &inp.k[ok..ok + (n - 1) * nh * dk + dk];
         let stride = nh * dk;
-        let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut max = [_mm512_set1_ps(f32::NEG_INFINITY); 2];
         let full = n - n % KEYS;
         // SAFETY (this block): AVX-512F/FMA are enabled for this function; every pointer below stays
         // inside `qt`, `keys` or `st` by the loop bounds.
         unsafe {
             for j0 in (0..full).step_by(KEYS) {
-                let mut acc = [_mm512_setzero_ps(); KEYS];
+                let mut acc = [[_mm512_setzero_ps(); 2]; KEYS];
                 for (c, qc) in qt.iter().take(dk).enumerate() {
-                    let q = _mm512_loadu_ps(qc.as_ptr());
+                    let q0 = _mm512_loadu_ps(qc.as_ptr());
+                    let q1 = _mm512_loadu_ps(qc.as_ptr().add(LANES));
                     for (t, a) in acc.iter_mut().enumerate() {
-                        let kc = *keys.get_unchecked((j0 + t) * stride + c);
-                        *a = _mm512_fmadd_ps(_mm512_set1_ps(kc), q, *a);
+                        let kc = _mm512_set1_ps(*keys.get_unchecked((j0 + t) * stride + c));
+                        a[0] = _mm512_fmadd_ps(kc, q0, a[0]);
+                        a[1] = _mm512_fmadd_ps(kc, q1, a[1]);
                     }
                 }
                 for (t, a) in acc.iter().enumerate() {
-                    _mm512_storeu_ps(st.as_mut_ptr().add((j0 + t) * LANES), *a);
-                    max = _mm512_max_ps(max, *a);
+                    let dst = st.as_mut_ptr().add((j0 + t) * ROWS);
+                    _mm512_storeu_ps(dst, a[0]);
+                    _mm512_storeu_ps(dst.add(LANES), a[1]);
+                    max[0] = _mm512_max_ps(max[0], a[0]);
+                    max[1] = _mm512_max_ps(max[1], a[1]);
                 }
             }
             for j in full..n {
-                let mut a = _mm512_setzero_ps();
+                let mut a = [_mm512_setzero_ps(); 2];
                 for (c, qc) in qt.iter().take(dk).enumerate() {
-                    let kc = *keys.get_unchecked(j * stride + c);
-                    a = _mm512_fmadd_ps(_mm512_set1_ps(kc), _mm512_loadu_ps(qc.as_ptr()), a);
+                    let kc = _mm512_set1_ps(*keys.get_unchecked(j * stride + c));
+                    a[0] = _mm512_fmadd_ps(kc, _mm512_loadu_ps(qc.as_ptr()), a[0]);
+                    a[1] = _mm512_fmadd_ps(kc, _mm512_loadu_ps(qc.as_ptr().add(LANES)), a[1]);
                 }
-                _mm512_storeu_ps(st.as_mut_ptr().add(j * LANES), a);
-                max = _mm512_max_ps(max, a);
+                let dst = st.as_mut_ptr().add(j * ROWS);
+                _mm512_storeu_ps(dst, a[0]);
+                _mm512_storeu_ps(dst.add(LANES), a[1]);
+                max[0] = _mm512_max_ps(max[0], a[0]);
+                max[1] = _mm512_max_ps(max[1], a[1]);
             }
-            // Two partial sums: a single loop-carried sum is kept in memory by the compiler here.
-            let (mut sum0, mut sum1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-            let mut rows2 = st.chunks_exact_mut(2 * LANES);
-            for pair in &mut rows2 {
-                let ptr = pair.as_mut_ptr();
-                let p0 = exp16(_mm512_sub_ps(_mm512_loadu_ps(ptr), max));
-                let p1 = exp16(_mm512_sub_ps(_mm512_loadu_ps(ptr.add(LANES)), max));
-                _mm512_storeu_ps(ptr, p0);
-                _mm512_storeu_ps(ptr.add(LANES), p1);
-                sum0 = _mm512_add_ps(sum0, p0);
-                sum1 = _mm512_add_ps(sum1, p1);
+            // Two sums per row vector: a single loop-carried sum is kept in memory by the compiler here.
+            let mut sum = [_mm512_setzero_ps(); 4];
+            for key in st.chunks_exact_mut(ROWS) {
+                let ptr = key.as_mut_ptr();
+                for v in 0..2 {
+                    let p = exp16(_mm512_sub_ps(_mm512_loadu_ps(ptr.add(v * LANES)), max[v]));
+                    _mm512_storeu_ps(ptr.add(v * LANES), p);
+                    sum[v] = _mm512_add_ps(sum[v], p);
+                }
             }
-            let rest = rows2.into_remainder();
-            if !rest.is_empty() {
-                let ptr = rest.as_mut_ptr();
-                let p0 = exp16(_mm512_sub_ps(_mm512_loadu_ps(ptr), max));
-                _mm512_storeu_ps(ptr, p0);
-                sum0 = _mm512_add_ps(sum0, p0);
+            let sum = [sum[0], sum[1]];
+            let mut sums = [0.0f32; ROWS];
+            let mut maxes = [0.0f32; ROWS];
+            for v in 0..2 {
+                _mm512_storeu_ps(sums.as_mut_ptr().add(v * LANES), sum[v]);
+                _mm512_storeu_ps(maxes.as_mut_ptr().add(v * LANES), max[v]);
             }
-            let sum = _mm512_add_ps(sum0, sum1);
-            let mut sums = [0.0f32; LANES];
-            let mut maxes = [0.0f32; LANES];
-            _mm512_storeu_ps(sums.as_mut_ptr(), sum);
-            _mm512_storeu_ps(maxes.as_mut_ptr(), max);
-            let inv = _mm512_div_ps(_mm512_set1_ps(1.0), sum);
+            let one = _mm512_set1_ps(1.0);
+            let inv = [_mm512_div_ps(one, sum[0]), _mm512_div_ps(one, sum[1])];
             let values = &inp.v[ov..ov + (n - 1) * nh * dv + dv];
             let out_base = oo + i0 * nh * dv;
             let mut c0 = 0;
             while c0 < dv {
                 c0 += match dv - c0 {
-                    w if w >= 16 => pv_chunk::<16>(values, nh * dv, c0, st, inv, rows, out_base, nh * dv, out),
-                    w if w >= 8 => pv_chunk::<8>(values, nh * dv, c0, st, inv, rows, out_base, nh * dv, out),
+                    w if w >= 8 => {
+                        pv_chunk::<8>(values, nh * dv, c0, st, inv, rows, out_base, nh * dv, out)
+                    }
                     _ => pv_chunk::<1>(values, nh * dv, c0, st, inv, rows, out_base, nh * dv, out),
                 };
             }
@@ -350,7 +355,7 @@ mod lane_kernel {
     }
 
     /// Output columns `c0..c0+W` of the block: `out[row, c] = Σ_j p[j][row]·v[j, c] · inv[row]`, with the
-    /// `W` accumulators of 16 rows each held in registers. Returns `W`.
+    /// `2·W` accumulators of 16 rows each held in registers. Returns `W`.
     ///
     /// # Safety
     /// As [`forward_block`]; `values` holds every key's value row of this head at `stride` apart.
@@ -362,27 +367,31 @@ mod lane_kernel {
         stride: usize,
         c0: usize,
         st: &[f32],
-        inv: std::arch::x86_64::__m512,
+        inv: [std::arch::x86_64::__m512; 2],
         rows: usize,
         out_base: usize,
         out_stride: usize,
         out: *mut f32,
     ) -> usize {
         use std::arch::x86_64::*;
-        let mut acc = [_mm512_setzero_ps(); W];
+        let mut acc = [[_mm512_setzero_ps(); 2]; W];
         // SAFETY: rows of `st` and value entries c0..c0+W of each key are in bounds by construction;
         // output rows belong to the caller's task.
         unsafe {
-            for j in 0..st.len() / LANES {
-                let p = _mm512_loadu_ps(st.as_ptr().add(j * LANES));
+            for j in 0..st.len() / ROWS {
+                let p0 = _mm512_loadu_ps(st.as_ptr().add(j * ROWS));
+                let p1 = _mm512_loadu_ps(st.as_ptr().add(j * ROWS + LANES));
                 let v = values.as_ptr().add(j * stride + c0);
                 for (c, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_fmadd_ps(_mm512_set1_ps(*v.add(c)), p, *a);
+                    let vc = _mm512_set1_ps(*v.add(c));
+                    a[0] = _mm512_fmadd_ps(vc, p0, a[0]);
+                    a[1] = _mm512_fmadd_ps(vc, p1, a[1]);
                 }
             }
-            let mut lanes = [[0.0f32; LANES]; W];
+            let mut lanes = [[0.0f32; ROWS]; W];
             for (dst, a) in lanes.iter_mut().zip(&acc) {
-                _mm512_storeu_ps(dst.as_mut_ptr(), _mm512_mul_ps(*a, inv));
+                _mm512_storeu_ps(dst.as_mut_ptr(), _mm512_mul_ps(a[0], inv[0]));
+                _mm512_storeu_ps(dst.as_mut_ptr().add(LANES), _mm512_mul_ps(a[1], inv[1]));
             }
             for l in 0..rows {
                 let row = out.add(out_base + l * out_stride + c0);
@@ -410,10 +419,21 @@ mod lane_kernel {
             _mm512_mul_ps(n, s(1.428_606_8e-6)),
         );
         let mut p = s(1.0 / 5040.0);
-        for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        for c in [
+            1.0 / 720.0,
+            1.0 / 120.0,
+            1.0 / 24.0,
+            1.0 / 6.0,
+            0.5,
+            1.0,
+            1.0,
+        ] {
             p = _mm512_fmadd_ps(p, r, s(c));
         }
-        let bits = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(ROUND.to_bits() as i32));
+        let bits = _mm512_sub_epi32(
+            _mm512_castps_si512(t),
+            _mm512_set1_epi32(ROUND.to_bits() as i32),
+        );
         let scale = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
             bits,
             _mm512_set1_epi32(127),
@@ -440,7 +460,7 @@ mod lane_kernel {
     }
 }
 
-use lane_kernel::LANES;
+use lane_kernel::ROWS;
 
 /// A pointer that tasks share to write disjoint elements of one buffer.
 #[derive(Clone, Copy)]
@@ -509,14 +529,23 @@ pub fn attention(
             let (_, _, ov, oo) = d.offsets(b, h);
             let (out_ptr, lse_ptr) = (out_ptr, lse_ptr);
             if lanes {
-                for i0 in (0..d.q_len).step_by(LANES) {
-                    let rows = LANES.min(d.q_len - i0);
+                for i0 in (0..d.q_len).step_by(ROWS) {
+                    let rows = ROWS.min(d.q_len - i0);
                     let pos = (b * d.heads + h) * d.q_len + i0;
                     // SAFETY: rows i0..i0+rows of head h of batch b in `out` and their lse entries belong
                     // to this (b, h) task only; the kernel's features were detected.
                     unsafe {
                         lane_kernel::forward_block(
-                            &inp, d, b, h, i0, rows, n, ws, out_ptr.0, lse_ptr.0.add(pos),
+                            &inp,
+                            d,
+                            b,
+                            h,
+                            i0,
+                            rows,
+                            n,
+                            ws,
+                            out_ptr.0,
+                            lse_ptr.0.add(pos),
                         )
                     };
                 }

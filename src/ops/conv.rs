@@ -17,7 +17,7 @@ pub struct Conv1dDims {
 
 impl Conv1dDims {
     fn check(&self, op: &'static str, x: usize, w: usize, out: usize) -> Result<()> {
-        if self.width % 2 == 0 {
+        if self.width.is_multiple_of(2) {
             return Err(Error::invalid(
                 "conv1d width",
                 format!("{} ('same' padding needs an odd width)", self.width),

@@ -19,7 +19,7 @@ pub struct RotaryTable {
 
 impl RotaryTable {
     pub fn new(max_len: usize, head_dim: usize, base: f32) -> Result<Self> {
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(Error::invalid(
                 "rotary head_dim",
                 format!("{head_dim} (must be even and positive)"),
@@ -71,7 +71,7 @@ impl RotaryTable {
             ));
         }
         let row = heads * self.head_dim();
-        if row == 0 || n % (len.max(1) * row) != 0 {
+        if row == 0 || !n.is_multiple_of(len.max(1) * row) {
             return Err(Error::shape(
                 op,
                 format!(
@@ -151,7 +151,7 @@ pub fn rotary_with_tables(
     } else {
         "rotary"
     };
-    if head_dim == 0 || head_dim % 2 != 0 {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
         return Err(Error::invalid(
             op,
             format!("head_dim {head_dim} must be even and positive"),
@@ -165,7 +165,7 @@ pub fn rotary_with_tables(
         ));
     }
     let row = heads * head_dim;
-    if row == 0 || len == 0 || x.len() % (len * row) != 0 {
+    if row == 0 || len == 0 || !x.len().is_multiple_of(len * row) {
         return Err(Error::shape(
             op,
             format!(

@@ -94,7 +94,7 @@ impl StreamingSafetensors {
             offset = end;
         }
         let mut json = serde_json::to_string(&header).expect("a JSON map serialises");
-        while (8 + json.len()) % 8 != 0 {
+        while !(8 + json.len()).is_multiple_of(8) {
             json.push(' ');
         }
         let data_start = 8 + json.len() as u64;

@@ -55,7 +55,7 @@ pub fn conv1d_forward<D: KernelDevice>(
     bias: Option<&dyn DeviceBuffer>,
     d: Conv1dDims,
 ) -> Result<()> {
-    if d.width % 2 == 0 {
+    if d.width.is_multiple_of(2) {
         return Err(crate::Error::invalid(
             "conv1d width",
             format!("{} ('same' padding needs an odd width)", d.width),

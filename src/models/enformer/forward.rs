@@ -100,7 +100,7 @@ pub struct EnformerActivations<B: Backend> {
     pub(super) trace: Trace,
     pub(super) backward: Option<super::backward::Grads<B>>,
     /// Tile buffers of the bounded-memory inference path ([`super::tiled`]).
-    pub(super) tiles: Option<super::tiled::TileActs<B>>,
+    pub(super) tiles: Option<Box<super::tiled::TileActs<B>>>,
 }
 
 impl<B: Backend> Default for EnformerActivations<B> {
@@ -312,7 +312,7 @@ impl EnformerTrunk {
         if batch == 0 {
             return Err(Error::invalid("enformer", "empty batch"));
         }
-        if seq_len % ds != 0 || seq_len / ds < self.cfg.target_length {
+        if !seq_len.is_multiple_of(ds) || seq_len / ds < self.cfg.target_length {
             return Err(Error::invalid(
                 "DNA length",
                 format!(

@@ -285,7 +285,7 @@ impl EnformerTrunk {
     /// it for n = 1536; `tools/convert_checkpoint.py --export-tf-gammas` writes it), as `use_tf_gamma` does.
     pub fn set_tf_gammas(&mut self, gammas: &[f32]) -> Result<()> {
         let k = self.cfg.dim / self.cfg.heads / 6;
-        if k == 0 || gammas.len() % k != 0 || (gammas.len() / k) % 2 == 0 {
+        if k == 0 || !gammas.len().is_multiple_of(k) || (gammas.len() / k).is_multiple_of(2) {
             return Err(Error::shape(
                 "tf gammas",
                 format!("{} values is not [2n−1, {k}]", gammas.len()),

@@ -91,12 +91,12 @@ impl EnformerTrunk {
             halo: tb.conv.width / 2,
         }));
         if acts.tiles.is_none() {
-            acts.tiles = Some(TileActs::new(b)?);
+            acts.tiles = Some(Box::new(TileActs::new(b)?));
         }
         let mut len = seq_len;
         let mut input: Option<usize> = None;
         for (next, level) in levels.iter().enumerate() {
-            if len % 2 != 0 {
+            if !len.is_multiple_of(2) {
                 return Err(Error::invalid(
                     "enformer",
                     format!("level {next} has an odd length {len}"),

@@ -589,7 +589,9 @@ impl IsoformerConfig {
                     let e = self.enformer_config();
                     e.validate()?;
                     let bins = self.dna_sequence_length >> e.num_downsamples;
-                    if self.dna_sequence_length % (1 << e.num_downsamples) != 0
+                    if !self
+                        .dna_sequence_length
+                        .is_multiple_of(1 << e.num_downsamples)
                         || bins < e.target_length
                     {
                         return Err(format!(
@@ -628,7 +630,7 @@ impl IsoformerConfig {
                     let w = self.width(m);
                     let queried =
                         self.aggregator == Aggregator::ModalityCentred || m == self.modalities[0];
-                    if queried && w % self.num_heads_omics_cross_attention != 0 {
+                    if queried && !w.is_multiple_of(self.num_heads_omics_cross_attention) {
                         return Err(format!(
                             "the {} width {w} does not split into {} cross-attention heads",
                             m.name(),
@@ -641,7 +643,7 @@ impl IsoformerConfig {
             Aggregator::LinearMean => self.aggregator_width.unwrap_or(q),
             Aggregator::Perceiver => {
                 let w = self.aggregator_width.unwrap_or(q);
-                if w % self.num_heads_omics_cross_attention != 0 {
+                if !w.is_multiple_of(self.num_heads_omics_cross_attention) {
                     return Err(format!(
                         "the resampler width {w} does not split into {} heads",
                         self.num_heads_omics_cross_attention
