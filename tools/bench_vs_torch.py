@@ -313,8 +313,8 @@ def main():
     print()
     cols = ["engine", "torch fp32", "torch bf16", "esm-cpp"]
     print("| workload | " + " | ".join(f"{c} s (tok/s, peak RSS)" for c in cols)
-          + " | engine vs best PyTorch | engine vs esm-cpp |")
-    print("|---" * (len(cols) + 3) + "|")
+          + " | engine vs PyTorch fp32 | engine vs best PyTorch | engine vs esm-cpp |")
+    print("|---" * (len(cols) + 4) + "|")
     for w, tokens, s in rows:
         cells = []
         for c in cols:
@@ -326,7 +326,8 @@ def main():
         torch_best = min((s[c][0] for c in ("torch fp32", "torch bf16") if c in s), default=None)
         ratio = f"{torch_best / s['engine'][0]:.2f}×" if torch_best and "engine" in s else "–"
         vs_cpp = f"{s['esm-cpp'][0] / s['engine'][0]:.2f}×" if "esm-cpp" in s and "engine" in s else "–"
-        print(f"| {w} | " + " | ".join(cells) + f" | {ratio} | {vs_cpp} |")
+        vs_fp32 = f"{s['torch fp32'][0] / s['engine'][0]:.2f}×" if "torch fp32" in s and "engine" in s else "–"
+        print(f"| {w} | " + " | ".join(cells) + f" | {vs_fp32} | {ratio} | {vs_cpp} |")
 
 
 if __name__ == "__main__":
