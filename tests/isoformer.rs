@@ -665,7 +665,7 @@ fn the_recording_backend_sees_every_allocation_of_a_real_step() {
     step(
         &rec,
         &model,
-        IsoformerParams::zeros(&rec, &model).unwrap(),
+        IsoformerParams::zeros(&rec, &model, true).unwrap(),
         &batch,
     );
     assert_eq!(cpu.allocations(), rec.allocations());

@@ -187,6 +187,18 @@ impl<B: Backend> TrainState<B> {
         })
     }
 
+    /// The parameters alone, for inference: no gradients and no optimiser moments are allocated (3× the
+    /// parameters' f32 size saved); asking for them is an error.
+    pub fn without_optimizer(backend: &B, params: ParamSet<B>) -> Result<Self> {
+        Ok(TrainState {
+            grads: Tensor::new(backend, Role::Exact, 0)?,
+            adam_m: Tensor::new(backend, Role::Exact, 0)?,
+            adam_v: Tensor::new(backend, Role::Exact, 0)?,
+            params,
+            step: 0,
+        })
+    }
+
     /// The parameters the forward reads and the gradients the backward adds into, one view per entry.
     pub fn params_and_grads(&mut self) -> Result<ParamsAndGrads<'_, B>> {
         let views = self.params.views()?;

@@ -154,7 +154,14 @@ pub fn run(a: PlanArgs) -> Result<()> {
         spec.protein_tokens
     );
     for (name, bytes) in [
-        ("trainable parameters", r.trainable_params),
+        (
+            if spec.train {
+                "trainable parameters"
+            } else {
+                "parameters"
+            },
+            r.trainable_params,
+        ),
         ("frozen encoder weights", r.frozen_params),
         ("gradients", r.gradients),
         ("AdamW moments", r.moments),

@@ -280,7 +280,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     let data = open_dataset(&model.cfg, &a.data)?;
     let metrics = with_backend(&a.device, |backend| {
         dispatch!(backend, b => {
-            let params = IsoformerParams::upload_with_lora(b.as_ref(), &model, &host, Some(&lora))?;
+            let params = IsoformerParams::upload_for_inference(b.as_ref(), &model, &host, Some(&lora))?;
             evaluate_split(b.as_ref(), &model, &params, &data, split, &stats, None)
         })
     })?;
@@ -385,7 +385,7 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
     with_backend(&a.device, |backend| {
         dispatch!(backend, b => {
             let b = b.as_ref();
-            let params = IsoformerParams::upload_with_lora(b, &model, &host, Some(&lora))?;
+            let params = IsoformerParams::upload_for_inference(b, &model, &host, Some(&lora))?;
             if a.input.is_dir() {
                 let data = open_dataset(&model.cfg, &a.input)?;
                 let split = parse_split(&a.split)?;

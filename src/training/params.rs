@@ -128,12 +128,23 @@ impl<B: Backend> IsoformerParams<B> {
         host: &[Vec<Vec<f32>>],
         lora_values: Option<&HashMap<String, Vec<f32>>>,
     ) -> Result<Self> {
-        Self::build(b, model, Some(host), lora_values)
+        Self::build(b, model, Some(host), lora_values, true)
     }
 
-    /// Zero-filled parameters of every section (no host copy): what a run allocates, for planning.
-    pub fn zeros(b: &B, model: &Isoformer) -> Result<Self> {
-        Self::build(b, model, None, None)
+    /// [`Self::upload_with_lora`] for evaluation and prediction: no gradients and no optimiser moments.
+    pub fn upload_for_inference(
+        b: &B,
+        model: &Isoformer,
+        host: &[Vec<Vec<f32>>],
+        lora_values: Option<&HashMap<String, Vec<f32>>>,
+    ) -> Result<Self> {
+        Self::build(b, model, Some(host), lora_values, false)
+    }
+
+    /// Zero-filled parameters of every section (no host copy): what a run allocates, for planning; with
+    /// `training`, also the gradients and moments.
+    pub fn zeros(b: &B, model: &Isoformer, training: bool) -> Result<Self> {
+        Self::build(b, model, None, None, training)
     }
 
     fn build(
@@ -141,6 +152,7 @@ impl<B: Backend> IsoformerParams<B> {
         model: &Isoformer,
         host: Option<&[Vec<Vec<f32>>]>,
         lora_values: Option<&HashMap<String, Vec<f32>>>,
+        training: bool,
     ) -> Result<Self> {
         let flags = in_train_state(model);
         let sections = model.sections();
@@ -255,7 +267,11 @@ impl<B: Backend> IsoformerParams<B> {
         } else {
             ParamSet::zeros(b, train_layout, true)?
         };
-        let train = TrainState::new(b, params)?;
+        let train = if training {
+            TrainState::new(b, params)?
+        } else {
+            TrainState::without_optimizer(b, params)?
+        };
         let frozen = if frozen_sections.is_empty() {
             None
         } else {

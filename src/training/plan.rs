@@ -51,7 +51,7 @@ impl PlanReport {
 pub fn plan_step(spec: &PlanSpec) -> Result<PlanReport> {
     let model = Isoformer::new(spec.config.clone())?;
     let b = RecordingBackend::new(spec.compute);
-    let mut params = IsoformerParams::zeros(&b, &model)?;
+    let mut params = IsoformerParams::zeros(&b, &model, spec.train)?;
     let elems = |layout: &crate::runtime::Layout| layout.total_bytes() / 4;
     let compute_size = spec.compute.size_in_bytes();
     let train_elems = elems(params.train_layout());
@@ -67,8 +67,8 @@ pub fn plan_step(spec: &PlanSpec) -> Result<PlanReport> {
     let report_base = PlanReport {
         trainable_params: train_elems * 4 + copy,
         frozen_params: frozen,
-        gradients: train_elems * 4,
-        moments: train_elems * 8,
+        gradients: if spec.train { train_elems * 4 } else { 0 },
+        moments: if spec.train { train_elems * 8 } else { 0 },
         step_peak: 0,
     };
     let baseline = b.live_bytes();
@@ -136,4 +136,32 @@ pub fn largest_batch(spec: &PlanSpec, budget: usize, limit: usize) -> Result<usi
         }
     }
     Ok(lo)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An inference plan holds no gradients or optimiser moments (evaluation and prediction allocate none),
+    /// and its step is smaller than a training step's.
+    #[test]
+    fn inference_plans_no_gradients_or_moments() {
+        let config = IsoformerConfig::resolve("demo").unwrap();
+        let spec = |train| PlanSpec {
+            config: config.clone(),
+            batch: 2,
+            rna_tokens: 64,
+            protein_tokens: 64,
+            train,
+            compute: DType::F32,
+        };
+        let (infer, train) = (
+            plan_step(&spec(false)).unwrap(),
+            plan_step(&spec(true)).unwrap(),
+        );
+        assert_eq!((infer.gradients, infer.moments), (0, 0));
+        assert_eq!(train.gradients, train.trainable_params);
+        assert_eq!(train.moments, 2 * train.trainable_params);
+        assert!(infer.step_peak > 0 && infer.step_peak < train.step_peak);
+    }
 }
