@@ -555,8 +555,8 @@ fn enformer_tiled_inference_matches_whole_sequence() {
     }
     let cpu = CpuBackend::new();
     let (whole, _) = run(&cpu, &trunk, &params, &all, batch, seq_len, true);
-    // Tiles of 10, 14 and 6 positions at the stem and tower levels (48 channels at most), so tile edges,
-    // halos and the sequence ends all occur; and the default (one tile per level here).
+    // Tiles of 34, 44 and 20 positions (stem, tower levels 1 and 2; 24, 24 and 48 channels) and of 10, 20
+    // and 8, so tile edges, halos and the sequence ends all occur; and the default (one tile per level).
     for elements in [48 * 24, 48 * 12, usize::MAX / 2] {
         trunk.set_tile_elements(elements);
         let (tiled, warm) = run(&cpu, &trunk, &params, &all, batch, seq_len, false);

@@ -111,8 +111,7 @@ def child_torch(args):
             enc = tok(batch, padding=True, return_tensors="pt", truncation=True, max_length=args.max_tokens)
             return model(**enc).last_hidden_state
     with torch.inference_mode():
-        if args.model != "enformer" or len(batches) > 1:
-            run(batches[0])  # warm-up (Enformer at 196 kb: one sequence, the run itself is the measure)
+        run(batches[0])  # warm-up
         start = time.perf_counter()
         for b in batches:
             run(b)

@@ -242,7 +242,7 @@ impl<B: Backend> TrainState<B> {
             .params
             .master
             .as_mut()
-            .expect("checked in new")
+            .ok_or_else(|| Error::invalid("training", "the parameters have no f32 master copy"))?
             .view_mut()
             .split_ranges(ranges)?;
         let mut compute = match self.params.compute.as_mut() {

@@ -17,12 +17,10 @@ pub(crate) fn softmax_row_in_place(row: &mut [f32]) -> f32 {
 
 #[inline(always)]
 fn softmax_row(row: &mut [f32]) -> f32 {
-    let max = super::simd::max(row);
+    let (max, sum) = exp_row(row);
     if max == f32::NEG_INFINITY {
-        row.iter_mut().for_each(|v| *v = 0.0);
         return f32::NEG_INFINITY;
     }
-    let sum = exp_shifted_sum(row, max);
     let inv = 1.0 / sum;
     row.iter_mut().for_each(|v| *v *= inv);
     max + sum.ln()
@@ -34,15 +32,18 @@ fn softmax_row(row: &mut [f32]) -> f32 {
 pub(crate) fn exp_row_in_place(row: &mut [f32]) -> (f32, f32) {
     super::simd::dispatch(
         #[inline(always)]
-        || {
-            let max = super::simd::max(row);
-            if max == f32::NEG_INFINITY {
-                row.iter_mut().for_each(|v| *v = 0.0);
-                return (max, 0.0);
-            }
-            (max, exp_shifted_sum(row, max))
-        },
+        || exp_row(row),
     )
+}
+
+#[inline(always)]
+fn exp_row(row: &mut [f32]) -> (f32, f32) {
+    let max = super::simd::max(row);
+    if max == f32::NEG_INFINITY {
+        row.iter_mut().for_each(|v| *v = 0.0);
+        return (max, 0.0);
+    }
+    (max, exp_shifted_sum(row, max))
 }
 
 /// `row[i] = exp(row[i] − max)`, returning the sum (lane-wise partial sums, so the loop vectorises).
