@@ -334,14 +334,36 @@ impl Embedder {
     /// Runs the model on `device` from now on: the CPU (f32), or the emulator or a GPU, with the weights
     /// uploaded as bf16 and the GPU kernels.
     pub fn to_device(&mut self, device: crate::Device) -> Result<()> {
+        self.to_device_as(device, None)
+    }
+
+    /// Runs the model on `device` computing in `dtype` (`None`: the device's default). On the CPU, bf16
+    /// keeps a bf16 copy of the weights and runs the bf16 backend ([`CpuBackend::bf16`]).
+    pub fn to_device_as(
+        &mut self,
+        device: crate::Device,
+        dtype: Option<crate::DType>,
+    ) -> Result<()> {
         let params = &self.params;
-        let upload = device != crate::Device::Cpu;
-        self.placed = match AnyBackend::open(device)? {
-            AnyBackend::Cpu(b) => Placed::Cpu(Box::new(Placement::new(*b, params, upload)?)),
-            AnyBackend::Emu(b) => Placed::Emu(Box::new(Placement::new(*b, params, upload)?)),
-            AnyBackend::Cuda(b) => Placed::Cuda(Box::new(Placement::new(*b, params, upload)?)),
+        self.placed = match AnyBackend::open_as(device, dtype)? {
+            // f32 reads the host parameters in place; bf16 needs its own copy.
+            AnyBackend::Cpu(b) => {
+                let upload = b.weight_dtype() != crate::DType::F32;
+                Placed::Cpu(Box::new(Placement::new(*b, params, upload)?))
+            }
+            AnyBackend::Emu(b) => Placed::Emu(Box::new(Placement::new(*b, params, true)?)),
+            AnyBackend::Cuda(b) => Placed::Cuda(Box::new(Placement::new(*b, params, true)?)),
         };
         Ok(())
+    }
+
+    /// The dtype of the weights the model computes with on its backend.
+    pub fn weight_dtype(&self) -> crate::DType {
+        match &self.placed {
+            Placed::Cpu(p) => p.backend.weight_dtype(),
+            Placed::Emu(p) => p.backend.weight_dtype(),
+            Placed::Cuda(p) => p.backend.weight_dtype(),
+        }
     }
 
     pub fn kind(&self) -> ModelKind {
@@ -420,10 +442,9 @@ impl Embedder {
                         .collect()
                 };
                 match &self.placed {
-                    // The CPU reads the host parameters in place.
                     Placed::Cpu(p) => p.transformer_hidden(
                         encoder,
-                        &host_views(&self.params),
+                        &cpu_views(p, &self.params)?,
                         &ids,
                         &lens,
                         len,
@@ -459,10 +480,9 @@ impl Embedder {
                 }
                 let batch = seqs.len();
                 let (embeddings, bins) = match &self.placed {
-                    // The CPU reads the host parameters in place.
                     Placed::Cpu(p) => p.enformer_embeddings(
                         trunk,
-                        &host_views(&self.params),
+                        &cpu_views(p, &self.params)?,
                         &one_hot,
                         batch,
                         len,
@@ -536,6 +556,17 @@ fn expected_extra(kind: ModelKind, name: &str) -> bool {
         .any(|p| name.contains(p)),
         // Embedding stops at the trunk: the output heads are read only when predicting tracks.
         ModelKind::Enformer => name.starts_with("_heads.") || name.contains("._heads."),
+    }
+}
+
+/// The parameters a CPU placement reads: the uploaded bf16 copy, or (f32) the host parameters in place.
+fn cpu_views<'a>(
+    p: &'a Placement<CpuBackend>,
+    host: &'a ModelParams,
+) -> Result<Vec<View<'a, CpuBackend>>> {
+    match p.params {
+        Some(_) => p.views(),
+        None => Ok(host_views(host)),
     }
 }
 

@@ -1298,6 +1298,15 @@ fn emu_every_op_matches_the_cpu_and_every_kernel_is_reached() {
     assert!(missing.is_empty(), "kernels no case reaches: {missing:?}");
 }
 
+/// The CPU with bf16 activations and weight copies (the `vdpbf16ps` GEMM where the CPU has it) meets the
+/// same bounds as the kernel devices.
+#[test]
+fn cpu_bf16_activations_every_op_matches_the_cpu() {
+    let b = CpuBackend::bf16_activations();
+    assert_eq!(b.compute_dtype(), isoformer_engine::DType::BF16);
+    check_backend(&b);
+}
+
 /// The CPU backend through the harness against itself twice: deterministic, and a broken output is
 /// caught (the harness can fail).
 #[test]

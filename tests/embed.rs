@@ -240,57 +240,97 @@ fn bad_requests_are_clear_errors() {
     assert!(!out.exists(), "no output is left behind by a failed run");
 }
 
-/// `embed --device emu`: ESM-2, NT-v2 and Enformer run with the GPU kernels on the host emulator (bf16 activations),
-/// against the PyTorch outputs; 2⁻⁶ of the scale for these bf16 pipelines.
-#[test]
-fn emu_embed_runs_the_transformers_with_the_gpu_kernels() {
+/// Max |got − want| over a batch, relative to max |want|, and the worst per-sequence relative Frobenius
+/// error against `f32` (the engine's own f32 CPU output).
+fn bf16_errors(got: &[Vec<f32>], want: &[f32], f32_out: &[Vec<f32>]) -> (f32, f64) {
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let mut worst = 0.0f32;
+    let mut at = 0;
+    for rows in got {
+        let w = &want[at..at + rows.len()];
+        worst = rows
+            .iter()
+            .zip(w)
+            .fold(worst, |m, (g, w)| m.max((g - w).abs() / scale));
+        at += rows.len();
+    }
+    let frob = got
+        .iter()
+        .zip(f32_out)
+        .map(|(g, f)| {
+            let (d, n) = g.iter().zip(f).fold((0.0f64, 0.0f64), |(d, n), (a, b)| {
+                (d + (*a as f64 - *b as f64).powi(2), n + (*b as f64).powi(2))
+            });
+            (d / n).sqrt()
+        })
+        .fold(0.0f64, f64::max);
+    (worst, frob)
+}
+
+/// ESM-2, NT-v2 and Enformer with bf16 weights on `device` against the PyTorch outputs (2⁻⁶ of the scale
+/// for these bf16 pipelines) and, where `vs_f32` is given, within that relative error (per sequence) of
+/// the engine's f32 CPU run.
+fn bf16_embed_matches_pytorch(
+    device: isoformer_engine::Device,
+    dtype: Option<isoformer_engine::DType>,
+    vs_f32: Option<f64>,
+) {
     use isoformer_engine::embed::{Embedder, ModelKind, Pool};
-    for (kind, dir) in [
-        (ModelKind::Esm2, "esm2"),
-        (ModelKind::NucleotideTransformer, "nt_v2"),
+    for (kind, dir, output) in [
+        (ModelKind::Esm2, "esm2", "last_hidden_state"),
+        (
+            ModelKind::NucleotideTransformer,
+            "nt_v2",
+            "last_hidden_state",
+        ),
+        (ModelKind::Enformer, "enformer", "embeddings"),
     ] {
         let (reference, meta) = tensors(&fixture(dir).join("reference.safetensors"));
         let seqs: Vec<String> = meta["sequences"].split('\n').map(String::from).collect();
         let refs: Vec<&str> = seqs.iter().map(String::as_str).collect();
         let mut e = Embedder::load(kind, &fixture(dir), None).unwrap();
-        e.to_device(isoformer_engine::Device::Emulator).unwrap();
+        let f32_out = e.embed(&refs, Pool::None).unwrap();
+        e.to_device_as(device, dtype).unwrap();
+        assert_eq!(e.weight_dtype(), isoformer_engine::DType::BF16);
         let got = e.embed(&refs, Pool::None).unwrap();
-        let (shape, hidden) = &reference["last_hidden_state"];
-        let (len, h) = (shape[1], shape[2]);
-        let scale = hidden.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let mut worst = 0.0f32;
-        for (b, rows) in got.iter().enumerate() {
-            let want = &hidden[b * len * h..b * len * h + rows.len()];
-            let err = rows
-                .iter()
-                .zip(want)
-                .fold(0.0f32, |m, (g, w)| m.max((g - w).abs()));
+        let (shape, values) = &reference[output];
+        // Transformer references are padded to the longest sequence: take each sequence's rows.
+        let want: Vec<f32> = if kind == ModelKind::Enformer {
+            values.clone()
+        } else {
+            let (len, h) = (shape[1], shape[2]);
+            got.iter()
+                .enumerate()
+                .flat_map(|(b, rows)| values[b * len * h..b * len * h + rows.len()].to_vec())
+                .collect()
+        };
+        let (err, frob) = bf16_errors(&got, &want, &f32_out);
+        println!(
+            "{dir} on {device} bf16: max error / max value {err:.3e} vs PyTorch; relative error {frob:.3e} vs f32"
+        );
+        assert!(err <= 1.0 / 64.0, "{dir}: error {err:.3e} of the scale");
+        if let Some(bound) = vs_f32 {
             assert!(
-                err <= scale / 64.0,
-                "{dir} sequence {b}: error {err:.3e} vs scale {scale:.3e}"
+                frob <= bound,
+                "{dir}: relative error {frob:.3e} against f32"
             );
-            worst = worst.max(err / scale);
         }
-        println!("{dir} on the emulator: max error / max value {worst:.3e}");
     }
-    // Enformer: conv tower, attention pooling, relative-position transformer, all with the GPU kernels.
-    let (reference, meta) = tensors(&fixture("enformer").join("reference.safetensors"));
-    let seqs: Vec<String> = meta["sequences"].split('\n').map(String::from).collect();
-    let refs: Vec<&str> = seqs.iter().map(String::as_str).collect();
-    let mut enf = Embedder::load(ModelKind::Enformer, &fixture("enformer"), None).unwrap();
-    enf.to_device(isoformer_engine::Device::Emulator).unwrap();
-    let got = enf.embed(&refs, Pool::None).unwrap();
-    let want = &reference["embeddings"].1;
-    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let err = got
-        .concat()
-        .iter()
-        .zip(want)
-        .fold(0.0f32, |m, (g, w)| m.max((g - w).abs()));
-    println!("enformer on the emulator: error {err:.3e}, scale {scale:.3e}");
-    assert!(
-        err <= scale / 64.0,
-        "enformer: error {err:.3e} vs scale {scale:.3e}"
+}
+
+/// `embed --device emu`: ESM-2, NT-v2 and Enformer run with the GPU kernels on the host emulator.
+#[test]
+fn emu_embed_runs_the_transformers_with_the_gpu_kernels() {
+    bf16_embed_matches_pytorch(isoformer_engine::Device::Emulator, None, None);
+}
+
+/// `embed --dtype bf16` on the CPU: bf16 weights, the bf16 GEMM.
+#[test]
+fn cpu_bf16_embed_matches_pytorch_and_f32() {
+    bf16_embed_matches_pytorch(
+        isoformer_engine::Device::Cpu,
+        Some(isoformer_engine::DType::BF16),
+        Some(1e-2),
     );
 }
 

@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use super::scratch::{Scratch, ScratchPool};
 use super::{
     check_view, rows_of, Act, AdamWStep, AttentionDims, Backend, BatchNormStats, Conv1dDims,
     LinearDims, Memory, PoolDims, View, ViewMut,
@@ -14,6 +15,7 @@ use crate::ops::attention::{AttentionBias, AttentionInputs};
 use crate::ops::elementwise::{GeluErf, GeluSigmoid, Relu, Softplus};
 use crate::runtime::DType;
 use crate::{Error, Result};
+use half::bf16;
 
 /// Host memory, 64-byte aligned and zero-filled. Ops reach it only through views.
 pub struct HostMem {
@@ -54,7 +56,8 @@ impl Memory for HostMem {
     }
 }
 
-/// The f32 CPU backend (multi-threaded with rayon).
+/// The CPU backend (multi-threaded with rayon): f32 activations (the reference), or bf16 activations and
+/// compute copies of the weights with f32 accumulation and statistics ([`CpuBackend::bf16`]).
 #[derive(Default)]
 pub struct CpuBackend {
     allocations: AtomicUsize,
@@ -64,6 +67,12 @@ pub struct CpuBackend {
     /// them, while computing in f32: the "bf16-rounded reference" of FlashAttention's accuracy criterion,
     /// applied to whole models.
     bf16_storage: bool,
+    /// Activations and weight compute copies in bf16 memory (`compute_dtype` bf16).
+    bf16_activations: bool,
+    /// Weight compute copies in bf16 memory, activations f32 (`weight_dtype` bf16).
+    bf16_weights: bool,
+    /// f32 copies of bf16 operands while an op runs (bf16 activations only).
+    scratch: ScratchPool,
 }
 
 impl CpuBackend {
@@ -79,26 +88,166 @@ impl CpuBackend {
         }
     }
 
-    /// An activation output: rounded to bf16 when dropped (or [`Stored::settle`]d) in bf16-storage mode.
+    /// The bf16 backend, as `--dtype bf16` runs it: the compute copies of the weights are bf16 and every
+    /// linear layer runs on the bf16 GEMM ([`ops::gemm_bf16`], `vdpbf16ps` where the CPU has it) with f32
+    /// accumulation, its activation operand rounded to bf16 as it is packed; activations between ops,
+    /// statistics, attention and the residual stream stay f32. Half the weight memory and about twice
+    /// the GEMM rate of f32, at the accuracy of bf16 matrix products (the same as PyTorch's CPU autocast).
+    pub fn bf16() -> Self {
+        CpuBackend {
+            bf16_weights: true,
+            ..Self::default()
+        }
+    }
+
+    /// bf16 everywhere kernel devices use it: activations and the compute copies of the weights are bf16
+    /// in memory; linear layers run on the bf16 GEMM; the other ops widen their inputs to f32, compute in
+    /// f32 and round their outputs once. Statistics, parameter gradients and optimiser state stay f32.
+    pub fn bf16_activations() -> Self {
+        CpuBackend {
+            bf16_activations: true,
+            ..Self::default()
+        }
+    }
+
+    /// The backend for activations of `dtype` (f32 or bf16).
+    pub fn with_dtype(dtype: DType) -> Result<Self> {
+        match dtype {
+            DType::F32 => Ok(Self::new()),
+            DType::BF16 => Ok(Self::bf16()),
+            other => Err(Error::invalid(
+                "dtype",
+                format!("the CPU backend computes in f32 or bf16, not {other}"),
+            )),
+        }
+    }
+
+    /// An activation output that the op adds into or updates: rounded to bf16 when dropped (or
+    /// [`Stored::settle`]d) in bf16-storage mode; for bf16 memory, widened first and rounded back.
     fn act<'a>(
-        &self,
+        &'a self,
         op: &'static str,
         name: &str,
         v: ViewMut<'a, CpuBackend>,
     ) -> Result<Stored<'a>> {
+        self.stored(op, name, v, true)
+    }
+
+    /// An activation output that the op overwrites entirely (a forward): for bf16 memory, the f32 values
+    /// start unspecified instead of widened.
+    fn out<'a>(
+        &'a self,
+        op: &'static str,
+        name: &str,
+        v: ViewMut<'a, CpuBackend>,
+    ) -> Result<Stored<'a>> {
+        self.stored(op, name, v, false)
+    }
+
+    fn stored<'a>(
+        &'a self,
+        op: &'static str,
+        name: &str,
+        v: ViewMut<'a, CpuBackend>,
+        read_old: bool,
+    ) -> Result<Stored<'a>> {
+        let slot = match v.dtype() {
+            DType::BF16 => {
+                let target = bf16s_mut(v);
+                let mut values = self.scratch.take(target.len());
+                if read_old {
+                    ops::simd::widen_bf16(&mut values, target);
+                }
+                Slot::Widened(values, target)
+            }
+            _ => Slot::Host(f32s_mut(op, name, v)?),
+        };
         Ok(Stored {
-            values: f32s_mut(op, name, v)?,
+            slot,
             round: self.bf16_storage,
         })
     }
 
     fn act_opt<'a>(
-        &self,
+        &'a self,
         op: &'static str,
         name: &str,
         v: Option<ViewMut<'a, CpuBackend>>,
     ) -> Result<Option<Stored<'a>>> {
         v.map(|v| self.act(op, name, v)).transpose()
+    }
+
+    /// An input as f32 values: in place for f32 memory, widened into scratch for bf16.
+    fn f32s<'a>(
+        &'a self,
+        op: &'static str,
+        name: &str,
+        v: View<'a, CpuBackend>,
+    ) -> Result<Input<'a>> {
+        match v.dtype() {
+            DType::F32 => Ok(Input::Host(exact(op, name, v)?)),
+            DType::BF16 => {
+                let src = bf16s(v);
+                let mut values = self.scratch.take(src.len());
+                ops::simd::widen_bf16(&mut values, src);
+                Ok(Input::Widened(values))
+            }
+            other => Err(Error::shape(
+                op,
+                format!("{name} is {other}, expected f32 or bf16"),
+            )),
+        }
+    }
+
+    /// `y = x·Wᵀ + bias` on the path the dtypes select: the bf16 GEMM when the weights are bf16 (bf16
+    /// activations in and out, or f32 activations rounded as they are packed), the f32 GEMM otherwise.
+    fn linear_fwd(
+        &self,
+        op: &'static str,
+        y: ViewMut<'_, CpuBackend>,
+        x: View<'_, CpuBackend>,
+        w: View<'_, CpuBackend>,
+        bias: Option<View<'_, CpuBackend>>,
+        dims: LinearDims,
+    ) -> Result<()> {
+        use ops::gemm_bf16::{GemmOut, Lhs};
+        let bias = bias.map(|b| self.f32s(op, "bias", b)).transpose()?;
+        match (y.dtype(), x.dtype(), w.dtype()) {
+            (DType::BF16, DType::BF16, DType::BF16) => ops::matmul::linear_bf16_weights(
+                GemmOut::Bf16 {
+                    c: bf16s_mut(y),
+                    bias: bias.as_deref(),
+                },
+                Lhs::Bf16(bf16s(x)),
+                bf16s(w),
+                dims,
+            ),
+            (DType::F32, DType::F32, DType::BF16) => {
+                let mut y = self.out(op, "y", y)?;
+                if let Some(bias) = &bias {
+                    check_len(op, "bias", bias.len(), dims.d_out)?;
+                    check_len(op, "y", y.len(), dims.rows.saturating_mul(dims.d_out))?;
+                    y.chunks_mut(dims.d_out.max(1))
+                        .for_each(|row| row.copy_from_slice(bias));
+                }
+                ops::matmul::linear_bf16_weights(
+                    GemmOut::F32 {
+                        c: &mut y,
+                        accumulate: bias.is_some(),
+                    },
+                    Lhs::F32(exact(op, "x", x)?),
+                    bf16s(w),
+                    dims,
+                )
+            }
+            _ => ops::matmul::linear(
+                &mut self.out(op, "y", y)?,
+                &self.f32s(op, "x", x)?,
+                &self.f32s(op, "w", w)?,
+                bias.as_deref(),
+                dims,
+            ),
+        }
     }
 
     /// A view of host f32 values (for example parameters mapped from a weight file).
@@ -114,19 +263,56 @@ impl CpuBackend {
     }
 }
 
+/// Where an op's output values live while it writes them.
+enum Slot<'a> {
+    /// In place, in host f32 memory.
+    Host(&'a mut [f32]),
+    /// In an f32 copy of bf16 memory, rounded back when the output is settled.
+    Widened(Scratch<'a>, &'a mut [bf16]),
+}
+
+/// An op's input as f32 values; see [`CpuBackend::f32s`].
+enum Input<'a> {
+    Host(&'a [f32]),
+    Widened(Scratch<'a>),
+}
+
+impl std::ops::Deref for Input<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            Input::Host(v) => v,
+            Input::Widened(v) => v,
+        }
+    }
+}
+
 /// An activation output being written; see [`CpuBackend::act`].
 struct Stored<'a> {
-    values: &'a mut [f32],
+    slot: Slot<'a>,
     round: bool,
 }
 
 impl Stored<'_> {
     /// Rounds now (before a later step of the same op reads the values, as a kernel would).
     fn settle(&mut self) {
-        if self.round {
-            self.values
-                .iter_mut()
-                .for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
+        self.store();
+        if let Slot::Widened(values, target) = &mut self.slot {
+            ops::simd::widen_bf16(values, target);
+        }
+    }
+
+    /// Writes the values to their storage: rounded in place in bf16-storage mode, to bf16 memory.
+    fn store(&mut self) {
+        match &mut self.slot {
+            Slot::Host(values) => {
+                if self.round {
+                    values
+                        .iter_mut()
+                        .for_each(|v| *v = bf16::from_f32(*v).to_f32());
+                }
+            }
+            Slot::Widened(values, target) => ops::simd::round_to_bf16(target, values),
         }
     }
 }
@@ -134,34 +320,61 @@ impl Stored<'_> {
 impl std::ops::Deref for Stored<'_> {
     type Target = [f32];
     fn deref(&self) -> &[f32] {
-        self.values
+        match &self.slot {
+            Slot::Host(v) => v,
+            Slot::Widened(v, _) => v,
+        }
     }
 }
 
 impl std::ops::DerefMut for Stored<'_> {
     fn deref_mut(&mut self) -> &mut [f32] {
-        self.values
+        match &mut self.slot {
+            Slot::Host(v) => v,
+            Slot::Widened(v, _) => v,
+        }
     }
 }
 
 impl Drop for Stored<'_> {
     fn drop(&mut self) {
-        self.settle();
+        self.store();
     }
 }
 
-fn f32s<'a>(op: &'static str, name: &str, v: View<'a, CpuBackend>) -> Result<&'a [f32]> {
+fn bf16s<'a>(v: View<'a, CpuBackend>) -> &'a [bf16] {
+    // SAFETY: a bf16 CPU view addresses `numel` host bf16 values, shared for `'a`.
+    unsafe { std::slice::from_raw_parts(v.addr() as *const bf16, v.numel()) }
+}
+
+fn bf16s_mut<'a>(v: ViewMut<'a, CpuBackend>) -> &'a mut [bf16] {
+    // SAFETY: a bf16 CPU mutable view addresses `numel` host bf16 values no other view reaches for `'a`.
+    unsafe { std::slice::from_raw_parts_mut(v.addr() as *mut bf16, v.numel()) }
+}
+
+/// `dst = src`, rounded to nearest even where `dst` is bf16.
+fn store(op: &'static str, dst: ViewMut<'_, CpuBackend>, src: &[f32]) -> Result<()> {
+    check_len(op, "src", src.len(), dst.numel())?;
+    match dst.dtype() {
+        DType::BF16 => ops::simd::round_to_bf16(bf16s_mut(dst), src),
+        _ => f32s_mut(op, "dst", dst)?.copy_from_slice(src),
+    }
+    Ok(())
+}
+
+/// An input that is always f32 (statistics, biases of scores).
+fn exact<'a>(op: &'static str, name: &str, v: View<'a, CpuBackend>) -> Result<&'a [f32]> {
     if v.dtype() != DType::F32 {
         return Err(Error::shape(
             op,
             format!("{name} is {}, expected f32", v.dtype()),
         ));
     }
-    // SAFETY: a CPU view addresses `numel` host f32 values, shared for `'a` (see the module comment of
-    // `backend`).
+    // SAFETY: a CPU view addresses `numel` host f32 values, shared for `'a`.
     Ok(unsafe { std::slice::from_raw_parts(v.addr() as *const f32, v.numel()) })
 }
 
+/// An f32 output (statistics, parameter gradients, optimiser state: always f32).
 fn f32s_mut<'a>(op: &'static str, name: &str, v: ViewMut<'a, CpuBackend>) -> Result<&'a mut [f32]> {
     if v.dtype() != DType::F32 {
         return Err(Error::shape(
@@ -228,11 +441,28 @@ impl Backend for CpuBackend {
     type Mem = HostMem;
 
     fn name(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
+        let dtypes = match (self.weight_dtype(), self.compute_dtype()) {
+            (DType::F32, _) => "f32".to_string(),
+            (w, a) if w == a => w.to_string(),
+            (w, a) => format!("{w} weights, {a} activations"),
+        };
+        format!("cpu {dtypes} ({} threads)", rayon::current_num_threads())
     }
 
     fn compute_dtype(&self) -> DType {
-        DType::F32
+        if self.bf16_activations {
+            DType::BF16
+        } else {
+            DType::F32
+        }
+    }
+
+    fn weight_dtype(&self) -> DType {
+        if self.bf16_activations || self.bf16_weights {
+            DType::BF16
+        } else {
+            DType::F32
+        }
     }
 
     fn alloc(&self, bytes: usize) -> Result<HostMem> {
@@ -254,12 +484,7 @@ impl Backend for CpuBackend {
                 let ints: Vec<i32> = src.iter().map(|&v| v as i32).collect();
                 self.write_i32(dst, &ints)
             }
-            _ => {
-                let d = f32s_mut("write", "dst", dst)?;
-                check_len("write", "src", src.len(), d.len())?;
-                d.copy_from_slice(src);
-                Ok(())
-            }
+            _ => store("write", dst, src),
         }
     }
 
@@ -284,12 +509,12 @@ impl Backend for CpuBackend {
                 .iter()
                 .map(|&v| v as f32)
                 .collect()),
-            _ => Ok(f32s("read", "src", src)?.to_vec()),
+            _ => Ok(self.f32s("read", "src", src)?.to_vec()),
         }
     }
 
     fn with_host_f32<R>(&self, src: View<'_, Self>, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-        Ok(f(f32s("read", "src", src)?))
+        Ok(f(&self.f32s("read", "src", src)?))
     }
 
     fn zero(&self, dst: ViewMut<'_, Self>) -> Result<()> {
@@ -299,11 +524,7 @@ impl Backend for CpuBackend {
     }
 
     fn copy(&self, dst: ViewMut<'_, Self>, src: View<'_, Self>) -> Result<()> {
-        let s = f32s("copy", "src", src)?;
-        let d = f32s_mut("copy", "dst", dst)?;
-        check_len("copy", "dst", d.len(), s.len())?;
-        d.copy_from_slice(s);
-        Ok(())
+        store("copy", dst, &self.f32s("copy", "src", src)?)
     }
 
     fn linear(
@@ -314,20 +535,12 @@ impl Backend for CpuBackend {
         bias: Option<View<'_, Self>>,
         dims: LinearDims,
     ) -> Result<()> {
-        const OP: &str = "linear";
-        let bias = bias.map(|b| f32s(OP, "bias", b)).transpose()?;
-        ops::matmul::linear(
-            &mut self.act(OP, "y", y)?,
-            f32s(OP, "x", x)?,
-            f32s(OP, "w", w)?,
-            bias,
-            dims,
-        )
+        self.linear_fwd("linear", y, x, w, bias, dims)
     }
 
     fn linear_act(
         &self,
-        pre: ViewMut<'_, Self>,
+        mut pre: ViewMut<'_, Self>,
         out: ViewMut<'_, Self>,
         x: View<'_, Self>,
         w: View<'_, Self>,
@@ -336,16 +549,10 @@ impl Backend for CpuBackend {
         dims: LinearDims,
     ) -> Result<()> {
         const OP: &str = "linear_act";
-        let mut pre = self.act(OP, "pre", pre)?;
-        ops::matmul::linear(
-            &mut pre,
-            f32s(OP, "x", x)?,
-            f32s(OP, "w", w)?,
-            Some(f32s(OP, "bias", bias)?),
-            dims,
-        )?;
-        pre.settle();
-        activation_fwd(act, &mut self.act(OP, "out", out)?, &pre)
+        self.linear_fwd(OP, pre.rb(), x, w, Some(bias), dims)?;
+        // `pre` as stored (rounded where activations are bf16), as a kernel reads it back.
+        let pre = self.f32s(OP, "pre", pre.view())?;
+        activation_fwd(act, &mut self.out(OP, "out", out)?, &pre)
     }
 
     fn linear_backward(
@@ -363,33 +570,33 @@ impl Backend for CpuBackend {
             self.act_opt(OP, "dx", dx)?.as_deref_mut(),
             opt_mut(OP, "dw", dw)?,
             opt_mut(OP, "dbias", dbias)?,
-            f32s(OP, "dy", dy)?,
-            f32s(OP, "x", x)?,
-            f32s(OP, "w", w)?,
+            &self.f32s(OP, "dy", dy)?,
+            &self.f32s(OP, "x", x)?,
+            &self.f32s(OP, "w", w)?,
             dims,
         )
     }
 
     fn add(&self, out: ViewMut<'_, Self>, a: View<'_, Self>, b: View<'_, Self>) -> Result<()> {
         ops::elementwise::add(
-            &mut self.act("add", "out", out)?,
-            f32s("add", "a", a)?,
-            f32s("add", "b", b)?,
+            &mut self.out("add", "out", out)?,
+            &self.f32s("add", "a", a)?,
+            &self.f32s("add", "b", b)?,
         )
     }
 
     fn add_row_bias(&self, x: ViewMut<'_, Self>, bias: View<'_, Self>) -> Result<()> {
         const OP: &str = "add_row_bias";
-        let (mut x, bias) = (self.act(OP, "x", x)?, f32s(OP, "bias", bias)?);
+        let (mut x, bias) = (self.act(OP, "x", x)?, &self.f32s(OP, "bias", bias)?);
         rows_of(OP, "x", x.len(), bias.len())?;
         x.chunks_mut(bias.len())
-            .for_each(|row| row.iter_mut().zip(bias).for_each(|(o, b)| *o += b));
+            .for_each(|row| row.iter_mut().zip(bias.iter()).for_each(|(o, b)| *o += b));
         Ok(())
     }
 
     fn scale_rows(&self, x: ViewMut<'_, Self>, scales: View<'_, Self>) -> Result<()> {
         const OP: &str = "scale_rows";
-        let (mut x, scales) = (self.act(OP, "x", x)?, f32s(OP, "scales", scales)?);
+        let (mut x, scales) = (self.act(OP, "x", x)?, &self.f32s(OP, "scales", scales)?);
         if scales.is_empty() || x.len() % scales.len() != 0 {
             return Err(Error::shape(
                 OP,
@@ -399,7 +606,7 @@ impl Backend for CpuBackend {
         let cols = x.len() / scales.len();
         if cols > 0 {
             x.chunks_mut(cols)
-                .zip(scales)
+                .zip(scales.iter())
                 .for_each(|(row, &s)| row.iter_mut().for_each(|v| *v *= s));
         }
         Ok(())
@@ -408,8 +615,8 @@ impl Backend for CpuBackend {
     fn activation(&self, out: ViewMut<'_, Self>, x: View<'_, Self>, act: Act) -> Result<()> {
         activation_fwd(
             act,
-            &mut self.act("activation", "out", out)?,
-            f32s("activation", "x", x)?,
+            &mut self.out("activation", "out", out)?,
+            &self.f32s("activation", "x", x)?,
         )
     }
 
@@ -424,15 +631,15 @@ impl Backend for CpuBackend {
         activation_bwd(
             act,
             &mut self.act(OP, "dx", dx)?,
-            f32s(OP, "dout", dout)?,
-            f32s(OP, "x", x)?,
+            &self.f32s(OP, "dout", dout)?,
+            &self.f32s(OP, "x", x)?,
         )
     }
 
     fn swiglu(&self, out: ViewMut<'_, Self>, u: View<'_, Self>, width: usize) -> Result<()> {
         ops::elementwise::swiglu(
-            &mut self.act("swiglu", "out", out)?,
-            f32s("swiglu", "u", u)?,
+            &mut self.out("swiglu", "out", out)?,
+            &self.f32s("swiglu", "u", u)?,
             width,
         )
     }
@@ -447,8 +654,8 @@ impl Backend for CpuBackend {
         const OP: &str = "swiglu_backward";
         ops::elementwise::swiglu_backward(
             &mut self.act(OP, "du", du)?,
-            f32s(OP, "dout", dout)?,
-            f32s(OP, "u", u)?,
+            &self.f32s(OP, "dout", dout)?,
+            &self.f32s(OP, "u", u)?,
             width,
         )
     }
@@ -465,12 +672,12 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         const OP: &str = "layernorm";
         ops::norm::layernorm(
-            &mut self.act(OP, "out", out)?,
+            &mut self.out(OP, "out", out)?,
             f32s_mut(OP, "mean", mean)?,
             f32s_mut(OP, "rstd", rstd)?,
-            f32s(OP, "x", x)?,
-            f32s(OP, "gamma", gamma)?,
-            f32s(OP, "beta", beta)?,
+            &self.f32s(OP, "x", x)?,
+            &self.f32s(OP, "gamma", gamma)?,
+            &self.f32s(OP, "beta", beta)?,
             gamma.numel(),
             eps,
         )
@@ -489,16 +696,20 @@ impl Backend for CpuBackend {
         eps: f32,
     ) -> Result<()> {
         const OP: &str = "residual_layernorm";
-        let mut sum = self.act(OP, "sum", sum)?;
-        ops::elementwise::add(&mut sum, f32s(OP, "x", x)?, f32s(OP, "delta", delta)?)?;
+        let mut sum = self.out(OP, "sum", sum)?;
+        ops::elementwise::add(
+            &mut sum,
+            &self.f32s(OP, "x", x)?,
+            &self.f32s(OP, "delta", delta)?,
+        )?;
         sum.settle();
         ops::norm::layernorm(
-            &mut self.act(OP, "out", out)?,
+            &mut self.out(OP, "out", out)?,
             f32s_mut(OP, "mean", mean)?,
             f32s_mut(OP, "rstd", rstd)?,
             &sum,
-            f32s(OP, "gamma", gamma)?,
-            f32s(OP, "beta", beta)?,
+            &self.f32s(OP, "gamma", gamma)?,
+            &self.f32s(OP, "beta", beta)?,
             gamma.numel(),
             eps,
         )
@@ -520,11 +731,11 @@ impl Backend for CpuBackend {
             &mut self.act(OP, "dx", dx)?,
             f32s_mut(OP, "dgamma", dgamma)?,
             f32s_mut(OP, "dbeta", dbeta)?,
-            f32s(OP, "dout", dout)?,
-            f32s(OP, "x", x)?,
-            f32s(OP, "gamma", gamma)?,
-            f32s(OP, "mean", mean)?,
-            f32s(OP, "rstd", rstd)?,
+            &self.f32s(OP, "dout", dout)?,
+            &self.f32s(OP, "x", x)?,
+            &self.f32s(OP, "gamma", gamma)?,
+            &self.f32s(OP, "mean", mean)?,
+            &self.f32s(OP, "rstd", rstd)?,
             gamma.numel(),
         )
     }
@@ -541,10 +752,10 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         const OP: &str = "rotary";
         ops::rotary::rotary_with_tables(
-            &mut self.act(OP, "out", out)?,
-            f32s(OP, "x", x)?,
-            f32s(OP, "cos", cos)?,
-            f32s(OP, "sin", sin)?,
+            &mut self.out(OP, "out", out)?,
+            &self.f32s(OP, "x", x)?,
+            &self.f32s(OP, "cos", cos)?,
+            &self.f32s(OP, "sin", sin)?,
             len,
             heads,
             head_dim,
@@ -565,9 +776,9 @@ impl Backend for CpuBackend {
         const OP: &str = "rotary_backward";
         ops::rotary::rotary_with_tables(
             &mut self.act(OP, "dx", dx)?,
-            f32s(OP, "dout", dout)?,
-            f32s(OP, "cos", cos)?,
-            f32s(OP, "sin", sin)?,
+            &self.f32s(OP, "dout", dout)?,
+            &self.f32s(OP, "cos", cos)?,
+            &self.f32s(OP, "sin", sin)?,
             len,
             heads,
             head_dim,
@@ -585,9 +796,9 @@ impl Backend for CpuBackend {
         let ids = token_ids(OP, ids)?;
         let dim = rows_of(OP, "out", out.numel(), ids.len().max(1))?;
         ops::embedding::embedding(
-            &mut self.act(OP, "out", out)?,
+            &mut self.out(OP, "out", out)?,
             &ids,
-            f32s(OP, "table", table)?,
+            &self.f32s(OP, "table", table)?,
             dim,
         )
     }
@@ -603,7 +814,7 @@ impl Backend for CpuBackend {
         let dim = rows_of(OP, "dout", dout.numel(), ids.len().max(1))?;
         ops::embedding::embedding_backward(
             f32s_mut(OP, "dtable", dtable)?,
-            f32s(OP, "dout", dout)?,
+            &self.f32s(OP, "dout", dout)?,
             &ids,
             dim,
         )
@@ -623,14 +834,14 @@ impl Backend for CpuBackend {
         const OP: &str = "attention";
         let lens = lens_of(OP, kv_lens)?;
         let inputs = AttentionInputs {
-            q: f32s(OP, "q", q)?,
-            k: f32s(OP, "k", k)?,
-            v: f32s(OP, "v", v)?,
+            q: &self.f32s(OP, "q", q)?,
+            k: &self.f32s(OP, "k", k)?,
+            v: &self.f32s(OP, "v", v)?,
             kv_lens: lens.as_deref(),
             bias: bias
                 .map(|(b, per_batch)| {
                     Ok::<_, Error>(AttentionBias {
-                        data: f32s(OP, "bias", b)?,
+                        data: exact(OP, "bias", b)?,
                         per_batch,
                     })
                 })
@@ -645,7 +856,7 @@ impl Backend for CpuBackend {
             ws.resize(need, 0.0);
         }
         ops::attention::attention(
-            &mut self.act(OP, "out", out)?,
+            &mut self.out(OP, "out", out)?,
             f32s_mut(OP, "lse", lse)?,
             inputs,
             dims,
@@ -672,14 +883,14 @@ impl Backend for CpuBackend {
         const OP: &str = "attention_backward";
         let lens = lens_of(OP, kv_lens)?;
         let inputs = AttentionInputs {
-            q: f32s(OP, "q", q)?,
-            k: f32s(OP, "k", k)?,
-            v: f32s(OP, "v", v)?,
+            q: &self.f32s(OP, "q", q)?,
+            k: &self.f32s(OP, "k", k)?,
+            v: &self.f32s(OP, "v", v)?,
             kv_lens: lens.as_deref(),
             bias: bias
                 .map(|(b, per_batch)| {
                     Ok::<_, Error>(AttentionBias {
-                        data: f32s(OP, "bias", b)?,
+                        data: exact(OP, "bias", b)?,
                         per_batch,
                     })
                 })
@@ -698,9 +909,9 @@ impl Backend for CpuBackend {
             &mut self.act(OP, "dk", dk)?,
             &mut self.act(OP, "dv", dv)?,
             opt_mut(OP, "dbias", dbias)?,
-            f32s(OP, "dout", dout)?,
-            f32s(OP, "out", out)?,
-            f32s(OP, "lse", lse)?,
+            &self.f32s(OP, "dout", dout)?,
+            &self.f32s(OP, "out", out)?,
+            &self.f32s(OP, "lse", lse)?,
             inputs,
             dims,
             &mut ws,
@@ -709,7 +920,7 @@ impl Backend for CpuBackend {
 
     fn sum_rows(&self, out: ViewMut<'_, Self>, m: View<'_, Self>) -> Result<()> {
         const OP: &str = "sum_rows";
-        let (out, m) = (f32s_mut(OP, "out", out)?, f32s(OP, "m", m)?);
+        let (out, m) = (f32s_mut(OP, "out", out)?, &self.f32s(OP, "m", m)?);
         rows_of(OP, "m", m.len(), out.len())?;
         ops::matmul::sum_rows_into(out, m, out.len());
         Ok(())
@@ -717,8 +928,8 @@ impl Backend for CpuBackend {
 
     fn softmax(&self, out: ViewMut<'_, Self>, x: View<'_, Self>, dim: usize) -> Result<()> {
         ops::softmax::softmax(
-            &mut self.act("softmax", "out", out)?,
-            f32s("softmax", "x", x)?,
+            &mut self.out("softmax", "out", out)?,
+            &self.f32s("softmax", "x", x)?,
             dim,
         )
     }
@@ -733,8 +944,8 @@ impl Backend for CpuBackend {
         const OP: &str = "softmax_backward";
         ops::softmax::softmax_backward(
             &mut self.act(OP, "dx", dx)?,
-            f32s(OP, "dy", dy)?,
-            f32s(OP, "y", y)?,
+            &self.f32s(OP, "dy", dy)?,
+            &self.f32s(OP, "y", y)?,
             dim,
         )
     }
@@ -748,12 +959,12 @@ impl Backend for CpuBackend {
         dims: &Conv1dDims,
     ) -> Result<()> {
         const OP: &str = "conv1d";
-        let bias = bias.map(|b| f32s(OP, "bias", b)).transpose()?;
+        let bias = bias.map(|b| self.f32s(OP, "bias", b)).transpose()?;
         ops::conv::conv1d(
-            &mut self.act(OP, "out", out)?,
-            f32s(OP, "x", x)?,
-            f32s(OP, "w", w)?,
-            bias,
+            &mut self.out(OP, "out", out)?,
+            &self.f32s(OP, "x", x)?,
+            &self.f32s(OP, "w", w)?,
+            bias.as_deref(),
             *dims,
         )
     }
@@ -773,9 +984,9 @@ impl Backend for CpuBackend {
             self.act_opt(OP, "dx", dx)?.as_deref_mut(),
             Some(f32s_mut(OP, "dw", dw)?),
             opt_mut(OP, "dbias", dbias)?,
-            f32s(OP, "dout", dout)?,
-            f32s(OP, "x", x)?,
-            f32s(OP, "w", w)?,
+            &self.f32s(OP, "dout", dout)?,
+            &self.f32s(OP, "x", x)?,
+            &self.f32s(OP, "w", w)?,
             *dims,
         )
     }
@@ -797,14 +1008,17 @@ impl Backend for CpuBackend {
         check_len(OP, "var", var.len(), channels)?;
         let mut rstd = vec![0.0f32; channels];
         let (x, gamma, beta) = (
-            f32s(OP, "x", x)?,
-            f32s(OP, "gamma", gamma)?,
-            f32s(OP, "beta", beta)?,
+            &self.f32s(OP, "x", x)?,
+            &self.f32s(OP, "gamma", gamma)?,
+            &self.f32s(OP, "beta", beta)?,
         );
-        let mut out = self.act(OP, "out", out)?;
+        let mut out = self.out(OP, "out", out)?;
         match stats {
             BatchNormStats::Running { mean: rm, var: rv } => {
-                let (rm, rv) = (f32s(OP, "running_mean", rm)?, f32s(OP, "running_var", rv)?);
+                let (rm, rv) = (
+                    &self.f32s(OP, "running_mean", rm)?,
+                    &self.f32s(OP, "running_var", rv)?,
+                );
                 ops::norm::batchnorm_eval(
                     &mut out, mean, &mut rstd, x, gamma, beta, rm, rv, channels, eps,
                 )?;
@@ -836,7 +1050,7 @@ impl Backend for CpuBackend {
             f32s_mut(OP, "running_mean", running_mean)?,
             f32s_mut(OP, "running_var", running_var)?,
         );
-        let (mean, var) = (f32s(OP, "mean", mean)?, f32s(OP, "var", var)?);
+        let (mean, var) = (&self.f32s(OP, "mean", mean)?, &self.f32s(OP, "var", var)?);
         for (name, len) in [
             ("running_var", rv.len()),
             ("mean", mean.len()),
@@ -870,7 +1084,8 @@ impl Backend for CpuBackend {
         train: bool,
     ) -> Result<()> {
         const OP: &str = "batchnorm_backward";
-        let rstd: Vec<f32> = f32s(OP, "var", var)?
+        let rstd: Vec<f32> = self
+            .f32s(OP, "var", var)?
             .iter()
             .map(|v| 1.0 / (v + eps).sqrt())
             .collect();
@@ -878,10 +1093,10 @@ impl Backend for CpuBackend {
             &mut self.act(OP, "dx", dx)?,
             f32s_mut(OP, "dgamma", dgamma)?,
             f32s_mut(OP, "dbeta", dbeta)?,
-            f32s(OP, "dout", dout)?,
-            f32s(OP, "x", x)?,
-            f32s(OP, "gamma", gamma)?,
-            f32s(OP, "mean", mean)?,
+            &self.f32s(OP, "dout", dout)?,
+            &self.f32s(OP, "x", x)?,
+            &self.f32s(OP, "gamma", gamma)?,
+            &self.f32s(OP, "mean", mean)?,
             &rstd,
             gamma.numel(),
             train,
@@ -898,10 +1113,10 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         const OP: &str = "attention_pool";
         ops::pool::attention_pool(
-            &mut self.act(OP, "out", out)?,
+            &mut self.out(OP, "out", out)?,
             f32s_mut(OP, "logits", logits)?,
-            f32s(OP, "x", x)?,
-            f32s(OP, "w", w)?,
+            &self.f32s(OP, "x", x)?,
+            &self.f32s(OP, "w", w)?,
             *dims,
         )
     }
@@ -922,10 +1137,10 @@ impl Backend for CpuBackend {
             &mut self.act(OP, "dx", dx)?,
             f32s_mut(OP, "dw", dw)?,
             &mut scratch,
-            f32s(OP, "dout", dout)?,
-            f32s(OP, "x", x)?,
-            f32s(OP, "w", w)?,
-            f32s(OP, "logits", logits)?,
+            &self.f32s(OP, "dout", dout)?,
+            &self.f32s(OP, "x", x)?,
+            &self.f32s(OP, "w", w)?,
+            &self.f32s(OP, "logits", logits)?,
             *dims,
         )
     }
@@ -948,8 +1163,8 @@ impl Backend for CpuBackend {
         )?;
         ops::relative::relative_logits(
             f32s_mut(OP, "bias", bias)?,
-            f32s(OP, "q_pos", q_pos)?,
-            f32s(OP, "rel_k", rel_k)?,
+            &self.f32s(OP, "q_pos", q_pos)?,
+            &self.f32s(OP, "rel_k", rel_k)?,
             batch,
             heads,
             n,
@@ -978,9 +1193,9 @@ impl Backend for CpuBackend {
         ops::relative::relative_logits_backward(
             &mut self.act(OP, "dq_pos", dq_pos)?,
             &mut self.act(OP, "drel_k", drel_k)?,
-            f32s(OP, "dbias", dbias)?,
-            f32s(OP, "q_pos", q_pos)?,
-            f32s(OP, "rel_k", rel_k)?,
+            &self.f32s(OP, "dbias", dbias)?,
+            &self.f32s(OP, "q_pos", q_pos)?,
+            &self.f32s(OP, "rel_k", rel_k)?,
             batch,
             heads,
             n,
@@ -989,7 +1204,10 @@ impl Backend for CpuBackend {
     }
 
     fn mse(&self, pred: View<'_, Self>, target: View<'_, Self>) -> Result<f32> {
-        ops::loss::mse(f32s("mse", "pred", pred)?, f32s("mse", "target", target)?)
+        ops::loss::mse(
+            &self.f32s("mse", "pred", pred)?,
+            &self.f32s("mse", "target", target)?,
+        )
     }
 
     fn mse_backward(
@@ -1002,14 +1220,14 @@ impl Backend for CpuBackend {
         const OP: &str = "mse_backward";
         ops::loss::mse_backward(
             &mut self.act(OP, "dpred", dpred)?,
-            f32s(OP, "pred", pred)?,
-            f32s(OP, "target", target)?,
+            &self.f32s(OP, "pred", pred)?,
+            &self.f32s(OP, "target", target)?,
             dloss,
         )
     }
 
     fn sum_squares(&self, x: View<'_, Self>) -> Result<f32> {
-        let x = f32s("sum_squares", "x", x)?;
+        let x = &self.f32s("sum_squares", "x", x)?;
         Ok(x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() as f32)
     }
 
@@ -1029,7 +1247,7 @@ impl Backend for CpuBackend {
             p,
             f32s_mut(OP, "m", m)?,
             f32s_mut(OP, "v", v)?,
-            f32s(OP, "grads", grads)?,
+            &self.f32s(OP, "grads", grads)?,
             &ops::optim::AdamWUpdate {
                 lr: s.lr,
                 beta1: s.beta1,

@@ -21,6 +21,7 @@ pub mod any;
 pub mod cpu;
 pub mod kernel;
 pub mod record;
+pub mod scratch;
 pub mod state;
 
 use std::marker::PhantomData;
@@ -47,8 +48,10 @@ pub enum Act {
 /// What a tensor holds; the backend picks its dtype.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
-    /// Activations, their gradients and compute copies of parameters: the compute dtype.
+    /// Activations and their gradients: the compute dtype.
     Activation,
+    /// The compute copy of parameters (what the forward reads): the weight dtype.
+    Weight,
     /// Statistics, scales, biases of scores, gradients of parameters, master weights, optimiser state: f32.
     Exact,
     /// Token ids and lengths: i32.
@@ -75,9 +78,16 @@ pub trait Backend: Sized {
     /// Waits for queued work (a no-op on synchronous backends).
     fn synchronize(&self) -> Result<()>;
 
+    /// The dtype of the compute copy of parameters: the compute dtype, unless the backend keeps weights
+    /// narrower than its activations (the CPU's bf16 backend).
+    fn weight_dtype(&self) -> DType {
+        self.compute_dtype()
+    }
+
     fn dtype_of(&self, role: Role) -> DType {
         match role {
             Role::Activation => self.compute_dtype(),
+            Role::Weight => self.weight_dtype(),
             Role::Exact => DType::F32,
             Role::Index => DType::I32,
         }

@@ -65,7 +65,7 @@ impl<B: Backend> ParamSet<B> {
     ) -> Result<Self> {
         let ranges = entry_ranges(&layout)?;
         let elems = layout_elems(&layout);
-        let separate_copy = backend.compute_dtype() != DType::F32;
+        let separate_copy = backend.weight_dtype() != DType::F32;
         let mut staging = vec![0.0f32; elems];
         for (i, &(s, n)) in ranges.iter().enumerate() {
             let src = get(i);
@@ -83,7 +83,7 @@ impl<B: Backend> ParamSet<B> {
             None
         };
         let compute = if separate_copy {
-            Some(Tensor::from_f32(backend, Role::Activation, &staging)?)
+            Some(Tensor::from_f32(backend, Role::Weight, &staging)?)
         } else {
             None
         };
@@ -99,14 +99,14 @@ impl<B: Backend> ParamSet<B> {
     pub fn zeros(backend: &B, layout: Arc<Layout>, trainable: bool) -> Result<Self> {
         let ranges = entry_ranges(&layout)?;
         let elems = layout_elems(&layout);
-        let separate_copy = backend.compute_dtype() != DType::F32;
+        let separate_copy = backend.weight_dtype() != DType::F32;
         let master = if trainable || !separate_copy {
             Some(Tensor::new(backend, Role::Exact, elems)?)
         } else {
             None
         };
         let compute = if separate_copy {
-            Some(Tensor::new(backend, Role::Activation, elems)?)
+            Some(Tensor::new(backend, Role::Weight, elems)?)
         } else {
             None
         };

@@ -37,6 +37,9 @@ pub struct StepArgs {
     pub cache_dir: Option<std::path::PathBuf>,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Compute dtype: f32 or bf16 on the CPU; kernel devices compute in bf16.
+    #[arg(long)]
+    pub dtype: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -94,7 +97,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 }),
                 no_cache: a.no_cache,
             };
-            let backend = AnyBackend::open(DeviceRequest::parse(&a.device)?.resolve()?)?;
+            let dtype = a.dtype.as_deref().map(DType::parse).transpose()?;
+            let backend = AnyBackend::open_as(DeviceRequest::parse(&a.device)?.resolve()?, dtype)?;
             let lines = match &backend {
                 AnyBackend::Cpu(b) => run_step_bench(b.as_ref(), &spec),
                 AnyBackend::Emu(b) => run_step_bench(b.as_ref(), &spec),

@@ -48,10 +48,15 @@ pub struct EmbedArgs {
     /// cpu, cuda, emu or auto (every model runs on every device).
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Compute dtype: f32 or bf16 on the CPU (bf16 weights and activations, f32 accumulation); kernel
+    /// devices compute in bf16. Default: f32 on the CPU, bf16 on kernel devices.
+    #[arg(long)]
+    pub dtype: Option<String>,
 }
 
 pub fn run(a: EmbedArgs) -> Result<()> {
     let device = DeviceRequest::parse(&a.device)?.resolve()?;
+    let dtype = a.dtype.as_deref().map(crate::DType::parse).transpose()?;
     let kind = ModelKind::parse(&a.model)?;
     let pool = Pool::parse(&a.pool)?;
     if a.batch == 0 {
@@ -98,7 +103,7 @@ pub fn run(a: EmbedArgs) -> Result<()> {
         a.allow_unused_weights,
     )?;
     embedder.max_tokens = a.max_tokens;
-    embedder.to_device(device)?;
+    embedder.to_device_as(device, dtype)?;
     if let Some(path) = &a.tf_gammas {
         embedder.set_tf_gammas(path)?;
     }

@@ -72,6 +72,10 @@ pub struct EvalArgs {
     pub split: String,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Compute dtype: f32 or bf16 on the CPU (bf16 weights and activations, f32 accumulation); kernel
+    /// devices compute in bf16. Default: f32 on the CPU, bf16 on kernel devices.
+    #[arg(long)]
+    pub dtype: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -92,6 +96,10 @@ pub struct PredictArgs {
     pub split: String,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Compute dtype: f32 or bf16 on the CPU (bf16 weights and activations, f32 accumulation); kernel
+    /// devices compute in bf16. Default: f32 on the CPU, bf16 on kernel devices.
+    #[arg(long)]
+    pub dtype: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -108,7 +116,17 @@ pub struct DemoDataArgs {
 }
 
 fn with_backend<R>(device: &str, f: impl FnOnce(&AnyBackend) -> Result<R>) -> Result<R> {
-    let backend = AnyBackend::open(DeviceRequest::parse(device)?.resolve()?)?;
+    with_backend_as(device, None, f)
+}
+
+/// The backend of `device` computing in `dtype` (`--dtype`; `None`: the device's default).
+fn with_backend_as<R>(
+    device: &str,
+    dtype: Option<&str>,
+    f: impl FnOnce(&AnyBackend) -> Result<R>,
+) -> Result<R> {
+    let dtype = dtype.map(crate::DType::parse).transpose()?;
+    let backend = AnyBackend::open_as(DeviceRequest::parse(device)?.resolve()?, dtype)?;
     f(&backend)
 }
 
@@ -278,7 +296,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     } = load_model(&a.checkpoint, a.config.as_deref())?;
     let split = parse_split(&a.split)?;
     let data = open_dataset(&model.cfg, &a.data)?;
-    let metrics = with_backend(&a.device, |backend| {
+    let metrics = with_backend_as(&a.device, a.dtype.as_deref(), |backend| {
         dispatch!(backend, b => {
             let params = IsoformerParams::upload_for_inference(b.as_ref(), &model, &host, Some(&lora))?;
             evaluate_split(b.as_ref(), &model, &params, &data, split, &stats, None)
@@ -382,7 +400,7 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
         written += ids.len();
         Ok(())
     };
-    with_backend(&a.device, |backend| {
+    with_backend_as(&a.device, a.dtype.as_deref(), |backend| {
         dispatch!(backend, b => {
             let b = b.as_ref();
             let params = IsoformerParams::upload_for_inference(b, &model, &host, Some(&lora))?;

@@ -128,7 +128,7 @@ impl View {
 
     /// One past the largest element index the view touches (`None` when it does not fit the address
     /// space, or a stride is negative).
-    fn extent(&self) -> Option<usize> {
+    pub(crate) fn extent(&self) -> Option<usize> {
         if self.rows == 0 || self.cols == 0 {
             return Some(0);
         }
@@ -327,18 +327,51 @@ pub fn matmul_backward(
     Ok(())
 }
 
-/// bf16 matmul with f32 accumulation: inputs are widened exactly, the product is accumulated in f32, and the
-/// result is rounded to bf16 once (round to nearest even), matching cuBLAS's bf16 GEMM with f32 compute.
+/// bf16 matmul with f32 accumulation: the products are accumulated in f32 (on `vdpbf16ps` where the CPU has
+/// it, see [`super::gemm_bf16`]) and the result is rounded to bf16 once (round to nearest even), as cuBLAS's
+/// bf16 GEMM with f32 compute does on the GPU.
 pub fn matmul_bf16(c: &mut [bf16], a: &[bf16], b: &[bf16], d: MatmulDims) -> Result<()> {
     d.check("matmul_bf16", a.len(), b.len(), c.len())?;
-    let widen = |x: &[bf16]| -> Vec<f32> { x.par_iter().map(|v| v.to_f32()).collect() };
-    let (a32, b32) = (widen(a), widen(b));
-    let mut c32 = vec![0.0f32; c.len()];
-    matmul(&mut c32, &a32, &b32, d, false)?;
-    c.par_iter_mut()
-        .zip(c32.par_iter())
-        .for_each(|(o, &v)| *o = bf16::from_f32(v));
+    let (sa, sb, sc) = (d.m * d.k, d.k * d.n, d.m * d.n);
+    if sc == 0 {
+        return Ok(());
+    }
+    for (i, ci) in c.chunks_mut(sc).enumerate() {
+        super::gemm_bf16::gemm_bf16(
+            super::gemm_bf16::GemmOut::Bf16 { c: ci, bias: None },
+            super::gemm_bf16::Lhs::Bf16(&a[i * sa..(i + 1) * sa]),
+            d.a_view(),
+            &b[i * sb..(i + 1) * sb],
+            d.b_view(),
+            false,
+        )?;
+    }
     Ok(())
+}
+
+/// A linear layer on bf16 weights, with f32 accumulation and an f32 bias:
+/// - `x` bf16 and `y` bf16: `y = bf16(x·Wᵀ + bias)`;
+/// - `x` f32 and `y` f32: `y = bf16(x)·Wᵀ + bias`, the activations rounded to bf16 as they are packed.
+pub fn linear_bf16_weights(
+    y: super::gemm_bf16::GemmOut<'_>,
+    x: super::gemm_bf16::Lhs<'_>,
+    w: &[bf16],
+    d: LinearDims,
+) -> Result<()> {
+    use super::gemm_bf16::GemmOut;
+    let md = d.as_matmul();
+    let y_len = match &y {
+        GemmOut::F32 { c, .. } => c.len(),
+        GemmOut::Bf16 { c, bias } => {
+            d.check_bias("linear", bias.map(<[f32]>::len))?;
+            c.len()
+        }
+    };
+    let (sx, sw, sy) = md.checked_sizes("linear")?;
+    check_len("linear", "x", x.len(), sx)?;
+    check_len("linear", "w", w.len(), sw)?;
+    check_len("linear", "y", y_len, sy)?;
+    super::gemm_bf16::gemm_bf16(y, x, md.a_view(), w, md.b_view(), false)
 }
 
 /// Dimensions of a linear layer `y[rows, out] = x[rows, in] · Wᵀ + bias`, `W` stored `[out, in]` (PyTorch).

@@ -16,6 +16,7 @@ pub mod attention;
 pub mod conv;
 pub mod elementwise;
 pub mod embedding;
+pub mod gemm_bf16;
 pub mod loss;
 pub mod matmul;
 pub mod norm;

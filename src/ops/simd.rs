@@ -108,6 +108,37 @@ pub(crate) fn max(x: &[f32]) -> f32 {
     fold_lanes(acc, f32::max).max(tail)
 }
 
+/// One f32 as bf16 bits, rounded to nearest even (NaN stays a quiet NaN): the same bits as
+/// `half::bf16::from_f32`, written without branches so loops over it vectorise.
+#[inline(always)]
+pub(crate) fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16;
+    let nan = (b & 0x7FFF_FFFF) > 0x7F80_0000;
+    (if nan { (b >> 16) | 0x0040 } else { rounded }) as u16
+}
+
+/// Elements per rayon task of the conversions below.
+const CONVERT_CHUNK: usize = 1 << 16;
+
+/// `dst[i] = f(src[i])`, parallel over chunks, each loop compiled for the CPU's vector extension.
+fn convert<S: Copy + Sync, D: Send>(dst: &mut [D], src: &[S], f: impl Fn(S) -> D + Sync) {
+    use rayon::prelude::*;
+    dst.par_chunks_mut(CONVERT_CHUNK)
+        .zip(src.par_chunks(CONVERT_CHUNK))
+        .for_each(|(d, s)| dispatch(|| d.iter_mut().zip(s).for_each(|(o, v)| *o = f(*v))));
+}
+
+/// `dst = bf16(src)`, rounded to nearest even.
+pub(crate) fn round_to_bf16(dst: &mut [half::bf16], src: &[f32]) {
+    convert(dst, src, |v| half::bf16::from_bits(bf16_bits(v)));
+}
+
+/// `dst = f32(src)` (exact).
+pub(crate) fn widen_bf16(dst: &mut [f32], src: &[half::bf16]) {
+    convert(dst, src, |v| f32::from_bits((v.to_bits() as u32) << 16));
+}
+
 /// Pairwise fold of the lane accumulators (a fixed tree).
 #[inline(always)]
 fn fold_lanes(mut acc: [f32; LANES], f: impl Fn(f32, f32) -> f32) -> f32 {
@@ -153,6 +184,43 @@ mod tests {
                 "sq n={n}"
             );
             assert_eq!(dispatch(|| max(&x)), m, "max n={n}");
+        }
+    }
+
+    /// The branch-free rounding gives `half`'s bits on ties, carries into the exponent, overflow to
+    /// infinity, subnormals, signed zeros and NaNs; widening is exact.
+    #[test]
+    fn bf16_conversions_match_half() {
+        let mut xs: Vec<f32> = vec![
+            0.0,
+            -0.0,
+            1.0,
+            f32::from_bits(0x3F80_8000), // a tie, even below
+            f32::from_bits(0x3F81_8000), // a tie, odd below
+            f32::from_bits(0x3F80_8001),
+            f32::from_bits(0x7F7F_FFFF), // rounds up to infinity
+            f32::from_bits(0x0000_8001), // subnormal
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::from_bits(0x7F80_0001), // signalling NaN
+        ];
+        xs.extend((0..200_000u32).map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761))));
+        let mut got = vec![half::bf16::ZERO; xs.len()];
+        round_to_bf16(&mut got, &xs);
+        for (x, g) in xs.iter().zip(&got) {
+            let want = half::bf16::from_f32(*x);
+            if x.is_nan() {
+                assert!(g.is_nan(), "{x:e} must stay NaN");
+            } else {
+                assert_eq!(g.to_bits(), want.to_bits(), "{x:e}");
+            }
+        }
+        let mut back = vec![0.0f32; got.len()];
+        widen_bf16(&mut back, &got);
+        for (b, g) in back.iter().zip(&got) {
+            assert_eq!(b.to_bits(), g.to_f32().to_bits());
         }
     }
 }
