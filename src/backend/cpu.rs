@@ -960,6 +960,15 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         const OP: &str = "conv1d";
         let bias = bias.map(|b| self.f32s(OP, "bias", b)).transpose()?;
+        if (out.dtype(), x.dtype(), w.dtype()) == (DType::F32, DType::F32, DType::BF16) {
+            return ops::conv::conv1d_bf16_weights(
+                &mut self.out(OP, "out", out)?,
+                exact(OP, "x", x)?,
+                bf16s(w),
+                bias.as_deref(),
+                *dims,
+            );
+        }
         ops::conv::conv1d(
             &mut self.out(OP, "out", out)?,
             &self.f32s(OP, "x", x)?,

@@ -66,24 +66,30 @@ impl<B: Backend> ParamSet<B> {
         let ranges = entry_ranges(&layout)?;
         let elems = layout_elems(&layout);
         let separate_copy = backend.weight_dtype() != DType::F32;
-        let mut staging = vec![0.0f32; elems];
-        for (i, &(s, n)) in ranges.iter().enumerate() {
-            let src = get(i);
-            if src.len() != n {
+        for (i, &(_, n)) in ranges.iter().enumerate() {
+            if get(i).len() != n {
                 return Err(Error::Tensor {
                     name: layout.entries()[i].spec.name.clone(),
-                    msg: format!("{} values, the layout needs {n}", src.len()),
+                    msg: format!("{} values, the layout needs {n}", get(i).len()),
                 });
             }
-            staging[s..s + n].copy_from_slice(src);
         }
+        // Entry by entry, straight from the host values: no staging copy of the whole model.
+        let fill = |role: Role| -> Result<Tensor<B>> {
+            let mut t = Tensor::new(backend, role, elems)?;
+            let mut views = t.view_mut().split_ranges(&ranges)?;
+            for (i, v) in views.drain(..).enumerate() {
+                backend.write_f32(v, get(i))?;
+            }
+            Ok(t)
+        };
         let master = if trainable || !separate_copy {
-            Some(Tensor::from_f32(backend, Role::Exact, &staging)?)
+            Some(fill(Role::Exact)?)
         } else {
             None
         };
         let compute = if separate_copy {
-            Some(Tensor::from_f32(backend, Role::Weight, &staging)?)
+            Some(fill(Role::Weight)?)
         } else {
             None
         };

@@ -67,6 +67,49 @@ pub fn conv1d(
     d: Conv1dDims,
 ) -> Result<()> {
     d.check("conv1d", x.len(), w.len(), out.len())?;
+    conv1d_taps(out, x, bias, d, |o, ov, xs, xv, t| {
+        gemm_views(o, ov, true, xs, xv, &w[t..], d.tap_weight(), None);
+        Ok(())
+    })
+}
+
+/// [`conv1d`] with bf16 weights: each tap runs on the bf16 GEMM, the input rows rounded to bf16 as they
+/// are packed, with f32 accumulation into the f32 output.
+pub fn conv1d_bf16_weights(
+    out: &mut [f32],
+    x: &[f32],
+    w: &[half::bf16],
+    bias: Option<&[f32]>,
+    d: Conv1dDims,
+) -> Result<()> {
+    use super::gemm_bf16::{gemm_bf16, GemmOut, Lhs};
+    d.check("conv1d", x.len(), w.len(), out.len())?;
+    conv1d_taps(out, x, bias, d, |o, ov, xs, xv, t| {
+        let c = &mut o[..ov.rows * ov.cols];
+        let out = GemmOut::F32 {
+            c,
+            accumulate: true,
+        };
+        gemm_bf16(
+            out,
+            Lhs::F32(&xs[..xv.rows * xv.cols]),
+            xv,
+            &w[t..],
+            d.tap_weight(),
+            false,
+        )
+    })
+}
+
+/// The tap loop of a forward convolution: `out` starts as the bias (or zero), then
+/// `tap(out_rows, out_view, x_rows, x_view, t)` adds tap `t`'s product for each batch entry.
+fn conv1d_taps(
+    out: &mut [f32],
+    x: &[f32],
+    bias: Option<&[f32]>,
+    d: Conv1dDims,
+    tap: impl Fn(&mut [f32], View, &[f32], View, usize) -> Result<()>,
+) -> Result<()> {
     match bias {
         Some(b) => {
             check_len("conv1d", "bias", b.len(), d.c_out)?;
@@ -83,16 +126,13 @@ pub fn conv1d(
         for t in 0..d.width {
             let (l0, l1, src) = d.tap_rows(t);
             let rows = l1 - l0;
-            gemm_views(
+            tap(
                 &mut ob[l0 * d.c_out..],
                 View::strided(rows, d.c_out, d.c_out),
-                true,
                 &xb[src * d.c_in..],
                 View::strided(rows, d.c_in, d.c_in),
-                &w[t..],
-                d.tap_weight(),
-                None,
-            );
+                t,
+            )?;
         }
     }
     Ok(())
@@ -227,6 +267,20 @@ mod tests {
                 &format!("conv1d {d:?}"),
                 &out,
                 &nv(&[to_f64(&x), to_f64(&w), to_f64(&b)]),
+                1e-6,
+            );
+            // bf16 weights: the product of the bf16-rounded input and weights, accumulated in f32.
+            let round = |v: &[f32]| -> Vec<half::bf16> {
+                v.iter().map(|x| half::bf16::from_f32(*x)).collect()
+            };
+            let widen = |v: &[half::bf16]| -> Vec<f64> { v.iter().map(|x| x.to_f64()).collect() };
+            let w16 = round(&w);
+            let mut out16 = vec![0.0; out.len()];
+            conv1d_bf16_weights(&mut out16, &x, &w16, Some(&b), d).unwrap();
+            assert_close(
+                &format!("conv1d bf16 weights {d:?}"),
+                &out16,
+                &nv(&[widen(&round(&x)), widen(&w16), to_f64(&b)]),
                 1e-6,
             );
             let dout = uniform(&mut r, out.len(), -1.0, 1.0);
