@@ -3,7 +3,8 @@
 the same inputs, alternating, in one run. Prints one table of ratios, with the CPU and the versions.
 
 PyTorch runs the way its users run it: transformers' default attention (SDPA), one warm-up batch, then
-`torch.inference_mode()`, the same thread count as the engine, in fp32 and in bf16. esm-cpp (PyPI `esm-cpp`,
+`torch.inference_mode()`, the same thread count as the engine, in fp32 and in bf16. The engine runs in f32 and
+with `--dtype bf16`; a last table compares the GEMM rates (`bench gemm` against `torch.matmul`). esm-cpp (PyPI `esm-cpp`,
 a CPU-first C++ ESM-2 engine) is a third column for the ESM-2 rows where it installs. The engine's time is the
 whole `embed` command (process start, weight loading and output writing included); PyTorch's and esm-cpp's
 exclude loading. Every run is a fresh process, so each peak RSS is that run's own.
@@ -12,6 +13,7 @@ The script makes its own virtual environment with pinned versions on first use (
 itself inside it:
     python3 tools/bench_vs_torch.py [--engine target/release/isoformer-engine] [--threads 2] [--rounds 2]
                                     [--only esm2_35m_8x512,enformer] [--work DIR] [--skip-torch-bf16]
+                                    [--skip-engine-bf16] [--skip-gemm] [--gemm-size 2048]
 Workloads: esm2_35m_8x512, esm2_35m_1x1024, esm2_150m_8x512, esm2_150m_1x1024, esm2_35m_8000,
 nt_v2_250m_8x1024, enformer (one 196,608 bp sequence). Weights come from tools/make_random_weights.py
 (N(0, 0.02²)); inputs are random with a fixed seed.
@@ -117,6 +119,33 @@ def child_torch(args):
             run(b)
         secs = time.perf_counter() - start
     print(json.dumps({"seconds": secs, "peak_rss": peak_rss_bytes()}))
+
+
+def child_torch_gemm(args):
+    """torch.matmul at n×n×n in fp32 or bf16: 2 warm-ups, the median of 10 runs, as GFLOP/s."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    n = args.gemm_size
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    a = (torch.rand(n, n, generator=g) - 0.5).to(dtype)
+    b = (torch.rand(n, n, generator=g) - 0.5).to(dtype)
+    times = []
+    with torch.inference_mode():
+        for i in range(12):
+            start = time.perf_counter()
+            torch.matmul(a, b)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+    print(json.dumps({"gflops": 2 * n ** 3 / statistics.median(times) / 1e9}))
+
+
+def child_engine_gemm(args):
+    out = subprocess.run([args.engine, "bench", "gemm", "--m", str(args.gemm_size), "--n", str(args.gemm_size),
+                          "--k", str(args.gemm_size), "--threads", str(args.threads), "--dtype", args.dtype,
+                          "--device", "cpu"], capture_output=True, text=True, check=True)
+    print(json.dumps({"gflops": float(out.stdout.strip().splitlines()[-1].split()[0])}))
 
 
 def esm_model(args):
@@ -225,7 +254,10 @@ def cpu_name():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--child", choices=["torch", "esm-cpp", "measure"])
+    ap.add_argument("--child", choices=["torch", "esm-cpp", "measure", "torch-gemm", "engine-gemm"])
+    ap.add_argument("--gemm-size", type=int, default=2048)
+    ap.add_argument("--skip-gemm", action="store_true", help="leave out the GEMM table")
+    ap.add_argument("--skip-engine-bf16", action="store_true")
     ap.add_argument("--model")
     ap.add_argument("--weights")
     ap.add_argument("--input")
@@ -248,6 +280,10 @@ def main():
         return child_torch(args)
     if args.child == "esm-cpp":
         return child_esm_cpp(args)
+    if args.child == "torch-gemm":
+        return child_torch_gemm(args)
+    if args.child == "engine-gemm":
+        return child_engine_gemm(args)
 
     import torch
     import transformers
@@ -279,13 +315,14 @@ def main():
                           (length // 6 + 1 if kind == "nt" else length // 128))
         common = ["--model", kind, "--weights", weights, "--input", fasta, "--batch", str(batch),
                   "--max-tokens", str(max_tokens or 2048), "--threads", str(args.threads)]
-        columns = {
-            "engine": ["--child", "measure", "--", engine, "embed", "--model", kind, "--weights", weights,
+        engine_run = (["--child", "measure", "--", engine, "embed", "--model", kind, "--weights", weights,
                        "--input", fasta, "--output", os.path.join(args.work, "out.safetensors"), "--pool",
                        "none", "--batch", str(batch), "--device", "cpu", *args.engine_args.split()]
-                      + (["--max-tokens", str(max_tokens)] if max_tokens else []),
-            "torch fp32": ["--child", "torch", *common, "--dtype", "fp32"],
-        }
+                      + (["--max-tokens", str(max_tokens)] if max_tokens else []))
+        columns = {"engine": engine_run}
+        if not args.skip_engine_bf16:
+            columns["engine bf16"] = engine_run + ["--dtype", "bf16"]
+        columns["torch fp32"] = ["--child", "torch", *common, "--dtype", "fp32"]
         if not args.skip_torch_bf16:
             columns["torch bf16"] = ["--child", "torch", *common, "--dtype", "bf16"]
         if kind == "esm2" and esm_cpp_version:
@@ -310,9 +347,9 @@ def main():
           f"{transformers.__version__}" + (f", esm-cpp {esm_cpp_version}" if esm_cpp_version else "")
           + f". Median of {args.rounds} alternating rounds.")
     print()
-    cols = ["engine", "torch fp32", "torch bf16", "esm-cpp"]
+    cols = ["engine", "engine bf16", "torch fp32", "torch bf16", "esm-cpp"]
     print("| workload | " + " | ".join(f"{c} s (tok/s, peak RSS)" for c in cols)
-          + " | engine vs PyTorch fp32 | engine vs best PyTorch | engine vs esm-cpp |")
+          + " | engine fp32 vs PyTorch fp32 | engine bf16 vs best PyTorch | best engine vs esm-cpp |")
     print("|---" * (len(cols) + 4) + "|")
     for w, tokens, s in rows:
         cells = []
@@ -323,10 +360,36 @@ def main():
             else:
                 cells.append("–")
         torch_best = min((s[c][0] for c in ("torch fp32", "torch bf16") if c in s), default=None)
-        ratio = f"{torch_best / s['engine'][0]:.2f}×" if torch_best and "engine" in s else "–"
-        vs_cpp = f"{s['esm-cpp'][0] / s['engine'][0]:.2f}×" if "esm-cpp" in s and "engine" in s else "–"
+        engine_best = min((s[c][0] for c in ("engine", "engine bf16") if c in s), default=None)
+        ratio = f"{torch_best / s['engine bf16'][0]:.2f}×" if torch_best and "engine bf16" in s else "–"
+        vs_cpp = f"{s['esm-cpp'][0] / engine_best:.2f}×" if "esm-cpp" in s and engine_best else "–"
         vs_fp32 = f"{s['torch fp32'][0] / s['engine'][0]:.2f}×" if "torch fp32" in s and "engine" in s else "–"
         print(f"| {w} | " + " | ".join(cells) + f" | {vs_fp32} | {ratio} | {vs_cpp} |")
+
+    if not args.skip_gemm:
+        n = args.gemm_size
+        gemm_cols = {"engine f32": ("engine-gemm", "f32"), "engine bf16": ("engine-gemm", "bf16"),
+                     "torch fp32": ("torch-gemm", "fp32"), "torch bf16": ("torch-gemm", "bf16")}
+        rates = {c: [] for c in gemm_cols}
+        for r in range(max(args.rounds, 2)):
+            for c, (child, dt) in gemm_cols.items():
+                res = run_child(["--child", child, "--engine", engine, "--dtype", dt, "--gemm-size", str(n),
+                                 "--threads", str(args.threads)], env)
+                if "gflops" in res:
+                    rates[c].append(res["gflops"])
+                print(f"[gemm {n}³ round {r + 1}] {c}: {res}", flush=True)
+        med = {c: statistics.median(v) for c, v in rates.items() if v}
+        print()
+        print(f"GEMM {n}×{n}×{n}, {args.threads} threads, GFLOP/s (median of the rounds' medians):")
+        print("| engine f32 | engine bf16 | torch fp32 | torch bf16 | engine bf16 / engine f32 "
+              "| engine bf16 / best torch |")
+        print("|---|---|---|---|---|---|")
+        cell = lambda c: f"{med[c]:.0f}" if c in med else "–"
+        best_torch = max((med[c] for c in ("torch fp32", "torch bf16") if c in med), default=None)
+        own = f"{med['engine bf16'] / med['engine f32']:.2f}×" if "engine bf16" in med and "engine f32" in med else "–"
+        vs = f"{med['engine bf16'] / best_torch:.2f}×" if "engine bf16" in med and best_torch else "–"
+        print(f"| {cell('engine f32')} | {cell('engine bf16')} | {cell('torch fp32')} | {cell('torch bf16')} "
+              f"| {own} | {vs} |")
 
 
 if __name__ == "__main__":
