@@ -354,6 +354,14 @@ impl Embedder {
             AnyBackend::Emu(b) => Placed::Emu(Box::new(Placement::new(*b, params, true)?)),
             AnyBackend::Cuda(b) => Placed::Cuda(Box::new(Placement::new(*b, params, true)?)),
         };
+        let uploaded = match &self.placed {
+            Placed::Cpu(p) => p.params.is_some(),
+            _ => true,
+        };
+        if uploaded {
+            // The backend holds its own copy: the mapped f32 weights need not stay resident.
+            self.params.release_mapped_pages();
+        }
         Ok(())
     }
 

@@ -66,6 +66,14 @@ fn unavailable_device_and_bad_arguments_are_clear_errors() {
     let out = engine(&["bench", "gemm", "--m", "0"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be positive"));
+
+    // Kernel devices compute in bf16: asking for f32 there is refused before any work.
+    let out = engine(&[
+        "bench", "step", "--device", "emu", "--dtype", "f32", "--config", "demo",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--dtype") && err.contains("bf16"), "{err}");
 }
 
 fn fixture_copy(tag: &str) -> std::path::PathBuf {
@@ -200,4 +208,65 @@ fn the_emulator_device_runs_the_gemm_benchmark() {
         "bench", "gemm", "--m", "48", "--dtype", "f32", "--device", "emu",
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("use --dtype bf16"));
+}
+
+/// `bench encoder-step`: forward, loss, backward and AdamW of an encoder from its weights; the loss falls
+/// step by step, and the emulator's first loss matches the CPU's within bf16 accuracy.
+#[test]
+fn encoder_training_step_benchmark_trains() {
+    let weights = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/models/esm2");
+    let losses = |device: &str| -> Vec<f64> {
+        let out = engine(&[
+            "bench",
+            "encoder-step",
+            "--model",
+            "esm2",
+            "--weights",
+            weights,
+            "--batch",
+            "2",
+            "--len",
+            "12",
+            "--steps",
+            "3",
+            "--device",
+            device,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                assert_eq!((f[0], f[3], f[4]), ("step", "s", "loss"), "{l}");
+                f[5].parse::<f64>().unwrap()
+            })
+            .collect()
+    };
+    let cpu = losses("cpu");
+    assert_eq!(cpu.len(), 3);
+    assert!(cpu.iter().all(|l| l.is_finite() && *l > 0.0), "{cpu:?}");
+    assert!(
+        cpu[1] < cpu[0] && cpu[2] < cpu[1],
+        "AdamW must lower the loss: {cpu:?}"
+    );
+    let emu = losses("emu");
+    assert!(
+        (emu[0] - cpu[0]).abs() <= cpu[0] / 64.0,
+        "emulator {emu:?} against cpu {cpu:?}"
+    );
+    let out = engine(&[
+        "bench",
+        "encoder-step",
+        "--model",
+        "enformer",
+        "--weights",
+        weights,
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected esm2 or nt"));
 }

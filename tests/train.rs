@@ -104,20 +104,53 @@ fn train_resume_is_bit_identical_and_checkpoints_serve_eval_and_predict() {
         "test",
     ]);
     assert!(table.contains("R²"), "{table}");
-    let pred = dir.join("pred.tsv");
-    engine(&[
-        "predict",
-        "--checkpoint",
-        ck.to_str().unwrap(),
-        "--input",
-        d,
-        "--output",
-        pred.to_str().unwrap(),
-    ]);
-    let text = std::fs::read_to_string(&pred).unwrap();
+    let predict = |name: &str, dtype: &str| -> String {
+        let out = dir.join(name);
+        engine(&[
+            "predict",
+            "--checkpoint",
+            ck.to_str().unwrap(),
+            "--input",
+            d,
+            "--output",
+            out.to_str().unwrap(),
+            "--dtype",
+            dtype,
+        ]);
+        std::fs::read_to_string(&out).unwrap()
+    };
+    let text = predict("pred.tsv", "f32");
     let header: Vec<&str> = text.lines().next().unwrap().split('\t').collect();
     assert_eq!(header.len(), 31);
     assert!(text.lines().count() > 1);
+    // The CPU's bf16 backend predicts the same rows within bf16 accuracy.
+    let text16 = predict("pred_bf16.tsv", "bf16");
+    let values = |t: &str| -> Vec<f64> {
+        t.lines()
+            .skip(1)
+            .flat_map(|l| {
+                l.split('\t')
+                    .skip(1)
+                    .map(|v| v.parse::<f64>().unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let (a, b) = (values(&text), values(&text16));
+    assert_eq!(a.len(), b.len());
+    let scale = a.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let worst = a
+        .iter()
+        .zip(&b)
+        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+    assert!(
+        worst <= 2e-2 * scale,
+        "bf16 predictions differ by {worst:.3e} (scale {scale:.3e})"
+    );
+    assert!(
+        a != b,
+        "bf16 must actually run (identical to f32 to 5 decimals is suspicious)"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

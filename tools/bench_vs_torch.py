@@ -15,7 +15,8 @@ itself inside it:
                                     [--only esm2_35m_8x512,enformer] [--work DIR] [--skip-torch-bf16]
                                     [--skip-engine-bf16] [--skip-gemm] [--gemm-size 2048]
 Workloads: esm2_35m_8x512, esm2_35m_1x1024, esm2_150m_8x512, esm2_150m_1x1024, esm2_35m_8000,
-nt_v2_250m_8x1024, enformer (one 196,608 bp sequence). Weights come from tools/make_random_weights.py
+nt_v2_250m_8x1024, enformer (one 196,608 bp sequence), and the training step esm2_35m_train_4x512 (the engine's
+`bench encoder-step` against the same step in PyTorch). Weights come from tools/make_random_weights.py
 (N(0, 0.02²)); inputs are random with a fixed seed.
 """
 import argparse
@@ -47,6 +48,12 @@ WORKLOADS = {
     "enformer": ("enformer", "enformer", 1, 196_608, 1, 0),
 }
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
+# Training steps (forward, MSE on the last hidden state, backward, AdamW on every parameter):
+# name: (model dir, engine --model, batch, tokens per sequence including <cls> and <eos>).
+TRAIN_WORKLOADS = {
+    "esm2_35m_train_4x512": ("esm2_35m", "esm2", 4, 512),
+}
+TRAIN_STEPS = 4
 
 
 def ensure_venv():
@@ -119,6 +126,46 @@ def child_torch(args):
             run(b)
         secs = time.perf_counter() - start
     print(json.dumps({"seconds": secs, "peak_rss": peak_rss_bytes()}))
+
+
+def child_torch_train(args):
+    """The engine's `bench encoder-step` in PyTorch: the same weights and batch shape, forward in train mode
+    (dropout off, as the engine has none), MSE of the last hidden state against zero, backward, AdamW
+    (lr 1e-4, decay 0.01). The first step is a warm-up; the median of the others is reported."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model, _ = esm_model(args)
+    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 24, (args.batch, args.max_tokens), generator=g)
+    ids[:, 0], ids[:, -1] = 0, 2
+    mask = torch.ones_like(ids)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    times = []
+    for i in range(args.steps):
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        h = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        loss = h.pow(2).mean()
+        loss.backward()
+        opt.step()
+        if i > 0:
+            times.append(time.perf_counter() - start)
+    print(json.dumps({"seconds": statistics.median(times), "peak_rss": peak_rss_bytes()}))
+
+
+def child_engine_train(args):
+    out = subprocess.run([args.engine, "bench", "encoder-step", "--model", args.model, "--weights", args.weights,
+                          "--batch", str(args.batch), "--len", str(args.max_tokens), "--steps", str(args.steps),
+                          "--device", "cpu"], capture_output=True, text=True, check=True)
+    secs = [float(l.split()[2]) for l in out.stdout.splitlines() if l.startswith("step ")]
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    print(json.dumps({"seconds": statistics.median(secs[1:]), "peak_rss": rss}))
 
 
 def child_torch_gemm(args):
@@ -254,7 +301,9 @@ def cpu_name():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--child", choices=["torch", "esm-cpp", "measure", "torch-gemm", "engine-gemm"])
+    ap.add_argument("--child", choices=["torch", "esm-cpp", "measure", "torch-gemm", "engine-gemm",
+                                        "torch-train", "engine-train"])
+    ap.add_argument("--steps", type=int, default=TRAIN_STEPS)
     ap.add_argument("--gemm-size", type=int, default=2048)
     ap.add_argument("--skip-gemm", action="store_true", help="leave out the GEMM table")
     ap.add_argument("--skip-engine-bf16", action="store_true")
@@ -268,7 +317,7 @@ def main():
     ap.add_argument("--engine-args", default="", help="extra arguments for every engine run, e.g. '--dtype bf16'")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--only", default=",".join(WORKLOADS))
+    ap.add_argument("--only", default=",".join([*WORKLOADS, *TRAIN_WORKLOADS]))
     ap.add_argument("--work", default=os.path.expanduser("~/.cache/isoformer-engine/bench-vs-torch"))
     ap.add_argument("--skip-torch-bf16", action="store_true")
     ap.add_argument("cmd", nargs=argparse.REMAINDER)
@@ -280,6 +329,10 @@ def main():
         return child_torch(args)
     if args.child == "esm-cpp":
         return child_esm_cpp(args)
+    if args.child == "torch-train":
+        return child_torch_train(args)
+    if args.child == "engine-train":
+        return child_engine_train(args)
     if args.child == "torch-gemm":
         return child_torch_gemm(args)
     if args.child == "engine-gemm":
@@ -296,8 +349,10 @@ def main():
     os.makedirs(args.work, exist_ok=True)
     names = [w for w in args.only.split(",") if w]
     for w in names:
-        if w not in WORKLOADS:
-            sys.exit(f"unknown workload {w}; known: {', '.join(WORKLOADS)}")
+        if w not in WORKLOADS and w not in TRAIN_WORKLOADS:
+            sys.exit(f"unknown workload {w}; known: {', '.join([*WORKLOADS, *TRAIN_WORKLOADS])}")
+    train_names = [w for w in names if w in TRAIN_WORKLOADS]
+    names = [w for w in names if w in WORKLOADS]
     engine = os.path.abspath(args.engine)
     version = subprocess.run([engine, "--version"], capture_output=True, text=True).stdout.strip()
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
@@ -365,6 +420,31 @@ def main():
         vs_cpp = f"{s['esm-cpp'][0] / engine_best:.2f}×" if "esm-cpp" in s and engine_best else "–"
         vs_fp32 = f"{s['torch fp32'][0] / s['engine'][0]:.2f}×" if "torch fp32" in s and "engine" in s else "–"
         print(f"| {w} | " + " | ".join(cells) + f" | {vs_fp32} | {ratio} | {vs_cpp} |")
+
+    if train_names:
+        print()
+        print(f"Training steps (forward, MSE on the last hidden state, backward, AdamW on every parameter), fp32, "
+              f"median of steps 2–{args.steps} of each run, median of the rounds:")
+        print("| workload | engine s/step (peak RSS) | PyTorch s/step (peak RSS) | engine vs PyTorch |")
+        print("|---|---|---|---|")
+    for w in train_names:
+        model_dir, kind, batch, tokens = TRAIN_WORKLOADS[w]
+        weights = os.path.join(args.work, model_dir)
+        common = ["--model", kind, "--weights", weights, "--batch", str(batch), "--max-tokens", str(tokens),
+                  "--threads", str(args.threads), "--steps", str(args.steps), "--engine", engine]
+        res = {"engine": [], "torch fp32": []}
+        for r in range(args.rounds):
+            for c, child in (("engine", "engine-train"), ("torch fp32", "torch-train")):
+                out = run_child(["--child", child, *common], env)
+                print(f"[{w} round {r + 1}] {c}: {out}", flush=True)
+                if "seconds" in out:
+                    res[c].append(out)
+        if res["engine"] and res["torch fp32"]:
+            e = statistics.median(x["seconds"] for x in res["engine"])
+            t = statistics.median(x["seconds"] for x in res["torch fp32"])
+            er = max(x["peak_rss"] for x in res["engine"])
+            tr = max(x["peak_rss"] for x in res["torch fp32"])
+            print(f"| {w} | {e:.2f} ({er / 1e9:.2f} GB) | {t:.2f} ({tr / 1e9:.2f} GB) | {t / e:.2f}× |")
 
     if not args.skip_gemm:
         n = args.gemm_size

@@ -14,6 +14,29 @@ pub enum BenchCommand {
     /// One IsoFormer training step with frozen encoders on random weights: time and peak memory, the first
     /// step filling the embedding cache and the next ones reading it.
     Step(StepArgs),
+    /// One training step of an ESM-2 or NT-v2 encoder from its weights: forward, a mean-squared loss on
+    /// the last hidden state, backward, AdamW on every parameter. Prints each step's time and loss.
+    EncoderStep(EncoderStepArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct EncoderStepArgs {
+    /// esm2 or nt.
+    #[arg(long)]
+    pub model: String,
+    /// A directory with config.json and model.safetensors.
+    #[arg(long)]
+    pub weights: std::path::PathBuf,
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Tokens per sequence, <cls> and <eos> included.
+    #[arg(long, default_value_t = 512)]
+    pub len: usize,
+    /// Steps to run (the first one also plans the activations).
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 #[derive(Args, Debug)]
@@ -115,6 +138,39 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             }
             if a.cache_dir.is_none() {
                 let _ = std::fs::remove_dir_all(&spec.cache_dir);
+            }
+            Ok(())
+        }
+        BenchCommand::EncoderStep(a) => {
+            use crate::backend::any::AnyBackend;
+            use crate::training::bench_encoder::{run_encoder_step_bench, EncoderStepSpec};
+            let nucleotide_transformer = match a.model.to_ascii_lowercase().as_str() {
+                "esm2" | "esm" | "esm-2" => false,
+                "nt" | "nt-v2" | "ntv2" => true,
+                other => {
+                    return Err(crate::Error::invalid(
+                        "--model",
+                        format!("'{other}' (expected esm2 or nt)"),
+                    ))
+                }
+            };
+            let (config, weights) = crate::embed::resolve_weights(&a.weights, None)?;
+            let spec = EncoderStepSpec {
+                config,
+                weights,
+                nucleotide_transformer,
+                batch: a.batch,
+                len: a.len,
+                steps: a.steps,
+            };
+            let backend = AnyBackend::open(DeviceRequest::parse(&a.device)?.resolve()?)?;
+            let steps = match &backend {
+                AnyBackend::Cpu(b) => run_encoder_step_bench(b.as_ref(), &spec),
+                AnyBackend::Emu(b) => run_encoder_step_bench(b.as_ref(), &spec),
+                AnyBackend::Cuda(b) => run_encoder_step_bench(b.as_ref(), &spec),
+            }?;
+            for (i, s) in steps.iter().enumerate() {
+                println!("step {} {:.3} s loss {:.6}", i + 1, s.seconds, s.loss);
             }
             Ok(())
         }

@@ -310,6 +310,22 @@ impl ModelParams {
         &self.unused
     }
 
+    /// Lets the OS drop the pages of mapped weights from memory, for when a backend has made its own copy
+    /// (the CPU's bf16 weights, a GPU upload): the process's resident memory then holds one copy of the
+    /// model. The pages are read from the file again if the host weights are used later.
+    pub fn release_mapped_pages(&self) {
+        #[cfg(unix)]
+        if let Storage::Mapped { file, .. } = &self.storage {
+            // SAFETY: the map is read-only and nothing writes through it; MADV_DONTNEED only drops its
+            // clean pages, which the kernel reads back from the file when they are touched again, so every
+            // later read still sees the file's bytes. A failure only leaves the pages resident.
+            let _ = unsafe {
+                file.map
+                    .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
+            };
+        }
+    }
+
     /// Whether the parameters are views into the mapped file (no copy was made).
     pub fn is_mapped(&self) -> bool {
         matches!(self.storage, Storage::Mapped { .. })

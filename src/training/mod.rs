@@ -3,6 +3,7 @@
 pub mod adamw;
 
 pub use adamw::{clip_coefficient, global_norm, AdamW, ParamGroup, StepReport};
+pub mod bench_encoder;
 pub mod bench_step;
 pub mod cache;
 pub mod checkpoint;
