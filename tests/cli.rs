@@ -270,3 +270,44 @@ fn encoder_training_step_benchmark_trains() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected esm2 or nt"));
 }
+
+/// `bench gpu --quick` on the emulator: every figure (GEMM, attention forward and backward at the three head
+/// dims, the training step) runs through the kernel backend and prints a positive rate; the CPU is refused.
+#[test]
+fn gpu_benchmark_runs_every_path_on_the_emulator() {
+    let out = engine(&["bench", "gpu", "--device", "emu", "--quick"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines[0].contains("bf16 dense peak"), "{stdout}");
+    let figures: Vec<&str> = lines[1..].to_vec();
+    assert_eq!(figures.len(), 8, "{stdout}");
+    for (prefix, count) in [
+        ("gemm bf16", 1),
+        ("flash attention fwd", 3),
+        ("flash attention bwd", 3),
+        ("training step", 1),
+    ] {
+        assert_eq!(
+            figures.iter().filter(|l| l.starts_with(prefix)).count(),
+            count,
+            "{prefix}: {stdout}"
+        );
+    }
+    for d in ["d=64", "d=128", "d=384"] {
+        assert!(stdout.contains(d), "{d}: {stdout}");
+    }
+    for l in &figures {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let ms: f64 = f[f.len() - 4].parse().unwrap();
+        assert!(ms > 0.0 && ms.is_finite(), "{l}");
+        assert_eq!(f[f.len() - 1], "TFLOP/s", "{l}");
+    }
+    let out = engine(&["bench", "gpu", "--device", "cpu"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("kernel device"));
+}

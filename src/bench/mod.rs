@@ -2,6 +2,7 @@
 //! numbers from the same code.
 
 pub mod gemm;
+pub mod gpu;
 
 use std::time::{Duration, Instant};
 

@@ -17,6 +17,20 @@ pub enum BenchCommand {
     /// One training step of an ESM-2 or NT-v2 encoder from its weights: forward, a mean-squared loss on
     /// the last hidden state, backward, AdamW on every parameter. Prints each step's time and loss.
     EncoderStep(EncoderStepArgs),
+    /// The GPU's figures from the binary alone: bf16 GEMM TFLOP/s at several sizes, flash attention
+    /// forward and backward at head dims 64, 128 and 384, and a training step of an ESM-2 150M-shape
+    /// encoder, each next to the GPU's bf16 peak.
+    Gpu(GpuArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct GpuArgs {
+    /// cuda (default), or emu to check the paths on the host emulator (use --quick there).
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    /// Tiny shapes: every path in seconds (for the emulator and smoke tests).
+    #[arg(long)]
+    pub quick: bool,
 }
 
 #[derive(Args, Debug)]
@@ -138,6 +152,48 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             }
             if a.cache_dir.is_none() {
                 let _ = std::fs::remove_dir_all(&spec.cache_dir);
+            }
+            Ok(())
+        }
+        BenchCommand::Gpu(a) => {
+            use crate::backend::any::AnyBackend;
+            use crate::backend::Backend;
+            use crate::bench::gpu::{bf16_peak_tflops, run_gpu_bench, GpuBenchSizes};
+            let device = DeviceRequest::parse(&a.device)?.resolve()?;
+            if device == crate::Device::Cpu {
+                return Err(crate::Error::invalid(
+                    "--device",
+                    "bench gpu measures a kernel device: cuda, or emu (with --quick) to check the paths",
+                ));
+            }
+            let sizes = if a.quick {
+                GpuBenchSizes::quick()
+            } else {
+                GpuBenchSizes::full()
+            };
+            let backend = AnyBackend::open(device)?;
+            let (name, figures) = match &backend {
+                AnyBackend::Cpu(b) => (b.name(), run_gpu_bench(b.as_ref(), &sizes)?),
+                AnyBackend::Emu(b) => (b.name(), run_gpu_bench(b.as_ref(), &sizes)?),
+                AnyBackend::Cuda(b) => (b.name(), run_gpu_bench(b.as_ref(), &sizes)?),
+            };
+            let peak = bf16_peak_tflops(&name);
+            println!(
+                "{name}; bf16 dense peak: {}",
+                peak.map_or("unknown for this GPU".to_string(), |p| format!(
+                    "{p:.0} TFLOP/s"
+                ))
+            );
+            for f in &figures {
+                let share = peak.map_or(String::new(), |p| {
+                    format!(" ({:.0}% of peak)", 100.0 * f.tflops / p)
+                });
+                println!(
+                    "{:<70} {:>10.3} ms {:>9.2} TFLOP/s{share}",
+                    f.name,
+                    f.seconds * 1e3,
+                    f.tflops
+                );
             }
             Ok(())
         }

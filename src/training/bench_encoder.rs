@@ -43,19 +43,12 @@ pub fn run_encoder_step_bench<B: Backend>(
     b: &B,
     spec: &EncoderStepSpec,
 ) -> Result<Vec<EncoderStep>> {
-    if spec.batch == 0 || spec.len < 3 || spec.steps == 0 {
-        return Err(Error::invalid(
-            "encoder step",
-            "batch and steps must be positive and len at least 3",
-        ));
-    }
     let c = EsmConfig::from_file(&spec.config)?;
     let tc = if spec.nucleotide_transformer {
         TransformerConfig::nucleotide_transformer_v2(&c)
     } else {
         TransformerConfig::esm2(&c)
     };
-    let (vocab, hidden) = (tc.vocab, tc.hidden);
     let encoder = TransformerEncoder::new(tc)?;
     let host = ModelParams::load(
         encoder.layout().clone(),
@@ -63,37 +56,64 @@ pub fn run_encoder_step_bench<B: Backend>(
         &Prefixes(vec!["esm.".into(), "".into()]),
         false,
     )?;
-    let params = ParamSet::upload(b, encoder.layout().clone(), |i| host.get(i), true)?;
-    drop(host);
+    time_encoder_steps(
+        b,
+        &encoder,
+        |i| host.get(i),
+        spec.batch,
+        spec.len,
+        spec.steps,
+    )
+}
+
+/// `steps` timed training steps of `encoder` on `b` from host parameters `get(i)` (entry i of its
+/// layout), on a random batch of `batch` full sequences of `len` tokens.
+pub fn time_encoder_steps<'h, B: Backend>(
+    b: &B,
+    encoder: &TransformerEncoder,
+    get: impl Fn(usize) -> &'h [f32],
+    batch: usize,
+    len: usize,
+    steps: usize,
+) -> Result<Vec<EncoderStep>> {
+    if batch == 0 || len < 3 || steps == 0 {
+        return Err(Error::invalid(
+            "encoder step",
+            "batch and steps must be positive and len at least 3",
+        ));
+    }
+    let (vocab, hidden) = (encoder.cfg.vocab, encoder.cfg.hidden);
+    let params = ParamSet::upload(b, encoder.layout().clone(), get, true)?;
     let mut state = TrainState::new(b, params)?;
     let optimizer = AdamW::single_group(encoder.layout(), 1e-4, 0.01)?;
 
     // Random residue tokens between <cls> (0) and <eos> (2); every sequence full length.
     let mut rng = StdRng::seed_from_u64(0);
     let first_residue = 4u32.min(vocab as u32 - 1);
-    let ids: Vec<u32> = (0..spec.batch)
+    let last_residue = (vocab as u32).min(24).max(first_residue + 1);
+    let ids: Vec<u32> = (0..batch)
         .flat_map(|_| {
-            let mut row = vec![0u32; spec.len];
-            row[1..spec.len - 1]
+            let mut row = vec![0u32; len];
+            row[1..len - 1]
                 .iter_mut()
-                .for_each(|t| *t = rng.random_range(first_residue..(vocab as u32).min(24)));
-            row[spec.len - 1] = 2;
+                .for_each(|t| *t = rng.random_range(first_residue..last_residue));
+            row[len - 1] = 2;
             row
         })
         .collect();
-    let lens = vec![spec.len; spec.batch];
-    let n = spec.batch * spec.len * hidden;
+    let lens = vec![len; batch];
+    let n = batch * len * hidden;
     let target = Tensor::new(b, Role::Exact, n)?;
     let mut dhidden = Tensor::new(b, Role::Activation, n)?;
     let mut acts = EncoderActivations::default();
-    let mut out = Vec::with_capacity(spec.steps);
-    for _ in 0..spec.steps {
+    let mut out = Vec::with_capacity(steps);
+    for _ in 0..steps {
         let t0 = Instant::now();
         state.zero_grads(b)?;
         b.zero(dhidden.view_mut())?;
         let loss = {
             let (views, mut grads) = state.params_and_grads()?;
-            encoder.forward(b, &views, &ids, &lens, spec.len, &mut acts, true)?;
+            encoder.forward(b, &views, &ids, &lens, len, &mut acts, true)?;
             let loss = b.mse(acts.hidden()?, target.view())?;
             b.mse_backward(dhidden.view_mut(), acts.hidden()?, target.view(), 1.0)?;
             encoder.backward(b, &views, &mut acts, dhidden.view(), &mut grads)?;
