@@ -250,7 +250,10 @@ mod tests {
     fn peaks_are_looked_up_by_name() {
         assert_eq!(bf16_peak_tflops("cuda (NVIDIA H200)"), Some(989.0));
         assert_eq!(bf16_peak_tflops("cuda (NVIDIA H100 PCIe)"), Some(756.0));
-        assert_eq!(bf16_peak_tflops("cuda (NVIDIA A100-SXM4-80GB)"), Some(312.0));
+        assert_eq!(
+            bf16_peak_tflops("cuda (NVIDIA A100-SXM4-80GB)"),
+            Some(312.0)
+        );
         assert_eq!(bf16_peak_tflops("emu (2 workers)"), None);
     }
 }
