@@ -87,6 +87,11 @@ pub fn time_encoder_steps<'h, B: Backend>(
     let mut state = TrainState::new(b, params)?;
     let optimizer = AdamW::single_group(encoder.layout(), 1e-4, 0.01)?;
 
+    // Sizes from flags are checked, and the backend buffers (which report a failed allocation as an
+    // error) are made before the host token ids, which are smaller.
+    let n = crate::error::checked_product("encoder step", &[batch, len, hidden])?;
+    let target = Tensor::new(b, Role::Exact, n)?;
+    let mut dhidden = Tensor::new(b, Role::Activation, n)?;
     // Random residue tokens between <cls> (0) and <eos> (2); every sequence full length.
     let mut rng = StdRng::seed_from_u64(0);
     let first_residue = 4u32.min(vocab as u32 - 1);
@@ -102,9 +107,6 @@ pub fn time_encoder_steps<'h, B: Backend>(
         })
         .collect();
     let lens = vec![len; batch];
-    let n = batch * len * hidden;
-    let target = Tensor::new(b, Role::Exact, n)?;
-    let mut dhidden = Tensor::new(b, Role::Activation, n)?;
     let mut acts = EncoderActivations::default();
     let mut out = Vec::with_capacity(steps);
     for _ in 0..steps {
