@@ -434,3 +434,119 @@ fn gpu_enformer_when_a_gpu_is_present() {
         }
     }
 }
+
+/// Per-block checkpointing ([`Recompute::Blocks`]) recomputes each block in the backward from its kept
+/// input: the output and every parameter gradient must be bit-identical to keeping everything, and a warm
+/// step must still allocate nothing.
+#[test]
+fn recompute_blocks_gives_bit_identical_transformer_gradients_on_the_cpu() {
+    use isoformer_engine::models::recompute::Recompute;
+    for (ffn, seed) in [(FeedForward::Gelu, 3), (FeedForward::SwiGlu, 4)] {
+        let (mut enc, host, inputs) = transformer_case(ffn, seed);
+        let cpu = CpuBackend::new();
+        let kept = run_transformer(&cpu, &enc, &host, &inputs);
+        enc.set_recompute(Recompute::Blocks);
+        let recomputed = run_transformer(&cpu, &enc, &host, &inputs);
+        assert_eq!(kept.hidden, recomputed.hidden, "{ffn:?} output");
+        for (i, entry) in enc.layout().entries().iter().enumerate() {
+            assert!(
+                kept.grads[i] == recomputed.grads[i],
+                "{ffn:?}: gradient of {} differs under recompute",
+                entry.spec.name
+            );
+        }
+        assert_eq!(
+            recomputed.steady_allocations, 0,
+            "a warm checkpointed step allocates"
+        );
+    }
+}
+
+/// The same for the Enformer trunk (stem, tower levels and transformer layers recomputed), in both
+/// batchnorm modes, including the running statistics folded in after a training-mode step.
+#[test]
+fn recompute_blocks_gives_bit_identical_enformer_gradients_on_the_cpu() {
+    use isoformer_engine::models::enformer::{BatchNormMode, EnformerActivations};
+    use isoformer_engine::models::recompute::Recompute;
+    let (mut trunk, host, one_hot, batch, seq_len, d_emb) = enformer_case();
+    let cpu = CpuBackend::new();
+    for mode in [BatchNormMode::Eval, BatchNormMode::Train] {
+        trunk.set_recompute(Recompute::None);
+        let kept = run_enformer(&cpu, &trunk, &host, &one_hot, batch, seq_len, &d_emb, mode);
+        trunk.set_recompute(Recompute::Blocks);
+        let recomputed = run_enformer(&cpu, &trunk, &host, &one_hot, batch, seq_len, &d_emb, mode);
+        assert_eq!(kept.hidden, recomputed.hidden, "{mode:?} output");
+        for (i, entry) in trunk.layout().entries().iter().enumerate() {
+            assert!(
+                kept.grads[i] == recomputed.grads[i],
+                "{mode:?}: gradient of {} differs under recompute",
+                entry.spec.name
+            );
+        }
+        assert_eq!(
+            recomputed.steady_allocations, 0,
+            "a warm checkpointed step allocates"
+        );
+    }
+    // Running statistics: the checkpointed forward keeps each block's batch statistics.
+    let mut running_after = |policy: Recompute| -> Vec<Vec<f32>> {
+        trunk.set_recompute(policy);
+        let params = ParamSet::upload(&cpu, trunk.layout().clone(), |i| &host[i], true).unwrap();
+        let mut state = TrainState::new(&cpu, params).unwrap();
+        let d = Tensor::from_f32(&cpu, Role::Activation, &d_emb).unwrap();
+        let mut acts = EnformerActivations::default();
+        let (views, mut grads) = state.params_and_grads().unwrap();
+        trunk
+            .forward(
+                &cpu,
+                &views,
+                &one_hot,
+                batch,
+                seq_len,
+                &mut acts,
+                true,
+                BatchNormMode::Train,
+            )
+            .unwrap();
+        trunk
+            .backward(&cpu, &views, &mut acts, d.view(), &mut grads)
+            .unwrap();
+        let mut running: Vec<(Tensor<CpuBackend>, Tensor<CpuBackend>)> = trunk
+            .running_stat_entries()
+            .into_iter()
+            .map(|(m, v)| {
+                (
+                    Tensor::from_f32(&cpu, Role::Exact, &host[m]).unwrap(),
+                    Tensor::from_f32(&cpu, Role::Exact, &host[v]).unwrap(),
+                )
+            })
+            .collect();
+        let mut views: Vec<_> = running
+            .iter_mut()
+            .map(|(m, v)| (m.view_mut(), v.view_mut()))
+            .collect();
+        trunk.update_running_stats(&cpu, &acts, &mut views).unwrap();
+        drop(views);
+        running
+            .iter()
+            .flat_map(|(m, v)| {
+                [
+                    cpu.read_f32(m.view()).unwrap(),
+                    cpu.read_f32(v.view()).unwrap(),
+                ]
+            })
+            .collect()
+    };
+    let kept = running_after(Recompute::None);
+    let recomputed = running_after(Recompute::Blocks);
+    let initial: Vec<Vec<f32>> = trunk
+        .running_stat_entries()
+        .into_iter()
+        .flat_map(|(m, v)| [host[m].clone(), host[v].clone()])
+        .collect();
+    assert_ne!(kept, initial, "the running statistics were updated");
+    assert_eq!(
+        kept, recomputed,
+        "running statistics differ under recompute"
+    );
+}

@@ -7,6 +7,7 @@
 pub mod config;
 pub mod enformer;
 pub mod isoformer;
+pub mod recompute;
 pub mod tokenizers;
 pub mod transformer;
 pub mod weights;

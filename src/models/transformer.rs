@@ -15,6 +15,7 @@
 use std::sync::Arc;
 
 use super::config::EsmConfig;
+use super::recompute::Recompute;
 use crate::backend::{Act, AttentionDims, Backend, LinearDims, Role, Tensor, View, ViewMut};
 use crate::ops::rotary::RotaryTable;
 use crate::runtime::{Layout, TensorSpec};
@@ -99,6 +100,19 @@ pub struct TransformerEncoder {
     embed: usize,
     layers: Vec<LayerParams>,
     final_ln: (usize, usize),
+    /// What a training forward keeps ([`Recompute`]).
+    recompute: Recompute,
+}
+
+/// What a forward keeps for the backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Saving {
+    /// Nothing: two residual streams and one layer's buffers serve every layer.
+    Inference,
+    /// Every layer's input and activations.
+    All,
+    /// Every layer's input; one layer's activations, recomputed layer by layer in the backward.
+    Checkpoints,
 }
 
 /// One layer's saved activations (or, for inference, the buffers every layer reuses).
@@ -142,16 +156,17 @@ struct BackwardBuffers<B: Backend> {
 struct Planned<B: Backend> {
     batch: usize,
     len: usize,
-    keep_all: bool,
+    saving: Saving,
     ids: Tensor<B>,
     kv_lens: Tensor<B>,
     /// Per-row embedding scale (token dropout × padding mask), f32.
     row_scale: Tensor<B>,
-    /// Residual stream: with `keep_all`, the input of every layer and the final one (`layers + 1`);
-    /// otherwise two that alternate.
+    /// Residual stream: when training, the input of every layer and the final one (`layers + 1`);
+    /// for inference two that alternate.
     xs: Vec<Tensor<B>>,
     /// Scratch for the attention projection and the FFN output (not read by the backward).
     proj: Tensor<B>,
+    /// One set per layer with [`Saving::All`], else one set every layer reuses.
     layers: Vec<LayerActs<B>>,
     final_mean: Tensor<B>,
     final_rstd: Tensor<B>,
@@ -386,11 +401,21 @@ impl TransformerEncoder {
             embed,
             layers,
             final_ln: (fw, fb),
+            recompute: Recompute::None,
         })
     }
 
     pub fn layout(&self) -> &Arc<Layout> {
         &self.layout
+    }
+
+    /// What a training forward keeps from now on (the next forward plans its buffers for it).
+    pub fn set_recompute(&mut self, policy: Recompute) {
+        self.recompute = policy;
+    }
+
+    pub fn recompute(&self) -> Recompute {
+        self.recompute
     }
 
     /// The factor each embedding row is multiplied by: ESM-2's token dropout (`<mask>` rows zeroed, the rest
@@ -424,7 +449,7 @@ impl TransformerEncoder {
         ids: &[u32],
         lens: &[usize],
         len: usize,
-        keep_all: bool,
+        saving: Saving,
     ) -> Result<()> {
         let cfg = &self.cfg;
         let batch = lens.len();
@@ -459,10 +484,7 @@ impl TransformerEncoder {
             acts.sin = Some(Tensor::from_f32(b, Role::Exact, table.sin())?);
             acts.rotary_len = table.max_len();
         }
-        let same_plan = acts
-            .planned
-            .as_ref()
-            .is_some_and(|p| p.keep_all == keep_all);
+        let same_plan = acts.planned.as_ref().is_some_and(|p| p.saving == saving);
         if same_plan {
             let p = acts.planned.as_mut().expect("checked");
             p.fit(b, cfg, batch, len)?;
@@ -470,15 +492,15 @@ impl TransformerEncoder {
             // Free the old plan's buffers before making the new one, so both never coexist.
             acts.planned = None;
             let (n, h) = (batch * len, cfg.hidden);
-            let (streams, layer_sets) = if keep_all {
-                (cfg.layers + 1, cfg.layers)
-            } else {
-                (2, 1)
+            let (streams, layer_sets) = match saving {
+                Saving::Inference => (2, 1),
+                Saving::All => (cfg.layers + 1, cfg.layers),
+                Saving::Checkpoints => (cfg.layers + 1, 1),
             };
             acts.planned = Some(Planned {
                 batch,
                 len,
-                keep_all,
+                saving,
                 ids: Tensor::new(b, Role::Index, n)?,
                 kv_lens: Tensor::new(b, Role::Index, batch)?,
                 row_scale: exact(b, n)?,
@@ -513,8 +535,8 @@ impl TransformerEncoder {
     }
 
     /// Forward for `ids [batch, len]` (right-padded, `lens` real tokens each) with parameters `p` (one view
-    /// per layout entry). The last hidden state is in `acts.hidden()`. With `keep_all`, every layer's
-    /// activations are kept for [`Self::backward`].
+    /// per layout entry). The last hidden state is in `acts.hidden()`. With `keep_all`, what
+    /// [`Self::backward`] needs is kept, as the encoder's [`Recompute`] policy says.
     pub fn forward<B: Backend>(
         &self,
         b: &B,
@@ -526,9 +548,13 @@ impl TransformerEncoder {
         keep_all: bool,
     ) -> Result<()> {
         self.check_params(p)?;
-        self.prepare(b, acts, ids, lens, len, keep_all)?;
+        let saving = match (keep_all, self.recompute) {
+            (false, _) => Saving::Inference,
+            (true, Recompute::None) => Saving::All,
+            (true, Recompute::Blocks) => Saving::Checkpoints,
+        };
+        self.prepare(b, acts, ids, lens, len, saving)?;
         let cfg = &self.cfg;
-        let (batch, n, h, hd) = (lens.len(), lens.len() * len, cfg.hidden, cfg.head_dim());
         let (cos, sin) = (
             acts.cos.as_ref().expect("prepared").view(),
             acts.sin.as_ref().expect("prepared").view(),
@@ -536,122 +562,30 @@ impl TransformerEncoder {
         let pl = acts.planned.as_mut().expect("prepared");
         b.embedding(pl.xs[0].view_mut(), pl.ids.view(), p[self.embed])?;
         b.scale_rows(pl.xs[0].view_mut(), pl.row_scale.view())?;
-        let dims = AttentionDims::new(batch, cfg.heads, len, len, hd);
+        let rope = Rope { cos, sin };
         for (l, lp) in self.layers.iter().enumerate() {
-            let (si, so) = if pl.keep_all {
-                (l, l + 1)
-            } else {
-                (l % 2, (l + 1) % 2)
+            let (si, so) = match pl.saving {
+                Saving::Inference => (l % 2, (l + 1) % 2),
+                Saving::All | Saving::Checkpoints => (l, l + 1),
             };
-            let la = &mut pl.layers[if pl.keep_all { l } else { 0 }];
+            let li = if pl.saving == Saving::All { l } else { 0 };
             let [x_in, x_out] = pl.xs.get_disjoint_mut([si, so]).expect("distinct streams");
-            let x_in = x_in.view();
-            b.layernorm(
-                la.ln1.view_mut(),
-                la.mean1.view_mut(),
-                la.rstd1.view_mut(),
-                x_in,
-                p[lp.ln1.0],
-                p[lp.ln1.1],
-                cfg.ln_eps,
+            self.layer_forward(
+                b,
+                p,
+                lp,
+                &mut pl.layers[li],
+                &mut pl.proj,
+                x_in.view(),
+                Some(x_out.view_mut()),
+                pl.kv_lens.view(),
+                rope,
+                (pl.batch, pl.len),
             )?;
-            for (out, (w, bias)) in [(&mut la.q, lp.q), (&mut la.k, lp.k), (&mut la.v, lp.v)] {
-                b.linear(
-                    out.view_mut(),
-                    la.ln1.view(),
-                    p[w],
-                    Some(p[bias]),
-                    self.lin(n, h, h),
-                )?;
-            }
-            b.rotary(
-                la.q_rot.view_mut(),
-                la.q.view(),
-                cos,
-                sin,
-                len,
-                cfg.heads,
-                hd,
-            )?;
-            b.rotary(
-                la.k_rot.view_mut(),
-                la.k.view(),
-                cos,
-                sin,
-                len,
-                cfg.heads,
-                hd,
-            )?;
-            b.attention(
-                la.attn.view_mut(),
-                la.lse.view_mut(),
-                la.q_rot.view(),
-                la.k_rot.view(),
-                la.v.view(),
-                Some(pl.kv_lens.view()),
-                None,
-                &dims,
-            )?;
-            // mid = x_in + attn·W_oᵀ + b_o, and LN₂(mid), fused where the backend fuses.
-            b.linear(
-                pl.proj.view_mut(),
-                la.attn.view(),
-                p[lp.o.0],
-                Some(p[lp.o.1]),
-                self.lin(n, h, h),
-            )?;
-            b.residual_layernorm(
-                la.mid.view_mut(),
-                la.ln2.view_mut(),
-                la.mean2.view_mut(),
-                la.rstd2.view_mut(),
-                x_in,
-                pl.proj.view(),
-                p[lp.ln2.0],
-                p[lp.ln2.1],
-                cfg.ln_eps,
-            )?;
-            let ffn_in = self.lin(n, h, cfg.ffn_in_width());
-            match cfg.ffn {
-                FeedForward::Gelu => {
-                    let bias = lp
-                        .ffn_in
-                        .1
-                        .ok_or_else(|| Error::invalid("encoder", "the GELU FFN has a bias"))?;
-                    b.linear_act(
-                        la.ffn_pre.view_mut(),
-                        la.ffn_act.view_mut(),
-                        la.ln2.view(),
-                        p[lp.ffn_in.0],
-                        p[bias],
-                        Act::GeluErf,
-                        ffn_in,
-                    )?;
-                }
-                FeedForward::SwiGlu => {
-                    b.linear(
-                        la.ffn_pre.view_mut(),
-                        la.ln2.view(),
-                        p[lp.ffn_in.0],
-                        None,
-                        ffn_in,
-                    )?;
-                    b.swiglu(la.ffn_act.view_mut(), la.ffn_pre.view(), cfg.ffn_dim)?;
-                }
-            }
-            b.linear(
-                pl.proj.view_mut(),
-                la.ffn_act.view(),
-                p[lp.ffn_out.0],
-                lp.ffn_out.1.map(|i| p[i]),
-                self.lin(n, cfg.ffn_dim, h),
-            )?;
-            b.add(x_out.view_mut(), la.mid.view(), pl.proj.view())?;
         }
-        let last = if pl.keep_all {
-            cfg.layers
-        } else {
-            cfg.layers % 2
+        let last = match pl.saving {
+            Saving::Inference => cfg.layers % 2,
+            Saving::All | Saving::Checkpoints => cfg.layers,
         };
         let (fw, fb) = self.final_ln;
         b.layernorm(
@@ -663,6 +597,123 @@ impl TransformerEncoder {
             p[fb],
             cfg.ln_eps,
         )
+    }
+
+    /// One layer: `mid = x_in + Attn(LN₁(x_in))·W_oᵀ + b_o`, then `x_out = mid + FFN(LN₂(mid))`, saving
+    /// what the backward reads in `la`. Without `x_out` (a recompute in the backward) it stops once every
+    /// saved activation is written: the FFN's output projection and the residual add are not needed.
+    fn layer_forward<B: Backend>(
+        &self,
+        b: &B,
+        p: &[View<'_, B>],
+        lp: &LayerParams,
+        la: &mut LayerActs<B>,
+        proj: &mut Tensor<B>,
+        x_in: View<'_, B>,
+        x_out: Option<ViewMut<'_, B>>,
+        kv_lens: View<'_, B>,
+        rope: Rope<'_, B>,
+        (batch, len): (usize, usize),
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let (n, h, hd) = (batch * len, cfg.hidden, cfg.head_dim());
+        b.layernorm(
+            la.ln1.view_mut(),
+            la.mean1.view_mut(),
+            la.rstd1.view_mut(),
+            x_in,
+            p[lp.ln1.0],
+            p[lp.ln1.1],
+            cfg.ln_eps,
+        )?;
+        for (out, (w, bias)) in [(&mut la.q, lp.q), (&mut la.k, lp.k), (&mut la.v, lp.v)] {
+            b.linear(
+                out.view_mut(),
+                la.ln1.view(),
+                p[w],
+                Some(p[bias]),
+                self.lin(n, h, h),
+            )?;
+        }
+        for (rotated, x) in [(&mut la.q_rot, &la.q), (&mut la.k_rot, &la.k)] {
+            b.rotary(
+                rotated.view_mut(),
+                x.view(),
+                rope.cos,
+                rope.sin,
+                len,
+                cfg.heads,
+                hd,
+            )?;
+        }
+        b.attention(
+            la.attn.view_mut(),
+            la.lse.view_mut(),
+            la.q_rot.view(),
+            la.k_rot.view(),
+            la.v.view(),
+            Some(kv_lens),
+            None,
+            &AttentionDims::new(batch, cfg.heads, len, len, hd),
+        )?;
+        // mid = x_in + attn·W_oᵀ + b_o, and LN₂(mid), fused where the backend fuses.
+        b.linear(
+            proj.view_mut(),
+            la.attn.view(),
+            p[lp.o.0],
+            Some(p[lp.o.1]),
+            self.lin(n, h, h),
+        )?;
+        b.residual_layernorm(
+            la.mid.view_mut(),
+            la.ln2.view_mut(),
+            la.mean2.view_mut(),
+            la.rstd2.view_mut(),
+            x_in,
+            proj.view(),
+            p[lp.ln2.0],
+            p[lp.ln2.1],
+            cfg.ln_eps,
+        )?;
+        let ffn_in = self.lin(n, h, cfg.ffn_in_width());
+        match cfg.ffn {
+            FeedForward::Gelu => {
+                let bias = lp
+                    .ffn_in
+                    .1
+                    .ok_or_else(|| Error::invalid("encoder", "the GELU FFN has a bias"))?;
+                b.linear_act(
+                    la.ffn_pre.view_mut(),
+                    la.ffn_act.view_mut(),
+                    la.ln2.view(),
+                    p[lp.ffn_in.0],
+                    p[bias],
+                    Act::GeluErf,
+                    ffn_in,
+                )?;
+            }
+            FeedForward::SwiGlu => {
+                b.linear(
+                    la.ffn_pre.view_mut(),
+                    la.ln2.view(),
+                    p[lp.ffn_in.0],
+                    None,
+                    ffn_in,
+                )?;
+                b.swiglu(la.ffn_act.view_mut(), la.ffn_pre.view(), cfg.ffn_dim)?;
+            }
+        }
+        let Some(x_out) = x_out else {
+            return Ok(());
+        };
+        b.linear(
+            proj.view_mut(),
+            la.ffn_act.view(),
+            p[lp.ffn_out.0],
+            lp.ffn_out.1.map(|i| p[i]),
+            self.lin(n, cfg.ffn_dim, h),
+        )?;
+        b.add(x_out, la.mid.view(), proj.view())
     }
 
     fn check_params<V>(&self, p: &[V]) -> Result<()> {
@@ -697,7 +748,7 @@ impl TransformerEncoder {
             _ => return Err(Error::invalid("backward", "no forward has run")),
         };
         let pl = match acts.planned.as_mut() {
-            Some(pl) if pl.keep_all => pl,
+            Some(pl) if pl.saving != Saving::Inference => pl,
             _ => {
                 return Err(Error::invalid(
                     "backward",
@@ -738,8 +789,24 @@ impl TransformerEncoder {
             )?;
         }
         for (l, lp) in self.layers.iter().enumerate().rev() {
-            let la = &pl.layers[l];
             let x_in = pl.xs[l].view();
+            let la = if pl.saving == Saving::Checkpoints {
+                self.layer_forward(
+                    b,
+                    p,
+                    lp,
+                    &mut pl.layers[0],
+                    &mut pl.proj,
+                    x_in,
+                    None,
+                    pl.kv_lens.view(),
+                    Rope { cos, sin },
+                    (batch, len),
+                )?;
+                &pl.layers[0]
+            } else {
+                &pl.layers[l]
+            };
             // FFN: x_out = mid + FFN(LN₂(mid)); d_out is ∂/∂x_out, and becomes ∂/∂mid.
             b.zero(bw.d_act.view_mut())?;
             {
@@ -889,6 +956,20 @@ impl TransformerEncoder {
         b.embedding_backward(grads[self.embed].rb(), bw.d_out.view(), pl.ids.view())
     }
 }
+
+/// The rotary tables `[max_len, head_dim/2]` (f32).
+struct Rope<'a, B: Backend> {
+    cos: View<'a, B>,
+    sin: View<'a, B>,
+}
+
+impl<B: Backend> Clone for Rope<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: Backend> Copy for Rope<'_, B> {}
 
 /// The weight gradient of a linear layer and, when it has one, its bias gradient.
 fn grads_pair<'a, 'g, B>(

@@ -86,7 +86,7 @@ impl EnformerTrunk {
                 "one parameter and one gradient view per layout entry",
             ));
         }
-        if !acts.keep || acts.out_len == 0 || acts.layers.len() != self.layers.len() {
+        if !acts.keep || acts.out_len == 0 || acts.trace.layers.len() != self.layers.len() {
             return Err(Error::invalid(
                 "backward",
                 "the forward was run without keeping activations",
@@ -104,7 +104,7 @@ impl EnformerTrunk {
                 ),
             ));
         }
-        let train = acts.mode == BatchNormMode::Train;
+        let (train, mode) = (acts.mode == BatchNormMode::Train, acts.mode);
         let tr = acts.trace.clone();
         let mut g = acts.backward.take().unwrap_or_default();
         let max_numel = batch * seq_len * half;
@@ -112,8 +112,9 @@ impl EnformerTrunk {
             ensure(b, slot, Role::Activation, max_numel)?;
         }
         let result = (|| -> Result<()> {
-            let blocks = self.conv_blocks();
-            let last = blocks.len() - 1;
+            let last = tr.blocks.last().copied().ok_or_else(|| {
+                Error::invalid("enformer backward", "the forward kept no ConvBlock")
+            })?;
             // Final GELU and pointwise block: d_pre (B), d_cropped (C).
             {
                 let [_, gb, gc] = ring3(&mut g.ring);
@@ -159,13 +160,19 @@ impl EnformerTrunk {
             }
             // Transformer, last layer first: the gradient stays in A.
             for (l, layer) in self.layers.iter().enumerate().rev() {
-                let (x, mid, _) = tr.layers[l];
-                self.layer_backward(b, p, grads, &mut g, acts, layer, l, x, mid, batch, n)?;
+                let (x, mid, out, slot) = tr.layers[l];
+                if acts.checkpoints {
+                    self.attention_layer(b, p, acts, layer, slot, x, mid, out, batch, n)?;
+                }
+                self.layer_backward(b, p, grads, &mut g, acts, layer, slot, x, mid, batch, n)?;
             }
             // Tower, last level first: ∂pooled in A → ∂x in A.
             let mut len = n;
             for (t, tb) in self.tower.iter().enumerate().rev() {
-                let (x_in, y, z, _) = tr.tower[t];
+                if acts.checkpoints {
+                    self.tower_forward(b, p, acts, t, batch, mode)?;
+                }
+                let lv = tr.tower[t];
                 let pre_len = len * 2;
                 let c = tb.channels;
                 {
@@ -176,9 +183,9 @@ impl EnformerTrunk {
                         gb.view_mut(),
                         grads[tb.pool].rb(),
                         ga.view(),
-                        acts.streams[z].view(),
+                        acts.streams[lv.z].view(),
                         p[tb.pool],
-                        acts.pool_logits[t + 1].view(),
+                        acts.pool_logits[lv.pool].view(),
                         &PoolDims {
                             batch,
                             len: pre_len,
@@ -195,8 +202,8 @@ impl EnformerTrunk {
                     &mut g,
                     acts,
                     &tb.residual,
-                    2 + 2 * t,
-                    y,
+                    lv.residual_block,
+                    lv.y,
                     1,
                     2,
                     batch,
@@ -216,8 +223,8 @@ impl EnformerTrunk {
                     &mut g,
                     acts,
                     &tb.conv,
-                    1 + 2 * t,
-                    x_in,
+                    lv.first_block,
+                    lv.x_in,
                     2,
                     0,
                     batch,
@@ -229,6 +236,9 @@ impl EnformerTrunk {
             // Stem: pooled = Pool(r), r = x0 + CB₁(x0), x0 = conv15(one-hot).
             let stem_len = len * 2;
             debug_assert_eq!(stem_len, seq_len);
+            if acts.checkpoints {
+                self.stem_forward(b, p, acts, batch, mode)?;
+            }
             {
                 let [ga, gb, _] = ring3(&mut g.ring);
                 gb.ensure(b, Role::Activation, batch * stem_len * half)?;
@@ -237,9 +247,9 @@ impl EnformerTrunk {
                     gb.view_mut(),
                     grads[self.stem_pool].rb(),
                     ga.view(),
-                    acts.streams[tr.stem_r].view(),
+                    acts.streams[tr.stem.z].view(),
                     p[self.stem_pool],
-                    acts.pool_logits[0].view(),
+                    acts.pool_logits[tr.stem.pool].view(),
                     &PoolDims {
                         batch,
                         len: stem_len,
@@ -255,8 +265,8 @@ impl EnformerTrunk {
                 &mut g,
                 acts,
                 &self.stem_residual,
-                0,
-                tr.stem_x0,
+                tr.stem.residual_block,
+                tr.stem.y,
                 1,
                 2,
                 batch,

@@ -16,6 +16,7 @@ use crate::backend::{
     Act, AttentionDims, Backend, BatchNormStats, Conv1dDims, LinearDims, PoolDims, Role, Tensor,
     View, ViewMut,
 };
+use crate::models::recompute::Recompute;
 use crate::{Error, Result};
 
 /// Which statistics the batchnorms use.
@@ -62,18 +63,37 @@ pub(super) struct AttnActs<B: Backend> {
     pub ff_act: Tensor<B>,
 }
 
-/// Where each stream of the latest forward lives (indices into `streams`).
+/// Where each tensor of one convolutional level lives: streams (indices into `streams`), its
+/// ConvBlocks' buffers (into `blocks`) and its pool's logits (into `pool_logits`).
+#[derive(Default, Clone, Copy)]
+pub(super) struct LevelTrace {
+    /// The level's input: the one-hot input for the stem, the previous level's pooled stream otherwise.
+    pub x_in: usize,
+    /// The stem: `x0 = conv15(one-hot)`; the tower: `y = ConvBlock₅(x_in)`.
+    pub y: usize,
+    /// `z = y + ConvBlock₁(y)`.
+    pub z: usize,
+    pub pooled: usize,
+    /// Buffers of the first ConvBlock (the tower's) and of the residual one.
+    pub first_block: usize,
+    pub residual_block: usize,
+    pub pool: usize,
+    /// Positions at the level's input.
+    pub len: usize,
+}
+
+/// Where each tensor of the latest forward lives.
 #[derive(Default, Clone)]
 pub(super) struct Trace {
-    pub stem_x0: usize,
-    pub stem_r: usize,
-    /// Per tower level: (input, y = ConvBlock₅ output, z = y + ConvBlock₁(y), pooled).
-    pub tower: Vec<(usize, usize, usize, usize)>,
-    /// Per layer: (input, mid, output).
-    pub layers: Vec<(usize, usize, usize)>,
+    pub stem: LevelTrace,
+    pub tower: Vec<LevelTrace>,
+    /// Per layer: (input, mid, output, saved-activations slot).
+    pub layers: Vec<(usize, usize, usize, usize)>,
     pub cropped: usize,
     pub pre: usize,
     pub emb: usize,
+    /// The buffers of every ConvBlock, in forward order.
+    pub blocks: Vec<usize>,
 }
 
 /// Activations of the latest forward on backend `B`.
@@ -81,6 +101,12 @@ pub struct EnformerActivations<B: Backend> {
     pub(super) batch: usize,
     pub(super) seq_len: usize,
     pub(super) keep: bool,
+    /// Per-block checkpointing ([`Recompute::Blocks`]): with `keep`, only each block's input is kept,
+    /// and the backward recomputes the block (a stem or tower level, a transformer layer).
+    pub(super) checkpoints: bool,
+    /// With checkpoints, each ConvBlock's batch statistics as the forward made them (its buffers are
+    /// shared with the other blocks of its kind), for the running-statistics update.
+    saved_stats: Vec<(Tensor<B>, Tensor<B>, usize)>,
     pub(super) mode: BatchNormMode,
     /// Transformer length n and output bins T.
     pub transformer_len: usize,
@@ -109,6 +135,8 @@ impl<B: Backend> Default for EnformerActivations<B> {
             batch: 0,
             seq_len: 0,
             keep: false,
+            checkpoints: false,
+            saved_stats: Vec::new(),
             mode: BatchNormMode::Eval,
             transformer_len: 0,
             out_len: 0,
@@ -145,7 +173,7 @@ pub(super) fn ensure<B: Backend>(
     }
 }
 
-/// The same for an element of a growing list.
+/// The same for an element of a growing list (slots skipped on the way stay empty).
 pub(super) fn ensure_at<B: Backend>(
     b: &B,
     list: &mut Vec<Tensor<B>>,
@@ -153,6 +181,9 @@ pub(super) fn ensure_at<B: Backend>(
     role: Role,
     numel: usize,
 ) -> Result<()> {
+    while list.len() < i {
+        list.push(Tensor::new(b, role, 0)?);
+    }
     if i == list.len() {
         list.push(Tensor::new(b, role, numel)?);
         Ok(())
@@ -225,27 +256,115 @@ impl<B: Backend> EnformerActivations<B> {
         self.heads.get(name).map(|t| t.view())
     }
 
-    /// Stream `i` of this forward: its own tensor when keeping activations, else one of three.
-    pub(super) fn stream(&mut self, b: &B, i: usize, numel: usize) -> Result<usize> {
-        let slot = if self.keep { i } else { i % 3 };
+    /// Stream `i` of this forward: its own tensor when keeping activations, else one of three. With
+    /// checkpoints, a stream inside a block that the backward `recomputes` is one of two shared ones.
+    pub(super) fn stream(
+        &mut self,
+        b: &B,
+        i: usize,
+        numel: usize,
+        recomputed: bool,
+    ) -> Result<usize> {
+        let slot = match (self.keep, self.checkpoints, recomputed) {
+            (false, _, _) => i % 3,
+            (true, true, true) => i % 2,
+            (true, true, false) => i + 2,
+            (true, false, _) => i,
+        };
         ensure_at(b, &mut self.streams, slot, Role::Activation, numel)?;
         Ok(slot)
     }
 
-    fn block(&mut self, b: &B, i: usize, rows: usize, c: usize) -> Result<usize> {
-        let slot = if self.keep { i } else { 0 };
+    /// Buffers of ConvBlock `i` (forward order): their own when keeping activations, else shared; with
+    /// checkpoints, blocks the backward `recomputes` share two sets (a level's first and residual block).
+    fn block(&mut self, b: &B, i: usize, rows: usize, c: usize, recomputed: bool) -> Result<usize> {
+        let slot = match (self.keep, self.checkpoints, recomputed) {
+            (false, _, _) => 0,
+            (true, true, true) => (i + 1) % 2,
+            (true, true, false) => i + 2,
+            (true, false, _) => i,
+        };
+        while self.blocks.len() < slot {
+            self.blocks.push(ConvBlockActs::new(b, 0, 0)?);
+        }
         if slot == self.blocks.len() {
             self.blocks.push(ConvBlockActs::new(b, rows, c)?);
         } else {
             self.blocks[slot].ensure(b, rows, c)?;
         }
+        if self.trace.blocks.len() != i {
+            return Err(Error::invalid("enformer", "ConvBlocks out of order"));
+        }
+        self.trace.blocks.push(slot);
         Ok(slot)
     }
 
     fn pool(&mut self, b: &B, i: usize, numel: usize) -> Result<usize> {
-        let slot = if self.keep { i } else { 0 };
+        let slot = if self.keep && !self.checkpoints { i } else { 0 };
         ensure_at(b, &mut self.pool_logits, slot, Role::Exact, numel)?;
         Ok(slot)
+    }
+
+    /// Sizes the buffers of a level for its shape (`c` channels out, `first_c_in` into the first ConvBlock
+    /// of a tower level; the stem has none): shared ones were last
+    /// sized by another level when the backward recomputes this one. Allocates nothing once planned.
+    fn size_level(
+        &mut self,
+        b: &B,
+        lv: &LevelTrace,
+        batch: usize,
+        first_c_in: Option<usize>,
+        c: usize,
+    ) -> Result<()> {
+        let rows = batch * lv.len;
+        self.streams[lv.y].ensure(b, Role::Activation, rows * c)?;
+        self.streams[lv.z].ensure(b, Role::Activation, rows * c)?;
+        self.streams[lv.pooled].ensure(b, Role::Activation, batch * lv.len.div_ceil(2) * c)?;
+        if let Some(c_in) = first_c_in {
+            self.blocks[lv.first_block].ensure(b, rows, c_in)?;
+        }
+        self.blocks[lv.residual_block].ensure(b, rows, c)?;
+        self.pool_logits[lv.pool].ensure(b, Role::Exact, rows * c)
+    }
+
+    /// The saved-activations slot of transformer layer `l`.
+    fn attention_slot(&self, l: usize) -> usize {
+        if self.keep && !self.checkpoints {
+            l
+        } else {
+            0
+        }
+    }
+
+    /// With checkpoints, keeps ConvBlock `i`'s batch statistics (its buffers are shared).
+    fn save_stats(&mut self, b: &B, i: usize) -> Result<()> {
+        if !self.checkpoints {
+            return Ok(());
+        }
+        let blk = &self.blocks[self.trace.blocks[i]];
+        let c = blk.mean.numel();
+        if i == self.saved_stats.len() {
+            self.saved_stats.push((
+                Tensor::new(b, Role::Exact, c)?,
+                Tensor::new(b, Role::Exact, c)?,
+                0,
+            ));
+        }
+        let (mean, var, rows) = &mut self.saved_stats[i];
+        *rows = blk.rows;
+        mean.ensure(b, Role::Exact, c)?;
+        var.ensure(b, Role::Exact, c)?;
+        b.copy(mean.view_mut(), blk.mean.view())?;
+        b.copy(var.view_mut(), blk.var.view())
+    }
+
+    /// ConvBlock `i`'s batch statistics (mean, variance) and rows, as its forward made them.
+    fn block_stats(&self, i: usize) -> (View<'_, B>, View<'_, B>, usize) {
+        let blk = &self.blocks[self.trace.blocks[i]];
+        match self.saved_stats.get(i) {
+            Some((mean, var, rows)) if self.checkpoints => (mean.view(), var.view(), *rows),
+            _ => (blk.mean.view(), blk.var.view(), blk.rows),
+        }
     }
 }
 
@@ -359,7 +478,11 @@ impl EnformerTrunk {
             ));
         }
         let (n, out_len) = self.geometry(batch, seq_len)?;
-        let reshaped = acts.batch != batch || acts.seq_len != seq_len || acts.keep != keep;
+        let checkpoints = keep && self.recompute == Recompute::Blocks;
+        let reshaped = acts.batch != batch
+            || acts.seq_len != seq_len
+            || acts.keep != keep
+            || acts.checkpoints != checkpoints;
         if reshaped {
             // A new shape is planned afresh; buffers of the old one go.
             *acts = EnformerActivations::default();
@@ -367,6 +490,7 @@ impl EnformerTrunk {
         acts.batch = batch;
         acts.seq_len = seq_len;
         acts.keep = keep;
+        acts.checkpoints = checkpoints;
         acts.mode = mode;
         acts.transformer_len = n;
         acts.out_len = out_len;
@@ -381,11 +505,11 @@ impl EnformerTrunk {
         } else {
             self.whole_levels(b, p, acts, batch, seq_len, mode)?
         };
-        self.transformer_and_output(b, p, acts, pooled, next, block, batch, n, out_len, keep)
+        self.transformer_and_output(b, p, acts, pooled, next, block, batch, n, out_len)
     }
 
     /// The stem and tower over whole sequences, keeping what the backward reads when `acts.keep`; returns
-    /// the last pooled stream, the next free stream and the next ConvBlock slot.
+    /// the last pooled stream, the next free stream and the next ConvBlock.
     fn whole_levels<B: Backend>(
         &self,
         b: &B,
@@ -396,79 +520,145 @@ impl EnformerTrunk {
         mode: BatchNormMode,
     ) -> Result<(usize, usize, usize)> {
         let half = self.cfg.dim / 2;
-        let max_rows_c = batch * seq_len * half;
-        ensure(b, &mut acts.temp, Role::Activation, max_rows_c)?;
-
+        ensure(b, &mut acts.temp, Role::Activation, batch * seq_len * half)?;
         // Stem: x0 = conv15(one-hot); r = x0 + ConvBlock₁(x0); pooled = AttentionPool(r).
         let mut len = seq_len;
-        let mut next = 0usize;
-        let x0 = acts.stream(b, next, batch * len * half)?;
-        next += 1;
+        let stem = LevelTrace {
+            x_in: 0,
+            y: acts.stream(b, 0, batch * len * half, true)?,
+            z: acts.stream(b, 1, batch * len * half, true)?,
+            pooled: acts.stream(b, 2, batch * len.div_ceil(2) * half, false)?,
+            first_block: 0,
+            residual_block: acts.block(b, 0, batch * len, half, true)?,
+            pool: acts.pool(b, 0, batch * len * half)?,
+            len,
+        };
+        acts.trace.stem = stem;
+        self.stem_forward(b, p, acts, batch, mode)?;
+        acts.save_stats(b, 0)?;
+        let (mut next, mut block, mut pooled) = (3, 1, stem.pooled);
+        len /= 2;
+
+        // Tower: y = ConvBlock₅(x); z = y + ConvBlock₁(y); pooled = AttentionPool(z).
+        for (t, tb) in self.tower.iter().enumerate() {
+            let c = tb.channels;
+            let level = LevelTrace {
+                x_in: pooled,
+                y: acts.stream(b, next, batch * len * c, true)?,
+                z: acts.stream(b, next + 1, batch * len * c, true)?,
+                pooled: acts.stream(b, next + 2, batch * len.div_ceil(2) * c, false)?,
+                first_block: acts.block(b, block, batch * len, tb.conv.c_in, true)?,
+                residual_block: acts.block(b, block + 1, batch * len, c, true)?,
+                pool: acts.pool(b, t + 1, batch * len * c)?,
+                len,
+            };
+            acts.trace.tower.push(level);
+            self.tower_forward(b, p, acts, t, batch, mode)?;
+            acts.save_stats(b, block)?;
+            acts.save_stats(b, block + 1)?;
+            (next, block, pooled) = (next + 3, block + 2, level.pooled);
+            len /= 2;
+        }
+        Ok((pooled, next, block))
+    }
+
+    /// The stem over the streams and buffers of `acts.trace.stem` (the forward, or its recompute in the
+    /// backward).
+    pub(super) fn stem_forward<B: Backend>(
+        &self,
+        b: &B,
+        p: &[View<'_, B>],
+        acts: &mut EnformerActivations<B>,
+        batch: usize,
+        mode: BatchNormMode,
+    ) -> Result<()> {
+        let (half, s) = (self.cfg.dim / 2, acts.trace.stem);
+        acts.size_level(b, &s, batch, None, half)?;
         b.conv1d(
-            acts.streams[x0].view_mut(),
+            acts.streams[s.y].view_mut(),
             acts.input.as_ref().expect("ensured").view(),
             p[self.stem_conv.0],
             Some(p[self.stem_conv.1]),
             &Conv1dDims {
                 batch,
-                len,
+                len: s.len,
                 c_in: 4,
                 c_out: half,
                 width: 15,
             },
         )?;
-        let mut block = 0usize;
-        let bi = acts.block(b, block, batch * len, half)?;
-        block += 1;
-        self.residual_block(b, p, acts, &self.stem_residual, bi, x0, batch, len, mode)?;
-        let r = acts.stream(b, next, batch * len * half)?;
-        next += 1;
-        self.add_temp(b, acts, r, x0, batch * len * half)?;
-        let mut pooled = acts.stream(b, next, batch * len.div_ceil(2) * half)?;
-        next += 1;
-        self.pool(b, p, acts, 0, self.stem_pool, r, pooled, batch, len, half)?;
-        acts.trace.stem_x0 = x0;
-        acts.trace.stem_r = r;
-        len /= 2;
+        let rows_c = batch * s.len * half;
+        self.residual_block(
+            b,
+            p,
+            acts,
+            &self.stem_residual,
+            s.residual_block,
+            s.y,
+            batch,
+            s.len,
+            mode,
+        )?;
+        self.add_temp(b, acts, s.z, s.y, rows_c)?;
+        self.pool(
+            b,
+            p,
+            acts,
+            s.pool,
+            self.stem_pool,
+            s.z,
+            s.pooled,
+            batch,
+            s.len,
+            half,
+        )
+    }
 
-        // Tower: y = ConvBlock₅(x); z = y + ConvBlock₁(y); pooled = AttentionPool(z).
-        for (t, tb) in self.tower.iter().enumerate() {
-            let x_in = pooled;
-            let c = tb.channels;
-            let y = acts.stream(b, next, batch * len * c)?;
-            next += 1;
-            let bi = acts.block(b, block, batch * len, tb.conv.c_in)?;
-            block += 1;
-            {
-                let [xs, ys] = acts
-                    .streams
-                    .get_disjoint_mut([x_in, y])
-                    .map_err(|_| Error::invalid("enformer", "stream plan overlaps"))?;
-                conv_block(
-                    b,
-                    p,
-                    &tb.conv,
-                    &mut acts.blocks[bi],
-                    xs.view(),
-                    ys.view_mut(),
-                    batch,
-                    len,
-                    mode,
-                )?;
-            }
-            let bi = acts.block(b, block, batch * len, c)?;
-            block += 1;
-            self.residual_block(b, p, acts, &tb.residual, bi, y, batch, len, mode)?;
-            let z = acts.stream(b, next, batch * len * c)?;
-            next += 1;
-            self.add_temp(b, acts, z, y, batch * len * c)?;
-            pooled = acts.stream(b, next, batch * len.div_ceil(2) * c)?;
-            next += 1;
-            self.pool(b, p, acts, t + 1, tb.pool, z, pooled, batch, len, c)?;
-            acts.trace.tower.push((x_in, y, z, pooled));
-            len /= 2;
+    /// Tower level `t` over the streams and buffers of `acts.trace.tower[t]`.
+    pub(super) fn tower_forward<B: Backend>(
+        &self,
+        b: &B,
+        p: &[View<'_, B>],
+        acts: &mut EnformerActivations<B>,
+        t: usize,
+        batch: usize,
+        mode: BatchNormMode,
+    ) -> Result<()> {
+        let (tb, lv) = (&self.tower[t], acts.trace.tower[t]);
+        let c = tb.channels;
+        acts.size_level(b, &lv, batch, Some(tb.conv.c_in), c)?;
+        {
+            let [xs, ys] = acts
+                .streams
+                .get_disjoint_mut([lv.x_in, lv.y])
+                .map_err(|_| Error::invalid("enformer", "stream plan overlaps"))?;
+            conv_block(
+                b,
+                p,
+                &tb.conv,
+                &mut acts.blocks[lv.first_block],
+                xs.view(),
+                ys.view_mut(),
+                batch,
+                lv.len,
+                mode,
+            )?;
         }
-        Ok((pooled, next, block))
+        self.residual_block(
+            b,
+            p,
+            acts,
+            &tb.residual,
+            lv.residual_block,
+            lv.y,
+            batch,
+            lv.len,
+            mode,
+        )?;
+        self.add_temp(b, acts, lv.z, lv.y, batch * lv.len * c)?;
+        self.pool(
+            b, p, acts, lv.pool, tb.pool, lv.z, lv.pooled, batch, lv.len, c,
+        )
     }
 
     /// The transformer on the last pooled stream, the crop, the final pointwise block and the heads.
@@ -484,28 +674,27 @@ impl EnformerTrunk {
         batch: usize,
         n: usize,
         out_len: usize,
-        keep: bool,
     ) -> Result<()> {
         let dim = self.cfg.dim;
         let mode = acts.mode;
         self.prepare_attention(b, acts, batch, n)?;
         let mut x = pooled;
         for (l, layer) in self.layers.iter().enumerate() {
-            let mid = acts.stream(b, next, batch * n * dim)?;
-            let out = acts.stream(b, next + 1, batch * n * dim)?;
+            let mid = acts.stream(b, next, batch * n * dim, true)?;
+            let out = acts.stream(b, next + 1, batch * n * dim, false)?;
             next += 2;
-            let slot = if keep { l } else { 0 };
+            let slot = acts.attention_slot(l);
             if slot == acts.layers.len() {
                 acts.layers.push(AttnActs::new(b, self, batch, n)?);
             }
             self.attention_layer(b, p, acts, layer, slot, x, mid, out, batch, n)?;
-            acts.trace.layers.push((x, mid, out));
+            acts.trace.layers.push((x, mid, out, slot));
             x = out;
         }
 
         // Crop to the target bins, final pointwise block, GELU.
         let (start, _) = crop_range(n, self.cfg.target_length);
-        let cropped = acts.stream(b, next, batch * out_len * dim)?;
+        let cropped = acts.stream(b, next, batch * out_len * dim, false)?;
         next += 1;
         {
             let [src, dst] = acts
@@ -520,9 +709,9 @@ impl EnformerTrunk {
                 )?;
             }
         }
-        let pre = acts.stream(b, next, batch * out_len * 2 * dim)?;
-        let emb = acts.stream(b, next + 1, batch * out_len * 2 * dim)?;
-        let bi = acts.block(b, block, batch * out_len, dim)?;
+        let pre = acts.stream(b, next, batch * out_len * 2 * dim, false)?;
+        let emb = acts.stream(b, next + 1, batch * out_len * 2 * dim, false)?;
+        let bi = acts.block(b, block, batch * out_len, dim, false)?;
         {
             let [cs, ps] = acts
                 .streams
@@ -688,7 +877,7 @@ impl EnformerTrunk {
     }
 
     /// One transformer layer: `mid = x + MHA_rel(LN(x))`, `out = mid + FFN(LN(mid))`.
-    fn attention_layer<B: Backend>(
+    pub(super) fn attention_layer<B: Backend>(
         &self,
         b: &B,
         p: &[View<'_, B>],
@@ -824,21 +1013,15 @@ impl EnformerTrunk {
                 "they are updated after a training-mode forward that kept its activations",
             ));
         }
-        if running.len() != acts.blocks.len() {
+        if running.len() != acts.trace.blocks.len() {
             return Err(Error::shape(
                 "batchnorm running statistics",
                 "one (mean, var) pair per ConvBlock",
             ));
         }
-        for ((rm, rv), blk) in running.iter_mut().zip(&acts.blocks) {
-            b.batchnorm_running_update(
-                rm.rb(),
-                rv.rb(),
-                blk.mean.view(),
-                blk.var.view(),
-                blk.rows,
-                super::BN_MOMENTUM,
-            )?;
+        for (i, (rm, rv)) in running.iter_mut().enumerate() {
+            let (mean, var, rows) = acts.block_stats(i);
+            b.batchnorm_running_update(rm.rb(), rv.rb(), mean, var, rows, super::BN_MOMENTUM)?;
         }
         Ok(())
     }

@@ -22,6 +22,7 @@ mod forward;
 pub mod positional;
 mod tiled;
 
+use super::recompute::Recompute;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -116,6 +117,8 @@ pub struct EnformerTrunk {
     positional_override: HashMap<usize, Arc<Vec<f32>>>,
     /// Elements per tile buffer of bounded-memory inference ([`tiled`]).
     tile_elements: usize,
+    /// What a training forward keeps ([`Recompute`]).
+    pub(crate) recompute: Recompute,
 }
 
 struct Specs(Vec<TensorSpec>);
@@ -244,6 +247,7 @@ impl EnformerTrunk {
             buffers,
             positional_override: HashMap::new(),
             tile_elements: tiled::TILE_ELEMENTS,
+            recompute: Recompute::None,
         })
     }
 
@@ -259,6 +263,16 @@ impl EnformerTrunk {
     /// Total downsampling factor of stem and tower.
     pub fn downsample(&self) -> usize {
         1 << (self.tower.len() + 1)
+    }
+
+    /// What a training forward keeps from now on: with [`Recompute::Blocks`], only the input of the stem,
+    /// of each tower level and of each transformer layer; the backward recomputes each of them.
+    pub fn set_recompute(&mut self, policy: Recompute) {
+        self.recompute = policy;
+    }
+
+    pub fn recompute(&self) -> Recompute {
+        self.recompute
     }
 
     /// Elements per tile buffer when inference runs the convolutional levels tile by tile (default 2²¹,

@@ -103,7 +103,7 @@ impl EnformerTrunk {
                 ));
             }
             let c = level.channels;
-            let out = acts.stream(b, next, batch * (len / 2) * c)?;
+            let out = acts.stream(b, next, batch * (len / 2) * c, false)?;
             let tile = tile_positions(self.tile_elements, level.c_in.max(c), level.halo, len);
             self.level_tiles(b, p, acts, level, input, out, batch, len, tile)?;
             input = Some(out);
