@@ -78,6 +78,10 @@ pub trait Backend: Sized {
     /// Waits for queued work (a no-op on synchronous backends).
     fn synchronize(&self) -> Result<()>;
 
+    /// Names the part of the model (an encoder, the aggregator) whose allocations follow, so a planner
+    /// can attribute memory to modules. Backends that compute ignore it.
+    fn enter_module(&self, _module: &'static str) {}
+
     /// The dtype of the compute copy of parameters: the compute dtype, unless the backend keeps weights
     /// narrower than its activations (the CPU's bf16 backend).
     fn weight_dtype(&self) -> DType {

@@ -5,8 +5,9 @@
 //!
 //! Reads return zeros, reductions return 0, and every op checks nothing: it is for sizing, not results.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::{
     Act, AttentionDims, Backend, BatchNormStats, Conv1dDims, LinearDims, Memory, PoolDims, View,
@@ -22,12 +23,25 @@ struct Counters {
     peak: AtomicUsize,
     allocations: AtomicUsize,
     next_addr: AtomicU64,
+    /// Floating-point operations of the matrix products (linear layers, convolutions, attention): what a
+    /// recompute policy adds is read from here.
+    flops: AtomicU64,
+    modules: Mutex<ModuleBytes>,
+}
+
+/// Bytes per module (as named by [`Backend::enter_module`]): live now, and live at the latest peak.
+#[derive(Default, Debug)]
+struct ModuleBytes {
+    current: &'static str,
+    live: BTreeMap<&'static str, usize>,
+    at_peak: BTreeMap<&'static str, usize>,
 }
 
 /// A recorded allocation: an address range that exists only in the counters.
 pub struct RecordedMem {
     addr: u64,
     bytes: usize,
+    module: &'static str,
     counters: Arc<Counters>,
 }
 
@@ -43,6 +57,14 @@ impl Memory for RecordedMem {
 impl Drop for RecordedMem {
     fn drop(&mut self) {
         self.counters.live.fetch_sub(self.bytes, Ordering::Relaxed);
+        let mut m = self
+            .counters
+            .modules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(live) = m.live.get_mut(self.module) {
+            *live = live.saturating_sub(self.bytes);
+        }
     }
 }
 
@@ -74,11 +96,41 @@ impl RecordingBackend {
         self.counters.peak.load(Ordering::Relaxed)
     }
 
+    /// Matrix-product FLOPs of every op run so far (forward and backward).
+    pub fn flops(&self) -> u64 {
+        self.counters.flops.load(Ordering::Relaxed)
+    }
+
+    fn count(&self, flops: usize) {
+        self.counters
+            .flops
+            .fetch_add(flops as u64, Ordering::Relaxed);
+    }
+
     /// Starts a new peak from what is live now.
     pub fn reset_peak(&self) {
         self.counters
             .peak
             .store(self.live_bytes(), Ordering::Relaxed);
+        let mut m = self.modules();
+        m.at_peak = m.live.clone();
+    }
+
+    /// Bytes allocated by each module (see [`Backend::enter_module`]; `""` before any) and live at the
+    /// peak.
+    pub fn bytes_at_peak(&self) -> Vec<(&'static str, usize)> {
+        self.modules()
+            .at_peak
+            .iter()
+            .map(|(&k, &v)| (k, v))
+            .collect()
+    }
+
+    fn modules(&self) -> std::sync::MutexGuard<'_, ModuleBytes> {
+        self.counters
+            .modules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -95,7 +147,16 @@ impl Backend for RecordingBackend {
         let c = &self.counters;
         c.allocations.fetch_add(1, Ordering::Relaxed);
         let live = c.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        c.peak.fetch_max(live, Ordering::Relaxed);
+        let previous_peak = c.peak.fetch_max(live, Ordering::Relaxed);
+        let module = {
+            let mut m = self.modules();
+            let module = m.current;
+            *m.live.entry(module).or_default() += bytes;
+            if live > previous_peak {
+                m.at_peak = m.live.clone();
+            }
+            module
+        };
         // Distinct, aligned, never-dereferenced addresses.
         let addr = c
             .next_addr
@@ -103,8 +164,12 @@ impl Backend for RecordingBackend {
         Ok(RecordedMem {
             addr,
             bytes,
+            module,
             counters: c.clone(),
         })
+    }
+    fn enter_module(&self, module: &'static str) {
+        self.modules().current = module;
     }
     fn allocations(&self) -> usize {
         self.counters.allocations.load(Ordering::Relaxed)
@@ -133,8 +198,9 @@ impl Backend for RecordingBackend {
         _: View<'_, Self>,
         _: View<'_, Self>,
         _: Option<View<'_, Self>>,
-        _: LinearDims,
+        dims: LinearDims,
     ) -> Result<()> {
+        self.count(linear_flops(&dims));
         Ok(())
     }
     fn linear_act(
@@ -145,20 +211,22 @@ impl Backend for RecordingBackend {
         _: View<'_, Self>,
         _: View<'_, Self>,
         _: Act,
-        _: LinearDims,
+        dims: LinearDims,
     ) -> Result<()> {
+        self.count(linear_flops(&dims));
         Ok(())
     }
     fn linear_backward(
         &self,
-        _: Option<ViewMut<'_, Self>>,
-        _: Option<ViewMut<'_, Self>>,
+        dx: Option<ViewMut<'_, Self>>,
+        dw: Option<ViewMut<'_, Self>>,
         _: Option<ViewMut<'_, Self>>,
         _: View<'_, Self>,
         _: View<'_, Self>,
         _: View<'_, Self>,
-        _: LinearDims,
+        dims: LinearDims,
     ) -> Result<()> {
+        self.count(linear_flops(&dims) * (dx.is_some() as usize + dw.is_some() as usize));
         Ok(())
     }
     fn add(&self, _: ViewMut<'_, Self>, _: View<'_, Self>, _: View<'_, Self>) -> Result<()> {
@@ -277,8 +345,10 @@ impl Backend for RecordingBackend {
         _: View<'_, Self>,
         _: Option<View<'_, Self>>,
         _: Option<(View<'_, Self>, bool)>,
-        _: &AttentionDims,
+        dims: &AttentionDims,
     ) -> Result<()> {
+        // QKᵀ and PV.
+        self.count(attention_products(dims) * 2);
         Ok(())
     }
     fn attention_backward(
@@ -295,8 +365,10 @@ impl Backend for RecordingBackend {
         _: View<'_, Self>,
         _: Option<View<'_, Self>>,
         _: Option<(View<'_, Self>, bool)>,
-        _: &AttentionDims,
+        dims: &AttentionDims,
     ) -> Result<()> {
+        // QKᵀ again, dV, dP, dQ and dK (FlashAttention-2's count: 2.5× the forward).
+        self.count(attention_products(dims) * 5);
         Ok(())
     }
     fn sum_rows(&self, _: ViewMut<'_, Self>, _: View<'_, Self>) -> Result<()> {
@@ -320,20 +392,22 @@ impl Backend for RecordingBackend {
         _: View<'_, Self>,
         _: View<'_, Self>,
         _: Option<View<'_, Self>>,
-        _: &Conv1dDims,
+        dims: &Conv1dDims,
     ) -> Result<()> {
+        self.count(conv_flops(dims));
         Ok(())
     }
     fn conv1d_backward(
         &self,
-        _: Option<ViewMut<'_, Self>>,
+        dx: Option<ViewMut<'_, Self>>,
         _: ViewMut<'_, Self>,
         _: Option<ViewMut<'_, Self>>,
         _: View<'_, Self>,
         _: View<'_, Self>,
         _: View<'_, Self>,
-        _: &Conv1dDims,
+        dims: &Conv1dDims,
     ) -> Result<()> {
+        self.count(conv_flops(dims) * (1 + dx.is_some() as usize));
         Ok(())
     }
     fn batchnorm(
@@ -447,4 +521,32 @@ impl Backend for RecordingBackend {
     ) -> Result<()> {
         Ok(())
     }
+}
+
+/// `2·rows·d_in·d_out`.
+fn linear_flops(d: &LinearDims) -> usize {
+    2usize
+        .saturating_mul(d.rows)
+        .saturating_mul(d.d_in)
+        .saturating_mul(d.d_out)
+}
+
+/// `2·batch·len·c_in·c_out·width`.
+fn conv_flops(d: &Conv1dDims) -> usize {
+    2usize
+        .saturating_mul(d.batch)
+        .saturating_mul(d.len)
+        .saturating_mul(d.c_in)
+        .saturating_mul(d.c_out)
+        .saturating_mul(d.width)
+}
+
+/// FLOPs of one attention matrix product (`QKᵀ` or `PV`, taking the wider head dim).
+fn attention_products(d: &AttentionDims) -> usize {
+    2usize
+        .saturating_mul(d.batch)
+        .saturating_mul(d.heads)
+        .saturating_mul(d.q_len)
+        .saturating_mul(d.kv_len)
+        .saturating_mul(d.head_dim.max(d.v_head_dim))
 }

@@ -3,8 +3,10 @@
 use clap::Args;
 
 use crate::models::isoformer::IsoformerConfig;
+use crate::models::isoformer::Modality;
+use crate::models::recompute::Recompute;
 use crate::runtime::DType;
-use crate::training::plan::{largest_batch, plan_step, PlanSpec};
+use crate::training::plan::{choose_recompute, largest_batch, most_recompute, PlanSpec};
 use crate::{Error, Result};
 
 #[derive(Args, Debug)]
@@ -141,7 +143,8 @@ pub fn run(a: PlanArgs) -> Result<()> {
         train: !a.infer,
         compute,
     };
-    let r = plan_step(&spec)?;
+    let (chosen, candidates) = choose_recompute(&spec, budget)?;
+    let r = &chosen.report;
     println!(
         "{} step of '{}' on {} (compute {}), batch {}, DNA {} bp, RNA {} tokens, protein {} tokens",
         if spec.train { "training" } else { "inference" },
@@ -153,6 +156,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
         spec.rna_tokens,
         spec.protein_tokens
     );
+    println!("recompute: {}", policy_line(&chosen.policies));
     for (name, bytes) in [
         (
             if spec.train {
@@ -169,22 +173,68 @@ pub fn run(a: PlanArgs) -> Result<()> {
     ] {
         println!("  {name:<32} {:>12}", gib(bytes));
     }
+    for (module, bytes) in &r.step_by_module {
+        println!("    {module:<30} {:>12}", gib(*bytes));
+    }
     println!("  {:<32} {:>12}", "peak", gib(r.total()));
+    println!(
+        "  {:<32} {:>12}",
+        "matrix products per step",
+        tflop(r.flops)
+    );
     println!(
         "budget {}: {}",
         gib(budget),
-        if r.total() <= budget {
+        if chosen.fits {
             "fits"
         } else {
-            "does not fit"
+            "does not fit under any recompute policy"
         }
     );
-    println!("recompute policy: none (recompute is not implemented yet)");
+    if candidates.len() > 1 {
+        println!(
+            "recompute policies of the trained encoders set to auto (cheapest fitting one chosen):"
+        );
+        println!("  {:<40} {:>12} {:>12}  fits", "policy", "peak", "compute");
+        for c in &candidates {
+            println!(
+                "  {:<40} {:>12} {:>12}  {}",
+                policy_line(&c.policies),
+                gib(c.report.total()),
+                tflop(c.report.flops),
+                if c.fits { "yes" } else { "no" }
+            );
+        }
+    }
+    let leanest = PlanSpec {
+        config: most_recompute(&spec.config, spec.train),
+        ..spec.clone()
+    };
     println!(
-        "largest batch that fits: {}",
-        largest_batch(&spec, budget, 4096)?
+        "largest batch that fits: {}{}",
+        largest_batch(&leanest, budget, 4096)?,
+        if candidates.len() > 1 {
+            " (recomputing the blocks of every auto encoder)"
+        } else {
+            ""
+        }
     );
     Ok(())
+}
+
+fn tflop(flops: u64) -> String {
+    format!("{:.2} TFLOP", flops as f64 / 1e12)
+}
+
+fn policy_line(policies: &[(Modality, Recompute)]) -> String {
+    if policies.is_empty() {
+        return "none".into();
+    }
+    policies
+        .iter()
+        .map(|(m, p)| format!("{} {}", m.name(), p.name()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]

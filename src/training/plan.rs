@@ -3,8 +3,9 @@
 //! everything the step allocates on top. `isoformer-engine plan` prints it, with the largest batch that fits
 //! a budget.
 //!
-//! What this does not plan yet (the memory-planning issue): buffer lifetimes and reuse across modules, and
-//! recompute policies; the figures are what the engine allocates today.
+//! Recompute policies are planned by running the step under each: [`choose_recompute`] picks, for every
+//! trained encoder whose config says `auto`, the assignment that fits a budget with the fewest extra
+//! FLOPs (counted by the recording backend).
 
 use super::adamw::AdamW;
 use super::bench_step::{as_samples, random_sequences};
@@ -12,8 +13,10 @@ use super::params::IsoformerParams;
 use super::step::{forward_backward, predict, StepBuffers};
 use crate::backend::record::RecordingBackend;
 use crate::models::isoformer::{
-    Isoformer, IsoformerActivations, IsoformerConfig, MAX_INPUT_ELEMENTS,
+    EncoderMode, Isoformer, IsoformerActivations, IsoformerConfig, Modality, RecomputeChoice,
+    MAX_INPUT_ELEMENTS,
 };
+use crate::models::recompute::Recompute;
 use crate::runtime::DType;
 use crate::Result;
 
@@ -39,6 +42,11 @@ pub struct PlanReport {
     /// Everything the step allocates beyond the above, at its peak (activations, saved statistics,
     /// gradients of activations, LoRA merges, scratch).
     pub step_peak: usize,
+    /// FLOPs of the step's matrix products (linear layers, convolutions, attention), recompute included.
+    pub flops: u64,
+    /// `step_peak` by module (each encoder, the aggregator and head, and `other`: inputs, targets and
+    /// the loss), as live at the peak.
+    pub step_by_module: Vec<(String, usize)>,
 }
 
 impl PlanReport {
@@ -70,6 +78,8 @@ pub fn plan_step(spec: &PlanSpec) -> Result<PlanReport> {
         gradients: if spec.train { train_elems * 4 } else { 0 },
         moments: if spec.train { train_elems * 8 } else { 0 },
         step_peak: 0,
+        flops: 0,
+        step_by_module: Vec::new(),
     };
     let baseline = b.live_bytes();
     b.reset_peak();
@@ -100,10 +110,142 @@ pub fn plan_step(spec: &PlanSpec) -> Result<PlanReport> {
             &mut IsoformerActivations::default(),
         )?;
     }
+    let step_peak = b.peak_bytes().saturating_sub(baseline);
+    let mut step_by_module: Vec<(String, usize)> = b
+        .bytes_at_peak()
+        .into_iter()
+        .filter(|(m, _)| !m.is_empty())
+        .map(|(m, bytes)| (m.to_string(), bytes))
+        .collect();
+    let order = |m: &str| {
+        model
+            .cfg
+            .modalities
+            .iter()
+            .position(|x| x.name() == m)
+            .unwrap_or(usize::MAX)
+    };
+    step_by_module.sort_by_key(|(m, _)| order(m));
+    let named: usize = step_by_module.iter().map(|(_, b)| b).sum();
+    step_by_module.push(("other".into(), step_peak.saturating_sub(named)));
     Ok(PlanReport {
-        step_peak: b.peak_bytes().saturating_sub(baseline),
+        step_peak,
+        flops: b.flops(),
+        step_by_module,
         ..report_base
     })
+}
+
+/// The encoders whose recompute policy is `auto` and that a training step runs a backward through
+/// (fine-tuned or LoRA; frozen ones keep nothing).
+pub fn auto_encoders(config: &IsoformerConfig, train: bool) -> Vec<Modality> {
+    config
+        .modalities
+        .iter()
+        .copied()
+        .filter(|&m| {
+            train
+                && config.train.recompute.get(m) == RecomputeChoice::Auto
+                && config.train.encoders.get(m) != EncoderMode::Frozen
+        })
+        .collect()
+}
+
+/// `config` with every `auto` encoder of `auto` set to `policies` (same order).
+fn with_policies(
+    config: &IsoformerConfig,
+    auto: &[Modality],
+    policies: &[Recompute],
+) -> IsoformerConfig {
+    let mut c = config.clone();
+    for (&m, &p) in auto.iter().zip(policies) {
+        let choice = match p {
+            Recompute::None => RecomputeChoice::None,
+            Recompute::Blocks => RecomputeChoice::Blocks,
+        };
+        c.train.recompute.set(m, choice);
+    }
+    c
+}
+
+/// `config` with every `auto` encoder of a training step recomputing its blocks: the least memory.
+pub fn most_recompute(config: &IsoformerConfig, train: bool) -> IsoformerConfig {
+    let auto = auto_encoders(config, train);
+    with_policies(config, &auto, &vec![Recompute::Blocks; auto.len()])
+}
+
+/// A resolved recompute assignment and its plan.
+#[derive(Clone, Debug)]
+pub struct RecomputePlan {
+    /// The config with every `auto` choice made.
+    pub config: IsoformerConfig,
+    /// Each modality's policy (frozen encoders: none).
+    pub policies: Vec<(Modality, Recompute)>,
+    pub report: PlanReport,
+    pub fits: bool,
+}
+
+/// Of every assignment of policies to the `auto` encoders, the one that fits `budget` with the fewest
+/// FLOPs (then the lowest peak); when none fits, the one with the lowest peak, with `fits` false. Also
+/// returns every assignment considered, in order.
+pub fn choose_recompute(
+    spec: &PlanSpec,
+    budget: usize,
+) -> Result<(RecomputePlan, Vec<RecomputePlan>)> {
+    let auto = auto_encoders(&spec.config, spec.train);
+    let mut best: Option<RecomputePlan> = None;
+    let mut all = Vec::new();
+    for code in 0..1usize << auto.len() {
+        let policies: Vec<Recompute> = (0..auto.len())
+            .map(|i| Recompute::ALL[(code >> i) & 1])
+            .collect();
+        let config = with_policies(&spec.config, &auto, &policies);
+        let report = plan_step(&PlanSpec {
+            config: config.clone(),
+            ..spec.clone()
+        })?;
+        let fits = report.total() <= budget;
+        let candidate = RecomputePlan {
+            policies: resolved_policies(&config, spec.train),
+            config,
+            report,
+            fits,
+        };
+        let better = match &best {
+            None => true,
+            Some(b) => match (fits, b.fits) {
+                (true, false) => true,
+                (false, true) => false,
+                (true, true) => {
+                    (candidate.report.flops, candidate.report.total())
+                        < (b.report.flops, b.report.total())
+                }
+                (false, false) => candidate.report.total() < b.report.total(),
+            },
+        };
+        if better {
+            best = Some(candidate.clone());
+        }
+        all.push(candidate);
+    }
+    Ok((best.expect("at least one assignment"), all))
+}
+
+/// Each modality's policy in a step of `config` (frozen encoders and inference keep nothing; `auto`
+/// unresolved means none).
+fn resolved_policies(config: &IsoformerConfig, train: bool) -> Vec<(Modality, Recompute)> {
+    config
+        .modalities
+        .iter()
+        .map(|&m| {
+            let trained = train && config.train.encoders.get(m) != EncoderMode::Frozen;
+            let p = match config.train.recompute.get(m) {
+                RecomputeChoice::Blocks if trained => Recompute::Blocks,
+                _ => Recompute::None,
+            };
+            (m, p)
+        })
+        .collect()
 }
 
 /// The largest batch (up to `limit`) whose step fits `budget` bytes, or 0 when even one does not.
@@ -163,5 +305,91 @@ mod tests {
         assert_eq!(train.gradients, train.trainable_params);
         assert_eq!(train.moments, 2 * train.trainable_params);
         assert!(infer.step_peak > 0 && infer.step_peak < train.step_peak);
+    }
+
+    fn released(rna: usize, protein: usize) -> PlanSpec {
+        PlanSpec {
+            config: IsoformerConfig::resolve("isoformer").unwrap(),
+            batch: 1,
+            rna_tokens: rna,
+            protein_tokens: protein,
+            train: true,
+            compute: DType::F32,
+        }
+    }
+
+    /// Per-block recompute lowers every encoder's planned memory and costs FLOPs (about one forward of
+    /// the encoder); the chooser takes no recompute when it fits, the cheapest fitting assignment
+    /// otherwise, and says when nothing fits.
+    #[test]
+    fn recompute_trades_flops_for_memory_and_the_cheapest_fitting_policy_is_chosen() {
+        let spec = released(512, 256);
+        let none = plan_step(&spec).unwrap();
+        let blocks = plan_step(&PlanSpec {
+            config: most_recompute(&spec.config, true),
+            ..spec.clone()
+        })
+        .unwrap();
+        assert!(blocks.total() < none.total(), "{blocks:?} vs {none:?}");
+        assert!(blocks.flops > none.flops);
+        // Recompute costs at most one more forward: below 1.5× the step's FLOPs.
+        assert!((blocks.flops as f64) < 1.5 * none.flops as f64);
+        for module in ["dna", "rna", "protein"] {
+            let at = |r: &PlanReport| {
+                r.step_by_module
+                    .iter()
+                    .find(|(m, _)| m == module)
+                    .map(|(_, b)| *b)
+                    .unwrap()
+            };
+            assert!(at(&blocks) < at(&none), "{module}");
+        }
+        let (roomy, all) = choose_recompute(&spec, none.total()).unwrap();
+        assert_eq!(all.len(), 8, "three auto encoders: 2³ assignments");
+        assert!(roomy.fits);
+        assert!(roomy.policies.iter().all(|(_, p)| *p == Recompute::None));
+        let (tight, all) = choose_recompute(&spec, none.total() - 1).unwrap();
+        assert!(tight.fits && tight.report.total() < none.total());
+        assert!(tight.policies.iter().any(|(_, p)| *p == Recompute::Blocks));
+        let cheapest = all
+            .iter()
+            .filter(|c| c.fits)
+            .map(|c| c.report.flops)
+            .min()
+            .unwrap();
+        assert_eq!(tight.report.flops, cheapest);
+        let (none_fit, _) = choose_recompute(&spec, blocks.total() - 1).unwrap();
+        assert!(!none_fit.fits);
+        assert_eq!(none_fit.report.total(), blocks.total());
+    }
+
+    /// A policy set in the config is kept: it is not an `auto` choice.
+    #[test]
+    fn configured_policies_are_not_overridden() {
+        let mut spec = released(256, 128);
+        spec.config.train.recompute.dna = RecomputeChoice::Blocks;
+        spec.config.train.recompute.rna = RecomputeChoice::None;
+        let (chosen, all) = choose_recompute(&spec, usize::MAX).unwrap();
+        assert_eq!(all.len(), 2, "only the protein encoder is auto");
+        assert_eq!(
+            chosen.policies,
+            vec![
+                (Modality::Dna, Recompute::Blocks),
+                (Modality::Rna, Recompute::None),
+                (Modality::Protein, Recompute::None)
+            ]
+        );
+        let parsed = IsoformerConfig::parse(
+            r#"{"train": {"recompute": {"dna": "blocks", "rna": "auto"}}}"#,
+            "c.json".as_ref(),
+        )
+        .unwrap();
+        assert_eq!(parsed.train.recompute.dna, RecomputeChoice::Blocks);
+        assert_eq!(parsed.train.recompute.protein, RecomputeChoice::Auto);
+        let bad = IsoformerConfig::parse(
+            r#"{"train": {"recompute": {"dna": "sometimes"}}}"#,
+            "c.json".as_ref(),
+        );
+        assert!(bad.is_err());
     }
 }

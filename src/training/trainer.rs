@@ -12,7 +12,7 @@ use super::cache::EmbeddingCache;
 use super::checkpoint::{self, Checkpoint, TrainProgress};
 use super::metrics::{evaluate, SplitMetrics};
 use super::params::{is_lora_name, trainable_flags, IsoformerParams};
-use super::plan::{plan_step, PlanSpec};
+use super::plan::{choose_recompute, PlanSpec};
 use super::plots;
 use super::schedule::lr_factor;
 use super::step::{forward_backward, predict, predict_cached, update_running_stats, StepBuffers};
@@ -21,6 +21,7 @@ use crate::data::loader::epoch_plan;
 use crate::data::{DataConfig, Dataset, Loader, LoaderConfig, Sample, Split, TargetStats};
 use crate::models::isoformer::init::initial_sections;
 use crate::models::isoformer::{Isoformer, IsoformerActivations, IsoformerConfig, SampleSeqs};
+use crate::models::recompute::Recompute;
 use crate::runtime::output::write_atomically;
 use crate::{Error, Result};
 
@@ -257,7 +258,7 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
         Some(ck) => ck.config.clone(),
         None => opts.config.clone(),
     };
-    let model = Isoformer::new(cfg.clone())?;
+    let mut model = Isoformer::new(cfg.clone())?;
     if let Some(budget) = opts.memory_budget {
         let spec = PlanSpec {
             config: cfg.clone(),
@@ -267,16 +268,19 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
             train: true,
             compute: b.compute_dtype(),
         };
-        let r = plan_step(&spec)?;
-        if r.total() > budget {
+        // Encoders set to `auto` get the recompute policy that fits with the fewest extra FLOPs.
+        let (chosen, _) = choose_recompute(&spec, budget)?;
+        let r = &chosen.report;
+        if !chosen.fits {
             let gib = |x: usize| x as f64 / 1024f64.powi(3);
             return Err(Error::invalid(
                 "memory",
                 format!(
                     "a training step of '{}' at batch {} with the longest inputs needs {:.2} GiB at its peak \
                      (parameters {:.2}, gradients and moments {:.2}, activations {:.2}), more than the {:.2} GiB \
-                     available; lower train.batch_size or the token budgets, or freeze encoders \
-                     (`isoformer-engine plan` shows the numbers)",
+                     available even with per-block recompute where the config allows it; lower \
+                     train.batch_size or the token budgets, or freeze encoders (`isoformer-engine plan` \
+                     shows the numbers)",
                     cfg.name,
                     spec.batch,
                     gib(r.total()),
@@ -286,6 +290,22 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
                     gib(budget)
                 ),
             ));
+        }
+        for &(m, policy) in &chosen.policies {
+            model.set_recompute(m, policy);
+        }
+        if chosen.policies.iter().any(|(_, p)| *p != Recompute::None) {
+            let list: Vec<String> = chosen
+                .policies
+                .iter()
+                .map(|(m, p)| format!("{} {}", m.name(), p.name()))
+                .collect();
+            eprintln!(
+                "recompute: {} (a step needs {:.2} GiB of the {:.2} GiB budget)",
+                list.join(", "),
+                r.total() as f64 / 1024f64.powi(3),
+                budget as f64 / 1024f64.powi(3)
+            );
         }
     }
     let data = open_dataset(&cfg, &opts.data_dir)?;

@@ -142,6 +142,49 @@ impl EncoderModes {
     }
 }
 
+/// What a trained encoder keeps for its backward ([`crate::models::recompute::Recompute`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecomputeChoice {
+    /// The cheapest policy that fits the memory budget: `train` on the CPU and `plan` choose it (fewest
+    /// extra FLOPs); without a budget, none.
+    #[default]
+    Auto,
+    /// Keep every block's activations.
+    None,
+    /// Per-block checkpointing: keep block inputs, recompute each block in the backward.
+    Blocks,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecomputeChoices {
+    #[serde(default)]
+    pub dna: RecomputeChoice,
+    #[serde(default)]
+    pub rna: RecomputeChoice,
+    #[serde(default)]
+    pub protein: RecomputeChoice,
+}
+
+impl RecomputeChoices {
+    pub fn get(&self, m: Modality) -> RecomputeChoice {
+        match m {
+            Modality::Dna => self.dna,
+            Modality::Rna => self.rna,
+            Modality::Protein => self.protein,
+        }
+    }
+
+    pub fn set(&mut self, m: Modality, choice: RecomputeChoice) {
+        match m {
+            Modality::Dna => self.dna = choice,
+            Modality::Rna => self.rna = choice,
+            Modality::Protein => self.protein = choice,
+        }
+    }
+}
+
 /// The training recipe.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -186,6 +229,9 @@ pub struct TrainConfig {
     pub seed: u64,
     #[serde(default)]
     pub encoders: EncoderModes,
+    /// Recompute policy of each trained encoder (frozen ones keep nothing): auto, none or blocks.
+    #[serde(default)]
+    pub recompute: RecomputeChoices,
     /// LoRA rank r and scale α (the update is (α/r)·B·Aᵀ).
     #[serde(default = "d_lora_rank")]
     pub lora_rank: usize,

@@ -27,11 +27,13 @@ use std::sync::Arc;
 
 pub use aggregate::AggregateActivations;
 pub use config::{
-    Aggregator, DnaEncoderKind, EncoderMode, IsoformerConfig, Modality, NAMED_CONFIGS,
+    Aggregator, DnaEncoderKind, EncoderMode, IsoformerConfig, Modality, RecomputeChoice,
+    RecomputeChoices, NAMED_CONFIGS,
 };
 
 use crate::backend::{Backend, View, ViewMut};
 use crate::models::enformer::{BatchNormMode, EnformerActivations, EnformerTrunk};
+use crate::models::recompute::Recompute;
 use crate::models::tokenizers::{dna_one_hot, Tokenizer};
 use crate::models::transformer::{EncoderActivations, TransformerEncoder};
 use crate::runtime::{Layout, TensorSpec};
@@ -54,7 +56,25 @@ impl EncoderNet {
             EncoderNet::Transformer(t) => t.layout(),
         }
     }
+
+    /// What its training forward keeps ([`Recompute`]).
+    pub fn set_recompute(&mut self, policy: Recompute) {
+        match self {
+            EncoderNet::Enformer(t) => t.set_recompute(policy),
+            EncoderNet::Transformer(t) => t.set_recompute(policy),
+        }
+    }
+
+    pub fn recompute(&self) -> Recompute {
+        match self {
+            EncoderNet::Enformer(t) => t.recompute(),
+            EncoderNet::Transformer(t) => t.recompute(),
+        }
+    }
 }
+
+/// The module name of the aggregator and head (memory attribution, [`Backend::enter_module`]).
+pub const AGGREGATOR: &str = "aggregator";
 
 /// A modality's encoder and how its inputs are prepared.
 #[derive(Clone, Debug)]
@@ -159,6 +179,8 @@ pub struct SampleSeqs<'a> {
 }
 
 /// What an encoder keeps from a forward.
+// One value per encoder per model: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum EncoderActs<B: Backend> {
     Transformer(EncoderActivations<B>),
     Enformer(EnformerActivations<B>),
@@ -212,6 +234,13 @@ impl TopSpecs {
 }
 
 impl Isoformer {
+    /// What modality `m`'s encoder keeps in a training forward from now on.
+    pub fn set_recompute(&mut self, m: Modality, policy: Recompute) {
+        for e in self.encoders.iter_mut().filter(|e| e.modality == m) {
+            e.net.set_recompute(policy);
+        }
+    }
+
     pub fn new(cfg: IsoformerConfig) -> Result<Self> {
         cfg.validate()
             .map_err(|m| Error::invalid("isoformer config", m))?;
@@ -239,12 +268,16 @@ impl Isoformer {
                     cfg.num_protein_tokens_per_seq,
                 ),
             };
-            encoders.push(Encoder {
+            let mut encoder = Encoder {
                 modality: m,
                 net,
                 tokenizer,
                 max_tokens,
-            });
+            };
+            if cfg.train.recompute.get(m) == RecomputeChoice::Blocks {
+                encoder.net.set_recompute(Recompute::Blocks);
+            }
+            encoders.push(encoder);
         }
 
         // The aggregator and head.
@@ -650,6 +683,7 @@ impl Isoformer {
             } else {
                 BatchNormMode::Eval
             };
+            b.enter_module(self.encoders[e].modality.name());
             self.encode(
                 b,
                 e,
@@ -662,6 +696,7 @@ impl Isoformer {
             )?;
         }
         let outputs = self.encoder_outputs(&acts.encoders, inputs)?;
+        b.enter_module(AGGREGATOR);
         self.aggregate_forward(
             b,
             p[self.encoders.len()],
@@ -718,6 +753,7 @@ impl Isoformer {
         })?;
         {
             let outputs = self.encoder_outputs(&acts.encoders, inputs)?;
+            b.enter_module(AGGREGATOR);
             self.aggregate_backward(
                 b,
                 p[n_enc],
@@ -735,6 +771,7 @@ impl Isoformer {
                 continue;
             };
             let d_hidden = acts.aggregate.encoder_grad(e)?;
+            b.enter_module(self.encoders[e].modality.name());
             match (&self.encoders[e].net, &mut acts.encoders[e]) {
                 (EncoderNet::Enformer(t), EncoderActs::Enformer(a)) => {
                     t.backward(b, p[e], a, d_hidden, g)?
