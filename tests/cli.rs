@@ -212,11 +212,31 @@ fn the_emulator_device_runs_the_gemm_benchmark() {
 
 /// `bench encoder-step`: forward, loss, backward and AdamW of an encoder from its weights; the loss falls
 /// step by step, and the emulator's first loss matches the CPU's within bf16 accuracy.
+/// The `step` lines of `bench encoder-step`: the loss of each step.
+fn step_losses(args: &[&str]) -> Vec<f64> {
+    let out = engine(args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("planned peak "), "{text}");
+    text.lines()
+        .filter(|l| l.starts_with("step "))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!((f[0], f[3], f[4]), ("step", "s", "loss"), "{l}");
+            f[5].parse::<f64>().unwrap()
+        })
+        .collect()
+}
+
 #[test]
 fn encoder_training_step_benchmark_trains() {
     let weights = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/models/esm2");
-    let losses = |device: &str| -> Vec<f64> {
-        let out = engine(&[
+    let losses = |device: &str, recompute: &str| -> Vec<f64> {
+        step_losses(&[
             "bench",
             "encoder-step",
             "--model",
@@ -229,46 +249,69 @@ fn encoder_training_step_benchmark_trains() {
             "12",
             "--steps",
             "3",
+            "--recompute",
+            recompute,
             "--device",
             device,
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                assert_eq!((f[0], f[3], f[4]), ("step", "s", "loss"), "{l}");
-                f[5].parse::<f64>().unwrap()
-            })
-            .collect()
+        ])
     };
-    let cpu = losses("cpu");
+    let cpu = losses("cpu", "none");
     assert_eq!(cpu.len(), 3);
     assert!(cpu.iter().all(|l| l.is_finite() && *l > 0.0), "{cpu:?}");
     assert!(
         cpu[1] < cpu[0] && cpu[2] < cpu[1],
         "AdamW must lower the loss: {cpu:?}"
     );
-    let emu = losses("emu");
+    assert_eq!(losses("cpu", "blocks"), cpu, "recompute changes nothing");
+    let emu = losses("emu", "none");
     assert!(
         (emu[0] - cpu[0]).abs() <= cpu[0] / 64.0,
         "emulator {emu:?} against cpu {cpu:?}"
     );
-    let out = engine(&[
-        "bench",
-        "encoder-step",
-        "--model",
-        "enformer",
-        "--weights",
-        weights,
-    ]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("expected esm2 or nt"));
+    // The Enformer trunk (fixture: 3 downsamplings, 24 output bins).
+    let enformer = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/models/enformer"
+    );
+    let enformer_losses = |recompute: &str| {
+        step_losses(&[
+            "bench",
+            "encoder-step",
+            "--model",
+            "enformer",
+            "--weights",
+            enformer,
+            "--batch",
+            "2",
+            "--len",
+            "256",
+            "--steps",
+            "3",
+            "--recompute",
+            recompute,
+        ])
+    };
+    let kept = enformer_losses("none");
+    assert!(kept[2] < kept[0], "{kept:?}");
+    assert_eq!(enformer_losses("blocks"), kept);
+    for (model, recompute, says) in [
+        ("bert", "none", "expected esm2, nt or enformer"),
+        ("esm2", "sometimes", "not a policy"),
+    ] {
+        let out = engine(&[
+            "bench",
+            "encoder-step",
+            "--model",
+            model,
+            "--weights",
+            weights,
+            "--recompute",
+            recompute,
+        ]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{err}");
+    }
 }
 
 /// `bench gpu --quick` on the emulator: every figure (GEMM, attention forward and backward at the three head

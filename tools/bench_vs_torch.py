@@ -15,8 +15,10 @@ itself inside it:
                                     [--only esm2_35m_8x512,enformer] [--work DIR] [--skip-torch-bf16]
                                     [--skip-engine-bf16] [--skip-gemm] [--gemm-size 2048]
 Workloads: esm2_35m_8x512, esm2_35m_1x1024, esm2_150m_8x512, esm2_150m_1x1024, esm2_35m_8000,
-nt_v2_250m_8x1024, enformer (one 196,608 bp sequence), and the training step esm2_35m_train_4x512 (the engine's
-`bench encoder-step` against the same step in PyTorch). Weights come from tools/make_random_weights.py
+nt_v2_250m_8x1024, enformer (one 196,608 bp sequence), and the training steps esm2_35m_train_4x512 and
+enformer_train_196608 (the engine's `bench encoder-step` against the same step in PyTorch, each without and with
+recompute: the engine's per-block checkpointing, and PyTorch's own checkpointing as its users switch it on; the
+engine's planned peak is printed beside its measured one). Weights come from tools/make_random_weights.py
 (N(0, 0.02²)); inputs are random with a fixed seed.
 """
 import argparse
@@ -49,11 +51,21 @@ WORKLOADS = {
 }
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
 # Training steps (forward, MSE on the last hidden state, backward, AdamW on every parameter):
-# name: (model dir, engine --model, batch, tokens per sequence including <cls> and <eos>).
+# name: (model dir, engine --model, batch, tokens per sequence including <cls> and <eos> (Enformer: bp),
+#        steps per run; the first is a warm-up).
 TRAIN_WORKLOADS = {
-    "esm2_35m_train_4x512": ("esm2_35m", "esm2", 4, 512),
+    "esm2_35m_train_4x512": ("esm2_35m", "esm2", 4, 512, 4),
+    "enformer_train_196608": ("enformer", "enformer", 1, 196_608, 2),
 }
-TRAIN_STEPS = 4
+# Each training workload runs without and with recompute: the engine's per-block checkpointing
+# (`--recompute blocks`) and PyTorch's own (transformers' gradient_checkpointing_enable(),
+# enformer-pytorch's use_checkpointing, which checkpoints its transformer layers).
+TRAIN_COLUMNS = {
+    "engine": ("engine-train", ["--recompute", "none"]),
+    "engine blocks": ("engine-train", ["--recompute", "blocks"]),
+    "torch fp32": ("torch-train", []),
+    "torch checkpointing": ("torch-train", ["--checkpointing"]),
+}
 
 
 def ensure_venv():
@@ -130,28 +142,48 @@ def child_torch(args):
 
 def child_torch_train(args):
     """The engine's `bench encoder-step` in PyTorch: the same weights and batch shape, forward in train mode
-    (dropout off, as the engine has none), MSE of the last hidden state against zero, backward, AdamW
-    (lr 1e-4, decay 0.01). The first step is a warm-up; the median of the others is reported."""
+    (dropout off, as the engine has none; Enformer's batchnorms on batch statistics), MSE of the last hidden
+    state (Enformer: the embeddings) against zero, backward, AdamW (lr 1e-4, decay 0.01). With
+    --checkpointing, the model's own activation checkpointing. The first step is a warm-up; the median of the
+    others is reported."""
     import torch
 
     torch.set_num_threads(args.threads)
-    model, _ = esm_model(args)
-    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+    if args.model == "enformer":
+        from enformer_pytorch import Enformer, EnformerConfig
+        from safetensors.torch import load_file
+
+        cfg = json.load(open(os.path.join(args.weights, "config.json")))
+        model = Enformer(EnformerConfig(**cfg, use_checkpointing=args.checkpointing))
+        model.load_state_dict(load_file(os.path.join(args.weights, "model.safetensors")), strict=False)
+        g = torch.Generator().manual_seed(0)
+        one_hot = torch.nn.functional.one_hot(torch.randint(0, 4, (args.batch, args.max_tokens), generator=g),
+                                              4).float()
+
+        def forward():
+            return model(one_hot, return_only_embeddings=True)
+    else:
+        model, _ = esm_model(args)
+        model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+        if args.checkpointing:
+            model.gradient_checkpointing_enable()
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(4, 24, (args.batch, args.max_tokens), generator=g)
+        ids[:, 0], ids[:, -1] = 0, 2
+        mask = torch.ones_like(ids)
+
+        def forward():
+            return model(input_ids=ids, attention_mask=mask).last_hidden_state
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     model.train()
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(4, 24, (args.batch, args.max_tokens), generator=g)
-    ids[:, 0], ids[:, -1] = 0, 2
-    mask = torch.ones_like(ids)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
     times = []
     for i in range(args.steps):
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        h = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        loss = h.pow(2).mean()
+        loss = forward().pow(2).mean()
         loss.backward()
         opt.step()
         if i > 0:
@@ -162,10 +194,12 @@ def child_torch_train(args):
 def child_engine_train(args):
     out = subprocess.run([args.engine, "bench", "encoder-step", "--model", args.model, "--weights", args.weights,
                           "--batch", str(args.batch), "--len", str(args.max_tokens), "--steps", str(args.steps),
-                          "--device", "cpu"], capture_output=True, text=True, check=True)
+                          "--recompute", args.recompute, "--device", "cpu"], capture_output=True, text=True,
+                         check=True)
     secs = [float(l.split()[2]) for l in out.stdout.splitlines() if l.startswith("step ")]
+    planned = [float(l.split()[2]) * 1024 ** 3 for l in out.stdout.splitlines() if l.startswith("planned peak")]
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    print(json.dumps({"seconds": statistics.median(secs[1:]), "peak_rss": rss}))
+    print(json.dumps({"seconds": statistics.median(secs[1:]), "peak_rss": rss, "planned": planned[0]}))
 
 
 def child_torch_gemm(args):
@@ -303,7 +337,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", choices=["torch", "esm-cpp", "measure", "torch-gemm", "engine-gemm",
                                         "torch-train", "engine-train"])
-    ap.add_argument("--steps", type=int, default=TRAIN_STEPS)
+    ap.add_argument("--steps", type=int, default=None, help="training steps per run (default: the workload's)")
+    ap.add_argument("--recompute", default="none")
+    ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--gemm-size", type=int, default=2048)
     ap.add_argument("--skip-gemm", action="store_true", help="leave out the GEMM table")
     ap.add_argument("--skip-engine-bf16", action="store_true")
@@ -403,9 +439,10 @@ def main():
           + f". Median of {args.rounds} alternating rounds.")
     print()
     cols = ["engine", "engine bf16", "torch fp32", "torch bf16", "esm-cpp"]
-    print("| workload | " + " | ".join(f"{c} s (tok/s, peak RSS)" for c in cols)
-          + " | engine fp32 vs PyTorch fp32 | engine bf16 vs best PyTorch | best engine vs esm-cpp |")
-    print("|---" * (len(cols) + 4) + "|")
+    if rows:
+        print("| workload | " + " | ".join(f"{c} s (tok/s, peak RSS)" for c in cols)
+              + " | engine fp32 vs PyTorch fp32 | engine bf16 vs best PyTorch | best engine vs esm-cpp |")
+        print("|---" * (len(cols) + 4) + "|")
     for w, tokens, s in rows:
         cells = []
         for c in cols:
@@ -423,28 +460,36 @@ def main():
 
     if train_names:
         print()
-        print(f"Training steps (forward, MSE on the last hidden state, backward, AdamW on every parameter), fp32, "
-              f"median of steps 2–{args.steps} of each run, median of the rounds:")
-        print("| workload | engine s/step (peak RSS) | PyTorch s/step (peak RSS) | engine vs PyTorch |")
-        print("|---|---|---|---|")
+        print("Training steps (forward, MSE on the last hidden state, backward, AdamW on every parameter), fp32, "
+              "median of the steps after the first of each run, median of the rounds; the engine's planned peak "
+              "(`bench encoder-step`, from the recording backend) beside its measured one:")
+        print("| workload | " + " | ".join(f"{c} s/step (peak RSS)" for c in TRAIN_COLUMNS)
+              + " | engine vs PyTorch | engine blocks vs PyTorch checkpointing | engine RSS / plan |")
+        print("|---" * (len(TRAIN_COLUMNS) + 4) + "|")
     for w in train_names:
-        model_dir, kind, batch, tokens = TRAIN_WORKLOADS[w]
+        model_dir, kind, batch, tokens, steps = TRAIN_WORKLOADS[w]
         weights = os.path.join(args.work, model_dir)
+        if not os.path.exists(os.path.join(weights, "model.safetensors")):
+            subprocess.run([sys.executable, os.path.join(HERE, "make_random_weights.py"), args.work, model_dir],
+                           check=True)
         common = ["--model", kind, "--weights", weights, "--batch", str(batch), "--max-tokens", str(tokens),
-                  "--threads", str(args.threads), "--steps", str(args.steps), "--engine", engine]
-        res = {"engine": [], "torch fp32": []}
+                  "--threads", str(args.threads), "--steps", str(args.steps or steps), "--engine", engine]
+        res = {c: [] for c in TRAIN_COLUMNS}
         for r in range(args.rounds):
-            for c, child in (("engine", "engine-train"), ("torch fp32", "torch-train")):
-                out = run_child(["--child", child, *common], env)
+            for c, (child, extra) in TRAIN_COLUMNS.items():
+                out = run_child(["--child", child, *common, *extra], env)
                 print(f"[{w} round {r + 1}] {c}: {out}", flush=True)
                 if "seconds" in out:
                     res[c].append(out)
-        if res["engine"] and res["torch fp32"]:
-            e = statistics.median(x["seconds"] for x in res["engine"])
-            t = statistics.median(x["seconds"] for x in res["torch fp32"])
-            er = max(x["peak_rss"] for x in res["engine"])
-            tr = max(x["peak_rss"] for x in res["torch fp32"])
-            print(f"| {w} | {e:.2f} ({er / 1e9:.2f} GB) | {t:.2f} ({tr / 1e9:.2f} GB) | {t / e:.2f}× |")
+        med = {c: (statistics.median(x["seconds"] for x in v), max(x["peak_rss"] for x in v))
+               for c, v in res.items() if v}
+        cells = [f"{med[c][0]:.2f} ({med[c][1] / 1e9:.2f} GB)" if c in med else "failed" for c in TRAIN_COLUMNS]
+        ratio = lambda a, b: (f"{med[b][0] / med[a][0]:.2f}× time, {med[a][1] / med[b][1]:.2f}× RSS"
+                              if a in med and b in med else "–")
+        plans = [f"{c}: {max(x['peak_rss'] for x in res[c]) / max(x['planned'] for x in res[c]):.2f}"
+                 for c in ("engine", "engine blocks") if res[c]]
+        print(f"| {w} | " + " | ".join(cells) + f" | {ratio('engine', 'torch fp32')} | "
+              f"{ratio('engine blocks', 'torch checkpointing')} | {', '.join(plans) or '–'} |")
 
     if not args.skip_gemm:
         n = args.gemm_size

@@ -42,6 +42,16 @@ impl AnyBackend {
         })
     }
 
+    /// The dtype activations are computed in.
+    pub fn compute_dtype(&self) -> DType {
+        use super::Backend;
+        match self {
+            AnyBackend::Cpu(b) => b.compute_dtype(),
+            AnyBackend::Emu(b) => b.compute_dtype(),
+            AnyBackend::Cuda(b) => b.compute_dtype(),
+        }
+    }
+
     pub fn device(&self) -> Device {
         match self {
             AnyBackend::Cpu(_) => Device::Cpu,

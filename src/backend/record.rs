@@ -4,6 +4,11 @@
 //! the same code that runs is what gets measured, never a second hand-kept list.
 //!
 //! Reads return zeros, reductions return 0, and every op checks nothing: it is for sizing, not results.
+//!
+//! It also keeps a clock of ops and, inside a window ([`RecordingBackend::start_window`]), which bytes
+//! of which allocation each op reads, overwrites or updates. From that, [`RecordingBackend::end_window`]
+//! derives each buffer's lifetime (first to last op that needs its contents) and places the buffers at
+//! offsets that reuse memory between lifetimes that never meet ([`crate::runtime::place`]).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -14,7 +19,7 @@ use super::{
     ViewMut,
 };
 use crate::ops::optim::AdamWStep;
-use crate::runtime::DType;
+use crate::runtime::{place, DType, Lifetime};
 use crate::Result;
 
 #[derive(Default, Debug)]
@@ -27,6 +32,94 @@ struct Counters {
     /// recompute policy adds is read from here.
     flops: AtomicU64,
     modules: Mutex<ModuleBytes>,
+    uses: Mutex<UseLog>,
+}
+
+/// How an op touches a range of memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Access {
+    Read,
+    /// Overwritten without being read.
+    Write,
+    /// Read and written (a backward adding into its gradient, an in-place update).
+    Update,
+}
+
+/// One touch: `(address, bytes, access)`.
+type Touch = (u64, u64, Access);
+
+fn rd<B>(v: &View<'_, B>) -> Touch {
+    (v.addr(), v.bytes() as u64, Access::Read)
+}
+fn wr<B>(v: &ViewMut<'_, B>) -> Touch {
+    (v.addr(), v.bytes() as u64, Access::Write)
+}
+fn up<B>(v: &ViewMut<'_, B>) -> Touch {
+    (v.addr(), v.bytes() as u64, Access::Update)
+}
+
+#[derive(Debug)]
+struct AllocInfo {
+    addr: u64,
+    bytes: usize,
+    /// Op clock when allocated and when freed.
+    alloc_op: u64,
+    free_op: Option<u64>,
+}
+
+#[derive(Default, Debug)]
+struct UseLog {
+    /// Ops run so far: the clock of lifetimes.
+    op: u64,
+    /// Allocations from this sequence number on are the step's own (not parameters or optimiser state).
+    step_first: usize,
+    window: Option<u64>,
+    /// Every allocation, in order (addresses increase with it).
+    allocs: Vec<AllocInfo>,
+    /// Touches inside the window: (op, allocation, start, end, access).
+    events: Vec<(u64, usize, u64, u64, Access)>,
+}
+
+/// The step's buffers over one window of ops: sizes, lifetimes (op indices from the window's start) and
+/// the offsets of an arena that reuses memory between lifetimes that never meet.
+#[derive(Clone, Debug, Default)]
+pub struct StepLifetimes {
+    pub sizes: Vec<usize>,
+    pub lives: Vec<Lifetime>,
+    pub offsets: Vec<usize>,
+}
+
+impl StepLifetimes {
+    /// Bytes of the planned arena.
+    pub fn arena_bytes(&self) -> usize {
+        self.offsets
+            .iter()
+            .zip(&self.sizes)
+            .map(|(o, s)| o + s)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The most bytes alive at one op: no placement can need less.
+    pub fn live_floor(&self) -> usize {
+        let mut edges: Vec<(usize, bool, usize)> = Vec::with_capacity(2 * self.sizes.len());
+        for (s, l) in self.sizes.iter().zip(&self.lives) {
+            edges.push((l.first, true, *s));
+            edges.push((l.last.saturating_add(1), false, *s));
+        }
+        // At equal times, ends (false) before starts (true): inclusive lifetimes.
+        edges.sort_unstable_by_key(|&(t, start, _)| (t, start));
+        let (mut live, mut most) = (0usize, 0usize);
+        for (_, start, s) in edges {
+            if start {
+                live += s;
+                most = most.max(live);
+            } else {
+                live -= s;
+            }
+        }
+        most
+    }
 }
 
 /// Bytes per module (as named by [`Backend::enter_module`]): live now, and live at the latest peak.
@@ -42,6 +135,7 @@ pub struct RecordedMem {
     addr: u64,
     bytes: usize,
     module: &'static str,
+    seq: usize,
     counters: Arc<Counters>,
 }
 
@@ -64,6 +158,12 @@ impl Drop for RecordedMem {
             .unwrap_or_else(|e| e.into_inner());
         if let Some(live) = m.live.get_mut(self.module) {
             *live = live.saturating_sub(self.bytes);
+        }
+        drop(m);
+        let mut u = self.counters.uses.lock().unwrap_or_else(|e| e.into_inner());
+        let now = u.op;
+        if let Some(a) = u.allocs.get_mut(self.seq) {
+            a.free_op = Some(now);
         }
     }
 }
@@ -126,6 +226,99 @@ impl RecordingBackend {
             .collect()
     }
 
+    fn uses(&self) -> std::sync::MutexGuard<'_, UseLog> {
+        self.counters.uses.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Allocations from now on belong to the step (its activations and scratch), not to the parameters
+    /// and optimiser state made before.
+    pub fn mark_step_buffers(&self) {
+        let mut u = self.uses();
+        u.step_first = u.allocs.len();
+    }
+
+    /// Starts noting which bytes each op touches.
+    pub fn start_window(&self) {
+        let mut u = self.uses();
+        u.window = Some(u.op);
+        u.events.clear();
+    }
+
+    /// Ends the window: each step buffer alive in it gets the lifetime over which its contents are
+    /// needed, and an offset. A buffer whose bytes are read before this window wrote them carries a value
+    /// in from outside (a table uploaded once, a gradient accumulated across calls, a fresh buffer's
+    /// zeros) and lives from the window's start (or its allocation) to its end (or its release); one
+    /// written before it is read lives from that write to its last use. Buffers the window never touches
+    /// live throughout.
+    pub fn end_window(&self) -> StepLifetimes {
+        let mut u = self.uses();
+        let Some(start) = u.window.take() else {
+            return StepLifetimes::default();
+        };
+        let end = u.op;
+        let n = u.allocs.len();
+        // Per allocation: first and last touching op, whether it carries a value in, bytes written so far.
+        let mut first = vec![None::<u64>; n];
+        let mut last = vec![0u64; n];
+        let mut carried = vec![false; n];
+        let mut written: Vec<Vec<(u64, u64)>> = vec![Vec::new(); n];
+        for &(op, i, lo, hi, access) in &u.events {
+            first[i].get_or_insert(op);
+            last[i] = op;
+            if access != Access::Write && !covered(&written[i], lo, hi) {
+                carried[i] = true;
+            }
+            if access != Access::Read && !carried[i] {
+                add_range(&mut written[i], lo, hi);
+            }
+        }
+        let mut out = StepLifetimes::default();
+        for (i, a) in u.allocs.iter().enumerate().skip(u.step_first) {
+            let freed = a.free_op.filter(|&f| f <= end);
+            if a.alloc_op > end || freed.is_some_and(|f| f < start) {
+                continue; // not alive in the window
+            }
+            let (lo, hi) = (a.alloc_op.max(start), freed.unwrap_or(end));
+            let (first_op, last_op) = match first[i] {
+                None => (lo, hi),
+                Some(_) if carried[i] => (lo, if freed.is_some() { last[i] } else { hi }),
+                Some(f) => (f, last[i]),
+            };
+            out.sizes.push(a.bytes);
+            out.lives.push(Lifetime::new(
+                (first_op - start) as usize,
+                (last_op.max(first_op) - start) as usize,
+            ));
+        }
+        out.offsets = place(&out.sizes, &out.lives);
+        out
+    }
+
+    /// One op: advances the clock and, inside a window, notes what it touches.
+    fn touch(&self, touches: impl IntoIterator<Item = Option<Touch>>) {
+        let mut u = self.uses();
+        let op = u.op;
+        u.op += 1;
+        if u.window.is_none() {
+            return;
+        }
+        for (addr, bytes, access) in touches.into_iter().flatten() {
+            if bytes == 0 {
+                continue;
+            }
+            let i = u.allocs.partition_point(|a| a.addr <= addr);
+            if i == 0 {
+                continue;
+            }
+            let a = &u.allocs[i - 1];
+            let (lo, hi) = (addr - a.addr, addr - a.addr + bytes);
+            if hi as usize > a.bytes {
+                continue;
+            }
+            u.events.push((op, i - 1, lo, hi, access));
+        }
+    }
+
     fn modules(&self) -> std::sync::MutexGuard<'_, ModuleBytes> {
         self.counters
             .modules
@@ -161,10 +354,22 @@ impl Backend for RecordingBackend {
         let addr = c
             .next_addr
             .fetch_add((bytes as u64).div_ceil(256) * 256 + 256, Ordering::Relaxed);
+        let seq = {
+            let mut u = self.uses();
+            let op = u.op;
+            u.allocs.push(AllocInfo {
+                addr,
+                bytes,
+                alloc_op: op,
+                free_op: None,
+            });
+            u.allocs.len() - 1
+        };
         Ok(RecordedMem {
             addr,
             bytes,
             module,
+            seq,
             counters: c.clone(),
         })
     }
@@ -177,42 +382,60 @@ impl Backend for RecordingBackend {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
-    fn write_f32(&self, _: ViewMut<'_, Self>, _: &[f32]) -> Result<()> {
+    fn write_f32(&self, a0: ViewMut<'_, Self>, _: &[f32]) -> Result<()> {
+        self.touch([Some(wr(&a0))]);
         Ok(())
     }
-    fn write_i32(&self, _: ViewMut<'_, Self>, _: &[i32]) -> Result<()> {
+    fn write_i32(&self, a0: ViewMut<'_, Self>, _: &[i32]) -> Result<()> {
+        self.touch([Some(wr(&a0))]);
         Ok(())
     }
     fn read_f32(&self, src: View<'_, Self>) -> Result<Vec<f32>> {
+        self.touch([Some(rd(&src))]);
         Ok(vec![0.0; src.numel()])
     }
-    fn zero(&self, _: ViewMut<'_, Self>) -> Result<()> {
+    fn zero(&self, a0: ViewMut<'_, Self>) -> Result<()> {
+        self.touch([Some(wr(&a0))]);
         Ok(())
     }
-    fn copy(&self, _: ViewMut<'_, Self>, _: View<'_, Self>) -> Result<()> {
+    fn copy(&self, a0: ViewMut<'_, Self>, a1: View<'_, Self>) -> Result<()> {
+        self.touch([Some(wr(&a0)), Some(rd(&a1))]);
         Ok(())
     }
     fn linear(
         &self,
-        _: ViewMut<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
-        _: Option<View<'_, Self>>,
+        a0: ViewMut<'_, Self>,
+        a1: View<'_, Self>,
+        a2: View<'_, Self>,
+        a3: Option<View<'_, Self>>,
         dims: LinearDims,
     ) -> Result<()> {
+        self.touch([
+            Some(wr(&a0)),
+            Some(rd(&a1)),
+            Some(rd(&a2)),
+            a3.as_ref().map(rd),
+        ]);
         self.count(linear_flops(&dims));
         Ok(())
     }
     fn linear_act(
         &self,
-        _: ViewMut<'_, Self>,
-        _: ViewMut<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
+        a0: ViewMut<'_, Self>,
+        a1: ViewMut<'_, Self>,
+        a2: View<'_, Self>,
+        a3: View<'_, Self>,
+        a4: View<'_, Self>,
         _: Act,
         dims: LinearDims,
     ) -> Result<()> {
+        self.touch([
+            Some(wr(&a0)),
+            Some(wr(&a1)),
+            Some(rd(&a2)),
+            Some(rd(&a3)),
+            Some(rd(&a4)),
+        ]);
         self.count(linear_flops(&dims));
         Ok(())
     }
@@ -220,305 +443,449 @@ impl Backend for RecordingBackend {
         &self,
         dx: Option<ViewMut<'_, Self>>,
         dw: Option<ViewMut<'_, Self>>,
-        _: Option<ViewMut<'_, Self>>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
+        a2: Option<ViewMut<'_, Self>>,
+        a3: View<'_, Self>,
+        a4: View<'_, Self>,
+        a5: View<'_, Self>,
         dims: LinearDims,
     ) -> Result<()> {
+        self.touch([
+            dx.as_ref().map(up),
+            dw.as_ref().map(up),
+            a2.as_ref().map(up),
+            Some(rd(&a3)),
+            Some(rd(&a4)),
+            Some(rd(&a5)),
+        ]);
         self.count(linear_flops(&dims) * (dx.is_some() as usize + dw.is_some() as usize));
         Ok(())
     }
-    fn add(&self, _: ViewMut<'_, Self>, _: View<'_, Self>, _: View<'_, Self>) -> Result<()> {
+    fn add(&self, a0: ViewMut<'_, Self>, a1: View<'_, Self>, a2: View<'_, Self>) -> Result<()> {
+        self.touch([Some(wr(&a0)), Some(rd(&a1)), Some(rd(&a2))]);
         Ok(())
     }
-    fn add_row_bias(&self, _: ViewMut<'_, Self>, _: View<'_, Self>) -> Result<()> {
+    fn add_row_bias(&self, a0: ViewMut<'_, Self>, a1: View<'_, Self>) -> Result<()> {
+        self.touch([Some(up(&a0)), Some(rd(&a1))]);
         Ok(())
     }
-    fn scale_rows(&self, _: ViewMut<'_, Self>, _: View<'_, Self>) -> Result<()> {
+    fn scale_rows(&self, a0: ViewMut<'_, Self>, a1: View<'_, Self>) -> Result<()> {
+        self.touch([Some(up(&a0)), Some(rd(&a1))]);
         Ok(())
     }
-    fn activation(&self, _: ViewMut<'_, Self>, _: View<'_, Self>, _: Act) -> Result<()> {
+    fn activation(&self, a0: ViewMut<'_, Self>, a1: View<'_, Self>, _: Act) -> Result<()> {
+        self.touch([Some(wr(&a0)), Some(rd(&a1))]);
         Ok(())
     }
     fn activation_backward(
         &self,
-        _: ViewMut<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
+        a0: ViewMut<'_, Self>,
+        a1: View<'_, Self>,
+        a2: View<'_, Self>,
         _: Act,
     ) -> Result<()> {
+        self.touch([Some(up(&a0)), Some(rd(&a1)), Some(rd(&a2))]);
         Ok(())
     }
-    fn swiglu(&self, _: ViewMut<'_, Self>, _: View<'_, Self>, _: usize) -> Result<()> {
+    fn swiglu(&self, a0: ViewMut<'_, Self>, a1: View<'_, Self>, _: usize) -> Result<()> {
+        self.touch([Some(wr(&a0)), Some(rd(&a1))]);
         Ok(())
     }
     fn swiglu_backward(
         &self,
-        _: ViewMut<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
+        a0: ViewMut<'_, Self>,
+        a1: View<'_, Self>,
+        a2: View<'_, Self>,
         _: usize,
     ) -> Result<()> {
+        self.touch([Some(up(&a0)), Some(rd(&a1)), Some(rd(&a2))]);
         Ok(())
     }
     fn layernorm(
         &self,
-        _: ViewMut<'_, Self>,
-        _: ViewMut<'_, Self>,
-        _: ViewMut<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
+        a0: ViewMut<'_, Self>,
+        a1: ViewMut<'_, Self>,
+        a2: ViewMut<'_, Self>,
+        a3: View<'_, Self>,
+        a4: View<'_, Self>,
+        a5: View<'_, Self>,
         _: f32,
     ) -> Result<()> {
+        self.touch([
+            Some(wr(&a0)),
+            Some(wr(&a1)),
+            Some(wr(&a2)),
+            Some(rd(&a3)),
+            Some(rd(&a4)),
+            Some(rd(&a5)),
+        ]);
         Ok(())
     }
     fn residual_layernorm(
         &self,
-        _: ViewMut<'_, Self>,
-        _: ViewMut<'_, Self>,
-        _: ViewMut<'_, Self>,
-        _: ViewMut<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
+        a0: ViewMut<'_, Self>,
+        a1: ViewMut<'_, Self>,
+        a2: ViewMut<'_, Self>,
+        a3: ViewMut<'_, Self>,
+        a4: View<'_, Self>,
+        a5: View<'_, Self>,
+        a6: View<'_, Self>,
+        a7: View<'_, Self>,
         _: f32,
     ) -> Result<()> {
+        self.touch([
+            Some(wr(&a0)),
+            Some(wr(&a1)),
+            Some(wr(&a2)),
+            Some(wr(&a3)),
+            Some(rd(&a4)),
+            Some(rd(&a5)),
+            Some(rd(&a6)),
+            Some(rd(&a7)),
+        ]);
         Ok(())
     }
     fn layernorm_backward(
         &self,
-        _: ViewMut<'_, Self>,
-        _: ViewMut<'_, Self>,
-        _: ViewMut<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
+        a0: ViewMut<'_, Self>,
+        a1: ViewMut<'_, Self>,
+        a2: ViewMut<'_, Self>,
+        a3: View<'_, Self>,
+        a4: View<'_, Self>,
+        a5: View<'_, Self>,
+        a6: View<'_, Self>,
+        a7: View<'_, Self>,
     ) -> Result<()> {
+        self.touch([
+            Some(up(&a0)),
+            Some(up(&a1)),
+            Some(up(&a2)),
+            Some(rd(&a3)),
+            Some(rd(&a4)),
+            Some(rd(&a5)),
+            Some(rd(&a6)),
+            Some(rd(&a7)),
+        ]);
         Ok(())
     }
     fn rotary(
         &self,
-        _: ViewMut<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
+        a0: ViewMut<'_, Self>,
+        a1: View<'_, Self>,
+        a2: View<'_, Self>,
+        a3: View<'_, Self>,
         _: usize,
         _: usize,
         _: usize,
     ) -> Result<()> {
+        self.touch([Some(wr(&a0)), Some(rd(&a1)), Some(rd(&a2)), Some(rd(&a3))]);
         Ok(())
     }
     fn rotary_backward(
         &self,
-        _: ViewMut<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
+        a0: ViewMut<'_, Self>,
+        a1: View<'_, Self>,
+        a2: View<'_, Self>,
+        a3: View<'_, Self>,
         _: usize,
         _: usize,
         _: usize,
     ) -> Result<()> {
+        self.touch([Some(up(&a0)), Some(rd(&a1)), Some(rd(&a2)), Some(rd(&a3))]);
         Ok(())
     }
-    fn embedding(&self, _: ViewMut<'_, Self>, _: View<'_, Self>, _: View<'_, Self>) -> Result<()> {
+    fn embedding(
+        &self,
+        a0: ViewMut<'_, Self>,
+        a1: View<'_, Self>,
+        a2: View<'_, Self>,
+    ) -> Result<()> {
+        self.touch([Some(wr(&a0)), Some(rd(&a1)), Some(rd(&a2))]);
         Ok(())
     }
     fn embedding_backward(
         &self,
-        _: ViewMut<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
+        a0: ViewMut<'_, Self>,
+        a1: View<'_, Self>,
+        a2: View<'_, Self>,
     ) -> Result<()> {
+        self.touch([Some(up(&a0)), Some(rd(&a1)), Some(rd(&a2))]);
         Ok(())
     }
     fn attention(
         &self,
-        _: ViewMut<'_, Self>,
-        _: ViewMut<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
-        _: Option<View<'_, Self>>,
-        _: Option<(View<'_, Self>, bool)>,
+        a0: ViewMut<'_, Self>,
+        a1: ViewMut<'_, Self>,
+        a2: View<'_, Self>,
+        a3: View<'_, Self>,
+        a4: View<'_, Self>,
+        a5: Option<View<'_, Self>>,
+        a6: Option<(View<'_, Self>, bool)>,
         dims: &AttentionDims,
     ) -> Result<()> {
+        self.touch([
+            Some(wr(&a0)),
+            Some(wr(&a1)),
+            Some(rd(&a2)),
+            Some(rd(&a3)),
+            Some(rd(&a4)),
+            a5.as_ref().map(rd),
+            a6.as_ref().map(|(v, _)| rd(v)),
+        ]);
         // QKᵀ and PV.
         self.count(attention_products(dims) * 2);
         Ok(())
     }
     fn attention_backward(
         &self,
-        _: ViewMut<'_, Self>,
-        _: ViewMut<'_, Self>,
-        _: ViewMut<'_, Self>,
-        _: Option<ViewMut<'_, Self>>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
-        _: Option<View<'_, Self>>,
-        _: Option<(View<'_, Self>, bool)>,
+        a0: ViewMut<'_, Self>,
+        a1: ViewMut<'_, Self>,
+        a2: ViewMut<'_, Self>,
+        a3: Option<ViewMut<'_, Self>>,
+        a4: View<'_, Self>,
+        a5: View<'_, Self>,
+        a6: View<'_, Self>,
+        a7: View<'_, Self>,
+        a8: View<'_, Self>,
+        a9: View<'_, Self>,
+        a10: Option<View<'_, Self>>,
+        a11: Option<(View<'_, Self>, bool)>,
         dims: &AttentionDims,
     ) -> Result<()> {
+        self.touch([
+            Some(up(&a0)),
+            Some(up(&a1)),
+            Some(up(&a2)),
+            a3.as_ref().map(up),
+            Some(rd(&a4)),
+            Some(rd(&a5)),
+            Some(rd(&a6)),
+            Some(rd(&a7)),
+            Some(rd(&a8)),
+            Some(rd(&a9)),
+            a10.as_ref().map(rd),
+            a11.as_ref().map(|(v, _)| rd(v)),
+        ]);
         // QKᵀ again, dV, dP, dQ and dK (FlashAttention-2's count: 2.5× the forward).
         self.count(attention_products(dims) * 5);
         Ok(())
     }
-    fn sum_rows(&self, _: ViewMut<'_, Self>, _: View<'_, Self>) -> Result<()> {
+    fn sum_rows(&self, a0: ViewMut<'_, Self>, a1: View<'_, Self>) -> Result<()> {
+        self.touch([Some(up(&a0)), Some(rd(&a1))]);
         Ok(())
     }
-    fn softmax(&self, _: ViewMut<'_, Self>, _: View<'_, Self>, _: usize) -> Result<()> {
+    fn softmax(&self, a0: ViewMut<'_, Self>, a1: View<'_, Self>, _: usize) -> Result<()> {
+        self.touch([Some(wr(&a0)), Some(rd(&a1))]);
         Ok(())
     }
     fn softmax_backward(
         &self,
-        _: ViewMut<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
+        a0: ViewMut<'_, Self>,
+        a1: View<'_, Self>,
+        a2: View<'_, Self>,
         _: usize,
     ) -> Result<()> {
+        self.touch([Some(up(&a0)), Some(rd(&a1)), Some(rd(&a2))]);
         Ok(())
     }
     fn conv1d(
         &self,
-        _: ViewMut<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
-        _: Option<View<'_, Self>>,
+        a0: ViewMut<'_, Self>,
+        a1: View<'_, Self>,
+        a2: View<'_, Self>,
+        a3: Option<View<'_, Self>>,
         dims: &Conv1dDims,
     ) -> Result<()> {
+        self.touch([
+            Some(wr(&a0)),
+            Some(rd(&a1)),
+            Some(rd(&a2)),
+            a3.as_ref().map(rd),
+        ]);
         self.count(conv_flops(dims));
         Ok(())
     }
     fn conv1d_backward(
         &self,
         dx: Option<ViewMut<'_, Self>>,
-        _: ViewMut<'_, Self>,
-        _: Option<ViewMut<'_, Self>>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
+        a1: ViewMut<'_, Self>,
+        a2: Option<ViewMut<'_, Self>>,
+        a3: View<'_, Self>,
+        a4: View<'_, Self>,
+        a5: View<'_, Self>,
         dims: &Conv1dDims,
     ) -> Result<()> {
+        self.touch([
+            dx.as_ref().map(up),
+            Some(up(&a1)),
+            a2.as_ref().map(up),
+            Some(rd(&a3)),
+            Some(rd(&a4)),
+            Some(rd(&a5)),
+        ]);
         self.count(conv_flops(dims) * (1 + dx.is_some() as usize));
         Ok(())
     }
     fn batchnorm(
         &self,
-        _: ViewMut<'_, Self>,
-        _: ViewMut<'_, Self>,
-        _: ViewMut<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
-        _: BatchNormStats<'_, Self>,
+        a0: ViewMut<'_, Self>,
+        a1: ViewMut<'_, Self>,
+        a2: ViewMut<'_, Self>,
+        a3: View<'_, Self>,
+        a4: View<'_, Self>,
+        a5: View<'_, Self>,
+        a6: BatchNormStats<'_, Self>,
         _: f32,
     ) -> Result<()> {
+        let stats = match &a6 {
+            BatchNormStats::Running { mean, var } => [Some(rd(mean)), Some(rd(var))],
+            BatchNormStats::Batch => [None, None],
+        };
+        self.touch([
+            Some(wr(&a0)),
+            Some(wr(&a1)),
+            Some(wr(&a2)),
+            Some(rd(&a3)),
+            Some(rd(&a4)),
+            Some(rd(&a5)),
+            stats[0],
+            stats[1],
+        ]);
         Ok(())
     }
     fn batchnorm_running_update(
         &self,
-        _: ViewMut<'_, Self>,
-        _: ViewMut<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
+        a0: ViewMut<'_, Self>,
+        a1: ViewMut<'_, Self>,
+        a2: View<'_, Self>,
+        a3: View<'_, Self>,
         _: usize,
         _: f32,
     ) -> Result<()> {
+        self.touch([Some(up(&a0)), Some(up(&a1)), Some(rd(&a2)), Some(rd(&a3))]);
         Ok(())
     }
     fn batchnorm_backward(
         &self,
-        _: ViewMut<'_, Self>,
-        _: ViewMut<'_, Self>,
-        _: ViewMut<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
+        a0: ViewMut<'_, Self>,
+        a1: ViewMut<'_, Self>,
+        a2: ViewMut<'_, Self>,
+        a3: View<'_, Self>,
+        a4: View<'_, Self>,
+        a5: View<'_, Self>,
+        a6: View<'_, Self>,
+        a7: View<'_, Self>,
         _: f32,
         _: bool,
     ) -> Result<()> {
+        self.touch([
+            Some(up(&a0)),
+            Some(up(&a1)),
+            Some(up(&a2)),
+            Some(rd(&a3)),
+            Some(rd(&a4)),
+            Some(rd(&a5)),
+            Some(rd(&a6)),
+            Some(rd(&a7)),
+        ]);
         Ok(())
     }
     fn attention_pool(
         &self,
-        _: ViewMut<'_, Self>,
-        _: ViewMut<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
+        a0: ViewMut<'_, Self>,
+        a1: ViewMut<'_, Self>,
+        a2: View<'_, Self>,
+        a3: View<'_, Self>,
         _: &PoolDims,
     ) -> Result<()> {
+        self.touch([Some(wr(&a0)), Some(wr(&a1)), Some(rd(&a2)), Some(rd(&a3))]);
         Ok(())
     }
     fn attention_pool_backward(
         &self,
-        _: ViewMut<'_, Self>,
-        _: ViewMut<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
+        a0: ViewMut<'_, Self>,
+        a1: ViewMut<'_, Self>,
+        a2: View<'_, Self>,
+        a3: View<'_, Self>,
+        a4: View<'_, Self>,
+        a5: View<'_, Self>,
         _: &PoolDims,
     ) -> Result<()> {
+        self.touch([
+            Some(up(&a0)),
+            Some(up(&a1)),
+            Some(rd(&a2)),
+            Some(rd(&a3)),
+            Some(rd(&a4)),
+            Some(rd(&a5)),
+        ]);
         Ok(())
     }
     fn relative_logits(
         &self,
-        _: ViewMut<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
+        a0: ViewMut<'_, Self>,
+        a1: View<'_, Self>,
+        a2: View<'_, Self>,
         _: usize,
         _: usize,
         _: usize,
     ) -> Result<()> {
+        self.touch([Some(wr(&a0)), Some(rd(&a1)), Some(rd(&a2))]);
         Ok(())
     }
     fn relative_logits_backward(
         &self,
-        _: ViewMut<'_, Self>,
-        _: ViewMut<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
+        a0: ViewMut<'_, Self>,
+        a1: ViewMut<'_, Self>,
+        a2: View<'_, Self>,
+        a3: View<'_, Self>,
+        a4: View<'_, Self>,
         _: usize,
         _: usize,
         _: usize,
     ) -> Result<()> {
+        self.touch([
+            Some(up(&a0)),
+            Some(up(&a1)),
+            Some(rd(&a2)),
+            Some(rd(&a3)),
+            Some(rd(&a4)),
+        ]);
         Ok(())
     }
-    fn mse(&self, _: View<'_, Self>, _: View<'_, Self>) -> Result<f32> {
+    fn mse(&self, a0: View<'_, Self>, a1: View<'_, Self>) -> Result<f32> {
+        self.touch([Some(rd(&a0)), Some(rd(&a1))]);
         Ok(0.0)
     }
     fn mse_backward(
         &self,
-        _: ViewMut<'_, Self>,
-        _: View<'_, Self>,
-        _: View<'_, Self>,
+        a0: ViewMut<'_, Self>,
+        a1: View<'_, Self>,
+        a2: View<'_, Self>,
         _: f32,
     ) -> Result<()> {
+        self.touch([Some(up(&a0)), Some(rd(&a1)), Some(rd(&a2))]);
         Ok(())
     }
-    fn sum_squares(&self, _: View<'_, Self>) -> Result<f32> {
+    fn sum_squares(&self, a0: View<'_, Self>) -> Result<f32> {
+        self.touch([Some(rd(&a0))]);
         Ok(0.0)
     }
     fn adamw(
         &self,
-        _: ViewMut<'_, Self>,
-        _: Option<ViewMut<'_, Self>>,
-        _: ViewMut<'_, Self>,
-        _: ViewMut<'_, Self>,
-        _: View<'_, Self>,
+        a0: ViewMut<'_, Self>,
+        a1: Option<ViewMut<'_, Self>>,
+        a2: ViewMut<'_, Self>,
+        a3: ViewMut<'_, Self>,
+        a4: View<'_, Self>,
         _: &AdamWStep,
     ) -> Result<()> {
+        self.touch([
+            Some(up(&a0)),
+            a1.as_ref().map(up),
+            Some(up(&a2)),
+            Some(up(&a3)),
+            Some(rd(&a4)),
+        ]);
         Ok(())
     }
 }
@@ -549,4 +916,116 @@ fn attention_products(d: &AttentionDims) -> usize {
         .saturating_mul(d.q_len)
         .saturating_mul(d.kv_len)
         .saturating_mul(d.head_dim.max(d.v_head_dim))
+}
+
+/// Whether `[lo, hi)` lies within the union of the sorted, disjoint `ranges`.
+fn covered(ranges: &[(u64, u64)], lo: u64, hi: u64) -> bool {
+    let mut at = lo;
+    for &(a, b) in ranges {
+        if a > at {
+            break;
+        }
+        if b > at {
+            at = b;
+        }
+        if at >= hi {
+            return true;
+        }
+    }
+    at >= hi
+}
+
+/// Adds `[lo, hi)` to the sorted, disjoint `ranges`, merging neighbours.
+fn add_range(ranges: &mut Vec<(u64, u64)>, lo: u64, hi: u64) {
+    ranges.push((lo, hi));
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for &(a, b) in ranges.iter() {
+        match merged.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => merged.push((a, b)),
+        }
+    }
+    *ranges = merged;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{Role, Tensor};
+
+    /// Lifetimes come from the uses: a buffer lives from the op that first writes it to the op that last
+    /// reads it, buffers whose lifetimes never meet share bytes, and a buffer read before it is written
+    /// (a value carried in) lives through the whole window.
+    #[test]
+    fn lifetimes_follow_the_uses_and_disjoint_ones_share_memory() {
+        let b = RecordingBackend::new(DType::F32);
+        let table = Tensor::new(&b, Role::Exact, 64).unwrap();
+        b.mark_step_buffers();
+        let mut x = Tensor::new(&b, Role::Activation, 1024).unwrap();
+        let mut y = Tensor::new(&b, Role::Activation, 1024).unwrap();
+        let mut z = Tensor::new(&b, Role::Activation, 1024).unwrap();
+        let mut carried = Tensor::new(&b, Role::Activation, 256).unwrap();
+        b.start_window();
+        b.write_f32(x.view_mut(), &[]).unwrap(); // op 0: x written
+        b.activation(y.view_mut(), x.view(), Act::Relu).unwrap(); // op 1: x read, y written
+        b.add(z.view_mut(), y.view(), table.view()).unwrap(); // op 2: y read, z written
+        b.scale_rows(carried.view_mut(), table.view()).unwrap(); // op 3: carried updated before written
+        b.activation(x.view_mut(), z.view(), Act::Relu).unwrap(); // op 4: z read, x written again
+        let lt = b.end_window();
+        // The table was made before the mark: not a step buffer.
+        assert_eq!(lt.sizes, vec![4096, 4096, 4096, 1024]);
+        assert_eq!(lt.lives[0], Lifetime::new(0, 4));
+        assert_eq!(lt.lives[1], Lifetime::new(1, 2));
+        assert_eq!(lt.lives[2], Lifetime::new(2, 4));
+        assert_eq!(
+            lt.lives[3],
+            Lifetime::new(0, 5),
+            "carried in: the whole window"
+        );
+        // x (written again at op 4 but read at op 1) lives 0..=4, so at op 2 all four are needed.
+        assert_eq!(lt.live_floor(), 3 * 4096 + 1024);
+        assert_eq!(lt.arena_bytes(), lt.live_floor());
+        drop((x, y, z, carried));
+    }
+
+    #[test]
+    fn buffers_whose_lifetimes_never_meet_share_bytes() {
+        let b = RecordingBackend::new(DType::F32);
+        b.mark_step_buffers();
+        let mut a = Tensor::new(&b, Role::Activation, 1000).unwrap();
+        let mut c = Tensor::new(&b, Role::Activation, 1000).unwrap();
+        let mut d = Tensor::new(&b, Role::Activation, 1000).unwrap();
+        b.start_window();
+        b.zero(a.view_mut()).unwrap(); // op 0
+        b.activation(c.view_mut(), a.view(), Act::Relu).unwrap(); // op 1: a's last use
+        b.activation(d.view_mut(), c.view(), Act::Relu).unwrap(); // op 2: d may take a's bytes
+        let _ = b.read_f32(d.view()).unwrap(); // op 3
+        let lt = b.end_window();
+        assert_eq!(
+            lt.lives,
+            vec![
+                Lifetime::new(0, 1),
+                Lifetime::new(1, 2),
+                Lifetime::new(2, 3)
+            ]
+        );
+        assert_eq!(lt.offsets[0], lt.offsets[2], "a and d share bytes");
+        assert_ne!(lt.offsets[0], lt.offsets[1]);
+        assert_eq!(lt.arena_bytes(), lt.offsets[0].max(lt.offsets[1]) + 4000);
+        assert!(lt.arena_bytes() < 3 * 4000);
+        drop((a, c, d));
+    }
+
+    #[test]
+    fn range_coverage() {
+        let mut r = Vec::new();
+        add_range(&mut r, 10, 20);
+        add_range(&mut r, 0, 5);
+        assert!(!covered(&r, 0, 12));
+        add_range(&mut r, 5, 10);
+        assert_eq!(r, vec![(0, 20)]);
+        assert!(covered(&r, 3, 20));
+        assert!(!covered(&r, 3, 21));
+    }
 }

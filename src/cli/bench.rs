@@ -35,7 +35,7 @@ pub struct GpuArgs {
 
 #[derive(Args, Debug)]
 pub struct EncoderStepArgs {
-    /// esm2 or nt.
+    /// esm2, nt or enformer.
     #[arg(long)]
     pub model: String,
     /// A directory with config.json and model.safetensors.
@@ -43,12 +43,15 @@ pub struct EncoderStepArgs {
     pub weights: std::path::PathBuf,
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
-    /// Tokens per sequence, <cls> and <eos> included.
+    /// Tokens per sequence, <cls> and <eos> included (enformer: base pairs).
     #[arg(long, default_value_t = 512)]
     pub len: usize,
     /// Steps to run (the first one also plans the activations).
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
+    /// none (keep every activation) or blocks (per-block checkpointing).
+    #[arg(long, default_value = "none")]
+    pub recompute: String,
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
@@ -199,14 +202,17 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         }
         BenchCommand::EncoderStep(a) => {
             use crate::backend::any::AnyBackend;
-            use crate::training::bench_encoder::{run_encoder_step_bench, EncoderStepSpec};
-            let nucleotide_transformer = match a.model.to_ascii_lowercase().as_str() {
-                "esm2" | "esm" | "esm-2" => false,
-                "nt" | "nt-v2" | "ntv2" => true,
+            use crate::training::bench_encoder::{
+                plan_encoder_step, run_encoder_step_bench, EncoderStepSpec, StepModel,
+            };
+            let model = match a.model.to_ascii_lowercase().as_str() {
+                "esm2" | "esm" | "esm-2" => StepModel::Esm2,
+                "nt" | "nt-v2" | "ntv2" => StepModel::NucleotideTransformer,
+                "enformer" => StepModel::Enformer,
                 other => {
                     return Err(crate::Error::invalid(
                         "--model",
-                        format!("'{other}' (expected esm2 or nt)"),
+                        format!("'{other}' (expected esm2, nt or enformer)"),
                     ))
                 }
             };
@@ -214,12 +220,19 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             let spec = EncoderStepSpec {
                 config,
                 weights,
-                nucleotide_transformer,
+                model,
                 batch: a.batch,
                 len: a.len,
                 steps: a.steps,
+                recompute: crate::models::recompute::Recompute::parse(&a.recompute)?,
             };
             let backend = AnyBackend::open(DeviceRequest::parse(&a.device)?.resolve()?)?;
+            let planned = plan_encoder_step(&spec, backend.compute_dtype())?;
+            println!(
+                "planned peak {:.3} GiB (parameters, gradients, AdamW moments, activations; recompute {})",
+                planned as f64 / 1024f64.powi(3),
+                spec.recompute
+            );
             let steps = match &backend {
                 AnyBackend::Cpu(b) => run_encoder_step_bench(b.as_ref(), &spec),
                 AnyBackend::Emu(b) => run_encoder_step_bench(b.as_ref(), &spec),
@@ -227,6 +240,14 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             }?;
             for (i, s) in steps.iter().enumerate() {
                 println!("step {} {:.3} s loss {:.6}", i + 1, s.seconds, s.loss);
+            }
+            let rss = crate::training::bench_step::peak_rss_bytes();
+            if rss > 0 {
+                println!(
+                    "peak RSS {:.3} GiB ({:.3}× the plan)",
+                    rss as f64 / 1024f64.powi(3),
+                    rss as f64 / planned.max(1) as f64
+                );
             }
             Ok(())
         }

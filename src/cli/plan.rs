@@ -176,6 +176,13 @@ pub fn run(a: PlanArgs) -> Result<()> {
     for (module, bytes) in &r.step_by_module {
         println!("    {module:<30} {:>12}", gib(*bytes));
     }
+    println!(
+        "    {:<30} {:>12}  (buffers placed by lifetime; at least {} live at once; the engine does not \
+         allocate by this plan yet)",
+        "with lifetime-based reuse",
+        gib(r.step_with_reuse),
+        gib(r.step_live_floor)
+    );
     println!("  {:<32} {:>12}", "peak", gib(r.total()));
     println!(
         "  {:<32} {:>12}",

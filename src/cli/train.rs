@@ -8,6 +8,7 @@ use clap::Args;
 use crate::backend::any::AnyBackend;
 use crate::backend::Backend;
 use crate::data::demo::{write_demo_data, DemoSpec, TISSUES};
+use crate::data::predict_tsv::PredictTsv;
 use crate::data::{Split, TargetStats};
 use crate::models::isoformer::release::load_released;
 use crate::models::isoformer::{Isoformer, IsoformerConfig, Modality, SampleSeqs};
@@ -316,56 +317,6 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
 
 /// Rows of a TSV with `dna_seq`, `rna_seq`, `protein_seq` (and optionally `id`) columns.
 /// One row to predict: id, DNA, RNA, protein.
-type PredictRow = (String, String, String, Option<String>);
-
-fn read_predict_tsv(path: &Path) -> Result<Vec<PredictRow>> {
-    let text =
-        crate::data::sequences::read_text_bounded(path, crate::data::sequences::MAX_INPUT_BYTES)?;
-    let mut lines = text.lines().enumerate();
-    let (_, header) = lines.next().ok_or_else(|| Error::Parse {
-        path: path.into(),
-        line: Some(1),
-        msg: "empty file".into(),
-    })?;
-    let cols: Vec<&str> = header.split('\t').map(str::trim).collect();
-    let find = |n: &str| cols.iter().position(|c| c.eq_ignore_ascii_case(n));
-    let need = |n: &str| {
-        find(n).ok_or_else(|| Error::Parse {
-            path: path.into(),
-            line: Some(1),
-            msg: format!("no '{n}' column"),
-        })
-    };
-    let (dna, rna, prot, id) = (
-        need("dna_seq")?,
-        need("rna_seq")?,
-        need("protein_seq")?,
-        find("id"),
-    );
-    let mut out = Vec::new();
-    for (i, line) in lines {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let f: Vec<&str> = line.split('\t').collect();
-        if f.len() != cols.len() {
-            return Err(Error::Parse {
-                path: path.into(),
-                line: Some(i + 1),
-                msg: format!("{} fields, the header has {}", f.len(), cols.len()),
-            });
-        }
-        let p = f[prot].trim();
-        out.push((
-            id.map_or_else(|| format!("row{}", i), |c| f[c].trim().to_string()),
-            f[dna].trim().to_ascii_uppercase(),
-            f[rna].trim().to_string(),
-            (!p.is_empty()).then(|| p.to_string()),
-        ));
-    }
-    Ok(out)
-}
-
 pub fn run_predict(a: PredictArgs) -> Result<()> {
     let Loaded {
         model,
@@ -410,23 +361,28 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
                 predict_split_batches(b, &model, &params, &data, split, &stats, None, |ids, p, _| sink(ids, p))?;
                 Ok(())
             } else {
-                let rows = read_predict_tsv(&a.input)?;
+                // Read a batch at a time: memory holds one batch of sequences, whatever the file's length.
+                let mut tsv = PredictTsv::open(&a.input)?;
                 let len = model.cfg.dna_sequence_length;
                 let mut acts = Default::default();
-                for chunk in rows.chunks(model.cfg.train.batch_size) {
+                loop {
+                    let chunk = tsv.next_batch(model.cfg.train.batch_size.max(1))?;
+                    if chunk.is_empty() {
+                        break;
+                    }
                     // Centre-crop or N-pad each DNA sequence to the model's window.
-                    let dna: Vec<Vec<u8>> = chunk.iter().map(|r| fit_window(r.1.as_bytes(), len)).collect();
+                    let dna: Vec<Vec<u8>> = chunk.iter().map(|r| fit_window(r.dna.as_bytes(), len)).collect();
                     let seqs: Vec<SampleSeqs<'_>> = chunk
                         .iter()
                         .zip(&dna)
-                        .map(|(r, d)| SampleSeqs { dna: d, rna: &r.2, protein: r.3.as_deref() })
+                        .map(|(r, d)| SampleSeqs { dna: d, rna: &r.rna, protein: r.protein.as_deref() })
                         .collect();
                     let inputs = model.prepare_inputs(&seqs)?;
                     let mut p = predict(b, &model, &params, &inputs, &mut acts)?;
                     for row in p.chunks_mut(tissues.len()) {
                         stats.denormalize(row);
                     }
-                    let ids: Vec<String> = chunk.iter().map(|r| r.0.clone()).collect();
+                    let ids: Vec<String> = chunk.iter().map(|r| r.id.clone()).collect();
                     sink(&ids, &p)?;
                 }
                 Ok(())

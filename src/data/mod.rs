@@ -6,6 +6,7 @@ pub mod demo;
 pub mod export;
 pub mod fasta;
 pub mod loader;
+pub mod predict_tsv;
 pub mod prepare;
 pub mod records;
 pub mod sequences;

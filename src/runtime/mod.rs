@@ -7,5 +7,5 @@ pub mod safetensors_file;
 pub mod shape;
 
 pub use dtype::{DType, Element};
-pub use memory::{ActivationArena, ActivationPlan, Arena, Layout, Lifetime, TensorSpec};
+pub use memory::{place, ActivationArena, ActivationPlan, Arena, Layout, Lifetime, TensorSpec};
 pub use shape::Shape;

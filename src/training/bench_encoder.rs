@@ -1,7 +1,9 @@
-//! A timed training step of one transformer encoder (ESM-2 or NT-v2) from a weights directory: forward,
-//! a mean-squared loss on the last hidden state, backward through every layer, and an AdamW step on all
-//! parameters. The same step `tools/bench_vs_torch.py` runs in PyTorch on the same weights, so the two
-//! can be compared side by side.
+//! A timed training step of one encoder (ESM-2, NT-v2 or the Enformer trunk) from a weights directory:
+//! forward, a mean-squared loss on the last hidden state (Enformer: the embeddings, batchnorm on batch
+//! statistics), backward through every layer, and an AdamW step on all parameters, under a recompute
+//! policy. The same step `tools/bench_vs_torch.py` runs in PyTorch on the same weights, so the two can be
+//! compared side by side. [`plan_encoder_step`] runs the same code on the recording backend: the memory
+//! the step is planned to take.
 
 use std::path::Path;
 use std::time::Instant;
@@ -9,26 +11,94 @@ use std::time::Instant;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::adamw::AdamW;
+use super::adamw::{AdamW, ParamGroup};
+use crate::backend::record::RecordingBackend;
 use crate::backend::state::{ParamSet, TrainState};
-use crate::backend::{Backend, Role, Tensor};
-use crate::models::config::EsmConfig;
+use crate::backend::{Backend, Role, Tensor, View};
+use crate::models::config::{EnformerConfig, EsmConfig};
+use crate::models::enformer::{BatchNormMode, EnformerActivations, EnformerNames, EnformerTrunk};
+use crate::models::recompute::Recompute;
 use crate::models::transformer::{EncoderActivations, TransformerConfig, TransformerEncoder};
 use crate::models::weights::{ModelParams, Prefixes, WeightFile};
+use crate::runtime::DType;
 use crate::{Error, Result};
+
+/// Which encoder a step trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepModel {
+    Esm2,
+    /// NT-v2 (SwiGLU, its tokenizer's vocabulary).
+    NucleotideTransformer,
+    /// The Enformer trunk (no output heads), on random one-hot DNA.
+    Enformer,
+}
 
 #[derive(Clone, Debug)]
 pub struct EncoderStepSpec {
-    /// `config.json` (Hugging Face's ESM format, also NT-v2's).
+    /// `config.json` (Hugging Face's ESM format, also NT-v2's; enformer-pytorch's for Enformer).
     pub config: std::path::PathBuf,
     /// The safetensors weights.
     pub weights: std::path::PathBuf,
-    /// NT-v2 (SwiGLU, its tokenizer's vocabulary) rather than ESM-2.
-    pub nucleotide_transformer: bool,
+    pub model: StepModel,
     pub batch: usize,
-    /// Tokens per sequence, `<cls>` and `<eos>` included.
+    /// Tokens per sequence, `<cls>` and `<eos>` included (Enformer: base pairs).
     pub len: usize,
     pub steps: usize,
+    pub recompute: Recompute,
+}
+
+/// An encoder with its parameters on the host, ready to be timed or planned.
+enum LoadedNet {
+    Transformer(TransformerEncoder),
+    Enformer(Box<EnformerTrunk>),
+}
+
+fn load(spec: &EncoderStepSpec) -> Result<(LoadedNet, ModelParams)> {
+    let file = std::sync::Arc::new(WeightFile::open(Path::new(&spec.weights))?);
+    match spec.model {
+        StepModel::Esm2 | StepModel::NucleotideTransformer => {
+            let c = EsmConfig::from_file(&spec.config)?;
+            let tc = if spec.model == StepModel::NucleotideTransformer {
+                TransformerConfig::nucleotide_transformer_v2(&c)
+            } else {
+                TransformerConfig::esm2(&c)
+            };
+            let mut encoder = TransformerEncoder::new(tc)?;
+            encoder.set_recompute(spec.recompute);
+            let host = ModelParams::load(
+                encoder.layout().clone(),
+                file,
+                &Prefixes(vec!["esm.".into(), "".into()]),
+                false,
+            )?;
+            Ok((LoadedNet::Transformer(encoder), host))
+        }
+        StepModel::Enformer => {
+            let mut c = EnformerConfig::from_file(&spec.config)?;
+            c.output_heads.clear();
+            let mut trunk = EnformerTrunk::new(c)?;
+            trunk.set_recompute(spec.recompute);
+            let names = EnformerNames {
+                prefixes: vec!["".into(), "enformer.".into()],
+            };
+            let host = ModelParams::load(trunk.layout().clone(), file, &names, false)?;
+            Ok((LoadedNet::Enformer(Box::new(trunk)), host))
+        }
+    }
+}
+
+/// The bytes a step of `spec` is planned to hold at its peak (parameters, gradients, AdamW moments and
+/// the step's activations), from the same code run on the recording backend for the CPU (`F32`) or a
+/// kernel device (`BF16`).
+pub fn plan_encoder_step(spec: &EncoderStepSpec, compute: DType) -> Result<usize> {
+    let (net, host) = load(spec)?;
+    let b = RecordingBackend::new(compute);
+    let one = EncoderStepSpec {
+        steps: 1,
+        ..spec.clone()
+    };
+    time_loaded(&b, &net, &host, &one)?;
+    Ok(b.peak_bytes())
 }
 
 /// One step's wall time and loss.
@@ -43,27 +113,116 @@ pub fn run_encoder_step_bench<B: Backend>(
     b: &B,
     spec: &EncoderStepSpec,
 ) -> Result<Vec<EncoderStep>> {
-    let c = EsmConfig::from_file(&spec.config)?;
-    let tc = if spec.nucleotide_transformer {
-        TransformerConfig::nucleotide_transformer_v2(&c)
-    } else {
-        TransformerConfig::esm2(&c)
-    };
-    let encoder = TransformerEncoder::new(tc)?;
-    let host = ModelParams::load(
-        encoder.layout().clone(),
-        std::sync::Arc::new(WeightFile::open(Path::new(&spec.weights))?),
-        &Prefixes(vec!["esm.".into(), "".into()]),
-        false,
+    let (net, host) = load(spec)?;
+    time_loaded(b, &net, &host, spec)
+}
+
+fn time_loaded<B: Backend>(
+    b: &B,
+    net: &LoadedNet,
+    host: &ModelParams,
+    spec: &EncoderStepSpec,
+) -> Result<Vec<EncoderStep>> {
+    match net {
+        LoadedNet::Transformer(encoder) => time_encoder_steps(
+            b,
+            encoder,
+            |i| host.get(i),
+            spec.batch,
+            spec.len,
+            spec.steps,
+        ),
+        LoadedNet::Enformer(trunk) => {
+            time_enformer_steps(b, trunk, host, spec.batch, spec.len, spec.steps)
+        }
+    }
+}
+
+/// `steps` timed training steps of the Enformer trunk on random one-hot DNA of `seq_len` bp.
+fn time_enformer_steps<B: Backend>(
+    b: &B,
+    trunk: &EnformerTrunk,
+    host: &ModelParams,
+    batch: usize,
+    seq_len: usize,
+    steps: usize,
+) -> Result<Vec<EncoderStep>> {
+    if batch == 0 || steps == 0 {
+        return Err(Error::invalid(
+            "encoder step",
+            "batch and steps must be positive",
+        ));
+    }
+    let bins = trunk.output_bins(seq_len)?;
+    let one_hot_len = crate::error::checked_product("encoder step", &[batch, seq_len, 4])?;
+    let n = crate::error::checked_product("encoder step", &[batch, bins, 2 * trunk.cfg.dim])?;
+    let params = ParamSet::upload(b, trunk.layout().clone(), |i| host.get(i), true)?;
+    host.release_mapped_pages();
+    let mut state = TrainState::new(b, params)?;
+    // Running statistics are buffers, not trained (learning rate 0), as in PyTorch.
+    let (buffers, weights): (Vec<_>, Vec<_>) = trunk
+        .layout()
+        .entries()
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (i, e.spec.name.clone()))
+        .partition(|(i, _)| trunk.is_buffer(*i));
+    let group =
+        |name: &str, lr: f32, weight_decay: f32, entries: Vec<(usize, String)>| ParamGroup {
+            name: name.into(),
+            lr,
+            weight_decay,
+            params: entries.into_iter().map(|(_, n)| n).collect(),
+        };
+    let optimizer = AdamW::new(
+        trunk.layout(),
+        vec![
+            group("weights", 1e-4, 0.01, weights),
+            group("running statistics", 0.0, 0.0, buffers),
+        ],
+        0.9,
+        0.999,
+        1e-8,
     )?;
-    time_encoder_steps(
-        b,
-        &encoder,
-        |i| host.get(i),
-        spec.batch,
-        spec.len,
-        spec.steps,
-    )
+    let target = Tensor::new(b, Role::Exact, n)?;
+    let mut d_emb = Tensor::new(b, Role::Activation, n)?;
+    let mut rng = StdRng::seed_from_u64(0);
+    let mut one_hot = vec![0.0f32; one_hot_len];
+    for pos in one_hot.chunks_exact_mut(4) {
+        pos[rng.random_range(0..4)] = 1.0;
+    }
+    let mut acts = EnformerActivations::default();
+    let mut out = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let t0 = Instant::now();
+        state.zero_grads(b)?;
+        b.zero(d_emb.view_mut())?;
+        let loss = {
+            let (views, mut grads) = state.params_and_grads()?;
+            trunk.forward(
+                b,
+                &views,
+                &one_hot,
+                batch,
+                seq_len,
+                &mut acts,
+                true,
+                BatchNormMode::Train,
+            )?;
+            let emb: View<'_, B> = acts.embeddings()?;
+            let loss = b.mse(emb, target.view())?;
+            b.mse_backward(d_emb.view_mut(), emb, target.view(), 1.0)?;
+            trunk.backward(b, &views, &mut acts, d_emb.view(), &mut grads)?;
+            loss
+        };
+        optimizer.step(b, &mut state, 1.0, None)?;
+        b.synchronize()?;
+        out.push(EncoderStep {
+            seconds: t0.elapsed().as_secs_f64(),
+            loss,
+        });
+    }
+    Ok(out)
 }
 
 /// `steps` timed training steps of `encoder` on `b` from host parameters `get(i)` (entry i of its

@@ -11,7 +11,7 @@ use super::adamw::AdamW;
 use super::bench_step::{as_samples, random_sequences};
 use super::params::IsoformerParams;
 use super::step::{forward_backward, predict, StepBuffers};
-use crate::backend::record::RecordingBackend;
+use crate::backend::record::{RecordingBackend, StepLifetimes};
 use crate::models::isoformer::{
     EncoderMode, Isoformer, IsoformerActivations, IsoformerConfig, Modality, RecomputeChoice,
     MAX_INPUT_ELEMENTS,
@@ -47,6 +47,11 @@ pub struct PlanReport {
     /// `step_peak` by module (each encoder, the aggregator and head, and `other`: inputs, targets and
     /// the loss), as live at the peak.
     pub step_by_module: Vec<(String, usize)>,
+    /// The step's buffers placed by their lifetimes (offsets reused between buffers never needed at the
+    /// same time): the arena a lifetime-planned allocator needs. Not yet how the engine allocates.
+    pub step_with_reuse: usize,
+    /// The most step-buffer bytes needed at one op: no placement can go below it.
+    pub step_live_floor: usize,
 }
 
 impl PlanReport {
@@ -57,6 +62,11 @@ impl PlanReport {
 
 /// Plans one step.
 pub fn plan_step(spec: &PlanSpec) -> Result<PlanReport> {
+    Ok(plan_step_with_lifetimes(spec)?.0)
+}
+
+/// Plans one step, with the lifetimes and offsets of its buffers.
+pub fn plan_step_with_lifetimes(spec: &PlanSpec) -> Result<(PlanReport, StepLifetimes)> {
     let model = Isoformer::new(spec.config.clone())?;
     let b = RecordingBackend::new(spec.compute);
     let mut params = IsoformerParams::zeros(&b, &model, spec.train)?;
@@ -80,36 +90,36 @@ pub fn plan_step(spec: &PlanSpec) -> Result<PlanReport> {
         step_peak: 0,
         flops: 0,
         step_by_module: Vec::new(),
+        step_with_reuse: 0,
+        step_live_floor: 0,
     };
+    b.mark_step_buffers();
     let baseline = b.live_bytes();
     b.reset_peak();
     let (dna, rna, protein) =
         random_sequences(&model, spec.batch, spec.rna_tokens, spec.protein_tokens);
     let inputs = model.prepare_inputs(&as_samples(&dna, &rna, &protein))?;
-    if spec.train {
-        let targets = vec![0.0f32; spec.batch * model.cfg.num_tissues];
-        let mut bufs = StepBuffers::default();
-        forward_backward(
-            &b,
-            &model,
-            &mut params,
-            &inputs,
-            &targets,
-            &mut bufs,
-            1.0,
-            None,
-        )?;
-        let optimizer = AdamW::single_group(params.train_layout(), 1e-4, 0.0)?;
-        params.optimizer_step(&b, &optimizer, 1.0, Some(1.0))?;
-    } else {
-        predict(
-            &b,
-            &model,
-            &params,
-            &inputs,
-            &mut IsoformerActivations::default(),
-        )?;
-    }
+    let targets = vec![0.0f32; spec.batch * model.cfg.num_tissues];
+    let optimizer = AdamW::single_group(params.train_layout(), 1e-4, 0.0)?;
+    let mut bufs = StepBuffers::default();
+    let mut acts = IsoformerActivations::default();
+    let mut step = |params: &mut IsoformerParams<RecordingBackend>| -> Result<()> {
+        if spec.train {
+            forward_backward(&b, &model, params, &inputs, &targets, &mut bufs, 1.0, None)?;
+            params.optimizer_step(&b, &optimizer, 1.0, Some(1.0))?;
+        } else {
+            predict(&b, &model, params, &inputs, &mut acts)?;
+        }
+        Ok(())
+    };
+    // The first step plans and allocates; the second is what every later step does, and its uses give
+    // the lifetimes.
+    step(&mut params)?;
+    let flops_before = b.flops();
+    b.start_window();
+    step(&mut params)?;
+    let lifetimes = b.end_window();
+    let flops = b.flops() - flops_before;
     let step_peak = b.peak_bytes().saturating_sub(baseline);
     let mut step_by_module: Vec<(String, usize)> = b
         .bytes_at_peak()
@@ -128,12 +138,15 @@ pub fn plan_step(spec: &PlanSpec) -> Result<PlanReport> {
     step_by_module.sort_by_key(|(m, _)| order(m));
     let named: usize = step_by_module.iter().map(|(_, b)| b).sum();
     step_by_module.push(("other".into(), step_peak.saturating_sub(named)));
-    Ok(PlanReport {
+    let report = PlanReport {
         step_peak,
-        flops: b.flops(),
+        flops,
         step_by_module,
+        step_with_reuse: lifetimes.arena_bytes(),
+        step_live_floor: lifetimes.live_floor(),
         ..report_base
-    })
+    };
+    Ok((report, lifetimes))
 }
 
 /// The encoders whose recompute policy is `auto` and that a training step runs a backward through
@@ -361,6 +374,52 @@ mod tests {
         let (none_fit, _) = choose_recompute(&spec, blocks.total() - 1).unwrap();
         assert!(!none_fit.fits);
         assert_eq!(none_fit.report.total(), blocks.total());
+    }
+
+    /// The lifetimes of a real step's buffers (the demo model, training and inference, with and without
+    /// recompute): buffers needed at the same op never share a byte, and reuse saves memory.
+    #[test]
+    fn a_real_steps_buffers_never_overlap_while_alive() {
+        let mut config = IsoformerConfig::resolve("demo").unwrap();
+        config.train.encoders.dna = EncoderMode::Finetune;
+        config.train.encoders.rna = EncoderMode::Finetune;
+        for (train, policy) in [
+            (true, RecomputeChoice::None),
+            (true, RecomputeChoice::Blocks),
+            (false, RecomputeChoice::None),
+        ] {
+            let mut c = config.clone();
+            for m in c.modalities.clone() {
+                c.train.recompute.set(m, policy);
+            }
+            let spec = PlanSpec {
+                config: c,
+                batch: 3,
+                rna_tokens: 40,
+                protein_tokens: 30,
+                train,
+                compute: DType::F32,
+            };
+            let (report, lt) = plan_step_with_lifetimes(&spec).unwrap();
+            assert!(lt.sizes.len() > 20, "the step's buffers are seen");
+            for i in 0..lt.sizes.len() {
+                for j in i + 1..lt.sizes.len() {
+                    let (oi, oj) = (lt.offsets[i], lt.offsets[j]);
+                    let collide = oi < oj + lt.sizes[j] && oj < oi + lt.sizes[i];
+                    assert!(
+                        !(collide && lt.lives[i].overlaps(&lt.lives[j])),
+                        "{train} {policy:?}: buffers {i} and {j} overlap while both are needed"
+                    );
+                }
+            }
+            assert!(report.step_live_floor <= report.step_with_reuse);
+            assert!(
+                report.step_with_reuse < report.step_peak,
+                "{train} {policy:?}: reuse saves memory ({} vs {})",
+                report.step_with_reuse,
+                report.step_peak
+            );
+        }
     }
 
     /// A policy set in the config is kept: it is not an `auto` choice.
