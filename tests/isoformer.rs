@@ -673,6 +673,35 @@ fn the_recording_backend_sees_every_allocation_of_a_real_step() {
         rec.peak_bytes() > 0 && rec.live_bytes() == 0,
         "every recorded allocation is freed"
     );
+    // The planned peak is the peak of the bytes the CPU's allocator really held (metered on each
+    // allocation and release), and likewise on the emulator against a plan for bf16 activations.
+    assert_eq!(
+        cpu.meter().peak(),
+        rec.peak_bytes(),
+        "cpu bytes against the plan"
+    );
+    assert_eq!(cpu.meter().live(), 0);
+    let emu = KernelBackend::new(EmuDevice::default());
+    step(
+        &emu,
+        &model,
+        IsoformerParams::upload(&emu, &model, &host).unwrap(),
+        &batch,
+    );
+    let rec = RecordingBackend::new(DType::BF16);
+    step(
+        &rec,
+        &model,
+        IsoformerParams::zeros(&rec, &model, true).unwrap(),
+        &batch,
+    );
+    // Kernel scratch (grown on demand, not metered) adds allocations of its own.
+    assert!(emu.allocations() > rec.allocations());
+    assert_eq!(
+        emu.meter().peak(),
+        rec.peak_bytes(),
+        "emulator bytes against the plan"
+    );
 }
 
 /// Once warm, a training step (forward, backward, AdamW) allocates nothing, for every aggregator.

@@ -2,8 +2,9 @@
 //! of [`crate::ops`], which are themselves checked against naive f64 code and finite differences.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use super::meter::{ByteMeter, Metered};
 use super::scratch::{Scratch, ScratchPool};
 use super::{
     check_view, rows_of, Act, AdamWStep, AttentionDims, Backend, BatchNormStats, Conv1dDims,
@@ -61,6 +62,7 @@ impl Memory for HostMem {
 #[derive(Default)]
 pub struct CpuBackend {
     allocations: AtomicUsize,
+    meter: Arc<ByteMeter>,
     /// Attention scratch, grown on demand and kept.
     workspace: Mutex<Vec<f32>>,
     /// Rounds every activation (and activation gradient) an op writes to bf16, as kernel devices store
@@ -438,7 +440,7 @@ fn activation_bwd(act: Act, dx: &mut [f32], dout: &[f32], x: &[f32]) -> Result<(
 }
 
 impl Backend for CpuBackend {
-    type Mem = HostMem;
+    type Mem = Metered<HostMem>;
 
     fn name(&self) -> String {
         let dtypes = match (self.weight_dtype(), self.compute_dtype()) {
@@ -465,9 +467,13 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn alloc(&self, bytes: usize) -> Result<HostMem> {
+    fn alloc(&self, bytes: usize) -> Result<Metered<HostMem>> {
         self.allocations.fetch_add(1, Ordering::Relaxed);
-        HostMem::zeroed(bytes)
+        Ok(Metered::new(HostMem::zeroed(bytes)?, bytes, &self.meter))
+    }
+
+    fn meter(&self) -> &ByteMeter {
+        &self.meter
     }
 
     fn allocations(&self) -> usize {

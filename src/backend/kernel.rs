@@ -8,10 +8,11 @@
 //! allocates nothing once warm.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use half::bf16;
 
+use super::meter::{ByteMeter, Metered};
 use super::{
     check_view, rows_of, Act, AdamWStep, AttentionDims, Backend, BatchNormStats, Conv1dDims,
     LinearDims, Memory, PoolDims, View, ViewMut,
@@ -79,6 +80,7 @@ impl Raw {
 pub struct KernelBackend<D: KernelDevice> {
     dev: D,
     allocations: AtomicUsize,
+    meter: Arc<ByteMeter>,
     scratch: Mutex<Option<D::Buffer>>,
 }
 
@@ -87,6 +89,7 @@ impl<D: KernelDevice> KernelBackend<D> {
         KernelBackend {
             dev,
             allocations: AtomicUsize::new(0),
+            meter: Arc::default(),
             scratch: Mutex::new(None),
         }
     }
@@ -161,7 +164,7 @@ fn forward_dims(d: LinearDims) -> MatmulDims {
 }
 
 impl<D: KernelDevice> Backend for KernelBackend<D> {
-    type Mem = DeviceMem<D::Buffer>;
+    type Mem = Metered<DeviceMem<D::Buffer>>;
 
     fn name(&self) -> String {
         self.dev.name()
@@ -173,7 +176,15 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
 
     fn alloc(&self, bytes: usize) -> Result<Self::Mem> {
         self.allocations.fetch_add(1, Ordering::Relaxed);
-        Ok(DeviceMem(self.dev.alloc_zeroed(bytes)?))
+        Ok(Metered::new(
+            DeviceMem(self.dev.alloc_zeroed(bytes)?),
+            bytes,
+            &self.meter,
+        ))
+    }
+
+    fn meter(&self) -> &ByteMeter {
+        &self.meter
     }
 
     fn allocations(&self) -> usize {

@@ -20,6 +20,7 @@
 pub mod any;
 pub mod cpu;
 pub mod kernel;
+pub mod meter;
 pub mod record;
 pub mod scratch;
 pub mod state;
@@ -75,6 +76,9 @@ pub trait Backend: Sized {
     fn alloc(&self, bytes: usize) -> Result<Self::Mem>;
     /// How many allocations this backend has made (the planned-memory tests count them).
     fn allocations(&self) -> usize;
+    /// The bytes its allocations hold, live and at the peak (scratch that ops keep for themselves, such
+    /// as the CPU's attention workspace and kernel devices' scratch buffer, is not counted).
+    fn meter(&self) -> &meter::ByteMeter;
     /// Waits for queued work (a no-op on synchronous backends).
     fn synchronize(&self) -> Result<()>;
 

@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::meter::ByteMeter;
 use super::{
     Act, AttentionDims, Backend, BatchNormStats, Conv1dDims, LinearDims, Memory, PoolDims, View,
     ViewMut,
@@ -24,8 +25,7 @@ use crate::Result;
 
 #[derive(Default, Debug)]
 struct Counters {
-    live: AtomicUsize,
-    peak: AtomicUsize,
+    meter: ByteMeter,
     allocations: AtomicUsize,
     next_addr: AtomicU64,
     /// Floating-point operations of the matrix products (linear layers, convolutions, attention): what a
@@ -150,7 +150,7 @@ impl Memory for RecordedMem {
 
 impl Drop for RecordedMem {
     fn drop(&mut self) {
-        self.counters.live.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.counters.meter.sub(self.bytes);
         let mut m = self
             .counters
             .modules
@@ -188,12 +188,12 @@ impl RecordingBackend {
 
     /// Bytes allocated and not yet freed.
     pub fn live_bytes(&self) -> usize {
-        self.counters.live.load(Ordering::Relaxed)
+        self.counters.meter.live()
     }
 
     /// The most bytes live at once since the last [`Self::reset_peak`].
     pub fn peak_bytes(&self) -> usize {
-        self.counters.peak.load(Ordering::Relaxed)
+        self.counters.meter.peak()
     }
 
     /// Matrix-product FLOPs of every op run so far (forward and backward).
@@ -209,9 +209,7 @@ impl RecordingBackend {
 
     /// Starts a new peak from what is live now.
     pub fn reset_peak(&self) {
-        self.counters
-            .peak
-            .store(self.live_bytes(), Ordering::Relaxed);
+        self.counters.meter.reset_peak();
         let mut m = self.modules();
         m.at_peak = m.live.clone();
     }
@@ -339,13 +337,12 @@ impl Backend for RecordingBackend {
     fn alloc(&self, bytes: usize) -> Result<RecordedMem> {
         let c = &self.counters;
         c.allocations.fetch_add(1, Ordering::Relaxed);
-        let live = c.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        let previous_peak = c.peak.fetch_max(live, Ordering::Relaxed);
+        let (_, new_peak) = c.meter.add(bytes);
         let module = {
             let mut m = self.modules();
             let module = m.current;
             *m.live.entry(module).or_default() += bytes;
-            if live > previous_peak {
+            if new_peak {
                 m.at_peak = m.live.clone();
             }
             module
@@ -378,6 +375,9 @@ impl Backend for RecordingBackend {
     }
     fn allocations(&self) -> usize {
         self.counters.allocations.load(Ordering::Relaxed)
+    }
+    fn meter(&self) -> &ByteMeter {
+        &self.counters.meter
     }
     fn synchronize(&self) -> Result<()> {
         Ok(())

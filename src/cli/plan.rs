@@ -116,12 +116,15 @@ pub fn run(a: PlanArgs) -> Result<()> {
                 "cannot read this machine's memory; pass --budget",
             )
         })?,
-        (None, _) => {
-            return Err(Error::invalid(
-                "--budget",
-                "planning for a GPU needs --budget (e.g. 80GiB)",
-            ))
-        }
+        // A GPU on this machine: its memory; none: the budget must be given.
+        (None, _) => crate::gpu::cuda::CudaDevice::new(0)
+            .and_then(|gpu| gpu.total_memory())
+            .map_err(|e| {
+                Error::invalid(
+                    "--budget",
+                    format!("planning for a GPU with none here ({e}) needs --budget (e.g. 80GiB)"),
+                )
+            })?,
     };
     if a.batch == 0 || a.batch > 1 << 16 {
         return Err(Error::invalid(

@@ -192,7 +192,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
             ))
         }
     };
-    let opts = TrainOptions {
+    let mut opts = TrainOptions {
         config,
         data_dir: data,
         out_dir: out.clone(),
@@ -200,17 +200,18 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         max_steps: a.max_steps,
         progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         cache_dir: a.cache_dir.clone(),
-        // On the CPU the plan is checked against this machine's memory before any work.
-        memory_budget: if a.device.eq_ignore_ascii_case("cpu") {
-            crate::cli::plan::machine_memory()
-        } else {
-            None
-        },
+        memory_budget: None,
     };
-    let outcome = with_backend(
-        &a.device,
-        |backend| dispatch!(backend, b => train(b.as_ref(), &opts)),
-    )?;
+    let outcome = with_backend(&a.device, |backend| {
+        // The plan is checked against the memory of the device the step runs on, before any work: this
+        // machine's on the CPU, the GPU's on CUDA (the emulator has no memory of its own to speak of).
+        opts.memory_budget = match backend {
+            AnyBackend::Cpu(_) => crate::cli::plan::machine_memory(),
+            AnyBackend::Cuda(b) => b.device().total_memory().ok(),
+            AnyBackend::Emu(_) => None,
+        };
+        dispatch!(backend, b => train(b.as_ref(), &opts))
+    })?;
     if let Some(v) = &outcome.validation {
         println!("{}", v.table("validation"));
     }

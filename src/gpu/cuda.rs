@@ -86,6 +86,13 @@ impl CudaDevice {
         })
     }
 
+    /// The GPU's memory in bytes.
+    pub fn total_memory(&self) -> Result<usize> {
+        self.ctx
+            .total_mem()
+            .map_err(driver_err("reading the GPU's memory size"))
+    }
+
     fn module_of(&self, file: &str, fatbin: &[u8], source: &str) -> Result<Arc<CudaModule>> {
         let mut modules = self.modules.lock().expect("module cache");
         if let Some(m) = modules.get(file) {
