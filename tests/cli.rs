@@ -354,3 +354,61 @@ fn gpu_benchmark_runs_every_path_on_the_emulator() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("kernel device"));
 }
+
+/// `bench step --weights --input`: a training step of a released-layout checkpoint on the rows of a TSV (the
+/// engine's side of bench_vs_torch's IsoFormer row); too few rows is a named error.
+#[test]
+fn isoformer_step_benchmark_from_weights_and_rows() {
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/models/isoformer"
+    );
+    let rows = std::env::temp_dir().join(format!("isoformer-step-rows-{}.tsv", std::process::id()));
+    std::fs::write(
+        &rows,
+        "id\tdna_seq\trna_seq\tprotein_seq\n\
+         a\tACGTACGTACGTTTGACCA\tACGTACGTACGTACGTAAAC\tMKTAYIAKQR\n\
+         b\tGGGCCCAAATTT\tACGTTTTTTGGGACGTAC\t\n",
+    )
+    .unwrap();
+    let (config, weights) = (
+        format!("{dir}/config.json"),
+        format!("{dir}/model.safetensors"),
+    );
+    let args = |batch: &'static str| {
+        vec![
+            "bench".to_string(),
+            "step".into(),
+            "--config".into(),
+            config.clone(),
+            "--weights".into(),
+            weights.clone(),
+            "--input".into(),
+            rows.display().to_string(),
+            "--batch".into(),
+            batch.into(),
+            "--steps".into(),
+            "2".into(),
+        ]
+    };
+    let run = |batch| {
+        let a = args(batch);
+        engine(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let out = run("2");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("step ")).count(),
+        2,
+        "{text}"
+    );
+    let out = run("3");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has 2 rows, the batch is 3"));
+    let _ = std::fs::remove_file(&rows);
+}

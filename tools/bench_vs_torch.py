@@ -18,7 +18,9 @@ Workloads: esm2_35m_8x512, esm2_35m_1x1024, esm2_150m_8x512, esm2_150m_1x1024, e
 nt_v2_250m_8x1024, enformer (one 196,608 bp sequence), and the training steps esm2_35m_train_4x512 and
 enformer_train_196608 (the engine's `bench encoder-step` against the same step in PyTorch, each without and with
 recompute: the engine's per-block checkpointing, and PyTorch's own checkpointing as its users switch it on; the
-engine's planned peak is printed beside its measured one). Weights come from tools/make_random_weights.py
+engine's planned peak is printed beside its measured one), and isoformer_demo_train_16 (a small IsoFormer's
+training step, the demo config with every encoder fine-tuned, against the same model built in PyTorch by
+tools/make_isoformer_fixture.py on the same weights and rows). Weights come from tools/make_random_weights.py
 (N(0, 0.02²)); inputs are random with a fixed seed.
 """
 import argparse
@@ -60,6 +62,11 @@ TRAIN_WORKLOADS = {
 # Each training workload runs without and with recompute: the engine's per-block checkpointing
 # (`--recompute blocks`) and PyTorch's own (transformers' gradient_checkpointing_enable(),
 # enformer-pytorch's use_checkpointing, which checkpoints its transformer layers).
+# A small IsoFormer's training step: the built-in demo config (Enformer at 1,024 bp, NT-v2 and ESM-2, the
+# DNA-centred cross-attention, every encoder fine-tuned), batch 16, RNA of 1,500 nt (251 tokens), proteins of
+# 200 residues; the engine's `bench step --weights --input` against the same model built in PyTorch from
+# tools/make_isoformer_fixture.py, on the same weights (released names) and rows.
+ISOFORMER_TRAIN = ("isoformer_demo_train_16", 16, 4)
 TRAIN_COLUMNS = {
     "engine": ("engine-train", ["--recompute", "none"]),
     "engine blocks": ("engine-train", ["--recompute", "blocks"]),
@@ -189,6 +196,83 @@ def child_torch_train(args):
         if i > 0:
             times.append(time.perf_counter() - start)
     print(json.dumps({"seconds": statistics.median(times), "peak_rss": peak_rss_bytes()}))
+
+
+def child_isoformer_weights(args):
+    """Random weights of the demo-sized IsoFormer in PyTorch, saved under the released names, and the
+    engine's config for them."""
+    import torch
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, HERE)
+    import make_isoformer_fixture as fx
+
+    c = json.load(open(os.path.join(HERE, "..", "src", "configs", "demo.json")))
+    c.pop("random_init", None)
+    c["name"] = "demo-from-weights"
+    torch.manual_seed(0)
+    modules = fx.build_isoformer(c)
+    os.makedirs(args.weights, exist_ok=True)
+    save_file(fx.released_state(modules), os.path.join(args.weights, "model.safetensors"))
+    json.dump(c, open(os.path.join(args.weights, "config.json"), "w"), indent=1)
+    print(json.dumps({"ok": True}))
+
+
+def child_torch_isoformer_train(args):
+    """The IsoFormer training step in PyTorch: the encoders (train mode, dropout off; Enformer on batch
+    statistics), both cross-attentions and the head, the mean squared prediction as the loss, backward, AdamW
+    (lr 1e-4, decay 0.01) on every parameter. Tokenisation is done once, outside the timed steps."""
+    import torch
+    from enformer_pytorch import str_to_one_hot
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, HERE)
+    import make_isoformer_fixture as fx
+
+    torch.set_num_threads(args.threads)
+    c = json.load(open(os.path.join(args.weights, "config.json")))
+    modules = fx.build_isoformer(c)
+    state = {k.replace("head.1.", "head.2."): v for k, v in
+             load_file(os.path.join(args.weights, "model.safetensors")).items()}
+    modules.load_state_dict(state, strict=False)
+    rows = [l.rstrip("\n").split("\t") for l in open(args.input)][1:args.batch + 1]
+    n = c["dna_sequence_length"]
+    dna = torch.stack([str_to_one_hot(r[1][(len(r[1]) - n) // 2:][:n]) for r in rows])
+    nt_tok, esm_tok = fx.tokenizers()
+    rt = nt_tok([r[2] for r in rows], padding=True, return_tensors="pt")
+    pt = esm_tok([r[3] for r in rows], padding=True, return_tensors="pt")
+    gate = torch.tensor([1.0 if r[3] else 0.0 for r in rows])
+    for m in modules.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    modules.train()
+    opt = torch.optim.AdamW(modules.parameters(), lr=1e-4, weight_decay=0.01)
+    s0, s1 = c["pool_window_start"], c["pool_window_end"]
+    times = []
+    for i in range(args.steps):
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        h_dna = modules["enformer"](dna, return_only_embeddings=True)
+        h_rna = modules["nt_model"].esm(input_ids=rt["input_ids"], attention_mask=rt["attention_mask"]).last_hidden_state
+        h_prot = modules["esm_model"].esm(input_ids=pt["input_ids"], attention_mask=pt["attention_mask"]).last_hidden_state
+        z = modules["cross_attention_layer_rna"](h_dna, h_rna, rt["attention_mask"].bool(), torch.ones(len(rows)))
+        z = modules["cross_attention_layer_protein"](z, h_prot, pt["attention_mask"].bool(), gate)
+        loss = modules["head"](z[:, s0:s1].mean(1)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        if i > 0:
+            times.append(time.perf_counter() - start)
+    print(json.dumps({"seconds": statistics.median(times), "peak_rss": peak_rss_bytes()}))
+
+
+def child_engine_isoformer_train(args):
+    out = subprocess.run([args.engine, "bench", "step", "--config", os.path.join(args.weights, "config.json"),
+                          "--weights", os.path.join(args.weights, "model.safetensors"), "--input", args.input,
+                          "--batch", str(args.batch), "--steps", str(args.steps), "--device", "cpu"],
+                         capture_output=True, text=True, check=True)
+    secs = [float(l.split()[2]) for l in out.stdout.splitlines() if l.startswith("step ")]
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    print(json.dumps({"seconds": statistics.median(secs[1:]), "peak_rss": rss}))
 
 
 def child_engine_train(args):
@@ -336,7 +420,8 @@ def cpu_name():
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", choices=["torch", "esm-cpp", "measure", "torch-gemm", "engine-gemm",
-                                        "torch-train", "engine-train"])
+                                        "torch-train", "engine-train", "isoformer-weights",
+                                        "torch-isoformer-train", "engine-isoformer-train"])
     ap.add_argument("--steps", type=int, default=None, help="training steps per run (default: the workload's)")
     ap.add_argument("--recompute", default="none")
     ap.add_argument("--checkpointing", action="store_true")
@@ -353,7 +438,7 @@ def main():
     ap.add_argument("--engine-args", default="", help="extra arguments for every engine run, e.g. '--dtype bf16'")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--only", default=",".join([*WORKLOADS, *TRAIN_WORKLOADS]))
+    ap.add_argument("--only", default=",".join([*WORKLOADS, *TRAIN_WORKLOADS, ISOFORMER_TRAIN[0]]))
     ap.add_argument("--work", default=os.path.expanduser("~/.cache/isoformer-engine/bench-vs-torch"))
     ap.add_argument("--skip-torch-bf16", action="store_true")
     ap.add_argument("cmd", nargs=argparse.REMAINDER)
@@ -369,6 +454,12 @@ def main():
         return child_torch_train(args)
     if args.child == "engine-train":
         return child_engine_train(args)
+    if args.child == "isoformer-weights":
+        return child_isoformer_weights(args)
+    if args.child == "torch-isoformer-train":
+        return child_torch_isoformer_train(args)
+    if args.child == "engine-isoformer-train":
+        return child_engine_isoformer_train(args)
     if args.child == "torch-gemm":
         return child_torch_gemm(args)
     if args.child == "engine-gemm":
@@ -385,8 +476,10 @@ def main():
     os.makedirs(args.work, exist_ok=True)
     names = [w for w in args.only.split(",") if w]
     for w in names:
-        if w not in WORKLOADS and w not in TRAIN_WORKLOADS:
-            sys.exit(f"unknown workload {w}; known: {', '.join([*WORKLOADS, *TRAIN_WORKLOADS])}")
+        if w not in WORKLOADS and w not in TRAIN_WORKLOADS and w != ISOFORMER_TRAIN[0]:
+            sys.exit(f"unknown workload {w}; known: "
+                     f"{', '.join([*WORKLOADS, *TRAIN_WORKLOADS, ISOFORMER_TRAIN[0]])}")
+    isoformer_train = ISOFORMER_TRAIN[0] in names
     train_names = [w for w in names if w in TRAIN_WORKLOADS]
     names = [w for w in names if w in WORKLOADS]
     engine = os.path.abspath(args.engine)
@@ -490,6 +583,42 @@ def main():
                  for c in ("engine", "engine blocks") if res[c]]
         print(f"| {w} | " + " | ".join(cells) + f" | {ratio('engine', 'torch fp32')} | "
               f"{ratio('engine blocks', 'torch checkpointing')} | {', '.join(plans) or '–'} |")
+
+    if isoformer_train:
+        w, batch, steps = ISOFORMER_TRAIN
+        weights = os.path.join(args.work, "isoformer_demo")
+        if not os.path.exists(os.path.join(weights, "model.safetensors")):
+            print(run_child(["--child", "isoformer-weights", "--weights", weights], env))
+        rows = os.path.join(args.work, "isoformer_demo_rows.tsv")
+        if not os.path.exists(rows):
+            rng = random.Random(11)
+            with open(rows, "w") as f:
+                f.write("id\tdna_seq\trna_seq\tprotein_seq\n")
+                for i in range(batch):
+                    f.write("\t".join([f"t{i}", "".join(rng.choice("ACGT") for _ in range(1024)),
+                                       "".join(rng.choice("ACGT") for _ in range(1500)),
+                                       "".join(rng.choice(AMINO) for _ in range(200))]) + "\n")
+        common = ["--weights", weights, "--input", rows, "--batch", str(batch), "--steps", str(args.steps or steps),
+                  "--threads", str(args.threads), "--engine", engine]
+        res = {"engine": [], "torch fp32": []}
+        for r in range(args.rounds):
+            for c, child in (("engine", "engine-isoformer-train"), ("torch fp32", "torch-isoformer-train")):
+                out = run_child(["--child", child, *common], env)
+                print(f"[{w} round {r + 1}] {c}: {out}", flush=True)
+                if "seconds" in out:
+                    res[c].append(out)
+        print()
+        print(f"A small IsoFormer's training step (the demo config, every encoder fine-tuned, batch {batch}; "
+              "forward, mean squared prediction, backward, AdamW), fp32, median of the steps after the first, "
+              "median of the rounds:")
+        print("| workload | engine s/step (peak RSS) | PyTorch s/step (peak RSS) | engine vs PyTorch |")
+        print("|---|---|---|---|")
+        if res["engine"] and res["torch fp32"]:
+            e = statistics.median(x["seconds"] for x in res["engine"])
+            t = statistics.median(x["seconds"] for x in res["torch fp32"])
+            er = max(x["peak_rss"] for x in res["engine"])
+            tr = max(x["peak_rss"] for x in res["torch fp32"])
+            print(f"| {w} | {e:.3f} ({er / 1e9:.2f} GB) | {t:.3f} ({tr / 1e9:.2f} GB) | {t / e:.2f}× |")
 
     if not args.skip_gemm:
         n = args.gemm_size

@@ -106,14 +106,14 @@ class CrossAttention(torch.nn.Module):
         return h + self.dense(c) * gate[:, None, None]
 
 
-def main():
-    from enformer_pytorch import Enformer, EnformerConfig, str_to_one_hot
+def build_isoformer(c, enformer_heads=3):
+    """The IsoFormer of config `c` (the engine's field names) in PyTorch, with random weights: the reference
+    encoders, the cross-attentions and the head, in a ModuleDict under the released checkpoint's names."""
+    from enformer_pytorch import Enformer, EnformerConfig
     from transformers import EsmConfig, EsmForMaskedLM
-    from transformers.models.esm.configuration_esm import get_default_vocab_list
 
-    c = CONFIG
     enformer = Enformer(EnformerConfig(dim=c["enformer_dim"], depth=c["enformer_depth"], heads=c["enformer_heads"],
-                                       attn_dim_key=c["enformer_attn_dim_key"], output_heads=dict(human=3),
+                                       attn_dim_key=c["enformer_attn_dim_key"], output_heads=dict(human=enformer_heads),
                                        target_length=c["enformer_target_length"],
                                        num_downsamples=c["enformer_num_downsamples"],
                                        dim_divisible_by=c["enformer_dim_divisible_by"]))
@@ -126,37 +126,63 @@ def main():
                        num_hidden_layers=c["nt_num_hidden_layers"], num_attention_heads=c["nt_num_attention_heads"],
                        intermediate_size=c["nt_intermediate_size"], max_position_embeddings=2050,
                        position_embedding_type="rotary", token_dropout=False, emb_layer_norm_before=False,
-                       layer_norm_eps=c["nt_layer_norm_eps"], tie_word_embeddings=False, hidden_dropout_prob=0.0,
-                       attention_probs_dropout_prob=0.0, attn_implementation="eager")
+                       layer_norm_eps=c.get("nt_layer_norm_eps", 1e-12), tie_word_embeddings=False,
+                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="eager")
     nt = EsmForMaskedLM(nt_cfg)
     glu(nt, nt_cfg)
     esm_cfg = EsmConfig(vocab_size=33, pad_token_id=1, mask_token_id=32, hidden_size=c["esm_hidden_size"],
                         num_hidden_layers=c["esm_num_hidden_layers"], num_attention_heads=c["esm_num_attention_heads"],
                         intermediate_size=c["esm_intermediate_size"], max_position_embeddings=1026,
                         position_embedding_type="rotary", token_dropout=True, emb_layer_norm_before=False,
-                        layer_norm_eps=c["esm_layer_norm_eps"], hidden_dropout_prob=0.0,
+                        layer_norm_eps=c.get("esm_layer_norm_eps", 1e-5), hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.0, attn_implementation="eager")
     esm = EsmForMaskedLM(esm_cfg)
     for m in (nt, esm):
         randomize_norms(m)
     width = 2 * c["enformer_dim"]
     heads = c["num_heads_omics_cross_attention"]
-    modules = torch.nn.ModuleDict({
+    hidden = c["head_hidden"][0]
+    return torch.nn.ModuleDict({
         "enformer": enformer,
         "nt_model": nt,
         "esm_model": esm,
         "cross_attention_layer_rna": CrossAttention(width, c["nt_hidden_size"], heads),
         "cross_attention_layer_protein": CrossAttention(width, c["esm_hidden_size"], heads),
-        "head": torch.nn.Sequential(torch.nn.Linear(width, c["head_hidden"][0]), torch.nn.GELU(),
-                                    torch.nn.Linear(c["head_hidden"][0], c["num_tissues"])),
+        "head": torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.GELU(),
+                                    torch.nn.Linear(hidden, c["num_tissues"])),
     })
-    # nn.Sequential names the layers 0, 1, 2: rename the last linear to head.1 (the engine's head layout).
-    modules.eval()
+
+
+def tokenizers():
+    """The NT-v2 (6-mer) and ESM-2 tokenizers."""
+    from transformers.models.esm.configuration_esm import get_default_vocab_list
 
     nt_tokens = ["<unk>", "<pad>", "<mask>", "<cls>", "<eos>", "<bos>"]
     nt_tokens += ["".join(k) for k in itertools.product("ATCG", repeat=6)] + ["A", "T", "C", "G", "N"]
-    nt_tok = tokenizer(nt_tokens, eos_token=None, model_max_length=2048)
-    esm_tok = tokenizer(get_default_vocab_list())
+    return tokenizer(nt_tokens, eos_token=None, model_max_length=2048), tokenizer(get_default_vocab_list())
+
+
+def released_state(modules):
+    """The state dict under the released checkpoint's names (nn.Sequential's last linear is head.1)."""
+    state = {}
+    for k, v in modules.state_dict().items():
+        if k.startswith("enformer._trunk.") or k.endswith("num_batches_tracked"):
+            continue
+        k = k.replace("head.2.", "head.1.")
+        state[k] = v.detach().contiguous().clone()
+    return state
+
+
+def main():
+    from enformer_pytorch import str_to_one_hot
+
+    c = CONFIG
+    modules = build_isoformer(c)
+    enformer, nt, esm = modules["enformer"], modules["nt_model"], modules["esm_model"]
+    # nn.Sequential names the layers 0, 1, 2: rename the last linear to head.1 (the engine's head layout).
+    modules.eval()
+
+    nt_tok, esm_tok = tokenizers()
 
     rng = torch.Generator().manual_seed(3)
     pick = lambda alphabet, n: "".join(alphabet[i] for i in torch.randint(0, len(alphabet), (n,), generator=rng).tolist())
@@ -176,12 +202,7 @@ def main():
         pooled = z[:, c["pool_window_start"]:c["pool_window_end"]].mean(1)
         pred = modules["head"](pooled)
 
-    state = {}
-    for k, v in modules.state_dict().items():
-        if k.startswith("enformer._trunk.") or k.endswith("num_batches_tracked"):
-            continue
-        k = k.replace("head.2.", "head.1.")
-        state[k] = v.detach().contiguous().clone()
+    state = released_state(modules)
     os.makedirs(OUT, exist_ok=True)
     save_file(state, os.path.join(OUT, "model.safetensors"))
     with open(os.path.join(OUT, "config.json"), "w") as f:

@@ -72,6 +72,14 @@ pub struct StepArgs {
     /// Run the encoders every step (no embedding cache).
     #[arg(long)]
     pub no_cache: bool,
+    /// Train from this released-layout IsoFormer checkpoint, with the config's encoder modes (default:
+    /// random weights, frozen encoders).
+    #[arg(long)]
+    pub weights: Option<std::path::PathBuf>,
+    /// The batch: the first --batch rows of a TSV with dna_seq, rna_seq, protein_seq (default: random
+    /// sequences of the given token counts).
+    #[arg(long)]
+    pub input: Option<std::path::PathBuf>,
     /// Cache directory (default: a new temporary one).
     #[arg(long)]
     pub cache_dir: Option<std::path::PathBuf>,
@@ -136,6 +144,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                         .join(format!("isoformer-step-cache-{}", std::process::id()))
                 }),
                 no_cache: a.no_cache,
+                weights: a.weights.clone(),
+                input: a.input.clone(),
             };
             let dtype = a.dtype.as_deref().map(DType::parse).transpose()?;
             let backend = AnyBackend::open_as(DeviceRequest::parse(&a.device)?.resolve()?, dtype)?;
@@ -146,7 +156,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             }?;
             for (i, (secs, rss, cached)) in lines.iter().enumerate() {
                 println!(
-                    "step {} {:.2} s  peak RSS {:.2} GB  encoders: {}",
+                    "step {} {:.4} s  peak RSS {:.2} GB  encoders: {}",
                     i + 1,
                     secs,
                     *rss as f64 / 1e9,

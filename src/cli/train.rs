@@ -8,7 +8,7 @@ use clap::Args;
 use crate::backend::any::AnyBackend;
 use crate::backend::Backend;
 use crate::data::demo::{write_demo_data, DemoSpec, TISSUES};
-use crate::data::predict_tsv::PredictTsv;
+use crate::data::predict_tsv::{fit_window, PredictTsv};
 use crate::data::{Split, TargetStats};
 use crate::models::isoformer::release::load_released;
 use crate::models::isoformer::{Isoformer, IsoformerConfig, Modality, SampleSeqs};
@@ -394,19 +394,6 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
     out.commit()?;
     eprintln!("wrote {ids_len} predictions to {}", a.output.display());
     Ok(())
-}
-
-fn fit_window(seq: &[u8], len: usize) -> Vec<u8> {
-    if seq.len() >= len {
-        let s = (seq.len() - len) / 2;
-        seq[s..s + len].to_vec()
-    } else {
-        let left = (len - seq.len()) / 2;
-        let mut v = vec![b'N'; left];
-        v.extend_from_slice(seq);
-        v.resize(len, b'N');
-        v
-    }
 }
 
 pub fn run_demo_data(a: DemoDataArgs) -> Result<()> {

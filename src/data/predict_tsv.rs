@@ -141,6 +141,20 @@ impl PredictTsv {
     }
 }
 
+/// DNA centre-cropped or N-padded (evenly on both sides) to the model's window of `len` bases.
+pub fn fit_window(seq: &[u8], len: usize) -> Vec<u8> {
+    if seq.len() >= len {
+        let s = (seq.len() - len) / 2;
+        seq[s..s + len].to_vec()
+    } else {
+        let left = (len - seq.len()) / 2;
+        let mut v = vec![b'N'; left];
+        v.extend_from_slice(seq);
+        v.resize(len, b'N');
+        v
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

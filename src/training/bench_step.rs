@@ -1,6 +1,10 @@
 //! A timed IsoFormer training step on random weights and random sequences of chosen sizes (the figure a
 //! user needs before a real run): frozen encoders, with the embedding cache filled by the first step and
 //! read by the next ones. Reports wall time per step and the process's peak resident memory.
+//!
+//! With `weights` (a released-layout checkpoint) and `input` (a `predict` TSV), it instead trains the
+//! config's model as the config says (fine-tuned encoders included) from those weights on those rows:
+//! the step `tools/bench_vs_torch.py` runs in PyTorch on the same weights and batch.
 
 use std::time::Instant;
 
@@ -12,9 +16,11 @@ use super::cache::EmbeddingCache;
 use super::params::IsoformerParams;
 use super::step::{forward_backward, StepBuffers};
 use crate::backend::Backend;
+use crate::data::predict_tsv::{fit_window, PredictTsv};
 use crate::models::isoformer::init::initial_sections;
+use crate::models::isoformer::release::load_released;
 use crate::models::isoformer::{EncoderMode, Isoformer, IsoformerConfig, Modality, SampleSeqs};
-use crate::Result;
+use crate::{Error, Result};
 
 #[derive(Clone, Debug)]
 pub struct StepBenchSpec {
@@ -27,28 +33,77 @@ pub struct StepBenchSpec {
     pub cache_dir: std::path::PathBuf,
     /// Run the encoders every step instead of caching their outputs.
     pub no_cache: bool,
+    /// A released-layout IsoFormer checkpoint; its config's encoder modes are kept.
+    pub weights: Option<std::path::PathBuf>,
+    /// The batch's rows (the first `batch` of a `predict` TSV) instead of random sequences.
+    pub input: Option<std::path::PathBuf>,
 }
 
 /// One line per step: (seconds, peak RSS in bytes after the step, whether it read the cache).
 pub fn run_step_bench<B: Backend>(b: &B, spec: &StepBenchSpec) -> Result<Vec<(f64, u64, bool)>> {
     let mut cfg = spec.config.clone();
-    cfg.random_init = Modality::ALL.to_vec();
-    cfg.train.encoders.dna = EncoderMode::Frozen;
-    cfg.train.encoders.rna = EncoderMode::Frozen;
-    cfg.train.encoders.protein = EncoderMode::Frozen;
-    cfg.num_tokens_per_seq_nuctf_rna = cfg.num_tokens_per_seq_nuctf_rna.max(spec.rna_tokens);
-    cfg.num_protein_tokens_per_seq = cfg.num_protein_tokens_per_seq.max(spec.protein_tokens);
+    if spec.weights.is_none() {
+        cfg.random_init = Modality::ALL.to_vec();
+        cfg.train.encoders.dna = EncoderMode::Frozen;
+        cfg.train.encoders.rna = EncoderMode::Frozen;
+        cfg.train.encoders.protein = EncoderMode::Frozen;
+        cfg.num_tokens_per_seq_nuctf_rna = cfg.num_tokens_per_seq_nuctf_rna.max(spec.rna_tokens);
+        cfg.num_protein_tokens_per_seq = cfg.num_protein_tokens_per_seq.max(spec.protein_tokens);
+    }
     let model = Isoformer::new(cfg)?;
-    let host = initial_sections(&model, 0)?;
+    let host = match &spec.weights {
+        Some(w) => load_released(&model, w)?,
+        None => initial_sections(&model, 0)?,
+    };
     let mut params = IsoformerParams::upload(b, &model, &host)?;
     let mut cache = EmbeddingCache::new(&spec.cache_dir, &model, &host)?;
     drop(host);
-    let optimizer = AdamW::single_group(params.train_layout(), 1e-4, 0.0)?;
-    let (dna, rna, protein) =
-        random_sequences(&model, spec.batch, spec.rna_tokens, spec.protein_tokens);
-    let seqs = as_samples(&dna, &rna, &protein);
+    let (dna, rna, protein): (Vec<Vec<u8>>, Vec<String>, Vec<Option<String>>) = match &spec.input {
+        Some(path) => {
+            let rows = PredictTsv::open(path)?.next_batch(spec.batch)?;
+            if rows.len() < spec.batch {
+                return Err(Error::invalid(
+                    "--input",
+                    format!(
+                        "{} has {} rows, the batch is {}",
+                        path.display(),
+                        rows.len(),
+                        spec.batch
+                    ),
+                ));
+            }
+            let len = model.cfg.dna_sequence_length;
+            (
+                rows.iter()
+                    .map(|r| fit_window(r.dna.as_bytes(), len))
+                    .collect(),
+                rows.iter().map(|r| r.rna.clone()).collect(),
+                rows.into_iter().map(|r| r.protein).collect(),
+            )
+        }
+        None => {
+            let (d, r, p) =
+                random_sequences(&model, spec.batch, spec.rna_tokens, spec.protein_tokens);
+            (d, r, p.into_iter().map(Some).collect())
+        }
+    };
+    let seqs: Vec<SampleSeqs<'_>> = (0..dna.len())
+        .map(|i| SampleSeqs {
+            dna: &dna[i],
+            rna: &rna[i],
+            protein: protein[i].as_deref(),
+        })
+        .collect();
     let inputs = model.prepare_inputs(&seqs)?;
-    let targets = vec![0.5f32; spec.batch * model.cfg.num_tissues];
+    // From given weights: the loss and optimiser of the PyTorch counterpart (mean of squared
+    // predictions; AdamW at 1e-4 with decay 0.01 on every parameter).
+    let (target, decay) = if spec.weights.is_some() {
+        (0.0, 0.01)
+    } else {
+        (0.5, 0.0)
+    };
+    let optimizer = AdamW::single_group(params.train_layout(), 1e-4, decay)?;
+    let targets = vec![target; spec.batch * model.cfg.num_tissues];
     let mut bufs = StepBuffers::default();
     let mut out = Vec::new();
     for _ in 0..spec.steps {
@@ -56,7 +111,7 @@ pub fn run_step_bench<B: Backend>(b: &B, spec: &StepBenchSpec) -> Result<Vec<(f6
         reset_peak_rss();
         let t0 = Instant::now();
         params.train.zero_grads(b)?;
-        let c = if spec.no_cache {
+        let c = if spec.no_cache || spec.weights.is_some() {
             None
         } else {
             Some(&mut cache)
