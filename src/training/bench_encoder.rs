@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use super::adamw::{AdamW, ParamGroup};
 use crate::backend::record::RecordingBackend;
 use crate::backend::state::{ParamSet, TrainState};
-use crate::backend::{Backend, Role, Tensor, View};
+use crate::backend::{Backend, Role, Tensor, View, ViewMut};
 use crate::models::config::{EnformerConfig, EsmConfig};
 use crate::models::enformer::{BatchNormMode, EnformerActivations, EnformerNames, EnformerTrunk};
 use crate::models::recompute::Recompute;
@@ -192,30 +192,43 @@ fn time_enformer_steps<B: Backend>(
         pos[rng.random_range(0..4)] = 1.0;
     }
     let mut acts = EnformerActivations::default();
+    timed_steps(b, &mut state, &optimizer, steps, |views, grads| {
+        b.zero(d_emb.view_mut())?;
+        trunk.forward(
+            b,
+            views,
+            &one_hot,
+            batch,
+            seq_len,
+            &mut acts,
+            true,
+            BatchNormMode::Train,
+        )?;
+        let emb: View<'_, B> = acts.embeddings()?;
+        let loss = b.mse(emb, target.view())?;
+        b.mse_backward(d_emb.view_mut(), emb, target.view(), 1.0)?;
+        trunk.backward(b, views, &mut acts, d_emb.view(), grads)?;
+        Ok(loss)
+    })
+}
+
+/// `steps` timed training steps: zeroed gradients, `forward_backward` (which returns the loss), AdamW.
+fn timed_steps<B: Backend>(
+    b: &B,
+    state: &mut TrainState<B>,
+    optimizer: &AdamW,
+    steps: usize,
+    mut forward_backward: impl FnMut(&[View<'_, B>], &mut [ViewMut<'_, B>]) -> Result<f32>,
+) -> Result<Vec<EncoderStep>> {
     let mut out = Vec::with_capacity(steps);
     for _ in 0..steps {
         let t0 = Instant::now();
         state.zero_grads(b)?;
-        b.zero(d_emb.view_mut())?;
         let loss = {
             let (views, mut grads) = state.params_and_grads()?;
-            trunk.forward(
-                b,
-                &views,
-                &one_hot,
-                batch,
-                seq_len,
-                &mut acts,
-                true,
-                BatchNormMode::Train,
-            )?;
-            let emb: View<'_, B> = acts.embeddings()?;
-            let loss = b.mse(emb, target.view())?;
-            b.mse_backward(d_emb.view_mut(), emb, target.view(), 1.0)?;
-            trunk.backward(b, &views, &mut acts, d_emb.view(), &mut grads)?;
-            loss
+            forward_backward(&views, &mut grads)?
         };
-        optimizer.step(b, &mut state, 1.0, None)?;
+        optimizer.step(b, state, 1.0, None)?;
         b.synchronize()?;
         out.push(EncoderStep {
             seconds: t0.elapsed().as_secs_f64(),
@@ -267,25 +280,12 @@ pub fn time_encoder_steps<'h, B: Backend>(
         .collect();
     let lens = vec![len; batch];
     let mut acts = EncoderActivations::default();
-    let mut out = Vec::with_capacity(steps);
-    for _ in 0..steps {
-        let t0 = Instant::now();
-        state.zero_grads(b)?;
+    timed_steps(b, &mut state, &optimizer, steps, |views, grads| {
         b.zero(dhidden.view_mut())?;
-        let loss = {
-            let (views, mut grads) = state.params_and_grads()?;
-            encoder.forward(b, &views, &ids, &lens, len, &mut acts, true)?;
-            let loss = b.mse(acts.hidden()?, target.view())?;
-            b.mse_backward(dhidden.view_mut(), acts.hidden()?, target.view(), 1.0)?;
-            encoder.backward(b, &views, &mut acts, dhidden.view(), &mut grads)?;
-            loss
-        };
-        optimizer.step(b, &mut state, 1.0, None)?;
-        b.synchronize()?;
-        out.push(EncoderStep {
-            seconds: t0.elapsed().as_secs_f64(),
-            loss,
-        });
-    }
-    Ok(out)
+        encoder.forward(b, views, &ids, &lens, len, &mut acts, true)?;
+        let loss = b.mse(acts.hidden()?, target.view())?;
+        b.mse_backward(dhidden.view_mut(), acts.hidden()?, target.view(), 1.0)?;
+        encoder.backward(b, views, &mut acts, dhidden.view(), grads)?;
+        Ok(loss)
+    })
 }
