@@ -163,6 +163,8 @@ impl EnformerTrunk {
                 let (x, mid, out, slot) = tr.layers[l];
                 if acts.checkpoints {
                     self.attention_layer(b, p, acts, layer, slot, x, mid, out, batch, n)?;
+                } else {
+                    self.relative_bias(b, acts, slot, batch, n)?;
                 }
                 self.layer_backward(b, p, grads, &mut g, acts, layer, slot, x, mid, batch, n)?;
             }
@@ -503,7 +505,7 @@ impl EnformerTrunk {
             a.k.view(),
             a.v.view(),
             None,
-            Some((a.bias.view(), true)),
+            Some((acts.rel_bias.as_ref().expect("recomputed").view(), true)),
             &self.attention_dims(batch, n),
         )?;
         // Relative logits: bias = shift(q_pos·Rᵀ), R = P·W_rᵀ.

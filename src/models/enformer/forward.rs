@@ -52,8 +52,6 @@ pub(super) struct AttnActs<B: Backend> {
     pub v: Tensor<B>,
     /// `R = P·W_rᵀ`, `[2n−1, H·dk]`.
     pub rel_k: Tensor<B>,
-    /// Relative-position logits `[B, H, n, n]` (f32).
-    pub bias: Tensor<B>,
     pub attn: Tensor<B>,
     pub lse: Tensor<B>,
     pub ln2: Tensor<B>,
@@ -121,6 +119,9 @@ pub struct EnformerActivations<B: Backend> {
     /// `dk^−½` per row (f32), the query scale.
     pub(super) q_scale: Option<Tensor<B>>,
     pub(super) positions: Option<Tensor<B>>,
+    /// Relative-position logits `[B, H, n, n]` (f32) of the layer being run: score-sized, so one buffer
+    /// serves every layer and the backward recomputes a layer's from its kept `q_pos` and `rel_k`.
+    pub(super) rel_bias: Option<Tensor<B>>,
     positions_src: Option<Arc<Vec<f32>>>,
     heads: HashMap<String, Tensor<B>>,
     pub(super) trace: Trace,
@@ -148,6 +149,7 @@ impl<B: Backend> Default for EnformerActivations<B> {
             layers: Vec::new(),
             q_scale: None,
             positions: None,
+            rel_bias: None,
             positions_src: None,
             heads: HashMap::new(),
             trace: Trace::default(),
@@ -229,7 +231,6 @@ impl<B: Backend> AttnActs<B> {
             k: a(rows * hk)?,
             v: a(rows * dim)?,
             rel_k: a((2 * n - 1) * hk)?,
-            bias: e(batch * heads * n * n)?,
             attn: a(rows * dim)?,
             lse: e(batch * heads * n)?,
             ln2: a(rows * dim)?,
@@ -869,6 +870,12 @@ impl EnformerTrunk {
             acts.positions_src = Some(table);
         }
         let rows = batch * n;
+        ensure(
+            b,
+            &mut acts.rel_bias,
+            Role::Exact,
+            batch * self.cfg.heads * n * n,
+        )?;
         let scale = (self.cfg.attn_dim_key as f32).powf(-0.5);
         if acts.q_scale.as_ref().is_none_or(|t| t.numel() != rows) {
             acts.q_scale = Some(Tensor::from_f32(b, Role::Exact, &vec![scale; rows])?);
@@ -896,6 +903,7 @@ impl EnformerTrunk {
         let a = &mut acts.layers[slot];
         let positions = acts.positions.as_ref().expect("prepared").view();
         let q_scale = acts.q_scale.as_ref().expect("prepared").view();
+        let bias = acts.rel_bias.as_mut().expect("prepared");
         let temp = acts.temp.as_mut().expect("planned");
         let [xs, ms, os] = acts
             .streams
@@ -931,7 +939,7 @@ impl EnformerTrunk {
             },
         )?;
         b.relative_logits(
-            a.bias.view_mut(),
+            bias.view_mut(),
             a.q_pos.view(),
             a.rel_k.view(),
             batch,
@@ -946,7 +954,7 @@ impl EnformerTrunk {
             a.k.view(),
             a.v.view(),
             None,
-            Some((a.bias.view(), true)),
+            Some((bias.view(), true)),
             &dims,
         )?;
         temp.ensure(b, Role::Activation, rows * dim)?;
@@ -984,6 +992,31 @@ impl EnformerTrunk {
             lin(2 * dim, dim),
         )?;
         b.add(os.view_mut(), ms.view(), temp.view())
+    }
+
+    /// Recomputes the relative-position logits of the layer saved in `slot` into the shared buffer (the
+    /// backward's copy of what its forward made).
+    pub(super) fn relative_bias<B: Backend>(
+        &self,
+        b: &B,
+        acts: &mut EnformerActivations<B>,
+        slot: usize,
+        batch: usize,
+        n: usize,
+    ) -> Result<()> {
+        let a = &acts.layers[slot];
+        let bias = acts
+            .rel_bias
+            .as_mut()
+            .ok_or_else(|| Error::invalid("enformer backward", "no forward has run"))?;
+        b.relative_logits(
+            bias.view_mut(),
+            a.q_pos.view(),
+            a.rel_k.view(),
+            batch,
+            self.cfg.heads,
+            n,
+        )
     }
 
     pub(super) fn attention_dims(&self, batch: usize, n: usize) -> AttentionDims {
