@@ -193,13 +193,14 @@ pub fn run(a: PlanArgs) -> Result<()> {
         tflop(r.flops)
     );
     println!(
-        "budget {}: {}",
+        "budget {}: {} (the peak plus 5% and 256 MiB for the process: {})",
         gib(budget),
         if chosen.fits {
             "fits"
         } else {
             "does not fit under any recompute policy"
-        }
+        },
+        gib(r.required())
     );
     if candidates.len() > 1 {
         println!(

@@ -277,8 +277,9 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
                 "memory",
                 format!(
                     "a training step of '{}' at batch {} with the longest inputs needs {:.2} GiB at its peak \
-                     (parameters {:.2}, gradients and moments {:.2}, activations {:.2}), more than the {:.2} GiB \
-                     available even with per-block recompute where the config allows it; lower \
+                     (parameters {:.2}, gradients and moments {:.2}, activations {:.2}; {:.2} with headroom for \
+                     the process), more than the {:.2} GiB available even with per-block recompute where the \
+                     config allows it; lower \
                      train.batch_size or the token budgets, or freeze encoders (`isoformer-engine plan` \
                      shows the numbers)",
                     cfg.name,
@@ -287,6 +288,7 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
                     gib(r.trainable_params + r.frozen_params),
                     gib(r.gradients + r.moments),
                     gib(r.step_peak),
+                    gib(r.required()),
                     gib(budget)
                 ),
             ));
