@@ -753,8 +753,10 @@ fn a_warm_isoformer_step_allocates_nothing() {
 /// CPU and on the emulator.
 #[test]
 fn recompute_blocks_gives_a_bit_identical_isoformer_step() {
-    use isoformer_engine::models::isoformer::RecomputeChoice;
-    let base = tiny_config("cross_attention");
+    use isoformer_engine::models::isoformer::{EncoderMode, RecomputeChoice};
+    // Fine-tuned DNA and RNA encoders, LoRA on the protein encoder.
+    let mut base = tiny_config("cross_attention");
+    base.train.encoders.protein = EncoderMode::Lora;
     let host = initial_sections(&Isoformer::new(base.clone()).unwrap(), 3).unwrap();
     let batch = random_batch(41, 3, base.num_tissues, base.dna_sequence_length);
     let with = |choice: RecomputeChoice| {
