@@ -628,7 +628,9 @@ fn pretrained_encoder_weights_load_into_their_section() {
 }
 
 /// The planner measures the code that runs: one training step (parameters, then forward, backward and
-/// AdamW) makes as many backend allocations on the recording backend as on the CPU, and frees them all.
+/// AdamW) makes as many backend allocations on the recording backend as on the CPU, frees them all, and
+/// its planned peak is the peak of the bytes the CPU's allocator really held (metered on each allocation
+/// and release); likewise on the emulator against a plan for bf16 activations.
 #[test]
 fn the_recording_backend_sees_every_allocation_of_a_real_step() {
     use isoformer_engine::backend::record::RecordingBackend;
@@ -654,52 +656,50 @@ fn the_recording_backend_sees_every_allocation_of_a_real_step() {
         let opt = AdamW::single_group(params.train_layout(), 1e-3, 0.0).unwrap();
         params.optimizer_step(b, &opt, 1.0, Some(1.0)).unwrap();
     }
+    // The step on `real`, then on a recording backend of `compute`: (allocations, planned peak).
+    let plan_and_run = |real: &dyn Fn(), compute: DType| {
+        real();
+        let rec = RecordingBackend::new(compute);
+        step(
+            &rec,
+            &model,
+            IsoformerParams::zeros(&rec, &model, true).unwrap(),
+            &batch,
+        );
+        assert!(
+            rec.peak_bytes() > 0 && rec.live_bytes() == 0,
+            "every recorded allocation is freed"
+        );
+        (rec.allocations(), rec.peak_bytes())
+    };
     let cpu = CpuBackend::new();
-    step(
-        &cpu,
-        &model,
-        IsoformerParams::upload(&cpu, &model, &host).unwrap(),
-        &batch,
-    );
-    let rec = RecordingBackend::new(DType::F32);
-    step(
-        &rec,
-        &model,
-        IsoformerParams::zeros(&rec, &model, true).unwrap(),
-        &batch,
-    );
-    assert_eq!(cpu.allocations(), rec.allocations());
-    assert!(
-        rec.peak_bytes() > 0 && rec.live_bytes() == 0,
-        "every recorded allocation is freed"
-    );
-    // The planned peak is the peak of the bytes the CPU's allocator really held (metered on each
-    // allocation and release), and likewise on the emulator against a plan for bf16 activations.
-    assert_eq!(
-        cpu.meter().peak(),
-        rec.peak_bytes(),
-        "cpu bytes against the plan"
-    );
+    let run_cpu = || {
+        step(
+            &cpu,
+            &model,
+            IsoformerParams::upload(&cpu, &model, &host).unwrap(),
+            &batch,
+        )
+    };
+    let (allocations, planned) = plan_and_run(&run_cpu, DType::F32);
+    assert_eq!(cpu.allocations(), allocations);
+    assert_eq!(cpu.meter().peak(), planned, "cpu bytes against the plan");
     assert_eq!(cpu.meter().live(), 0);
     let emu = KernelBackend::new(EmuDevice::default());
-    step(
-        &emu,
-        &model,
-        IsoformerParams::upload(&emu, &model, &host).unwrap(),
-        &batch,
-    );
-    let rec = RecordingBackend::new(DType::BF16);
-    step(
-        &rec,
-        &model,
-        IsoformerParams::zeros(&rec, &model, true).unwrap(),
-        &batch,
-    );
+    let run_emu = || {
+        step(
+            &emu,
+            &model,
+            IsoformerParams::upload(&emu, &model, &host).unwrap(),
+            &batch,
+        )
+    };
+    let (allocations, planned) = plan_and_run(&run_emu, DType::BF16);
     // Kernel scratch (grown on demand, not metered) adds allocations of its own.
-    assert!(emu.allocations() > rec.allocations());
+    assert!(emu.allocations() > allocations);
     assert_eq!(
         emu.meter().peak(),
-        rec.peak_bytes(),
+        planned,
         "emulator bytes against the plan"
     );
 }
