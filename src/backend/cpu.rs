@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::arena::ArenaSlot;
 use super::meter::{ByteMeter, Metered};
 use super::scratch::{Scratch, ScratchPool};
 use super::{
@@ -14,14 +15,22 @@ use crate::error::{check_len, checked_product};
 use crate::ops;
 use crate::ops::attention::{AttentionBias, AttentionInputs};
 use crate::ops::elementwise::{GeluErf, GeluSigmoid, Relu, Softplus};
-use crate::runtime::DType;
+use crate::runtime::{ArenaPlan, DType};
 use crate::{Error, Result};
 use half::bf16;
 
-/// Host memory, 64-byte aligned and zero-filled. Ops reach it only through views.
+/// Host memory, 64-byte aligned and zero-filled. Ops reach it only through views. Either its own
+/// allocation or a range of an arena it keeps alive.
 pub struct HostMem {
     ptr: std::ptr::NonNull<u8>,
     layout: std::alloc::Layout,
+    arena: Option<Arc<HostArena>>,
+}
+
+/// One arena allocation (metered once, as one allocation) that step buffers are carved from.
+pub struct HostArena {
+    mem: HostMem,
+    _meter: Metered<()>,
 }
 
 // SAFETY: HostMem is a plain heap allocation; access goes through views whose borrows the type system tracks.
@@ -37,14 +46,46 @@ impl HostMem {
         let ptr = std::ptr::NonNull::new(raw).ok_or_else(|| {
             Error::invalid("allocation", format!("out of memory for {bytes} bytes"))
         })?;
-        Ok(HostMem { ptr, layout })
+        Ok(HostMem {
+            ptr,
+            layout,
+            arena: None,
+        })
+    }
+
+    /// `bytes` at `offset` of `arena`, zero-filled when `zero` (when the plan says its zeros are read;
+    /// otherwise its bytes may still hold another buffer's live value until its first write).
+    fn carve(arena: Arc<HostArena>, offset: usize, bytes: usize, zero: bool) -> Result<Self> {
+        let layout = std::alloc::Layout::from_size_align(bytes.max(1), 64)
+            .map_err(|e| Error::invalid("allocation", format!("{bytes} bytes: {e}")))?;
+        if offset
+            .checked_add(bytes)
+            .is_none_or(|end| end > arena.mem.layout.size())
+        {
+            return Err(Error::invalid("arena", "a buffer past the arena's end"));
+        }
+        // SAFETY: `offset + bytes` lies within the arena (checked above), which this value keeps alive.
+        let ptr = unsafe {
+            let p = arena.mem.ptr.as_ptr().add(offset);
+            if zero {
+                std::ptr::write_bytes(p, 0, bytes);
+            }
+            std::ptr::NonNull::new_unchecked(p)
+        };
+        Ok(HostMem {
+            ptr,
+            layout,
+            arena: Some(arena),
+        })
     }
 }
 
 impl Drop for HostMem {
     fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+        if self.arena.is_none() {
+            // SAFETY: allocated in `zeroed` with this layout.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+        }
     }
 }
 
@@ -63,6 +104,8 @@ impl Memory for HostMem {
 pub struct CpuBackend {
     allocations: AtomicUsize,
     meter: Arc<ByteMeter>,
+    /// An arena plan for the next run of steps, then its replay.
+    arena: ArenaSlot<HostArena>,
     /// Attention scratch, grown on demand and kept.
     workspace: Mutex<Vec<f32>>,
     /// Rounds every activation (and activation gradient) an op writes to bf16, as kernel devices store
@@ -468,8 +511,27 @@ impl Backend for CpuBackend {
     }
 
     fn alloc(&self, bytes: usize) -> Result<Metered<HostMem>> {
+        if let Some((arena, offset, zero)) = self.arena.take(bytes)? {
+            // Carved from the arena, which is metered (and counted) once.
+            let part = HostMem::carve(arena, offset, bytes, zero)?;
+            return Ok(Metered::new(part, 0, &self.meter));
+        }
         self.allocations.fetch_add(1, Ordering::Relaxed);
         Ok(Metered::new(HostMem::zeroed(bytes)?, bytes, &self.meter))
+    }
+
+    fn begin_steps(&self) -> Result<()> {
+        self.arena.begin(|bytes| {
+            self.allocations.fetch_add(1, Ordering::Relaxed);
+            Ok(HostArena {
+                mem: HostMem::zeroed(bytes)?,
+                _meter: Metered::new((), bytes, &self.meter),
+            })
+        })
+    }
+
+    fn use_arena(&self, plan: ArenaPlan) -> Result<()> {
+        self.arena.set_plan(plan)
     }
 
     fn meter(&self) -> &ByteMeter {

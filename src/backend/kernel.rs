@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use half::bf16;
 
+use super::arena::ArenaSlot;
 use super::meter::{ByteMeter, Metered};
 use super::{
     check_view, rows_of, Act, AdamWStep, AttentionDims, Backend, BatchNormStats, Conv1dDims,
@@ -20,18 +21,37 @@ use super::{
 use crate::error::checked_product;
 use crate::gpu::ops::{self as launch, Act as KernelAct};
 use crate::gpu::{DeviceBuffer, KernelDevice, MatmulDims};
-use crate::runtime::DType;
+use crate::runtime::{ArenaPlan, DType};
 use crate::{Error, Result};
 
-/// Device memory of a kernel device.
-pub struct DeviceMem<Buf>(Buf);
+/// Device memory of a kernel device: its own buffer, or a range of an arena it keeps alive.
+pub enum DeviceMem<Buf> {
+    Own(Buf),
+    Part {
+        ptr: u64,
+        bytes: usize,
+        _arena: Arc<DeviceArena<Buf>>,
+    },
+}
+
+/// One arena allocation (metered once) that step buffers are carved from.
+pub struct DeviceArena<Buf> {
+    buf: Buf,
+    _meter: Metered<()>,
+}
 
 impl<Buf: DeviceBuffer> Memory for DeviceMem<Buf> {
     fn addr(&self) -> u64 {
-        self.0.ptr()
+        match self {
+            DeviceMem::Own(b) => b.ptr(),
+            DeviceMem::Part { ptr, .. } => *ptr,
+        }
     }
     fn bytes(&self) -> usize {
-        self.0.len_bytes()
+        match self {
+            DeviceMem::Own(b) => b.len_bytes(),
+            DeviceMem::Part { bytes, .. } => *bytes,
+        }
     }
 }
 
@@ -81,6 +101,8 @@ pub struct KernelBackend<D: KernelDevice> {
     dev: D,
     allocations: AtomicUsize,
     meter: Arc<ByteMeter>,
+    /// An arena plan for the next run of steps, then its replay.
+    arena: ArenaSlot<DeviceArena<D::Buffer>>,
     scratch: Mutex<Option<D::Buffer>>,
 }
 
@@ -90,6 +112,7 @@ impl<D: KernelDevice> KernelBackend<D> {
             dev,
             allocations: AtomicUsize::new(0),
             meter: Arc::default(),
+            arena: ArenaSlot::default(),
             scratch: Mutex::new(None),
         }
     }
@@ -175,12 +198,41 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
     }
 
     fn alloc(&self, bytes: usize) -> Result<Self::Mem> {
+        if let Some((arena, offset, zero)) = self.arena.take(bytes)? {
+            let ptr = arena.buf.ptr() + offset as u64;
+            // Zero-filled only where the plan says its zeros are read: until its first write, its bytes
+            // may still hold another buffer's live value.
+            if zero {
+                self.dev.zero(&Raw { ptr, bytes })?;
+            }
+            let part = DeviceMem::Part {
+                ptr,
+                bytes,
+                _arena: arena,
+            };
+            // Carved from the arena, which is metered (and counted) once.
+            return Ok(Metered::new(part, 0, &self.meter));
+        }
         self.allocations.fetch_add(1, Ordering::Relaxed);
         Ok(Metered::new(
-            DeviceMem(self.dev.alloc_zeroed(bytes)?),
+            DeviceMem::Own(self.dev.alloc_zeroed(bytes)?),
             bytes,
             &self.meter,
         ))
+    }
+
+    fn begin_steps(&self) -> Result<()> {
+        self.arena.begin(|bytes| {
+            self.allocations.fetch_add(1, Ordering::Relaxed);
+            Ok(DeviceArena {
+                buf: self.dev.alloc_zeroed(bytes)?,
+                _meter: Metered::new((), bytes, &self.meter),
+            })
+        })
+    }
+
+    fn use_arena(&self, plan: ArenaPlan) -> Result<()> {
+        self.arena.set_plan(plan)
     }
 
     fn meter(&self) -> &ByteMeter {

@@ -18,6 +18,7 @@
 #![allow(clippy::too_many_arguments)]
 
 pub mod any;
+mod arena;
 pub mod cpu;
 pub mod kernel;
 pub mod meter;
@@ -85,6 +86,25 @@ pub trait Backend: Sized {
     /// Names the part of the model (an encoder, the aggregator) whose allocations follow, so a planner
     /// can attribute memory to modules. Backends that compute ignore it.
     fn enter_module(&self, _module: &'static str) {}
+
+    /// Starts a run of steps of one shape: the allocations that follow are its step buffers. The
+    /// recording backend notes their lifetimes from here; a backend given an arena plan
+    /// ([`Backend::use_arena`]) makes the arena and places them by it.
+    fn begin_steps(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Marks the start of the run's second (warm) step.
+    fn warm_step(&self) {}
+
+    /// Places the step buffers of the next run of steps ([`Backend::begin_steps`]) by `plan`: one
+    /// allocation instead of one per buffer, and bytes shared between buffers never needed together.
+    fn use_arena(&self, _plan: crate::runtime::ArenaPlan) -> Result<()> {
+        Err(Error::invalid(
+            "arena",
+            format!("{} does not place buffers by a plan", self.name()),
+        ))
+    }
 
     /// The dtype of the compute copy of parameters: the compute dtype, unless the backend keeps weights
     /// narrower than its activations (the CPU's bf16 backend).

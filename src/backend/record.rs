@@ -5,7 +5,7 @@
 //!
 //! Reads return zeros, reductions return 0, and every op checks nothing: it is for sizing, not results.
 //!
-//! It also keeps a clock of ops and, inside a window ([`RecordingBackend::start_window`]), which bytes
+//! It also keeps a clock of ops and, inside a window ([`RecordingBackend::mark_step_buffers`]), which bytes
 //! of which allocation each op reads, overwrites or updates. From that, [`RecordingBackend::end_window`]
 //! derives each buffer's lifetime (first to last op that needs its contents) and places the buffers at
 //! offsets that reuse memory between lifetimes that never meet ([`crate::runtime::place`]).
@@ -20,7 +20,7 @@ use super::{
     ViewMut,
 };
 use crate::ops::optim::AdamWStep;
-use crate::runtime::{place, DType, Lifetime};
+use crate::runtime::{place_segments, ArenaPlan, DType, Lifetime};
 use crate::Result;
 
 #[derive(Default, Debug)]
@@ -78,15 +78,35 @@ struct UseLog {
     allocs: Vec<AllocInfo>,
     /// Touches inside the window: (op, allocation, start, end, access).
     events: Vec<(u64, usize, u64, u64, Access)>,
+    /// Where the window's second step starts.
+    boundary: Option<u64>,
+    /// Bytes live when the step buffers began (parameters, optimiser state, inputs).
+    live_before_steps: usize,
 }
 
-/// The step's buffers over one window of ops: sizes, lifetimes (op indices from the window's start) and
-/// the offsets of an arena that reuses memory between lifetimes that never meet.
+/// One stretch of ops over which a buffer's contents are needed.
+#[derive(Clone, Debug)]
+struct Segment {
+    start: u64,
+    end: u64,
+    /// Bytes written within the segment (sorted, disjoint ranges).
+    written: Vec<(u64, u64)>,
+}
+
+/// The step buffers of a window (every allocation after [`RecordingBackend::mark_step_buffers`], in
+/// allocation order): sizes, live segments (op indices from the window's start) and the offsets of an
+/// arena that reuses memory between buffers never needed at the same time.
 #[derive(Clone, Debug, Default)]
 pub struct StepLifetimes {
     pub sizes: Vec<usize>,
-    pub lives: Vec<Lifetime>,
+    pub lives: Vec<Vec<Lifetime>>,
     pub offsets: Vec<usize>,
+    /// Whether each buffer's zeros are read (a fresh buffer read before it is written): only those are
+    /// zero-filled when carved from an arena, since a buffer's bytes may still belong to another one
+    /// between its allocation and its first write.
+    pub zeroed: Vec<bool>,
+    /// Buffers allocated in the warm step: a step that allocates when warm cannot be replayed.
+    pub allocated_after_boundary: usize,
 }
 
 impl StepLifetimes {
@@ -100,12 +120,14 @@ impl StepLifetimes {
             .unwrap_or(0)
     }
 
-    /// The most bytes alive at one op: no placement can need less.
+    /// The most bytes needed at one op: no placement can need less.
     pub fn live_floor(&self) -> usize {
-        let mut edges: Vec<(usize, bool, usize)> = Vec::with_capacity(2 * self.sizes.len());
-        for (s, l) in self.sizes.iter().zip(&self.lives) {
-            edges.push((l.first, true, *s));
-            edges.push((l.last.saturating_add(1), false, *s));
+        let mut edges: Vec<(usize, bool, usize)> = Vec::new();
+        for (s, lives) in self.sizes.iter().zip(&self.lives) {
+            for l in lives {
+                edges.push((l.first, true, *s));
+                edges.push((l.last.saturating_add(1), false, *s));
+            }
         }
         // At equal times, ends (false) before starts (true): inclusive lifetimes.
         edges.sort_unstable_by_key(|&(t, start, _)| (t, start));
@@ -119,6 +141,16 @@ impl StepLifetimes {
             }
         }
         most
+    }
+
+    /// The arena plan to replay on a real backend (allocation `k` of the steps at `offsets[k]`).
+    pub fn arena_plan(&self) -> ArenaPlan {
+        ArenaPlan {
+            sizes: self.sizes.clone(),
+            offsets: self.offsets.clone(),
+            zeroed: self.zeroed.clone(),
+            bytes: self.arena_bytes(),
+        }
     }
 }
 
@@ -228,67 +260,125 @@ impl RecordingBackend {
         self.counters.uses.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Allocations from now on belong to the step (its activations and scratch), not to the parameters
-    /// and optimiser state made before.
+    /// Allocations from now on belong to the steps (their activations and scratch), not to the
+    /// parameters and optimiser state made before; from here on, each op's touches are noted.
     pub fn mark_step_buffers(&self) {
+        let live = self.live_bytes();
         let mut u = self.uses();
+        u.live_before_steps = live;
         u.step_first = u.allocs.len();
-    }
-
-    /// Starts noting which bytes each op touches.
-    pub fn start_window(&self) {
-        let mut u = self.uses();
         u.window = Some(u.op);
+        u.boundary = None;
         u.events.clear();
     }
 
-    /// Ends the window: each step buffer alive in it gets the lifetime over which its contents are
-    /// needed, and an offset. A buffer whose bytes are read before this window wrote them carries a value
-    /// in from outside (a table uploaded once, a gradient accumulated across calls, a fresh buffer's
-    /// zeros) and lives from the window's start (or its allocation) to its end (or its release); one
-    /// written before it is read lives from that write to its last use. Buffers the window never touches
-    /// live throughout.
+    /// Bytes live when [`Self::mark_step_buffers`] was called: what an arena of step buffers adds to.
+    pub fn bytes_before_steps(&self) -> usize {
+        self.uses().live_before_steps
+    }
+
+    /// Marks where the second step starts: a buffer whose value crosses it is carried from one step into
+    /// the next, and so lives across every step boundary.
+    pub fn step_boundary(&self) {
+        let mut u = self.uses();
+        let op = u.op;
+        u.boundary = Some(op);
+    }
+
+    /// Ends the window opened by [`Self::mark_step_buffers`] (a first step, which allocates, and a
+    /// second, warm one): every step buffer, in allocation order, with its live segments and an offset
+    /// ([`StepLifetimes`]).
+    ///
+    /// A segment runs from an op that writes the buffer to the last op that reads what it wrote. A read
+    /// of bytes the current segment has not written needs an earlier value, and merges the segment with
+    /// the one before; with none before, the value is a fresh allocation's zeros (the segment starts at
+    /// the allocation) or was carried in from before the window (it starts with the window). A buffer
+    /// whose value crosses the step boundary, and that outlives the window, also lives to the window's
+    /// end: the next step will read it the same way. Buffers the window never touches live throughout.
     pub fn end_window(&self) -> StepLifetimes {
         let mut u = self.uses();
         let Some(start) = u.window.take() else {
             return StepLifetimes::default();
         };
         let end = u.op;
-        let n = u.allocs.len();
-        // Per allocation: first and last touching op, whether it carries a value in, bytes written so far.
-        let mut first = vec![None::<u64>; n];
-        let mut last = vec![0u64; n];
-        let mut carried = vec![false; n];
-        let mut written: Vec<Vec<(u64, u64)>> = vec![Vec::new(); n];
+        let step_first = u.step_first;
+        let n = u.allocs.len().saturating_sub(step_first);
+        let mut segments: Vec<Vec<Segment>> = vec![Vec::new(); n];
+        // Fresh buffers that some op reads before anything is written to them: they need their zeros.
+        let mut needs_zeros = vec![false; n];
         for &(op, i, lo, hi, access) in &u.events {
-            first[i].get_or_insert(op);
-            last[i] = op;
-            if access != Access::Write && !covered(&written[i], lo, hi) {
-                carried[i] = true;
+            if i < step_first {
+                continue;
             }
-            if access != Access::Read && !carried[i] {
-                add_range(&mut written[i], lo, hi);
+            let a = &u.allocs[i];
+            let origin = a.alloc_op.max(start);
+            let segs = &mut segments[i - step_first];
+            if access == Access::Write {
+                segs.push(Segment {
+                    start: op,
+                    end: op,
+                    written: vec![(lo, hi)],
+                });
+                continue;
+            }
+            while segs.len() >= 2 && !covered(&segs[segs.len() - 1].written, lo, hi) {
+                let last = segs.pop().expect("two segments");
+                let prev = segs.last_mut().expect("one left");
+                prev.end = last.end;
+                for (l, h) in last.written {
+                    add_range(&mut prev.written, l, h);
+                }
+            }
+            let fresh = a.alloc_op >= start;
+            match segs.last_mut() {
+                Some(seg) if covered(&seg.written, lo, hi) => seg.end = op,
+                Some(seg) => {
+                    // The first segment needs bytes from before it: zeros or a carried value.
+                    seg.start = origin;
+                    seg.end = op;
+                    seg.written = vec![(0, a.bytes as u64)];
+                    needs_zeros[i - step_first] |= fresh;
+                }
+                None => {
+                    segs.push(Segment {
+                        start: origin,
+                        end: op,
+                        written: vec![(0, a.bytes as u64)],
+                    });
+                    needs_zeros[i - step_first] |= fresh;
+                }
+            }
+            if access == Access::Update {
+                let seg = segs.last_mut().expect("pushed above");
+                add_range(&mut seg.written, lo, hi);
             }
         }
         let mut out = StepLifetimes::default();
-        for (i, a) in u.allocs.iter().enumerate().skip(u.step_first) {
+        for (k, a) in u.allocs.iter().enumerate().skip(step_first) {
             let freed = a.free_op.filter(|&f| f <= end);
-            if a.alloc_op > end || freed.is_some_and(|f| f < start) {
-                continue; // not alive in the window
-            }
-            let (lo, hi) = (a.alloc_op.max(start), freed.unwrap_or(end));
-            let (first_op, last_op) = match first[i] {
-                None => (lo, hi),
-                Some(_) if carried[i] => (lo, if freed.is_some() { last[i] } else { hi }),
-                Some(f) => (f, last[i]),
+            let segs = &segments[k - step_first];
+            let rel = |op: u64| (op.max(start) - start) as usize;
+            let mut lives: Vec<Lifetime> = if segs.is_empty() {
+                vec![Lifetime::new(rel(a.alloc_op), rel(freed.unwrap_or(end)))]
+            } else {
+                segs.iter()
+                    .map(|s| Lifetime::new(rel(s.start), rel(s.end)))
+                    .collect()
             };
+            let crosses = u
+                .boundary
+                .is_some_and(|b| segs.iter().any(|s| s.start < b && b <= s.end));
+            if crosses && freed.is_none() {
+                if let Some(last) = lives.last_mut() {
+                    *last = Lifetime::new(last.first, rel(end));
+                }
+            }
             out.sizes.push(a.bytes);
-            out.lives.push(Lifetime::new(
-                (first_op - start) as usize,
-                (last_op.max(first_op) - start) as usize,
-            ));
+            out.lives.push(lives);
+            out.zeroed.push(needs_zeros[k - step_first]);
+            out.allocated_after_boundary += u.boundary.is_some_and(|b| a.alloc_op >= b) as usize;
         }
-        out.offsets = place(&out.sizes, &out.lives);
+        out.offsets = place_segments(&out.sizes, &out.lives);
         out
     }
 
@@ -372,6 +462,13 @@ impl Backend for RecordingBackend {
     }
     fn enter_module(&self, module: &'static str) {
         self.modules().current = module;
+    }
+    fn begin_steps(&self) -> Result<()> {
+        self.mark_step_buffers();
+        Ok(())
+    }
+    fn warm_step(&self) {
+        self.step_boundary();
     }
     fn allocations(&self) -> usize {
         self.counters.allocations.load(Ordering::Relaxed)
@@ -954,39 +1051,43 @@ mod tests {
     use super::*;
     use crate::backend::{Role, Tensor};
 
-    /// Lifetimes come from the uses: a buffer lives from the op that first writes it to the op that last
-    /// reads it, buffers whose lifetimes never meet share bytes, and a buffer read before it is written
-    /// (a value carried in) lives through the whole window.
+    /// Lifetimes come from the uses: a buffer lives from an op that writes it to the last op that reads
+    /// that value, is dead in between (x), and a fresh buffer read before it is written needs its zeros
+    /// from its allocation on.
     #[test]
-    fn lifetimes_follow_the_uses_and_disjoint_ones_share_memory() {
+    fn lifetimes_follow_the_uses() {
         let b = RecordingBackend::new(DType::F32);
         let table = Tensor::new(&b, Role::Exact, 64).unwrap();
         b.mark_step_buffers();
         let mut x = Tensor::new(&b, Role::Activation, 1024).unwrap();
         let mut y = Tensor::new(&b, Role::Activation, 1024).unwrap();
         let mut z = Tensor::new(&b, Role::Activation, 1024).unwrap();
-        let mut carried = Tensor::new(&b, Role::Activation, 256).unwrap();
-        b.start_window();
+        let mut fresh = Tensor::new(&b, Role::Activation, 256).unwrap();
         b.write_f32(x.view_mut(), &[]).unwrap(); // op 0: x written
         b.activation(y.view_mut(), x.view(), Act::Relu).unwrap(); // op 1: x read, y written
         b.add(z.view_mut(), y.view(), table.view()).unwrap(); // op 2: y read, z written
-        b.scale_rows(carried.view_mut(), table.view()).unwrap(); // op 3: carried updated before written
+        b.scale_rows(fresh.view_mut(), table.view()).unwrap(); // op 3: fresh updated: reads its zeros
         b.activation(x.view_mut(), z.view(), Act::Relu).unwrap(); // op 4: z read, x written again
         let lt = b.end_window();
         // The table was made before the mark: not a step buffer.
         assert_eq!(lt.sizes, vec![4096, 4096, 4096, 1024]);
-        assert_eq!(lt.lives[0], Lifetime::new(0, 4));
-        assert_eq!(lt.lives[1], Lifetime::new(1, 2));
-        assert_eq!(lt.lives[2], Lifetime::new(2, 4));
+        let l = Lifetime::new;
+        assert_eq!(
+            lt.lives[0],
+            vec![l(0, 1), l(4, 4)],
+            "x is dead between ops 1 and 4"
+        );
+        assert_eq!(lt.lives[1], vec![l(1, 2)]);
+        assert_eq!(lt.lives[2], vec![l(2, 4)]);
         assert_eq!(
             lt.lives[3],
-            Lifetime::new(0, 5),
-            "carried in: the whole window"
+            vec![l(0, 3)],
+            "zeros needed from the allocation on"
         );
-        // x (written again at op 4 but read at op 1) lives 0..=4, so at op 2 all four are needed.
-        assert_eq!(lt.live_floor(), 3 * 4096 + 1024);
-        assert_eq!(lt.arena_bytes(), lt.live_floor());
-        drop((x, y, z, carried));
+        assert_eq!(lt.live_floor(), 2 * 4096 + 1024);
+        // x, y and z meet pairwise (ops 1, 2, 4): three distinct places.
+        assert_eq!(lt.arena_bytes(), 3 * 4096 + 1024);
+        drop((x, y, z, fresh));
     }
 
     #[test]
@@ -996,25 +1097,47 @@ mod tests {
         let mut a = Tensor::new(&b, Role::Activation, 1000).unwrap();
         let mut c = Tensor::new(&b, Role::Activation, 1000).unwrap();
         let mut d = Tensor::new(&b, Role::Activation, 1000).unwrap();
-        b.start_window();
         b.zero(a.view_mut()).unwrap(); // op 0
         b.activation(c.view_mut(), a.view(), Act::Relu).unwrap(); // op 1: a's last use
         b.activation(d.view_mut(), c.view(), Act::Relu).unwrap(); // op 2: d may take a's bytes
         let _ = b.read_f32(d.view()).unwrap(); // op 3
         let lt = b.end_window();
-        assert_eq!(
-            lt.lives,
-            vec![
-                Lifetime::new(0, 1),
-                Lifetime::new(1, 2),
-                Lifetime::new(2, 3)
-            ]
-        );
+        let l = Lifetime::new;
+        assert_eq!(lt.lives, vec![vec![l(0, 1)], vec![l(1, 2)], vec![l(2, 3)]]);
         assert_eq!(lt.offsets[0], lt.offsets[2], "a and d share bytes");
         assert_ne!(lt.offsets[0], lt.offsets[1]);
         assert_eq!(lt.arena_bytes(), lt.offsets[0].max(lt.offsets[1]) + 4000);
-        assert!(lt.arena_bytes() < 3 * 4000);
         drop((a, c, d));
+    }
+
+    /// Two steps: a table written once in the first step and read in both carries its value across the
+    /// step boundary, so it lives to the window's end (the next step reads it too); a buffer written and
+    /// read within each step is dead between steps.
+    #[test]
+    fn values_carried_across_steps_live_to_the_end() {
+        let b = RecordingBackend::new(DType::F32);
+        b.mark_step_buffers();
+        let mut table = Tensor::new(&b, Role::Exact, 100).unwrap();
+        let mut scratch = Tensor::new(&b, Role::Activation, 100).unwrap();
+        b.write_f32(table.view_mut(), &[]).unwrap(); // op 0: uploaded once
+        b.activation(scratch.view_mut(), table.view(), Act::Relu)
+            .unwrap(); // op 1
+        let _ = b.read_f32(scratch.view()).unwrap(); // op 2
+        b.step_boundary(); // the second step starts at op 3
+        b.activation(scratch.view_mut(), table.view(), Act::Relu)
+            .unwrap(); // op 3
+        let _ = b.read_f32(scratch.view()).unwrap(); // op 4
+        b.zero(scratch.view_mut()).unwrap(); // op 5: written, never read
+        let lt = b.end_window();
+        let l = Lifetime::new;
+        assert_eq!(
+            lt.lives[0],
+            vec![l(0, 6)],
+            "the table lives through the window's end"
+        );
+        assert_eq!(lt.lives[1], vec![l(1, 2), l(3, 4), l(5, 5)]);
+        assert_eq!(lt.allocated_after_boundary, 0);
+        drop((table, scratch));
     }
 
     #[test]

@@ -52,6 +52,9 @@ pub struct EncoderStepArgs {
     /// none (keep every activation) or blocks (per-block checkpointing).
     #[arg(long, default_value = "none")]
     pub recompute: String,
+    /// Take the steps' buffers from one arena at the offsets the planner derives from their lifetimes.
+    #[arg(long)]
+    pub arena: bool,
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
@@ -237,12 +240,32 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 recompute: crate::models::recompute::Recompute::parse(&a.recompute)?,
             };
             let backend = AnyBackend::open(DeviceRequest::parse(&a.device)?.resolve()?)?;
-            let planned = plan_encoder_step(&spec, backend.compute_dtype())?;
-            println!(
-                "planned peak {:.3} GiB (parameters, gradients, AdamW moments, activations; recompute {})",
-                planned as f64 / 1024f64.powi(3),
-                spec.recompute
-            );
+            use crate::backend::Backend;
+            let plan = plan_encoder_step(&spec, backend.compute_dtype())?;
+            let gib = |b: usize| b as f64 / 1024f64.powi(3);
+            let planned = if a.arena {
+                println!(
+                    "planned peak {:.3} GiB (parameters, gradients, AdamW moments, and an arena of {:.3} GiB for \
+                     the step buffers placed by lifetime; {:.3} GiB without it; recompute {})",
+                    gib(plan.peak_with_arena),
+                    gib(plan.arena.bytes),
+                    gib(plan.peak),
+                    spec.recompute
+                );
+                match &backend {
+                    AnyBackend::Cpu(b) => b.use_arena(plan.arena.clone()),
+                    AnyBackend::Emu(b) => b.use_arena(plan.arena.clone()),
+                    AnyBackend::Cuda(b) => b.use_arena(plan.arena.clone()),
+                }?;
+                plan.peak_with_arena
+            } else {
+                println!(
+                    "planned peak {:.3} GiB (parameters, gradients, AdamW moments, activations; recompute {})",
+                    gib(plan.peak),
+                    spec.recompute
+                );
+                plan.peak
+            };
             let steps = match &backend {
                 AnyBackend::Cpu(b) => run_encoder_step_bench(b.as_ref(), &spec),
                 AnyBackend::Emu(b) => run_encoder_step_bench(b.as_ref(), &spec),

@@ -180,8 +180,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
         println!("    {module:<30} {:>12}", gib(*bytes));
     }
     println!(
-        "    {:<30} {:>12}  (buffers placed by lifetime; at least {} live at once; the engine does not \
-         allocate by this plan yet)",
+        "    {:<30} {:>12}  (step buffers placed by lifetime in one arena; at least {} live at once)",
         "with lifetime-based reuse",
         gib(r.step_with_reuse),
         gib(r.step_live_floor)

@@ -249,6 +249,19 @@ impl Lifetime {
 /// offset that does not collide with a placed buffer whose lifetime intersects its own. Buffers alive at
 /// the same time never overlap; the arena needs `max(offset + size)` bytes.
 pub fn place(sizes: &[usize], lives: &[Lifetime]) -> Vec<usize> {
+    place_by(sizes, |i, j| lives[i].overlaps(&lives[j]))
+}
+
+/// The same for buffers alive over several segments each (dead between them).
+pub fn place_segments(sizes: &[usize], lives: &[Vec<Lifetime>]) -> Vec<usize> {
+    place_by(sizes, |i, j| {
+        lives[i]
+            .iter()
+            .any(|a| lives[j].iter().any(|b| a.overlaps(b)))
+    })
+}
+
+fn place_by(sizes: &[usize], overlap: impl Fn(usize, usize) -> bool) -> Vec<usize> {
     let mut order: Vec<usize> = (0..sizes.len()).collect();
     order.sort_by_key(|&i| (std::cmp::Reverse(sizes[i]), i));
     let mut offsets = vec![0usize; sizes.len()];
@@ -258,7 +271,7 @@ pub fn place(sizes: &[usize], lives: &[Lifetime]) -> Vec<usize> {
         // Address ranges already taken by buffers alive at the same time, in address order.
         let mut busy: Vec<(usize, usize)> = placed
             .iter()
-            .filter(|&&j| lives[j].overlaps(&lives[i]))
+            .filter(|&&j| overlap(i, j))
             .map(|&j| (offsets[j], offsets[j] + sizes[j]))
             .collect();
         busy.sort_unstable();
@@ -273,6 +286,17 @@ pub fn place(sizes: &[usize], lives: &[Lifetime]) -> Vec<usize> {
         placed.push(i);
     }
     offsets
+}
+
+/// Where each allocation of a step goes in one arena: allocation `k` (in the order the step makes them)
+/// of `sizes[k]` bytes at `offsets[k]`, zero-filled when `zeroed[k]` (its zeros are read), in an arena of
+/// `bytes`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ArenaPlan {
+    pub sizes: Vec<usize>,
+    pub offsets: Vec<usize>,
+    pub zeroed: Vec<bool>,
+    pub bytes: usize,
 }
 
 /// Handle to a planned activation.

@@ -7,5 +7,8 @@ pub mod safetensors_file;
 pub mod shape;
 
 pub use dtype::{DType, Element};
-pub use memory::{place, ActivationArena, ActivationPlan, Arena, Layout, Lifetime, TensorSpec};
+pub use memory::{
+    place, place_segments, ActivationArena, ActivationPlan, Arena, ArenaPlan, Layout, Lifetime,
+    TensorSpec,
+};
 pub use shape::Shape;

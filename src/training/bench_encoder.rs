@@ -20,7 +20,7 @@ use crate::models::enformer::{BatchNormMode, EnformerActivations, EnformerNames,
 use crate::models::recompute::Recompute;
 use crate::models::transformer::{EncoderActivations, TransformerConfig, TransformerEncoder};
 use crate::models::weights::{ModelParams, Prefixes, WeightFile};
-use crate::runtime::DType;
+use crate::runtime::{ArenaPlan, DType};
 use crate::{Error, Result};
 
 /// Which encoder a step trains.
@@ -87,18 +87,35 @@ fn load(spec: &EncoderStepSpec) -> Result<(LoadedNet, ModelParams)> {
     }
 }
 
-/// The bytes a step of `spec` is planned to hold at its peak (parameters, gradients, AdamW moments and
-/// the step's activations), from the same code run on the recording backend for the CPU (`F32`) or a
-/// kernel device (`BF16`).
-pub fn plan_encoder_step(spec: &EncoderStepSpec, compute: DType) -> Result<usize> {
+/// The plan of a step of `spec`, from the same code run on the recording backend for the CPU (`F32`)
+/// or a kernel device (`BF16`).
+#[derive(Clone, Debug)]
+pub struct EncoderStepPlan {
+    /// Bytes held at the peak with one allocation per buffer (parameters, gradients, AdamW moments and
+    /// the step's activations), as the engine allocates without an arena.
+    pub peak: usize,
+    /// The step buffers placed by their lifetimes in one arena.
+    pub arena: ArenaPlan,
+    /// Bytes held with that arena: what came before the steps plus the arena.
+    pub peak_with_arena: usize,
+}
+
+pub fn plan_encoder_step(spec: &EncoderStepSpec, compute: DType) -> Result<EncoderStepPlan> {
     let (net, host) = load(spec)?;
     let b = RecordingBackend::new(compute);
-    let one = EncoderStepSpec {
-        steps: 1,
+    // Two steps: the first allocates, the second is what every later step does.
+    let two = EncoderStepSpec {
+        steps: 2,
         ..spec.clone()
     };
-    time_loaded(&b, &net, &host, &one)?;
-    Ok(b.peak_bytes())
+    time_loaded(&b, &net, &host, &two)?;
+    let lifetimes = b.end_window();
+    let arena = lifetimes.arena_plan();
+    Ok(EncoderStepPlan {
+        peak: b.peak_bytes(),
+        peak_with_arena: b.bytes_before_steps() + arena.bytes,
+        arena,
+    })
 }
 
 /// One step's wall time and loss.
@@ -221,7 +238,12 @@ fn timed_steps<B: Backend>(
     mut forward_backward: impl FnMut(&[View<'_, B>], &mut [ViewMut<'_, B>]) -> Result<f32>,
 ) -> Result<Vec<EncoderStep>> {
     let mut out = Vec::with_capacity(steps);
-    for _ in 0..steps {
+    // The steps' own buffers start here (a recording backend plans them; an arena plan places them).
+    b.begin_steps()?;
+    for i in 0..steps {
+        if i == 1 {
+            b.warm_step();
+        }
         let t0 = Instant::now();
         state.zero_grads(b)?;
         let loss = {
