@@ -294,6 +294,26 @@ fn encoder_training_step_benchmark_trains() {
     let kept = enformer_losses("none");
     assert!(kept[2] < kept[0], "{kept:?}");
     assert_eq!(enformer_losses("blocks"), kept);
+    // An absurd length is refused with a message, not an abort (the plan runs before any real memory).
+    let out = engine(&[
+        "bench",
+        "encoder-step",
+        "--model",
+        "esm2",
+        "--weights",
+        weights,
+        "--batch",
+        "1",
+        "--len",
+        "100000000000",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("above the limit"));
     for (model, recompute, says) in [
         ("bert", "none", "expected esm2, nt or enformer"),
         ("esm2", "sometimes", "not a policy"),

@@ -231,7 +231,7 @@ def child_torch_isoformer_train(args):
 
     torch.set_num_threads(args.threads)
     c = json.load(open(os.path.join(args.weights, "config.json")))
-    modules = fx.build_isoformer(c)
+    modules = fx.build_isoformer(c, attn_implementation=None)  # transformers' default attention (SDPA)
     state = {k.replace("head.1.", "head.2."): v for k, v in
              load_file(os.path.join(args.weights, "model.safetensors")).items()}
     modules.load_state_dict(state, strict=False)

@@ -106,12 +106,15 @@ class CrossAttention(torch.nn.Module):
         return h + self.dense(c) * gate[:, None, None]
 
 
-def build_isoformer(c, enformer_heads=3):
+def build_isoformer(c, enformer_heads=3, attn_implementation="eager"):
     """The IsoFormer of config `c` (the engine's field names) in PyTorch, with random weights: the reference
-    encoders, the cross-attentions and the head, in a ModuleDict under the released checkpoint's names."""
+    encoders, the cross-attentions and the head, in a ModuleDict under the released checkpoint's names. The
+    fixture pins eager attention (its reference numbers); None leaves transformers' default (SDPA), as
+    benchmarks should."""
     from enformer_pytorch import Enformer, EnformerConfig
     from transformers import EsmConfig, EsmForMaskedLM
 
+    attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
     enformer = Enformer(EnformerConfig(dim=c["enformer_dim"], depth=c["enformer_depth"], heads=c["enformer_heads"],
                                        attn_dim_key=c["enformer_attn_dim_key"], output_heads=dict(human=enformer_heads),
                                        target_length=c["enformer_target_length"],
@@ -127,7 +130,7 @@ def build_isoformer(c, enformer_heads=3):
                        intermediate_size=c["nt_intermediate_size"], max_position_embeddings=2050,
                        position_embedding_type="rotary", token_dropout=False, emb_layer_norm_before=False,
                        layer_norm_eps=c.get("nt_layer_norm_eps", 1e-12), tie_word_embeddings=False,
-                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="eager")
+                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **attn)
     nt = EsmForMaskedLM(nt_cfg)
     glu(nt, nt_cfg)
     esm_cfg = EsmConfig(vocab_size=33, pad_token_id=1, mask_token_id=32, hidden_size=c["esm_hidden_size"],
@@ -135,7 +138,7 @@ def build_isoformer(c, enformer_heads=3):
                         intermediate_size=c["esm_intermediate_size"], max_position_embeddings=1026,
                         position_embedding_type="rotary", token_dropout=True, emb_layer_norm_before=False,
                         layer_norm_eps=c.get("esm_layer_norm_eps", 1e-5), hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0, attn_implementation="eager")
+                        attention_probs_dropout_prob=0.0, **attn)
     esm = EsmForMaskedLM(esm_cfg)
     for m in (nt, esm):
         randomize_norms(m)

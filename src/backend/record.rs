@@ -105,7 +105,8 @@ pub struct StepLifetimes {
     /// zero-filled when carved from an arena, since a buffer's bytes may still belong to another one
     /// between its allocation and its first write.
     pub zeroed: Vec<bool>,
-    /// Buffers allocated in the warm step: a step that allocates when warm cannot be replayed.
+    /// Buffers allocated in the warm step (none, when the steps plan their buffers on the first call as
+    /// the models do; an arena places them too, and later steps' allocations come from the heap).
     pub allocated_after_boundary: usize,
 }
 

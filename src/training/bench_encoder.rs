@@ -17,6 +17,7 @@ use crate::backend::state::{ParamSet, TrainState};
 use crate::backend::{Backend, Role, Tensor, View, ViewMut};
 use crate::models::config::{EnformerConfig, EsmConfig};
 use crate::models::enformer::{BatchNormMode, EnformerActivations, EnformerNames, EnformerTrunk};
+use crate::models::isoformer::MAX_INPUT_ELEMENTS;
 use crate::models::recompute::Recompute;
 use crate::models::transformer::{EncoderActivations, TransformerConfig, TransformerEncoder};
 use crate::models::weights::{ModelParams, Prefixes, WeightFile};
@@ -171,7 +172,7 @@ fn time_enformer_steps<B: Backend>(
         ));
     }
     let bins = trunk.output_bins(seq_len)?;
-    let one_hot_len = crate::error::checked_product("encoder step", &[batch, seq_len, 4])?;
+    let one_hot_len = host_input_elements(&[batch, seq_len, 4])?;
     let n = crate::error::checked_product("encoder step", &[batch, bins, 2 * trunk.cfg.dim])?;
     let params = ParamSet::upload(b, trunk.layout().clone(), |i| host.get(i), true)?;
     host.release_mapped_pages();
@@ -229,6 +230,20 @@ fn time_enformer_steps<B: Backend>(
     })
 }
 
+/// The element count of the host-side batch (token ids, one-hot DNA) of `dims`, refused above
+/// [`MAX_INPUT_ELEMENTS`] before anything is allocated: the recording backend plans any size without
+/// memory, so the host buffer is the first real allocation a planned step makes.
+fn host_input_elements(dims: &[usize]) -> Result<usize> {
+    let n = crate::error::checked_product("encoder step", dims)?;
+    if n > MAX_INPUT_ELEMENTS {
+        return Err(Error::invalid(
+            "encoder step",
+            format!("a batch of {n} input values is above the limit of {MAX_INPUT_ELEMENTS}; lower --batch or --len"),
+        ));
+    }
+    Ok(n)
+}
+
 /// `steps` timed training steps: zeroed gradients, `forward_backward` (which returns the loss), AdamW.
 fn timed_steps<B: Backend>(
     b: &B,
@@ -284,6 +299,7 @@ pub fn time_encoder_steps<'h, B: Backend>(
     // Sizes from flags are checked, and the backend buffers (which report a failed allocation as an
     // error) are made before the host token ids, which are smaller.
     let n = crate::error::checked_product("encoder step", &[batch, len, hidden])?;
+    host_input_elements(&[batch, len])?;
     let target = Tensor::new(b, Role::Exact, n)?;
     let mut dhidden = Tensor::new(b, Role::Activation, n)?;
     // Random residue tokens between <cls> (0) and <eos> (2); every sequence full length.
