@@ -779,3 +779,115 @@ fn recompute_blocks_gives_a_bit_identical_isoformer_step() {
     assert_eq!(loss_a.to_bits(), loss_b.to_bits(), "emu loss");
     assert!(grads_a == grads_b, "emu gradients differ under recompute");
 }
+
+/// Losses (as bits) and final master weights of four training steps over batches of different sizes and
+/// lengths, on `b`, with the step buffers from the arena planned for the run's largest step or one by
+/// one; the allocations made from the plan through the first step, and those made after it.
+fn varying_shape_run<B: Backend>(
+    b: &B,
+    cfg: &IsoformerConfig,
+    arena: bool,
+) -> (Vec<u32>, Vec<Vec<u32>>, usize, usize) {
+    use isoformer_engine::training::adamw::AdamW;
+    use isoformer_engine::training::plan::plan_run_arena;
+    use isoformer_engine::training::step::{optimizer_update, train_micro_step};
+    let model = Isoformer::new(cfg.clone()).unwrap();
+    let host = initial_sections(&model, 9).unwrap();
+    let mut params = IsoformerParams::upload(b, &model, &host).unwrap();
+    let opt = AdamW::single_group(params.train_layout(), 1e-3, 0.01).unwrap();
+    // The shortest batch first: the arena's places must hold the longer ones that follow.
+    let sizes = [1usize, 3, 2, 3];
+    let before_plan = b.allocations();
+    if arena {
+        let plan = plan_run_arena(cfg, &sizes, b.compute_dtype())
+            .unwrap()
+            .expect("the largest step's plan serves the smaller ones");
+        plan.apply(b).unwrap();
+    }
+    b.begin_steps().unwrap();
+    let mut bufs = StepBuffers::default();
+    let (mut losses, mut after_first) = (Vec::new(), 0);
+    for (k, &n) in sizes.iter().enumerate() {
+        let batch = random_batch(200 + k as u64, n, cfg.num_tissues, cfg.dna_sequence_length);
+        let inputs = model.prepare_inputs(&seqs(&batch)).unwrap();
+        let loss = train_micro_step(
+            b,
+            &model,
+            &mut params,
+            &inputs,
+            &batch.targets,
+            &mut bufs,
+            1.0,
+            None,
+        )
+        .unwrap();
+        optimizer_update(b, &mut params, &opt, 1.0, Some(1.0)).unwrap();
+        losses.push(loss.to_bits());
+        if k == 0 {
+            b.warm_step();
+            after_first = b.allocations();
+        }
+    }
+    let weights = params
+        .train
+        .params
+        .master_views()
+        .unwrap()
+        .into_iter()
+        .map(|v| b.read_f32(v).unwrap().iter().map(|x| x.to_bits()).collect())
+        .collect();
+    (
+        losses,
+        weights,
+        after_first - before_plan,
+        b.allocations() - after_first,
+    )
+}
+
+/// Training steps whose batches differ in size and length take their buffers from one arena, planned
+/// once for the run's largest step: the same losses and weights to the last bit as one allocation per
+/// buffer, one allocation for all the step buffers, and none after the first step, for every
+/// aggregator, with recompute, LoRA and a fine-tuned Enformer's running statistics.
+#[test]
+fn isoformer_steps_of_varying_shapes_run_bit_identically_from_one_planned_arena() {
+    use isoformer_engine::models::isoformer::{EncoderMode, RecomputeChoice};
+    for aggregator in [
+        "cross_attention",
+        "modality_centred",
+        "linear_mean",
+        "perceiver",
+    ] {
+        for recompute in [RecomputeChoice::None, RecomputeChoice::Blocks] {
+            let mut cfg = tiny_config(aggregator);
+            cfg.train.encoders.protein = EncoderMode::Lora;
+            for m in cfg.modalities.clone() {
+                cfg.train.recompute.set(m, recompute);
+            }
+            let what = format!("{aggregator} {recompute:?}");
+            let (losses, weights, _, _) = varying_shape_run(&CpuBackend::new(), &cfg, false);
+            let (arena_losses, arena_weights, first, later) =
+                varying_shape_run(&CpuBackend::new(), &cfg, true);
+            assert_eq!(arena_losses, losses, "{what}: losses");
+            assert!(arena_weights == weights, "{what}: weights after the steps");
+            assert_eq!(first, 1, "{what}: one arena for every step buffer");
+            assert_eq!(later, 0, "{what}: allocations after the first step");
+        }
+    }
+}
+
+/// The same on the emulator (bf16 activations): a planned arena and one allocation per buffer give
+/// bit-identical runs over batches of different shapes; the device's own scratch is reserved once,
+/// before the steps, at the most any op of the run needs.
+#[test]
+fn emu_isoformer_steps_of_varying_shapes_run_bit_identically_from_one_planned_arena() {
+    use isoformer_engine::models::isoformer::EncoderMode;
+    let mut cfg = tiny_config("cross_attention");
+    cfg.train.encoders.protein = EncoderMode::Lora;
+    let emu = || KernelBackend::new(EmuDevice::default());
+    let (losses, weights, _, _) = varying_shape_run(&emu(), &cfg, false);
+    let (arena_losses, arena_weights, first, later) = varying_shape_run(&emu(), &cfg, true);
+    assert_eq!(arena_losses, losses, "emu losses");
+    assert!(arena_weights == weights, "emu weights after the steps");
+    assert_eq!(first, 2, "emu: the reserved scratch and one arena");
+    assert_eq!(later, 0, "emu allocations after the first step");
+}

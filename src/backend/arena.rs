@@ -2,8 +2,12 @@
 //! buffers from one allocation, each at the offset the planner gave it, so buffers never needed at the
 //! same time share bytes. The plan comes from the same steps run on the recording backend
 //! ([`super::record::RecordingBackend::end_window`]); the k-th allocation of the run takes the plan's k-th
-//! place, and an allocation whose size differs from the plan's is an error, never a silent overlap.
-//! Allocations past the plan's end (a larger batch later, say) come from the heap as usual.
+//! place, with the plan's size as its capacity. A plan made for the largest step of a run (the full
+//! batch at the longest inputs) serves its smaller steps too: their buffers are prefixes of the planned
+//! ones, and the run checks beforehand that their lifetimes meet only where the plan lets them share
+//! bytes ([`super::record::StepLifetimes::admits`]). An allocation larger than its place is an error, never
+//! a silent overlap. From the warm step on ([`super::Backend::warm_step`]), and past the plan's end,
+//! allocations come from the heap as usual.
 
 use std::sync::{Arc, Mutex};
 
@@ -21,6 +25,16 @@ impl<A> Default for ArenaSlot<A> {
             state: Mutex::new((None, None)),
         }
     }
+}
+
+/// Where an allocation goes in the arena.
+pub(crate) struct Place<A> {
+    pub arena: Arc<A>,
+    pub offset: usize,
+    /// The planned size (at least the bytes asked for).
+    pub capacity: usize,
+    /// Whether the plan says its zeros are read.
+    pub zero: bool,
 }
 
 struct Replay<A> {
@@ -68,9 +82,16 @@ impl<A> ArenaSlot<A> {
         Ok(())
     }
 
-    /// The place of the next allocation of `bytes` in the running plan: `(arena, offset, whether to
-    /// zero-fill it)`, or `None` when no plan runs or it is used up.
-    pub(crate) fn take(&self, bytes: usize) -> Result<Option<(Arc<A>, usize, bool)>> {
+    /// Ends the replay: later allocations come from the heap. The arena lives on in the buffers carved
+    /// from it.
+    pub(crate) fn end(&self) {
+        self.lock().1 = None;
+    }
+
+    /// The place of the next allocation of `bytes` in the running plan: `(arena, offset, capacity,
+    /// whether to zero-fill it)`, or `None` when no plan runs or it is used up. The capacity is the
+    /// planned size, at least `bytes`, so the buffer can grow to the planned shape without moving.
+    pub(crate) fn take(&self, bytes: usize) -> Result<Option<Place<A>>> {
         let mut s = self.lock();
         let Some(r) = s.1.as_mut() else {
             return Ok(None);
@@ -79,7 +100,7 @@ impl<A> ArenaSlot<A> {
         let Some(&want) = r.plan.sizes.get(k) else {
             return Ok(None);
         };
-        if want != bytes {
+        if bytes > want {
             return Err(Error::invalid(
                 "arena",
                 format!(
@@ -89,6 +110,11 @@ impl<A> ArenaSlot<A> {
             ));
         }
         r.next += 1;
-        Ok(Some((r.arena.clone(), r.plan.offsets[k], r.plan.zeroed[k])))
+        Ok(Some(Place {
+            arena: r.arena.clone(),
+            offset: r.plan.offsets[k],
+            capacity: want,
+            zero: r.plan.zeroed[k],
+        }))
     }
 }

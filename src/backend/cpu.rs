@@ -9,7 +9,7 @@ use super::meter::{ByteMeter, Metered};
 use super::scratch::{Scratch, ScratchPool};
 use super::{
     check_view, rows_of, Act, AdamWStep, AttentionDims, Backend, BatchNormStats, Conv1dDims,
-    LinearDims, Memory, PoolDims, View, ViewMut,
+    LinearDims, Memory, PoolDims, ScratchUse, View, ViewMut,
 };
 use crate::error::{check_len, checked_product};
 use crate::ops;
@@ -511,9 +511,9 @@ impl Backend for CpuBackend {
     }
 
     fn alloc(&self, bytes: usize) -> Result<Metered<HostMem>> {
-        if let Some((arena, offset, zero)) = self.arena.take(bytes)? {
+        if let Some(place) = self.arena.take(bytes)? {
             // Carved from the arena, which is metered (and counted) once.
-            let part = HostMem::carve(arena, offset, bytes, zero)?;
+            let part = HostMem::carve(place.arena, place.offset, place.capacity, place.zero)?;
             return Ok(Metered::new(part, 0, &self.meter));
         }
         self.allocations.fetch_add(1, Ordering::Relaxed);
@@ -532,6 +532,31 @@ impl Backend for CpuBackend {
 
     fn use_arena(&self, plan: ArenaPlan) -> Result<()> {
         self.arena.set_plan(plan)
+    }
+
+    fn warm_step(&self) {
+        self.arena.end();
+    }
+
+    fn scratch_bytes(&self, op: &ScratchUse) -> usize {
+        match op {
+            ScratchUse::Attention(dims) | ScratchUse::AttentionBackward { dims, .. } => {
+                dims.workspace_len(rayon::current_num_threads()) * 4
+            }
+            _ => 0,
+        }
+    }
+
+    fn reserve_scratch(&self, bytes: usize) -> Result<()> {
+        let mut ws = self
+            .workspace
+            .lock()
+            .map_err(|_| Error::invalid("scratch", "workspace poisoned"))?;
+        let need = bytes.div_ceil(4);
+        if ws.len() < need {
+            ws.resize(need, 0.0);
+        }
+        Ok(())
     }
 
     fn meter(&self) -> &ByteMeter {
@@ -919,7 +944,7 @@ impl Backend for CpuBackend {
             .workspace
             .lock()
             .map_err(|_| Error::invalid(OP, "workspace poisoned"))?;
-        let need = dims.workspace_len(rayon::current_num_threads());
+        let need = self.scratch_bytes(&ScratchUse::Attention(*dims)) / 4;
         if ws.len() < need {
             ws.resize(need, 0.0);
         }
@@ -968,7 +993,7 @@ impl Backend for CpuBackend {
             .workspace
             .lock()
             .map_err(|_| Error::invalid(OP, "workspace poisoned"))?;
-        let need = dims.workspace_len(rayon::current_num_threads());
+        let need = self.scratch_bytes(&ScratchUse::Attention(*dims)) / 4;
         if ws.len() < need {
             ws.resize(need, 0.0);
         }

@@ -16,7 +16,7 @@ use super::arena::ArenaSlot;
 use super::meter::{ByteMeter, Metered};
 use super::{
     check_view, rows_of, Act, AdamWStep, AttentionDims, Backend, BatchNormStats, Conv1dDims,
-    LinearDims, Memory, PoolDims, View, ViewMut,
+    LinearDims, Memory, PoolDims, ScratchUse, View, ViewMut,
 };
 use crate::error::checked_product;
 use crate::gpu::ops::{self as launch, Act as KernelAct};
@@ -198,17 +198,18 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
     }
 
     fn alloc(&self, bytes: usize) -> Result<Self::Mem> {
-        if let Some((arena, offset, zero)) = self.arena.take(bytes)? {
-            let ptr = arena.buf.ptr() + offset as u64;
+        if let Some(place) = self.arena.take(bytes)? {
+            let ptr = place.arena.buf.ptr() + place.offset as u64;
+            let bytes = place.capacity;
             // Zero-filled only where the plan says its zeros are read: until its first write, its bytes
             // may still hold another buffer's live value.
-            if zero {
+            if place.zero {
                 self.dev.zero(&Raw { ptr, bytes })?;
             }
             let part = DeviceMem::Part {
                 ptr,
                 bytes,
-                _arena: arena,
+                _arena: place.arena,
             };
             // Carved from the arena, which is metered (and counted) once.
             return Ok(Metered::new(part, 0, &self.meter));
@@ -233,6 +234,42 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
 
     fn use_arena(&self, plan: ArenaPlan) -> Result<()> {
         self.arena.set_plan(plan)
+    }
+
+    fn scratch_bytes(&self, op: &ScratchUse) -> usize {
+        match *op {
+            // The flash forward keeps its tiles on chip.
+            ScratchUse::Attention(_) => 0,
+            ScratchUse::AttentionBackward {
+                dims,
+                broadcast_dbias,
+            } => launch::flash_backward_scratch_bytes(&dims, broadcast_dbias),
+            // Per-block partial sums, then dgamma and dbeta as one [2, dim] f32 row.
+            ScratchUse::LayerNormBackward { rows, dim } => {
+                launch::layernorm_backward_scratch_bytes(rows, dim) + 2 * dim * 4
+            }
+            ScratchUse::Conv1d(dims) => launch::conv1d_scratch_bytes(&dims),
+            ScratchUse::Conv1dBackward { dims, dx } => {
+                launch::conv1d_scratch_bytes(&dims)
+                    + if dx {
+                        launch::conv1d_dcols_bytes(&dims)
+                    } else {
+                        0
+                    }
+            }
+            ScratchUse::BatchNormBackward { channels } => 2 * channels * 4,
+            // Two bf16 copies and one f32 copy of the logits.
+            ScratchUse::AttentionPoolBackward { logits } => 2 * (logits * 2) + logits * 4,
+            ScratchUse::Reduction => launch::NORM_BLOCKS * 4 + 4,
+        }
+    }
+
+    fn reserve_scratch(&self, bytes: usize) -> Result<()> {
+        self.with_scratch(bytes, |_| Ok(()))
+    }
+
+    fn warm_step(&self) {
+        self.arena.end();
     }
 
     fn meter(&self) -> &ByteMeter {
@@ -590,7 +627,8 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         // adjacent, so it sums into scratch and the two halves are added where they belong.
         let partial = launch::layernorm_backward_scratch_bytes(rows, dim);
         let both = 2 * dim * 4;
-        self.with_scratch(partial + both, |s| {
+        let total = self.scratch_bytes(&ScratchUse::LayerNormBackward { rows, dim });
+        self.with_scratch(total, |s| {
             let (partials, sums) = (s.at(0, partial), s.at(partial, both));
             self.dev.zero(&sums)?;
             launch::layernorm_backward(
@@ -760,7 +798,10 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
             expect(OP, "dbias", db.dtype(), DType::F32)?;
         }
         let broadcast = bias.as_ref().is_some_and(|(_, per_batch)| !per_batch) && dbias.is_some();
-        let bytes = launch::flash_backward_scratch_bytes(dims, broadcast);
+        let bytes = self.scratch_bytes(&ScratchUse::AttentionBackward {
+            dims: *dims,
+            broadcast_dbias: broadcast,
+        });
         self.with_scratch(bytes, |s| {
             launch::flash_attention_backward(
                 &self.dev,
@@ -825,7 +866,7 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         if let Some(b) = &bias {
             expect("conv1d", "bias", b.dtype(), DType::BF16)?;
         }
-        let cols = launch::conv1d_scratch_bytes(dims);
+        let cols = self.scratch_bytes(&ScratchUse::Conv1d(*dims));
         self.with_scratch(cols, |s| {
             launch::conv1d_forward(
                 &self.dev,
@@ -870,7 +911,11 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         } else {
             0
         };
-        self.with_scratch(cols + dcols, |s| {
+        let total = self.scratch_bytes(&ScratchUse::Conv1dBackward {
+            dims: *dims,
+            dx: dx.is_some(),
+        });
+        self.with_scratch(total, |s| {
             let (c, dc) = (s.at(0, cols), s.at(cols, dcols));
             launch::im2col(&self.dev, &c, &x, *dims)?;
             launch::conv1d_backward(
@@ -993,7 +1038,7 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         )?;
         let channels = gamma.numel();
         let rows = rows_of(OP, "x", x.numel(), channels)?;
-        let both = 2 * channels * 4;
+        let both = self.scratch_bytes(&ScratchUse::BatchNormBackward { channels });
         self.with_scratch(both, |s| {
             let sums = s.at(0, both);
             self.dev.zero(&sums)?;
@@ -1045,7 +1090,8 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         expect_f32(OP, &[("dw", dw.dtype()), ("logits", logits.dtype())])?;
         let n = logits.numel();
         let (half, full) = (n * 2, n * 4);
-        self.with_scratch(2 * half + full, |s| {
+        let total = self.scratch_bytes(&ScratchUse::AttentionPoolBackward { logits: n });
+        self.with_scratch(total, |s| {
             launch::attention_pool_backward(
                 &self.dev,
                 &dx,
@@ -1128,7 +1174,7 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
             return Err(Error::invalid("mse", "empty input"));
         }
         let partial = launch::NORM_BLOCKS * 4;
-        let sum = self.with_scratch(partial + 4, |s| {
+        let sum = self.with_scratch(self.scratch_bytes(&ScratchUse::Reduction), |s| {
             let out = s.at(partial, 4);
             launch::mse_sum(&self.dev, &out, &s.at(0, partial), &pred, &target, n)?;
             let b = self.dev.read(&out)?;
@@ -1155,7 +1201,7 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
     fn sum_squares(&self, x: View<'_, Self>) -> Result<f32> {
         expect("sum_squares", "x", x.dtype(), DType::F32)?;
         let partial = launch::NORM_BLOCKS * 4;
-        self.with_scratch(partial + 4, |s| {
+        self.with_scratch(self.scratch_bytes(&ScratchUse::Reduction), |s| {
             let out = s.at(partial, 4);
             launch::global_norm_squared(&self.dev, &out, &s.at(0, partial), &x, x.numel())?;
             let b = self.dev.read(&out)?;

@@ -60,6 +60,36 @@ pub enum Role {
     Index,
 }
 
+/// An op's use of the scratch a backend keeps for itself, outside its allocations (the CPU's attention
+/// workspace, kernel devices' column buffers and partial sums): noted by the recording backend, so a
+/// run of steps can reserve, before its first step, the most that any of its ops needs
+/// ([`Backend::scratch_bytes`], [`Backend::reserve_scratch`]) instead of growing it in a later step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ScratchUse {
+    Attention(AttentionDims),
+    AttentionBackward {
+        dims: AttentionDims,
+        broadcast_dbias: bool,
+    },
+    LayerNormBackward {
+        rows: usize,
+        dim: usize,
+    },
+    Conv1d(Conv1dDims),
+    Conv1dBackward {
+        dims: Conv1dDims,
+        dx: bool,
+    },
+    BatchNormBackward {
+        channels: usize,
+    },
+    AttentionPoolBackward {
+        logits: usize,
+    },
+    /// A reduction to one value (MSE, sum of squares).
+    Reduction,
+}
+
 /// An allocation of backend memory (host memory on the CPU and the emulator, device memory on CUDA).
 pub trait Memory {
     fn addr(&self) -> u64;
@@ -87,14 +117,26 @@ pub trait Backend: Sized {
     /// can attribute memory to modules. Backends that compute ignore it.
     fn enter_module(&self, _module: &'static str) {}
 
-    /// Starts a run of steps of one shape: the allocations that follow are its step buffers. The
-    /// recording backend notes their lifetimes from here; a backend given an arena plan
-    /// ([`Backend::use_arena`]) makes the arena and places them by it.
+    /// Starts a run of steps (of one shape, or of shapes up to the planned one): the allocations that
+    /// follow are its step buffers. The recording backend notes their lifetimes from here; a backend
+    /// given an arena plan ([`Backend::use_arena`]) makes the arena and places them by it.
     fn begin_steps(&self) -> Result<()> {
         Ok(())
     }
 
-    /// Marks the start of the run's second (warm) step.
+    /// Bytes of this backend's own scratch that `op` needs (0 where it keeps none).
+    fn scratch_bytes(&self, _op: &ScratchUse) -> usize {
+        0
+    }
+
+    /// Grows this backend's own scratch to at least `bytes` now, so that no step grows it later.
+    fn reserve_scratch(&self, _bytes: usize) -> Result<()> {
+        Ok(())
+    }
+
+    /// Marks the start of the run's second (warm) step. A backend placing buffers by an arena plan stops
+    /// there: the first step made every step buffer, and anything allocated later (an evaluation
+    /// between steps, say) comes from the heap.
     fn warm_step(&self) {}
 
     /// Places the step buffers of the next run of steps ([`Backend::begin_steps`]) by `plan`: one

@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 
 use super::meter::ByteMeter;
 use super::{
-    Act, AttentionDims, Backend, BatchNormStats, Conv1dDims, LinearDims, Memory, PoolDims, View,
-    ViewMut,
+    Act, AttentionDims, Backend, BatchNormStats, Conv1dDims, LinearDims, Memory, PoolDims,
+    ScratchUse, View, ViewMut,
 };
 use crate::ops::optim::AdamWStep;
 use crate::runtime::{place_segments, ArenaPlan, DType, Lifetime};
@@ -82,6 +82,8 @@ struct UseLog {
     boundary: Option<u64>,
     /// Bytes live when the step buffers began (parameters, optimiser state, inputs).
     live_before_steps: usize,
+    /// The scratch uses of the window's ops, each once.
+    scratch: Vec<ScratchUse>,
 }
 
 /// One stretch of ops over which a buffer's contents are needed.
@@ -108,9 +110,24 @@ pub struct StepLifetimes {
     /// Buffers allocated in the warm step (none, when the steps plan their buffers on the first call as
     /// the models do; an arena places them too, and later steps' allocations come from the heap).
     pub allocated_after_boundary: usize,
+    /// Non-empty step buffers released within the window: buffers replaced by a larger one as a step
+    /// grew them. None in the models, which make each buffer once at its largest size in the step, so
+    /// that the steps allocate the same buffers in the same order at every shape.
+    pub regrown: usize,
+    /// What the window's ops use of a backend's own scratch ([`StepLifetimes::scratch_bytes`]).
+    pub scratch: Vec<ScratchUse>,
 }
 
 impl StepLifetimes {
+    /// The most scratch of its own that backend `b` needs for one of these steps' ops.
+    pub fn scratch_bytes<B: Backend>(&self, b: &B) -> usize {
+        self.scratch
+            .iter()
+            .map(|op| b.scratch_bytes(op))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Bytes of the planned arena.
     pub fn arena_bytes(&self) -> usize {
         self.offsets
@@ -142,6 +159,54 @@ impl StepLifetimes {
             }
         }
         most
+    }
+
+    /// Whether this plan's placement also serves steps whose buffers are `other`'s (the same steps at a
+    /// smaller shape): as many buffers, none larger than its place, zeros needed only where this plan
+    /// gives them, and no two buffers whose places share bytes here alive at the same op there. `Err`
+    /// says what differs.
+    pub fn admits(&self, other: &StepLifetimes) -> std::result::Result<(), String> {
+        let n = self.sizes.len();
+        if other.sizes.len() != n {
+            return Err(format!(
+                "the steps make {} buffers where the plan has {n}",
+                other.sizes.len()
+            ));
+        }
+        for k in 0..n {
+            if other.sizes[k] > self.sizes[k] {
+                return Err(format!(
+                    "buffer {k} needs {} bytes where the plan has {}",
+                    other.sizes[k], self.sizes[k]
+                ));
+            }
+            if other.zeroed[k] && !self.zeroed[k] {
+                return Err(format!(
+                    "buffer {k} reads its zeros only at the smaller shape"
+                ));
+            }
+        }
+        let meet = |i: usize, j: usize| {
+            other.lives[i]
+                .iter()
+                .any(|a| other.lives[j].iter().any(|b| a.overlaps(b)))
+        };
+        let mut by_offset: Vec<usize> = (0..n).filter(|&k| self.sizes[k] > 0).collect();
+        by_offset.sort_unstable_by_key(|&k| self.offsets[k]);
+        for (a, &i) in by_offset.iter().enumerate() {
+            let end = self.offsets[i] + self.sizes[i];
+            for &j in &by_offset[a + 1..] {
+                if self.offsets[j] >= end {
+                    break;
+                }
+                if meet(i, j) {
+                    return Err(format!(
+                        "buffers {i} and {j} share bytes in the plan but are needed together"
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The arena plan to replay on a real backend (allocation `k` of the steps at `offsets[k]`).
@@ -357,6 +422,7 @@ impl RecordingBackend {
         let mut out = StepLifetimes::default();
         for (k, a) in u.allocs.iter().enumerate().skip(step_first) {
             let freed = a.free_op.filter(|&f| f <= end);
+            out.regrown += (freed.is_some() && a.bytes > 0) as usize;
             let segs = &segments[k - step_first];
             let rel = |op: u64| (op.max(start) - start) as usize;
             let mut lives: Vec<Lifetime> = if segs.is_empty() {
@@ -380,7 +446,16 @@ impl RecordingBackend {
             out.allocated_after_boundary += u.boundary.is_some_and(|b| a.alloc_op >= b) as usize;
         }
         out.offsets = place_segments(&out.sizes, &out.lives);
+        out.scratch = std::mem::take(&mut u.scratch);
         out
+    }
+
+    /// Inside a window, notes an op's use of a backend's own scratch.
+    fn note_scratch(&self, op: ScratchUse) {
+        let mut u = self.uses();
+        if u.window.is_some() && !u.scratch.contains(&op) {
+            u.scratch.push(op);
+        }
     }
 
     /// One op: advances the clock and, inside a window, notes what it touches.
@@ -653,6 +728,10 @@ impl Backend for RecordingBackend {
         a6: View<'_, Self>,
         a7: View<'_, Self>,
     ) -> Result<()> {
+        self.note_scratch(ScratchUse::LayerNormBackward {
+            rows: a4.numel() / a5.numel().max(1),
+            dim: a5.numel(),
+        });
         self.touch([
             Some(up(&a0)),
             Some(up(&a1)),
@@ -720,6 +799,7 @@ impl Backend for RecordingBackend {
         a6: Option<(View<'_, Self>, bool)>,
         dims: &AttentionDims,
     ) -> Result<()> {
+        self.note_scratch(ScratchUse::Attention(*dims));
         self.touch([
             Some(wr(&a0)),
             Some(wr(&a1)),
@@ -749,6 +829,10 @@ impl Backend for RecordingBackend {
         a11: Option<(View<'_, Self>, bool)>,
         dims: &AttentionDims,
     ) -> Result<()> {
+        self.note_scratch(ScratchUse::AttentionBackward {
+            dims: *dims,
+            broadcast_dbias: a3.is_some() && a11.as_ref().is_some_and(|(_, per_batch)| !per_batch),
+        });
         self.touch([
             Some(up(&a0)),
             Some(up(&a1)),
@@ -793,6 +877,7 @@ impl Backend for RecordingBackend {
         a3: Option<View<'_, Self>>,
         dims: &Conv1dDims,
     ) -> Result<()> {
+        self.note_scratch(ScratchUse::Conv1d(*dims));
         self.touch([
             Some(wr(&a0)),
             Some(rd(&a1)),
@@ -812,6 +897,10 @@ impl Backend for RecordingBackend {
         a5: View<'_, Self>,
         dims: &Conv1dDims,
     ) -> Result<()> {
+        self.note_scratch(ScratchUse::Conv1dBackward {
+            dims: *dims,
+            dx: dx.is_some(),
+        });
         self.touch([
             dx.as_ref().map(up),
             Some(up(&a1)),
@@ -875,6 +964,9 @@ impl Backend for RecordingBackend {
         _: f32,
         _: bool,
     ) -> Result<()> {
+        self.note_scratch(ScratchUse::BatchNormBackward {
+            channels: a5.numel(),
+        });
         self.touch([
             Some(up(&a0)),
             Some(up(&a1)),
@@ -908,6 +1000,7 @@ impl Backend for RecordingBackend {
         a5: View<'_, Self>,
         _: &PoolDims,
     ) -> Result<()> {
+        self.note_scratch(ScratchUse::AttentionPoolBackward { logits: a5.numel() });
         self.touch([
             Some(up(&a0)),
             Some(up(&a1)),
@@ -951,6 +1044,7 @@ impl Backend for RecordingBackend {
         Ok(())
     }
     fn mse(&self, a0: View<'_, Self>, a1: View<'_, Self>) -> Result<f32> {
+        self.note_scratch(ScratchUse::Reduction);
         self.touch([Some(rd(&a0)), Some(rd(&a1))]);
         Ok(0.0)
     }
@@ -965,6 +1059,7 @@ impl Backend for RecordingBackend {
         Ok(())
     }
     fn sum_squares(&self, a0: View<'_, Self>) -> Result<f32> {
+        self.note_scratch(ScratchUse::Reduction);
         self.touch([Some(rd(&a0))]);
         Ok(0.0)
     }
@@ -1139,6 +1234,45 @@ mod tests {
         assert_eq!(lt.lives[1], vec![l(1, 2), l(3, 4), l(5, 5)]);
         assert_eq!(lt.allocated_after_boundary, 0);
         drop((table, scratch));
+    }
+
+    /// The steps of `buffers_whose_lifetimes_never_meet_share_bytes` at `n` elements per buffer; with
+    /// `late_read`, a last op reads `a` after `d` is written (so `a` and `d` meet).
+    fn chain(n: usize, late_read: bool) -> StepLifetimes {
+        let b = RecordingBackend::new(DType::F32);
+        b.mark_step_buffers();
+        let mut a = Tensor::new(&b, Role::Activation, n).unwrap();
+        let mut c = Tensor::new(&b, Role::Activation, n).unwrap();
+        let mut d = Tensor::new(&b, Role::Activation, n).unwrap();
+        b.zero(a.view_mut()).unwrap();
+        b.activation(c.view_mut(), a.view(), Act::Relu).unwrap();
+        b.activation(d.view_mut(), c.view(), Act::Relu).unwrap();
+        if late_read {
+            b.add(c.view_mut(), a.view(), d.view()).unwrap();
+        }
+        let _ = b.read_f32(d.view()).unwrap();
+        b.end_window()
+    }
+
+    /// A plan made at the largest shape serves the same steps at a smaller one, and refuses steps whose
+    /// buffers are larger, more numerous, or alive together where the plan lets them share bytes.
+    #[test]
+    fn a_plan_admits_the_same_steps_at_a_smaller_shape_only() {
+        let big = chain(1000, false);
+        assert_eq!(big.offsets[0], big.offsets[2], "a and d share bytes");
+        assert_eq!(big.admits(&chain(10, false)), Ok(()));
+        assert!(big
+            .admits(&chain(2000, false))
+            .unwrap_err()
+            .contains("bytes"));
+        // `a` now lives until `d` is made: they must not share bytes.
+        assert!(big
+            .admits(&chain(10, true))
+            .unwrap_err()
+            .contains("needed together"));
+        let mut fewer = chain(10, false);
+        fewer.sizes.pop();
+        assert!(big.admits(&fewer).unwrap_err().contains("buffers"));
     }
 
     #[test]

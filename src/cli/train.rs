@@ -56,6 +56,10 @@ pub struct TrainArgs {
     /// Where frozen encoders' embeddings are cached (default: ~/.cache/isoformer-engine/embeddings).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+    /// Allocate the step buffers one by one instead of from one arena planned for the largest step
+    /// (same results; more memory).
+    #[arg(long)]
+    pub no_arena: bool,
 }
 
 #[derive(Args, Debug)]
@@ -201,6 +205,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         cache_dir: a.cache_dir.clone(),
         memory_budget: None,
+        planned_arena: !a.no_arena,
     };
     let outcome = with_backend(&a.device, |backend| {
         // The plan is checked against the memory of the device the step runs on, before any work: this

@@ -183,6 +183,8 @@ pub struct EncoderActivations<B: Backend> {
     cos: Option<Tensor<B>>,
     sin: Option<Tensor<B>>,
     rotary_len: usize,
+    /// The longest input expected ([`EncoderActivations::reserve_len`]).
+    reserved_len: usize,
 }
 
 impl<B: Backend> Default for EncoderActivations<B> {
@@ -192,11 +194,18 @@ impl<B: Backend> Default for EncoderActivations<B> {
             cos: None,
             sin: None,
             rotary_len: 0,
+            reserved_len: 0,
         }
     }
 }
 
 impl<B: Backend> EncoderActivations<B> {
+    /// Makes the position tables, when first made, long enough for inputs of `len` tokens, so a
+    /// longer batch later does not replace them (a run's step buffers are then made once).
+    pub fn reserve_len(&mut self, len: usize) {
+        self.reserved_len = self.reserved_len.max(len);
+    }
+
     /// The last hidden state `[batch, len, hidden]` of the latest forward.
     pub fn hidden(&self) -> Result<View<'_, B>> {
         self.planned
@@ -479,7 +488,8 @@ impl TransformerEncoder {
             ));
         }
         if len > acts.rotary_len {
-            let table = RotaryTable::new(len.max(64), cfg.head_dim(), 10_000.0)?;
+            let table =
+                RotaryTable::new(len.max(64).max(acts.reserved_len), cfg.head_dim(), 10_000.0)?;
             acts.cos = Some(Tensor::from_f32(b, Role::Exact, table.cos())?);
             acts.sin = Some(Tensor::from_f32(b, Role::Exact, table.sin())?);
             acts.rotary_len = table.max_len();

@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use super::adamw::AdamW;
 use super::cache::EmbeddingCache;
 use super::params::IsoformerParams;
-use super::step::{forward_backward, StepBuffers};
+use super::step::{optimizer_update, train_micro_step, StepBuffers};
 use crate::backend::Backend;
 use crate::data::predict_tsv::{fit_window, PredictTsv};
 use crate::models::isoformer::init::initial_sections;
@@ -110,14 +110,13 @@ pub fn run_step_bench<B: Backend>(b: &B, spec: &StepBenchSpec) -> Result<Vec<(f6
         let hits_before = cache.hits;
         reset_peak_rss();
         let t0 = Instant::now();
-        params.train.zero_grads(b)?;
         let c = if spec.no_cache || spec.weights.is_some() {
             None
         } else {
             Some(&mut cache)
         };
-        forward_backward(b, &model, &mut params, &inputs, &targets, &mut bufs, 1.0, c)?;
-        params.optimizer_step(b, &optimizer, 1.0, Some(1.0))?;
+        train_micro_step(b, &model, &mut params, &inputs, &targets, &mut bufs, 1.0, c)?;
+        optimizer_update(b, &mut params, &optimizer, 1.0, Some(1.0))?;
         b.synchronize()?;
         out.push((
             t0.elapsed().as_secs_f64(),

@@ -10,14 +10,15 @@
 use super::adamw::AdamW;
 use super::bench_step::{as_samples, random_sequences};
 use super::params::IsoformerParams;
-use super::step::{forward_backward, predict, StepBuffers};
+use super::step::{optimizer_update, predict, train_micro_step, StepBuffers};
 use crate::backend::record::{RecordingBackend, StepLifetimes};
+use crate::backend::{Backend, ScratchUse};
 use crate::models::isoformer::{
     EncoderMode, Isoformer, IsoformerActivations, IsoformerConfig, Modality, RecomputeChoice,
     MAX_INPUT_ELEMENTS,
 };
 use crate::models::recompute::Recompute;
-use crate::runtime::DType;
+use crate::runtime::{ArenaPlan, DType};
 use crate::Result;
 
 #[derive(Clone, Debug)]
@@ -113,8 +114,8 @@ pub fn plan_step_with_lifetimes(spec: &PlanSpec) -> Result<(PlanReport, StepLife
     let mut acts = IsoformerActivations::default();
     let mut step = |params: &mut IsoformerParams<RecordingBackend>| -> Result<()> {
         if spec.train {
-            forward_backward(&b, &model, params, &inputs, &targets, &mut bufs, 1.0, None)?;
-            params.optimizer_step(&b, &optimizer, 1.0, Some(1.0))?;
+            train_micro_step(&b, &model, params, &inputs, &targets, &mut bufs, 1.0, None)?;
+            optimizer_update(&b, params, &optimizer, 1.0, Some(1.0))?;
         } else {
             predict(&b, &model, params, &inputs, &mut acts)?;
         }
@@ -155,6 +156,85 @@ pub fn plan_step_with_lifetimes(spec: &PlanSpec) -> Result<(PlanReport, StepLife
         ..report_base
     };
     Ok((report, lifetimes))
+}
+
+/// A training run's memory plan: the arena its steps take their buffers from, and what its ops use of
+/// a backend's own scratch.
+#[derive(Clone, Debug)]
+pub struct RunPlan {
+    pub arena: ArenaPlan,
+    pub scratch: Vec<ScratchUse>,
+}
+
+impl RunPlan {
+    /// Gives `b` the plan, before the run's [`Backend::begin_steps`]: its own scratch grown now to the
+    /// most any op of the run needs, and the arena for the steps' buffers. No step allocates after.
+    pub fn apply<B: Backend>(self, b: &B) -> Result<()> {
+        let scratch = self.scratch.iter().map(|op| b.scratch_bytes(op)).max();
+        b.reserve_scratch(scratch.unwrap_or(0))?;
+        b.use_arena(self.arena)
+    }
+}
+
+/// A run's plan, or why the run allocates its step buffers one by one instead.
+pub type RunArena = std::result::Result<RunPlan, String>;
+
+/// Plans the step buffers of a training run of `config` whose batches have `batch_sizes` samples: at
+/// the largest step the run makes (the largest batch at the config's longest inputs), then checks that
+/// this placement also serves its smallest steps (every batch size at the shortest inputs, and at the
+/// longest), whose buffers are prefixes of the planned ones ([`StepLifetimes::admits`]).
+pub fn plan_run_arena(
+    config: &IsoformerConfig,
+    batch_sizes: &[usize],
+    compute: DType,
+) -> Result<RunArena> {
+    let Some(&largest) = batch_sizes.iter().max() else {
+        return Ok(Err("no batches".into()));
+    };
+    let spec = |batch: usize, rna_tokens: usize, protein_tokens: usize| PlanSpec {
+        config: config.clone(),
+        batch,
+        rna_tokens,
+        protein_tokens,
+        train: true,
+        compute,
+    };
+    let (rna, protein) = (
+        config.num_tokens_per_seq_nuctf_rna,
+        config.num_protein_tokens_per_seq,
+    );
+    let (_, worst) = plan_step_with_lifetimes(&spec(largest, rna, protein))?;
+    // A buffer grown within a step would keep its larger place at a smaller shape, where the step
+    // would not grow it: the allocations would no longer line up with the plan.
+    if worst.regrown > 0 {
+        return Ok(Err(format!(
+            "{} step buffers are grown within a step",
+            worst.regrown
+        )));
+    }
+    let mut sizes = batch_sizes.to_vec();
+    sizes.sort_unstable();
+    sizes.dedup();
+    for &batch in &sizes {
+        // `<cls>` and one token (NT-v2), `<cls>`, one residue and `<eos>` (ESM-2).
+        let mut shapes = vec![(2, 3)];
+        if batch != largest {
+            shapes.push((rna, protein));
+        }
+        for (r, p) in shapes {
+            let (_, small) = plan_step_with_lifetimes(&spec(batch, r, p))?;
+            if let Err(why) = worst.admits(&small) {
+                return Ok(Err(format!(
+                    "the plan for batch {largest} at the longest inputs does not serve batch {batch} \
+                     with {r} RNA and {p} protein tokens: {why}"
+                )));
+            }
+        }
+    }
+    Ok(Ok(RunPlan {
+        arena: worst.arena_plan(),
+        scratch: worst.scratch,
+    }))
 }
 
 /// The encoders whose recompute policy is `auto` and that a training step runs a backward through
@@ -304,6 +384,7 @@ pub fn largest_batch(spec: &PlanSpec, budget: usize, limit: usize) -> Result<usi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::isoformer::Aggregator;
 
     /// An inference plan holds no gradients or optimiser moments (evaluation and prediction allocate none),
     /// and its step is smaller than a training step's.
@@ -432,6 +513,54 @@ mod tests {
                 report.step_with_reuse,
                 report.step_peak
             );
+        }
+    }
+
+    /// A run plans its step buffers once, at its largest step, and that placement must serve every
+    /// smaller step: for each aggregator, with and without recompute, the steps make each buffer once
+    /// at its largest size (none grown within a step), and every batch size and input length below the
+    /// largest is admitted.
+    #[test]
+    fn the_largest_steps_plan_serves_every_smaller_step() {
+        for aggregator in [
+            Aggregator::CrossAttention,
+            Aggregator::ModalityCentred,
+            Aggregator::LinearMean,
+            Aggregator::Perceiver,
+        ] {
+            for policy in [RecomputeChoice::None, RecomputeChoice::Blocks] {
+                let mut config = IsoformerConfig::resolve("demo").unwrap();
+                config.aggregator = aggregator;
+                config.num_tokens_per_seq_nuctf_rna = 40;
+                config.num_protein_tokens_per_seq = 30;
+                for m in config.modalities.clone() {
+                    config.train.recompute.set(m, policy);
+                }
+                let what = format!("{aggregator:?} {policy:?}");
+                let spec = |batch, rna_tokens, protein_tokens| PlanSpec {
+                    config: config.clone(),
+                    batch,
+                    rna_tokens,
+                    protein_tokens,
+                    train: true,
+                    compute: DType::F32,
+                };
+                let (_, worst) = plan_step_with_lifetimes(&spec(3, 40, 30)).unwrap();
+                assert_eq!(worst.regrown, 0, "{what}: buffers grown within a step");
+                for batch in [1, 2, 3] {
+                    for (rna, protein) in [(2, 3), (3, 30), (20, 4), (40, 15), (40, 30)] {
+                        let (_, small) =
+                            plan_step_with_lifetimes(&spec(batch, rna, protein)).unwrap();
+                        assert_eq!(
+                            worst.admits(&small),
+                            Ok(()),
+                            "{what}: batch {batch}, {rna} and {protein} tokens"
+                        );
+                    }
+                }
+                let run = plan_run_arena(&config, &[3, 3, 1], DType::F32).unwrap();
+                assert!(run.is_ok(), "{what}: {:?}", run.err());
+            }
         }
     }
 

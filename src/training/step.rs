@@ -8,6 +8,7 @@
 //! backward: head → aggregator → each trained encoder, adding into the gradients
 //! ```
 
+use super::adamw::{AdamW, StepReport};
 use super::cache::EmbeddingCache;
 use crate::backend::{Backend, Role, Tensor, View};
 use crate::models::enformer::BatchNormMode;
@@ -122,9 +123,45 @@ fn ensure<B: Backend>(b: &B, slot: &mut Option<Tensor<B>>, role: Role, n: usize)
     }
 }
 
+/// One micro-batch of a training run, as the trainer, the planner and `bench step` all run it:
+/// [`forward_backward`], then [`update_running_stats`] (fine-tuned Enformer trunks). Returns the loss.
+#[allow(clippy::too_many_arguments)]
+pub fn train_micro_step<B: Backend>(
+    b: &B,
+    model: &Isoformer,
+    params: &mut IsoformerParams<B>,
+    inputs: &IsoformerInputs,
+    targets: &[f32],
+    bufs: &mut StepBuffers<B>,
+    loss_scale: f32,
+    cache: Option<&mut EmbeddingCache>,
+) -> Result<f32> {
+    let loss = forward_backward(b, model, params, inputs, targets, bufs, loss_scale, cache)?;
+    if !loss.is_finite() {
+        // Batch statistics of a non-finite forward would poison the running statistics.
+        return Ok(loss);
+    }
+    update_running_stats(b, model, params, bufs)?;
+    Ok(loss)
+}
+
+/// The optimiser step that closes a group of micro-batches (AdamW on the accumulated gradients, clipped
+/// to `max_norm`, the learning rate scaled by `lr_factor`), then zeroed gradients for the next group.
+pub fn optimizer_update<B: Backend>(
+    b: &B,
+    params: &mut IsoformerParams<B>,
+    optimizer: &AdamW,
+    lr_factor: f32,
+    max_norm: Option<f32>,
+) -> Result<StepReport> {
+    let report = params.optimizer_step(b, optimizer, lr_factor, max_norm)?;
+    params.train.zero_grads(b)?;
+    Ok(report)
+}
+
 /// Forward and backward of one (micro-)batch: returns the MSE loss and adds `loss_scale · ∂loss/∂θ` into
-/// the trainable sections' gradients. Fine-tuned Enformer trunks use the batch's batchnorm statistics; call
-/// [`update_running_stats`] after the optimiser step.
+/// the trainable sections' gradients. Fine-tuned Enformer trunks use the batch's batchnorm statistics
+/// and copy them for [`update_running_stats`].
 /// With `cache` (every encoder frozen), the encoders' outputs come from the embedding cache and only the
 /// aggregator and head run.
 #[allow(clippy::too_many_arguments)]

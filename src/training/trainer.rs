@@ -12,10 +12,10 @@ use super::cache::EmbeddingCache;
 use super::checkpoint::{self, Checkpoint, TrainProgress};
 use super::metrics::{evaluate, SplitMetrics};
 use super::params::{is_lora_name, trainable_flags, IsoformerParams};
-use super::plan::{choose_recompute, PlanSpec};
+use super::plan::{choose_recompute, plan_run_arena, PlanSpec};
 use super::plots;
 use super::schedule::lr_factor;
-use super::step::{forward_backward, predict, predict_cached, update_running_stats, StepBuffers};
+use super::step::{optimizer_update, predict, predict_cached, train_micro_step, StepBuffers};
 use crate::backend::Backend;
 use crate::data::loader::epoch_plan;
 use crate::data::{DataConfig, Dataset, Loader, LoaderConfig, Sample, Split, TargetStats};
@@ -38,6 +38,9 @@ pub struct TrainOptions {
     pub cache_dir: Option<PathBuf>,
     /// Refuse, before any work, a configuration whose planned step (longest inputs) exceeds this many bytes.
     pub memory_budget: Option<usize>,
+    /// Take the step buffers from one arena planned for the run's largest step (when encoders run in
+    /// the step; steps that read cached embeddings allocate theirs one by one).
+    pub planned_arena: bool,
 }
 
 pub struct TrainOutcome {
@@ -259,6 +262,8 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
         None => opts.config.clone(),
     };
     let mut model = Isoformer::new(cfg.clone())?;
+    // The config as the steps run it: `auto` recompute choices made.
+    let mut planned_config = cfg.clone();
     if let Some(budget) = opts.memory_budget {
         let spec = PlanSpec {
             config: cfg.clone(),
@@ -296,6 +301,7 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
         for &(m, policy) in &chosen.policies {
             model.set_recompute(m, policy);
         }
+        planned_config = chosen.config.clone();
         if chosen.policies.iter().any(|(_, p)| *p != Recompute::None) {
             let list: Vec<String> = chosen
                 .policies
@@ -397,6 +403,12 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
     } else {
         ProgressBar::hidden()
     };
+    if opts.planned_arena && cache.is_none() {
+        use_run_arena(b, &planned_config, &epoch_plan(&train_rows, &lc))?;
+    }
+    // The step buffers start here: placed by the plan when there is one.
+    b.begin_steps()?;
+    let mut stepped = false;
     let mut bufs = StepBuffers::default();
     let mut stopped_early = false;
     let started = Instant::now();
@@ -435,7 +447,7 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
             let group = t
                 .grad_accum_steps
                 .min(n_batches - (index - index % t.grad_accum_steps));
-            let loss = forward_backward(
+            let loss = train_micro_step(
                 b,
                 &model,
                 &mut params,
@@ -455,7 +467,6 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
                     ),
                 ));
             }
-            update_running_stats(b, &model, &mut params, &bufs)?;
             loss_sum += loss / group as f32;
             micro += 1;
             if micro < group {
@@ -467,12 +478,14 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
                 total_steps,
                 t.min_lr_ratio,
             );
-            params
-                .optimizer_step(b, &optimizer, factor, t.max_grad_norm)
-                .map_err(|e| {
-                    Error::invalid("training", format!("step {}: {e}", progress.step + 1))
-                })?;
-            params.train.zero_grads(b)?;
+            optimizer_update(b, &mut params, &optimizer, factor, t.max_grad_norm).map_err(|e| {
+                Error::invalid("training", format!("step {}: {e}", progress.step + 1))
+            })?;
+            if !stepped {
+                // Every step buffer is made: later allocations (evaluations) come from the heap.
+                b.warm_step();
+                stepped = true;
+            }
             progress.step += 1;
             progress.batch_in_epoch = index + 1;
             progress.train_losses.push(loss_sum);
@@ -500,6 +513,7 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
         }
         checkpoint::save(&last_path, b, &model, &params, &progress)?;
     }
+    b.warm_step();
     checkpoint::save(&last_path, b, &model, &params, &progress)?;
     bar.finish_and_clear();
     eprintln!(
@@ -576,6 +590,35 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
         test,
         train_losses: progress.train_losses,
     })
+}
+
+/// Gives `b` the arena plan of a run whose epochs have these batches, when its placement serves every
+/// step of the run; says what it did.
+fn use_run_arena<B: Backend>(
+    b: &B,
+    config: &IsoformerConfig,
+    batches: &[Vec<crate::data::RowRef>],
+) -> Result<()> {
+    // The plan is recorded with one dtype for activations and weights.
+    if b.weight_dtype() != b.compute_dtype() {
+        eprintln!("step buffers: allocated one by one (weights and activations differ in dtype)");
+        return Ok(());
+    }
+    let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
+    match plan_run_arena(config, &sizes, b.compute_dtype())? {
+        Ok(plan) => {
+            eprintln!(
+                "step buffers: one arena of {:.1} MiB for {} buffers, placed by their lifetimes",
+                plan.arena.bytes as f64 / f64::from(1 << 20),
+                plan.arena.sizes.len()
+            );
+            plan.apply(b)
+        }
+        Err(why) => {
+            eprintln!("step buffers: allocated one by one ({why})");
+            Ok(())
+        }
+    }
 }
 
 /// What an evaluation during training reads.

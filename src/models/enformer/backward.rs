@@ -111,6 +111,10 @@ impl EnformerTrunk {
         for slot in g.ring.iter_mut() {
             ensure(b, slot, Role::Activation, max_numel)?;
         }
+        // The ConvBlock scratch at its widest (blocks run from the narrowest up): made once per step.
+        let widest = self.conv_block_extent(n, seq_len).0.saturating_mul(batch);
+        ensure(b, &mut g.d_gelu, Role::Activation, widest)?;
+        ensure(b, &mut g.d_normed, Role::Activation, widest)?;
         let result = (|| -> Result<()> {
             let last = tr.blocks.last().copied().ok_or_else(|| {
                 Error::invalid("enformer backward", "the forward kept no ConvBlock")

@@ -216,29 +216,82 @@ impl<B: Backend> ConvBlockActs<B> {
 }
 
 impl<B: Backend> AttnActs<B> {
-    fn new(b: &B, t: &EnformerTrunk, batch: usize, n: usize) -> Result<Self> {
+    /// Role and size of each buffer, in field order, for `batch` sequences of `n` positions.
+    fn shapes(t: &EnformerTrunk, batch: usize, n: usize) -> [(Role, usize); 16] {
         let (dim, heads, dk) = (t.cfg.dim, t.cfg.heads, t.cfg.attn_dim_key);
         let (rows, hk) = (batch * n, heads * dk);
-        let a = |numel: usize| Tensor::new(b, Role::Activation, numel);
-        let e = |numel: usize| Tensor::new(b, Role::Exact, numel);
+        let (a, e) = (Role::Activation, Role::Exact);
+        [
+            (a, rows * dim),
+            (e, rows),
+            (e, rows),
+            (a, rows * hk),
+            (a, rows * hk),
+            (a, rows * hk),
+            (a, rows * hk),
+            (a, rows * dim),
+            (a, (2 * n - 1) * hk),
+            (a, rows * dim),
+            (e, batch * heads * n),
+            (a, rows * dim),
+            (e, rows),
+            (e, rows),
+            (a, rows * 2 * dim),
+            (a, rows * 2 * dim),
+        ]
+    }
+
+    fn fields_mut(&mut self) -> [&mut Tensor<B>; 16] {
+        [
+            &mut self.ln1,
+            &mut self.mean1,
+            &mut self.rstd1,
+            &mut self.q,
+            &mut self.q_content,
+            &mut self.q_pos,
+            &mut self.k,
+            &mut self.v,
+            &mut self.rel_k,
+            &mut self.attn,
+            &mut self.lse,
+            &mut self.ln2,
+            &mut self.mean2,
+            &mut self.rstd2,
+            &mut self.ff_pre,
+            &mut self.ff_act,
+        ]
+    }
+
+    fn new(b: &B, t: &EnformerTrunk, batch: usize, n: usize) -> Result<Self> {
+        let [ln1, mean1, rstd1, q, q_content, q_pos, k, v, rel_k, attn, lse, ln2, mean2, rstd2, ff_pre, ff_act] =
+            Self::shapes(t, batch, n).map(|(role, numel)| Tensor::new(b, role, numel));
         Ok(AttnActs {
-            ln1: a(rows * dim)?,
-            mean1: e(rows)?,
-            rstd1: e(rows)?,
-            q: a(rows * hk)?,
-            q_content: a(rows * hk)?,
-            q_pos: a(rows * hk)?,
-            k: a(rows * hk)?,
-            v: a(rows * dim)?,
-            rel_k: a((2 * n - 1) * hk)?,
-            attn: a(rows * dim)?,
-            lse: e(batch * heads * n)?,
-            ln2: a(rows * dim)?,
-            mean2: e(rows)?,
-            rstd2: e(rows)?,
-            ff_pre: a(rows * 2 * dim)?,
-            ff_act: a(rows * 2 * dim)?,
+            ln1: ln1?,
+            mean1: mean1?,
+            rstd1: rstd1?,
+            q: q?,
+            q_content: q_content?,
+            q_pos: q_pos?,
+            k: k?,
+            v: v?,
+            rel_k: rel_k?,
+            attn: attn?,
+            lse: lse?,
+            ln2: ln2?,
+            mean2: mean2?,
+            rstd2: rstd2?,
+            ff_pre: ff_pre?,
+            ff_act: ff_act?,
         })
+    }
+
+    /// Resizes every buffer for `batch` sequences of `n` positions (growing only when it must).
+    fn fit(&mut self, b: &B, t: &EnformerTrunk, batch: usize, n: usize) -> Result<()> {
+        for (tensor, (role, numel)) in self.fields_mut().into_iter().zip(Self::shapes(t, batch, n))
+        {
+            tensor.ensure(b, role, numel)?;
+        }
+        Ok(())
     }
 }
 
@@ -274,6 +327,27 @@ impl<B: Backend> EnformerActivations<B> {
         };
         ensure_at(b, &mut self.streams, slot, Role::Activation, numel)?;
         Ok(slot)
+    }
+
+    /// Grows the two shared ConvBlock buffer sets of a checkpointed forward to `numel` values and `c`
+    /// channels.
+    fn reserve_shared_blocks(&mut self, b: &B, numel: usize, c: usize) -> Result<()> {
+        while self.blocks.len() < 2 {
+            self.blocks.push(ConvBlockActs::new(b, 0, 0)?);
+        }
+        for blk in &mut self.blocks[..2] {
+            for (t, role, n) in [
+                (&mut blk.normed, Role::Activation, numel),
+                (&mut blk.gelu, Role::Activation, numel),
+                (&mut blk.mean, Role::Exact, c),
+                (&mut blk.var, Role::Exact, c),
+            ] {
+                if t.numel() < n {
+                    t.ensure(b, role, n)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Buffers of ConvBlock `i` (forward order): their own when keeping activations, else shared; with
@@ -421,6 +495,27 @@ impl ConvBlock {
 }
 
 impl EnformerTrunk {
+    /// Of one sample's ConvBlocks (the stem's at `seq_len`, each tower level's at twice its output
+    /// length, the final one at the transformer's length): the most input values (positions × input
+    /// channels) and the most input channels.
+    pub(super) fn conv_block_extent(
+        &self,
+        transformer_len: usize,
+        seq_len: usize,
+    ) -> (usize, usize) {
+        let fin = &self.final_block;
+        let (mut widest, mut channels) = (fin.c_in * transformer_len, fin.c_in);
+        let mut len = transformer_len;
+        for tb in self.tower.iter().rev() {
+            len *= 2;
+            let c = tb.conv.c_in.max(tb.residual.c_in);
+            widest = widest.max(len * c);
+            channels = channels.max(c);
+        }
+        let stem = self.stem_residual.c_in;
+        (widest.max(seq_len * stem), channels.max(stem))
+    }
+
     /// Checks the input geometry: `(transformer length n, output bins T)`.
     /// The output bins of a `seq_len` bp input, or the error the forward would give.
     pub fn output_bins(&self, seq_len: usize) -> Result<usize> {
@@ -480,13 +575,19 @@ impl EnformerTrunk {
         }
         let (n, out_len) = self.geometry(batch, seq_len)?;
         let checkpoints = keep && self.recompute == Recompute::Blocks;
-        let reshaped = acts.batch != batch
-            || acts.seq_len != seq_len
-            || acts.keep != keep
-            || acts.checkpoints != checkpoints;
+        // Another batch size keeps the buffers (they grow to the largest, and a planned arena gives
+        // them its places once); another window or saving plan starts afresh.
+        let reshaped =
+            acts.seq_len != seq_len || acts.keep != keep || acts.checkpoints != checkpoints;
         if reshaped {
-            // A new shape is planned afresh; buffers of the old one go.
+            // Buffers of the old plan go.
             *acts = EnformerActivations::default();
+        }
+        if checkpoints {
+            // The two ConvBlock buffer sets that recomputed blocks share, at the largest block's sizes:
+            // made once per step, not grown level by level.
+            let (widest, channels) = self.conv_block_extent(n, seq_len);
+            acts.reserve_shared_blocks(b, batch.saturating_mul(widest), channels)?;
         }
         acts.batch = batch;
         acts.seq_len = seq_len;
@@ -687,6 +788,8 @@ impl EnformerTrunk {
             let slot = acts.attention_slot(l);
             if slot == acts.layers.len() {
                 acts.layers.push(AttnActs::new(b, self, batch, n)?);
+            } else {
+                acts.layers[slot].fit(b, self, batch, n)?;
             }
             self.attention_layer(b, p, acts, layer, slot, x, mid, out, batch, n)?;
             acts.trace.layers.push((x, mid, out, slot));
@@ -878,7 +981,9 @@ impl EnformerTrunk {
         )?;
         let scale = (self.cfg.attn_dim_key as f32).powf(-0.5);
         if acts.q_scale.as_ref().is_none_or(|t| t.numel() != rows) {
-            acts.q_scale = Some(Tensor::from_f32(b, Role::Exact, &vec![scale; rows])?);
+            ensure(b, &mut acts.q_scale, Role::Exact, rows)?;
+            let q_scale = acts.q_scale.as_mut().expect("ensured");
+            b.write_f32(q_scale.view_mut(), &vec![scale; rows])?;
         }
         Ok(())
     }

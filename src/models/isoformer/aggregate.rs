@@ -765,6 +765,18 @@ impl Isoformer {
             if a.cross_scratch.is_none() {
                 a.cross_scratch = Some(CrossScratch::new(b)?);
             }
+            let blocks: Vec<(CrossShape, usize)> = (0..self.top.cross.len())
+                .map(|i| {
+                    (
+                        self.cross_geometry(i, outputs, batch).0,
+                        self.top.cross[i].width,
+                    )
+                })
+                .collect();
+            a.cross_scratch
+                .as_mut()
+                .expect("made above")
+                .reserve(b, blocks)?;
             // Blocks in reverse order: each adds its query path into the stream's gradient, which the
             // residual passes through unchanged.
             for (i, c) in self.top.cross.iter().enumerate().rev() {

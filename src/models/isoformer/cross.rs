@@ -75,6 +75,35 @@ impl<B: Backend> CrossScratch<B> {
             dv: act()?,
         })
     }
+
+    /// Grows the scratch, before a backward, to the largest of the blocks given as (shape, width): each
+    /// buffer is then made once per run, whatever order the blocks' sizes come in (a planned arena
+    /// relies on the same allocations at every shape).
+    pub fn reserve(
+        &mut self,
+        b: &B,
+        blocks: impl IntoIterator<Item = (CrossShape, usize)>,
+    ) -> Result<()> {
+        let (mut nq, mut nk) = (0usize, 0usize);
+        let overflow = || crate::Error::shape("cross-attention", "scratch size overflows");
+        for (s, width) in blocks {
+            let rows = |l: usize| s.batch.checked_mul(l)?.checked_mul(width);
+            nq = nq.max(rows(s.lq).ok_or_else(overflow)?);
+            nk = nk.max(rows(s.lk).ok_or_else(overflow)?);
+        }
+        for (t, n) in [
+            (&mut self.d_o, nq),
+            (&mut self.d_attn, nq),
+            (&mut self.dq, nq),
+            (&mut self.dk, nk),
+            (&mut self.dv, nk),
+        ] {
+            if t.numel() < n {
+                t.ensure(b, Role::Activation, n)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Grows `t` to at least `n` elements and returns a view of exactly `n`.

@@ -628,7 +628,10 @@ impl Isoformer {
                 EncoderNet::Transformer(t),
                 EncodedInput::Tokens { ids, lens, len },
                 EncoderActs::Transformer(a),
-            ) => t.forward(b, p, ids, lens, *len, a, keep),
+            ) => {
+                a.reserve_len(self.encoders[e].max_tokens);
+                t.forward(b, p, ids, lens, *len, a, keep)
+            }
             _ => Err(Error::invalid(
                 "isoformer",
                 "encoder input of the wrong kind",

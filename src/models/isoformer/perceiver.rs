@@ -336,6 +336,20 @@ impl Isoformer {
             plan.extend(layer.cross.iter().map(|c| (Some(c), layer)));
             plan.push((None, layer));
         }
+        let blocks: Vec<(CrossShape, usize)> = plan
+            .iter()
+            .filter_map(|(c, _)| c.map(|(_, c)| c))
+            .map(|c| {
+                let shape = CrossShape {
+                    batch,
+                    lq: n,
+                    lk: outputs[self.encoder_index(c.context)].len,
+                    context_width: self.cfg.width(c.context),
+                };
+                (shape, c.width)
+            })
+            .collect();
+        sc.reserve(b, blocks)?;
         let z0 = a.z0.as_ref().expect("a forward ran");
         for (i, stage) in a.stages.iter().enumerate().rev() {
             let z = if i == 0 {
