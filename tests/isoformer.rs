@@ -799,7 +799,7 @@ fn varying_shape_run<B: Backend>(
     let sizes = [1usize, 3, 2, 3];
     let before_plan = b.allocations();
     if arena {
-        let plan = plan_run_arena(cfg, &sizes, b.compute_dtype())
+        let plan = plan_run_arena(cfg, &sizes, b.compute_dtype(), true)
             .unwrap()
             .expect("the largest step's plan serves the smaller ones");
         plan.apply(b).unwrap();
@@ -890,4 +890,61 @@ fn emu_isoformer_steps_of_varying_shapes_run_bit_identically_from_one_planned_ar
     assert!(arena_weights == weights, "emu weights after the steps");
     assert_eq!(first, 2, "emu: the reserved scratch and one arena");
     assert_eq!(later, 0, "emu allocations after the first step");
+}
+
+/// Predictions (as bits) of batches of different sizes and lengths on `b`, with the buffers from one
+/// arena planned for the largest batch or one by one, and the allocations after the first batch.
+fn varying_shape_predictions<B: Backend>(
+    b: &B,
+    cfg: &IsoformerConfig,
+    arena: bool,
+) -> (Vec<u32>, usize) {
+    use isoformer_engine::models::isoformer::IsoformerActivations;
+    use isoformer_engine::training::step::predict;
+    use isoformer_engine::training::trainer::begin_planned_steps;
+    let model = Isoformer::new(cfg.clone()).unwrap();
+    let host = initial_sections(&model, 4).unwrap();
+    let params = IsoformerParams::upload_for_inference(b, &model, &host, None).unwrap();
+    let sizes = [2usize, 3, 1, 3];
+    if arena {
+        begin_planned_steps(b, cfg, &sizes, false, false).unwrap();
+    }
+    let mut acts = IsoformerActivations::default();
+    let (mut out, mut after_first) = (Vec::new(), 0);
+    for (k, &n) in sizes.iter().enumerate() {
+        let batch = random_batch(300 + k as u64, n, cfg.num_tissues, cfg.dna_sequence_length);
+        let inputs = model.prepare_inputs(&seqs(&batch)).unwrap();
+        let p = predict(b, &model, &params, &inputs, &mut acts).unwrap();
+        out.extend(p.iter().map(|x| x.to_bits()));
+        if k == 0 {
+            b.warm_step();
+            after_first = b.allocations();
+        }
+    }
+    (out, b.allocations() - after_first)
+}
+
+/// Inference over batches of different shapes from one planned arena (as `predict` and `eval` run it)
+/// gives the same predictions to the last bit as one allocation per buffer, and allocates nothing after
+/// the first batch, on the CPU for every aggregator and on the emulator.
+#[test]
+fn predictions_of_varying_shapes_are_bit_identical_from_one_planned_arena() {
+    for aggregator in [
+        "cross_attention",
+        "modality_centred",
+        "linear_mean",
+        "perceiver",
+    ] {
+        let cfg = tiny_config(aggregator);
+        let (heap, _) = varying_shape_predictions(&CpuBackend::new(), &cfg, false);
+        let (planned, later) = varying_shape_predictions(&CpuBackend::new(), &cfg, true);
+        assert!(planned == heap, "{aggregator}: predictions with the arena");
+        assert_eq!(later, 0, "{aggregator}: allocations after the first batch");
+    }
+    let cfg = tiny_config("cross_attention");
+    let emu = || KernelBackend::new(EmuDevice::default());
+    let (heap, _) = varying_shape_predictions(&emu(), &cfg, false);
+    let (planned, later) = varying_shape_predictions(&emu(), &cfg, true);
+    assert!(planned == heap, "emu predictions with the arena");
+    assert_eq!(later, 0, "emu allocations after the first batch");
 }

@@ -17,7 +17,7 @@ use crate::training::checkpoint::Checkpoint;
 use crate::training::params::IsoformerParams;
 use crate::training::step::predict;
 use crate::training::trainer::{
-    evaluate_split, open_dataset, predict_split_batches, train, TrainOptions,
+    begin_planned_steps, evaluate_split, open_dataset, predict_split_batches, train, TrainOptions,
 };
 use crate::{DeviceRequest, Error, Result};
 
@@ -371,8 +371,11 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
                 let mut tsv = PredictTsv::open(&a.input)?;
                 let len = model.cfg.dna_sequence_length;
                 let mut acts = Default::default();
+                let batch = model.cfg.train.batch_size.max(1);
+                // Full batches, and a shorter last one: one arena serves both.
+                begin_planned_steps(b, &model.cfg, &[batch, 1], false, false)?;
                 loop {
-                    let chunk = tsv.next_batch(model.cfg.train.batch_size.max(1))?;
+                    let chunk = tsv.next_batch(batch)?;
                     if chunk.is_empty() {
                         break;
                     }
@@ -390,7 +393,9 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
                     }
                     let ids: Vec<String> = chunk.iter().map(|r| r.id.clone()).collect();
                     sink(&ids, &p)?;
+                    b.warm_step();
                 }
+                b.warm_step();
                 Ok(())
             }
         })

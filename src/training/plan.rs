@@ -187,6 +187,7 @@ pub fn plan_run_arena(
     config: &IsoformerConfig,
     batch_sizes: &[usize],
     compute: DType,
+    train: bool,
 ) -> Result<RunArena> {
     let Some(&largest) = batch_sizes.iter().max() else {
         return Ok(Err("no batches".into()));
@@ -196,7 +197,7 @@ pub fn plan_run_arena(
         batch,
         rna_tokens,
         protein_tokens,
-        train: true,
+        train,
         compute,
     };
     let (rna, protein) = (
@@ -558,8 +559,10 @@ mod tests {
                         );
                     }
                 }
-                let run = plan_run_arena(&config, &[3, 3, 1], DType::F32).unwrap();
-                assert!(run.is_ok(), "{what}: {:?}", run.err());
+                for train in [true, false] {
+                    let run = plan_run_arena(&config, &[3, 3, 1], DType::F32, train).unwrap();
+                    assert!(run.is_ok(), "{what} train {train}: {:?}", run.err());
+                }
             }
         }
     }

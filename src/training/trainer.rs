@@ -199,6 +199,10 @@ pub fn predict_split_batches<B: Backend>(
     } else {
         ProgressBar::hidden()
     };
+    if cache.is_none() {
+        let sizes: Vec<usize> = plan.iter().map(Vec::len).collect();
+        begin_planned_steps(b, &model.cfg, &sizes, false, false)?;
+    }
     let loader = Loader::spawn(plan, 4, move |r| ds.sample(r))?;
     let mut acts = IsoformerActivations::default();
     let mut bufs = StepBuffers::default();
@@ -232,7 +236,10 @@ pub fn predict_split_batches<B: Backend>(
             .collect();
         sink(&ids, &p, &truth)?;
         bar.inc(batch.samples.len() as u64);
+        // The first batch made every buffer; an arena, if any, has placed them.
+        b.warm_step();
     }
+    b.warm_step();
     bar.finish_and_clear();
     Ok(sq / count.max(1) as f64)
 }
@@ -403,11 +410,13 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
     } else {
         ProgressBar::hidden()
     };
-    if opts.planned_arena && cache.is_none() {
-        use_run_arena(b, &planned_config, &epoch_plan(&train_rows, &lc))?;
-    }
     // The step buffers start here: placed by the plan when there is one.
-    b.begin_steps()?;
+    if opts.planned_arena && cache.is_none() {
+        let sizes: Vec<usize> = epoch_plan(&train_rows, &lc).iter().map(Vec::len).collect();
+        begin_planned_steps(b, &planned_config, &sizes, true, true)?;
+    } else {
+        b.begin_steps()?;
+    }
     let mut stepped = false;
     let mut bufs = StepBuffers::default();
     let mut stopped_early = false;
@@ -592,33 +601,38 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
     })
 }
 
-/// Gives `b` the arena plan of a run whose epochs have these batches, when its placement serves every
-/// step of the run; says what it did.
-fn use_run_arena<B: Backend>(
+/// Starts a run of steps on `b` (training steps, or inference forwards when not `train`) whose batches
+/// have `batch_sizes` samples: the step buffers come from one arena planned for the largest step when
+/// that placement serves every step of the run ([`plan_run_arena`]), else one by one. With `report`,
+/// says which.
+pub fn begin_planned_steps<B: Backend>(
     b: &B,
     config: &IsoformerConfig,
-    batches: &[Vec<crate::data::RowRef>],
+    batch_sizes: &[usize],
+    train: bool,
+    report: bool,
 ) -> Result<()> {
     // The plan is recorded with one dtype for activations and weights.
-    if b.weight_dtype() != b.compute_dtype() {
-        eprintln!("step buffers: allocated one by one (weights and activations differ in dtype)");
-        return Ok(());
-    }
-    let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
-    match plan_run_arena(config, &sizes, b.compute_dtype())? {
+    let plan = if b.weight_dtype() == b.compute_dtype() {
+        plan_run_arena(config, batch_sizes, b.compute_dtype(), train)?
+    } else {
+        Err("weights and activations differ in dtype".into())
+    };
+    match plan {
         Ok(plan) => {
-            eprintln!(
-                "step buffers: one arena of {:.1} MiB for {} buffers, placed by their lifetimes",
-                plan.arena.bytes as f64 / f64::from(1 << 20),
-                plan.arena.sizes.len()
-            );
-            plan.apply(b)
+            if report {
+                eprintln!(
+                    "step buffers: one arena of {:.1} MiB for {} buffers, placed by their lifetimes",
+                    plan.arena.bytes as f64 / f64::from(1 << 20),
+                    plan.arena.sizes.len()
+                );
+            }
+            plan.apply(b)?;
         }
-        Err(why) => {
-            eprintln!("step buffers: allocated one by one ({why})");
-            Ok(())
-        }
+        Err(why) if report => eprintln!("step buffers: allocated one by one ({why})"),
+        Err(_) => {}
     }
+    b.begin_steps()
 }
 
 /// What an evaluation during training reads.

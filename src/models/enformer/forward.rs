@@ -205,6 +205,22 @@ impl<B: Backend> ConvBlockActs<B> {
         })
     }
 
+    /// Grows the buffers (never shrinks them) to hold `numel` values of up to `c` channels, so that
+    /// the blocks that share them later fit without growing them.
+    pub(super) fn reserve(&mut self, b: &B, numel: usize, c: usize) -> Result<()> {
+        for (t, role, n) in [
+            (&mut self.normed, Role::Activation, numel),
+            (&mut self.gelu, Role::Activation, numel),
+            (&mut self.mean, Role::Exact, c),
+            (&mut self.var, Role::Exact, c),
+        ] {
+            if t.numel() < n {
+                t.ensure(b, role, n)?;
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn ensure(&mut self, b: &B, rows: usize, c: usize) -> Result<()> {
         self.normed.ensure(b, Role::Activation, rows * c)?;
         self.mean.ensure(b, Role::Exact, c)?;
@@ -336,16 +352,7 @@ impl<B: Backend> EnformerActivations<B> {
             self.blocks.push(ConvBlockActs::new(b, 0, 0)?);
         }
         for blk in &mut self.blocks[..2] {
-            for (t, role, n) in [
-                (&mut blk.normed, Role::Activation, numel),
-                (&mut blk.gelu, Role::Activation, numel),
-                (&mut blk.mean, Role::Exact, c),
-                (&mut blk.var, Role::Exact, c),
-            ] {
-                if t.numel() < n {
-                    t.ensure(b, role, n)?;
-                }
-            }
+            blk.reserve(b, numel, c)?;
         }
         Ok(())
     }

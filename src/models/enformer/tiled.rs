@@ -93,6 +93,40 @@ impl EnformerTrunk {
         if acts.tiles.is_none() {
             acts.tiles = Some(Box::new(TileActs::new(b)?));
         }
+        // Every tile buffer at its largest over the levels first: made once per forward, never grown
+        // from one level to the next. Sizes: y, the first block (values, channels), the residual
+        // block (values, channels), and temp, z and logits.
+        let mut most = [0usize; 6];
+        let mut len = seq_len;
+        for level in &levels {
+            let c = level.channels;
+            let tile = tile_positions(self.tile_elements, level.c_in.max(c), level.halo, len);
+            let span_max = (tile + 2 * level.halo).min(len);
+            let first = if level.first.is_some() {
+                (span_max * level.c_in, level.c_in)
+            } else {
+                (0, 0)
+            };
+            let sizes = [span_max * c, first.0, first.1, tile * c, c, tile * c];
+            for (m, s) in most.iter_mut().zip(sizes) {
+                *m = (*m).max(s);
+            }
+            len /= 2;
+        }
+        let t = acts.tiles.as_mut().expect("made above");
+        let [y, first_values, first_channels, tile_values, channels, tile_c] = most;
+        for (tensor, role, n) in [
+            (&mut t.y, Role::Activation, y),
+            (&mut t.temp, Role::Activation, tile_c),
+            (&mut t.z, Role::Activation, tile_c),
+            (&mut t.logits, Role::Exact, tile_c),
+        ] {
+            if tensor.numel() < n {
+                tensor.ensure(b, role, n)?;
+            }
+        }
+        t.first.reserve(b, first_values, first_channels)?;
+        t.residual.reserve(b, tile_values, channels)?;
         let mut len = seq_len;
         let mut input: Option<usize> = None;
         for (next, level) in levels.iter().enumerate() {
