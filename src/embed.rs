@@ -21,6 +21,8 @@ use std::sync::Arc;
 use crate::backend::any::AnyBackend;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::kernel::KernelBackend;
+use crate::backend::record::{RecordingBackend, StepLifetimes};
+use crate::backend::run_plan::{begin_run, plan_run, record_steps, RunArena};
 use crate::backend::state::ParamSet;
 use crate::backend::{Backend, View};
 use crate::gpu::cuda::CudaDevice;
@@ -30,6 +32,7 @@ use crate::models::enformer::{BatchNormMode, EnformerActivations, EnformerNames,
 use crate::models::tokenizers::{dna_one_hot, Tokenizer};
 use crate::models::transformer::{EncoderActivations, TransformerConfig, TransformerEncoder};
 use crate::models::weights::{ModelParams, Prefixes, WeightFile};
+use crate::runtime::Layout;
 use crate::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,12 +90,72 @@ impl Pool {
     }
 }
 
+/// The shape one batch runs at: its sequences, and the positions of the longest (tokens with the special
+/// ones for transformers, base pairs for Enformer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchShape {
+    pub batch: usize,
+    pub len: usize,
+}
+
+impl std::fmt::Display for BatchShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} sequences of {} positions", self.batch, self.len)
+    }
+}
+
 enum Network {
     Transformer {
         encoder: TransformerEncoder,
         tokenizer: Tokenizer,
     },
     Enformer(EnformerTrunk),
+}
+
+impl Network {
+    /// The lifetimes of this network's inference buffers at `shape` on `rec` (placeholder inputs: the
+    /// recording backend computes nothing), with the rotary tables sized for `longest` tokens as the run
+    /// sizes them.
+    fn record_forward(
+        &self,
+        rec: &RecordingBackend,
+        layout: &Arc<Layout>,
+        shape: &BatchShape,
+        longest: usize,
+    ) -> Result<StepLifetimes> {
+        let params = ParamSet::zeros(rec, layout.clone(), false)?;
+        let views = params.views()?;
+        let BatchShape { batch, len } = *shape;
+        let positions = batch
+            .checked_mul(len)
+            .ok_or_else(|| Error::invalid("embed", format!("{shape} overflows")))?;
+        match self {
+            Network::Transformer { encoder, .. } => {
+                let mut acts = EncoderActivations::default();
+                acts.reserve_len(longest);
+                let (ids, lens) = (vec![0u32; positions], vec![len; batch]);
+                record_steps(rec, || {
+                    encoder.forward(rec, &views, &ids, &lens, len, &mut acts, false)
+                })
+            }
+            Network::Enformer(trunk) => {
+                let mut acts = EnformerActivations::default();
+                let one_hot = vec![0.0f32; positions.saturating_mul(4)];
+                record_steps(rec, || {
+                    trunk.forward(
+                        rec,
+                        &views,
+                        &one_hot,
+                        batch,
+                        len,
+                        &mut acts,
+                        false,
+                        BatchNormMode::Eval,
+                    )
+                })
+            }
+        }
+    }
 }
 
 /// A model's state on one backend: the backend, the parameters uploaded to it (none on the CPU, which
@@ -103,6 +166,9 @@ struct Placement<B: Backend> {
     params: Option<ParamSet<B>>,
     acts: std::sync::Mutex<EncoderActivations<B>>,
     enformer_acts: std::sync::Mutex<EnformerActivations<B>>,
+    /// While a planned run ([`Embedder::begin_run`]) waits for its first batch: the largest batch the
+    /// plan serves. That batch makes every buffer of the run; later ones allocate nothing.
+    run_first: std::sync::Mutex<Option<BatchShape>>,
 }
 
 enum Placed {
@@ -128,7 +194,86 @@ impl<B: Backend> Placement<B> {
             params,
             acts: std::sync::Mutex::new(EncoderActivations::default()),
             enformer_acts: std::sync::Mutex::new(EnformerActivations::default()),
+            run_first: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Starts a run of batches of `shapes` on this backend, the first the largest: from one arena when
+    /// the placement planned at the first serves the others ([`plan_run`]). Says which.
+    fn begin_run(
+        &self,
+        network: &Network,
+        layout: &Arc<Layout>,
+        shapes: &[BatchShape],
+    ) -> Result<String> {
+        let poisoned = || Error::invalid("embed", "activations poisoned by an earlier panic");
+        // The run's buffers are made anew, in the order the plan records them.
+        *self.acts.lock().map_err(|_| poisoned())? = EncoderActivations::default();
+        *self.enformer_acts.lock().map_err(|_| poisoned())? = EnformerActivations::default();
+        let Some(largest) = shapes.first().copied() else {
+            return Ok("no batches".into());
+        };
+        let plan: RunArena = if shapes
+            .iter()
+            .any(|s| s.batch > largest.batch || s.len > largest.len)
+        {
+            Err("the first batch is not the largest".into())
+        } else if matches!(network, Network::Enformer(_))
+            && shapes.iter().any(|s| s.len != largest.len)
+        {
+            Err("Enformer batches of several lengths (each length is a run)".into())
+        } else {
+            let shortest = shapes.iter().map(|s| s.len).min().unwrap_or(largest.len);
+            let mut sizes: Vec<usize> = shapes.iter().map(|s| s.batch).collect();
+            sizes.sort_unstable();
+            sizes.dedup();
+            let smaller: Vec<BatchShape> = sizes
+                .iter()
+                .flat_map(|&batch| [shortest, largest.len].map(|len| BatchShape { batch, len }))
+                .filter(|s| *s != largest)
+                .collect();
+            let (compute, weight) = (self.backend.compute_dtype(), self.backend.weight_dtype());
+            plan_run(&largest, &smaller, |shape| {
+                let rec = RecordingBackend::new(compute).with_weight_dtype(weight);
+                network.record_forward(&rec, layout, shape, largest.len)
+            })?
+        };
+        let planned = plan.is_ok();
+        if let Network::Transformer { .. } = network {
+            self.acts
+                .lock()
+                .map_err(|_| poisoned())?
+                .reserve_len(largest.len);
+        }
+        let line = begin_run(&self.backend, plan)?;
+        *self.run_first.lock().map_err(|_| poisoned())? = planned.then_some(largest);
+        Ok(line)
+    }
+
+    /// Before a batch of `shape`: refuses one larger than a planned run's first batch may be.
+    fn check_run_shape(&self, shape: BatchShape) -> Result<()> {
+        let first = *self
+            .run_first
+            .lock()
+            .map_err(|_| Error::invalid("embed", "run state poisoned by an earlier panic"))?;
+        match first {
+            Some(limit) if shape.batch > limit.batch || shape.len > limit.len => {
+                Err(Error::invalid(
+                    "embed",
+                    format!("a batch of {shape} is larger than the run planned for {limit}"),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// After a batch: the first batch of a planned run made every buffer, so the replay of the plan
+    /// ends there.
+    fn end_first_batch(&self) {
+        let mut first = self.run_first.lock().unwrap_or_else(|e| e.into_inner());
+        if first.take().is_some() {
+            self.backend.warm_step();
+        }
     }
 
     /// The uploaded parameters' views.
@@ -150,11 +295,16 @@ impl<B: Backend> Placement<B> {
         len: usize,
         pool: impl FnOnce(&[f32]) -> R,
     ) -> Result<R> {
+        self.check_run_shape(BatchShape {
+            batch: lens.len(),
+            len,
+        })?;
         let mut acts = self
             .acts
             .lock()
             .map_err(|_| Error::invalid("embed", "activations poisoned by an earlier panic"))?;
         encoder.forward(&self.backend, views, ids, lens, len, &mut acts, false)?;
+        self.end_first_batch();
         self.backend.with_host_f32(acts.hidden()?, pool)
     }
 
@@ -167,6 +317,7 @@ impl<B: Backend> Placement<B> {
         batch: usize,
         len: usize,
     ) -> Result<(Vec<f32>, usize)> {
+        self.check_run_shape(BatchShape { batch, len })?;
         let mut acts = self
             .enformer_acts
             .lock()
@@ -181,6 +332,7 @@ impl<B: Backend> Placement<B> {
             false,
             BatchNormMode::Eval,
         )?;
+        self.end_first_batch();
         Ok((self.backend.read_f32(acts.embeddings()?)?, acts.out_len))
     }
 }
@@ -391,6 +543,49 @@ impl Embedder {
         match self.network {
             Network::Transformer { .. } => 0,
             Network::Enformer(_) => seq.len(),
+        }
+    }
+
+    /// Positions `seq` runs at: its tokens, special ones included and cropped to `max_tokens`
+    /// (transformers), or its base pairs (Enformer).
+    pub fn input_len(&self, seq: &str) -> usize {
+        match &self.network {
+            Network::Transformer { tokenizer, .. } => self.encode(tokenizer, seq).len(),
+            Network::Enformer(_) => seq.len(),
+        }
+    }
+
+    /// The shape `seqs` run at as one batch.
+    pub fn batch_shape(&self, seqs: &[&str]) -> BatchShape {
+        BatchShape {
+            batch: seqs.len(),
+            len: seqs.iter().map(|s| self.input_len(s)).max().unwrap_or(0),
+        }
+    }
+
+    /// Starts a run of batches whose shapes ([`Self::batch_shape`]) are `shapes`, in the order they will
+    /// be embedded. When the first is the largest (most sequences, longest), every buffer of the run's
+    /// forwards comes from one arena, planned by recording the forward at that shape and placing its
+    /// buffers by their lifetimes, and checked to serve the other shapes: one allocation for the run,
+    /// none after its first batch. Otherwise (or for Enformer batches of several lengths, each of which
+    /// is a run of its own) the buffers are allocated one by one. Returns which, for the user.
+    ///
+    /// A first batch larger than the planned one is refused; later batches larger than it allocate.
+    pub fn begin_run(&self, shapes: &[BatchShape]) -> Result<String> {
+        let layout = self.params.layout();
+        match &self.placed {
+            Placed::Cpu(p) => p.begin_run(&self.network, layout, shapes),
+            Placed::Emu(p) => p.begin_run(&self.network, layout, shapes),
+            Placed::Cuda(p) => p.begin_run(&self.network, layout, shapes),
+        }
+    }
+
+    /// Allocations the backend has made so far (parameters, arenas, buffers).
+    pub fn allocations(&self) -> usize {
+        match &self.placed {
+            Placed::Cpu(p) => p.backend.allocations(),
+            Placed::Emu(p) => p.backend.allocations(),
+            Placed::Cuda(p) => p.backend.allocations(),
         }
     }
 

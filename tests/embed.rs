@@ -413,3 +413,168 @@ fn emu_enformer_uses_tf_gammas_set_after_the_device() {
     assert!(diff(&emu, &cpu) <= scale / 64.0);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Random sequences over `letters`, with lengths in `lens`, from a fixed seed.
+fn random_seqs(seed: u64, letters: &[u8], lens: &[usize]) -> Vec<String> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    lens.iter()
+        .map(|&len| {
+            (0..len)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    letters[(state >> 33) as usize % letters.len()] as char
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// What embedding `runs` (each a list of batches, as `embed` orders them) gives: the bits of every
+/// vector, and per run the allocations its start and first batch made and those made after.
+fn embed_runs(
+    e: &isoformer_engine::embed::Embedder,
+    runs: &[Vec<Vec<&str>>],
+    pool: isoformer_engine::embed::Pool,
+    arena: bool,
+) -> (Vec<u32>, Vec<(usize, usize)>) {
+    let mut bits = Vec::new();
+    let mut counts = Vec::new();
+    for run in runs {
+        let before = e.allocations();
+        if arena {
+            let shapes: Vec<_> = run.iter().map(|b| e.batch_shape(b)).collect();
+            let line = e.begin_run(&shapes).unwrap();
+            assert!(line.starts_with("one arena"), "{line}");
+        }
+        let mut first = 0;
+        for (k, batch) in run.iter().enumerate() {
+            for v in e.embed(batch, pool).unwrap() {
+                bits.extend(v.iter().map(|x| x.to_bits()));
+            }
+            if k == 0 {
+                first = e.allocations();
+            }
+        }
+        counts.push((first - before, e.allocations() - first));
+    }
+    (bits, counts)
+}
+
+/// `embed` runs its forwards from one planned arena: over batches of varying sizes and lengths (and,
+/// for Enformer, one run per sequence length), the embeddings are identical to the last bit to those of
+/// one allocation per buffer; each run allocates once (plus the kernel devices' own scratch), and
+/// nothing after its first batch. ESM-2, NT-v2 and Enformer, on the CPU in f32 and bf16, and on the
+/// emulator.
+#[test]
+fn embeddings_of_varying_shapes_are_bit_identical_from_one_planned_arena() {
+    use isoformer_engine::embed::{Embedder, ModelKind, Pool};
+    use isoformer_engine::{DType, Device};
+    let protein = random_seqs(
+        1,
+        b"ACDEFGHIKLMNPQRSTVWY",
+        &[61, 58, 40, 33, 33, 30, 17, 9, 5, 2],
+    );
+    let rna = random_seqs(2, b"ACGU", &[290, 250, 121, 64, 40, 13, 7]);
+    let dna = random_seqs(3, b"ACGT", &[2048, 2048, 2048, 1536, 1536]);
+    fn batches<'a>(seqs: &'a [String], sizes: &[usize]) -> Vec<Vec<Vec<&'a str>>> {
+        let mut rest: Vec<&str> = seqs.iter().map(String::as_str).collect();
+        let mut run = Vec::new();
+        for &n in sizes {
+            run.push(rest.drain(..n).collect());
+        }
+        vec![run]
+    }
+    let mut dna_runs = batches(&dna[..3], &[2, 1]);
+    dna_runs.extend(batches(&dna[3..], &[2]));
+    let cases = [
+        (
+            ModelKind::Esm2,
+            "esm2",
+            batches(&protein, &[4, 4, 2]),
+            Pool::None,
+        ),
+        (
+            ModelKind::NucleotideTransformer,
+            "nt_v2",
+            batches(&rna, &[3, 3, 1]),
+            Pool::Mean,
+        ),
+        (ModelKind::Enformer, "enformer", dna_runs, Pool::Mean),
+    ];
+    let devices = [
+        (Device::Cpu, None, 1),
+        (Device::Cpu, Some(DType::BF16), 1),
+        (Device::Emulator, None, 2),
+    ];
+    for (kind, dir, runs, pool) in &cases {
+        for &(device, dtype, arena_allocations) in &devices {
+            if device == Device::Emulator && *kind == ModelKind::Enformer {
+                // One Enformer run on the emulator (its convolutions are slow there).
+                continue;
+            }
+            let load = || {
+                let mut e = Embedder::load(*kind, &fixture(dir), None).unwrap();
+                e.to_device_as(device, dtype).unwrap();
+                e
+            };
+            let what = format!("{dir} on {device:?} {dtype:?}");
+            let (heap, heap_counts) = embed_runs(&load(), runs, *pool, false);
+            let (planned, counts) = embed_runs(&load(), runs, *pool, true);
+            println!("{what}: one by one {heap_counts:?}, planned {counts:?}");
+            assert!(planned == heap, "{what}: embeddings with the arena");
+            for (run, (first, later)) in counts.iter().enumerate() {
+                assert_eq!(*first, arena_allocations, "{what}: run {run}'s allocations");
+                assert_eq!(
+                    *later, 0,
+                    "{what}: run {run}'s allocations after its first batch"
+                );
+                assert!(
+                    heap_counts[run].0 > 10 * arena_allocations,
+                    "{what}: buffers one by one"
+                );
+            }
+        }
+    }
+    let e = {
+        let mut e = Embedder::load(ModelKind::Enformer, &fixture("enformer"), None).unwrap();
+        e.to_device(Device::Emulator).unwrap();
+        e
+    };
+    let run = vec![vec![
+        vec![dna[3].as_str(), dna[4].as_str()],
+        vec![dna[4].as_str()],
+    ]];
+    let (_, counts) = embed_runs(&e, &run, Pool::Mean, true);
+    assert_eq!(counts, vec![(2, 0)], "enformer on the emulator");
+}
+
+/// A planned run refuses a first batch larger than the one it was planned for, and plans nothing (the
+/// buffers are allocated one by one) when the first batch is not the largest.
+#[test]
+fn a_planned_embedding_run_refuses_a_larger_first_batch() {
+    use isoformer_engine::embed::{BatchShape, Embedder, ModelKind, Pool};
+    let e = Embedder::load(ModelKind::Esm2, &fixture("esm2"), None).unwrap();
+    let line = e.begin_run(&[BatchShape { batch: 2, len: 8 }]).unwrap();
+    assert!(line.starts_with("one arena"), "{line}");
+    let err = e
+        .embed(&["MKTAYIAKQRQISFVKSHFSRQ"], Pool::Mean)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("larger than the run planned"),
+        "{err}"
+    );
+    let shapes = [
+        BatchShape { batch: 1, len: 8 },
+        BatchShape { batch: 2, len: 8 },
+    ];
+    let line = e.begin_run(&shapes).unwrap();
+    assert!(line.contains("not the largest"), "{line}");
+    assert_eq!(
+        e.embed(&["MKTAYIAKQR", "MKT"], Pool::Mean).unwrap().len(),
+        2
+    );
+}

@@ -23,6 +23,7 @@ pub mod cpu;
 pub mod kernel;
 pub mod meter;
 pub mod record;
+pub mod run_plan;
 pub mod scratch;
 pub mod state;
 

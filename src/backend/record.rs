@@ -270,6 +270,9 @@ impl Drop for RecordedMem {
 /// kernel devices).
 pub struct RecordingBackend {
     compute: DType,
+    /// The dtype of the parameters' compute copy (the compute dtype unless the backend it stands for
+    /// keeps narrower weights).
+    weight: DType,
     counters: Arc<Counters>,
 }
 
@@ -277,11 +280,18 @@ impl RecordingBackend {
     pub fn new(compute: DType) -> Self {
         RecordingBackend {
             compute,
+            weight: compute,
             counters: Arc::new(Counters {
                 next_addr: AtomicU64::new(1 << 20),
                 ..Default::default()
             }),
         }
+    }
+
+    /// Records for a backend whose weights are `weight` (the CPU's bf16 backend keeps f32 activations).
+    pub fn with_weight_dtype(mut self, weight: DType) -> Self {
+        self.weight = weight;
+        self
     }
 
     /// Bytes allocated and not yet freed.
@@ -499,6 +509,9 @@ impl Backend for RecordingBackend {
     }
     fn compute_dtype(&self) -> DType {
         self.compute
+    }
+    fn weight_dtype(&self) -> DType {
+        self.weight
     }
     fn alloc(&self, bytes: usize) -> Result<RecordedMem> {
         let c = &self.counters;

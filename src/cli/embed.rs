@@ -52,6 +52,10 @@ pub struct EmbedArgs {
     /// devices compute in bf16. Default: f32 on the CPU, bf16 on kernel devices.
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Allocate the forwards' buffers one by one instead of from one planned arena (for comparison:
+    /// the output is the same).
+    #[arg(long)]
+    pub no_arena: bool,
 }
 
 pub fn run(a: EmbedArgs) -> Result<()> {
@@ -107,12 +111,15 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     if let Some(path) = &a.tf_gammas {
         embedder.set_tf_gammas(path)?;
     }
-    // Longest first, grouped by what can share a batch: little padding, and the slow batches show early.
+    // Longest first (in tokens, as the model runs them), grouped by what can share a batch: little
+    // padding, the slow batches show early, and a run's first batch is its largest, which its planned
+    // arena is made for.
+    let sizes: Vec<usize> = seqs.iter().map(|s| embedder.input_len(&s.seq)).collect();
     let mut order: Vec<usize> = (0..seqs.len()).collect();
     order.sort_by_key(|&i| {
         (
             embedder.batch_key(&seqs[i].seq),
-            std::cmp::Reverse(seqs[i].seq.len()),
+            std::cmp::Reverse(sizes[i]),
             i,
         )
     });
@@ -126,6 +133,17 @@ pub fn run(a: EmbedArgs) -> Result<()> {
                 b.push(i)
             }
             _ => batches.push(vec![i]),
+        }
+    }
+    let texts_of =
+        |batch: &[usize]| -> Vec<&str> { batch.iter().map(|&i| seqs[i].seq.as_str()).collect() };
+    // Batches that share a key are one run of forwards, from one planned arena (Enformer: one run per
+    // sequence length).
+    let mut run_starts: Vec<usize> = Vec::new();
+    for (k, batch) in batches.iter().enumerate() {
+        let key = embedder.batch_key(&seqs[batch[0]].seq);
+        if k == 0 || key != embedder.batch_key(&seqs[batches[k - 1][0]].seq) {
+            run_starts.push(k);
         }
     }
     // The output's layout is known before any work: its header is written first and each batch's rows go
@@ -168,8 +186,28 @@ pub fn run(a: EmbedArgs) -> Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let start = Instant::now();
-    for batch in &batches {
-        let texts: Vec<&str> = batch.iter().map(|&i| seqs[i].seq.as_str()).collect();
+    for (k, batch) in batches.iter().enumerate() {
+        if !a.no_arena && run_starts.contains(&k) {
+            let end = run_starts
+                .iter()
+                .find(|&&s| s > k)
+                .copied()
+                .unwrap_or(batches.len());
+            let shapes: Vec<_> = batches[k..end]
+                .iter()
+                .map(|b| embedder.batch_shape(&texts_of(b)))
+                .collect();
+            let line = embedder.begin_run(&shapes)?;
+            if k == 0 {
+                let line = format!("forward buffers: {line}");
+                if bar.is_hidden() {
+                    eprintln!("{line}");
+                } else {
+                    bar.println(line);
+                }
+            }
+        }
+        let texts = texts_of(batch);
         let results = embedder.embed(&texts, pool).map_err(|e| Error::Context {
             context: format!(
                 "embedding '{}' ({}:{})",

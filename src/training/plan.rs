@@ -12,13 +12,13 @@ use super::bench_step::{as_samples, random_sequences};
 use super::params::IsoformerParams;
 use super::step::{optimizer_update, predict, train_micro_step, StepBuffers};
 use crate::backend::record::{RecordingBackend, StepLifetimes};
-use crate::backend::{Backend, ScratchUse};
+use crate::backend::run_plan::{plan_run, RunArena};
 use crate::models::isoformer::{
     EncoderMode, Isoformer, IsoformerActivations, IsoformerConfig, Modality, RecomputeChoice,
     MAX_INPUT_ELEMENTS,
 };
 use crate::models::recompute::Recompute;
-use crate::runtime::{ArenaPlan, DType};
+use crate::runtime::DType;
 use crate::Result;
 
 #[derive(Clone, Debug)]
@@ -158,31 +158,27 @@ pub fn plan_step_with_lifetimes(spec: &PlanSpec) -> Result<(PlanReport, StepLife
     Ok((report, lifetimes))
 }
 
-/// A training run's memory plan: the arena its steps take their buffers from, and what its ops use of
-/// a backend's own scratch.
-#[derive(Clone, Debug)]
-pub struct RunPlan {
-    pub arena: ArenaPlan,
-    pub scratch: Vec<ScratchUse>,
+/// The shape of one step of a run: its batch size and its inputs' token counts.
+struct StepShape {
+    batch: usize,
+    rna_tokens: usize,
+    protein_tokens: usize,
 }
 
-impl RunPlan {
-    /// Gives `b` the plan, before the run's [`Backend::begin_steps`]: its own scratch grown now to the
-    /// most any op of the run needs, and the arena for the steps' buffers. No step allocates after.
-    pub fn apply<B: Backend>(self, b: &B) -> Result<()> {
-        let scratch = self.scratch.iter().map(|op| b.scratch_bytes(op)).max();
-        b.reserve_scratch(scratch.unwrap_or(0))?;
-        b.use_arena(self.arena)
+impl std::fmt::Display for StepShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "batch {} with {} RNA and {} protein tokens",
+            self.batch, self.rna_tokens, self.protein_tokens
+        )
     }
 }
-
-/// A run's plan, or why the run allocates its step buffers one by one instead.
-pub type RunArena = std::result::Result<RunPlan, String>;
 
 /// Plans the step buffers of a training run of `config` whose batches have `batch_sizes` samples: at
 /// the largest step the run makes (the largest batch at the config's longest inputs), then checks that
 /// this placement also serves its smallest steps (every batch size at the shortest inputs, and at the
-/// longest), whose buffers are prefixes of the planned ones ([`StepLifetimes::admits`]).
+/// longest), whose buffers are prefixes of the planned ones ([`plan_run`]).
 pub fn plan_run_arena(
     config: &IsoformerConfig,
     batch_sizes: &[usize],
@@ -192,50 +188,37 @@ pub fn plan_run_arena(
     let Some(&largest) = batch_sizes.iter().max() else {
         return Ok(Err("no batches".into()));
     };
-    let spec = |batch: usize, rna_tokens: usize, protein_tokens: usize| PlanSpec {
-        config: config.clone(),
-        batch,
-        rna_tokens,
-        protein_tokens,
-        train,
-        compute,
-    };
     let (rna, protein) = (
         config.num_tokens_per_seq_nuctf_rna,
         config.num_protein_tokens_per_seq,
     );
-    let (_, worst) = plan_step_with_lifetimes(&spec(largest, rna, protein))?;
-    // A buffer grown within a step would keep its larger place at a smaller shape, where the step
-    // would not grow it: the allocations would no longer line up with the plan.
-    if worst.regrown > 0 {
-        return Ok(Err(format!(
-            "{} step buffers are grown within a step",
-            worst.regrown
-        )));
-    }
+    let shape = |batch: usize, rna_tokens: usize, protein_tokens: usize| StepShape {
+        batch,
+        rna_tokens,
+        protein_tokens,
+    };
     let mut sizes = batch_sizes.to_vec();
     sizes.sort_unstable();
     sizes.dedup();
+    let mut smaller = Vec::new();
     for &batch in &sizes {
         // `<cls>` and one token (NT-v2), `<cls>`, one residue and `<eos>` (ESM-2).
-        let mut shapes = vec![(2, 3)];
+        smaller.push(shape(batch, 2, 3));
         if batch != largest {
-            shapes.push((rna, protein));
-        }
-        for (r, p) in shapes {
-            let (_, small) = plan_step_with_lifetimes(&spec(batch, r, p))?;
-            if let Err(why) = worst.admits(&small) {
-                return Ok(Err(format!(
-                    "the plan for batch {largest} at the longest inputs does not serve batch {batch} \
-                     with {r} RNA and {p} protein tokens: {why}"
-                )));
-            }
+            smaller.push(shape(batch, rna, protein));
         }
     }
-    Ok(Ok(RunPlan {
-        arena: worst.arena_plan(),
-        scratch: worst.scratch,
-    }))
+    plan_run(&shape(largest, rna, protein), &smaller, |s| {
+        let spec = PlanSpec {
+            config: config.clone(),
+            batch: s.batch,
+            rna_tokens: s.rna_tokens,
+            protein_tokens: s.protein_tokens,
+            train,
+            compute,
+        };
+        Ok(plan_step_with_lifetimes(&spec)?.1)
+    })
 }
 
 /// The encoders whose recompute policy is `auto` and that a training step runs a backward through

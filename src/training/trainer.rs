@@ -16,6 +16,7 @@ use super::plan::{choose_recompute, plan_run_arena, PlanSpec};
 use super::plots;
 use super::schedule::lr_factor;
 use super::step::{optimizer_update, predict, predict_cached, train_micro_step, StepBuffers};
+use crate::backend::run_plan::begin_run;
 use crate::backend::Backend;
 use crate::data::loader::epoch_plan;
 use crate::data::{DataConfig, Dataset, Loader, LoaderConfig, Sample, Split, TargetStats};
@@ -618,21 +619,11 @@ pub fn begin_planned_steps<B: Backend>(
     } else {
         Err("weights and activations differ in dtype".into())
     };
-    match plan {
-        Ok(plan) => {
-            if report {
-                eprintln!(
-                    "step buffers: one arena of {:.1} MiB for {} buffers, placed by their lifetimes",
-                    plan.arena.bytes as f64 / f64::from(1 << 20),
-                    plan.arena.sizes.len()
-                );
-            }
-            plan.apply(b)?;
-        }
-        Err(why) if report => eprintln!("step buffers: allocated one by one ({why})"),
-        Err(_) => {}
+    let line = begin_run(b, plan)?;
+    if report {
+        eprintln!("step buffers: {line}");
     }
-    b.begin_steps()
+    Ok(())
 }
 
 /// What an evaluation during training reads.
