@@ -799,7 +799,7 @@ fn varying_shape_run<B: Backend>(
     let sizes = [1usize, 3, 2, 3];
     let before_plan = b.allocations();
     if arena {
-        let plan = plan_run_arena(cfg, &sizes, b.compute_dtype(), true)
+        let plan = plan_run_arena(cfg, &sizes, (b.compute_dtype(), b.weight_dtype()), true)
             .unwrap()
             .expect("the largest step's plan serves the smaller ones");
         plan.apply(b).unwrap();
@@ -907,7 +907,8 @@ fn varying_shape_predictions<B: Backend>(
     let params = IsoformerParams::upload_for_inference(b, &model, &host, None).unwrap();
     let sizes = [2usize, 3, 1, 3];
     if arena {
-        begin_planned_steps(b, cfg, &sizes, false, false).unwrap();
+        let line = begin_planned_steps(b, cfg, &sizes, false).unwrap();
+        assert!(line.starts_with("one arena"), "{line}");
     }
     let mut acts = IsoformerActivations::default();
     let (mut out, mut after_first) = (Vec::new(), 0);
@@ -926,7 +927,7 @@ fn varying_shape_predictions<B: Backend>(
 
 /// Inference over batches of different shapes from one planned arena (as `predict` and `eval` run it)
 /// gives the same predictions to the last bit as one allocation per buffer, and allocates nothing after
-/// the first batch, on the CPU for every aggregator and on the emulator.
+/// the first batch, on the CPU for every aggregator (and with bf16 weights) and on the emulator.
 #[test]
 fn predictions_of_varying_shapes_are_bit_identical_from_one_planned_arena() {
     for aggregator in [
@@ -942,6 +943,11 @@ fn predictions_of_varying_shapes_are_bit_identical_from_one_planned_arena() {
         assert_eq!(later, 0, "{aggregator}: allocations after the first batch");
     }
     let cfg = tiny_config("cross_attention");
+    // bf16 weights with f32 activations (`--dtype bf16`): the plan records both dtypes.
+    let (heap, _) = varying_shape_predictions(&CpuBackend::bf16(), &cfg, false);
+    let (planned, later) = varying_shape_predictions(&CpuBackend::bf16(), &cfg, true);
+    assert!(planned == heap, "bf16 predictions with the arena");
+    assert_eq!(later, 0, "bf16 allocations after the first batch");
     let emu = || KernelBackend::new(EmuDevice::default());
     let (heap, _) = varying_shape_predictions(&emu(), &cfg, false);
     let (planned, later) = varying_shape_predictions(&emu(), &cfg, true);

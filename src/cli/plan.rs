@@ -145,6 +145,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
         batch: a.batch,
         train: !a.infer,
         compute,
+        weights: compute,
     };
     let (chosen, candidates) = choose_recompute(&spec, budget)?;
     let r = &chosen.report;

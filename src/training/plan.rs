@@ -30,6 +30,9 @@ pub struct PlanSpec {
     pub train: bool,
     /// f32 for the CPU, bf16 for kernel devices.
     pub compute: DType,
+    /// The dtype of the parameters' compute copy: the compute dtype, except on the CPU's bf16 backend
+    /// (bf16 weights, f32 activations).
+    pub weights: DType,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -77,20 +80,20 @@ pub fn plan_step(spec: &PlanSpec) -> Result<PlanReport> {
 /// Plans one step, with the lifetimes and offsets of its buffers.
 pub fn plan_step_with_lifetimes(spec: &PlanSpec) -> Result<(PlanReport, StepLifetimes)> {
     let model = Isoformer::new(spec.config.clone())?;
-    let b = RecordingBackend::new(spec.compute);
+    let b = RecordingBackend::new(spec.compute).with_weight_dtype(spec.weights);
     let mut params = IsoformerParams::zeros(&b, &model, spec.train)?;
     let elems = |layout: &crate::runtime::Layout| layout.total_bytes() / 4;
-    let compute_size = spec.compute.size_in_bytes();
+    let weight_size = spec.weights.size_in_bytes();
     let train_elems = elems(params.train_layout());
-    let copy = if spec.compute == DType::F32 {
+    let copy = if spec.weights == DType::F32 {
         0
     } else {
-        train_elems * compute_size
+        train_elems * weight_size
     };
     let frozen = params
         .frozen
         .as_ref()
-        .map_or(0, |f| elems(f.layout()) * compute_size);
+        .map_or(0, |f| elems(f.layout()) * weight_size);
     let report_base = PlanReport {
         trainable_params: train_elems * 4 + copy,
         frozen_params: frozen,
@@ -178,11 +181,12 @@ impl std::fmt::Display for StepShape {
 /// Plans the step buffers of a training run of `config` whose batches have `batch_sizes` samples: at
 /// the largest step the run makes (the largest batch at the config's longest inputs), then checks that
 /// this placement also serves its smallest steps (every batch size at the shortest inputs, and at the
-/// longest), whose buffers are prefixes of the planned ones ([`plan_run`]).
+/// longest), whose buffers are prefixes of the planned ones ([`plan_run`]). `compute` and `weights` are
+/// the backend's dtypes of activations and of the parameters' compute copy.
 pub fn plan_run_arena(
     config: &IsoformerConfig,
     batch_sizes: &[usize],
-    compute: DType,
+    (compute, weights): (DType, DType),
     train: bool,
 ) -> Result<RunArena> {
     let Some(&largest) = batch_sizes.iter().max() else {
@@ -216,6 +220,7 @@ pub fn plan_run_arena(
             protein_tokens: s.protein_tokens,
             train,
             compute,
+            weights,
         };
         Ok(plan_step_with_lifetimes(&spec)?.1)
     })
@@ -382,6 +387,7 @@ mod tests {
             protein_tokens: 64,
             train,
             compute: DType::F32,
+            weights: DType::F32,
         };
         let (infer, train) = (
             plan_step(&spec(false)).unwrap(),
@@ -401,6 +407,7 @@ mod tests {
             protein_tokens: protein,
             train: true,
             compute: DType::F32,
+            weights: DType::F32,
         }
     }
 
@@ -472,6 +479,7 @@ mod tests {
                 protein_tokens: 30,
                 train,
                 compute: DType::F32,
+                weights: DType::F32,
             };
             let (report, lt) = plan_step_with_lifetimes(&spec).unwrap();
             assert!(lt.sizes.len() > 20, "the step's buffers are seen");
@@ -528,6 +536,7 @@ mod tests {
                     protein_tokens,
                     train: true,
                     compute: DType::F32,
+                    weights: DType::F32,
                 };
                 let (_, worst) = plan_step_with_lifetimes(&spec(3, 40, 30)).unwrap();
                 assert_eq!(worst.regrown, 0, "{what}: buffers grown within a step");
@@ -543,7 +552,8 @@ mod tests {
                     }
                 }
                 for train in [true, false] {
-                    let run = plan_run_arena(&config, &[3, 3, 1], DType::F32, train).unwrap();
+                    let run = plan_run_arena(&config, &[3, 3, 1], (DType::F32, DType::F32), train)
+                        .unwrap();
                     assert!(run.is_ok(), "{what} train {train}: {:?}", run.err());
                 }
             }

@@ -202,7 +202,7 @@ pub fn predict_split_batches<B: Backend>(
     };
     if cache.is_none() {
         let sizes: Vec<usize> = plan.iter().map(Vec::len).collect();
-        begin_planned_steps(b, &model.cfg, &sizes, false, false)?;
+        begin_planned_steps(b, &model.cfg, &sizes, false)?;
     }
     let loader = Loader::spawn(plan, 4, move |r| ds.sample(r))?;
     let mut acts = IsoformerActivations::default();
@@ -280,6 +280,7 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
             protein_tokens: cfg.num_protein_tokens_per_seq,
             train: true,
             compute: b.compute_dtype(),
+            weights: b.weight_dtype(),
         };
         // Encoders set to `auto` get the recompute policy that fits with the fewest extra FLOPs.
         let (chosen, _) = choose_recompute(&spec, budget)?;
@@ -414,7 +415,8 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
     // The step buffers start here: placed by the plan when there is one.
     if opts.planned_arena && cache.is_none() {
         let sizes: Vec<usize> = epoch_plan(&train_rows, &lc).iter().map(Vec::len).collect();
-        begin_planned_steps(b, &planned_config, &sizes, true, true)?;
+        let line = begin_planned_steps(b, &planned_config, &sizes, true)?;
+        eprintln!("step buffers: {line}");
     } else {
         b.begin_steps()?;
     }
@@ -604,26 +606,17 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
 
 /// Starts a run of steps on `b` (training steps, or inference forwards when not `train`) whose batches
 /// have `batch_sizes` samples: the step buffers come from one arena planned for the largest step when
-/// that placement serves every step of the run ([`plan_run_arena`]), else one by one. With `report`,
-/// says which.
+/// that placement serves every step of the run ([`plan_run_arena`]), else one by one. Returns which, for
+/// the user.
 pub fn begin_planned_steps<B: Backend>(
     b: &B,
     config: &IsoformerConfig,
     batch_sizes: &[usize],
     train: bool,
-    report: bool,
-) -> Result<()> {
-    // The plan is recorded with one dtype for activations and weights.
-    let plan = if b.weight_dtype() == b.compute_dtype() {
-        plan_run_arena(config, batch_sizes, b.compute_dtype(), train)?
-    } else {
-        Err("weights and activations differ in dtype".into())
-    };
-    let line = begin_run(b, plan)?;
-    if report {
-        eprintln!("step buffers: {line}");
-    }
-    Ok(())
+) -> Result<String> {
+    let dtypes = (b.compute_dtype(), b.weight_dtype());
+    let plan = plan_run_arena(config, batch_sizes, dtypes, train)?;
+    begin_run(b, plan)
 }
 
 /// What an evaluation during training reads.
