@@ -287,6 +287,7 @@ fn emu_step_matches_cpu_within(cfg: IsoformerConfig, rounding_multiple: f64) {
 #[test]
 fn cached_encoder_outputs_give_the_same_step() {
     use isoformer_engine::training::cache::EmbeddingCache;
+    use isoformer_engine::training::step::cached_encoder_outputs;
     let mut cfg = tiny_config("cross_attention");
     cfg.train.encoders = Default::default(); // all frozen
     let model = Isoformer::new(cfg).unwrap();
@@ -301,6 +302,11 @@ fn cached_encoder_outputs_give_the_same_step() {
         params.train.zero_grads(&b).unwrap();
         let inputs = model.prepare_inputs(&seqs(&batch)).unwrap();
         let mut bufs = StepBuffers::default();
+        let mut encoder_acts = Vec::new();
+        let cached = cache.map(|c| {
+            cached_encoder_outputs(&b, &model, &params, &inputs, c, Some(&mut encoder_acts))
+                .unwrap()
+        });
         let loss = forward_backward(
             &b,
             &model,
@@ -309,7 +315,7 @@ fn cached_encoder_outputs_give_the_same_step() {
             &batch.targets,
             &mut bufs,
             1.0,
-            cache,
+            cached.as_ref(),
         )
         .unwrap();
         let grads: Vec<Vec<f32>> = params
@@ -330,6 +336,12 @@ fn cached_encoder_outputs_give_the_same_step() {
         assert_eq!(direct.0.to_bits(), other.0.to_bits());
         assert_eq!(direct.1, other.1);
     }
+    // In a run's steps the cache is only read: an entry gone missing is an error, not an allocation.
+    let params = IsoformerParams::upload(&b, &model, &host).unwrap();
+    let other = random_batch(32, 2, 3, 128);
+    let inputs = model.prepare_inputs(&seqs(&other)).unwrap();
+    let err = cached_encoder_outputs(&b, &model, &params, &inputs, &mut cache, None).unwrap_err();
+    assert!(err.to_string().contains("went missing"), "{err}");
     // Other weights: other keys, never a stale embedding.
     let host2 = initial_sections(&model, 10).unwrap();
     let mut cache2 = EmbeddingCache::new(&dir, &model, &host2).unwrap();
@@ -787,19 +799,37 @@ fn varying_shape_run<B: Backend>(
     b: &B,
     cfg: &IsoformerConfig,
     arena: bool,
+    cache_dir: Option<&std::path::Path>,
 ) -> (Vec<u32>, Vec<Vec<u32>>, usize, usize) {
     use isoformer_engine::training::adamw::AdamW;
+    use isoformer_engine::training::cache::EmbeddingCache;
     use isoformer_engine::training::plan::plan_run_arena;
-    use isoformer_engine::training::step::{optimizer_update, train_micro_step};
+    use isoformer_engine::training::step::{
+        cached_encoder_outputs, fill_embedding_cache, optimizer_update, train_micro_step,
+    };
     let model = Isoformer::new(cfg.clone()).unwrap();
     let host = initial_sections(&model, 9).unwrap();
     let mut params = IsoformerParams::upload(b, &model, &host).unwrap();
     let opt = AdamW::single_group(params.train_layout(), 1e-3, 0.01).unwrap();
     // The shortest batch first: the arena's places must hold the longer ones that follow.
     let sizes = [1usize, 3, 2, 3];
+    let batches: Vec<_> = sizes
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| random_batch(200 + k as u64, n, cfg.num_tissues, cfg.dna_sequence_length))
+        .collect();
+    // With every encoder frozen, a run fills the embedding cache first; its steps only read it.
+    let mut cache = cache_dir.map(|dir| EmbeddingCache::new(dir, &model, &host).unwrap());
+    if let Some(c) = cache.as_mut() {
+        let inputs = batches
+            .iter()
+            .map(|batch| model.prepare_inputs(&seqs(batch)));
+        fill_embedding_cache(b, &model, &params, inputs, c).unwrap();
+    }
     let before_plan = b.allocations();
     if arena {
-        let plan = plan_run_arena(cfg, &sizes, (b.compute_dtype(), b.weight_dtype()), true)
+        let dtypes = (b.compute_dtype(), b.weight_dtype());
+        let plan = plan_run_arena(cfg, &sizes, dtypes, true, cache.is_some())
             .unwrap()
             .expect("the largest step's plan serves the smaller ones");
         plan.apply(b).unwrap();
@@ -807,9 +837,11 @@ fn varying_shape_run<B: Backend>(
     b.begin_steps().unwrap();
     let mut bufs = StepBuffers::default();
     let (mut losses, mut after_first) = (Vec::new(), 0);
-    for (k, &n) in sizes.iter().enumerate() {
-        let batch = random_batch(200 + k as u64, n, cfg.num_tissues, cfg.dna_sequence_length);
-        let inputs = model.prepare_inputs(&seqs(&batch)).unwrap();
+    for (k, batch) in batches.iter().enumerate() {
+        let inputs = model.prepare_inputs(&seqs(batch)).unwrap();
+        let cached = cache
+            .as_mut()
+            .map(|c| cached_encoder_outputs(b, &model, &params, &inputs, c, None).unwrap());
         let loss = train_micro_step(
             b,
             &model,
@@ -818,7 +850,7 @@ fn varying_shape_run<B: Backend>(
             &batch.targets,
             &mut bufs,
             1.0,
-            None,
+            cached.as_ref(),
         )
         .unwrap();
         optimizer_update(b, &mut params, &opt, 1.0, Some(1.0)).unwrap();
@@ -864,14 +896,43 @@ fn isoformer_steps_of_varying_shapes_run_bit_identically_from_one_planned_arena(
                 cfg.train.recompute.set(m, recompute);
             }
             let what = format!("{aggregator} {recompute:?}");
-            let (losses, weights, _, _) = varying_shape_run(&CpuBackend::new(), &cfg, false);
+            let (losses, weights, _, _) = varying_shape_run(&CpuBackend::new(), &cfg, false, None);
             let (arena_losses, arena_weights, first, later) =
-                varying_shape_run(&CpuBackend::new(), &cfg, true);
+                varying_shape_run(&CpuBackend::new(), &cfg, true, None);
             assert_eq!(arena_losses, losses, "{what}: losses");
             assert!(arena_weights == weights, "{what}: weights after the steps");
             assert_eq!(first, 1, "{what}: one arena for every step buffer");
             assert_eq!(later, 0, "{what}: allocations after the first step");
         }
+        // Every encoder frozen: the steps read the embedding cache and train the aggregator and head.
+        let mut cfg = tiny_config(aggregator);
+        cfg.train.encoders = Default::default();
+        let dir = std::env::temp_dir().join(format!(
+            "isoformer-arena-cache-{aggregator}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (losses, weights, _, _) = varying_shape_run(&CpuBackend::new(), &cfg, false, None);
+        let cpu = CpuBackend::new();
+        let (cached_losses, cached_weights, _, _) =
+            varying_shape_run(&cpu, &cfg, false, Some(&dir));
+        let (arena_losses, arena_weights, first, later) =
+            varying_shape_run(&CpuBackend::new(), &cfg, true, Some(&dir));
+        assert_eq!(cached_losses, losses, "{aggregator} cached: losses");
+        assert_eq!(arena_losses, losses, "{aggregator} cached, arena: losses");
+        assert!(
+            cached_weights == weights && arena_weights == weights,
+            "{aggregator} cached: weights"
+        );
+        assert_eq!(
+            first, 1,
+            "{aggregator} cached: one arena for every step buffer"
+        );
+        assert_eq!(
+            later, 0,
+            "{aggregator} cached: allocations after the first step"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 
@@ -884,8 +945,8 @@ fn emu_isoformer_steps_of_varying_shapes_run_bit_identically_from_one_planned_ar
     let mut cfg = tiny_config("cross_attention");
     cfg.train.encoders.protein = EncoderMode::Lora;
     let emu = || KernelBackend::new(EmuDevice::default());
-    let (losses, weights, _, _) = varying_shape_run(&emu(), &cfg, false);
-    let (arena_losses, arena_weights, first, later) = varying_shape_run(&emu(), &cfg, true);
+    let (losses, weights, _, _) = varying_shape_run(&emu(), &cfg, false, None);
+    let (arena_losses, arena_weights, first, later) = varying_shape_run(&emu(), &cfg, true, None);
     assert_eq!(arena_losses, losses, "emu losses");
     assert!(arena_weights == weights, "emu weights after the steps");
     assert_eq!(first, 2, "emu: the reserved scratch and one arena");
@@ -907,7 +968,7 @@ fn varying_shape_predictions<B: Backend>(
     let params = IsoformerParams::upload_for_inference(b, &model, &host, None).unwrap();
     let sizes = [2usize, 3, 1, 3];
     if arena {
-        let line = begin_planned_steps(b, cfg, &sizes, false).unwrap();
+        let line = begin_planned_steps(b, cfg, &sizes, false, false).unwrap();
         assert!(line.starts_with("one arena"), "{line}");
     }
     let mut acts = IsoformerActivations::default();

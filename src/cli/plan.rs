@@ -146,6 +146,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
         train: !a.infer,
         compute,
         weights: compute,
+        cached: false,
     };
     let (chosen, candidates) = choose_recompute(&spec, budget)?;
     let r = &chosen.report;

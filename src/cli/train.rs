@@ -373,7 +373,7 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
                 let mut acts = Default::default();
                 let batch = model.cfg.train.batch_size.max(1);
                 // Full batches, and a shorter last one: one arena serves both.
-                begin_planned_steps(b, &model.cfg, &[batch, 1], false)?;
+                begin_planned_steps(b, &model.cfg, &[batch, 1], false, false)?;
                 loop {
                     let chunk = tsv.next_batch(batch)?;
                     if chunk.is_empty() {

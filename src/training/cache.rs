@@ -80,6 +80,11 @@ impl EmbeddingCache {
         self.dir.join(&key[..2]).join(format!("{key}.safetensors"))
     }
 
+    /// Whether the cache holds encoder `e`'s embedding of this input (read nothing, count nothing).
+    pub fn contains(&self, e: usize, input: &[u8]) -> bool {
+        self.path(e, input).is_file()
+    }
+
     /// The cached rows `[rows, width]` for this input, if present.
     pub fn get(
         &mut self,

@@ -10,7 +10,9 @@
 use super::adamw::AdamW;
 use super::bench_step::{as_samples, random_sequences};
 use super::params::IsoformerParams;
-use super::step::{optimizer_update, predict, train_micro_step, StepBuffers};
+use super::step::{
+    optimizer_update, predict, predict_cached, train_micro_step, CachedOutputs, StepBuffers,
+};
 use crate::backend::record::{RecordingBackend, StepLifetimes};
 use crate::backend::run_plan::{plan_run, RunArena};
 use crate::models::isoformer::{
@@ -33,6 +35,9 @@ pub struct PlanSpec {
     /// The dtype of the parameters' compute copy: the compute dtype, except on the CPU's bf16 backend
     /// (bf16 weights, f32 activations).
     pub weights: DType,
+    /// Every encoder frozen, their outputs read from the embedding cache: the step runs the aggregator
+    /// and head only.
+    pub cached: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -115,12 +120,24 @@ pub fn plan_step_with_lifetimes(spec: &PlanSpec) -> Result<(PlanReport, StepLife
     let optimizer = AdamW::single_group(params.train_layout(), 1e-4, 0.0)?;
     let mut bufs = StepBuffers::default();
     let mut acts = IsoformerActivations::default();
+    // Cached steps read every encoder's output as the cache gives it, `[batch, len, width]`.
+    let cached: Option<CachedOutputs> = spec.cached.then(|| {
+        (0..model.encoders.len())
+            .map(|e| {
+                let (_, len) = model.encoder_output_rows(e, &inputs);
+                vec![0.0; spec.batch * len * model.cfg.width(model.encoders[e].modality)]
+            })
+            .collect()
+    });
     let mut step = |params: &mut IsoformerParams<RecordingBackend>| -> Result<()> {
-        if spec.train {
-            train_micro_step(&b, &model, params, &inputs, &targets, &mut bufs, 1.0, None)?;
-            optimizer_update(&b, params, &optimizer, 1.0, Some(1.0))?;
-        } else {
-            predict(&b, &model, params, &inputs, &mut acts)?;
+        let c = cached.as_ref();
+        match (spec.train, c) {
+            (true, _) => {
+                train_micro_step(&b, &model, params, &inputs, &targets, &mut bufs, 1.0, c)?;
+                optimizer_update(&b, params, &optimizer, 1.0, Some(1.0))?;
+            }
+            (false, Some(c)) => drop(predict_cached(&b, &model, params, &inputs, &mut bufs, c)?),
+            (false, None) => drop(predict(&b, &model, params, &inputs, &mut acts)?),
         }
         Ok(())
     };
@@ -188,6 +205,7 @@ pub fn plan_run_arena(
     batch_sizes: &[usize],
     (compute, weights): (DType, DType),
     train: bool,
+    cached: bool,
 ) -> Result<RunArena> {
     let Some(&largest) = batch_sizes.iter().max() else {
         return Ok(Err("no batches".into()));
@@ -221,6 +239,7 @@ pub fn plan_run_arena(
             train,
             compute,
             weights,
+            cached,
         };
         Ok(plan_step_with_lifetimes(&spec)?.1)
     })
@@ -388,6 +407,7 @@ mod tests {
             train,
             compute: DType::F32,
             weights: DType::F32,
+            cached: false,
         };
         let (infer, train) = (
             plan_step(&spec(false)).unwrap(),
@@ -408,6 +428,7 @@ mod tests {
             train: true,
             compute: DType::F32,
             weights: DType::F32,
+            cached: false,
         }
     }
 
@@ -480,6 +501,7 @@ mod tests {
                 train,
                 compute: DType::F32,
                 weights: DType::F32,
+                cached: false,
             };
             let (report, lt) = plan_step_with_lifetimes(&spec).unwrap();
             assert!(lt.sizes.len() > 20, "the step's buffers are seen");
@@ -537,6 +559,7 @@ mod tests {
                     train: true,
                     compute: DType::F32,
                     weights: DType::F32,
+                    cached: false,
                 };
                 let (_, worst) = plan_step_with_lifetimes(&spec(3, 40, 30)).unwrap();
                 assert_eq!(worst.regrown, 0, "{what}: buffers grown within a step");
@@ -552,8 +575,9 @@ mod tests {
                     }
                 }
                 for train in [true, false] {
-                    let run = plan_run_arena(&config, &[3, 3, 1], (DType::F32, DType::F32), train)
-                        .unwrap();
+                    let run =
+                        plan_run_arena(&config, &[3, 3, 1], (DType::F32, DType::F32), train, false)
+                            .unwrap();
                     assert!(run.is_ok(), "{what} train {train}: {:?}", run.err());
                 }
             }

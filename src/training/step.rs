@@ -10,7 +10,7 @@
 
 use super::adamw::{AdamW, StepReport};
 use super::cache::EmbeddingCache;
-use crate::backend::{Backend, Role, Tensor, View};
+use crate::backend::{Backend, Role, Tensor};
 use crate::models::enformer::BatchNormMode;
 use crate::models::isoformer::{
     EncoderActs, EncoderNet, EncoderOutput, Isoformer, IsoformerActivations, IsoformerInputs,
@@ -39,24 +39,26 @@ impl<B: Backend> Default for StepBuffers<B> {
     }
 }
 
-/// Fills `bufs.cached` with every encoder's output for this batch from the cache, running the (frozen)
-/// encoders only for the samples it does not hold yet, and storing those.
-fn cached_encoder_outputs<B: Backend>(
+/// Every encoder's output for one batch on the host, per encoder `[batch, len, width]` (padding rows
+/// zero), as the embedding cache holds them.
+pub type CachedOutputs = Vec<Vec<f32>>;
+
+/// Every (frozen) encoder's output for this batch, from the embedding cache. With `encoder_acts`, the
+/// encoders run for the samples the cache does not hold yet, and those are stored. Without, a missing
+/// entry is an error: a planned run fills the cache before its first step ([`fill_embedding_cache`]),
+/// so its steps only read it and allocate exactly what the plan recorded.
+pub fn cached_encoder_outputs<B: Backend>(
     b: &B,
     model: &Isoformer,
-    views: &[Vec<View<'_, B>>],
+    params: &IsoformerParams<B>,
     inputs: &IsoformerInputs,
-    bufs: &mut StepBuffers<B>,
     cache: &mut EmbeddingCache,
-) -> Result<()> {
+    mut encoder_acts: Option<&mut Vec<EncoderActs<B>>>,
+) -> Result<CachedOutputs> {
+    let views = params.section_views()?;
     let n_enc = model.encoders.len();
-    if bufs.acts.encoders.len() != n_enc {
-        bufs.acts.encoders = model.fresh_acts();
-    }
-    while bufs.cached.len() < n_enc {
-        bufs.cached.push(Tensor::new(b, Role::Activation, 0)?);
-    }
     let batch = inputs.batch;
+    let mut outputs = Vec::with_capacity(n_enc);
     for (e, encoder_views) in views.iter().enumerate().take(n_enc) {
         let width = model.cfg.width(model.encoders[e].modality);
         let (lens, len) = model.encoder_output_rows(e, inputs);
@@ -72,25 +74,78 @@ fn cached_encoder_outputs<B: Backend>(
             }
         }
         if !missing.is_empty() {
+            let Some(acts) = encoder_acts.as_deref_mut() else {
+                return Err(Error::invalid(
+                    "embedding cache",
+                    format!(
+                        "the {} embedding of {} sample(s) of this batch went missing during the run                          (was the cache directory cleaned?)",
+                        model.encoders[e].modality.name(),
+                        missing.len()
+                    ),
+                ));
+            };
+            if acts.len() != n_enc {
+                *acts = model.fresh_acts();
+            }
             model.encode(
                 b,
                 e,
                 encoder_views,
                 &inputs.encoded[e],
                 batch,
-                &mut bufs.acts.encoders[e],
+                &mut acts[e],
                 false,
                 BatchNormMode::Eval,
             )?;
-            let out = b.read_f32(model.encoder_hidden(&bufs.acts.encoders[e])?)?;
+            let out = b.read_f32(model.encoder_hidden(&acts[e])?)?;
             for i in missing {
                 let rows = &out[i * len * width..(i * len + lens[i]) * width];
                 cache.put(e, &model.encoder_input_bytes(e, inputs, i), rows, width)?;
                 host[i * len * width..(i * len + lens[i]) * width].copy_from_slice(rows);
             }
         }
-        bufs.cached[e].ensure(b, Role::Activation, host.len())?;
-        b.write_f32(bufs.cached[e].view_mut(), &host)?;
+        outputs.push(host);
+    }
+    Ok(outputs)
+}
+
+/// Runs the (frozen) encoders over every batch in `batches` whose embeddings the cache does not hold
+/// yet, and stores them: what a run does before its first step, so that its steps only read the cache.
+/// The encoders' buffers are freed at the end.
+pub fn fill_embedding_cache<B: Backend>(
+    b: &B,
+    model: &Isoformer,
+    params: &IsoformerParams<B>,
+    batches: impl IntoIterator<Item = Result<IsoformerInputs>>,
+    cache: &mut EmbeddingCache,
+) -> Result<()> {
+    let mut encoder_acts = Vec::new();
+    for inputs in batches {
+        let inputs = inputs?;
+        let held = (0..model.encoders.len()).all(|e| {
+            (0..inputs.batch).all(|i| cache.contains(e, &model.encoder_input_bytes(e, &inputs, i)))
+        });
+        if !held {
+            cached_encoder_outputs(b, model, params, &inputs, cache, Some(&mut encoder_acts))?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies a batch's cached encoder outputs into `bufs.cached`, each buffer made once at its size.
+fn upload_cached<B: Backend>(
+    b: &B,
+    bufs: &mut StepBuffers<B>,
+    cached: &CachedOutputs,
+) -> Result<()> {
+    for (e, host) in cached.iter().enumerate() {
+        if e == bufs.cached.len() {
+            bufs.cached
+                .push(Tensor::new(b, Role::Activation, host.len())?);
+        } else {
+            bufs.cached[e].ensure(b, Role::Activation, host.len())?;
+        }
+        b.write_f32(bufs.cached[e].view_mut(), host)?;
     }
     Ok(())
 }
@@ -134,9 +189,9 @@ pub fn train_micro_step<B: Backend>(
     targets: &[f32],
     bufs: &mut StepBuffers<B>,
     loss_scale: f32,
-    cache: Option<&mut EmbeddingCache>,
+    cached: Option<&CachedOutputs>,
 ) -> Result<f32> {
-    let loss = forward_backward(b, model, params, inputs, targets, bufs, loss_scale, cache)?;
+    let loss = forward_backward(b, model, params, inputs, targets, bufs, loss_scale, cached)?;
     if !loss.is_finite() {
         // Batch statistics of a non-finite forward would poison the running statistics.
         return Ok(loss);
@@ -162,8 +217,8 @@ pub fn optimizer_update<B: Backend>(
 /// Forward and backward of one (micro-)batch: returns the MSE loss and adds `loss_scale · ∂loss/∂θ` into
 /// the trainable sections' gradients. Fine-tuned Enformer trunks use the batch's batchnorm statistics
 /// and copy them for [`update_running_stats`].
-/// With `cache` (every encoder frozen), the encoders' outputs come from the embedding cache and only the
-/// aggregator and head run.
+/// With `cached` (every encoder frozen), the encoders' outputs are given, as read from the embedding
+/// cache ([`cached_encoder_outputs`]), and only the aggregator and head run.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_backward<B: Backend>(
     b: &B,
@@ -173,7 +228,7 @@ pub fn forward_backward<B: Backend>(
     targets: &[f32],
     bufs: &mut StepBuffers<B>,
     loss_scale: f32,
-    cache: Option<&mut EmbeddingCache>,
+    cached: Option<&CachedOutputs>,
 ) -> Result<f32> {
     let n = inputs.batch * model.cfg.num_tissues;
     if targets.len() != n {
@@ -197,14 +252,14 @@ pub fn forward_backward<B: Backend>(
     let (views, mut grads) = params.views_and_grads()?;
     let refs: Vec<&[_]> = views.iter().map(Vec::as_slice).collect();
     let n_enc = model.encoders.len();
-    if let Some(cache) = cache {
+    if let Some(cached) = cached {
         if flags[..n_enc].iter().any(|&f| f) {
             return Err(Error::invalid(
                 "embedding cache",
                 "it serves only when every encoder is frozen",
             ));
         }
-        cached_encoder_outputs(b, model, &views, inputs, bufs, cache)?;
+        upload_cached(b, bufs, cached)?;
         let outputs = cached_outputs(model, inputs, &bufs.cached);
         let top = &mut bufs.acts.aggregate;
         model.aggregate_forward(b, refs[n_enc], &outputs, &inputs.present, top, inputs.batch)?;
@@ -267,9 +322,9 @@ pub fn update_running_stats<B: Backend>(
 ) -> Result<()> {
     for (e, enc) in model.encoders.iter().enumerate() {
         // Only fine-tuned trunks run on batch statistics (their weights are in the train state).
-        let (EncoderNet::Enformer(trunk), EncoderActs::Enformer(acts), true) = (
+        let (EncoderNet::Enformer(trunk), Some(EncoderActs::Enformer(acts)), true) = (
             &enc.net,
-            &bufs.acts.encoders[e],
+            bufs.acts.encoders.get(e),
             params.placement[e].trainable,
         ) else {
             continue;
@@ -318,17 +373,17 @@ pub fn predict<B: Backend>(
     b.read_f32(acts.aggregate.predictions()?)
 }
 
-/// [`predict`] with the encoders' outputs from the embedding cache (every encoder frozen).
+/// [`predict`] with the encoders' outputs given, as read from the embedding cache (every encoder frozen).
 pub fn predict_cached<B: Backend>(
     b: &B,
     model: &Isoformer,
     params: &IsoformerParams<B>,
     inputs: &IsoformerInputs,
     bufs: &mut StepBuffers<B>,
-    cache: &mut EmbeddingCache,
+    cached: &CachedOutputs,
 ) -> Result<Vec<f32>> {
     let views = params.section_views()?;
-    cached_encoder_outputs(b, model, &views, inputs, bufs, cache)?;
+    upload_cached(b, bufs, cached)?;
     let outputs = cached_outputs(model, inputs, &bufs.cached);
     let n_enc = model.encoders.len();
     let top = &mut bufs.acts.aggregate;

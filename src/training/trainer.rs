@@ -15,11 +15,14 @@ use super::params::{is_lora_name, trainable_flags, IsoformerParams};
 use super::plan::{choose_recompute, plan_run_arena, PlanSpec};
 use super::plots;
 use super::schedule::lr_factor;
-use super::step::{optimizer_update, predict, predict_cached, train_micro_step, StepBuffers};
+use super::step::{
+    cached_encoder_outputs, fill_embedding_cache, optimizer_update, predict, predict_cached,
+    train_micro_step, StepBuffers,
+};
 use crate::backend::run_plan::begin_run;
 use crate::backend::Backend;
 use crate::data::loader::epoch_plan;
-use crate::data::{DataConfig, Dataset, Loader, LoaderConfig, Sample, Split, TargetStats};
+use crate::data::{DataConfig, Dataset, Loader, LoaderConfig, RowRef, Sample, Split, TargetStats};
 use crate::models::isoformer::init::initial_sections;
 use crate::models::isoformer::{Isoformer, IsoformerActivations, IsoformerConfig, SampleSeqs};
 use crate::models::recompute::Recompute;
@@ -200,10 +203,11 @@ pub fn predict_split_batches<B: Backend>(
     } else {
         ProgressBar::hidden()
     };
-    if cache.is_none() {
-        let sizes: Vec<usize> = plan.iter().map(Vec::len).collect();
-        begin_planned_steps(b, &model.cfg, &sizes, false)?;
+    if let Some(c) = cache.as_deref_mut() {
+        fill_cache_for(b, model, params, data, &plan, c)?;
     }
+    let sizes: Vec<usize> = plan.iter().map(Vec::len).collect();
+    begin_planned_steps(b, &model.cfg, &sizes, false, cache.is_some())?;
     let loader = Loader::spawn(plan, 4, move |r| ds.sample(r))?;
     let mut acts = IsoformerActivations::default();
     let mut bufs = StepBuffers::default();
@@ -213,7 +217,10 @@ pub fn predict_split_batches<B: Backend>(
         let batch = batch?;
         let inputs = model.prepare_inputs(&seqs(&batch.samples))?;
         let mut p = match cache.as_deref_mut() {
-            Some(c) => predict_cached(b, model, params, &inputs, &mut bufs, c)?,
+            Some(c) => {
+                let cached = cached_encoder_outputs(b, model, params, &inputs, c, None)?;
+                predict_cached(b, model, params, &inputs, &mut bufs, &cached)?
+            }
             None => predict(b, model, params, &inputs, &mut acts)?,
         };
         let mut truth = Vec::with_capacity(p.len());
@@ -281,6 +288,8 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
             train: true,
             compute: b.compute_dtype(),
             weights: b.weight_dtype(),
+            // Conservative: the frozen encoders run (to fill the cache) outside the steps.
+            cached: false,
         };
         // Encoders set to `auto` get the recompute policy that fits with the fewest extra FLOPs.
         let (chosen, _) = choose_recompute(&spec, budget)?;
@@ -412,10 +421,15 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
     } else {
         ProgressBar::hidden()
     };
-    // The step buffers start here: placed by the plan when there is one.
-    if opts.planned_arena && cache.is_none() {
-        let sizes: Vec<usize> = epoch_plan(&train_rows, &lc).iter().map(Vec::len).collect();
-        let line = begin_planned_steps(b, &planned_config, &sizes, true)?;
+    // The step buffers start here: placed by the plan when there is one. Frozen encoders' embeddings
+    // are all cached first, so that the steps only read them.
+    let first_epoch = epoch_plan(&train_rows, &lc);
+    if let Some(c) = cache.as_mut() {
+        fill_cache_for(b, &model, &params, &data, &first_epoch, c)?;
+    }
+    if opts.planned_arena {
+        let sizes: Vec<usize> = first_epoch.iter().map(Vec::len).collect();
+        let line = begin_planned_steps(b, &planned_config, &sizes, true, cache.is_some())?;
         eprintln!("step buffers: {line}");
     } else {
         b.begin_steps()?;
@@ -459,6 +473,12 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
             let group = t
                 .grad_accum_steps
                 .min(n_batches - (index - index % t.grad_accum_steps));
+            let cached = match cache.as_mut() {
+                Some(c) => Some(cached_encoder_outputs(
+                    b, &model, &params, &inputs, c, None,
+                )?),
+                None => None,
+            };
             let loss = train_micro_step(
                 b,
                 &model,
@@ -467,7 +487,7 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
                 &targets,
                 &mut bufs,
                 1.0 / group as f32,
-                cache.as_mut(),
+                cached.as_ref(),
             )?;
             if !loss.is_finite() {
                 return Err(Error::invalid(
@@ -605,18 +625,35 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
 }
 
 /// Starts a run of steps on `b` (training steps, or inference forwards when not `train`) whose batches
-/// have `batch_sizes` samples: the step buffers come from one arena planned for the largest step when
-/// that placement serves every step of the run ([`plan_run_arena`]), else one by one. Returns which, for
-/// the user.
+/// have `batch_sizes` samples, reading the encoders' outputs from the embedding cache when `cached`: the
+/// step buffers come from one arena planned for the largest step when that placement serves every step
+/// of the run ([`plan_run_arena`]), else one by one. Returns which, for the user.
 pub fn begin_planned_steps<B: Backend>(
     b: &B,
     config: &IsoformerConfig,
     batch_sizes: &[usize],
     train: bool,
+    cached: bool,
 ) -> Result<String> {
     let dtypes = (b.compute_dtype(), b.weight_dtype());
-    let plan = plan_run_arena(config, batch_sizes, dtypes, train)?;
+    let plan = plan_run_arena(config, batch_sizes, dtypes, train, cached)?;
     begin_run(b, plan)
+}
+
+/// Fills the embedding cache for the batches of `plan` (rows of `data`) before a run, so that the run's
+/// steps only read it.
+fn fill_cache_for<B: Backend>(
+    b: &B,
+    model: &Isoformer,
+    params: &IsoformerParams<B>,
+    data: &Arc<Dataset>,
+    plan: &[Vec<RowRef>],
+    cache: &mut EmbeddingCache,
+) -> Result<()> {
+    let ds = data.clone();
+    let loader = Loader::spawn(plan.to_vec(), 4, move |r| ds.sample(r))?;
+    let batches = loader.map(|batch| model.prepare_inputs(&seqs(&batch?.samples)));
+    fill_embedding_cache(b, model, params, batches, cache)
 }
 
 /// What an evaluation during training reads.
