@@ -214,6 +214,9 @@ mod lane_kernel {
     /// Keys scored together (independent FMA chains).
     #[cfg(target_arch = "x86_64")]
     const KEYS: usize = 8;
+    /// Keys per chunk of the online softmax: the chunk's scores (16 KiB), keys and values stay in L1.
+    #[cfg(target_arch = "x86_64")]
+    const KEY_CHUNK: usize = 128;
 
     /// Whether the lane kernel runs: no score bias (ESM-2, NT-v2 and the cross-attentions), a head dim up
     /// to 64, and AVX-512 with FMA on this CPU (elsewhere the blocked GEMM path serves).
@@ -222,6 +225,9 @@ mod lane_kernel {
         {
             inp.bias.is_none()
                 && d.head_dim <= MAX_DK
+                && d.v_head_dim <= MAX_DK
+                // The scores and the packed keys and values share the workspace slot.
+                && ROWS + d.head_dim + d.v_head_dim <= 2 * super::Q_BLOCK
                 && std::is_x86_feature_detected!("avx512f")
                 && std::is_x86_feature_detected!("fma")
         }
@@ -232,12 +238,54 @@ mod lane_kernel {
         }
     }
 
+    /// One head's first `len` keys `[len, Dk]` and values `[len, Dv]`, each contiguous.
+    #[derive(Clone, Copy)]
+    pub(super) struct PackedHead<'a> {
+        pub keys: &'a [f32],
+        pub values: &'a [f32],
+        pub len: usize,
+    }
+
+    /// Elements of the workspace [`pack_head`] uses for `n` keys.
+    pub(super) fn packed_len(d: &AttentionDims, n: usize) -> usize {
+        n * (d.head_dim + d.v_head_dim)
+    }
+
+    /// Copies head `h` of batch `b`'s first `n` keys and values out of the interleaved `[B, L, H, D]`
+    /// layout into `dst`: the kernel then streams them (one head's rows lie `H·D` apart, so reading them
+    /// in place touches a cache line per key and misses the caches at long lengths).
+    pub(super) fn pack_head<'a>(
+        inp: &AttentionInputs<'_>,
+        d: &AttentionDims,
+        (b, h): (usize, usize),
+        n: usize,
+        dst: &'a mut [f32],
+    ) -> PackedHead<'a> {
+        let (nh, dk, dv) = (d.heads, d.head_dim, d.v_head_dim);
+        let (_, ok, ov, _) = d.offsets(b, h);
+        let (keys, rest) = dst.split_at_mut(n * dk);
+        let values = &mut rest[..n * dv];
+        for (j, row) in keys.chunks_exact_mut(dk.max(1)).enumerate().take(n) {
+            row.copy_from_slice(&inp.k[ok + j * nh * dk..][..dk]);
+        }
+        for (j, row) in values.chunks_exact_mut(dv.max(1)).enumerate().take(n) {
+            row.copy_from_slice(&inp.v[ov + j * nh * dv..][..dv]);
+        }
+        PackedHead {
+            keys,
+            values,
+            len: n,
+        }
+    }
+
     /// Rows `i0..i0+rows` (`rows ≤ 32`) of head `h` of batch `b` against the first `n` keys. The scores
     /// are kept transposed, `st[j][row]` (32 rows: two vectors per key), so each row's maximum and sum are
     /// lane-wise (no horizontal reductions) and P·V accumulates 16 rows per FMA whatever the head dim (24
     /// for ESM-2 35M, where a GEMM over the head dim would pad its vectors or use thin tiles). Two vectors
     /// of rows per key halve the key and value traffic per FMA. Writes the rows of `out` and
     /// `lse[0..rows]`.
+    ///
+    /// `head` is this head's keys and values, packed contiguous by [`pack_head`].
     ///
     /// # Safety
     /// AVX-512F and FMA must be present ([`applies`]); `out` must hold the attention output and `lse` at
@@ -247,18 +295,18 @@ mod lane_kernel {
     pub(super) unsafe fn forward_block(
         inp: &AttentionInputs<'_>,
         d: &AttentionDims,
-        b: usize,
-        h: usize,
+        (b, h): (usize, usize),
+        head: PackedHead<'_>,
         i0: usize,
         rows: usize,
-        n: usize,
         ws: &mut [f32],
         out: *mut f32,
         lse: *mut f32,
     ) {
         use std::arch::x86_64::*;
         let (nh, dk, dv) = (d.heads, d.head_dim, d.v_head_dim);
-        let (oq, ok, ov, oo) = d.offsets(b, h);
+        let (oq, _, _, oo) = d.offsets(b, h);
+        let n = head.len;
         if n == 0 {
             for l in 0..rows {
                 let dst = oo + (i0 + l) * nh * dv;
@@ -277,14 +325,100 @@ mod lane_kernel {
                 *x = inp.q[oq + (i0 + l) * nh * dk + c] * d.scale;
             }
         }
-        let st = &mut ws[..n * ROWS];
-        // Every key of this head lies inside k (checked by the caller), so the reads below are too.
-        let keys = &inp.k[ok..ok + (n - 1) * nh * dk + dk];
-        let stride = nh * dk;
-        let mut max = [_mm512_set1_ps(f32::NEG_INFINITY); 2];
-        let full = n - n % KEYS;
+        let keys = &head.keys[..n * dk];
+        let values = &head.values[..n * dv];
+        // Keys in chunks whose scores stay in L1, with FlashAttention's online softmax: a running maximum
+        // `m` and sum `l` per row, and the unnormalised output `acc` rescaled by `e^(m_old − m_new)`
+        // whenever a chunk raises the maximum.
+        let st = &mut ws[..KEY_CHUNK.min(n) * ROWS];
+        let mut acc = [[0.0f32; ROWS]; MAX_DK];
         // SAFETY (this block): AVX-512F/FMA are enabled for this function; every pointer below stays
-        // inside `qt`, `keys` or `st` by the loop bounds.
+        // inside `qt`, `keys`, `values`, `st` or `acc` by the loop bounds.
+        unsafe {
+            let mut m = [_mm512_set1_ps(f32::NEG_INFINITY); 2];
+            let mut l = [_mm512_setzero_ps(); 2];
+            for j0 in (0..n).step_by(KEY_CHUNK) {
+                let len = KEY_CHUNK.min(n - j0);
+                let chunk = &mut st[..len * ROWS];
+                let chunk_max = scores(&qt, dk, &keys[j0 * dk..(j0 + len) * dk], chunk);
+                let m_new = [
+                    _mm512_max_ps(m[0], chunk_max[0]),
+                    _mm512_max_ps(m[1], chunk_max[1]),
+                ];
+                // e^(−∞) = 0 on the first chunk, where nothing has accumulated yet.
+                let alpha = [
+                    exp16(_mm512_sub_ps(m[0], m_new[0])),
+                    exp16(_mm512_sub_ps(m[1], m_new[1])),
+                ];
+                if j0 > 0 {
+                    for col in acc.iter_mut().take(dv) {
+                        for (v, a) in alpha.iter().enumerate() {
+                            let ptr = col.as_mut_ptr().add(v * LANES);
+                            _mm512_storeu_ps(ptr, _mm512_mul_ps(_mm512_loadu_ps(ptr), *a));
+                        }
+                    }
+                }
+                m = m_new;
+                // Two sums per row vector: a single loop-carried sum is kept in memory otherwise.
+                let mut sum = [_mm512_setzero_ps(); 2];
+                for key in chunk.chunks_exact_mut(ROWS) {
+                    let ptr = key.as_mut_ptr();
+                    for v in 0..2 {
+                        let p = exp16(_mm512_sub_ps(_mm512_loadu_ps(ptr.add(v * LANES)), m[v]));
+                        _mm512_storeu_ps(ptr.add(v * LANES), p);
+                        sum[v] = _mm512_add_ps(sum[v], p);
+                    }
+                }
+                for v in 0..2 {
+                    l[v] = _mm512_add_ps(_mm512_mul_ps(l[v], alpha[v]), sum[v]);
+                }
+                let chunk_values = &values[j0 * dv..(j0 + len) * dv];
+                let mut c0 = 0;
+                while c0 < dv {
+                    c0 += match dv - c0 {
+                        w if w >= 12 => pv_chunk::<12>(chunk_values, dv, c0, chunk, &mut acc),
+                        w if w >= 8 => pv_chunk::<8>(chunk_values, dv, c0, chunk, &mut acc),
+                        _ => pv_chunk::<1>(chunk_values, dv, c0, chunk, &mut acc),
+                    };
+                }
+            }
+            let mut sums = [0.0f32; ROWS];
+            let mut maxes = [0.0f32; ROWS];
+            for v in 0..2 {
+                _mm512_storeu_ps(sums.as_mut_ptr().add(v * LANES), l[v]);
+                _mm512_storeu_ps(maxes.as_mut_ptr().add(v * LANES), m[v]);
+            }
+            let out_base = oo + i0 * nh * dv;
+            for r in 0..rows {
+                let inv = 1.0 / sums[r];
+                let row = out.add(out_base + r * nh * dv);
+                for (c, col) in acc.iter().take(dv).enumerate() {
+                    *row.add(c) = col[r] * inv;
+                }
+                *lse.add(r) = maxes[r] + sums[r].ln();
+            }
+        }
+    }
+
+    /// Scores of the block's rows against the keys `[len, dk]` into `st[j][row]` (32 rows per key), and
+    /// each row's maximum. `KEYS` keys at a time: independent FMA chains, one broadcast per key and
+    /// head-dim entry.
+    ///
+    /// # Safety
+    /// AVX-512F and FMA must be present; `st` holds `32·len` elements.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn scores(
+        qt: &[[f32; ROWS]; MAX_DK],
+        dk: usize,
+        keys: &[f32],
+        st: &mut [f32],
+    ) -> [std::arch::x86_64::__m512; 2] {
+        use std::arch::x86_64::*;
+        let len = st.len() / ROWS;
+        let mut max = [_mm512_set1_ps(f32::NEG_INFINITY); 2];
+        let full = len - len % KEYS;
+        // SAFETY: key j's entries are keys[j·dk..(j+1)·dk] and its scores st[j·32..(j+1)·32], j < len.
         unsafe {
             for j0 in (0..full).step_by(KEYS) {
                 let mut acc = [[_mm512_setzero_ps(); 2]; KEYS];
@@ -292,7 +426,7 @@ mod lane_kernel {
                     let q0 = _mm512_loadu_ps(qc.as_ptr());
                     let q1 = _mm512_loadu_ps(qc.as_ptr().add(LANES));
                     for (t, a) in acc.iter_mut().enumerate() {
-                        let kc = _mm512_set1_ps(*keys.get_unchecked((j0 + t) * stride + c));
+                        let kc = _mm512_set1_ps(*keys.get_unchecked((j0 + t) * dk + c));
                         a[0] = _mm512_fmadd_ps(kc, q0, a[0]);
                         a[1] = _mm512_fmadd_ps(kc, q1, a[1]);
                     }
@@ -305,10 +439,10 @@ mod lane_kernel {
                     max[1] = _mm512_max_ps(max[1], a[1]);
                 }
             }
-            for j in full..n {
+            for j in full..len {
                 let mut a = [_mm512_setzero_ps(); 2];
                 for (c, qc) in qt.iter().take(dk).enumerate() {
-                    let kc = _mm512_set1_ps(*keys.get_unchecked(j * stride + c));
+                    let kc = _mm512_set1_ps(*keys.get_unchecked(j * dk + c));
                     a[0] = _mm512_fmadd_ps(kc, _mm512_loadu_ps(qc.as_ptr()), a[0]);
                     a[1] = _mm512_fmadd_ps(kc, _mm512_loadu_ps(qc.as_ptr().add(LANES)), a[1]);
                 }
@@ -318,128 +452,73 @@ mod lane_kernel {
                 max[0] = _mm512_max_ps(max[0], a[0]);
                 max[1] = _mm512_max_ps(max[1], a[1]);
             }
-            // Two sums per row vector: a single loop-carried sum is kept in memory by the compiler here.
-            let mut sum = [_mm512_setzero_ps(); 4];
-            for key in st.chunks_exact_mut(ROWS) {
-                let ptr = key.as_mut_ptr();
-                for v in 0..2 {
-                    let p = exp16(_mm512_sub_ps(_mm512_loadu_ps(ptr.add(v * LANES)), max[v]));
-                    _mm512_storeu_ps(ptr.add(v * LANES), p);
-                    sum[v] = _mm512_add_ps(sum[v], p);
-                }
-            }
-            let sum = [sum[0], sum[1]];
-            let mut sums = [0.0f32; ROWS];
-            let mut maxes = [0.0f32; ROWS];
-            for v in 0..2 {
-                _mm512_storeu_ps(sums.as_mut_ptr().add(v * LANES), sum[v]);
-                _mm512_storeu_ps(maxes.as_mut_ptr().add(v * LANES), max[v]);
-            }
-            let one = _mm512_set1_ps(1.0);
-            let inv = [_mm512_div_ps(one, sum[0]), _mm512_div_ps(one, sum[1])];
-            let values = &inp.v[ov..ov + (n - 1) * nh * dv + dv];
-            let out_base = oo + i0 * nh * dv;
-            let mut c0 = 0;
-            while c0 < dv {
-                c0 += match dv - c0 {
-                    w if w >= 8 => {
-                        pv_chunk::<8>(values, nh * dv, c0, st, inv, rows, out_base, nh * dv, out)
-                    }
-                    _ => pv_chunk::<1>(values, nh * dv, c0, st, inv, rows, out_base, nh * dv, out),
-                };
-            }
-            for l in 0..rows {
-                *lse.add(l) = maxes[l] + sums[l].ln();
-            }
         }
+        max
     }
 
-    /// Output columns `c0..c0+W` of the block: `out[row, c] = Σ_j p[j][row]·v[j, c] · inv[row]`, with the
-    /// `2·W` accumulators of 16 rows each held in registers. Returns `W`.
+    /// Output columns `c0..c0+W` of the block over one chunk of keys: `acc[c][row] += Σ_j p[j][row]·v[j, c]`,
+    /// with the `2·W` accumulators of 16 rows each held in registers. Returns `W`.
     ///
     /// # Safety
-    /// As [`forward_block`]; `values` holds every key's value row of this head at `stride` apart.
+    /// As [`forward_block`]; `values` holds the chunk's value rows `dv` apart, `st` its probabilities.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,fma")]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn pv_chunk<const W: usize>(
         values: &[f32],
-        stride: usize,
+        dv: usize,
         c0: usize,
         st: &[f32],
-        inv: [std::arch::x86_64::__m512; 2],
-        rows: usize,
-        out_base: usize,
-        out_stride: usize,
-        out: *mut f32,
+        acc: &mut [[f32; ROWS]; MAX_DK],
     ) -> usize {
         use std::arch::x86_64::*;
-        let mut acc = [[_mm512_setzero_ps(); 2]; W];
-        // SAFETY: rows of `st` and value entries c0..c0+W of each key are in bounds by construction;
-        // output rows belong to the caller's task.
+        let mut regs = [[_mm512_setzero_ps(); 2]; W];
+        // SAFETY: rows of `st` and value entries c0..c0+W of each key are in bounds by construction.
         unsafe {
+            for (r, col) in regs.iter_mut().zip(&acc[c0..c0 + W]) {
+                r[0] = _mm512_loadu_ps(col.as_ptr());
+                r[1] = _mm512_loadu_ps(col.as_ptr().add(LANES));
+            }
             for j in 0..st.len() / ROWS {
                 let p0 = _mm512_loadu_ps(st.as_ptr().add(j * ROWS));
                 let p1 = _mm512_loadu_ps(st.as_ptr().add(j * ROWS + LANES));
-                let v = values.as_ptr().add(j * stride + c0);
-                for (c, a) in acc.iter_mut().enumerate() {
+                let v = values.as_ptr().add(j * dv + c0);
+                for (c, a) in regs.iter_mut().enumerate() {
                     let vc = _mm512_set1_ps(*v.add(c));
                     a[0] = _mm512_fmadd_ps(vc, p0, a[0]);
                     a[1] = _mm512_fmadd_ps(vc, p1, a[1]);
                 }
             }
-            let mut lanes = [[0.0f32; ROWS]; W];
-            for (dst, a) in lanes.iter_mut().zip(&acc) {
-                _mm512_storeu_ps(dst.as_mut_ptr(), _mm512_mul_ps(a[0], inv[0]));
-                _mm512_storeu_ps(dst.as_mut_ptr().add(LANES), _mm512_mul_ps(a[1], inv[1]));
-            }
-            for l in 0..rows {
-                let row = out.add(out_base + l * out_stride + c0);
-                for (c, lane) in lanes.iter().enumerate() {
-                    *row.add(c) = lane[l];
-                }
+            for (r, col) in regs.iter().zip(&mut acc[c0..c0 + W]) {
+                _mm512_storeu_ps(col.as_mut_ptr(), r[0]);
+                _mm512_storeu_ps(col.as_mut_ptr().add(LANES), r[1]);
             }
         }
         W
     }
 
-    /// `eˣ` on 16 lanes, as [`fast_exp`] computes it (degree-7 polynomial after `x = n·ln2 + r`), for the
-    /// shifted scores `x ≤ 0`; inputs below −87.3 give 0.
+    /// `eˣ` on 16 lanes for the shifted scores `x ≤ 0`: `x = n·ln2 + r` with `|r| ≤ ln2/2`, a degree-6
+    /// Taylor polynomial for `eʳ` (truncation below 1.2e-7 relative, about an ulp), and `vscalefps` for
+    /// the `2ⁿ`. Inputs below −87.3 (whose results would be subnormal) give 0, as does −∞. 14 vector ops,
+    /// where the integer exponent assembly of [`fast_exp`] takes 21: the exponentials are a third of the
+    /// kernel's work at head dim 24.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,fma")]
     unsafe fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
         use std::arch::x86_64::*;
-        const ROUND: f32 = 12_582_912.0;
         let s = _mm512_set1_ps;
-        let xc = _mm512_min_ps(_mm512_max_ps(x, s(-87.3)), s(88.7));
-        let t = _mm512_add_ps(_mm512_mul_ps(xc, s(std::f32::consts::LOG2_E)), s(ROUND));
-        let n = _mm512_sub_ps(t, s(ROUND));
-        let r = _mm512_sub_ps(
-            _mm512_sub_ps(xc, _mm512_mul_ps(n, s(0.693_145_75))),
-            _mm512_mul_ps(n, s(1.428_606_8e-6)),
+        let xc = _mm512_max_ps(x, s(-87.3));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(xc, s(std::f32::consts::LOG2_E)),
         );
-        let mut p = s(1.0 / 5040.0);
-        for c in [
-            1.0 / 720.0,
-            1.0 / 120.0,
-            1.0 / 24.0,
-            1.0 / 6.0,
-            0.5,
-            1.0,
-            1.0,
-        ] {
+        // ln 2 in two parts: n·ln2_hi is exact for |n| < 2⁸.
+        let r = _mm512_fnmadd_ps(n, s(0.693_145_75), xc);
+        let r = _mm512_fnmadd_ps(n, s(1.428_606_8e-6), r);
+        let mut p = s(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
             p = _mm512_fmadd_ps(p, r, s(c));
         }
-        let bits = _mm512_sub_epi32(
-            _mm512_castps_si512(t),
-            _mm512_set1_epi32(ROUND.to_bits() as i32),
-        );
-        let scale = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
-            bits,
-            _mm512_set1_epi32(127),
-        )));
         let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, s(-87.3));
-        _mm512_maskz_mov_ps(keep, _mm512_mul_ps(p, scale))
+        _mm512_maskz_scalef_ps(keep, p, n)
     }
 
     #[cfg(not(target_arch = "x86_64"))]
@@ -447,9 +526,8 @@ mod lane_kernel {
     pub(super) unsafe fn forward_block(
         _: &AttentionInputs<'_>,
         _: &AttentionDims,
-        _: usize,
-        _: usize,
-        _: usize,
+        _: (usize, usize),
+        _: PackedHead<'_>,
         _: usize,
         _: usize,
         _: &mut [f32],
@@ -460,7 +538,7 @@ mod lane_kernel {
     }
 }
 
-use lane_kernel::ROWS;
+use lane_kernel::{pack_head, packed_len, ROWS};
 
 /// A pointer that tasks share to write disjoint elements of one buffer.
 #[derive(Clone, Copy)]
@@ -529,6 +607,10 @@ pub fn attention(
             let (_, _, ov, oo) = d.offsets(b, h);
             let (out_ptr, lse_ptr) = (out_ptr, lse_ptr);
             if lanes {
+                // The scores take 32·n of the slot's 512·n elements, this head's keys and values
+                // (Dk + Dv ≤ 128) some of the rest.
+                let (st, rest) = ws.split_at_mut(ROWS * n);
+                let head = pack_head(&inp, d, (b, h), n, &mut rest[..packed_len(d, n)]);
                 for i0 in (0..d.q_len).step_by(ROWS) {
                     let rows = ROWS.min(d.q_len - i0);
                     let pos = (b * d.heads + h) * d.q_len + i0;
@@ -538,12 +620,11 @@ pub fn attention(
                         lane_kernel::forward_block(
                             &inp,
                             d,
-                            b,
-                            h,
+                            (b, h),
+                            head,
                             i0,
                             rows,
-                            n,
-                            ws,
+                            st,
                             out_ptr.0,
                             lse_ptr.0.add(pos),
                         )
@@ -978,6 +1059,32 @@ mod tests {
             ..AttentionDims::new(1, 2, 67, 67, 64)
         };
         run_case(d, vec![67], Some(false), 47, false);
+    }
+
+    #[test]
+    fn keys_over_several_chunks_of_the_online_softmax() {
+        // ESM-2 35M's head dim 24 over keys spanning three chunks (ragged last chunk and key groups),
+        // the second batch entry ending just past the first chunk.
+        run_case(
+            AttentionDims::new(2, 2, 40, 301, 24),
+            vec![301, 129],
+            None,
+            48,
+            false,
+        );
+        // Peaked scores (a large scale): the running maximum jumps between chunks, so the accumulated
+        // output is rescaled by factors far from 1.
+        let d = AttentionDims {
+            scale: 3.0,
+            ..AttentionDims::new(1, 3, 33, 270, 16)
+        };
+        run_case(d, vec![270], None, 49, false);
+        // Gradients through a two-chunk forward's log-sum-exp (small, for the finite differences).
+        let d = AttentionDims {
+            scale: 3.0,
+            ..AttentionDims::new(1, 1, 3, 131, 4)
+        };
+        run_case(d, vec![131], None, 50, true);
     }
 
     #[test]
