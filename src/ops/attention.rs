@@ -319,10 +319,13 @@ mod lane_kernel {
             return;
         }
         // qt[c][row] = scale · q[i0 + row, c]; rows past `rows` stay zero (their results are unused).
+        // The scores are kept in base 2 (`log₂e` folded into the scale): `eˢ⁻ᵐ = 2^(s₂ − m₂)`, one
+        // multiply fewer per exponential.
+        let scale = d.scale * std::f32::consts::LOG2_E;
         let mut qt = [[0.0f32; ROWS]; MAX_DK];
         for (c, qc) in qt.iter_mut().take(dk).enumerate() {
             for (l, x) in qc.iter_mut().take(rows).enumerate() {
-                *x = inp.q[oq + (i0 + l) * nh * dk + c] * d.scale;
+                *x = inp.q[oq + (i0 + l) * nh * dk + c] * scale;
             }
         }
         let keys = &head.keys[..n * dk];
@@ -345,10 +348,10 @@ mod lane_kernel {
                     _mm512_max_ps(m[0], chunk_max[0]),
                     _mm512_max_ps(m[1], chunk_max[1]),
                 ];
-                // e^(−∞) = 0 on the first chunk, where nothing has accumulated yet.
+                // 2^(−∞) = 0 on the first chunk, where nothing has accumulated yet.
                 let alpha = [
-                    exp16(_mm512_sub_ps(m[0], m_new[0])),
-                    exp16(_mm512_sub_ps(m[1], m_new[1])),
+                    exp2_16(_mm512_sub_ps(m[0], m_new[0])),
+                    exp2_16(_mm512_sub_ps(m[1], m_new[1])),
                 ];
                 if j0 > 0 {
                     for col in acc.iter_mut().take(dv) {
@@ -364,7 +367,7 @@ mod lane_kernel {
                 for key in chunk.chunks_exact_mut(ROWS) {
                     let ptr = key.as_mut_ptr();
                     for v in 0..2 {
-                        let p = exp16(_mm512_sub_ps(_mm512_loadu_ps(ptr.add(v * LANES)), m[v]));
+                        let p = exp2_16(_mm512_sub_ps(_mm512_loadu_ps(ptr.add(v * LANES)), m[v]));
                         _mm512_storeu_ps(ptr.add(v * LANES), p);
                         sum[v] = _mm512_add_ps(sum[v], p);
                     }
@@ -395,7 +398,7 @@ mod lane_kernel {
                 for (c, col) in acc.iter().take(dv).enumerate() {
                     *row.add(c) = col[r] * inv;
                 }
-                *lse.add(r) = maxes[r] + sums[r].ln();
+                *lse.add(r) = maxes[r] * std::f32::consts::LN_2 + sums[r].ln();
             }
         }
     }
@@ -496,28 +499,33 @@ mod lane_kernel {
         W
     }
 
-    /// `eˣ` on 16 lanes for the shifted scores `x ≤ 0`: `x = n·ln2 + r` with `|r| ≤ ln2/2`, a degree-6
-    /// Taylor polynomial for `eʳ` (truncation below 1.2e-7 relative, about an ulp), and `vscalefps` for
-    /// the `2ⁿ`. Inputs below −87.3 (whose results would be subnormal) give 0, as does −∞. 14 vector ops,
-    /// where the integer exponent assembly of [`fast_exp`] takes 21: the exponentials are a third of the
-    /// kernel's work at head dim 24.
+    /// `2ᵗ` on 16 lanes for the shifted base-2 scores `t ≤ 0`: `t = n + f` with `n` the nearest integer
+    /// (so `f = t − n` is exact and `|f| ≤ ½`), `2ᶠ = e^(f·ln2)` by its degree-6 Taylor polynomial
+    /// (truncation below 1.2e-7 relative, about an ulp), and `vscalefps` for the `2ⁿ`. Inputs below −126
+    /// (whose results would be subnormal), −∞ and NaN give 0. 11 vector ops, where the integer exponent
+    /// assembly of [`fast_exp`] takes 21: the exponentials are a third of the kernel's work at head dim 24.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,fma")]
-    unsafe fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    unsafe fn exp2_16(t: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
         use std::arch::x86_64::*;
         let s = _mm512_set1_ps;
-        let xc = _mm512_max_ps(x, s(-87.3));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm512_mul_ps(xc, s(std::f32::consts::LOG2_E)),
-        );
-        // ln 2 in two parts: n·ln2_hi is exact for |n| < 2⁸.
-        let r = _mm512_fnmadd_ps(n, s(0.693_145_75), xc);
-        let r = _mm512_fnmadd_ps(n, s(1.428_606_8e-6), r);
-        let mut p = s(1.0 / 720.0);
-        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-            p = _mm512_fmadd_ps(p, r, s(c));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
+        let f = _mm512_sub_ps(t, n);
+        // ln2ᵏ / k!, highest first.
+        const C: [f32; 6] = [
+            1.540_353e-4,
+            1.333_355_8e-3,
+            9.618_129e-3,
+            5.550_411e-2,
+            0.240_226_5,
+            std::f32::consts::LN_2,
+        ];
+        let mut p = s(C[0]);
+        for c in &C[1..] {
+            p = _mm512_fmadd_ps(p, f, s(*c));
         }
-        let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, s(-87.3));
+        p = _mm512_fmadd_ps(p, f, s(1.0));
+        let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(t, s(-126.0));
         _mm512_maskz_scalef_ps(keep, p, n)
     }
 
