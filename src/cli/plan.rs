@@ -187,6 +187,11 @@ pub fn run(a: PlanArgs) -> Result<()> {
         gib(r.step_with_reuse),
         gib(r.step_live_floor)
     );
+    println!(
+        "  {:<32} {:>12}  (the ops' own workspace, reserved once)",
+        "backend scratch",
+        gib(r.scratch)
+    );
     println!("  {:<32} {:>12}", "peak", gib(r.total()));
     println!(
         "  {:<32} {:>12}",

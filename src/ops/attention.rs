@@ -285,11 +285,14 @@ mod lane_kernel {
     /// of rows per key halve the key and value traffic per FMA. Writes the rows of `out` and
     /// `lse[0..rows]`.
     ///
-    /// `head` is this head's keys and values, packed contiguous by [`pack_head`].
+    /// `head` is this head's keys and values, packed contiguous by [`pack_head`]. Keys are taken in
+    /// chunks of [`KEY_CHUNK`] with an online softmax, so a block's working set (the chunk's scores,
+    /// keys and values) stays in L1 whatever the sequence length.
     ///
     /// # Safety
     /// AVX-512F and FMA must be present ([`applies`]); `out` must hold the attention output and `lse` at
-    /// least `rows` entries, none of them written by anyone else meanwhile; `ws` needs `32·n` elements.
+    /// least `rows` entries, none of them written by anyone else meanwhile; `ws` needs
+    /// `32·min(n, KEY_CHUNK)` elements.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,fma")]
     pub(super) unsafe fn forward_block(

@@ -13,8 +13,11 @@ use super::params::IsoformerParams;
 use super::step::{
     optimizer_update, predict, predict_cached, train_micro_step, CachedOutputs, StepBuffers,
 };
+use crate::backend::cpu::CpuBackend;
+use crate::backend::kernel::KernelBackend;
 use crate::backend::record::{RecordingBackend, StepLifetimes};
 use crate::backend::run_plan::{plan_run, RunArena};
+use crate::gpu::emulator::EmuDevice;
 use crate::models::isoformer::{
     EncoderMode, Isoformer, IsoformerActivations, IsoformerConfig, Modality, RecomputeChoice,
     MAX_INPUT_ELEMENTS,
@@ -61,15 +64,24 @@ pub struct PlanReport {
     pub step_with_reuse: usize,
     /// The most step-buffer bytes needed at one op: no placement can go below it.
     pub step_live_floor: usize,
+    /// The backend's own scratch, outside its allocations, at the most any op of the step needs: the
+    /// CPU's attention workspace, kernel devices' column buffers and partial sums. A run reserves it once,
+    /// before its first step.
+    pub scratch: usize,
 }
 
 impl PlanReport {
     pub fn total(&self) -> usize {
-        self.trainable_params + self.frozen_params + self.gradients + self.moments + self.step_peak
+        self.trainable_params
+            + self.frozen_params
+            + self.gradients
+            + self.moments
+            + self.step_peak
+            + self.scratch
     }
 
     /// What the step needs of a budget: the plan plus 5% and 256 MiB for what it does not count (the
-    /// process, host-side inputs, scratch that ops keep for themselves, a GPU context). Measured RSS
+    /// process, host-side inputs, a GPU context). Measured RSS
     /// has been 1.02–1.10× the plan.
     pub fn required(&self) -> usize {
         let total = self.total();
@@ -109,6 +121,7 @@ pub fn plan_step_with_lifetimes(spec: &PlanSpec) -> Result<(PlanReport, StepLife
         step_by_module: Vec::new(),
         step_with_reuse: 0,
         step_live_floor: 0,
+        scratch: 0,
     };
     b.mark_step_buffers();
     let baseline = b.live_bytes();
@@ -173,9 +186,19 @@ pub fn plan_step_with_lifetimes(spec: &PlanSpec) -> Result<(PlanReport, StepLife
         step_by_module,
         step_with_reuse: lifetimes.arena_bytes(),
         step_live_floor: lifetimes.live_floor(),
+        scratch: backend_scratch(spec.compute, &lifetimes),
         ..report_base
     };
     Ok((report, lifetimes))
+}
+
+/// The scratch of its own that the backend a plan is for (the CPU for f32 compute, kernel devices for
+/// bf16, which the emulator and CUDA share) needs for these steps' ops.
+fn backend_scratch(compute: DType, lifetimes: &StepLifetimes) -> usize {
+    match compute {
+        DType::F32 => lifetimes.scratch_bytes(&CpuBackend::new()),
+        _ => lifetimes.scratch_bytes(&KernelBackend::new(EmuDevice::default())),
+    }
 }
 
 /// The shape of one step of a run: its batch size and its inputs' token counts.
@@ -301,25 +324,33 @@ pub fn choose_recompute(
     spec: &PlanSpec,
     budget: usize,
 ) -> Result<(RecomputePlan, Vec<RecomputePlan>)> {
+    use rayon::prelude::*;
     let auto = auto_encoders(&spec.config, spec.train);
+    // The assignments are planned in parallel (each on its own recording backend), then compared in order.
+    let candidates: Vec<RecomputePlan> = (0..1usize << auto.len())
+        .into_par_iter()
+        .map(|code| {
+            let policies: Vec<Recompute> = (0..auto.len())
+                .map(|i| Recompute::ALL[(code >> i) & 1])
+                .collect();
+            let config = with_policies(&spec.config, &auto, &policies);
+            let report = plan_step(&PlanSpec {
+                config: config.clone(),
+                ..spec.clone()
+            })?;
+            let fits = report.required() <= budget;
+            Ok(RecomputePlan {
+                policies: resolved_policies(&config, spec.train),
+                config,
+                report,
+                fits,
+            })
+        })
+        .collect::<Result<_>>()?;
     let mut best: Option<RecomputePlan> = None;
     let mut all = Vec::new();
-    for code in 0..1usize << auto.len() {
-        let policies: Vec<Recompute> = (0..auto.len())
-            .map(|i| Recompute::ALL[(code >> i) & 1])
-            .collect();
-        let config = with_policies(&spec.config, &auto, &policies);
-        let report = plan_step(&PlanSpec {
-            config: config.clone(),
-            ..spec.clone()
-        })?;
-        let fits = report.required() <= budget;
-        let candidate = RecomputePlan {
-            policies: resolved_policies(&config, spec.train),
-            config,
-            report,
-            fits,
-        };
+    for candidate in candidates {
+        let fits = candidate.fits;
         let better = match &best {
             None => true,
             Some(b) => match (fits, b.fits) {
