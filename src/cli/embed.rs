@@ -8,7 +8,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::data::sequences::read_sequences;
-use crate::embed::{Embedder, ModelKind, Pool};
+use crate::embed::{BatchShape, Embedder, ModelKind, Pool};
 use crate::runtime::safetensors_file::StreamingSafetensors;
 use crate::{DeviceRequest, Error, Result};
 
@@ -137,15 +137,23 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     }
     let texts_of =
         |batch: &[usize]| -> Vec<&str> { batch.iter().map(|&i| seqs[i].seq.as_str()).collect() };
-    // Batches that share a key are one run of forwards, from one planned arena (Enformer: one run per
-    // sequence length).
-    let mut run_starts: Vec<usize> = Vec::new();
+    // Consecutive batches that share a key are one run of forwards, from one planned arena (Enformer:
+    // one run per sequence length): the first batch of each run, with the shapes of the run's batches.
+    let mut runs: Vec<(usize, Vec<BatchShape>)> = Vec::new();
     for (k, batch) in batches.iter().enumerate() {
+        let shape = BatchShape {
+            batch: batch.len(),
+            len: batch.iter().map(|&i| sizes[i]).max().unwrap_or(0),
+        };
         let key = embedder.batch_key(&seqs[batch[0]].seq);
-        if k == 0 || key != embedder.batch_key(&seqs[batches[k - 1][0]].seq) {
-            run_starts.push(k);
+        match runs.last_mut() {
+            Some((_, shapes)) if key == embedder.batch_key(&seqs[batches[k - 1][0]].seq) => {
+                shapes.push(shape)
+            }
+            _ => runs.push((k, vec![shape])),
         }
     }
+    let mut runs = runs.into_iter().peekable();
     // The output's layout is known before any work: its header is written first and each batch's rows go
     // straight to their place in the file, so memory does not grow with the number of sequences.
     let h = embedder.hidden_size();
@@ -187,23 +195,16 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     );
     let start = Instant::now();
     for (k, batch) in batches.iter().enumerate() {
-        if !a.no_arena && run_starts.contains(&k) {
-            let end = run_starts
-                .iter()
-                .find(|&&s| s > k)
-                .copied()
-                .unwrap_or(batches.len());
-            let shapes: Vec<_> = batches[k..end]
-                .iter()
-                .map(|b| embedder.batch_shape(&texts_of(b)))
-                .collect();
-            let line = embedder.begin_run(&shapes)?;
-            if k == 0 {
-                let line = format!("forward buffers: {line}");
-                if bar.is_hidden() {
-                    eprintln!("{line}");
-                } else {
-                    bar.println(line);
+        if let Some((_, shapes)) = runs.next_if(|(start, _)| *start == k) {
+            if !a.no_arena {
+                let line = embedder.begin_run(&shapes)?;
+                if k == 0 {
+                    let line = format!("forward buffers: {line}");
+                    if bar.is_hidden() {
+                        eprintln!("{line}");
+                    } else {
+                        bar.println(line);
+                    }
                 }
             }
         }

@@ -78,7 +78,8 @@ pub fn cached_encoder_outputs<B: Backend>(
                 return Err(Error::invalid(
                     "embedding cache",
                     format!(
-                        "the {} embedding of {} sample(s) of this batch went missing during the run                          (was the cache directory cleaned?)",
+                        "the {} embedding of {} sample(s) of this batch went missing during the run \
+                         (was the cache directory cleaned?)",
                         model.encoders[e].modality.name(),
                         missing.len()
                     ),
