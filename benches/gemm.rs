@@ -1,5 +1,5 @@
-//! CPU GEMM, f32 and bf16 (bf16 storage, f32 accumulation: the `vdpbf16ps` kernel where the CPU has
-//! AVX512-BF16), at 1024³ and 2048³ on 1 and 2 threads. Criterion measures; afterwards the same
+//! CPU GEMM, f32 and bf16 (bf16 storage, f32 accumulation: AMX `tdpbf16ps` tiles where the CPU has
+//! them, else `vdpbf16ps` on AVX512-BF16), at 1024³ and 2048³ on 1 and 2 threads. Criterion measures; afterwards the same
 //! measurement the `bench gemm` command makes prints GFLOP/s for each case, and the bf16 rate as a
 //! multiple of the f32 rate.
 

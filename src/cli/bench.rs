@@ -298,6 +298,10 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 repeats: a.repeats,
             };
             let r = bench.run()?;
+            if bench.dtype == DType::BF16 && bench.device == crate::Device::Cpu {
+                let kernel = crate::ops::gemm_bf16::Bf16Kernel::for_shape(bench.m);
+                println!("bf16 kernel: {}", kernel.name());
+            }
             println!(
                 "gemm {} m={} n={} k={} device={} threads={} runs={} median={:.3} ms (min {:.3}, max {:.3})",
                 bench.dtype,

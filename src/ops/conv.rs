@@ -96,7 +96,7 @@ pub fn conv1d_bf16_weights(
             xv,
             &w[t..],
             d.tap_weight(),
-            false,
+            None,
         )
     })
 }

@@ -327,8 +327,8 @@ pub fn matmul_backward(
     Ok(())
 }
 
-/// bf16 matmul with f32 accumulation: the products are accumulated in f32 (on `vdpbf16ps` where the CPU has
-/// it, see [`super::gemm_bf16`]) and the result is rounded to bf16 once (round to nearest even), as cuBLAS's
+/// bf16 matmul with f32 accumulation: the products are accumulated in f32 (on AMX or `vdpbf16ps` where the CPU
+/// has them, see [`super::gemm_bf16`]) and the result is rounded to bf16 once (round to nearest even), as cuBLAS's
 /// bf16 GEMM with f32 compute does on the GPU.
 pub fn matmul_bf16(c: &mut [bf16], a: &[bf16], b: &[bf16], d: MatmulDims) -> Result<()> {
     d.check("matmul_bf16", a.len(), b.len(), c.len())?;
@@ -343,7 +343,7 @@ pub fn matmul_bf16(c: &mut [bf16], a: &[bf16], b: &[bf16], d: MatmulDims) -> Res
             d.a_view(),
             &b[i * sb..(i + 1) * sb],
             d.b_view(),
-            false,
+            None,
         )?;
     }
     Ok(())
@@ -371,7 +371,7 @@ pub fn linear_bf16_weights(
     check_len("linear", "x", x.len(), sx)?;
     check_len("linear", "w", w.len(), sw)?;
     check_len("linear", "y", y_len, sy)?;
-    super::gemm_bf16::gemm_bf16(y, x, md.a_view(), w, md.b_view(), false)
+    super::gemm_bf16::gemm_bf16(y, x, md.a_view(), w, md.b_view(), None)
 }
 
 /// Dimensions of a linear layer `y[rows, out] = x[rows, in] · Wᵀ + bias`, `W` stored `[out, in]` (PyTorch).

@@ -1,0 +1,326 @@
+//! What the x86 bf16 kernels share: cache-line-aligned pack buffers kept between calls, the packing of B
+//! into column strips of `(b[2p][j], b[2p+1][j])` pairs, and the epilogue that moves a block's f32 partial
+//! sums to the output (overwritten, accumulated, or rounded once to bf16 with the bias).
+
+use std::sync::Mutex;
+
+use half::bf16;
+use rayon::prelude::*;
+
+use super::{GemmOut, View};
+
+/// 64 bytes, 64-byte aligned: the unit of every pack buffer, so that each 64-byte vector or tile row the
+/// kernels load lies in one cache line (a load split over two lines costs twice as much; for AMX tile
+/// loads it costs far more).
+#[repr(C, align(64))]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub(super) struct CacheLine([u16; 32]);
+
+/// A pack buffer of whole cache lines, reused between calls. Each pack writes every element it is read
+/// back at, so a reused buffer needs no zero-filling; a call that finds it in use allocates its own.
+pub(super) struct PackCache(Mutex<Vec<CacheLine>>);
+
+impl PackCache {
+    pub(super) const fn new() -> Self {
+        PackCache(Mutex::new(Vec::new()))
+    }
+
+    /// A buffer of at least `bytes` bytes.
+    pub(super) fn take(&self, bytes: usize) -> Vec<CacheLine> {
+        let lines = bytes.div_ceil(64);
+        let mut v = self
+            .0
+            .try_lock()
+            .map(|mut c| std::mem::take(&mut *c))
+            .unwrap_or_default();
+        if v.len() < lines {
+            v.resize(lines, CacheLine([0; 32]));
+        }
+        v.truncate(lines);
+        v
+    }
+
+    pub(super) fn give_back(&self, v: Vec<CacheLine>) {
+        if let Ok(mut c) = self.0.try_lock() {
+            if c.capacity() < v.capacity() {
+                *c = v;
+            }
+        }
+    }
+}
+
+/// Columns per strip of packed B.
+pub(super) const NR: usize = 32;
+
+/// Reads `x[i·rs + j·cs]`, or zero outside `rows × cols` (padding of ragged edges and odd k).
+#[inline(always)]
+fn at(x: &[bf16], v: View, i: usize, j: usize) -> u16 {
+    if i < v.rows && j < v.cols {
+        x[i * v.rs as usize + j * v.cs as usize].to_bits()
+    } else {
+        0
+    }
+}
+
+/// Packs all of B (`pairs ≥ ⌈k/2⌉`; the pairs past k are zero): strip `s` holds, for each pair `p`,
+/// columns `s·NR..s·NR+NR` as `(b[2p][j], b[2p+1][j])` u16 pairs, one little-endian u32 word a column
+/// (128 bytes a pair). Written a word at a time so that the loops vectorise.
+pub(super) fn pack_b(packed: &mut [u32], b: &[bf16], bv: View, pairs: usize) {
+    let (k, n) = (bv.rows, bv.cols);
+    let strip_len = pairs * NR;
+    let filled = k.div_ceil(2);
+    let word = |lo: u16, hi: u16| lo as u32 | (hi as u32) << 16;
+    packed
+        .par_chunks_mut(strip_len.max(1))
+        .take(n.div_ceil(NR))
+        .enumerate()
+        .for_each(|(s, strip)| {
+            let j0 = s * NR;
+            let width = (n - j0).min(NR);
+            if width < NR {
+                strip[..filled * NR].fill(0);
+            }
+            strip[filled * NR..].fill(0);
+            // Columns of B contiguous and on whole words (a weight [out, in] of even `in`, 4-byte
+            // aligned): each pair is one u32 of the column, and 16 pairs of 16 columns are a 16×16
+            // transpose of words.
+            let cs = bv.cs as usize;
+            let column_words = (bv.rs == 1 && width == NR && cs.is_multiple_of(2))
+                .then(|| &b[j0 * cs..][..(NR - 1) * cs + 2 * (k / 2)])
+                .and_then(|cols| bytemuck::try_cast_slice::<bf16, u32>(cols).ok());
+            if let Some(words) = column_words {
+                transpose_pairs(strip, words, cs / 2, k / 2);
+                if k % 2 == 1 {
+                    for jj in 0..NR {
+                        strip[(k / 2) * NR + jj] = word(b[(j0 + jj) * cs + k - 1].to_bits(), 0);
+                    }
+                }
+            } else if bv.rs == 1 {
+                // Columns of B are contiguous (a transposed operand, e.g. a weight [out, in]): each pair
+                // is one u32 of the column.
+                for jj in 0..width {
+                    let col: &[u16] = bytemuck::cast_slice(&b[(j0 + jj) * bv.cs as usize..][..k]);
+                    for (p, pair) in col.chunks_exact(2).enumerate() {
+                        strip[p * NR + jj] = word(pair[0], pair[1]);
+                    }
+                    if k % 2 == 1 {
+                        strip[(k / 2) * NR + jj] = word(col[k - 1], 0);
+                    }
+                }
+            } else if bv.cs == 1 {
+                // Rows of B are contiguous: interleave two rows at a time.
+                for p in 0..filled {
+                    let out = &mut strip[p * NR..][..width];
+                    let row0: &[u16] =
+                        bytemuck::cast_slice(&b[2 * p * bv.rs as usize + j0..][..width]);
+                    if 2 * p + 1 < k {
+                        let row1: &[u16] =
+                            bytemuck::cast_slice(&b[(2 * p + 1) * bv.rs as usize + j0..][..width]);
+                        for ((o, lo), hi) in out.iter_mut().zip(row0).zip(row1) {
+                            *o = word(*lo, *hi);
+                        }
+                    } else {
+                        for (o, lo) in out.iter_mut().zip(row0) {
+                            *o = word(*lo, 0);
+                        }
+                    }
+                }
+            } else {
+                for p in 0..filled {
+                    for jj in 0..width {
+                        strip[p * NR + jj] =
+                            word(at(b, bv, 2 * p, j0 + jj), at(b, bv, 2 * p + 1, j0 + jj));
+                    }
+                }
+            }
+        });
+}
+
+/// `strip[p·NR + j] = cols[j·stride + p]` for `p < pairs` and `j < NR`: the pairs of NR contiguous
+/// columns, as a transpose of 16×16 blocks of words in AVX-512 registers.
+fn transpose_pairs(strip: &mut [u32], cols: &[u32], stride: usize, pairs: usize) {
+    assert!(strip.len() >= pairs * NR && (pairs == 0 || cols.len() >= (NR - 1) * stride + pairs));
+    let full = pairs / 16 * 16;
+    // SAFETY: both native kernels (the only callers of the packer) need AVX-512F; the bounds are asserted
+    // above: block (p0, j0) reads `cols[(j0 + r)·stride + p0 .. + 16]` and writes
+    // `strip[(p0 + r)·NR + j0 .. + 16]` for r < 16, with p0 + 16 ≤ pairs.
+    unsafe {
+        for p0 in (0..full).step_by(16) {
+            for j0 in (0..NR).step_by(16) {
+                transpose16(
+                    cols.as_ptr().add(j0 * stride + p0),
+                    stride,
+                    strip.as_mut_ptr().add(p0 * NR + j0),
+                    NR,
+                );
+            }
+        }
+    }
+    for p in full..pairs {
+        for j in 0..NR {
+            strip[p * NR + j] = cols[j * stride + p];
+        }
+    }
+}
+
+/// `dst[r·ld_dst + c] = src[c·ld_src + r]` for a 16×16 block of words.
+///
+/// # Safety
+/// AVX-512F; the 16 rows of 16 words at `src` (stride `ld_src`) and at `dst` (stride `ld_dst`) are valid.
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(src: *const u32, ld_src: usize, dst: *mut u32, ld_dst: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY: (caller) every row read and written is inside its buffer.
+    unsafe {
+        let mut r = [_mm512_setzero_si512(); 16];
+        for (i, v) in r.iter_mut().enumerate() {
+            *v = _mm512_loadu_si512(src.add(i * ld_src).cast());
+        }
+        // Interleave words, then pairs of words, within 128-bit lanes.
+        let mut t = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        for i in 0..4 {
+            r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+            r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+            r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+            r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+        }
+        // Each 128-bit lane now holds a 4×4 block transposed; exchange lanes between groups of four
+        // rows, then between halves.
+        for i in 0..4 {
+            for q in 0..2 {
+                let (a, b) = (r[i + 8 * q], r[i + 4 + 8 * q]);
+                t[i + 8 * q] = _mm512_shuffle_i32x4::<0x88>(a, b);
+                t[i + 4 + 8 * q] = _mm512_shuffle_i32x4::<0xdd>(a, b);
+            }
+        }
+        for i in 0..8 {
+            let (a, b) = (t[i], t[i + 8]);
+            r[i] = _mm512_shuffle_i32x4::<0x88>(a, b);
+            r[i + 8] = _mm512_shuffle_i32x4::<0xdd>(a, b);
+        }
+        for (i, v) in r.iter().enumerate() {
+            _mm512_storeu_si512(dst.add(i * ld_dst).cast(), *v);
+        }
+    }
+}
+
+/// The output as raw pointers, shared by tasks that write disjoint blocks.
+#[derive(Clone, Copy)]
+pub(super) struct Output<'a> {
+    f32s: *mut f32,
+    bf16s: *mut bf16,
+    accumulate: bool,
+    bias: Option<&'a [f32]>,
+    /// Columns of the whole output.
+    n: usize,
+}
+// SAFETY: every task writes a disjoint set of output rows × columns (its own block).
+unsafe impl Send for Output<'_> {}
+unsafe impl Sync for Output<'_> {}
+
+impl<'a> Output<'a> {
+    pub(super) fn new(out: GemmOut<'a>, n: usize) -> Self {
+        match out {
+            GemmOut::F32 { c, accumulate } => Output {
+                f32s: c.as_mut_ptr(),
+                bf16s: std::ptr::null_mut(),
+                accumulate,
+                bias: None,
+                n,
+            },
+            GemmOut::Bf16 { c, bias } => Output {
+                f32s: std::ptr::null_mut(),
+                bf16s: c.as_mut_ptr(),
+                accumulate: false,
+                bias,
+                n,
+            },
+        }
+    }
+
+    /// Writes a block's sums: `rows × cols` values of `src` (row stride `ld`) to the output at `(r0, c0)`.
+    /// Compiled for AVX-512: this is a pass over the whole output.
+    ///
+    /// # Safety
+    /// The block lies inside the output, and no other task writes it meanwhile; AVX-512F, BW, VL and DQ
+    /// (both native kernels need them).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+    pub(super) unsafe fn write_block(
+        &self,
+        src: &[f32],
+        ld: usize,
+        (r0, c0): (usize, usize),
+        (rows, cols): (usize, usize),
+    ) {
+        let round = |v: f32| bf16::from_bits(crate::ops::simd::bf16_bits(v));
+        for r in 0..rows {
+            let src = &src[r * ld..r * ld + cols];
+            let at = (r0 + r) * self.n + c0;
+            // SAFETY: (caller) the block is inside the output and this task's alone; the pointer not in
+            // use for this output kind is never dereferenced.
+            unsafe {
+                if self.bf16s.is_null() {
+                    let dst = std::slice::from_raw_parts_mut(self.f32s.add(at), cols);
+                    if self.accumulate {
+                        dst.iter_mut().zip(src).for_each(|(o, v)| *o += v);
+                    } else {
+                        dst.copy_from_slice(src);
+                    }
+                } else {
+                    let dst = std::slice::from_raw_parts_mut(self.bf16s.add(at), cols);
+                    match self.bias {
+                        Some(bias) => dst
+                            .iter_mut()
+                            .zip(src.iter().zip(&bias[c0..c0 + cols]))
+                            .for_each(|(o, (v, b))| *o = round(v + b)),
+                        None => dst.iter_mut().zip(src).for_each(|(o, v)| *o = round(*v)),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `out = 0` (plus the bias for a bf16 output): the product when k = 0.
+pub(super) fn zero_product(out: GemmOut<'_>, n: usize) {
+    match out {
+        GemmOut::F32 { c, accumulate } => {
+            if !accumulate {
+                c.fill(0.0);
+            }
+        }
+        GemmOut::Bf16 { c, bias } => c.chunks_mut(n).for_each(|row| match bias {
+            Some(bias) => row
+                .iter_mut()
+                .zip(bias)
+                .for_each(|(o, b)| *o = bf16::from_f32(*b)),
+            None => row.fill(bf16::ZERO),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transposes_of_16_by_16_blocks_put_every_word_in_place() {
+        if !std::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let (stride, pairs) = (41, 37);
+        let cols: Vec<u32> = (0..NR * stride).map(|i| i as u32 * 2654435761).collect();
+        let mut strip = vec![0u32; pairs * NR];
+        transpose_pairs(&mut strip, &cols, stride, pairs);
+        for p in 0..pairs {
+            for j in 0..NR {
+                let from = cols[j * stride + p];
+                assert_eq!(strip[p * NR + j], from, "pair {p} column {j}");
+            }
+        }
+    }
+}
