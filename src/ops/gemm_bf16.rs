@@ -271,8 +271,8 @@ mod tests {
     }
 
     /// Every edge case of the packing (ragged m and n, odd k, k across several blocks, transposed
-    /// operands, bf16 and f32 left operands), on the native kernel where the CPU has it and on the
-    /// portable path.
+    /// operands, B columns at a padded stride, bf16 and f32 left operands, A read in place), on every
+    /// kernel this CPU runs.
     #[test]
     fn bf16_gemm_matches_f64_on_ragged_and_transposed_shapes() {
         let mut rng = rng(7);
@@ -282,6 +282,7 @@ mod tests {
             (25, 64, 385),
             (250, 45, 800),
             (12, 530, 33),
+            (64, 45, 96),
         ];
         for &(m, n, k) in &shapes {
             // B's layouts: rows, columns, and columns padded to stride k + 1 (a slice of a wider
@@ -304,11 +305,19 @@ mod tests {
                 // f32 values that bf16 cannot hold: packed as `Lhs::F32` they are rounded, so both
                 // operand kinds must give the product of the rounded values.
                 let a32 = uniform(&mut rng, m * k, -1.0, 1.0);
-                let a: Vec<bf16> = a32.iter().map(|v| bf16::from_f32(*v)).collect();
+                // A starts on a cache line, so that shapes of whole tiles (m and k multiples of 32,
+                // row-major) take the AMX kernel's in-place path.
+                let mut a_storage = vec![bf16::ZERO; m * k + 32];
+                let start = a_storage.as_ptr().align_offset(64);
+                let a = &mut a_storage[start..start + m * k];
+                a.iter_mut()
+                    .zip(&a32)
+                    .for_each(|(o, v)| *o = bf16::from_f32(*v));
+                let a = &*a;
                 let b = random_bf16(&mut rng, (k + 1) * n);
                 let bias = uniform(&mut rng, n, -1.0, 1.0);
                 let av = View::row_major(m, k, ta);
-                let (want, mag) = reference(&a, av, &b, bv);
+                let (want, mag) = reference(a, av, &b, bv);
                 for kernel in Bf16Kernel::available() {
                     let mut c32 = vec![0.5f32; m * n];
                     gemm_bf16(
@@ -316,7 +325,7 @@ mod tests {
                             c: &mut c32,
                             accumulate: true,
                         },
-                        Lhs::Bf16(&a),
+                        Lhs::Bf16(a),
                         av,
                         &b,
                         bv,

@@ -129,17 +129,66 @@ impl Drop for Tiles {
     }
 }
 
+/// Where the A tiles lie: tile `(strip, step)` (rows `16·strip..`, k `32·step..`) starts at
+/// `base + strip·strip_bytes + step·step_bytes`, its 16 rows `row_bytes` apart.
+#[derive(Clone, Copy)]
+struct ATiles {
+    base: *const u8,
+    strip_bytes: usize,
+    step_bytes: usize,
+    row_bytes: usize,
+}
+
+impl ATiles {
+    /// The packed tiles of [`pack_a`]: 1 KiB each, a strip's steps one after another.
+    fn packed(packed: &[u16], steps: usize) -> Self {
+        let tile_bytes = TILE_ROWS * TILE_K * 2;
+        ATiles {
+            base: packed.as_ptr().cast(),
+            strip_bytes: steps * tile_bytes,
+            step_bytes: tile_bytes,
+            row_bytes: TILE_K * 2,
+        }
+    }
+
+    /// The tiles read in place from contiguous bf16 rows, where no tile needs padding (m and k multiples
+    /// of 32) and every tile row is one cache line (64-byte aligned start and row stride); None otherwise.
+    fn in_place(a: Lhs<'_>, av: View) -> Option<Self> {
+        let Lhs::Bf16(values) = a else { return None };
+        let row_bytes = av.rs as usize * 2;
+        let aligned = (values.as_ptr() as usize).is_multiple_of(64) && row_bytes.is_multiple_of(64);
+        (av.cs == 1 && aligned && av.rows.is_multiple_of(MR) && av.cols.is_multiple_of(TILE_K))
+            .then(|| ATiles {
+                base: values.as_ptr().cast(),
+                strip_bytes: TILE_ROWS * row_bytes,
+                step_bytes: TILE_K * 2,
+                row_bytes,
+            })
+    }
+
+    fn tile(&self, strip: usize, step: usize) -> *const u8 {
+        self.base
+            .wrapping_add(strip * self.strip_bytes + step * self.step_bytes)
+    }
+}
+
+// SAFETY: the tiles are only read, while the operand they point into is borrowed by the GEMM call.
+unsafe impl Send for ATiles {}
+unsafe impl Sync for ATiles {}
+
 /// A 32×32 block of C over `steps` steps of 32 k: `c = (first ? 0 : c) + A·B`, with `c` an f32 block of
 /// row stride `ldc`.
 ///
 /// # Safety
-/// Tiles configured ([`Tiles`]); `a0` and `a1` hold `steps` packed A tiles (1 KiB each), `b` holds `steps`
-/// packed pair-lines of 16 pairs (2 KiB each); `c` addresses 32 rows of 32 values at stride `ldc`. All are
-/// 64-byte aligned.
+/// Tiles configured ([`Tiles`]); `a0` and `a1` are A tiles of [`ATiles`] `a` with `steps` steps from
+/// them inside the operand; `b` holds `steps` packed pair-lines of 16 pairs (2 KiB each); `c` addresses 32
+/// rows of 32 values at stride `ldc`. B and C are 64-byte aligned.
+#[allow(clippy::too_many_arguments)]
 unsafe fn kernel(
     steps: usize,
-    a0: *const u16,
-    a1: *const u16,
+    a: &ATiles,
+    a0: *const u8,
+    a1: *const u8,
     b: *const u16,
     c: *mut f32,
     ldc: usize,
@@ -178,8 +227,8 @@ unsafe fn kernel(
             "tdpbf16ps tmm1, tmm4, tmm7",
             "tdpbf16ps tmm2, tmm5, tmm6",
             "tdpbf16ps tmm3, tmm5, tmm7",
-            "add {a0}, 1024",
-            "add {a1}, 1024",
+            "add {a0}, {a_step}",
+            "add {a1}, {a_step}",
             "add {b0}, 2048",
             "add {b1}, 2048",
             "dec {steps}",
@@ -193,7 +242,8 @@ unsafe fn kernel(
             b0 = inout(reg) b => _,
             b1 = inout(reg) b.add(NR) => _,
             steps = inout(reg) steps => _,
-            a_stride = in(reg) 2 * TILE_K,
+            a_stride = in(reg) a.row_bytes,
+            a_step = in(reg) a.step_bytes,
             b_stride = in(reg) 4 * NR,
             c00 = in(reg) c, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
             ldc = in(reg) ldc_bytes,
@@ -264,16 +314,22 @@ pub(super) unsafe fn gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv
     let pairs = steps * TILE_K / 2;
     let mut packed_b = PACKED_B.take(n.div_ceil(NR) * pairs * NR * 2 * 2);
     pack_b(bytemuck::cast_slice_mut(&mut packed_b), b, bv, pairs);
+    // Contiguous bf16 rows that need no padding are read in place; anything else is packed.
+    let in_place = ATiles::in_place(a, av);
     let a_tiles = m.div_ceil(MR) * MR / TILE_ROWS * steps;
-    let mut packed_a = PACKED_A.take(a_tiles * TILE_ROWS * TILE_K * 2);
-    pack_a(bytemuck::cast_slice_mut(&mut packed_a), a, av, steps);
-    let (a_values, b_values): (&[u16], &[u16]) = (
-        bytemuck::cast_slice(&packed_a),
-        bytemuck::cast_slice(&packed_b),
-    );
+    let mut packed_a = PACKED_A.take(if in_place.is_some() {
+        0
+    } else {
+        a_tiles * TILE_ROWS * TILE_K * 2
+    });
+    let a_tiles = in_place.unwrap_or_else(|| {
+        let packed: &mut [u16] = bytemuck::cast_slice_mut(&mut packed_a);
+        pack_a(packed, a, av, steps);
+        ATiles::packed(packed, steps)
+    });
+    let b_values: &[u16] = bytemuck::cast_slice(&packed_b);
     let output = Output::new(out, n);
     let (row_blocks, col_blocks) = (m.div_ceil(MC), n.div_ceil(NC));
-    let strip_values = steps * TILE_ROWS * TILE_K;
     (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
         let (r0, c0) = ((t / col_blocks) * MC, (t % col_blocks) * NC);
         let (rows, cols) = ((m - r0).min(MC), (n - c0).min(NC));
@@ -291,19 +347,19 @@ pub(super) unsafe fn gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv
                 let ns = (steps - s0).min(KC / TILE_K);
                 for is in 0..rows_pad / MR {
                     let strip = (r0 + is * MR) / TILE_ROWS;
-                    let a0 = strip * strip_values + s0 * TILE_ROWS * TILE_K;
                     for js in 0..cols_pad / NR {
                         let b_at = ((c0 / NR + js) * pairs + s0 * TILE_K / 2) * NR * 2;
                         // SAFETY: tiles are configured; A strips `strip` and `strip + 1` exist (A is
-                        // padded to a multiple of 32 rows) and hold `steps` tiles, B strips hold
-                        // `pairs` pairs, so `ns` steps from `s0` are inside both; the 32×32 block lies
-                        // inside `sums`; every pack and `sums` start on cache lines, and the offsets are
-                        // multiples of 64 bytes.
+                        // padded, or in place, to a multiple of 32 rows) and hold `steps` tiles, B strips
+                        // hold `pairs` pairs, so `ns` steps from `s0` are inside both; the 32×32 block
+                        // lies inside `sums`; the B pack and `sums` start on cache lines, and the offsets
+                        // are multiples of 64 bytes.
                         unsafe {
                             kernel(
                                 ns,
-                                a_values.as_ptr().add(a0),
-                                a_values.as_ptr().add(a0 + strip_values),
+                                &a_tiles,
+                                a_tiles.tile(strip, s0),
+                                a_tiles.tile(strip + 1, s0),
                                 b_values.as_ptr().add(b_at),
                                 sums.as_mut_ptr().add(is * MR * cols_pad + js * NR),
                                 cols_pad,

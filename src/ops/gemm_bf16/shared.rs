@@ -66,74 +66,81 @@ fn at(x: &[bf16], v: View, i: usize, j: usize) -> u16 {
 /// columns `s·NR..s·NR+NR` as `(b[2p][j], b[2p+1][j])` u16 pairs, one little-endian u32 word a column
 /// (128 bytes a pair). Written a word at a time so that the loops vectorise.
 pub(super) fn pack_b(packed: &mut [u32], b: &[bf16], bv: View, pairs: usize) {
-    let (k, n) = (bv.rows, bv.cols);
+    let n = bv.cols;
     let strip_len = pairs * NR;
-    let filled = k.div_ceil(2);
-    let word = |lo: u16, hi: u16| lo as u32 | (hi as u32) << 16;
     packed
         .par_chunks_mut(strip_len.max(1))
         .take(n.div_ceil(NR))
         .enumerate()
-        .for_each(|(s, strip)| {
-            let j0 = s * NR;
-            let width = (n - j0).min(NR);
-            if width < NR {
-                strip[..filled * NR].fill(0);
+        // SAFETY: both native kernels (the only callers) need the AVX-512 features.
+        .for_each(|(s, strip)| unsafe { pack_b_strip(strip, s, b, bv) });
+}
+
+/// Strip `s` of [`pack_b`], compiled for AVX-512 so that the interleaving loops vectorise.
+///
+/// # Safety
+/// AVX-512F, BW, VL and DQ.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+unsafe fn pack_b_strip(strip: &mut [u32], s: usize, b: &[bf16], bv: View) {
+    let (k, n) = (bv.rows, bv.cols);
+    let filled = k.div_ceil(2);
+    let word = |lo: u16, hi: u16| lo as u32 | (hi as u32) << 16;
+    let j0 = s * NR;
+    let width = (n - j0).min(NR);
+    if width < NR {
+        strip[..filled * NR].fill(0);
+    }
+    strip[filled * NR..].fill(0);
+    // Columns of B contiguous and on whole words (a weight [out, in] of even `in`, 4-byte
+    // aligned): each pair is one u32 of the column, and 16 pairs of 16 columns are a 16×16
+    // transpose of words.
+    let cs = bv.cs as usize;
+    let column_words = (bv.rs == 1 && width == NR && cs.is_multiple_of(2))
+        .then(|| &b[j0 * cs..][..(NR - 1) * cs + 2 * (k / 2)])
+        .and_then(|cols| bytemuck::try_cast_slice::<bf16, u32>(cols).ok());
+    if let Some(words) = column_words {
+        transpose_pairs(strip, words, cs / 2, k / 2);
+        if k % 2 == 1 {
+            for jj in 0..NR {
+                strip[(k / 2) * NR + jj] = word(b[(j0 + jj) * cs + k - 1].to_bits(), 0);
             }
-            strip[filled * NR..].fill(0);
-            // Columns of B contiguous and on whole words (a weight [out, in] of even `in`, 4-byte
-            // aligned): each pair is one u32 of the column, and 16 pairs of 16 columns are a 16×16
-            // transpose of words.
-            let cs = bv.cs as usize;
-            let column_words = (bv.rs == 1 && width == NR && cs.is_multiple_of(2))
-                .then(|| &b[j0 * cs..][..(NR - 1) * cs + 2 * (k / 2)])
-                .and_then(|cols| bytemuck::try_cast_slice::<bf16, u32>(cols).ok());
-            if let Some(words) = column_words {
-                transpose_pairs(strip, words, cs / 2, k / 2);
-                if k % 2 == 1 {
-                    for jj in 0..NR {
-                        strip[(k / 2) * NR + jj] = word(b[(j0 + jj) * cs + k - 1].to_bits(), 0);
-                    }
-                }
-            } else if bv.rs == 1 {
-                // Columns of B are contiguous (a transposed operand, e.g. a weight [out, in]): each pair
-                // is one u32 of the column.
-                for jj in 0..width {
-                    let col: &[u16] = bytemuck::cast_slice(&b[(j0 + jj) * bv.cs as usize..][..k]);
-                    for (p, pair) in col.chunks_exact(2).enumerate() {
-                        strip[p * NR + jj] = word(pair[0], pair[1]);
-                    }
-                    if k % 2 == 1 {
-                        strip[(k / 2) * NR + jj] = word(col[k - 1], 0);
-                    }
-                }
-            } else if bv.cs == 1 {
-                // Rows of B are contiguous: interleave two rows at a time.
-                for p in 0..filled {
-                    let out = &mut strip[p * NR..][..width];
-                    let row0: &[u16] =
-                        bytemuck::cast_slice(&b[2 * p * bv.rs as usize + j0..][..width]);
-                    if 2 * p + 1 < k {
-                        let row1: &[u16] =
-                            bytemuck::cast_slice(&b[(2 * p + 1) * bv.rs as usize + j0..][..width]);
-                        for ((o, lo), hi) in out.iter_mut().zip(row0).zip(row1) {
-                            *o = word(*lo, *hi);
-                        }
-                    } else {
-                        for (o, lo) in out.iter_mut().zip(row0) {
-                            *o = word(*lo, 0);
-                        }
-                    }
+        }
+    } else if bv.rs == 1 {
+        // Columns of B are contiguous (a transposed operand, e.g. a weight [out, in]): each pair
+        // is one u32 of the column.
+        for jj in 0..width {
+            let col: &[u16] = bytemuck::cast_slice(&b[(j0 + jj) * bv.cs as usize..][..k]);
+            for (p, pair) in col.chunks_exact(2).enumerate() {
+                strip[p * NR + jj] = word(pair[0], pair[1]);
+            }
+            if k % 2 == 1 {
+                strip[(k / 2) * NR + jj] = word(col[k - 1], 0);
+            }
+        }
+    } else if bv.cs == 1 {
+        // Rows of B are contiguous: interleave two rows at a time.
+        for p in 0..filled {
+            let out = &mut strip[p * NR..][..width];
+            let row0: &[u16] = bytemuck::cast_slice(&b[2 * p * bv.rs as usize + j0..][..width]);
+            if 2 * p + 1 < k {
+                let row1: &[u16] =
+                    bytemuck::cast_slice(&b[(2 * p + 1) * bv.rs as usize + j0..][..width]);
+                for ((o, lo), hi) in out.iter_mut().zip(row0).zip(row1) {
+                    *o = word(*lo, *hi);
                 }
             } else {
-                for p in 0..filled {
-                    for jj in 0..width {
-                        strip[p * NR + jj] =
-                            word(at(b, bv, 2 * p, j0 + jj), at(b, bv, 2 * p + 1, j0 + jj));
-                    }
+                for (o, lo) in out.iter_mut().zip(row0) {
+                    *o = word(*lo, 0);
                 }
             }
-        });
+        }
+    } else {
+        for p in 0..filled {
+            for jj in 0..width {
+                strip[p * NR + jj] = word(at(b, bv, 2 * p, j0 + jj), at(b, bv, 2 * p + 1, j0 + jj));
+            }
+        }
+    }
 }
 
 /// `strip[p·NR + j] = cols[j·stride + p]` for `p < pairs` and `j < NR`: the pairs of NR contiguous
