@@ -1214,6 +1214,15 @@ impl Backend for CpuBackend {
         dims: &PoolDims,
     ) -> Result<()> {
         const OP: &str = "attention_pool";
+        if (logits.dtype(), x.dtype(), w.dtype()) == (DType::F32, DType::F32, DType::BF16) {
+            return ops::pool::attention_pool_bf16_weights(
+                &mut self.out(OP, "out", out)?,
+                f32s_mut(OP, "logits", logits)?,
+                exact(OP, "x", x)?,
+                bf16s(w),
+                *dims,
+            );
+        }
         ops::pool::attention_pool(
             &mut self.out(OP, "out", out)?,
             f32s_mut(OP, "logits", logits)?,

@@ -69,6 +69,36 @@ pub fn attention_pool(
 ) -> Result<()> {
     d.check("attention_pool", x.len(), w.len(), out.len(), logits.len())?;
     linear(logits, x, w, None, d.linear())?;
+    pool_windows(out, logits, x, d);
+    Ok(())
+}
+
+/// [`attention_pool`] with bf16 weights: the logits on the bf16 GEMM (x rounded to bf16 as it is packed,
+/// f32 accumulation), the pooling in f32. At Enformer's stem this product is as large as a convolution.
+pub fn attention_pool_bf16_weights(
+    out: &mut [f32],
+    logits: &mut [f32],
+    x: &[f32],
+    w: &[half::bf16],
+    d: PoolDims,
+) -> Result<()> {
+    use super::gemm_bf16::{GemmOut, Lhs};
+    d.check("attention_pool", x.len(), w.len(), out.len(), logits.len())?;
+    super::matmul::linear_bf16_weights(
+        GemmOut::F32 {
+            c: logits,
+            accumulate: false,
+        },
+        Lhs::F32(x),
+        w,
+        d.linear(),
+    )?;
+    pool_windows(out, logits, x, d);
+    Ok(())
+}
+
+/// `out[b, j] = a0·x[b, 2j] + a1·x[b, 2j+1]` with the window weights of the logits.
+fn pool_windows(out: &mut [f32], logits: &[f32], x: &[f32], d: PoolDims) {
     let (c, lo) = (d.channels, d.out_len());
     out.par_chunks_mut(c.max(1))
         .enumerate()
@@ -82,7 +112,6 @@ pub fn attention_pool(
                 o[ch] = a0 * x[p0 + ch] + if has_pair { a1 * x[p0 + c + ch] } else { 0.0 };
             }
         });
-    Ok(())
 }
 
 /// Gradients, added into `dx` and `dw`. `dlogits` is scratch of the logits' size.
