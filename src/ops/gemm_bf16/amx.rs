@@ -18,13 +18,12 @@
 //! refused, or the CPU lacks AMX-BF16, [`available`] is false and the AVX-512 kernel runs instead.
 
 use std::arch::asm;
-use std::cell::RefCell;
 use std::sync::OnceLock;
 
 use half::bf16;
 use rayon::prelude::*;
 
-use super::shared::{pack_b, zero_product, CacheLine, Output, PackCache, NR};
+use super::shared::{for_each_block, pack_b, zero_product, Block, Output, NR, PACKED_A, PACKED_B};
 use super::{GemmOut, Lhs, View};
 
 /// Rows of an A tile (and of a C tile).
@@ -329,60 +328,48 @@ pub(super) unsafe fn gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv
     });
     let b_values: &[u16] = bytemuck::cast_slice(&packed_b);
     let output = Output::new(out, n);
-    let (row_blocks, col_blocks) = (m.div_ceil(MC), n.div_ceil(NC));
-    (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
-        let (r0, c0) = ((t / col_blocks) * MC, (t % col_blocks) * NC);
-        let (rows, cols) = ((m - r0).min(MC), (n - c0).min(NC));
-        let (rows_pad, cols_pad) = (rows.div_ceil(MR) * MR, cols.div_ceil(NR) * NR);
-        SCRATCH.with_borrow_mut(|scratch| {
-            let lines = (rows_pad * cols_pad * 4).div_ceil(64);
-            if scratch.len() < lines {
-                scratch.resize(lines, bytemuck::Zeroable::zeroed());
-            }
-            let sums: &mut [f32] = bytemuck::cast_slice_mut(&mut scratch[..lines]);
-            // SAFETY: (caller) AMX is available.
-            let tiles = unsafe { Tiles::configure() };
-            let mut s0 = 0;
-            while s0 < steps {
-                let ns = (steps - s0).min(KC / TILE_K);
-                for is in 0..rows_pad / MR {
-                    let strip = (r0 + is * MR) / TILE_ROWS;
-                    for js in 0..cols_pad / NR {
-                        let b_at = ((c0 / NR + js) * pairs + s0 * TILE_K / 2) * NR * 2;
-                        // SAFETY: tiles are configured; A strips `strip` and `strip + 1` exist (A is
-                        // padded, or in place, to a multiple of 32 rows) and hold `steps` tiles, B strips
-                        // hold `pairs` pairs, so `ns` steps from `s0` are inside both; the 32×32 block
-                        // lies inside `sums`; the B pack and `sums` start on cache lines, and the offsets
-                        // are multiples of 64 bytes.
-                        unsafe {
-                            kernel(
-                                ns,
-                                &a_tiles,
-                                a_tiles.tile(strip, s0),
-                                a_tiles.tile(strip + 1, s0),
-                                b_values.as_ptr().add(b_at),
-                                sums.as_mut_ptr().add(is * MR * cols_pad + js * NR),
-                                cols_pad,
-                                s0 == 0,
-                            )
-                        }
+    let fill = |block: &Block, sums: &mut [f32]| {
+        let Block {
+            r0,
+            c0,
+            rows_pad,
+            cols_pad,
+        } = *block;
+        // SAFETY: (caller) AMX is available. The tiles are released when `_tiles` drops, before the
+        // sums are moved out.
+        let _tiles = unsafe { Tiles::configure() };
+        // Every sum is written by the first k-block's kernels (`first`).
+        let mut s0 = 0;
+        while s0 < steps {
+            let ns = (steps - s0).min(KC / TILE_K);
+            for is in 0..rows_pad / MR {
+                let strip = (r0 + is * MR) / TILE_ROWS;
+                for js in 0..cols_pad / NR {
+                    let b_at = ((c0 / NR + js) * pairs + s0 * TILE_K / 2) * NR * 2;
+                    // SAFETY: tiles are configured; A strips `strip` and `strip + 1` exist (A is
+                    // padded, or in place, to a multiple of 32 rows) and hold `steps` tiles, B
+                    // strips hold `pairs` pairs, so `ns` steps from `s0` are inside both; the 32×32
+                    // block lies inside `sums`; the B pack and `sums` start on cache lines, and the
+                    // offsets are multiples of 64 bytes.
+                    unsafe {
+                        kernel(
+                            ns,
+                            &a_tiles,
+                            a_tiles.tile(strip, s0),
+                            a_tiles.tile(strip + 1, s0),
+                            b_values.as_ptr().add(b_at),
+                            sums.as_mut_ptr().add(is * MR * cols_pad + js * NR),
+                            cols_pad,
+                            s0 == 0,
+                        )
                     }
                 }
-                s0 += ns;
             }
-            drop(tiles);
-            // SAFETY: rows r0..r0+rows and columns c0..c0+cols belong to this task alone.
-            unsafe { output.write_block(sums, cols_pad, (r0, c0), (rows, cols)) };
-        });
-    });
+            s0 += ns;
+        }
+    };
+    // SAFETY: AMX implies the AVX-512 features (checked with it, `has_native_bf16`).
+    unsafe { for_each_block(&output, (m, n), (MC, NC), (MR, NR), fill) };
     PACKED_A.give_back(packed_a);
     PACKED_B.give_back(packed_b);
-}
-
-static PACKED_A: PackCache = PackCache::new();
-static PACKED_B: PackCache = PackCache::new();
-
-thread_local! {
-    /// Each worker's f32 partial sums of its current block, cache-line aligned for the tile stores.
-    static SCRATCH: RefCell<Vec<CacheLine>> = const { RefCell::new(Vec::new()) };
 }

@@ -3,12 +3,11 @@
 //! 32-column strips (see the parent module for the loop structure).
 
 use std::arch::x86_64::*;
-use std::cell::RefCell;
 
 use half::bf16;
 use rayon::prelude::*;
 
-use super::shared::{pack_b, zero_product, Output, PackCache, NR};
+use super::shared::{for_each_block, pack_b, zero_product, Block, Output, NR, PACKED_A, PACKED_B};
 use super::{GemmOut, Lhs, View};
 
 /// Rows of a register tile.
@@ -138,53 +137,42 @@ pub(super) fn gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv: View)
         bytemuck::cast_slice(&packed_b),
     );
     let output = Output::new(out, n);
-    let (row_blocks, col_blocks) = (m.div_ceil(MC), n.div_ceil(NC));
-    (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
-        let (r0, c0) = ((t / col_blocks) * MC, (t % col_blocks) * NC);
-        let (rows, cols) = ((m - r0).min(MC), (n - c0).min(NC));
-        let (rows_pad, cols_pad) = (rows.div_ceil(MR) * MR, cols.div_ceil(NR) * NR);
-        TILE.with_borrow_mut(|scratch| {
-            // Every element is written by the first k-block's kernels (`first`), so stale values never
-            // survive.
-            if scratch.len() < rows_pad * cols_pad {
-                scratch.resize(rows_pad * cols_pad, 0.0);
-            }
-            let mut p0 = 0;
-            while p0 < pairs {
-                let np = (pairs - p0).min(KP);
-                for js in 0..cols_pad / NR {
-                    let b_at = (c0 / NR + js) * pairs * NR * 2 + p0 * NR * 2;
-                    for is in 0..rows_pad / MR {
-                        let a_at = (r0 / MR + is) * pairs * MR + p0 * MR;
-                        // SAFETY: features checked by the caller; both packs hold `pairs` pairs per
-                        // strip, so `np` pairs from `p0` are inside them, and the tile lies inside
-                        // `scratch`.
-                        unsafe {
-                            kernel(
-                                np,
-                                a_words.as_ptr().add(a_at),
-                                b_values.as_ptr().add(b_at),
-                                scratch.as_mut_ptr().add(is * MR * cols_pad + js * NR),
-                                cols_pad,
-                                p0 == 0,
-                            )
-                        }
+    let fill = |block: &Block, sums: &mut [f32]| {
+        let Block {
+            r0,
+            c0,
+            rows_pad,
+            cols_pad,
+        } = *block;
+        // Every sum is written by the first k-block's kernels (`first`), so stale values never
+        // survive.
+        let mut p0 = 0;
+        while p0 < pairs {
+            let np = (pairs - p0).min(KP);
+            for js in 0..cols_pad / NR {
+                let b_at = (c0 / NR + js) * pairs * NR * 2 + p0 * NR * 2;
+                for is in 0..rows_pad / MR {
+                    let a_at = (r0 / MR + is) * pairs * MR + p0 * MR;
+                    // SAFETY: features checked by the caller; both packs hold `pairs` pairs per
+                    // strip, so `np` pairs from `p0` are inside them, and the tile lies inside
+                    // `sums`.
+                    unsafe {
+                        kernel(
+                            np,
+                            a_words.as_ptr().add(a_at),
+                            b_values.as_ptr().add(b_at),
+                            sums.as_mut_ptr().add(is * MR * cols_pad + js * NR),
+                            cols_pad,
+                            p0 == 0,
+                        )
                     }
                 }
-                p0 += np;
             }
-            // SAFETY: rows r0..r0+rows and columns c0..c0+cols belong to this task alone.
-            unsafe { output.write_block(scratch, cols_pad, (r0, c0), (rows, cols)) };
-        });
-    });
+            p0 += np;
+        }
+    };
+    // SAFETY: the features were checked by the caller (`has_native_bf16`).
+    unsafe { for_each_block(&output, (m, n), (MC, NC), (MR, NR), fill) };
     PACKED_A.give_back(packed_a);
     PACKED_B.give_back(packed_b);
-}
-
-static PACKED_A: PackCache = PackCache::new();
-static PACKED_B: PackCache = PackCache::new();
-
-thread_local! {
-    /// Each worker's f32 partial sums of its current block.
-    static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }

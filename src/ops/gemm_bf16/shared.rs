@@ -292,6 +292,62 @@ impl<'a> Output<'a> {
     }
 }
 
+/// One task's block of C: its corner and extent, and the extent padded to whole register (or tile) blocks,
+/// which its kernels cover.
+pub(super) struct Block {
+    pub(super) r0: usize,
+    pub(super) c0: usize,
+    pub(super) rows_pad: usize,
+    pub(super) cols_pad: usize,
+}
+
+/// The loop both native kernels share: the m×n output in `(mc, nc)` blocks, one rayon task each. A task
+/// runs `fill(block, sums)`, which must write every one of the `rows_pad × cols_pad` f32 partial sums (row
+/// stride `cols_pad`, 64-byte aligned: a per-thread scratch kept between calls), then moves them to the
+/// output.
+///
+/// # Safety
+/// AVX-512F, BW, VL and DQ (for [`Output::write_block`]).
+pub(super) unsafe fn for_each_block(
+    output: &Output<'_>,
+    (m, n): (usize, usize),
+    (mc, nc): (usize, usize),
+    (mr, nr): (usize, usize),
+    fill: impl Fn(&Block, &mut [f32]) + Sync,
+) {
+    let (row_blocks, col_blocks) = (m.div_ceil(mc), n.div_ceil(nc));
+    (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
+        let (r0, c0) = ((t / col_blocks) * mc, (t % col_blocks) * nc);
+        let (rows, cols) = ((m - r0).min(mc), (n - c0).min(nc));
+        let block = Block {
+            r0,
+            c0,
+            rows_pad: rows.div_ceil(mr) * mr,
+            cols_pad: cols.div_ceil(nr) * nr,
+        };
+        SCRATCH.with_borrow_mut(|scratch| {
+            let lines = (block.rows_pad * block.cols_pad * 4).div_ceil(64);
+            if scratch.len() < lines {
+                scratch.resize(lines, CacheLine([0; 32]));
+            }
+            let sums: &mut [f32] = bytemuck::cast_slice_mut(&mut scratch[..lines]);
+            fill(&block, sums);
+            // SAFETY: rows r0..r0+rows and columns c0..c0+cols belong to this task alone; (caller) the
+            // features are present.
+            unsafe { output.write_block(sums, block.cols_pad, (r0, c0), (rows, cols)) };
+        });
+    });
+}
+
+// The packs of both kernels (a call uses one kernel; a call that finds a cache in use allocates its own).
+pub(super) static PACKED_A: PackCache = PackCache::new();
+pub(super) static PACKED_B: PackCache = PackCache::new();
+
+thread_local! {
+    /// Each worker's f32 partial sums of its current block, cache-line aligned for AMX tile stores.
+    static SCRATCH: std::cell::RefCell<Vec<CacheLine>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// `out = 0` (plus the bias for a bf16 output): the product when k = 0.
 pub(super) fn zero_product(out: GemmOut<'_>, n: usize) {
     match out {
