@@ -87,20 +87,23 @@ pub enum Bf16Kernel {
 }
 
 impl Bf16Kernel {
-    /// Every kernel this CPU can run, fastest first.
-    pub fn available() -> Vec<Bf16Kernel> {
-        let mut kernels = Vec::new();
-        #[cfg(target_arch = "x86_64")]
-        {
-            if has_native_bf16() && amx::available() {
-                kernels.push(Bf16Kernel::Amx);
+    /// Every kernel this CPU can run, fastest first (detected once; no allocation per GEMM call).
+    pub fn available() -> &'static [Bf16Kernel] {
+        static AVAILABLE: std::sync::OnceLock<Vec<Bf16Kernel>> = std::sync::OnceLock::new();
+        AVAILABLE.get_or_init(|| {
+            let mut kernels = Vec::new();
+            #[cfg(target_arch = "x86_64")]
+            {
+                if has_native_bf16() && amx::available() {
+                    kernels.push(Bf16Kernel::Amx);
+                }
+                if has_native_bf16() {
+                    kernels.push(Bf16Kernel::Avx512Bf16);
+                }
             }
-            if has_native_bf16() {
-                kernels.push(Bf16Kernel::Avx512Bf16);
-            }
-        }
-        kernels.push(Bf16Kernel::Portable);
-        kernels
+            kernels.push(Bf16Kernel::Portable);
+            kernels
+        })
     }
 
     /// The kernel for an `m`-row product: AMX from 32 rows (a pair of row tiles; below that most of the
@@ -318,7 +321,7 @@ mod tests {
                 let bias = uniform(&mut rng, n, -1.0, 1.0);
                 let av = View::row_major(m, k, ta);
                 let (want, mag) = reference(a, av, &b, bv);
-                for kernel in Bf16Kernel::available() {
+                for &kernel in Bf16Kernel::available() {
                     let mut c32 = vec![0.5f32; m * n];
                     gemm_bf16(
                         GemmOut::F32 {
