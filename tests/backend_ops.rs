@@ -10,7 +10,7 @@
 //! - f32 outputs (statistics, log-sum-exp, parameter gradients, losses): a relative bound per case, or twice
 //!   the bf16-storage reference's error where an f32 output is computed from a rounded intermediate;
 //! - f32 activations (the CPU with bf16 weights): the case's bound, at least 1e-5 of the scale (sums in
-//!   another order).
+//!   another order); attention's outputs there have bf16 product operands, so the bf16 criterion.
 //!
 //! Outputs that an op adds into start from random values, so "adds" is tested too. The CPU backend itself
 //! is checked against naive f64 code and finite differences in `src/ops`. A last check asserts that the
@@ -1062,6 +1062,12 @@ fn cases() -> Vec<Case> {
             None,
         ),
         (
+            "hd 24 keys over chunks".into(),
+            attn(2, 2, 40, 260, 24, 24),
+            Some(vec![260, 131]),
+            None,
+        ),
+        (
             "hd 32 masked row".into(),
             attn(2, 2, 19, 19, 32, 32),
             Some(vec![19, 0]),
@@ -1266,8 +1272,19 @@ fn check_backend<B: Backend>(b: &B) -> usize {
         let want = run(&cpu, c, fwd.as_ref());
         let ref_rounded = run(&rounded, c, fwd.as_ref());
         let got = run(b, c, fwd.as_ref());
-        let ratio = compare(c, &b.name(), bf16, &want, &ref_rounded, &got)
-            .unwrap_or_else(|e| panic!("{e}"));
+        // With bf16 weights, attention's products take bf16 operands (the probabilities are rounded):
+        // its outputs are held to the bf16 criterion.
+        let bf16_products = b.weight_dtype() == isoformer_engine::DType::BF16
+            && matches!(c.op, Op::Attention { .. });
+        let ratio = compare(
+            c,
+            &b.name(),
+            bf16 || bf16_products,
+            &want,
+            &ref_rounded,
+            &got,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         if ratio > worst.0 {
             worst = (ratio, c.name.clone());
         }

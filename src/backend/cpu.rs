@@ -135,9 +135,12 @@ impl CpuBackend {
 
     /// The bf16 backend, as `--dtype bf16` runs it: the compute copies of the weights are bf16 and every
     /// linear layer runs on the bf16 GEMM ([`ops::gemm_bf16`], `vdpbf16ps` where the CPU has it) with f32
-    /// accumulation, its activation operand rounded to bf16 as it is packed; activations between ops,
-    /// statistics, attention and the residual stream stay f32. Half the weight memory and about twice
-    /// the GEMM rate of f32, at the accuracy of bf16 matrix products (the same as PyTorch's CPU autocast).
+    /// accumulation, its activation operand rounded to bf16 as it is packed; attention's two products
+    /// (`Q·Kᵀ`, `P·V`) take bf16 operands too (the values in two parts), on AMX tiles where the CPU has
+    /// them; activations between
+    /// ops, statistics, the softmax and the residual stream stay f32. Half the weight memory and about
+    /// twice the GEMM rate of f32, at the accuracy of bf16 matrix products (the same as PyTorch's CPU
+    /// autocast).
     pub fn bf16() -> Self {
         CpuBackend {
             bf16_weights: true,
@@ -146,8 +149,8 @@ impl CpuBackend {
     }
 
     /// bf16 everywhere kernel devices use it: activations and the compute copies of the weights are bf16
-    /// in memory; linear layers run on the bf16 GEMM; the other ops widen their inputs to f32, compute in
-    /// f32 and round their outputs once. Statistics, parameter gradients and optimiser state stay f32.
+    /// in memory; linear layers run on the bf16 GEMM and attention's products on bf16 operands; the other
+    /// ops widen their inputs to f32, compute in f32 and round their outputs once. Statistics, parameter gradients and optimiser state stay f32.
     pub fn bf16_activations() -> Self {
         CpuBackend {
             bf16_activations: true,
@@ -220,6 +223,26 @@ impl CpuBackend {
         v: Option<ViewMut<'a, CpuBackend>>,
     ) -> Result<Option<Stored<'a>>> {
         v.map(|v| self.act(op, name, v)).transpose()
+    }
+
+    /// The shared scratch, grown to at least `len` f32 elements; a size the allocator refuses is an error
+    /// naming `op`, not an abort.
+    fn workspace(
+        &self,
+        op: &'static str,
+        len: usize,
+    ) -> Result<std::sync::MutexGuard<'_, Vec<f32>>> {
+        let mut ws = self
+            .workspace
+            .lock()
+            .map_err(|_| Error::invalid(op, "workspace poisoned"))?;
+        let have = ws.len();
+        if have < len {
+            ws.try_reserve_exact(len - have)
+                .map_err(|e| Error::invalid(op, format!("a workspace of {len} f32 values: {e}")))?;
+            ws.resize(len, 0.0);
+        }
+        Ok(ws)
     }
 
     /// An input as f32 values: in place for f32 memory, widened into scratch for bf16.
@@ -541,22 +564,14 @@ impl Backend for CpuBackend {
     fn scratch_bytes(&self, op: &ScratchUse) -> usize {
         match op {
             ScratchUse::Attention(dims) | ScratchUse::AttentionBackward { dims, .. } => {
-                dims.workspace_len(rayon::current_num_threads()) * 4
+                dims.workspace_len(rayon::current_num_threads()).saturating_mul(4)
             }
             _ => 0,
         }
     }
 
     fn reserve_scratch(&self, bytes: usize) -> Result<()> {
-        let mut ws = self
-            .workspace
-            .lock()
-            .map_err(|_| Error::invalid("scratch", "workspace poisoned"))?;
-        let need = bytes.div_ceil(4);
-        if ws.len() < need {
-            ws.resize(need, 0.0);
-        }
-        Ok(())
+        self.workspace("scratch", bytes.div_ceil(4)).map(drop)
     }
 
     fn meter(&self) -> &ByteMeter {
@@ -940,20 +955,21 @@ impl Backend for CpuBackend {
                 })
                 .transpose()?,
         };
-        let mut ws = self
-            .workspace
-            .lock()
-            .map_err(|_| Error::invalid(OP, "workspace poisoned"))?;
-        let need = self.scratch_bytes(&ScratchUse::Attention(*dims)) / 4;
-        if ws.len() < need {
-            ws.resize(need, 0.0);
-        }
-        ops::attention::attention(
+        let need = dims.checked_workspace_len(OP, rayon::current_num_threads())?;
+        let mut ws = self.workspace(OP, need)?;
+        // The bf16 backend runs both products on bf16 operands, as PyTorch's bf16 SDPA does.
+        let products = if self.weight_dtype() == DType::BF16 {
+            ops::attention::Products::Bf16
+        } else {
+            ops::attention::Products::F32
+        };
+        ops::attention::attention_with(
             &mut self.out(OP, "out", out)?,
             f32s_mut(OP, "lse", lse)?,
             inputs,
             dims,
             &mut ws,
+            products,
         )
     }
 
@@ -989,14 +1005,8 @@ impl Backend for CpuBackend {
                 })
                 .transpose()?,
         };
-        let mut ws = self
-            .workspace
-            .lock()
-            .map_err(|_| Error::invalid(OP, "workspace poisoned"))?;
-        let need = self.scratch_bytes(&ScratchUse::Attention(*dims)) / 4;
-        if ws.len() < need {
-            ws.resize(need, 0.0);
-        }
+        let need = dims.checked_workspace_len(OP, rayon::current_num_threads())?;
+        let mut ws = self.workspace(OP, need)?;
         ops::attention::attention_backward(
             &mut self.act(OP, "dq", dq)?,
             &mut self.act(OP, "dk", dk)?,

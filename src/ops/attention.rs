@@ -17,8 +17,22 @@ use super::softmax::exp_row_in_place;
 use crate::error::{check_len, checked_product};
 use crate::{Error, Result};
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
+
 /// Query rows processed together at most; bounds the scratch to `Q_BLOCK × Lk` per task.
 const Q_BLOCK: usize = 256;
+
+/// The precision of attention's two matrix products, `Q·Kᵀ` and `P·V`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Products {
+    /// f32 operands (the reference).
+    F32,
+    /// bf16 operands with f32 accumulation, on AMX tiles where the CPU has them (the bf16 backend, as
+    /// PyTorch's bf16 SDPA computes them; the values split in two bf16 parts); elsewhere the f32 products
+    /// run.
+    Bf16,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttentionDims {
@@ -61,9 +75,28 @@ impl AttentionDims {
         })
     }
 
-    /// f32 elements of scratch that [`attention`] and [`attention_backward`] need with `threads` workers.
+    /// f32 elements of scratch that [`attention`] and [`attention_backward`] need with `threads` workers
+    /// (`usize::MAX` where that overflows; [`Self::checked_workspace_len`] says so).
     pub fn workspace_len(&self, threads: usize) -> usize {
-        threads.max(1) * 2 * Q_BLOCK * self.kv_len.max(1)
+        self.slot_len()
+            .and_then(|s| s.checked_mul(threads.max(1)))
+            .unwrap_or(usize::MAX)
+    }
+
+    /// [`Self::workspace_len`], or an error when it or an operand's size overflows.
+    pub fn checked_workspace_len(&self, op: &'static str, threads: usize) -> Result<usize> {
+        self.checked_sizes(op)?;
+        self.slot_len()
+            .and_then(|s| s.checked_mul(threads.max(1)))
+            .ok_or_else(|| Error::invalid(op, format!("the workspace of {self:?} overflows")))
+    }
+
+    /// f32 elements of scratch one worker needs, for either product precision.
+    fn slot_len(&self) -> Option<usize> {
+        let f32_products = (2 * Q_BLOCK).checked_mul(self.kv_len.max(1))?;
+        #[cfg(target_arch = "x86_64")]
+        let f32_products = f32_products.max(amx::workspace_len(self)?);
+        Some(f32_products)
     }
 
     fn q_view(&self) -> View {
@@ -509,7 +542,7 @@ mod lane_kernel {
     /// assembly of [`fast_exp`] takes 21: the exponentials are a third of the kernel's work at head dim 24.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,fma")]
-    unsafe fn exp2_16(t: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    pub(super) unsafe fn exp2_16(t: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
         use std::arch::x86_64::*;
         let s = _mm512_set1_ps;
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
@@ -587,14 +620,26 @@ fn run_tasks<T: Sync>(
     Ok(())
 }
 
-/// Forward pass. `workspace` needs [`AttentionDims::workspace_len`] elements (for any thread count ≥ 1;
-/// more slots run more heads in parallel).
+/// Forward pass with f32 products (the reference). `workspace` needs [`AttentionDims::workspace_len`]
+/// elements (for any thread count ≥ 1; more slots run more heads in parallel).
 pub fn attention(
     out: &mut [f32],
     lse: &mut [f32],
     inp: AttentionInputs<'_>,
     d: &AttentionDims,
     workspace: &mut [f32],
+) -> Result<()> {
+    attention_with(out, lse, inp, d, workspace, Products::F32)
+}
+
+/// Forward pass with the products in `products` precision; otherwise as [`attention`].
+pub fn attention_with(
+    out: &mut [f32],
+    lse: &mut [f32],
+    inp: AttentionInputs<'_>,
+    d: &AttentionDims,
+    workspace: &mut [f32],
+    products: Products,
 ) -> Result<()> {
     inp.check("attention", d)?;
     check_len(
@@ -605,91 +650,111 @@ pub fn attention(
     )?;
     check_len("attention", "lse", lse.len(), d.batch * d.heads * d.q_len)?;
     let (out_ptr, lse_ptr) = (SharedMut(out.as_mut_ptr()), SharedMut(lse.as_mut_ptr()));
+    #[cfg(target_arch = "x86_64")]
+    let tiles = (products == Products::Bf16)
+        .then(|| amx::plan(&inp, d))
+        .flatten();
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = products;
     let lanes = lane_kernel::applies(&inp, d);
     let tasks: Vec<(usize, usize)> = (0..d.batch)
         .flat_map(|b| (0..d.heads).map(move |h| (b, h)))
         .collect();
-    run_tasks(
-        &tasks,
-        workspace,
-        2 * Q_BLOCK * d.kv_len.max(1),
-        |&(b, h), ws| {
-            let n = inp.visible(d, b);
-            let (_, _, ov, oo) = d.offsets(b, h);
-            let (out_ptr, lse_ptr) = (out_ptr, lse_ptr);
-            if lanes {
-                // The scores take 32·n of the slot's 512·n elements, this head's keys and values
-                // (Dk + Dv ≤ 128) some of the rest.
-                let (st, rest) = ws.split_at_mut(ROWS * n);
-                let head = pack_head(&inp, d, (b, h), n, &mut rest[..packed_len(d, n)]);
-                for i0 in (0..d.q_len).step_by(ROWS) {
-                    let rows = ROWS.min(d.q_len - i0);
-                    let pos = (b * d.heads + h) * d.q_len + i0;
-                    // SAFETY: rows i0..i0+rows of head h of batch b in `out` and their lse entries belong
-                    // to this (b, h) task only; the kernel's features were detected.
-                    unsafe {
-                        lane_kernel::forward_block(
-                            &inp,
-                            d,
-                            (b, h),
-                            head,
-                            i0,
-                            rows,
-                            st,
-                            out_ptr.0,
-                            lse_ptr.0.add(pos),
-                        )
-                    };
-                }
-                return;
-            }
-            let mut inv_sum = [0.0f32; Q_BLOCK];
-            for i0 in (0..d.q_len).step_by(Q_BLOCK) {
-                let rows = Q_BLOCK.min(d.q_len - i0);
-                let s = &mut ws[..rows * n];
-                inp.scores(s, d, b, h, i0, rows, n);
-                // Unnormalised probabilities: each output row is divided by its sum after P·V (Dv values
-                // per row rather than Lk).
-                let inv_sums = &mut inv_sum[..rows];
-                for (r, inv) in inv_sums.iter_mut().enumerate() {
-                    let (max, sum) = if n == 0 {
-                        (f32::NEG_INFINITY, 0.0)
-                    } else {
-                        exp_row_in_place(&mut s[r * n..(r + 1) * n])
-                    };
-                    let l = if sum > 0.0 {
-                        max + sum.ln()
-                    } else {
-                        f32::NEG_INFINITY
-                    };
-                    *inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
-                    // SAFETY: lse[b, h, i0+r] belongs to this (b, h) task only.
-                    unsafe { *lse_ptr.0.add((b * d.heads + h) * d.q_len + i0 + r) = l };
-                }
-                // SAFETY: rows i0.. of head h of batch b in `out` belong to this task; v's view is in bounds.
+    // The operands' sizes were checked, so the slot's size is too.
+    let slot = d.checked_workspace_len("attention", 1)?;
+    run_tasks(&tasks, workspace, slot, |&(b, h), ws| {
+        let n = inp.visible(d, b);
+        let (_, _, ov, oo) = d.offsets(b, h);
+        let (out_ptr, lse_ptr) = (out_ptr, lse_ptr);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(layout) = &tiles {
+            // SAFETY: the kernel's features were detected and its layout made (`plan`), the inputs
+            // checked above, the slot holds `slot_len ≥ amx::workspace_len` elements, and head h of
+            // batch b's output rows and lse entries belong to this task only.
+            unsafe {
+                amx::forward_head(
+                    layout,
+                    &inp,
+                    d,
+                    (b, h),
+                    ws,
+                    out_ptr.0,
+                    lse_ptr.0.add((b * d.heads + h) * d.q_len),
+                )
+            };
+            return;
+        }
+        if lanes {
+            // The scores take 32·n of the slot's 512·n elements, this head's keys and values
+            // (Dk + Dv ≤ 128) some of the rest.
+            let (st, rest) = ws.split_at_mut(ROWS * n);
+            let head = pack_head(&inp, d, (b, h), n, &mut rest[..packed_len(d, n)]);
+            for i0 in (0..d.q_len).step_by(ROWS) {
+                let rows = ROWS.min(d.q_len - i0);
+                let pos = (b * d.heads + h) * d.q_len + i0;
+                // SAFETY: rows i0..i0+rows of head h of batch b in `out` and their lse entries belong
+                // to this (b, h) task only; the kernel's features were detected.
                 unsafe {
-                    gemm_raw(
-                        out_ptr.0.add(oo + i0 * d.heads * d.v_head_dim),
-                        View { rows, ..d.o_view() },
-                        false,
-                        s.as_ptr(),
-                        View::strided(rows, n, n),
-                        inp.v.as_ptr().add(ov),
-                        d.v_view(n),
-                        1.0,
-                        Some(gemm::Parallelism::None),
-                    );
-                }
-                for (r, &inv) in inv_sums.iter().enumerate() {
-                    let row = oo + (i0 + r) * d.heads * d.v_head_dim;
-                    // SAFETY: as for the GEMM above: this task's rows of `out`.
-                    let o =
-                        unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(row), d.v_head_dim) };
-                    o.iter_mut().for_each(|v| *v *= inv);
-                }
+                    lane_kernel::forward_block(
+                        &inp,
+                        d,
+                        (b, h),
+                        head,
+                        i0,
+                        rows,
+                        st,
+                        out_ptr.0,
+                        lse_ptr.0.add(pos),
+                    )
+                };
             }
-        },
-    )
+            return;
+        }
+        let mut inv_sum = [0.0f32; Q_BLOCK];
+        for i0 in (0..d.q_len).step_by(Q_BLOCK) {
+            let rows = Q_BLOCK.min(d.q_len - i0);
+            let s = &mut ws[..rows * n];
+            inp.scores(s, d, b, h, i0, rows, n);
+            // Unnormalised probabilities: each output row is divided by its sum after P·V (Dv values
+            // per row rather than Lk).
+            let inv_sums = &mut inv_sum[..rows];
+            for (r, inv) in inv_sums.iter_mut().enumerate() {
+                let (max, sum) = if n == 0 {
+                    (f32::NEG_INFINITY, 0.0)
+                } else {
+                    exp_row_in_place(&mut s[r * n..(r + 1) * n])
+                };
+                let l = if sum > 0.0 {
+                    max + sum.ln()
+                } else {
+                    f32::NEG_INFINITY
+                };
+                *inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+                // SAFETY: lse[b, h, i0+r] belongs to this (b, h) task only.
+                unsafe { *lse_ptr.0.add((b * d.heads + h) * d.q_len + i0 + r) = l };
+            }
+            // SAFETY: rows i0.. of head h of batch b in `out` belong to this task; v's view is in bounds.
+            unsafe {
+                gemm_raw(
+                    out_ptr.0.add(oo + i0 * d.heads * d.v_head_dim),
+                    View { rows, ..d.o_view() },
+                    false,
+                    s.as_ptr(),
+                    View::strided(rows, n, n),
+                    inp.v.as_ptr().add(ov),
+                    d.v_view(n),
+                    1.0,
+                    Some(gemm::Parallelism::None),
+                );
+            }
+            for (r, &inv) in inv_sums.iter().enumerate() {
+                let row = oo + (i0 + r) * d.heads * d.v_head_dim;
+                // SAFETY: as for the GEMM above: this task's rows of `out`.
+                let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(row), d.v_head_dim) };
+                o.iter_mut().for_each(|v| *v *= inv);
+            }
+        }
+    })
 }
 
 /// Gradients with respect to q, k, v and (optionally) the bias, added into the given buffers.
@@ -1096,6 +1161,90 @@ mod tests {
             ..AttentionDims::new(1, 1, 3, 131, 4)
         };
         run_case(d, vec![131], None, 50, true);
+    }
+
+    /// The bf16 products (AMX tiles where the CPU has them) against f64 attention on the same bf16-rounded
+    /// q and k (the values are split into two bf16 parts, so they enter unrounded): what remains is the
+    /// rounding of the probabilities to bf16 (2⁻⁹ relative each) and f32 sums, so the output is held to 2⁻⁸ of the values' scale and the log-sum-exp to 1e-5. Lengths cross
+    /// the online softmax's chunks and the 32-key tiles; head dims pad to the tiles' 32 (24, 48, 80) or fill them; value widths
+    /// differ; query blocks are ragged; one batch entry has no visible key.
+    #[test]
+    fn bf16_products_match_f64_on_the_rounded_operands() {
+        let dims = |b, h, lq, lk, dk, dv, scale: Option<f32>| AttentionDims {
+            v_head_dim: dv,
+            scale: scale.unwrap_or((dk as f32).powf(-0.5)),
+            ..AttentionDims::new(b, h, lq, lk, dk)
+        };
+        let cases = [
+            (dims(2, 3, 45, 301, 24, 24, None), vec![301, 129]),
+            (dims(1, 2, 70, 200, 48, 48, None), vec![200]),
+            (dims(2, 2, 33, 100, 64, 192, None), vec![100, 0]),
+            (dims(1, 1, 9, 40, 384, 384, None), vec![40]),
+            (dims(1, 2, 64, 257, 80, 16, Some(3.0)), vec![257]),
+            (dims(1, 1, 1, 1, 8, 8, None), vec![1]),
+            // Keys over three chunks of the online softmax (1,024 keys each), peaked so that the running
+            // maximum moves between chunks.
+            (dims(2, 1, 35, 2300, 24, 40, Some(2.0)), vec![2300, 1500]),
+        ];
+        let bf = |x: &[f32]| -> Vec<f32> {
+            x.iter()
+                .map(|&v| half::bf16::from_f32(v).to_f32())
+                .collect()
+        };
+        for (seed, (d, lens)) in cases.into_iter().enumerate() {
+            let mut r = rng(60 + seed as u64);
+            let (nq, nk) = (d.batch * d.q_len * d.heads, d.batch * d.kv_len * d.heads);
+            let q = bf(&uniform(&mut r, nq * d.head_dim, -1.0, 1.0));
+            let k = bf(&uniform(&mut r, nk * d.head_dim, -1.0, 1.0));
+            let v = uniform(&mut r, nk * d.v_head_dim, -1.0, 1.0);
+            let inp = AttentionInputs {
+                q: &q,
+                k: &k,
+                v: &v,
+                kv_lens: Some(&lens),
+                bias: None,
+            };
+            let mut ws = vec![0.0; d.workspace_len(2)];
+            let mut out = vec![f32::NAN; nq * d.v_head_dim];
+            let mut lse = vec![f32::NAN; d.batch * d.heads * d.q_len];
+            attention_with(&mut out, &mut lse, inp, &d, &mut ws, Products::Bf16).unwrap();
+            let (q64, k64, v64) = (to_f64(&q), to_f64(&k), to_f64(&v));
+            let want = naive(&q64, &k64, &v64, None, &lens, &d);
+            let scale = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            let name = format!("bf16 products {d:?}");
+            for (i, (g, w)) in out.iter().zip(&want).enumerate() {
+                assert!(
+                    ((*g as f64) - w).abs() <= scale as f64 / 256.0,
+                    "{name}: out[{i}] = {g}, want {w}"
+                );
+            }
+            let (nh, dk) = (d.heads, d.head_dim);
+            for b in 0..d.batch {
+                for h in 0..nh {
+                    for i in 0..d.q_len {
+                        let got = lse[(b * nh + h) * d.q_len + i];
+                        if lens[b] == 0 {
+                            assert_eq!(got, f32::NEG_INFINITY, "{name}: lse of a masked row");
+                            continue;
+                        }
+                        let s: Vec<f64> = (0..lens[b])
+                            .map(|j| {
+                                let qi = ((b * d.q_len + i) * nh + h) * dk;
+                                let kj = ((b * d.kv_len + j) * nh + h) * dk;
+                                (0..dk).map(|c| q64[qi + c] * k64[kj + c]).sum::<f64>()
+                                    * d.scale as f64
+                            })
+                            .collect();
+                        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        let want = m + s.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+                        assert!(
+                            ((got as f64) - want).abs() <= 1e-5 * want.abs().max(1.0),
+                            "{name}: lse {got}, want {want}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -94,7 +94,7 @@ impl Bf16Kernel {
             let mut kernels = Vec::new();
             #[cfg(target_arch = "x86_64")]
             {
-                if has_native_bf16() && amx::available() {
+                if has_native_bf16() && crate::ops::amx::available() {
                     kernels.push(Bf16Kernel::Amx);
                 }
                 if has_native_bf16() {

@@ -12,6 +12,8 @@
 // Kernel-style signatures (outputs, saved statistics, inputs, dims) are long by nature.
 #![allow(clippy::too_many_arguments)]
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod amx;
 pub mod attention;
 pub mod conv;
 pub mod elementwise;

@@ -1,0 +1,223 @@
+//! AMX tiles (Intel Sapphire Rapids and later), shared by the bf16 GEMM and the bf16 attention: detection,
+//! the tile configuration, and one product, a 32×32 f32 block of `C += A·B` on four tiles.
+//!
+//! `tdpbf16ps` multiplies a 16×32 bf16 tile of A by a 32×16 bf16 tile of B (stored as 16 rows of k pairs)
+//! into a 16×16 f32 tile, 16,384 flops an instruction, 16 times an AVX-512 `vdpbf16ps`. Operands are laid
+//! out so that every tile is read as 16 rows of one 64-byte cache line each:
+//! - **A** ([`ATiles`]): rows of bf16 values, 32 k per tile row, at any row stride;
+//! - **B**: 32-column strips of k pairs, one 128-byte line a pair (`(b[2p][j], b[2p+1][j])` for the 32
+//!   columns j, the layout the AVX-512 `vdpbf16ps` kernel packs too); columns 0–15 of a strip are the first
+//!   64 bytes of each pair's line, columns 16–31 the second, and a step of 32 k is 16 lines (2 KiB).
+//!
+//! Linux hands tile state to a process only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); where that is
+//! refused, or the CPU lacks AMX-BF16, [`available`] is false and callers use their AVX-512 paths.
+
+use std::arch::asm;
+use std::sync::OnceLock;
+
+/// Rows of an A tile (and of a C tile).
+pub(crate) const TILE_ROWS: usize = 16;
+/// k values per step: one A tile row of 64 bytes.
+pub(crate) const TILE_K: usize = 32;
+/// Rows and columns of the C block of [`block_32x32`].
+pub(crate) const BLOCK: usize = 2 * TILE_ROWS;
+/// Bytes of B per step of 32 k: 16 pair lines of 128 bytes.
+const B_STEP_BYTES: usize = TILE_K / 2 * BLOCK * 4;
+
+/// Whether this CPU has AMX-BF16 and the OS lets this process use the tile registers.
+pub(crate) fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| cpu_has_amx_bf16() && os_grants_tile_data())
+}
+
+fn cpu_has_amx_bf16() -> bool {
+    use std::arch::x86_64::__cpuid_count;
+    let (leaf1, leaf7) = (__cpuid_count(1, 0), __cpuid_count(7, 0));
+    let amx_bf16 = leaf7.edx & (1 << 22) != 0;
+    let amx_tile = leaf7.edx & (1 << 24) != 0;
+    let osxsave = leaf1.ecx & (1 << 27) != 0;
+    if !(amx_bf16 && amx_tile && osxsave) {
+        return false;
+    }
+    let xcr0_low: u32;
+    // SAFETY: XGETBV with ECX = 0 is valid when OSXSAVE is set (checked above).
+    unsafe {
+        asm!("xgetbv", in("ecx") 0u32, lateout("eax") xcr0_low, lateout("edx") _, options(nomem, nostack));
+    }
+    // XTILECFG (bit 17) and XTILEDATA (bit 18) enabled by the OS.
+    xcr0_low & (0b11 << 17) == 0b11 << 17
+}
+
+#[cfg(target_os = "linux")]
+fn os_grants_tile_data() -> bool {
+    const SYS_ARCH_PRCTL: i64 = 158;
+    const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+    const XFEATURE_XTILEDATA: i64 = 18;
+    let ret: i64;
+    // SAFETY: arch_prctl(ARCH_REQ_XCOMP_PERM) only asks the kernel for a permission; it reads and writes
+    // no user memory. The syscall instruction clobbers rcx and r11.
+    unsafe {
+        asm!(
+            "syscall",
+            inlateout("rax") SYS_ARCH_PRCTL => ret,
+            in("rdi") ARCH_REQ_XCOMP_PERM,
+            in("rsi") XFEATURE_XTILEDATA,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+fn os_grants_tile_data() -> bool {
+    false
+}
+
+/// The tile configuration (palette 1): all eight tiles 16 rows of 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+const TILE_CONFIG: TileConfig = {
+    let mut c = [0u8; 64];
+    c[0] = 1;
+    let mut t = 0;
+    while t < 8 {
+        c[16 + 2 * t] = 64; // bytes per row
+        c[48 + t] = TILE_ROWS as u8;
+        t += 1;
+    }
+    TileConfig(c)
+};
+
+/// Holds the tile configuration on this thread while alive.
+pub(crate) struct Tiles;
+
+impl Tiles {
+    /// # Safety
+    /// [`available`] must be true.
+    pub(crate) unsafe fn configure() -> Tiles {
+        // SAFETY: (caller) AMX is present and permitted; the configuration is valid for palette 1.
+        unsafe {
+            asm!("ldtilecfg [{}]", in(reg) TILE_CONFIG.0.as_ptr(), options(nostack, readonly))
+        };
+        Tiles
+    }
+}
+
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        // SAFETY: tiles were configured by `configure`, so AMX is present.
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+}
+
+/// Where the A tiles lie: tile `(strip, step)` (rows `16·strip..`, k `32·step..`) starts at
+/// `base + strip·strip_bytes + step·step_bytes`, its 16 rows `row_bytes` apart.
+#[derive(Clone, Copy)]
+pub(crate) struct ATiles {
+    pub(crate) base: *const u8,
+    pub(crate) strip_bytes: usize,
+    pub(crate) step_bytes: usize,
+    pub(crate) row_bytes: usize,
+}
+
+impl ATiles {
+    /// The packed tiles of [`pack_a`]: 1 KiB each, a strip's steps one after another.
+    pub(crate) fn packed(packed: &[u16], steps: usize) -> Self {
+        let tile_bytes = TILE_ROWS * TILE_K * 2;
+        ATiles {
+            base: packed.as_ptr().cast(),
+            strip_bytes: steps * tile_bytes,
+            step_bytes: tile_bytes,
+            row_bytes: TILE_K * 2,
+        }
+    }
+
+    pub(crate) fn tile(&self, strip: usize, step: usize) -> *const u8 {
+        self.base
+            .wrapping_add(strip * self.strip_bytes + step * self.step_bytes)
+    }
+}
+
+// SAFETY: the tiles are only read, while the caller keeps the operand they point into borrowed.
+unsafe impl Send for ATiles {}
+unsafe impl Sync for ATiles {}
+
+/// A 32×32 block of C over `steps` steps of 32 k: `c = (first ? 0 : c) + A·B`, with `c` an f32 block of
+/// row stride `ldc`.
+///
+/// # Safety
+/// Tiles configured ([`Tiles`]); `a0` and `a1` are A tiles of [`ATiles`] `a` with `steps` steps from
+/// them inside the operand; `b` holds `steps` packed pair-lines of 16 pairs (2 KiB each); `c` addresses 32
+/// rows of 32 values at stride `ldc`. B and C are 64-byte aligned.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn block_32x32(
+    steps: usize,
+    a: &ATiles,
+    a0: *const u8,
+    a1: *const u8,
+    b: *const u16,
+    c: *mut f32,
+    ldc: usize,
+    first: bool,
+) {
+    let ldc_bytes = ldc * 4;
+    // SAFETY: (caller) every address below is inside the buffers described above.
+    unsafe {
+        let (c01, c10, c11) = (c.add(16), c.add(16 * ldc), c.add(16 * ldc + 16));
+        if first {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+        } else {
+            asm!(
+                "tileloadd tmm0, [{c00} + {ldc}]",
+                "tileloadd tmm1, [{c01} + {ldc}]",
+                "tileloadd tmm2, [{c10} + {ldc}]",
+                "tileloadd tmm3, [{c11} + {ldc}]",
+                c00 = in(reg) c, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
+                ldc = in(reg) ldc_bytes,
+                options(nostack, readonly)
+            );
+        }
+        asm!(
+            "2:",
+            "tileloadd tmm4, [{a0} + {a_stride}]",
+            "tileloadd tmm6, [{b0} + {b_stride}]",
+            "tileloadd tmm7, [{b1} + {b_stride}]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tileloadd tmm5, [{a1} + {a_stride}]",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "add {a0}, {a_step}",
+            "add {a1}, {a_step}",
+            "add {b0}, {b_step}",
+            "add {b1}, {b_step}",
+            "dec {steps}",
+            "jnz 2b",
+            "tilestored [{c00} + {ldc}], tmm0",
+            "tilestored [{c01} + {ldc}], tmm1",
+            "tilestored [{c10} + {ldc}], tmm2",
+            "tilestored [{c11} + {ldc}], tmm3",
+            a0 = inout(reg) a0 => _,
+            a1 = inout(reg) a1 => _,
+            b0 = inout(reg) b => _,
+            b1 = inout(reg) b.add(BLOCK) => _,
+            steps = inout(reg) steps => _,
+            a_stride = in(reg) a.row_bytes,
+            a_step = in(reg) a.step_bytes,
+            b_step = in(reg) B_STEP_BYTES,
+            b_stride = in(reg) 4 * BLOCK,
+            c00 = in(reg) c, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
+            ldc = in(reg) ldc_bytes,
+            options(nostack)
+        );
+    }
+}

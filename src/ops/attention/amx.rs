@@ -1,0 +1,416 @@
+//! The attention forward with bf16 products on AMX tiles, for the bf16 backend (`--dtype bf16`): both
+//! matrix products run as `tdpbf16ps` on bf16 operands with f32 accumulation (PyTorch's bf16 SDPA rounds
+//! the same operands); the softmax runs in f32 on AVX-512.
+//!
+//! The products are computed transposed, `Sᵀ = K·Qᵀ` and `Oᵀ = Vᵀ·Pᵀ`, so that a block's 32 query rows lie
+//! in the lanes of two vectors, as in the f32 lane kernel: each row's running maximum and sum are
+//! lane-wise, with no horizontal reductions and no per-row scalar work.
+//!
+//! One task is one head of one batch entry. Its visible keys (`[keys, Dk]`) and transposed values
+//! (`[Dv, keys]`) are converted once into row-major bf16, the A operands of the tiles
+//! ([`crate::ops::amx`]), zero-padded to multiples of 32. The values go in two parts, `v ≈ hi + lo`, and
+//! `P·V` is two products: a value's rounding is not averaged out when a few keys carry a row's weight, and
+//! it was the larger part of the bf16 backend's error against f32 on NT-v2 (about 1.09e-2 of the hidden
+//! states with rounded values, 0.99e-2 split, 0.97e-2 with f32 attention), for tile work that is a small
+//! part of the kernel's time. Each block of 32 query rows is packed as B (`Qᵀ` in pairs of head-dim
+//! entries) and goes over the keys in chunks of [`KEY_CHUNK`] with FlashAttention's online softmax:
+//! 1. the tiles write the chunk's scores `Sᵀ [KEY_CHUNK, 32]` in f32 (the head dim padded with zeros);
+//! 2. the running maximum `m` of each row (lane) is raised by the chunk's, and `P = 2^(c·S − m)`
+//!    (`c = scale·log₂e`) is rounded to bf16 straight into B's pair layout (`vcvtne2ps2bf16` of two keys,
+//!    then one word shuffle), zero past the chunk's last key;
+//! 3. the running output `Oᵀ [Dv, 32]`, f32 in memory, is rescaled by `2^(m_old − m_new)` per lane, and the
+//!    tiles add `Vᵀ·Pᵀ` to it (both parts of `Vᵀ`).
+//!
+//! Per 32 scores the vector units do about 35 instructions (two exponentials, the conversion, the sums),
+//! against about 120 with f32 FMA products at head dim 24. Every buffer is carved from the caller's
+//! workspace slot on cache lines ([`workspace_len`]).
+
+use std::arch::x86_64::*;
+
+use super::lane_kernel::exp2_16;
+use super::{AttentionDims, AttentionInputs};
+use crate::ops::amx::{block_32x32, ATiles, Tiles, BLOCK, TILE_K, TILE_ROWS};
+use crate::ops::simd::bf16_bits;
+
+/// Keys per chunk of the online softmax, at most. A chunk's scores (128 KiB) and probabilities (64 KiB)
+/// stay in L2; long chunks keep the tiles' stores and loads far from the vector loads and stores of the
+/// same lines (a tile load waits for earlier stores to reach L1 rather than forwarding them), and leave
+/// the rescaling to sequences longer than a chunk.
+const KEY_CHUNK: usize = 1024;
+const _: () = assert!(KEY_CHUNK.is_multiple_of(BLOCK));
+
+/// f32 lanes of a 512-bit vector: a block's 32 query rows are two vectors.
+const LANES: usize = 16;
+
+/// The buffers of one task, where this kernel runs: no score bias (the relative-position bias of Enformer
+/// keeps the f32 path), nonzero head dims, a positive finite scale, AMX with the AVX-512 subsets (BF16
+/// included) the softmax is compiled for, and sizes that do not overflow. None otherwise.
+pub(super) fn plan(inp: &AttentionInputs<'_>, d: &AttentionDims) -> Option<Layout> {
+    let runs = inp.bias.is_none()
+        && d.head_dim > 0
+        && d.v_head_dim > 0
+        && d.scale.is_finite()
+        && d.scale > 0.0
+        && crate::ops::gemm_bf16::has_native_bf16()
+        && crate::ops::amx::available();
+    runs.then(|| Layout::of(d)).flatten()
+}
+
+/// `x` rounded up to a multiple of 32 (the tiles' k step and block width).
+fn pad(x: usize) -> usize {
+    x.div_ceil(BLOCK).saturating_mul(BLOCK)
+}
+
+/// The sizes, in f32 elements (each a multiple of 16, a cache line), of one task's buffers.
+pub(super) struct Layout {
+    keys: usize,
+    values: usize,
+    queries: usize,
+    scores: usize,
+    probs: usize,
+    acc: usize,
+}
+
+impl Layout {
+    /// None where a size overflows.
+    fn of(d: &AttentionDims) -> Option<Self> {
+        let pad = |x: usize| x.checked_next_multiple_of(BLOCK);
+        let (n, dk, dv) = (pad(d.kv_len.max(1))?, pad(d.head_dim)?, pad(d.v_head_dim)?);
+        let chunk = chunk_len(d.kv_len);
+        Some(Layout {
+            // bf16: two a float.
+            keys: n.checked_mul(dk)? / 2,
+            // Two bf16 parts.
+            values: n.checked_mul(dv)?,
+            queries: BLOCK.checked_mul(dk)? / 2,
+            scores: chunk * BLOCK,
+            probs: chunk * BLOCK / 2,
+            acc: dv.checked_mul(BLOCK)?,
+        })
+    }
+
+    fn total(&self) -> Option<usize> {
+        // One cache line of slack to align the first buffer.
+        [
+            self.keys,
+            self.values,
+            self.queries,
+            self.scores,
+            self.probs,
+            self.acc,
+        ]
+        .iter()
+        .try_fold(LANES, |t, &x| t.checked_add(x))
+    }
+}
+
+/// Keys per chunk for `kv_len` keys: all of them, padded, up to [`KEY_CHUNK`].
+fn chunk_len(kv_len: usize) -> usize {
+    pad(kv_len.max(1)).min(KEY_CHUNK)
+}
+
+/// f32 elements of workspace one task needs (None where that overflows).
+pub(super) fn workspace_len(d: &AttentionDims) -> Option<usize> {
+    Layout::of(d)?.total()
+}
+
+/// Head `h` of batch `b`: every query row's output and log-sum-exp (`lse[i]` for query row `i`).
+///
+/// # Safety
+/// `layout` is [`plan`]'s for `inp` and `d`; `inp` was checked against `d`; `ws` holds [`workspace_len`]
+/// elements; `out`
+/// addresses the whole attention output and `lse` this head's `q_len` entries, none of which anyone else
+/// touches meanwhile.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")]
+pub(super) unsafe fn forward_head(
+    layout: &Layout,
+    inp: &AttentionInputs<'_>,
+    d: &AttentionDims,
+    (b, h): (usize, usize),
+    ws: &mut [f32],
+    out: *mut f32,
+    lse: *mut f32,
+) {
+    let (nh, dk, dv) = (d.heads, d.head_dim, d.v_head_dim);
+    let (oq, ok, ov, oo) = d.offsets(b, h);
+    let n = inp.visible(d, b);
+    if n == 0 {
+        for i in 0..d.q_len {
+            // SAFETY: this task's output rows and lse entries (caller's contract).
+            unsafe {
+                std::slice::from_raw_parts_mut(out.add(oo + i * nh * dv), dv).fill(0.0);
+                *lse.add(i) = f32::NEG_INFINITY;
+            }
+        }
+        return;
+    }
+    let (dk_pad, dv_pad, n_pad) = (pad(dk), pad(dv), pad(n));
+    let skip = ws.as_ptr().align_offset(64);
+    let rest = &mut ws[skip..];
+    let (keys, rest) = rest.split_at_mut(layout.keys);
+    let (values, rest) = rest.split_at_mut(layout.values);
+    let (queries, rest) = rest.split_at_mut(layout.queries);
+    let (scores, rest) = rest.split_at_mut(layout.scores);
+    let (probs, rest) = rest.split_at_mut(layout.probs);
+    let acc = &mut rest[..layout.acc];
+    let keys: &mut [u16] = bytemuck::cast_slice_mut(keys);
+    let values: &mut [u16] = bytemuck::cast_slice_mut(values);
+    let queries: &mut [u32] = bytemuck::cast_slice_mut(queries);
+    let probs: &mut [u32] = bytemuck::cast_slice_mut(probs);
+
+    // K as A, `[n_pad, dk_pad]`: each key's head-dim entries, rounded.
+    let keys = &mut keys[..n_pad * dk_pad];
+    keys.fill(0);
+    for (key, row) in keys.chunks_exact_mut(dk_pad).take(n).enumerate() {
+        let src = &inp.k[ok + key * nh * dk..][..dk];
+        row.iter_mut()
+            .zip(src)
+            .for_each(|(o, &x)| *o = bf16_bits(x));
+    }
+    // Vᵀ as A, `[dv_pad, n_pad]`: each value dim's entries over the keys, in two parts.
+    let (values_hi, values_lo) = values.split_at_mut(dv_pad * n_pad);
+    let values_lo = &mut values_lo[..dv_pad * n_pad];
+    transpose_values(
+        [&mut *values_hi, &mut *values_lo],
+        &inp.v[ov..],
+        nh * dv,
+        (n, dv),
+        n_pad,
+    );
+    // Lanes of a partial last block keep finite values from zero or an earlier block; their results
+    // are never written.
+    queries.fill(0);
+    let key_tiles = row_tiles(keys, dk_pad);
+    let value_tiles = [row_tiles(values_hi, n_pad), row_tiles(values_lo, n_pad)];
+    let c2 = d.scale * std::f32::consts::LOG2_E;
+    // SAFETY: (caller) AMX is available; released when `_tiles` drops at the end of this function.
+    let _tiles = unsafe { Tiles::configure() };
+    for i0 in (0..d.q_len).step_by(BLOCK) {
+        let rows = BLOCK.min(d.q_len - i0);
+        // Qᵀ as B: pair line `p` holds head-dim entries 2p and 2p+1 of the 32 rows.
+        for r in 0..rows {
+            let src = &inp.q[oq + (i0 + r) * nh * dk..][..dk];
+            for (p, two) in src.chunks(2).enumerate() {
+                let hi = two.get(1).map_or(0, |&x| bf16_bits(x));
+                queries[p * BLOCK + r] = bf16_bits(two[0]) as u32 | (hi as u32) << 16;
+            }
+        }
+        let mut state = Running::new();
+        let chunk = chunk_len(d.kv_len);
+        for j0 in (0..n).step_by(chunk) {
+            let len = chunk.min(n - j0);
+            let len_pad = pad(len);
+            for g in 0..len_pad / BLOCK {
+                let strip = 2 * (j0 / BLOCK + g);
+                // SAFETY: tiles are configured; key strips `strip` and `strip + 1` (16 keys each, of
+                // `n_pad / 16`) hold `dk_pad / 32` steps; the query pairs hold `dk_pad / 2` lines; the
+                // 32×32 block of keys `32g..` lies inside the chunk × 32 scores. All start on cache
+                // lines.
+                unsafe {
+                    block_32x32(
+                        dk_pad / TILE_K,
+                        &key_tiles,
+                        key_tiles.tile(strip, 0),
+                        key_tiles.tile(strip + 1, 0),
+                        queries.as_ptr().cast(),
+                        scores.as_mut_ptr().add(g * BLOCK * BLOCK),
+                        BLOCK,
+                        true,
+                    )
+                };
+            }
+            // SAFETY: (caller) the AVX-512 features are present; `scores` holds `len` keys of 32 rows,
+            // `probs` `len_pad / 2` pair lines.
+            let alpha = unsafe { state.chunk(&scores[..len * BLOCK], len_pad, probs, c2) };
+            if j0 > 0 {
+                // SAFETY: as above; `acc` is `dv_pad` rows of 32 lanes.
+                unsafe { rescale(acc, alpha) };
+            }
+            for cs in 0..dv_pad / BLOCK {
+                // SAFETY: tiles are configured; value strips `2cs` and `2cs + 1` (16 dims each, of
+                // `dv_pad / 16`) hold `n_pad / 32 ≥ (j0 + len_pad) / 32` steps, so `len_pad / 32` steps
+                // from step `j0 / 32` are inside them; the probabilities hold `len_pad / 2` pair lines;
+                // the block of dims `32cs..` lies inside the dv_pad × 32 output. All start on cache lines.
+                for (part, tiles) in value_tiles.iter().enumerate() {
+                    unsafe {
+                        block_32x32(
+                            len_pad / TILE_K,
+                            tiles,
+                            tiles.tile(2 * cs, j0 / TILE_K),
+                            tiles.tile(2 * cs + 1, j0 / TILE_K),
+                            probs.as_ptr().cast(),
+                            acc.as_mut_ptr().add(cs * BLOCK * BLOCK),
+                            BLOCK,
+                            j0 == 0 && part == 0,
+                        )
+                    };
+                }
+            }
+        }
+        let (max, sum) = state.lanes();
+        for r in 0..rows {
+            let inv = 1.0 / sum[r];
+            // SAFETY: query row i0 + r of this head's output and its lse entry (caller's contract).
+            unsafe {
+                let dst = std::slice::from_raw_parts_mut(out.add(oo + (i0 + r) * nh * dv), dv);
+                for (c, o) in dst.iter_mut().enumerate() {
+                    *o = acc[c * BLOCK + r] * inv;
+                }
+                *lse.add(i0 + r) = max[r] * std::f32::consts::LN_2 + sum[r].ln();
+            }
+        }
+    }
+}
+
+/// `hi[c·n_pad + key] + lo[c·n_pad + key] ≈ v[key·stride + c]` (bf16 parts, about 2⁻¹⁷ relative), for
+/// the `n` keys and `dv` dims, zero elsewhere. 32 keys at a time go through a small row-major block, so
+/// that the source is read and the destination written along their rows (column stores `2·n_pad` bytes
+/// apart alias in the caches and stall the loads).
+fn transpose_values(
+    [hi, lo]: [&mut [u16]; 2],
+    v: &[f32],
+    stride: usize,
+    (n, dv): (usize, usize),
+    n_pad: usize,
+) {
+    hi.fill(0);
+    lo.fill(0);
+    let mut block = vec![[0u16; 2]; BLOCK * dv];
+    for k0 in (0..n).step_by(BLOCK) {
+        let keys = BLOCK.min(n - k0);
+        for (k, row) in block.chunks_exact_mut(dv).take(keys).enumerate() {
+            let src = &v[(k0 + k) * stride..][..dv];
+            for (o, &x) in row.iter_mut().zip(src) {
+                let h = bf16_bits(x);
+                *o = [h, bf16_bits(x - f32::from_bits((h as u32) << 16))];
+            }
+        }
+        for c in 0..dv {
+            let at = c * n_pad + k0;
+            for (k, (h, l)) in hi[at..at + keys]
+                .iter_mut()
+                .zip(&mut lo[at..at + keys])
+                .enumerate()
+            {
+                [*h, *l] = block[k * dv + c];
+            }
+        }
+    }
+}
+
+/// The A tiles of a row-major bf16 buffer `cols` wide (a multiple of 32).
+fn row_tiles(buffer: &[u16], cols: usize) -> ATiles {
+    ATiles {
+        base: buffer.as_ptr().cast(),
+        strip_bytes: TILE_ROWS * cols * 2,
+        step_bytes: TILE_K * 2,
+        row_bytes: cols * 2,
+    }
+}
+
+/// The online softmax's running maximum (base 2, scaled) and sum of a block's 32 rows, two vectors each.
+struct Running {
+    max: [__m512; 2],
+    sum: [__m512; 2],
+}
+
+impl Running {
+    #[target_feature(enable = "avx512f")]
+    fn new() -> Self {
+        Running {
+            max: [_mm512_set1_ps(f32::NEG_INFINITY); 2],
+            sum: [_mm512_setzero_ps(); 2],
+        }
+    }
+
+    /// One chunk of scores `s [len, 32]` (key-major, rows in lanes): raises the running maxima to
+    /// `m = max(m_old, c·max_j s)`, writes `P = 2^(c·s − m)` rounded to bf16 as `len_pad / 2` B pair lines
+    /// (`p[line·32 + row]` = keys `2·line` and `2·line + 1`; zero past `len` keys), adds the chunk's sums,
+    /// and returns the factors `2^(m_old − m)` by which earlier sums and outputs shrink.
+    ///
+    /// # Safety
+    /// AVX-512F, BW, BF16 and FMA; `s.len() = 32·len`, `len ≤ len_pad`, `p` holds `16·len_pad` words.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,fma")]
+    unsafe fn chunk(&mut self, s: &[f32], len_pad: usize, p: &mut [u32], c2: f32) -> [__m512; 2] {
+        let len = s.len() / BLOCK;
+        assert!(len <= len_pad && p.len() >= len_pad / 2 * BLOCK);
+        // Word 2i of a pair line is key 2·line's lane i, word 2i+1 key 2·line+1's: the conversion puts
+        // the first key in elements 0–15 and the second in 16–31.
+        let interleave = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
+            4, 19, 3, 18, 2, 17, 1, 16, 0,
+        );
+        // SAFETY: key j's lanes are s[32j..32j+32], j < len; pair line l's words p[32l..32l+32],
+        // l < len_pad / 2 (checked above).
+        unsafe {
+            let at = |j: usize, v: usize| _mm512_loadu_ps(s.as_ptr().add(j * BLOCK + v * LANES));
+            let mut chunk_max = [_mm512_set1_ps(f32::NEG_INFINITY); 2];
+            for j in 0..len {
+                for (v, m) in chunk_max.iter_mut().enumerate() {
+                    *m = _mm512_max_ps(*m, at(j, v));
+                }
+            }
+            let vc = _mm512_set1_ps(c2);
+            let mut alpha = [_mm512_setzero_ps(); 2];
+            let mut m = [_mm512_setzero_ps(); 2];
+            for v in 0..2 {
+                m[v] = _mm512_max_ps(self.max[v], _mm512_mul_ps(chunk_max[v], vc));
+                // 2^(−∞) = 0 on the first chunk, where nothing has accumulated yet.
+                alpha[v] = exp2_16(_mm512_sub_ps(self.max[v], m[v]));
+            }
+            let exp = |j: usize, v: usize| {
+                if j < len {
+                    exp2_16(_mm512_fmsub_ps(at(j, v), vc, m[v]))
+                } else {
+                    _mm512_setzero_ps()
+                }
+            };
+            let mut sum = [_mm512_setzero_ps(); 2];
+            for line in 0..len_pad / 2 {
+                for (v, sum) in sum.iter_mut().enumerate() {
+                    let (e0, e1) = (exp(2 * line, v), exp(2 * line + 1, v));
+                    *sum = _mm512_add_ps(*sum, _mm512_add_ps(e0, e1));
+                    let halves: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(e1, e0));
+                    let words = _mm512_permutexvar_epi16(interleave, halves);
+                    _mm512_storeu_si512(p.as_mut_ptr().add(line * BLOCK + v * LANES).cast(), words);
+                }
+            }
+            for v in 0..2 {
+                self.sum[v] = _mm512_fmadd_ps(self.sum[v], alpha[v], sum[v]);
+                self.max[v] = m[v];
+            }
+            alpha
+        }
+    }
+
+    /// The running maxima and sums of the 32 rows.
+    #[target_feature(enable = "avx512f")]
+    fn lanes(&self) -> ([f32; BLOCK], [f32; BLOCK]) {
+        let (mut max, mut sum) = ([0.0f32; BLOCK], [0.0f32; BLOCK]);
+        for v in 0..2 {
+            // SAFETY: 16 lanes stored at v·16 inside the 32-element arrays.
+            unsafe {
+                _mm512_storeu_ps(max.as_mut_ptr().add(v * LANES), self.max[v]);
+                _mm512_storeu_ps(sum.as_mut_ptr().add(v * LANES), self.sum[v]);
+            }
+        }
+        (max, sum)
+    }
+}
+
+/// `acc[c][row] *= alpha[row]` for every value dim `c` of a `[dv_pad, 32]` output.
+///
+/// # Safety
+/// AVX-512F.
+#[target_feature(enable = "avx512f")]
+unsafe fn rescale(acc: &mut [f32], alpha: [__m512; 2]) {
+    for row in acc.chunks_exact_mut(BLOCK) {
+        for (v, a) in alpha.iter().enumerate() {
+            // SAFETY: 16 lanes at v·16 inside a 32-element row.
+            unsafe {
+                let ptr = row.as_mut_ptr().add(v * LANES);
+                _mm512_storeu_ps(ptr, _mm512_mul_ps(_mm512_loadu_ps(ptr), *a));
+            }
+        }
+    }
+}
