@@ -180,10 +180,18 @@ enum Placed {
 impl<B: Backend> Placement<B> {
     fn new(backend: B, host: &ModelParams, upload: bool) -> Result<Self> {
         let params = if upload {
+            // The upload copies the entries in order; each one's mapped pages are dropped once the
+            // next is read, so the peak holds the copy and about one f32 entry, not the whole file too.
+            // (Pages read again after release come back from the file: only time, never values.)
             Some(ParamSet::upload(
                 &backend,
                 host.layout().clone(),
-                |i| host.get(i),
+                |i| {
+                    if let Some(done) = i.checked_sub(1) {
+                        host.release_entry_pages(done);
+                    }
+                    host.get(i)
+                },
                 false,
             )?)
         } else {

@@ -563,9 +563,9 @@ impl Backend for CpuBackend {
 
     fn scratch_bytes(&self, op: &ScratchUse) -> usize {
         match op {
-            ScratchUse::Attention(dims) | ScratchUse::AttentionBackward { dims, .. } => {
-                dims.workspace_len(rayon::current_num_threads()).saturating_mul(4)
-            }
+            ScratchUse::Attention(dims) | ScratchUse::AttentionBackward { dims, .. } => dims
+                .workspace_len(rayon::current_num_threads())
+                .saturating_mul(4),
             _ => 0,
         }
     }

@@ -326,6 +326,25 @@ impl ModelParams {
         }
     }
 
+    /// [`Self::release_mapped_pages`] for parameter `i` alone (and the pages it shares with its
+    /// neighbours), so that a backend copying the parameters one by one holds little more than its copy
+    /// at any time.
+    pub fn release_entry_pages(&self, i: usize) {
+        #[cfg(unix)]
+        if let Storage::Mapped { file, ranges } = &self.storage {
+            if let Some(&(a, b)) = ranges.get(i) {
+                // SAFETY: as for `release_mapped_pages`; memmap2 widens the range to whole pages, and
+                // dropping a neighbour's clean pages only makes them be read from the file again.
+                let _ = unsafe {
+                    file.map
+                        .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a)
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = i;
+    }
+
     /// Whether the parameters are views into the mapped file (no copy was made).
     pub fn is_mapped(&self) -> bool {
         matches!(self.storage, Storage::Mapped { .. })
