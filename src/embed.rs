@@ -180,19 +180,16 @@ enum Placed {
 impl<B: Backend> Placement<B> {
     fn new(backend: B, host: &ModelParams, upload: bool) -> Result<Self> {
         let params = if upload {
-            // The upload copies the entries in order; each one's mapped pages are dropped once the
-            // next is read, so the peak holds the copy and about one f32 entry, not the whole file too.
-            // (Pages read again after release come back from the file: only time, never values.)
-            Some(ParamSet::upload(
+            // Loading left the mapped pages resident (it checks every value); dropping them first, and
+            // each entry's again once it is copied, makes the peak the copy and about one f32 entry, not
+            // the whole file too. Released pages are read from the file again when touched.
+            host.release_mapped_pages();
+            Some(ParamSet::upload_with(
                 &backend,
                 host.layout().clone(),
-                |i| {
-                    if let Some(done) = i.checked_sub(1) {
-                        host.release_entry_pages(done);
-                    }
-                    host.get(i)
-                },
+                |i| host.get(i),
                 false,
+                |i| host.release_entry_pages(i),
             )?)
         } else {
             None

@@ -137,10 +137,9 @@ impl CpuBackend {
     /// linear layer runs on the bf16 GEMM ([`ops::gemm_bf16`], `vdpbf16ps` where the CPU has it) with f32
     /// accumulation, its activation operand rounded to bf16 as it is packed; attention's two products
     /// (`Q·Kᵀ`, `P·V`) take bf16 operands too (the values in two parts), on AMX tiles where the CPU has
-    /// them; activations between
-    /// ops, statistics, the softmax and the residual stream stay f32. Half the weight memory and about
-    /// twice the GEMM rate of f32, at the accuracy of bf16 matrix products (the same as PyTorch's CPU
-    /// autocast).
+    /// them; activations between ops, statistics, the softmax and the residual stream stay f32. Half the
+    /// weight memory and about twice the GEMM rate of f32, at the accuracy of bf16 matrix products (the
+    /// same as PyTorch's CPU autocast).
     pub fn bf16() -> Self {
         CpuBackend {
             bf16_weights: true,
@@ -150,7 +149,8 @@ impl CpuBackend {
 
     /// bf16 everywhere kernel devices use it: activations and the compute copies of the weights are bf16
     /// in memory; linear layers run on the bf16 GEMM and attention's products on bf16 operands; the other
-    /// ops widen their inputs to f32, compute in f32 and round their outputs once. Statistics, parameter gradients and optimiser state stay f32.
+    /// ops widen their inputs to f32, compute in f32 and round their outputs once. Statistics, parameter
+    /// gradients and optimiser state stay f32.
     pub fn bf16_activations() -> Self {
         CpuBackend {
             bf16_activations: true,

@@ -63,6 +63,19 @@ impl<B: Backend> ParamSet<B> {
         get: impl Fn(usize) -> &'h [f32],
         trainable: bool,
     ) -> Result<Self> {
+        Self::upload_with(backend, layout, get, trainable, |_| {})
+    }
+
+    /// [`Self::upload`], calling `copied(i)` once entry i has been read for the last time, so that a
+    /// caller can let its host copy go entry by entry (mapped weights: their pages) and the peak holds the
+    /// upload and about one host entry rather than both whole models.
+    pub fn upload_with<'h>(
+        backend: &B,
+        layout: Arc<Layout>,
+        get: impl Fn(usize) -> &'h [f32],
+        trainable: bool,
+        copied: impl Fn(usize),
+    ) -> Result<Self> {
         let ranges = entry_ranges(&layout)?;
         let elems = layout_elems(&layout);
         let separate_copy = backend.weight_dtype() != DType::F32;
@@ -75,21 +88,24 @@ impl<B: Backend> ParamSet<B> {
             }
         }
         // Entry by entry, straight from the host values: no staging copy of the whole model.
-        let fill = |role: Role| -> Result<Tensor<B>> {
+        let fill = |role: Role, last: bool| -> Result<Tensor<B>> {
             let mut t = Tensor::new(backend, role, elems)?;
             let mut views = t.view_mut().split_ranges(&ranges)?;
             for (i, v) in views.drain(..).enumerate() {
                 backend.write_f32(v, get(i))?;
+                if last {
+                    copied(i);
+                }
             }
             Ok(t)
         };
         let master = if trainable || !separate_copy {
-            Some(fill(Role::Exact)?)
+            Some(fill(Role::Exact, !separate_copy)?)
         } else {
             None
         };
         let compute = if separate_copy {
-            Some(fill(Role::Weight)?)
+            Some(fill(Role::Weight, true)?)
         } else {
             None
         };

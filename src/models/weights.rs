@@ -336,8 +336,11 @@ impl ModelParams {
                 // SAFETY: as for `release_mapped_pages`; memmap2 widens the range to whole pages, and
                 // dropping a neighbour's clean pages only makes them be read from the file again.
                 let _ = unsafe {
-                    file.map
-                        .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a)
+                    file.map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        a,
+                        b.saturating_sub(a),
+                    )
                 };
             }
         }

@@ -660,7 +660,7 @@ pub fn attention_with(
     let tasks: Vec<(usize, usize)> = (0..d.batch)
         .flat_map(|b| (0..d.heads).map(move |h| (b, h)))
         .collect();
-    // The operands' sizes were checked, so the slot's size is too.
+    // One worker's share of the workspace (an error rather than an overflow).
     let slot = d.checked_workspace_len("attention", 1)?;
     run_tasks(&tasks, workspace, slot, |&(b, h), ws| {
         let n = inp.visible(d, b);

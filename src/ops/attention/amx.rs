@@ -69,6 +69,8 @@ pub(super) struct Layout {
     scores: usize,
     probs: usize,
     acc: usize,
+    /// 32 value rows on their way to `Vᵀ`, as (hi, lo) pairs: one float each.
+    staging: usize,
 }
 
 impl Layout {
@@ -86,6 +88,7 @@ impl Layout {
             scores: chunk * BLOCK,
             probs: chunk * BLOCK / 2,
             acc: dv.checked_mul(BLOCK)?,
+            staging: dv.checked_mul(BLOCK)?,
         })
     }
 
@@ -98,6 +101,7 @@ impl Layout {
             self.scores,
             self.probs,
             self.acc,
+            self.staging,
         ]
         .iter()
         .try_fold(LANES, |t, &x| t.checked_add(x))
@@ -152,7 +156,8 @@ pub(super) unsafe fn forward_head(
     let (queries, rest) = rest.split_at_mut(layout.queries);
     let (scores, rest) = rest.split_at_mut(layout.scores);
     let (probs, rest) = rest.split_at_mut(layout.probs);
-    let acc = &mut rest[..layout.acc];
+    let (acc, rest) = rest.split_at_mut(layout.acc);
+    let staging: &mut [[u16; 2]] = bytemuck::cast_slice_mut(&mut rest[..layout.staging]);
     let keys: &mut [u16] = bytemuck::cast_slice_mut(keys);
     let values: &mut [u16] = bytemuck::cast_slice_mut(values);
     let queries: &mut [u32] = bytemuck::cast_slice_mut(queries);
@@ -171,6 +176,7 @@ pub(super) unsafe fn forward_head(
     let (values_hi, values_lo) = values.split_at_mut(dv_pad * n_pad);
     let values_lo = &mut values_lo[..dv_pad * n_pad];
     transpose_values(
+        staging,
         [&mut *values_hi, &mut *values_lo],
         &inp.v[ov..],
         nh * dv,
@@ -263,10 +269,11 @@ pub(super) unsafe fn forward_head(
 }
 
 /// `hi[c·n_pad + key] + lo[c·n_pad + key] ≈ v[key·stride + c]` (bf16 parts, about 2⁻¹⁷ relative), for
-/// the `n` keys and `dv` dims, zero elsewhere. 32 keys at a time go through a small row-major block, so
-/// that the source is read and the destination written along their rows (column stores `2·n_pad` bytes
-/// apart alias in the caches and stall the loads).
+/// the `n` keys and `dv` dims, zero elsewhere. 32 keys at a time go through `block` (row-major, 32 × dv
+/// pairs), so that the source is read and the destination written along their rows (column stores
+/// `2·n_pad` bytes apart alias in the caches and stall the loads).
 fn transpose_values(
+    block: &mut [[u16; 2]],
     [hi, lo]: [&mut [u16]; 2],
     v: &[f32],
     stride: usize,
@@ -275,7 +282,6 @@ fn transpose_values(
 ) {
     hi.fill(0);
     lo.fill(0);
-    let mut block = vec![[0u16; 2]; BLOCK * dv];
     for k0 in (0..n).step_by(BLOCK) {
         let keys = BLOCK.min(n - k0);
         for (k, row) in block.chunks_exact_mut(dv).take(keys).enumerate() {
