@@ -286,6 +286,8 @@ mod tests {
             (250, 45, 800),
             (12, 530, 33),
             (64, 45, 96),
+            // Past one AMX k-block (1,024): partial sums carried across blocks.
+            (40, 70, 1090),
         ];
         for &(m, n, k) in &shapes {
             // B's layouts: rows, columns, and columns padded to stride k + 1 (a slice of a wider

@@ -7,8 +7,10 @@
 //! - **B** as the AVX-512 kernel packs it (32-column strips of k pairs, 128 bytes a pair).
 //!
 //! The loops are BLIS-like: tasks own [`MC`]×[`NC`] blocks of C; within one, k runs in blocks of [`KC`]
-//! and, for each 32-row pair of A strips (16 KiB at KC = 256, kept in L1), the 32-column strips of B stream
-//! from L2. Partial sums across k-blocks go to an aligned f32 scratch block, so a bf16 output is rounded
+//! and, for each 32-row pair of A strips, the 32-column strips of B stream from L2, prefetched into L1 a
+//! step ahead by the tile product. [`KC`] is 1,024: with the prefetch, longer k-blocks measured 2–20%
+//! faster than 256 or 512 (fewer stores and reloads of the C tiles), although a pair of A strips then
+//! outgrows L1. Partial sums across k-blocks go to an aligned f32 scratch block, so a bf16 output is rounded
 //! once. Each element's summation order is fixed, so results do not depend on the thread count.
 
 use rayon::prelude::*;
@@ -24,7 +26,7 @@ const MR: usize = BLOCK;
 // The tile product reads B strips as the AVX-512 kernel packs them: 32 columns a pair line.
 const _: () = assert!(NR == BLOCK);
 /// k values per block.
-const KC: usize = 256;
+const KC: usize = 1024;
 /// Rows per task (a multiple of [`MR`]).
 const MC: usize = 256;
 /// Columns per task (a multiple of [`NR`]).
