@@ -292,16 +292,11 @@ impl CpuBackend {
             ),
             (DType::F32, DType::F32, DType::BF16) => {
                 let mut y = self.out(op, "y", y)?;
-                if let Some(bias) = &bias {
-                    check_len(op, "bias", bias.len(), dims.d_out)?;
-                    check_len(op, "y", y.len(), dims.rows.saturating_mul(dims.d_out))?;
-                    y.chunks_mut(dims.d_out.max(1))
-                        .for_each(|row| row.copy_from_slice(bias));
-                }
                 ops::matmul::linear_bf16_weights(
                     GemmOut::F32 {
                         c: &mut y,
-                        accumulate: bias.is_some(),
+                        accumulate: false,
+                        bias: bias.as_deref(),
                     },
                     Lhs::F32(exact(op, "x", x)?),
                     bf16s(w),

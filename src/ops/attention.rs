@@ -237,6 +237,7 @@ mod lane_kernel {
     use super::{AttentionDims, AttentionInputs};
     #[cfg(doc)]
     use crate::ops::elementwise::fast_exp;
+    use crate::ops::simd::{prefetch_row, ROWS_AHEAD};
 
     /// f32 lanes of a 512-bit vector.
     const LANES: usize = 16;
@@ -299,9 +300,15 @@ mod lane_kernel {
         let (keys, rest) = dst.split_at_mut(n * dk);
         let values = &mut rest[..n * dv];
         for (j, row) in keys.chunks_exact_mut(dk.max(1)).enumerate().take(n) {
+            if j + ROWS_AHEAD < n {
+                prefetch_row(&inp.k[ok + (j + ROWS_AHEAD) * nh * dk..][..dk]);
+            }
             row.copy_from_slice(&inp.k[ok + j * nh * dk..][..dk]);
         }
         for (j, row) in values.chunks_exact_mut(dv.max(1)).enumerate().take(n) {
+            if j + ROWS_AHEAD < n {
+                prefetch_row(&inp.v[ov + (j + ROWS_AHEAD) * nh * dv..][..dv]);
+            }
             row.copy_from_slice(&inp.v[ov + j * nh * dv..][..dv]);
         }
         PackedHead {
@@ -358,10 +365,13 @@ mod lane_kernel {
         // The scores are kept in base 2 (`log₂e` folded into the scale): `eˢ⁻ᵐ = 2^(s₂ − m₂)`, one
         // multiply fewer per exponential.
         let scale = d.scale * std::f32::consts::LOG2_E;
+        // Row by row: each query row is contiguous, while one column of the block touches a cache line
+        // per row (6% of the kernel's samples at ESM-2 shapes when it went column by column).
         let mut qt = [[0.0f32; ROWS]; MAX_DK];
-        for (c, qc) in qt.iter_mut().take(dk).enumerate() {
-            for (l, x) in qc.iter_mut().take(rows).enumerate() {
-                *x = inp.q[oq + (i0 + l) * nh * dk + c] * scale;
+        for l in 0..rows {
+            let row = &inp.q[oq + (i0 + l) * nh * dk..][..dk];
+            for (qc, x) in qt.iter_mut().zip(row) {
+                qc[l] = x * scale;
             }
         }
         let keys = &head.keys[..n * dk];

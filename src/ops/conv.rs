@@ -89,6 +89,7 @@ pub fn conv1d_bf16_weights(
         let out = GemmOut::F32 {
             c,
             accumulate: true,
+            bias: None,
         };
         gemm_bf16(
             out,

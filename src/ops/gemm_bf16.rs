@@ -1,5 +1,6 @@
 //! bf16 GEMM with f32 accumulation on the CPU: `C = A·B` with bf16 `A [m, k]` and `B [k, n]` (any strides),
-//! written as f32 (overwritten or accumulated) or rounded once to bf16 with an optional f32 bias.
+//! written as f32 (overwritten or accumulated) or rounded once to bf16, either with an optional f32 bias
+//! added as the sums are written.
 //!
 //! Three kernels, chosen per call by [`Bf16Kernel::for_shape`]:
 //! - **AMX** ([`amx`], Sapphire Rapids and later, where Linux grants the tile state): `tdpbf16ps` on
@@ -31,8 +32,13 @@ mod shared;
 
 /// Where the product goes: a row-major `m × n` buffer.
 pub enum GemmOut<'a> {
-    /// f32, overwritten, or added to when `accumulate`.
-    F32 { c: &'a mut [f32], accumulate: bool },
+    /// f32, `c = A·B + bias`, or `c += A·B + bias` when `accumulate`, with `bias [n]`: the bias is added
+    /// as the sums are written, so a linear layer needs no pass that fills its output with the bias first.
+    F32 {
+        c: &'a mut [f32],
+        accumulate: bool,
+        bias: Option<&'a [f32]>,
+    },
     /// bf16, `c = round(A·B + bias)` with `bias [n]`.
     Bf16 {
         c: &'a mut [bf16],
@@ -176,7 +182,10 @@ pub(crate) fn gemm_bf16(
             format!("output has {} values, expected {mn}", out.len()),
         ));
     }
-    if let GemmOut::Bf16 {
+    if let GemmOut::F32 {
+        bias: Some(bias), ..
+    }
+    | GemmOut::Bf16 {
         bias: Some(bias), ..
     } = &out
     {
@@ -218,7 +227,18 @@ fn portable_gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv: View) {
     let b32 = widen(b);
     let cv = View::row_major(av.rows, bv.cols, false);
     match out {
-        GemmOut::F32 { c, accumulate } => gemm_views(c, cv, accumulate, &a32, av, &b32, bv, None),
+        GemmOut::F32 {
+            c,
+            accumulate,
+            bias,
+        } => {
+            gemm_views(c, cv, accumulate, &a32, av, &b32, bv, None);
+            if let Some(bias) = bias {
+                c.par_chunks_mut(bv.cols).for_each(|row| {
+                    row.iter_mut().zip(bias).for_each(|(o, b)| *o += b);
+                });
+            }
+        }
         GemmOut::Bf16 { c, bias } => {
             let mut c32 = vec![0.0f32; c.len()];
             gemm_views(&mut c32, cv, false, &a32, av, &b32, bv, None);
@@ -324,32 +344,30 @@ mod tests {
                 let av = View::row_major(m, k, ta);
                 let (want, mag) = reference(a, av, &b, bv);
                 for &kernel in Bf16Kernel::available() {
+                    let run = |out: GemmOut<'_>, lhs: Lhs<'_>| {
+                        gemm_bf16(out, lhs, av, &b, bv, Some(kernel)).unwrap()
+                    };
                     let mut c32 = vec![0.5f32; m * n];
-                    gemm_bf16(
-                        GemmOut::F32 {
-                            c: &mut c32,
-                            accumulate: true,
-                        },
-                        Lhs::Bf16(a),
-                        av,
-                        &b,
-                        bv,
-                        Some(kernel),
-                    )
-                    .unwrap();
+                    let out = GemmOut::F32 {
+                        c: &mut c32,
+                        accumulate: true,
+                        bias: None,
+                    };
+                    run(out, Lhs::Bf16(a));
+                    // Overwritten (the NaN must not survive), with the bias added as it is written.
+                    let mut c32_bias = vec![f32::NAN; m * n];
+                    let out = GemmOut::F32 {
+                        c: &mut c32_bias,
+                        accumulate: false,
+                        bias: Some(&bias),
+                    };
+                    run(out, Lhs::Bf16(a));
                     let mut c16 = vec![bf16::ZERO; m * n];
-                    gemm_bf16(
-                        GemmOut::Bf16 {
-                            c: &mut c16,
-                            bias: Some(&bias),
-                        },
-                        Lhs::F32(&a32),
-                        av,
-                        &b,
-                        bv,
-                        Some(kernel),
-                    )
-                    .unwrap();
+                    let out = GemmOut::Bf16 {
+                        c: &mut c16,
+                        bias: Some(&bias),
+                    };
+                    run(out, Lhs::F32(&a32));
                     for i in 0..m * n {
                         // f32 accumulation: error grows with k and the magnitude of the terms.
                         let tol = 4.0 * k as f64 * f32::EPSILON as f64 * mag[i] + 1e-6;
@@ -361,6 +379,11 @@ mod tests {
                             want[i]
                         );
                         let with_bias = want[i] + bias[i % n] as f64;
+                        let got_bias = c32_bias[i] as f64;
+                        assert!(
+                            (got_bias - with_bias).abs() <= tol + 1e-6,
+                            "f32 out with bias {m}×{n}×{k} {kernel:?} [{i}]: {got_bias} vs {with_bias}"
+                        );
                         let got16 = c16[i].to_f32() as f64;
                         // one bf16 rounding: half an ulp of 2⁻⁸ relative, plus the f32 error
                         let tol16 = with_bias.abs() * 2f64.powi(-8) + tol + 1e-30;
@@ -383,6 +406,7 @@ mod tests {
             GemmOut::F32 {
                 c: &mut c,
                 accumulate: false,
+                bias: None,
             },
             Lhs::Bf16(&a),
             View::row_major(2, 3, false),
@@ -396,6 +420,7 @@ mod tests {
             GemmOut::F32 {
                 c: &mut c,
                 accumulate: false,
+                bias: None,
             },
             Lhs::Bf16(&a),
             View::row_major(2, 3, false),

@@ -361,7 +361,10 @@ pub fn linear_bf16_weights(
     use super::gemm_bf16::GemmOut;
     let md = d.as_matmul();
     let y_len = match &y {
-        GemmOut::F32 { c, .. } => c.len(),
+        GemmOut::F32 { c, bias, .. } => {
+            d.check_bias("linear", bias.map(<[f32]>::len))?;
+            c.len()
+        }
         GemmOut::Bf16 { c, bias } => {
             d.check_bias("linear", bias.map(<[f32]>::len))?;
             c.len()

@@ -88,6 +88,7 @@ pub fn attention_pool_bf16_weights(
         GemmOut::F32 {
             c: logits,
             accumulate: false,
+            bias: None,
         },
         Lhs::F32(x),
         w,

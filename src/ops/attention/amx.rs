@@ -30,7 +30,7 @@ use std::arch::x86_64::*;
 use super::lane_kernel::exp2_16;
 use super::{AttentionDims, AttentionInputs};
 use crate::ops::amx::{block_32x32, ATiles, Tiles, BLOCK, TILE_K, TILE_ROWS};
-use crate::ops::simd::bf16_bits;
+use crate::ops::simd::{bf16_bits, prefetch_row, ROWS_AHEAD};
 
 /// Keys per chunk of the online softmax, at most. A chunk's scores (128 KiB) and probabilities (64 KiB)
 /// stay in L2; long chunks keep the tiles' stores and loads far from the vector loads and stores of the
@@ -167,6 +167,9 @@ pub(super) unsafe fn forward_head(
     let keys = &mut keys[..n_pad * dk_pad];
     keys.fill(0);
     for (key, row) in keys.chunks_exact_mut(dk_pad).take(n).enumerate() {
+        if key + ROWS_AHEAD < n {
+            prefetch_row(&inp.k[ok + (key + ROWS_AHEAD) * nh * dk..][..dk]);
+        }
         let src = &inp.k[ok + key * nh * dk..][..dk];
         row.iter_mut()
             .zip(src)
@@ -195,6 +198,9 @@ pub(super) unsafe fn forward_head(
         let rows = BLOCK.min(d.q_len - i0);
         // Qᵀ as B: pair line `p` holds head-dim entries 2p and 2p+1 of the 32 rows.
         for r in 0..rows {
+            if i0 + r + ROWS_AHEAD < d.q_len {
+                prefetch_row(&inp.q[oq + (i0 + r + ROWS_AHEAD) * nh * dk..][..dk]);
+            }
             let src = &inp.q[oq + (i0 + r) * nh * dk..][..dk];
             for (p, two) in src.chunks(2).enumerate() {
                 let hi = two.get(1).map_or(0, |&x| bf16_bits(x));
@@ -285,6 +291,9 @@ fn transpose_values(
     for k0 in (0..n).step_by(BLOCK) {
         let keys = BLOCK.min(n - k0);
         for (k, row) in block.chunks_exact_mut(dv).take(keys).enumerate() {
+            if k0 + k + ROWS_AHEAD < n {
+                prefetch_row(&v[(k0 + k + ROWS_AHEAD) * stride..][..dv]);
+            }
             let src = &v[(k0 + k) * stride..][..dv];
             for (o, &x) in row.iter_mut().zip(src) {
                 let h = bf16_bits(x);
