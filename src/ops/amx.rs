@@ -188,7 +188,7 @@ pub(crate) unsafe fn block_32x32(
         }
         // Each step also prefetches the next step's 32 lines of B into L1, spread over the step's tile
         // loads: B streams from L2, and a tile load that misses L1 stalls the tile unit (without it the
-        // kernel ran 5–40% slower, most when the neighbours of this VM were busy). A prefetch past the
+        // kernel ran 3–39% slower, most when the neighbours of this VM were busy). A prefetch past the
         // end of the pack is harmless: prefetches never fault.
         asm!(
             "2:",

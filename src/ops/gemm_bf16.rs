@@ -47,10 +47,17 @@ pub enum GemmOut<'a> {
 }
 
 impl GemmOut<'_> {
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         match self {
             GemmOut::F32 { c, .. } => c.len(),
             GemmOut::Bf16 { c, .. } => c.len(),
+        }
+    }
+
+    /// The bias added as the sums are written, of either output kind.
+    pub(crate) fn bias(&self) -> Option<&[f32]> {
+        match self {
+            GemmOut::F32 { bias, .. } | GemmOut::Bf16 { bias, .. } => *bias,
         }
     }
 }
@@ -182,13 +189,7 @@ pub(crate) fn gemm_bf16(
             format!("output has {} values, expected {mn}", out.len()),
         ));
     }
-    if let GemmOut::F32 {
-        bias: Some(bias), ..
-    }
-    | GemmOut::Bf16 {
-        bias: Some(bias), ..
-    } = &out
-    {
+    if let Some(bias) = out.bias() {
         if bias.len() != n {
             return Err(Error::shape(
                 OP,

@@ -358,18 +358,9 @@ pub fn linear_bf16_weights(
     w: &[bf16],
     d: LinearDims,
 ) -> Result<()> {
-    use super::gemm_bf16::GemmOut;
     let md = d.as_matmul();
-    let y_len = match &y {
-        GemmOut::F32 { c, bias, .. } => {
-            d.check_bias("linear", bias.map(<[f32]>::len))?;
-            c.len()
-        }
-        GemmOut::Bf16 { c, bias } => {
-            d.check_bias("linear", bias.map(<[f32]>::len))?;
-            c.len()
-        }
-    };
+    d.check_bias("linear", y.bias().map(<[f32]>::len))?;
+    let y_len = y.len();
     let (sx, sw, sy) = md.checked_sizes("linear")?;
     check_len("linear", "x", x.len(), sx)?;
     check_len("linear", "w", w.len(), sw)?;

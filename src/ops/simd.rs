@@ -155,7 +155,8 @@ fn fold_lanes(mut acc: [f32; LANES], f: impl Fn(f32, f32) -> f32) -> f32 {
 /// Rows ahead that [`prefetch_row`] callers fetch: far enough to cover a miss to L3 while a row is
 /// converted, near enough that the lines are still in L1 when it is read. With it, attention at ESM-2 35M
 /// shapes (8 × 512 tokens, 20 heads of 24) took 8–12% less time on AMX tiles (which convert each head's
-/// q, k and v rows) and 2–5% less in the f32 lane kernel (which copies k and v), alternating in one process.
+/// q, k and v rows) and 2–5% less in the f32 lane kernel (which copies k and v), alternating in one process
+/// on a quiet machine.
 pub(crate) const ROWS_AHEAD: usize = 8;
 
 /// Asks for the cache lines of `row` (its first and last element: a head's slice of a token row is at most
