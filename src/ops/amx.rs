@@ -145,13 +145,36 @@ impl ATiles {
 unsafe impl Send for ATiles {}
 unsafe impl Sync for ATiles {}
 
-/// A 32×32 block of C over `steps` steps of 32 k: `c = (first ? 0 : c) + A·B`, with `c` an f32 block of
-/// row stride `ldc`.
+/// What a 32×32 block of C starts from before [`block_32x32`] adds its product.
+#[derive(Clone, Copy)]
+pub(crate) enum Init {
+    /// Zero.
+    Zero,
+    /// The values in `c`.
+    Load,
+    /// The same 32 values in every row (a bias): row stride 0 from this address, 32 f32 values.
+    Broadcast(*const f32),
+}
+
+impl Init {
+    /// The same start for the block `columns` further right.
+    pub(crate) fn at_column(self, columns: usize) -> Init {
+        match self {
+            Init::Broadcast(row) => Init::Broadcast(row.wrapping_add(columns)),
+            other => other,
+        }
+    }
+}
+
+/// A 32×32 block of C over `steps` steps of 32 k: `c = init + A·B`, with `c` an f32 block of row stride
+/// `ldc`.
 ///
 /// # Safety
 /// Tiles configured ([`Tiles`]); `a0` and `a1` are A tiles of [`ATiles`] `a` with `steps` steps from
 /// them inside the operand; `b` holds `steps` packed pair-lines of 16 pairs (2 KiB each); `c` addresses 32
-/// rows of 32 values at stride `ldc`. B and C are 64-byte aligned.
+/// rows of 32 values at stride `ldc`; an [`Init::Broadcast`] address holds 32 values. B is 64-byte
+/// aligned; C is at least 4-byte aligned (a C row that straddles cache lines costs time, not
+/// correctness).
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn block_32x32(
     steps: usize,
@@ -161,22 +184,21 @@ pub(crate) unsafe fn block_32x32(
     b: *const u16,
     c: *mut f32,
     ldc: usize,
-    first: bool,
+    init: Init,
 ) {
     let ldc_bytes = ldc * 4;
     // SAFETY: (caller) every address below is inside the buffers described above.
     unsafe {
         let (c01, c10, c11) = (c.add(16), c.add(16 * ldc), c.add(16 * ldc + 16));
-        if first {
-            asm!(
+        match init {
+            Init::Zero => asm!(
                 "tilezero tmm0",
                 "tilezero tmm1",
                 "tilezero tmm2",
                 "tilezero tmm3",
                 options(nostack, nomem)
-            );
-        } else {
-            asm!(
+            ),
+            Init::Load => asm!(
                 "tileloadd tmm0, [{c00} + {ldc}]",
                 "tileloadd tmm1, [{c01} + {ldc}]",
                 "tileloadd tmm2, [{c10} + {ldc}]",
@@ -184,7 +206,16 @@ pub(crate) unsafe fn block_32x32(
                 c00 = in(reg) c, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
                 ldc = in(reg) ldc_bytes,
                 options(nostack, readonly)
-            );
+            ),
+            // A row stride of zero loads the same 16 values into each of a tile's 16 rows.
+            Init::Broadcast(row) => asm!(
+                "tileloadd tmm0, [{lo} + {zero}]",
+                "tileloadd tmm1, [{hi} + {zero}]",
+                "tileloadd tmm2, [{lo} + {zero}]",
+                "tileloadd tmm3, [{hi} + {zero}]",
+                lo = in(reg) row, hi = in(reg) row.add(16), zero = in(reg) 0usize,
+                options(nostack, readonly)
+            ),
         }
         // Each step also prefetches the next step's 32 lines of B into L1, spread over the step's tile
         // loads: B streams from L2, and a tile load that misses L1 stalls the tile unit (without it the

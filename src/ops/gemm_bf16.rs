@@ -295,8 +295,9 @@ mod tests {
     }
 
     /// Every edge case of the packing (ragged m and n, odd k, k across several blocks, transposed
-    /// operands, B columns at a padded stride, bf16 and f32 left operands, A read in place), on every
-    /// kernel this CPU runs.
+    /// operands, B columns at a padded stride, bf16 and f32 left operands, A read in place) and of the
+    /// output (through the scratch, or in place from zero, its own values or the bias), on every kernel
+    /// this CPU runs.
     #[test]
     fn bf16_gemm_matches_f64_on_ragged_and_transposed_shapes() {
         let mut rng = rng(7);
@@ -309,6 +310,11 @@ mod tests {
             (64, 45, 96),
             // Past one AMX k-block (1,024): partial sums carried across blocks.
             (40, 70, 1090),
+            // Whole register blocks and k within one k-block, where an f32 output is written in
+            // place: for the AMX kernel alone (k past the AVX-512 kernel's k-block), then for both,
+            // with whole and ragged tasks side by side.
+            (96, 64, 1000),
+            (300, 288, 64),
         ];
         for &(m, n, k) in &shapes {
             // B's layouts: rows, columns, and columns padded to stride k + 1 (a slice of a wider
@@ -363,6 +369,13 @@ mod tests {
                         bias: Some(&bias),
                     };
                     run(out, Lhs::Bf16(a));
+                    let mut c32_plain = vec![f32::NAN; m * n];
+                    let out = GemmOut::F32 {
+                        c: &mut c32_plain,
+                        accumulate: false,
+                        bias: None,
+                    };
+                    run(out, Lhs::Bf16(a));
                     let mut c16 = vec![bf16::ZERO; m * n];
                     let out = GemmOut::Bf16 {
                         c: &mut c16,
@@ -377,6 +390,12 @@ mod tests {
                             (got - want[i]).abs() <= tol,
                             "{m}×{n}×{k} ta={ta} tb={tb} cs={} {kernel:?} [{i}]: {got} vs {}",
                             bv.cs,
+                            want[i]
+                        );
+                        let got_plain = c32_plain[i] as f64;
+                        assert!(
+                            (got_plain - want[i]).abs() <= tol,
+                            "f32 out {m}×{n}×{k} {kernel:?} [{i}]: {got_plain} vs {}",
                             want[i]
                         );
                         let with_bias = want[i] + bias[i % n] as f64;

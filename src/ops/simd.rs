@@ -177,6 +177,54 @@ pub(crate) fn prefetch_row(row: &[f32]) {
     let _ = row;
 }
 
+/// `dst[r·ld_dst + c] = src[c·ld_src + r]` for a 16×16 block of 32-bit words (f32 values as their bits),
+/// in AVX-512 registers: the bf16 GEMM packs weights with it, the AMX attention turns its transposed
+/// output into rows.
+///
+/// # Safety
+/// AVX-512F; the 16 rows of 16 words at `src` (stride `ld_src`) and at `dst` (stride `ld_dst`) are valid.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn transpose16x16(src: *const u32, ld_src: usize, dst: *mut u32, ld_dst: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY: (caller) every row read and written is inside its buffer.
+    unsafe {
+        let mut r = [_mm512_setzero_si512(); 16];
+        for (i, v) in r.iter_mut().enumerate() {
+            *v = _mm512_loadu_si512(src.add(i * ld_src).cast());
+        }
+        // Interleave words, then pairs of words, within 128-bit lanes.
+        let mut t = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        for i in 0..4 {
+            r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+            r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+            r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+            r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+        }
+        // Each 128-bit lane now holds a 4×4 block transposed; exchange lanes between groups of four
+        // rows, then between halves.
+        for i in 0..4 {
+            for q in 0..2 {
+                let (a, b) = (r[i + 8 * q], r[i + 4 + 8 * q]);
+                t[i + 8 * q] = _mm512_shuffle_i32x4::<0x88>(a, b);
+                t[i + 4 + 8 * q] = _mm512_shuffle_i32x4::<0xdd>(a, b);
+            }
+        }
+        for i in 0..8 {
+            let (a, b) = (t[i], t[i + 8]);
+            r[i] = _mm512_shuffle_i32x4::<0x88>(a, b);
+            r[i + 8] = _mm512_shuffle_i32x4::<0xdd>(a, b);
+        }
+        for (i, v) in r.iter().enumerate() {
+            _mm512_storeu_si512(dst.add(i * ld_dst).cast(), *v);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,7 +19,9 @@
 //!    (`c = scale·log₂e`) is rounded to bf16 straight into B's pair layout (`vcvtne2ps2bf16` of two keys,
 //!    then one word shuffle), zero past the chunk's last key;
 //! 3. the running output `Oᵀ [Dv, 32]`, f32 in memory, is rescaled by `2^(m_old − m_new)` per lane, and the
-//!    tiles add `Vᵀ·Pᵀ` to it (both parts of `Vᵀ`).
+//!    tiles add `Vᵀ·Pᵀ` to it (both parts of `Vᵀ`);
+//! 4. after the last chunk, `Oᵀ` is divided by the row sums lane-wise and turned into output rows by 16×16
+//!    register transposes and masked stores (a strided scalar gather before).
 //!
 //! Per 32 scores the vector units do about 35 instructions (two exponentials, the conversion, the sums),
 //! against about 120 with f32 FMA products at head dim 24. Every buffer is carved from the caller's
@@ -29,8 +31,8 @@ use std::arch::x86_64::*;
 
 use super::lane_kernel::exp2_16;
 use super::{AttentionDims, AttentionInputs};
-use crate::ops::amx::{block_32x32, ATiles, Tiles, BLOCK, TILE_K, TILE_ROWS};
-use crate::ops::simd::{bf16_bits, prefetch_row, ROWS_AHEAD};
+use crate::ops::amx::{block_32x32, ATiles, Init, Tiles, BLOCK, TILE_K, TILE_ROWS};
+use crate::ops::simd::{bf16_bits, prefetch_row, transpose16x16, ROWS_AHEAD};
 
 /// Keys per chunk of the online softmax, at most. A chunk's scores (128 KiB) and probabilities (64 KiB)
 /// stay in L2; long chunks keep the tiles' stores and loads far from the vector loads and stores of the
@@ -227,7 +229,7 @@ pub(super) unsafe fn forward_head(
                         queries.as_ptr().cast(),
                         scores.as_mut_ptr().add(g * BLOCK * BLOCK),
                         BLOCK,
-                        true,
+                        Init::Zero,
                     )
                 };
             }
@@ -253,23 +255,52 @@ pub(super) unsafe fn forward_head(
                             probs.as_ptr().cast(),
                             acc.as_mut_ptr().add(cs * BLOCK * BLOCK),
                             BLOCK,
-                            j0 == 0 && part == 0,
+                            if j0 == 0 && part == 0 {
+                                Init::Zero
+                            } else {
+                                Init::Load
+                            },
                         )
                     };
                 }
             }
         }
         let (max, sum) = state.lanes();
-        for r in 0..rows {
-            let inv = 1.0 / sum[r];
-            // SAFETY: query row i0 + r of this head's output and its lse entry (caller's contract).
-            unsafe {
-                let dst = std::slice::from_raw_parts_mut(out.add(oo + (i0 + r) * nh * dv), dv);
-                for (c, o) in dst.iter_mut().enumerate() {
-                    *o = acc[c * BLOCK + r] * inv;
+        // Oᵀ's lanes are the rows: divide them by their sums, then turn 16×16 blocks of it into rows.
+        // SAFETY: `acc` is `dv_pad` rows of 32 lanes.
+        unsafe { rescale(acc, state.inverse_sums()) };
+        let mut block = [0.0f32; LANES * LANES];
+        for r0 in (0..rows).step_by(LANES) {
+            for c0 in (0..dv).step_by(LANES) {
+                // SAFETY: AVX-512F (this function's features); rows c0..c0 + 16 ≤ dv_pad of `acc`, lanes
+                // r0..r0 + 16 ≤ 32 of each, and `block` holds 16 rows of 16.
+                unsafe {
+                    transpose16x16(
+                        acc.as_ptr().add(c0 * BLOCK + r0).cast(),
+                        BLOCK,
+                        block.as_mut_ptr().cast(),
+                        LANES,
+                    )
+                };
+                let width = LANES.min(dv - c0);
+                let columns: __mmask16 = ((1u32 << width) - 1) as __mmask16;
+                for (r, values) in block.chunks_exact(LANES).take(rows - r0).enumerate() {
+                    // SAFETY: AVX-512F; the mask writes columns c0..c0 + width of query row
+                    // i0 + r0 + r of this head's output (caller's contract), and reads 16 values of
+                    // `block`.
+                    unsafe {
+                        _mm512_mask_storeu_ps(
+                            out.add(oo + (i0 + r0 + r) * nh * dv + c0),
+                            columns,
+                            _mm512_loadu_ps(values.as_ptr()),
+                        )
+                    };
                 }
-                *lse.add(i0 + r) = max[r] * std::f32::consts::LN_2 + sum[r].ln();
             }
+        }
+        for r in 0..rows {
+            // SAFETY: this head's lse entry of query row i0 + r (caller's contract).
+            unsafe { *lse.add(i0 + r) = max[r] * std::f32::consts::LN_2 + sum[r].ln() };
         }
     }
 }
@@ -396,6 +427,12 @@ impl Running {
             }
             alpha
         }
+    }
+
+    /// `1 / sum` of each row (lane).
+    #[target_feature(enable = "avx512f")]
+    fn inverse_sums(&self) -> [__m512; 2] {
+        self.sum.map(|s| _mm512_div_ps(_mm512_set1_ps(1.0), s))
     }
 
     /// The running maxima and sums of the 32 rows.

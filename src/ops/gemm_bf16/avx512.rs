@@ -7,8 +7,11 @@ use std::arch::x86_64::*;
 use half::bf16;
 use rayon::prelude::*;
 
-use super::shared::{for_each_block, pack_b, zero_product, Block, Output, NR, PACKED_A, PACKED_B};
+use super::shared::{
+    for_each_block, pack_b, zero_product, Block, Dest, Output, NR, PACKED_A, PACKED_B,
+};
 use super::{GemmOut, Lhs, View};
+use crate::ops::amx::Init;
 
 /// Rows of a register tile.
 const MR: usize = 12;
@@ -89,14 +92,13 @@ fn pack_a(packed: &mut [u32], a: Lhs<'_>, av: View, pairs: usize) {
         });
 }
 
-/// One MR×NR tile over `np` pairs: `c = (first ? 0 : c) + Σ_p a_p ⊗ b_p`, with `c` an f32 tile of row
-/// stride `ldc`.
+/// One MR×NR tile over `np` pairs: `c = init + Σ_p a_p ⊗ b_p`, with `c` an f32 tile of row stride `ldc`.
 ///
 /// # Safety
-/// AVX-512F and AVX512-BF16 must be present; `a` holds `np·MR` words, `b` holds `np·NR·2` values, and
-/// `c` addresses MR rows of NR values at stride `ldc`.
+/// AVX-512F and AVX512-BF16 must be present; `a` holds `np·MR` words, `b` holds `np·NR·2` values, `c`
+/// addresses MR rows of NR values at stride `ldc`, and an [`Init::Broadcast`] address holds NR values.
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn kernel(np: usize, a: *const u32, b: *const u16, c: *mut f32, ldc: usize, first: bool) {
+unsafe fn kernel(np: usize, a: *const u32, b: *const u16, c: *mut f32, ldc: usize, init: Init) {
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     for p in 0..np {
         let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * 2 * NR).cast()));
@@ -111,10 +113,10 @@ unsafe fn kernel(np: usize, a: *const u32, b: *const u16, c: *mut f32, ldc: usiz
     for (i, row) in acc.iter().enumerate() {
         for (v, lanes) in row.iter().enumerate() {
             let dst = c.add(i * ldc + v * 16);
-            let sum = if first {
-                *lanes
-            } else {
-                _mm512_add_ps(_mm512_loadu_ps(dst), *lanes)
+            let sum = match init {
+                Init::Zero => *lanes,
+                Init::Load => _mm512_add_ps(_mm512_loadu_ps(dst), *lanes),
+                Init::Broadcast(row) => _mm512_add_ps(_mm512_loadu_ps(row.add(v * 16)), *lanes),
             };
             _mm512_storeu_ps(dst, sum);
         }
@@ -137,15 +139,13 @@ pub(super) fn gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv: View)
         bytemuck::cast_slice(&packed_b),
     );
     let output = Output::new(out, n);
-    let fill = |block: &Block, sums: &mut [f32]| {
+    let fill = |block: &Block, dest: Dest| {
         let Block {
             r0,
             c0,
             rows_pad,
             cols_pad,
         } = *block;
-        // Every sum is written by the first k-block's kernels (`first`), so stale values never
-        // survive.
         let mut p0 = 0;
         while p0 < pairs {
             let np = (pairs - p0).min(KP);
@@ -153,17 +153,18 @@ pub(super) fn gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv: View)
                 let b_at = (c0 / NR + js) * pairs * NR * 2 + p0 * NR * 2;
                 for is in 0..rows_pad / MR {
                     let a_at = (r0 / MR + is) * pairs * MR + p0 * MR;
+                    let (c, init) = dest.block((is * MR, js * NR), p0 == 0);
                     // SAFETY: features checked by the caller; both packs hold `pairs` pairs per
-                    // strip, so `np` pairs from `p0` are inside them, and the tile lies inside
-                    // `sums`.
+                    // strip, so `np` pairs from `p0` are inside them; the tile lies inside the
+                    // task's `dest`, and a bias start holds its NR columns (`for_each_block`).
                     unsafe {
                         kernel(
                             np,
                             a_words.as_ptr().add(a_at),
                             b_values.as_ptr().add(b_at),
-                            sums.as_mut_ptr().add(is * MR * cols_pad + js * NR),
-                            cols_pad,
-                            p0 == 0,
+                            c,
+                            dest.ld,
+                            init,
                         )
                     }
                 }
@@ -172,7 +173,10 @@ pub(super) fn gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv: View)
         }
     };
     // SAFETY: the features were checked by the caller (`has_native_bf16`).
-    unsafe { for_each_block(&output, (m, n), (MC, NC), (MR, NR), fill) };
+    // In place only where one k-block covers k, as in the AMX kernel: later k-blocks would reload their
+    // sums from the output rather than from the scratch in L2.
+    let output_in_place = pairs <= KP;
+    unsafe { for_each_block(&output, (m, n), (MC, NC), (MR, NR), output_in_place, fill) };
     PACKED_A.give_back(packed_a);
     PACKED_B.give_back(packed_b);
 }

@@ -8,6 +8,8 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::{GemmOut, View};
+use crate::ops::amx::Init;
+use crate::ops::simd::transpose16x16;
 
 /// 64 bytes, 64-byte aligned: the unit of every pack buffer, so that each 64-byte vector or tile row the
 /// kernels load lies in one cache line (a load split over two lines costs twice as much; for AMX tile
@@ -155,7 +157,7 @@ fn transpose_pairs(strip: &mut [u32], cols: &[u32], stride: usize, pairs: usize)
     unsafe {
         for p0 in (0..full).step_by(16) {
             for j0 in (0..NR).step_by(16) {
-                transpose16(
+                transpose16x16(
                     cols.as_ptr().add(j0 * stride + p0),
                     stride,
                     strip.as_mut_ptr().add(p0 * NR + j0),
@@ -167,51 +169,6 @@ fn transpose_pairs(strip: &mut [u32], cols: &[u32], stride: usize, pairs: usize)
     for p in full..pairs {
         for j in 0..NR {
             strip[p * NR + j] = cols[j * stride + p];
-        }
-    }
-}
-
-/// `dst[r·ld_dst + c] = src[c·ld_src + r]` for a 16×16 block of words.
-///
-/// # Safety
-/// AVX-512F; the 16 rows of 16 words at `src` (stride `ld_src`) and at `dst` (stride `ld_dst`) are valid.
-#[target_feature(enable = "avx512f")]
-unsafe fn transpose16(src: *const u32, ld_src: usize, dst: *mut u32, ld_dst: usize) {
-    use std::arch::x86_64::*;
-    // SAFETY: (caller) every row read and written is inside its buffer.
-    unsafe {
-        let mut r = [_mm512_setzero_si512(); 16];
-        for (i, v) in r.iter_mut().enumerate() {
-            *v = _mm512_loadu_si512(src.add(i * ld_src).cast());
-        }
-        // Interleave words, then pairs of words, within 128-bit lanes.
-        let mut t = [_mm512_setzero_si512(); 16];
-        for i in 0..8 {
-            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-        }
-        for i in 0..4 {
-            r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-            r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-            r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-            r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-        }
-        // Each 128-bit lane now holds a 4×4 block transposed; exchange lanes between groups of four
-        // rows, then between halves.
-        for i in 0..4 {
-            for q in 0..2 {
-                let (a, b) = (r[i + 8 * q], r[i + 4 + 8 * q]);
-                t[i + 8 * q] = _mm512_shuffle_i32x4::<0x88>(a, b);
-                t[i + 4 + 8 * q] = _mm512_shuffle_i32x4::<0xdd>(a, b);
-            }
-        }
-        for i in 0..8 {
-            let (a, b) = (t[i], t[i + 8]);
-            r[i] = _mm512_shuffle_i32x4::<0x88>(a, b);
-            r[i + 8] = _mm512_shuffle_i32x4::<0xdd>(a, b);
-        }
-        for (i, v) in r.iter().enumerate() {
-            _mm512_storeu_si512(dst.add(i * ld_dst).cast(), *v);
         }
     }
 }
@@ -252,6 +209,25 @@ impl<'a> Output<'a> {
                 n,
             },
         }
+    }
+
+    /// The f32 output itself as the destination of the block at `(r0, c0)`, where no epilogue is left to
+    /// do after the sums: an f32 output, unless it both accumulates and adds a bias.
+    fn direct(&self, (r0, c0): (usize, usize)) -> Option<Dest> {
+        if self.f32s.is_null() {
+            return None;
+        }
+        let start = match (self.accumulate, self.bias) {
+            (false, None) => Init::Zero,
+            (true, None) => Init::Load,
+            (false, Some(bias)) => Init::Broadcast(bias[c0..].as_ptr()),
+            (true, Some(_)) => return None,
+        };
+        Some(Dest {
+            corner: self.f32s.wrapping_add(r0 * self.n + c0),
+            ld: self.n,
+            start,
+        })
     }
 
     /// Writes a block's sums: `rows × cols` values of `src` (row stride `ld`) to the output at `(r0, c0)`.
@@ -313,10 +289,35 @@ pub(super) struct Block {
     pub(super) cols_pad: usize,
 }
 
+/// Where a task's kernels leave the `rows_pad × cols_pad` sums of its block: `corner` and row stride `ld`
+/// (in f32 values), starting from `start` (added to by the first k-block's kernels, which must write
+/// every sum; later k-blocks start from [`Init::Load`]).
+pub(super) struct Dest {
+    pub(super) corner: *mut f32,
+    pub(super) ld: usize,
+    pub(super) start: Init,
+}
+
+impl Dest {
+    /// The register block at `(row, column)` of the task's block: its first sum, and what it starts
+    /// from in the first k-block (`first`) or a later one.
+    pub(super) fn block(&self, (row, column): (usize, usize), first: bool) -> (*mut f32, Init) {
+        let init = if first {
+            self.start.at_column(column)
+        } else {
+            Init::Load
+        };
+        (self.corner.wrapping_add(row * self.ld + column), init)
+    }
+}
+
 /// The loop both native kernels share: the m×n output in `(mc, nc)` blocks, one rayon task each. A task
-/// runs `fill(block, sums)`, which must write every one of the `rows_pad × cols_pad` f32 partial sums (row
-/// stride `cols_pad`, 64-byte aligned: a per-thread scratch kept between calls), then moves them to the
-/// output.
+/// runs `fill(block, dest)`, which must write every one of the block's `rows_pad × cols_pad` sums.
+/// - With `output_in_place`, a block of whole register blocks (no padding) of an f32 output is written in
+///   place: `dest` is the output, starting from zero, from its own values (accumulate) or from the bias
+///   broadcast over the rows, with no epilogue pass over the block.
+/// - Any other block goes to a per-thread f32 scratch (64-byte aligned, kept between calls, starting
+///   from zero), which the epilogue then moves to the output.
 ///
 /// # Safety
 /// AVX-512F, BW, VL and DQ (for [`Output::write_block`]).
@@ -325,7 +326,8 @@ pub(super) unsafe fn for_each_block(
     (m, n): (usize, usize),
     (mc, nc): (usize, usize),
     (mr, nr): (usize, usize),
-    fill: impl Fn(&Block, &mut [f32]) + Sync,
+    output_in_place: bool,
+    fill: impl Fn(&Block, Dest) + Sync,
 ) {
     let (row_blocks, col_blocks) = (m.div_ceil(mc), n.div_ceil(nc));
     (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
@@ -337,13 +339,23 @@ pub(super) unsafe fn for_each_block(
             rows_pad: rows.div_ceil(mr) * mr,
             cols_pad: cols.div_ceil(nr) * nr,
         };
+        let whole = output_in_place && block.rows_pad == rows && block.cols_pad == cols;
+        if let Some(dest) = whole.then(|| output.direct((r0, c0))).flatten() {
+            // Rows r0..r0+rows and columns c0..c0+cols belong to this task alone.
+            return fill(&block, dest);
+        }
         SCRATCH.with_borrow_mut(|scratch| {
             let lines = (block.rows_pad * block.cols_pad * 4).div_ceil(64);
             if scratch.len() < lines {
                 scratch.resize(lines, CacheLine([0; 32]));
             }
             let sums: &mut [f32] = bytemuck::cast_slice_mut(&mut scratch[..lines]);
-            fill(&block, sums);
+            let dest = Dest {
+                corner: sums.as_mut_ptr(),
+                ld: block.cols_pad,
+                start: Init::Zero,
+            };
+            fill(&block, dest);
             // SAFETY: rows r0..r0+rows and columns c0..c0+cols belong to this task alone; (caller) the
             // features are present.
             unsafe { output.write_block(sums, block.cols_pad, (r0, c0), (rows, cols)) };
