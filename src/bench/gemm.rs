@@ -48,6 +48,41 @@ fn device_gemm<D: crate::gpu::KernelDevice>(
     err.map_or(Ok(t), Err)
 }
 
+/// bf16 values on 64-byte cache lines. The CPU bench's operands start on cache lines as the engine's own
+/// tensors do (its host memory is 64-byte aligned, and so is PyTorch's), so the GEMM meets them as it does
+/// inside a model: a bf16 left operand of whole tiles is then read in place rather than packed.
+struct Lines {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+#[repr(C, align(64))]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Line([u16; 32]);
+
+impl Lines {
+    fn of(values: &[f32]) -> Self {
+        let mut lines = Lines {
+            lines: vec![Line([0; 32]); values.len().div_ceil(32)],
+            len: values.len(),
+        };
+        lines
+            .values_mut()
+            .iter_mut()
+            .zip(values)
+            .for_each(|(o, v)| *o = bf16::from_f32(*v));
+        lines
+    }
+
+    fn values(&self) -> &[bf16] {
+        &bytemuck::cast_slice(&self.lines)[..self.len]
+    }
+
+    fn values_mut(&mut self) -> &mut [bf16] {
+        &mut bytemuck::cast_slice_mut(&mut self.lines)[..self.len]
+    }
+}
+
 /// Operand memory `bench gemm` accepts (A, B and C together, as f32).
 pub const MAX_BENCH_BYTES: usize = 16 << 30;
 
@@ -110,16 +145,14 @@ impl GemmBench {
                     err.map_or(Ok(t), Err)
                 }
                 (Device::Cpu, DType::BF16) => {
-                    let to_bf16 =
-                        |v: Vec<f32>| v.into_iter().map(bf16::from_f32).collect::<Vec<_>>();
                     let (a, b) = (
-                        to_bf16(fill(self.m * self.k, 1)),
-                        to_bf16(fill(self.k * self.n, 2)),
+                        Lines::of(&fill(self.m * self.k, 1)),
+                        Lines::of(&fill(self.k * self.n, 2)),
                     );
-                    let mut c = vec![bf16::ZERO; self.m * self.n];
+                    let mut c = Lines::of(&vec![0.0; self.m * self.n]);
                     let mut err = None;
                     let t = time_runs(self.warmup, self.repeats, || {
-                        if let Err(e) = matmul_bf16(&mut c, &a, &b, dims) {
+                        if let Err(e) = matmul_bf16(c.values_mut(), a.values(), b.values(), dims) {
                             err = Some(e);
                         }
                     });
