@@ -15,7 +15,8 @@
 //! by side, the layout both instructions read) and A in strips of rows, into cache-line-aligned buffers
 //! ([`shared`]); odd `k` and ragged edges are padded with zeros. Work is split over blocks of C; partial
 //! sums across k-blocks live in an f32 scratch block per task, so a bf16 output is rounded exactly once,
-//! and each element's summation order is fixed, so results do not depend on the thread count.
+//! except that an f32 output's whole blocks are written in place where one k-block covers k. Each
+//! element's summation order is fixed, so results do not depend on the thread count.
 
 use half::bf16;
 use rayon::prelude::*;

@@ -11,7 +11,8 @@
 //! step ahead by the tile product. [`KC`] is 1,024: with the prefetch, longer k-blocks measured 2–20%
 //! faster than 256 or 512 (fewer stores and reloads of the C tiles), although a pair of A strips then
 //! outgrows L1. Partial sums across k-blocks go to an aligned f32 scratch block, so a bf16 output is rounded
-//! once. Each element's summation order is fixed, so results do not depend on the thread count.
+//! once; an f32 output covered by one k-block takes the tiles' stores directly (see [`gemm`]). Each
+//! element's summation order is fixed, so results do not depend on the thread count.
 
 use rayon::prelude::*;
 
