@@ -61,11 +61,15 @@ struct Lines {
 struct Line([u16; 32]);
 
 impl Lines {
+    fn zeroed(len: usize) -> Self {
+        Lines {
+            lines: vec![Line([0; 32]); len.div_ceil(32)],
+            len,
+        }
+    }
+
     fn of(values: &[f32]) -> Self {
-        let mut lines = Lines {
-            lines: vec![Line([0; 32]); values.len().div_ceil(32)],
-            len: values.len(),
-        };
+        let mut lines = Self::zeroed(values.len());
         lines
             .values_mut()
             .iter_mut()
@@ -149,7 +153,7 @@ impl GemmBench {
                         Lines::of(&fill(self.m * self.k, 1)),
                         Lines::of(&fill(self.k * self.n, 2)),
                     );
-                    let mut c = Lines::of(&vec![0.0; self.m * self.n]);
+                    let mut c = Lines::zeroed(self.m * self.n);
                     let mut err = None;
                     let t = time_runs(self.warmup, self.repeats, || {
                         if let Err(e) = matmul_bf16(c.values_mut(), a.values(), b.values(), dims) {

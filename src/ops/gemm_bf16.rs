@@ -362,21 +362,19 @@ mod tests {
                         bias: None,
                     };
                     run(out, Lhs::Bf16(a));
-                    // Overwritten (the NaN must not survive), with the bias added as it is written.
-                    let mut c32_bias = vec![f32::NAN; m * n];
-                    let out = GemmOut::F32 {
-                        c: &mut c32_bias,
-                        accumulate: false,
-                        bias: Some(&bias),
+                    // Overwritten (the NaN must not survive), with and without the bias added as it
+                    // is written.
+                    let overwritten = |bias: Option<&[f32]>| {
+                        let mut c = vec![f32::NAN; m * n];
+                        let out = GemmOut::F32 {
+                            c: &mut c,
+                            accumulate: false,
+                            bias,
+                        };
+                        run(out, Lhs::Bf16(a));
+                        c
                     };
-                    run(out, Lhs::Bf16(a));
-                    let mut c32_plain = vec![f32::NAN; m * n];
-                    let out = GemmOut::F32 {
-                        c: &mut c32_plain,
-                        accumulate: false,
-                        bias: None,
-                    };
-                    run(out, Lhs::Bf16(a));
+                    let (c32_bias, c32_plain) = (overwritten(Some(&bias)), overwritten(None));
                     let mut c16 = vec![bf16::ZERO; m * n];
                     let out = GemmOut::Bf16 {
                         c: &mut c16,
