@@ -12,8 +12,8 @@
 //! `P·V` is two products: a value's rounding is not averaged out when a few keys carry a row's weight, and
 //! it was the larger part of the bf16 backend's error against f32 on NT-v2 (about 1.09e-2 of the hidden
 //! states with rounded values, 0.99e-2 split, 0.97e-2 with f32 attention), for tile work that is a small
-//! part of the kernel's time. Each block of 32 query rows is packed as B (`Qᵀ` in pairs of head-dim
-//! entries) and goes over the keys in chunks of [`KEY_CHUNK`] with FlashAttention's online softmax:
+//! part of the kernel's time. The values and each block of 32 query rows, packed as B (`Qᵀ` in pairs of
+//! head-dim entries), are transposed 16×16 in registers. Each query block goes over the keys in chunks of [`KEY_CHUNK`] with FlashAttention's online softmax:
 //! 1. the tiles write the chunk's scores `Sᵀ [KEY_CHUNK, 32]` in f32 (the head dim padded with zeros);
 //! 2. the running maximum `m` of each row (lane) is raised by the chunk's, and `P = 2^(c·S − m)`
 //!    (`c = scale·log₂e`) is rounded to bf16 straight into B's pair layout (`vcvtne2ps2bf16` of two keys,
@@ -71,7 +71,8 @@ pub(super) struct Layout {
     scores: usize,
     probs: usize,
     acc: usize,
-    /// 32 value rows on their way to `Vᵀ`, as (hi, lo) pairs: one float each.
+    /// 16 value rows on their way to `Vᵀ` (each padded to a multiple of 16) and a 16×16 block, or 16 query
+    /// rows on their way to `Qᵀ` as words.
     staging: usize,
 }
 
@@ -90,7 +91,9 @@ impl Layout {
             scores: chunk * BLOCK,
             probs: chunk * BLOCK / 2,
             acc: dv.checked_mul(BLOCK)?,
-            staging: dv.checked_mul(BLOCK)?,
+            staging: LANES
+                .checked_mul(dv.checked_add(LANES)?)?
+                .max(LANES.checked_mul(dk)? / 2),
         })
     }
 
@@ -159,7 +162,7 @@ pub(super) unsafe fn forward_head(
     let (scores, rest) = rest.split_at_mut(layout.scores);
     let (probs, rest) = rest.split_at_mut(layout.probs);
     let (acc, rest) = rest.split_at_mut(layout.acc);
-    let staging: &mut [[u16; 2]] = bytemuck::cast_slice_mut(&mut rest[..layout.staging]);
+    let staging = &mut rest[..layout.staging];
     let keys: &mut [u16] = bytemuck::cast_slice_mut(keys);
     let values: &mut [u16] = bytemuck::cast_slice_mut(values);
     let queries: &mut [u32] = bytemuck::cast_slice_mut(queries);
@@ -180,17 +183,17 @@ pub(super) unsafe fn forward_head(
     // Vᵀ as A, `[dv_pad, n_pad]`: each value dim's entries over the keys, in two parts.
     let (values_hi, values_lo) = values.split_at_mut(dv_pad * n_pad);
     let values_lo = &mut values_lo[..dv_pad * n_pad];
-    transpose_values(
-        staging,
-        [&mut *values_hi, &mut *values_lo],
-        &inp.v[ov..],
-        nh * dv,
-        (n, dv),
-        n_pad,
-    );
-    // Lanes of a partial last block keep finite values from zero or an earlier block; their results
-    // are never written.
-    queries.fill(0);
+    // SAFETY: (caller) the AVX-512 features are present; `staging` is the layout's.
+    unsafe {
+        transpose_values(
+            staging,
+            [&mut *values_hi, &mut *values_lo],
+            &inp.v[ov..],
+            nh * dv,
+            (n, dv),
+            n_pad,
+        )
+    };
     let key_tiles = row_tiles(keys, dk_pad);
     let value_tiles = [row_tiles(values_hi, n_pad), row_tiles(values_lo, n_pad)];
     let c2 = d.scale * std::f32::consts::LOG2_E;
@@ -198,17 +201,17 @@ pub(super) unsafe fn forward_head(
     let _tiles = unsafe { Tiles::configure() };
     for i0 in (0..d.q_len).step_by(BLOCK) {
         let rows = BLOCK.min(d.q_len - i0);
-        // Qᵀ as B: pair line `p` holds head-dim entries 2p and 2p+1 of the 32 rows.
-        for r in 0..rows {
-            if i0 + r + ROWS_AHEAD < d.q_len {
-                prefetch_row(&inp.q[oq + (i0 + r + ROWS_AHEAD) * nh * dk..][..dk]);
-            }
-            let src = &inp.q[oq + (i0 + r) * nh * dk..][..dk];
-            for (p, two) in src.chunks(2).enumerate() {
-                let hi = two.get(1).map_or(0, |&x| bf16_bits(x));
-                queries[p * BLOCK + r] = bf16_bits(two[0]) as u32 | (hi as u32) << 16;
-            }
-        }
+        // SAFETY: (caller) the AVX-512 features are present; `staging` holds `8·dk_pad` words
+        // ([`Layout::of`]), `queries` `dk_pad / 2` lines.
+        unsafe {
+            pack_queries(
+                queries,
+                bytemuck::cast_slice_mut(&mut *staging),
+                &inp.q[oq + i0 * nh * dk..],
+                nh * dk,
+                (rows, d.q_len - i0, dk, dk_pad),
+            )
+        };
         let mut state = Running::new();
         let chunk = chunk_len(d.kv_len);
         for j0 in (0..n).step_by(chunk) {
@@ -306,40 +309,121 @@ pub(super) unsafe fn forward_head(
 }
 
 /// `hi[c·n_pad + key] + lo[c·n_pad + key] ≈ v[key·stride + c]` (bf16 parts, about 2⁻¹⁷ relative), for
-/// the `n` keys and `dv` dims, zero elsewhere. 32 keys at a time go through `block` (row-major, 32 × dv
-/// pairs), so that the source is read and the destination written along their rows (column stores
-/// `2·n_pad` bytes apart alias in the caches and stall the loads).
-fn transpose_values(
-    block: &mut [[u16; 2]],
+/// the `n` keys and `dv` dims, zero elsewhere. 16 keys at a time are copied into `staging` (16 rows of
+/// `dv` rounded up to 16, zero-padded), turned into dims by 16×16 register transposes and split a vector
+/// at a time, so that the source is read and the destination written along their rows (element by
+/// element, the transpose was 13% of the kernel's time at ESM-2 35M shapes).
+///
+/// # Safety
+/// AVX-512F, BW, VL and DQ; `staging` holds [`Layout::staging`] values for `dv`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+unsafe fn transpose_values(
+    staging: &mut [f32],
     [hi, lo]: [&mut [u16]; 2],
     v: &[f32],
     stride: usize,
     (n, dv): (usize, usize),
     n_pad: usize,
 ) {
-    hi.fill(0);
-    lo.fill(0);
-    for k0 in (0..n).step_by(BLOCK) {
-        let keys = BLOCK.min(n - k0);
-        for (k, row) in block.chunks_exact_mut(dv).take(keys).enumerate() {
-            if k0 + k + ROWS_AHEAD < n {
-                prefetch_row(&v[(k0 + k + ROWS_AHEAD) * stride..][..dv]);
+    let width = dv.next_multiple_of(LANES);
+    let (rows, rest) = staging.split_at_mut(LANES * width);
+    let block = &mut rest[..LANES * LANES];
+    // What the groups of 16 keys leave unwritten is padding: the keys past the last group, and every
+    // dim past dv.
+    let written = n.next_multiple_of(LANES);
+    for (c, (h, l)) in hi
+        .chunks_exact_mut(n_pad)
+        .zip(lo.chunks_exact_mut(n_pad))
+        .enumerate()
+    {
+        let from = if c < dv { written } else { 0 };
+        h[from..].fill(0);
+        l[from..].fill(0);
+    }
+    for k0 in (0..n).step_by(LANES) {
+        let keys = LANES.min(n - k0);
+        for (k, row) in rows.chunks_exact_mut(width).enumerate() {
+            let (values, padding) = row.split_at_mut(if k < keys { dv } else { 0 });
+            if k < keys {
+                if k0 + k + ROWS_AHEAD < n {
+                    prefetch_row(&v[(k0 + k + ROWS_AHEAD) * stride..][..dv]);
+                }
+                let src = &v[(k0 + k) * stride..][..dv];
+                values.iter_mut().zip(src).for_each(|(o, &x)| *o = x);
             }
-            let src = &v[(k0 + k) * stride..][..dv];
-            for (o, &x) in row.iter_mut().zip(src) {
-                let h = bf16_bits(x);
-                *o = [h, bf16_bits(x - f32::from_bits((h as u32) << 16))];
+            padding.fill(0.0);
+        }
+        for c0 in (0..dv).step_by(LANES) {
+            // SAFETY: AVX-512F (this function's features); `rows` holds 16 rows of `width ≥ c0 + 16`
+            // values, `block` 16 rows of 16.
+            unsafe {
+                transpose16x16(
+                    rows.as_ptr().add(c0).cast(),
+                    width,
+                    block.as_mut_ptr().cast(),
+                    LANES,
+                )
+            };
+            for (c, dim) in block.chunks_exact(LANES).take(dv - c0).enumerate() {
+                // Keys k0..k0 + 16 ≤ written ≤ n_pad of dim c0 + c.
+                let at = (c0 + c) * n_pad + k0;
+                let parts = hi[at..at + LANES].iter_mut().zip(&mut lo[at..at + LANES]);
+                for ((h, l), &x) in parts.zip(dim) {
+                    *h = bf16_bits(x);
+                    *l = bf16_bits(x - f32::from_bits((*h as u32) << 16));
+                }
             }
         }
-        for c in 0..dv {
-            let at = c * n_pad + k0;
-            for (k, (h, l)) in hi[at..at + keys]
-                .iter_mut()
-                .zip(&mut lo[at..at + keys])
-                .enumerate()
-            {
-                [*h, *l] = block[k * dv + c];
+    }
+}
+
+/// Qᵀ as the B operand of the score tiles for the `rows` query rows at `q` (row stride `stride`, `dk`
+/// values each; `q` holds `available ≥ rows` of them, which the prefetch reads ahead into): pair line `p` of `queries` holds head-dim entries 2p and 2p+1 of the 32 rows, one word a
+/// row (zero past dk and past `rows`). 16 rows at a time are paired into `staging` (16 rows of `dk_pad / 2`
+/// words) and turned into lines by 16×16 register transposes.
+///
+/// # Safety
+/// AVX-512F, BW, VL and DQ; `staging` holds `8·dk_pad` words, `queries` `dk_pad / 2` lines of 32 words.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+unsafe fn pack_queries(
+    queries: &mut [u32],
+    staging: &mut [u32],
+    q: &[f32],
+    stride: usize,
+    (rows, available, dk, dk_pad): (usize, usize, usize, usize),
+) {
+    let words = dk_pad / 2;
+    let staging = &mut staging[..LANES * words];
+    for r0 in (0..BLOCK).step_by(LANES) {
+        for (r, row) in staging.chunks_exact_mut(words).enumerate() {
+            let i = r0 + r;
+            row.fill(0);
+            if i >= rows {
+                continue;
             }
+            if i + ROWS_AHEAD < available {
+                prefetch_row(&q[(i + ROWS_AHEAD) * stride..][..dk]);
+            }
+            let src = &q[i * stride..][..dk];
+            let pairs = src.chunks_exact(2);
+            if let [last] = pairs.remainder() {
+                row[dk / 2] = bf16_bits(*last) as u32;
+            }
+            for (o, two) in row.iter_mut().zip(pairs) {
+                *o = bf16_bits(two[0]) as u32 | (bf16_bits(two[1]) as u32) << 16;
+            }
+        }
+        for p0 in (0..words).step_by(LANES) {
+            // SAFETY: AVX-512F (this function's features); `staging` holds 16 rows of `words ≥ p0 + 16`
+            // words; `queries` holds lines p0..p0 + 16 of 32 words, of which this writes r0..r0 + 16.
+            unsafe {
+                transpose16x16(
+                    staging.as_ptr().add(p0),
+                    words,
+                    queries.as_mut_ptr().add(p0 * BLOCK + r0),
+                    BLOCK,
+                )
+            };
         }
     }
 }
