@@ -235,8 +235,8 @@ impl AttentionInputs<'_> {
 /// The forward for small head dims without a score bias, with query rows in vector lanes.
 mod lane_kernel {
     use super::{AttentionDims, AttentionInputs};
-    #[cfg(doc)]
-    use crate::ops::elementwise::fast_exp;
+    #[cfg(target_arch = "x86_64")]
+    use crate::ops::simd::exp2_16;
     use crate::ops::simd::{prefetch_row, ROWS_AHEAD};
 
     /// f32 lanes of a 512-bit vector.
@@ -543,36 +543,6 @@ mod lane_kernel {
             }
         }
         W
-    }
-
-    /// `2ᵗ` on 16 lanes for the shifted base-2 scores `t ≤ 0`: `t = n + f` with `n` the nearest integer
-    /// (so `f = t − n` is exact and `|f| ≤ ½`), `2ᶠ = e^(f·ln2)` by its degree-6 Taylor polynomial
-    /// (truncation below 1.2e-7 relative, about an ulp), and `vscalefps` for the `2ⁿ`. Inputs below −126
-    /// (whose results would be subnormal), −∞ and NaN give 0. 11 vector ops, where the integer exponent
-    /// assembly of [`fast_exp`] takes 21: the exponentials are a third of the kernel's work at head dim 24.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,fma")]
-    pub(super) unsafe fn exp2_16(t: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
-        use std::arch::x86_64::*;
-        let s = _mm512_set1_ps;
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
-        let f = _mm512_sub_ps(t, n);
-        // ln2ᵏ / k!, highest first.
-        const C: [f32; 6] = [
-            1.540_353e-4,
-            1.333_355_8e-3,
-            9.618_129e-3,
-            5.550_411e-2,
-            0.240_226_5,
-            std::f32::consts::LN_2,
-        ];
-        let mut p = s(C[0]);
-        for c in &C[1..] {
-            p = _mm512_fmadd_ps(p, f, s(*c));
-        }
-        p = _mm512_fmadd_ps(p, f, s(1.0));
-        let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(t, s(-126.0));
-        _mm512_maskz_scalef_ps(keep, p, n)
     }
 
     #[cfg(not(target_arch = "x86_64"))]

@@ -42,6 +42,24 @@ pub trait Activation: Sync {
     const NAME: &'static str;
     fn f(x: f32) -> f32;
     fn df(x: f32) -> f32;
+
+    /// `out[i] = f(x[i])` over one chunk (equal lengths): [`Self::f`] element by element, vectorised by
+    /// the compiler. An activation may run an explicit vector kernel instead.
+    fn f_chunk(out: &mut [f32], x: &[f32]) {
+        f_elementwise::<Self>(out, x)
+    }
+}
+
+/// [`Activation::f`] element by element, compiled for the CPU's vector extension.
+fn f_elementwise<A: Activation + ?Sized>(out: &mut [f32], x: &[f32]) {
+    dispatch(
+        #[inline(always)]
+        || {
+            for (o, &x) in out.iter_mut().zip(x) {
+                *o = A::f(x);
+            }
+        },
+    );
 }
 
 /// `out[i] = A(x[i])`.
@@ -49,16 +67,7 @@ pub fn activation<A: Activation>(out: &mut [f32], x: &[f32]) -> Result<()> {
     check_len(A::NAME, "x", x.len(), out.len())?;
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(o, x)| {
-            dispatch(
-                #[inline(always)]
-                || {
-                    for (o, &x) in o.iter_mut().zip(x) {
-                        *o = A::f(x);
-                    }
-                },
-            );
-        });
+        .for_each(|(o, x)| A::f_chunk(o, x));
     Ok(())
 }
 
@@ -147,11 +156,90 @@ impl Activation for GeluErf {
     fn f(x: f32) -> f32 {
         0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
     }
+
+    fn f_chunk(out: &mut [f32], x: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if gelu_erf_avx512::available() {
+            // SAFETY: the features were detected on this CPU; the lengths are equal (`activation`).
+            return unsafe { gelu_erf_avx512::chunk(out, x) };
+        }
+        f_elementwise::<Self>(out, x)
+    }
     #[inline(always)]
     fn df(x: f32) -> f32 {
         const INV_SQRT_2PI: f32 = 0.398_942_3;
         0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
             + x * INV_SQRT_2PI * (-0.5 * x * x).exp()
+    }
+}
+
+/// [`GeluErf`] on AVX-512, 16 values a step: the same erf fit as [`erf`], with `vrcp14ps` and one Newton
+/// step for `1 / (1 + |z|/2)` and [`crate::ops::simd::exp2_16`] for the exponential. Below zero it forms
+/// `1 + erf(z)` as the fit's tail `t·e^(…)` itself, where `1 + erf` in f32 cancels (the scalar form is 8%
+/// off at x = −5.5, this within 3.4e-6 relative). Measured on 4,096 × 1,920 values (ESM-2 35M's FFN), 2
+/// threads: 5.0–5.6 ms, against 9.4–11.7 ms for the scalar form vectorised by the compiler, whose
+/// integer exponent assembly and division take most of its instructions.
+#[cfg(target_arch = "x86_64")]
+mod gelu_erf_avx512 {
+    use std::arch::x86_64::*;
+
+    use crate::ops::simd::exp2_16;
+
+    pub(super) fn available() -> bool {
+        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma")
+    }
+
+    /// `out[i] = gelu(x[i])`.
+    ///
+    /// # Safety
+    /// AVX-512F and FMA; `out.len() == x.len()`.
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn chunk(out: &mut [f32], x: &[f32]) {
+        assert_eq!(out.len(), x.len());
+        for (o, x) in out.chunks_mut(16).zip(x.chunks(16)) {
+            let lanes: __mmask16 = ((1u32 << x.len()) - 1) as __mmask16;
+            // SAFETY: the mask covers the chunk's `x.len() ≤ 16` values, in both slices.
+            unsafe {
+                let v = _mm512_maskz_loadu_ps(lanes, x.as_ptr());
+                _mm512_mask_storeu_ps(o.as_mut_ptr(), lanes, gelu16(v));
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,fma")]
+    fn gelu16(x: __m512) -> __m512 {
+        let s = _mm512_set1_ps;
+        let z = _mm512_mul_ps(x, s(std::f32::consts::FRAC_1_SQRT_2));
+        // Past 10, erf is ±1 in f32 and the tail 0; the bound keeps the reciprocal finite (NaN stays NaN).
+        let az = _mm512_min_ps(_mm512_abs_ps(z), s(10.0));
+        let d = _mm512_fmadd_ps(az, s(0.5), s(1.0));
+        let r = _mm512_rcp14_ps(d);
+        let t = _mm512_fmadd_ps(r, _mm512_fnmadd_ps(d, r, s(1.0)), r);
+        // The fit's polynomial in t, highest first (see `erf`).
+        const P: [f32; 10] = [
+            0.170_872_77,
+            -0.822_152_2,
+            1.488_515_9,
+            -1.135_204,
+            0.278_868_07,
+            -0.186_288_06,
+            0.096_784_18,
+            0.374_091_96,
+            1.000_023_7,
+            -1.265_512_2,
+        ];
+        let mut poly = s(P[0]);
+        for c in &P[1..] {
+            poly = _mm512_fmadd_ps(poly, t, s(*c));
+        }
+        // 1 − erf(|z|) = t·e^(−z² + poly).
+        let exponent = _mm512_mul_ps(_mm512_fnmadd_ps(az, az, poly), s(std::f32::consts::LOG2_E));
+        // SAFETY: AVX-512F and FMA, this function's features.
+        let tail = _mm512_mul_ps(t, unsafe { exp2_16(exponent) });
+        // 1 + erf(z): 2 − tail above zero, the tail itself below.
+        let positive = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(z, _mm512_setzero_ps());
+        let one_plus_erf = _mm512_mask_sub_ps(tail, positive, s(2.0), tail);
+        _mm512_mul_ps(_mm512_mul_ps(s(0.5), x), one_plus_erf)
     }
 }
 
@@ -284,6 +372,13 @@ mod tests {
         sum * 2.0 / std::f64::consts::PI.sqrt()
     }
 
+    /// erfc(x) for x ≥ 2 by its continued fraction, `e^(−x²)/√π / (x + ½/(x + 1/(x + 3/2/(x + …))))`,
+    /// evaluated from 200 terms back (converged to f64 precision there).
+    fn erfc_continued_fraction(x: f64) -> f64 {
+        let tail = (1..=200).rev().fold(x, |k, n| x + n as f64 / 2.0 / k);
+        (-x * x).exp() / std::f64::consts::PI.sqrt() / tail
+    }
+
     fn sig(x: f64) -> f64 {
         1.0 / (1.0 + (-x).exp())
     }
@@ -338,6 +433,45 @@ mod tests {
     #[test]
     fn gelu_erf() {
         check_activation::<GeluErf>(|x| 0.5 * x * (1.0 + erf_series(x / 2f64.sqrt())), -4.0, 4.0);
+    }
+
+    /// The AVX-512 GELU over the whole f32 range: within 4e-6 relative (plus 1e-12 absolute) of the f64
+    /// value down to x = −5.6, where `1 + erf` is 1.5e-8 (the scalar form's cancellation is far outside
+    /// that), every length's masked tail, and the special values.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn gelu_erf_vector_kernel_matches_f64_into_the_tails() {
+        if !gelu_erf_avx512::available() {
+            return;
+        }
+        let x: Vec<f32> = (0..13_601).map(|i| -5.6 + i as f32 * 1e-3).collect();
+        for len in [x.len(), 17, 15, 1] {
+            let mut y = vec![f32::NAN; len];
+            // SAFETY: the features were detected above; equal lengths.
+            unsafe { gelu_erf_avx512::chunk(&mut y, &x[..len]) };
+            for (&x, &y) in x.iter().zip(&y) {
+                let z = x as f64 / 2f64.sqrt();
+                // 1 + erf(z): the series where it does not cancel, erfc's continued fraction below −2,
+                // and 2 above 4 (erfc(4) = 1.5e-8).
+                let one_plus_erf = match z {
+                    z if z < -2.0 => erfc_continued_fraction(-z),
+                    z if z <= 4.0 => 1.0 + erf_series(z),
+                    _ => 2.0,
+                };
+                let want = 0.5 * x as f64 * one_plus_erf;
+                let err = (y as f64 - want).abs();
+                assert!(
+                    err <= 4e-6 * want.abs() + 1e-12,
+                    "gelu({x}) = {y}, want {want}"
+                );
+            }
+        }
+        let special = [f32::NAN, f32::INFINITY, -1e30, 1e30, 0.0, -20.0, 20.0];
+        let mut y = [0.0f32; 7];
+        // SAFETY: as above.
+        unsafe { gelu_erf_avx512::chunk(&mut y, &special) };
+        assert!(y[0].is_nan());
+        assert_eq!(&y[1..], &[f32::INFINITY, 0.0, 1e30, 0.0, 0.0, 20.0]);
     }
 
     #[test]

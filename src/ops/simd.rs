@@ -177,6 +177,37 @@ pub(crate) fn prefetch_row(row: &[f32]) {
     let _ = row;
 }
 
+/// `2ᵗ` on 16 lanes for `t < 128` (attention's shifted base-2 scores, `t ≤ 0`; the GELU's erf tail): `t = n + f` with `n` the nearest integer
+/// (so `f = t − n` is exact and `|f| ≤ ½`), `2ᶠ = e^(f·ln2)` by its degree-6 Taylor polynomial
+/// (truncation below 1.2e-7 relative, about an ulp), and `vscalefps` for the `2ⁿ`. Inputs below −126
+/// (whose results would be subnormal), −∞ and NaN give 0. 11 vector ops, where the integer exponent
+/// assembly of [`crate::ops::elementwise::fast_exp`] takes 21: the exponentials are a third of the attention
+/// lane kernel's work at head dim 24. The attention kernels and the vector GELU use it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+pub(crate) unsafe fn exp2_16(t: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let s = _mm512_set1_ps;
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
+    let f = _mm512_sub_ps(t, n);
+    // ln2ᵏ / k!, highest first.
+    const C: [f32; 6] = [
+        1.540_353e-4,
+        1.333_355_8e-3,
+        9.618_129e-3,
+        5.550_411e-2,
+        0.240_226_5,
+        std::f32::consts::LN_2,
+    ];
+    let mut p = s(C[0]);
+    for c in &C[1..] {
+        p = _mm512_fmadd_ps(p, f, s(*c));
+    }
+    p = _mm512_fmadd_ps(p, f, s(1.0));
+    let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(t, s(-126.0));
+    _mm512_maskz_scalef_ps(keep, p, n)
+}
+
 /// `dst[r·ld_dst + c] = src[c·ld_src + r]` for a 16×16 block of 32-bit words (f32 values as their bits),
 /// in AVX-512 registers: the bf16 GEMM packs weights with it, the AMX attention turns its transposed
 /// output into rows.

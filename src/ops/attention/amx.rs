@@ -29,10 +29,9 @@
 
 use std::arch::x86_64::*;
 
-use super::lane_kernel::exp2_16;
 use super::{AttentionDims, AttentionInputs};
 use crate::ops::amx::{block_32x32, ATiles, Init, Tiles, BLOCK, TILE_K, TILE_ROWS};
-use crate::ops::simd::{bf16_bits, prefetch_row, transpose16x16, ROWS_AHEAD};
+use crate::ops::simd::{bf16_bits, exp2_16, prefetch_row, transpose16x16, ROWS_AHEAD};
 
 /// Keys per chunk of the online softmax, at most. A chunk's scores (128 KiB) and probabilities (64 KiB)
 /// stay in L2; long chunks keep the tiles' stores and loads far from the vector loads and stores of the
