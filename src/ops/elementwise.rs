@@ -125,20 +125,27 @@ pub fn fast_exp(x: f32) -> f32 {
     }
 }
 
+/// The coefficients of `P(t)` in [`erf`]'s fit, highest power first (Numerical Recipes' `erfcc`).
+const ERF_FIT: [f32; 10] = [
+    0.170_872_77,
+    -0.822_152_2,
+    1.488_515_9,
+    -1.135_204,
+    0.278_868_07,
+    -0.186_288_06,
+    0.096_784_18,
+    0.374_091_96,
+    1.000_023_7,
+    -1.265_512_2,
+];
+
 /// The error function in f32: `1 − t·exp(−x² + P(t))`, `t = 1/(1 + |x|/2)` (Numerical Recipes' Chebyshev
 /// fit, fractional error below 1.2e-7), with the sign of x. Branch-free, so it vectorises.
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
     let ax = x.abs();
     let t = 1.0 / (1.0 + 0.5 * ax);
-    let poly = -1.265_512_2
-        + t * (1.000_023_7
-            + t * (0.374_091_96
-                + t * (0.096_784_18
-                    + t * (-0.186_288_06
-                        + t * (0.278_868_07
-                            + t * (-1.135_204
-                                + t * (1.488_515_9 + t * (-0.822_152_2 + t * 0.170_872_77))))))));
+    let poly = ERF_FIT[1..].iter().fold(ERF_FIT[0], |p, &c| p * t + c);
     (1.0 - t * fast_exp(-ax * ax + poly)).copysign(x)
 }
 
@@ -157,19 +164,21 @@ impl Activation for GeluErf {
         0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
     }
 
-    fn f_chunk(out: &mut [f32], x: &[f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if gelu_erf_avx512::available() {
-            // SAFETY: the features were detected on this CPU; the lengths are equal (`activation`).
-            return unsafe { gelu_erf_avx512::chunk(out, x) };
-        }
-        f_elementwise::<Self>(out, x)
-    }
     #[inline(always)]
     fn df(x: f32) -> f32 {
         const INV_SQRT_2PI: f32 = 0.398_942_3;
         0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
             + x * INV_SQRT_2PI * (-0.5 * x * x).exp()
+    }
+
+    fn f_chunk(out: &mut [f32], x: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if gelu_erf_avx512::available() {
+            // SAFETY: the features were detected on this CPU (`chunk` maps the common length, as
+            // `zip` does).
+            return unsafe { gelu_erf_avx512::chunk(out, x) };
+        }
+        f_elementwise::<Self>(out, x)
     }
 }
 
@@ -183,19 +192,21 @@ impl Activation for GeluErf {
 mod gelu_erf_avx512 {
     use std::arch::x86_64::*;
 
+    use super::ERF_FIT;
     use crate::ops::simd::exp2_16;
 
     pub(super) fn available() -> bool {
         std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma")
     }
 
-    /// `out[i] = gelu(x[i])`.
+    /// `out[i] = gelu(x[i])` for the common length of both.
     ///
     /// # Safety
-    /// AVX-512F and FMA; `out.len() == x.len()`.
+    /// AVX-512F and FMA.
     #[target_feature(enable = "avx512f,fma")]
     pub(super) unsafe fn chunk(out: &mut [f32], x: &[f32]) {
-        assert_eq!(out.len(), x.len());
+        let len = out.len().min(x.len());
+        let (out, x) = (&mut out[..len], &x[..len]);
         // Four vectors a step: one vector's chain of about 35 dependent operations is longer than the
         // out-of-order window covers. On 32,768 values in cache, single vectors took 1.25× as long.
         let whole = x.len() / 64 * 64;
@@ -231,21 +242,8 @@ mod gelu_erf_avx512 {
         let d = _mm512_fmadd_ps(az, s(0.5), s(1.0));
         let r = _mm512_rcp14_ps(d);
         let t = _mm512_fmadd_ps(r, _mm512_fnmadd_ps(d, r, s(1.0)), r);
-        // The fit's polynomial in t, highest first (see `erf`).
-        const P: [f32; 10] = [
-            0.170_872_77,
-            -0.822_152_2,
-            1.488_515_9,
-            -1.135_204,
-            0.278_868_07,
-            -0.186_288_06,
-            0.096_784_18,
-            0.374_091_96,
-            1.000_023_7,
-            -1.265_512_2,
-        ];
-        let mut poly = s(P[0]);
-        for c in &P[1..] {
+        let mut poly = s(ERF_FIT[0]);
+        for c in &ERF_FIT[1..] {
             poly = _mm512_fmadd_ps(poly, t, s(*c));
         }
         // 1 − erf(|z|) = t·e^(−z² + poly).
