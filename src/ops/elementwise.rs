@@ -237,7 +237,8 @@ mod gelu_erf_avx512 {
     fn gelu16(x: __m512) -> __m512 {
         let s = _mm512_set1_ps;
         let z = _mm512_mul_ps(x, s(std::f32::consts::FRAC_1_SQRT_2));
-        // Past 10, erf is ±1 in f32 and the tail 0; the bound keeps the reciprocal finite (NaN stays NaN).
+        // Past 10, erf is ±1 in f32 and the tail 0; the bound keeps the reciprocal finite. (`min` turns
+        // a NaN into 10; the final product with x gives NaN back.)
         let az = _mm512_min_ps(_mm512_abs_ps(z), s(10.0));
         let d = _mm512_fmadd_ps(az, s(0.5), s(1.0));
         let r = _mm512_rcp14_ps(d);

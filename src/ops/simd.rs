@@ -177,12 +177,13 @@ pub(crate) fn prefetch_row(row: &[f32]) {
     let _ = row;
 }
 
-/// `2ᵗ` on 16 lanes for `t < 128` (attention's shifted base-2 scores, `t ≤ 0`; the GELU's erf tail): `t = n + f` with `n` the nearest integer
-/// (so `f = t − n` is exact and `|f| ≤ ½`), `2ᶠ = e^(f·ln2)` by its degree-6 Taylor polynomial
-/// (truncation below 1.2e-7 relative, about an ulp), and `vscalefps` for the `2ⁿ`. Inputs below −126
-/// (whose results would be subnormal), −∞ and NaN give 0. 11 vector ops, where the integer exponent
-/// assembly of [`crate::ops::elementwise::fast_exp`] takes 21: the exponentials are a third of the attention
-/// lane kernel's work at head dim 24. The attention kernels and the vector GELU use it.
+/// `2ᵗ` on 16 lanes for `t < 128` (attention's shifted base-2 scores, `t ≤ 0`; the GELU's erf tail):
+/// `t = n + f` with `n` the nearest integer (so `f = t − n` is exact and `|f| ≤ ½`), `2ᶠ = e^(f·ln2)` by
+/// its degree-6 Taylor polynomial (truncation below 1.2e-7 relative, about an ulp), and `vscalefps` for
+/// the `2ⁿ`. Inputs below −126 (whose results would be subnormal), −∞ and NaN give 0. 11 vector ops,
+/// where the integer exponent assembly of [`crate::ops::elementwise::fast_exp`] takes 21: the
+/// exponentials are a third of the attention lane kernel's work at head dim 24. The attention kernels
+/// and the vector GELU use it.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 pub(crate) unsafe fn exp2_16(t: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
@@ -209,8 +210,8 @@ pub(crate) unsafe fn exp2_16(t: std::arch::x86_64::__m512) -> std::arch::x86_64:
 }
 
 /// `dst[r·ld_dst + c] = src[c·ld_src + r]` for a 16×16 block of 32-bit words (f32 values as their bits),
-/// in AVX-512 registers: the bf16 GEMM packs weights with it, the AMX attention turns its transposed
-/// output into rows.
+/// in AVX-512 registers: the bf16 GEMM packs weights with it; the AMX attention turns its values and
+/// query blocks around with it and its transposed output into rows.
 ///
 /// # Safety
 /// AVX-512F; the 16 rows of 16 words at `src` (stride `ld_src`) and at `dst` (stride `ld_dst`) are valid.

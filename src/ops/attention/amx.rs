@@ -13,7 +13,8 @@
 //! it was the larger part of the bf16 backend's error against f32 on NT-v2 (about 1.09e-2 of the hidden
 //! states with rounded values, 0.99e-2 split, 0.97e-2 with f32 attention), for tile work that is a small
 //! part of the kernel's time. The values and each block of 32 query rows, packed as B (`Qᵀ` in pairs of
-//! head-dim entries), are transposed 16×16 in registers. Each query block goes over the keys in chunks of [`KEY_CHUNK`] with FlashAttention's online softmax:
+//! head-dim entries), are transposed 16×16 in registers. Each query block goes over the keys in chunks of
+//! [`KEY_CHUNK`] with FlashAttention's online softmax:
 //! 1. the tiles write the chunk's scores `Sᵀ [KEY_CHUNK, 32]` in f32 (the head dim padded with zeros);
 //! 2. the running maximum `m` of each row (lane) is raised by the chunk's, and `P = 2^(c·S − m)`
 //!    (`c = scale·log₂e`) is rounded to bf16 straight into B's pair layout (`vcvtne2ps2bf16` of two keys,
@@ -377,9 +378,10 @@ unsafe fn transpose_values(
 }
 
 /// Qᵀ as the B operand of the score tiles for the `rows` query rows at `q` (row stride `stride`, `dk`
-/// values each; `q` holds `available ≥ rows` of them, which the prefetch reads ahead into): pair line `p` of `queries` holds head-dim entries 2p and 2p+1 of the 32 rows, one word a
-/// row (zero past dk and past `rows`). 16 rows at a time are paired into `staging` (16 rows of `dk_pad / 2`
-/// words) and turned into lines by 16×16 register transposes.
+/// values each; `q` holds `available ≥ rows` of them, which the prefetch reads ahead into): pair line `p`
+/// of `queries` holds head-dim entries 2p and 2p+1 of the 32 rows, one word a row (zero past dk and past
+/// `rows`). 16 rows at a time are paired into `staging` (16 rows of `dk_pad / 2` words) and turned into
+/// lines by 16×16 register transposes.
 ///
 /// # Safety
 /// AVX-512F, BW, VL and DQ; `staging` holds `8·dk_pad` words, `queries` `dk_pad / 2` lines of 32 words.
