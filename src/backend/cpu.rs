@@ -192,6 +192,20 @@ impl CpuBackend {
         self.stored(op, name, v, false)
     }
 
+    /// An output that the op overwrites entirely and writes in its memory's type: bf16 memory directly
+    /// (the op rounds each value once), f32 as [`CpuBackend::out`] (rounded in place in bf16-storage mode).
+    fn output<'a>(
+        &'a self,
+        op: &'static str,
+        name: &str,
+        v: ViewMut<'a, CpuBackend>,
+    ) -> Result<Output<'a>> {
+        Ok(match v.dtype() {
+            DType::BF16 => Output::Bf16(bf16s_mut(v)),
+            _ => Output::F32(self.out(op, name, v)?),
+        })
+    }
+
     fn stored<'a>(
         &'a self,
         op: &'static str,
@@ -290,15 +304,19 @@ impl CpuBackend {
                 bf16s(w),
                 dims,
             ),
-            (DType::F32, DType::F32, DType::BF16) => {
+            (DType::F32, x_dtype @ (DType::F32 | DType::BF16), DType::BF16) => {
                 let mut y = self.out(op, "y", y)?;
+                let x = match x_dtype {
+                    DType::BF16 => Lhs::Bf16(bf16s(x)),
+                    _ => Lhs::F32(exact(op, "x", x)?),
+                };
                 ops::matmul::linear_bf16_weights(
                     GemmOut::F32 {
                         c: &mut y,
                         accumulate: false,
                         bias: bias.as_deref(),
                     },
-                    Lhs::F32(exact(op, "x", x)?),
+                    x,
                     bf16s(w),
                     dims,
                 )
@@ -405,6 +423,27 @@ impl Drop for Stored<'_> {
     }
 }
 
+/// The output of an op that can write bf16 itself ([`ops::output::OutElem`]): f32 values (see
+/// [`CpuBackend::out`]), or bf16 memory written directly, with no f32 copy to round afterwards.
+enum Output<'a> {
+    F32(Stored<'a>),
+    Bf16(&'a mut [bf16]),
+}
+
+/// Runs `$body` with `$o` bound to the output's values, `&mut [f32]` or `&mut [bf16]`: the op is generic
+/// over [`ops::output::OutElem`], and this picks its instance.
+macro_rules! with_output {
+    ($output:expr, |$o:ident| $body:expr) => {
+        match $output {
+            Output::F32(mut stored) => {
+                let $o: &mut [f32] = &mut stored;
+                $body
+            }
+            Output::Bf16($o) => $body,
+        }
+    };
+}
+
 fn bf16s<'a>(v: View<'a, CpuBackend>) -> &'a [bf16] {
     // SAFETY: a bf16 CPU view addresses `numel` host bf16 values, shared for `'a`.
     unsafe { std::slice::from_raw_parts(v.addr() as *const bf16, v.numel()) }
@@ -481,12 +520,12 @@ fn lens_of(op: &'static str, v: Option<View<'_, CpuBackend>>) -> Result<Option<V
     .transpose()
 }
 
-fn activation_fwd(act: Act, out: &mut [f32], x: &[f32]) -> Result<()> {
+fn activation_fwd<O: ops::output::OutElem>(act: Act, out: &mut [O], x: &[f32]) -> Result<()> {
     match act {
-        Act::GeluErf => ops::elementwise::activation::<GeluErf>(out, x),
-        Act::GeluSigmoid => ops::elementwise::activation::<GeluSigmoid>(out, x),
-        Act::Relu => ops::elementwise::activation::<Relu>(out, x),
-        Act::Softplus => ops::elementwise::activation::<Softplus>(out, x),
+        Act::GeluErf => ops::elementwise::activation::<GeluErf, O>(out, x),
+        Act::GeluSigmoid => ops::elementwise::activation::<GeluSigmoid, O>(out, x),
+        Act::Relu => ops::elementwise::activation::<Relu, O>(out, x),
+        Act::Softplus => ops::elementwise::activation::<Softplus, O>(out, x),
     }
 }
 
@@ -655,7 +694,9 @@ impl Backend for CpuBackend {
         self.linear_fwd(OP, pre.rb(), x, w, Some(bias), dims)?;
         // `pre` as stored (rounded where activations are bf16), as a kernel reads it back.
         let pre = self.f32s(OP, "pre", pre.view())?;
-        activation_fwd(act, &mut self.out(OP, "out", out)?, &pre)
+        with_output!(self.output(OP, "out", out)?, |o| activation_fwd(
+            act, o, &pre
+        ))
     }
 
     fn linear_backward(
@@ -716,11 +757,10 @@ impl Backend for CpuBackend {
     }
 
     fn activation(&self, out: ViewMut<'_, Self>, x: View<'_, Self>, act: Act) -> Result<()> {
-        activation_fwd(
-            act,
-            &mut self.out("activation", "out", out)?,
-            &self.f32s("activation", "x", x)?,
-        )
+        let x = self.f32s("activation", "x", x)?;
+        with_output!(self.output("activation", "out", out)?, |o| {
+            activation_fwd(act, o, &x)
+        })
     }
 
     fn activation_backward(
@@ -740,11 +780,10 @@ impl Backend for CpuBackend {
     }
 
     fn swiglu(&self, out: ViewMut<'_, Self>, u: View<'_, Self>, width: usize) -> Result<()> {
-        ops::elementwise::swiglu(
-            &mut self.out("swiglu", "out", out)?,
-            &self.f32s("swiglu", "u", u)?,
-            width,
-        )
+        let u = self.f32s("swiglu", "u", u)?;
+        with_output!(self.output("swiglu", "out", out)?, |o| {
+            ops::elementwise::swiglu(o, &u, width)
+        })
     }
 
     fn swiglu_backward(
@@ -774,16 +813,12 @@ impl Backend for CpuBackend {
         eps: f32,
     ) -> Result<()> {
         const OP: &str = "layernorm";
-        ops::norm::layernorm(
-            &mut self.out(OP, "out", out)?,
-            f32s_mut(OP, "mean", mean)?,
-            f32s_mut(OP, "rstd", rstd)?,
-            &self.f32s(OP, "x", x)?,
-            &self.f32s(OP, "gamma", gamma)?,
-            &self.f32s(OP, "beta", beta)?,
-            gamma.numel(),
-            eps,
-        )
+        let (mean, rstd) = (f32s_mut(OP, "mean", mean)?, f32s_mut(OP, "rstd", rstd)?);
+        let (x, dim) = (self.f32s(OP, "x", x)?, gamma.numel());
+        let (gamma, beta) = (self.f32s(OP, "gamma", gamma)?, self.f32s(OP, "beta", beta)?);
+        with_output!(self.output(OP, "out", out)?, |o| {
+            ops::norm::layernorm(o, mean, rstd, &x, &gamma, &beta, dim, eps)
+        })
     }
 
     fn residual_layernorm(
@@ -806,16 +841,12 @@ impl Backend for CpuBackend {
             &self.f32s(OP, "delta", delta)?,
         )?;
         sum.settle();
-        ops::norm::layernorm(
-            &mut self.out(OP, "out", out)?,
-            f32s_mut(OP, "mean", mean)?,
-            f32s_mut(OP, "rstd", rstd)?,
-            &sum,
-            &self.f32s(OP, "gamma", gamma)?,
-            &self.f32s(OP, "beta", beta)?,
-            gamma.numel(),
-            eps,
-        )
+        let (mean, rstd) = (f32s_mut(OP, "mean", mean)?, f32s_mut(OP, "rstd", rstd)?);
+        let dim = gamma.numel();
+        let (gamma, beta) = (self.f32s(OP, "gamma", gamma)?, self.f32s(OP, "beta", beta)?);
+        with_output!(self.output(OP, "out", out)?, |o| {
+            ops::norm::layernorm(o, mean, rstd, &sum, &gamma, &beta, dim, eps)
+        })
     }
 
     fn layernorm_backward(

@@ -55,6 +55,11 @@ pub enum Role {
     Activation,
     /// The compute copy of parameters (what the forward reads): the weight dtype.
     Weight,
+    /// An activation that the forward reads only as the input of linear layers (a layer norm's output,
+    /// attention's, the FFN's activation): the weight dtype, since the product rounds it to that dtype
+    /// anyway. The CPU's bf16 backend then stores it once in bf16, which its GEMM reads in place, rather
+    /// than writing f32 that every linear layer reading it rounds again as it packs.
+    LinearInput,
     /// Statistics, scales, biases of scores, gradients of parameters, master weights, optimiser state: f32.
     Exact,
     /// Token ids and lengths: i32.
@@ -158,7 +163,7 @@ pub trait Backend: Sized {
     fn dtype_of(&self, role: Role) -> DType {
         match role {
             Role::Activation => self.compute_dtype(),
-            Role::Weight => self.weight_dtype(),
+            Role::Weight | Role::LinearInput => self.weight_dtype(),
             Role::Exact => DType::F32,
             Role::Index => DType::I32,
         }

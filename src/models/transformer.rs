@@ -251,7 +251,7 @@ impl<B: Backend> LayerActs<B> {
     fn fit(&mut self, b: &B, cfg: &TransformerConfig, batch: usize, len: usize) -> Result<()> {
         let (n, h) = (batch * len, cfg.hidden);
         for (t, role, numel) in [
-            (&mut self.ln1, Role::Activation, n * h),
+            (&mut self.ln1, Role::LinearInput, n * h),
             (&mut self.mean1, Role::Exact, n),
             (&mut self.rstd1, Role::Exact, n),
             (&mut self.q, Role::Activation, n * h),
@@ -259,14 +259,14 @@ impl<B: Backend> LayerActs<B> {
             (&mut self.v, Role::Activation, n * h),
             (&mut self.q_rot, Role::Activation, n * h),
             (&mut self.k_rot, Role::Activation, n * h),
-            (&mut self.attn, Role::Activation, n * h),
+            (&mut self.attn, Role::LinearInput, n * h),
             (&mut self.lse, Role::Exact, batch * cfg.heads * len),
             (&mut self.mid, Role::Activation, n * h),
-            (&mut self.ln2, Role::Activation, n * h),
+            (&mut self.ln2, Role::LinearInput, n * h),
             (&mut self.mean2, Role::Exact, n),
             (&mut self.rstd2, Role::Exact, n),
             (&mut self.ffn_pre, Role::Activation, n * cfg.ffn_in_width()),
-            (&mut self.ffn_act, Role::Activation, n * cfg.ffn_dim),
+            (&mut self.ffn_act, Role::LinearInput, n * cfg.ffn_dim),
         ] {
             t.ensure(b, role, numel)?;
         }

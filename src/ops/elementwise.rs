@@ -3,6 +3,7 @@
 
 use rayon::prelude::*;
 
+use super::output::OutElem;
 use super::simd::dispatch;
 use crate::error::check_len;
 use crate::Result;
@@ -62,12 +63,12 @@ fn f_elementwise<A: Activation + ?Sized>(out: &mut [f32], x: &[f32]) {
     );
 }
 
-/// `out[i] = A(x[i])`.
-pub fn activation<A: Activation>(out: &mut [f32], x: &[f32]) -> Result<()> {
+/// `out[i] = A(x[i])`, written as f32 or rounded once to bf16 ([`OutElem`]).
+pub fn activation<A: Activation, O: OutElem>(out: &mut [O], x: &[f32]) -> Result<()> {
     check_len(A::NAME, "x", x.len(), out.len())?;
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(o, x)| A::f_chunk(o, x));
+        .for_each(|(o, x)| O::fill(o, |values, at| A::f_chunk(values, &x[at..])));
     Ok(())
 }
 
@@ -315,8 +316,9 @@ impl Activation for Softplus {
     }
 }
 
-/// SwiGLU on rows of `[gate | value]`: `u` is `[rows, 2·width]`, `out[r, j] = silu(u[r, j]) · u[r, width + j]`.
-pub fn swiglu(out: &mut [f32], u: &[f32], width: usize) -> Result<()> {
+/// SwiGLU on rows of `[gate | value]`: `u` is `[rows, 2·width]`, `out[r, j] = silu(u[r, j]) · u[r, width + j]`,
+/// written as f32 or rounded once to bf16 ([`OutElem`]).
+pub fn swiglu<O: OutElem>(out: &mut [O], u: &[f32], width: usize) -> Result<()> {
     check_len("swiglu", "u", u.len(), 2 * out.len())?;
     if width == 0 {
         return Ok(());
@@ -335,7 +337,7 @@ pub fn swiglu(out: &mut [f32], u: &[f32], width: usize) -> Result<()> {
                 #[inline(always)]
                 || {
                     for ((o, &g), &v) in o.iter_mut().zip(gate).zip(value) {
-                        *o = g * sigmoid(g) * v;
+                        *o = O::from_f32(g * sigmoid(g) * v);
                     }
                 },
             );
@@ -402,7 +404,7 @@ mod tests {
         let mut r = rng(7);
         let x = uniform(&mut r, 1001, lo, hi);
         let mut y = vec![0.0; x.len()];
-        activation::<A>(&mut y, &x).unwrap();
+        activation::<A, f32>(&mut y, &x).unwrap();
         let want: Vec<f64> = x.iter().map(|&v| naive(v as f64)).collect();
         assert_close(A::NAME, &y, &want, 2e-6);
         let dout = uniform(&mut r, x.len(), -1.0, 1.0);
@@ -507,7 +509,7 @@ mod tests {
             19.5,
         );
         let mut y = [0.0];
-        activation::<Softplus>(&mut y, &[25.0]).unwrap();
+        activation::<Softplus, f32>(&mut y, &[25.0]).unwrap();
         assert_eq!(y[0], 25.0);
     }
 

@@ -23,6 +23,7 @@ pub mod loss;
 pub mod matmul;
 pub mod norm;
 pub mod optim;
+pub mod output;
 pub mod pool;
 pub mod relative;
 pub mod rotary;

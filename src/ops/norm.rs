@@ -4,6 +4,7 @@
 
 use rayon::prelude::*;
 
+use super::output::OutElem;
 use super::rows_per_task;
 use super::simd::{self, dispatch};
 use crate::error::check_len;
@@ -13,9 +14,10 @@ use crate::Result;
 /// Channel blocks for column-wise reductions; a fixed block size keeps results independent of threads.
 const COLS: usize = 64;
 
-/// `out = (x − mean) · rstd · gamma + beta` per row of `dim` elements; saves `mean` and `rstd` per row.
-pub fn layernorm(
-    out: &mut [f32],
+/// `out = (x − mean) · rstd · gamma + beta` per row of `dim` elements, written as f32 or rounded once to
+/// bf16 ([`OutElem`]); saves `mean` and `rstd` per row.
+pub fn layernorm<O: OutElem>(
+    out: &mut [O],
     mean: &mut [f32],
     rstd: &mut [f32],
     x: &[f32],
@@ -50,7 +52,7 @@ pub fn layernorm(
                         let var = simd::sum_sq_dev(x, mu) / dim as f32;
                         let r = 1.0 / (var + eps).sqrt();
                         for (((o, &v), g), b) in o.iter_mut().zip(x).zip(gamma).zip(beta) {
-                            *o = (v - mu) * r * g + b;
+                            *o = O::from_f32((v - mu) * r * g + b);
                         }
                         *m = mu;
                         *rs = r;
