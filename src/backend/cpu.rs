@@ -134,12 +134,14 @@ impl CpuBackend {
     }
 
     /// The bf16 backend, as `--dtype bf16` runs it: the compute copies of the weights are bf16 and every
-    /// linear layer runs on the bf16 GEMM ([`ops::gemm_bf16`], `vdpbf16ps` where the CPU has it) with f32
-    /// accumulation, its activation operand rounded to bf16 as it is packed; attention's two products
-    /// (`Q·Kᵀ`, `P·V`) take bf16 operands too (the values in two parts), on AMX tiles where the CPU has
-    /// them; activations between ops, statistics, the softmax and the residual stream stay f32. Half the
-    /// weight memory and about twice the GEMM rate of f32, at the accuracy of bf16 matrix products (the
-    /// same as PyTorch's CPU autocast).
+    /// linear layer runs on the bf16 GEMM ([`ops::gemm_bf16`]: AMX tiles, else `vdpbf16ps`) with f32
+    /// accumulation. Its activation operand is bf16: stored so by the op that makes it where the model
+    /// marks it [`super::Role::LinearInput`] (layer norms, attention, the FFN's activation), else rounded as it
+    /// is packed; either way the same values. Attention's two products (`Q·Kᵀ`, `P·V`) take bf16 operands
+    /// too (the values in two parts), on AMX tiles where the CPU has them; other activations,
+    /// statistics, the softmax and the residual stream stay f32. Half the weight memory and about twice
+    /// the GEMM rate of f32, at the accuracy of bf16 matrix products (the same as PyTorch's CPU
+    /// autocast).
     pub fn bf16() -> Self {
         CpuBackend {
             bf16_weights: true,
