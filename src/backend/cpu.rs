@@ -991,6 +991,19 @@ impl Backend for CpuBackend {
         } else {
             ops::attention::Products::F32
         };
+        // Its bf16 output (the output projection's input) is written directly where the tiles run.
+        if products == ops::attention::Products::Bf16
+            && out.dtype() == DType::BF16
+            && ops::attention::writes_bf16(&inputs, dims)
+        {
+            return ops::attention::attention_bf16_out(
+                bf16s_mut(out),
+                f32s_mut(OP, "lse", lse)?,
+                inputs,
+                dims,
+                &mut ws,
+            );
+        }
         ops::attention::attention_with(
             &mut self.out(OP, "out", out)?,
             f32s_mut(OP, "lse", lse)?,

@@ -565,11 +565,16 @@ mod lane_kernel {
 use lane_kernel::{pack_head, packed_len, ROWS};
 
 /// A pointer that tasks share to write disjoint elements of one buffer.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
+struct SharedMut<T>(*mut T);
+impl<T> Clone for SharedMut<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SharedMut<T> {}
 // SAFETY: only used to write element sets that the task partition keeps disjoint.
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
+unsafe impl<T> Send for SharedMut<T> {}
+unsafe impl<T> Sync for SharedMut<T> {}
 
 /// Splits `tasks` over the workspace slots and runs each slot's tasks in order with its own scratch.
 fn run_tasks<T: Sync>(
@@ -658,7 +663,7 @@ pub fn attention_with(
                     d,
                     (b, h),
                     ws,
-                    out_ptr.0,
+                    amx::Out::F32(out_ptr.0),
                     lse_ptr.0.add((b * d.heads + h) * d.q_len),
                 )
             };
@@ -735,6 +740,69 @@ pub fn attention_with(
             }
         }
     })
+}
+
+/// Whether [`attention_bf16_out`] runs for these inputs on this CPU: bf16 products on AMX tiles (no
+/// score bias, AMX and AVX512-BF16 present).
+pub fn writes_bf16(inp: &AttentionInputs<'_>, d: &AttentionDims) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return amx::plan(inp, d).is_some();
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (inp, d);
+        false
+    }
+}
+
+/// [`attention_with`] in bf16 products, writing the output as bf16 (each value rounded once) rather than
+/// as f32 that is rounded in a second pass: the bf16 backend's attention, where [`writes_bf16`] holds.
+/// Elsewhere an error.
+pub fn attention_bf16_out(
+    out: &mut [half::bf16],
+    lse: &mut [f32],
+    inp: AttentionInputs<'_>,
+    d: &AttentionDims,
+    workspace: &mut [f32],
+) -> Result<()> {
+    const OP: &str = "attention";
+    inp.check(OP, d)?;
+    check_len(
+        OP,
+        "out",
+        out.len(),
+        d.batch * d.q_len * d.heads * d.v_head_dim,
+    )?;
+    check_len(OP, "lse", lse.len(), d.batch * d.heads * d.q_len)?;
+    #[cfg(target_arch = "x86_64")]
+    if let Some(layout) = amx::plan(&inp, d) {
+        let out_ptr = SharedMut(out.as_mut_ptr().cast::<u16>());
+        let lse_ptr = SharedMut(lse.as_mut_ptr());
+        let tasks: Vec<(usize, usize)> = (0..d.batch)
+            .flat_map(|b| (0..d.heads).map(move |h| (b, h)))
+            .collect();
+        let slot = d.checked_workspace_len(OP, 1)?;
+        return run_tasks(&tasks, workspace, slot, |&(b, h), ws| {
+            let (out_ptr, lse_ptr) = (out_ptr, lse_ptr);
+            // SAFETY: as in `attention_with`: the layout is `plan`'s, the inputs and `out` were
+            // checked above, the slot holds `slot ≥ amx::workspace_len` elements, and head h of batch
+            // b's output values and lse entries belong to this task only.
+            unsafe {
+                amx::forward_head(
+                    &layout,
+                    &inp,
+                    d,
+                    (b, h),
+                    ws,
+                    amx::Out::Bf16(out_ptr.0),
+                    lse_ptr.0.add((b * d.heads + h) * d.q_len),
+                )
+            };
+        });
+    }
+    Err(Error::invalid(
+        OP,
+        "a bf16 output needs the bf16 products on AMX tiles, which do not run here",
+    ))
 }
 
 /// Gradients with respect to q, k, v and (optionally) the bias, added into the given buffers.
@@ -1188,10 +1256,29 @@ mod tests {
             let mut out = vec![f32::NAN; nq * d.v_head_dim];
             let mut lse = vec![f32::NAN; d.batch * d.heads * d.q_len];
             attention_with(&mut out, &mut lse, inp, &d, &mut ws, Products::Bf16).unwrap();
+            let name = format!("bf16 products {d:?}");
+            // The bf16 output, where the tiles run: the f32 output rounded once, value for value, and
+            // the same log-sum-exp; elsewhere an error, never a silent fallback.
+            let mut out16 = vec![half::bf16::NAN; out.len()];
+            let mut lse16 = vec![f32::NAN; lse.len()];
+            let direct = attention_bf16_out(&mut out16, &mut lse16, inp, &d, &mut ws);
+            if writes_bf16(&inp, &d) {
+                direct.unwrap();
+                for (i, (g, w)) in out16.iter().zip(&out).enumerate() {
+                    assert_eq!(
+                        g.to_bits(),
+                        half::bf16::from_f32(*w).to_bits(),
+                        "{name}: bf16 out[{i}]"
+                    );
+                }
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&lse16), bits(&lse), "{name}: lse of the bf16 output");
+            } else {
+                assert!(direct.is_err(), "{name}: bf16 output without tiles");
+            }
             let (q64, k64, v64) = (to_f64(&q), to_f64(&k), to_f64(&v));
             let want = naive(&q64, &k64, &v64, None, &lens, &d);
             let scale = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-            let name = format!("bf16 products {d:?}");
             for (i, (g, w)) in out.iter().zip(&want).enumerate() {
                 assert!(
                     ((*g as f64) - w).abs() <= scale as f64 / 256.0,
@@ -1225,6 +1312,29 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A score bias keeps the f32 products, so a bf16 output is refused rather than written another way.
+    #[test]
+    fn bf16_output_with_a_bias_is_an_error() {
+        let d = AttentionDims::new(1, 2, 3, 4, 8);
+        let x = vec![0.5; 2 * 4 * 8];
+        let bias = vec![0.0; 2 * 3 * 4];
+        let inp = AttentionInputs {
+            q: &x[..2 * 3 * 8],
+            k: &x,
+            v: &x,
+            kv_lens: None,
+            bias: Some(AttentionBias {
+                data: &bias,
+                per_batch: false,
+            }),
+        };
+        assert!(!writes_bf16(&inp, &d));
+        let (mut out, mut lse) = (vec![half::bf16::ZERO; 2 * 3 * 8], vec![0.0; 2 * 3]);
+        let mut ws = vec![0.0; d.workspace_len(1)];
+        let err = attention_bf16_out(&mut out, &mut lse, inp, &d, &mut ws).unwrap_err();
+        assert!(err.to_string().contains("attention"), "{err}");
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //! in the lanes of two vectors, as in the f32 lane kernel: each row's running maximum and sum are
 //! lane-wise, with no horizontal reductions and no per-row scalar work.
 //!
-//! One task is one head of one batch entry. Its visible keys (`[keys, Dk]`) and transposed values
-//! (`[Dv, keys]`) are converted once into row-major bf16, the A operands of the tiles
+//! One task is one head of one batch entry. Its visible keys (`[keys, Dk]`, 32 values a step with
+//! `vcvtne2ps2bf16`) and transposed values (`[Dv, keys]`) are converted once into row-major bf16, the A
+//! operands of the tiles
 //! ([`crate::ops::amx`]), zero-padded to multiples of 32. The values go in two parts, `v ≈ hi + lo`, and
 //! `P·V` is two products: a value's rounding is not averaged out when a few keys carry a row's weight, and
 //! it was the larger part of the bf16 backend's error against f32 on NT-v2 (about 1.09e-2 of the hidden
@@ -22,7 +23,8 @@
 //! 3. the running output `Oᵀ [Dv, 32]`, f32 in memory, is rescaled by `2^(m_old − m_new)` per lane, and the
 //!    tiles add `Vᵀ·Pᵀ` to it (both parts of `Vᵀ`);
 //! 4. after the last chunk, `Oᵀ` is divided by the row sums lane-wise and turned into output rows by 16×16
-//!    register transposes and masked stores (a strided scalar gather before).
+//!    register transposes and masked stores (a strided scalar gather before), as f32 or, for the bf16
+//!    backend, whose output projection reads bf16, rounded to bf16 in the same store.
 //!
 //! Per 32 scores the vector units do about 35 instructions (two exponentials, the conversion, the sums),
 //! against about 120 with f32 FMA products at head dim 24. Every buffer is carved from the caller's
@@ -123,13 +125,21 @@ pub(super) fn workspace_len(d: &AttentionDims) -> Option<usize> {
     Layout::of(d)?.total()
 }
 
+/// The attention output `[B, Lq, H, Dv]` that [`forward_head`] writes: f32, or bf16 rounded once to
+/// nearest even (the bf16 backend's input of the output projection).
+#[derive(Clone, Copy)]
+pub(super) enum Out {
+    F32(*mut f32),
+    Bf16(*mut u16),
+}
+
 /// Head `h` of batch `b`: every query row's output and log-sum-exp (`lse[i]` for query row `i`).
 ///
 /// # Safety
 /// `layout` is [`plan`]'s for `inp` and `d`; `inp` was checked against `d`; `ws` holds [`workspace_len`]
 /// elements; `out`
 /// addresses the whole attention output and `lse` this head's `q_len` entries, none of which anyone else
-/// touches meanwhile.
+/// touches meanwhile. A bf16 output's values are rounded as the probabilities are (`vcvtneps2bf16`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")]
 pub(super) unsafe fn forward_head(
     layout: &Layout,
@@ -137,7 +147,7 @@ pub(super) unsafe fn forward_head(
     d: &AttentionDims,
     (b, h): (usize, usize),
     ws: &mut [f32],
-    out: *mut f32,
+    out: Out,
     lse: *mut f32,
 ) {
     let (nh, dk, dv) = (d.heads, d.head_dim, d.v_head_dim);
@@ -145,9 +155,13 @@ pub(super) unsafe fn forward_head(
     let n = inp.visible(d, b);
     if n == 0 {
         for i in 0..d.q_len {
+            let at = oo + i * nh * dv;
             // SAFETY: this task's output rows and lse entries (caller's contract).
             unsafe {
-                std::slice::from_raw_parts_mut(out.add(oo + i * nh * dv), dv).fill(0.0);
+                match out {
+                    Out::F32(out) => std::slice::from_raw_parts_mut(out.add(at), dv).fill(0.0),
+                    Out::Bf16(out) => std::slice::from_raw_parts_mut(out.add(at), dv).fill(0),
+                }
                 *lse.add(i) = f32::NEG_INFINITY;
             }
         }
@@ -170,15 +184,14 @@ pub(super) unsafe fn forward_head(
 
     // K as A, `[n_pad, dk_pad]`: each key's head-dim entries, rounded.
     let keys = &mut keys[..n_pad * dk_pad];
-    keys.fill(0);
-    for (key, row) in keys.chunks_exact_mut(dk_pad).take(n).enumerate() {
+    let (visible, padding) = keys.split_at_mut(n * dk_pad);
+    padding.fill(0);
+    for (key, row) in visible.chunks_exact_mut(dk_pad).enumerate() {
         if key + ROWS_AHEAD < n {
             prefetch_row(&inp.k[ok + (key + ROWS_AHEAD) * nh * dk..][..dk]);
         }
-        let src = &inp.k[ok + key * nh * dk..][..dk];
-        row.iter_mut()
-            .zip(src)
-            .for_each(|(o, &x)| *o = bf16_bits(x));
+        // SAFETY: (caller) the AVX-512 features, BF16 included, are present; `row` is `dk_pad` long.
+        unsafe { round_row(row, &inp.k[ok + key * nh * dk..][..dk]) };
     }
     // Vᵀ as A, `[dv_pad, n_pad]`: each value dim's entries over the keys, in two parts.
     let (values_hi, values_lo) = values.split_at_mut(dv_pad * n_pad);
@@ -288,15 +301,22 @@ pub(super) unsafe fn forward_head(
                 let width = LANES.min(dv - c0);
                 let columns: __mmask16 = ((1u32 << width) - 1) as __mmask16;
                 for (r, values) in block.chunks_exact(LANES).take(rows - r0).enumerate() {
-                    // SAFETY: AVX-512F; the mask writes columns c0..c0 + width of query row
-                    // i0 + r0 + r of this head's output (caller's contract), and reads 16 values of
-                    // `block`.
+                    let at = oo + (i0 + r0 + r) * nh * dv + c0;
+                    // SAFETY: AVX-512F, BW, VL and BF16; the mask writes columns c0..c0 + width of
+                    // query row i0 + r0 + r of this head's output (caller's contract), and reads 16
+                    // values of `block`.
                     unsafe {
-                        _mm512_mask_storeu_ps(
-                            out.add(oo + (i0 + r0 + r) * nh * dv + c0),
-                            columns,
-                            _mm512_loadu_ps(values.as_ptr()),
-                        )
+                        let values = _mm512_loadu_ps(values.as_ptr());
+                        match out {
+                            Out::F32(out) => _mm512_mask_storeu_ps(out.add(at), columns, values),
+                            Out::Bf16(out) => _mm256_mask_storeu_epi16(
+                                out.add(at).cast(),
+                                columns,
+                                std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(
+                                    values,
+                                )),
+                            ),
+                        }
                     };
                 }
             }
@@ -384,8 +404,9 @@ unsafe fn transpose_values(
 /// lines by 16×16 register transposes.
 ///
 /// # Safety
-/// AVX-512F, BW, VL and DQ; `staging` holds `8·dk_pad` words, `queries` `dk_pad / 2` lines of 32 words.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+/// AVX-512F, BW, VL, DQ and BF16; `staging` holds `8·dk_pad` words, `queries` `dk_pad / 2` lines of 32
+/// words.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")]
 unsafe fn pack_queries(
     queries: &mut [u32],
     staging: &mut [u32],
@@ -398,21 +419,18 @@ unsafe fn pack_queries(
     for r0 in (0..BLOCK).step_by(LANES) {
         for (r, row) in staging.chunks_exact_mut(words).enumerate() {
             let i = r0 + r;
-            row.fill(0);
             if i >= rows {
+                row.fill(0);
                 continue;
             }
             if i + ROWS_AHEAD < available {
                 prefetch_row(&q[(i + ROWS_AHEAD) * stride..][..dk]);
             }
-            let src = &q[i * stride..][..dk];
-            let pairs = src.chunks_exact(2);
-            if let [last] = pairs.remainder() {
-                row[dk / 2] = bf16_bits(*last) as u32;
-            }
-            for (o, two) in row.iter_mut().zip(pairs) {
-                *o = bf16_bits(two[0]) as u32 | (bf16_bits(two[1]) as u32) << 16;
-            }
+            // A word holds two consecutive entries, the first in its low half: the row's bf16 values
+            // in order.
+            // SAFETY: (caller) the AVX-512 features, BF16 included, are present; `row` is `dk_pad`
+            // values.
+            unsafe { round_row(bytemuck::cast_slice_mut(row), &q[i * stride..][..dk]) };
         }
         for p0 in (0..words).step_by(LANES) {
             // SAFETY: AVX-512F (this function's features); `staging` holds 16 rows of `words ≥ p0 + 16`
@@ -425,6 +443,30 @@ unsafe fn pack_queries(
                     BLOCK,
                 )
             };
+        }
+    }
+}
+
+/// `dst = src` rounded to bf16 (nearest even, as the probabilities are: `vcvtne2ps2bf16`, which reads an
+/// f32 subnormal as zero), zero past `src.len()`: 32 values a step, with masked loads, so that a head's
+/// keys and queries are rounded a vector at a time rather than a value at a time.
+///
+/// # Safety
+/// AVX-512F, BW and BF16; `dst.len()` is a multiple of 32 and at least `src.len()`.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn round_row(dst: &mut [u16], src: &[f32]) {
+    debug_assert!(dst.len().is_multiple_of(BLOCK) && dst.len() >= src.len());
+    for (g, out) in dst.chunks_exact_mut(BLOCK).enumerate() {
+        let (first, left) = (g * BLOCK, src.len().saturating_sub(g * BLOCK));
+        let lanes = |skip: usize| ((1u32 << left.saturating_sub(skip).min(LANES)) - 1) as __mmask16;
+        // SAFETY: a masked load reads (and may fault on) only its selected lanes, all inside `src`;
+        // the unselected ones read as zero. `out` holds 32 words.
+        unsafe {
+            let low = _mm512_maskz_loadu_ps(lanes(0), src.as_ptr().wrapping_add(first));
+            let high =
+                _mm512_maskz_loadu_ps(lanes(LANES), src.as_ptr().wrapping_add(first + LANES));
+            let words: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(high, low));
+            _mm512_storeu_si512(out.as_mut_ptr().cast(), words);
         }
     }
 }
