@@ -605,6 +605,21 @@ fn run_tasks<T: Sync>(
     Ok(())
 }
 
+/// Runs `f` on every `(batch, head)` of a forward, over the workspace slots (one worker's share of the
+/// workspace checked first: an error rather than an overflow).
+fn run_heads(
+    op: &'static str,
+    d: &AttentionDims,
+    workspace: &mut [f32],
+    f: impl Fn((usize, usize), &mut [f32]) + Sync,
+) -> Result<()> {
+    let tasks: Vec<(usize, usize)> = (0..d.batch)
+        .flat_map(|b| (0..d.heads).map(move |h| (b, h)))
+        .collect();
+    let slot = d.checked_workspace_len(op, 1)?;
+    run_tasks(&tasks, workspace, slot, |&head, ws| f(head, ws))
+}
+
 /// Forward pass with f32 products (the reference). `workspace` needs [`AttentionDims::workspace_len`]
 /// elements (for any thread count ≥ 1; more slots run more heads in parallel).
 pub fn attention(
@@ -642,12 +657,7 @@ pub fn attention_with(
     #[cfg(not(target_arch = "x86_64"))]
     let _ = products;
     let lanes = lane_kernel::applies(&inp, d);
-    let tasks: Vec<(usize, usize)> = (0..d.batch)
-        .flat_map(|b| (0..d.heads).map(move |h| (b, h)))
-        .collect();
-    // One worker's share of the workspace (an error rather than an overflow).
-    let slot = d.checked_workspace_len("attention", 1)?;
-    run_tasks(&tasks, workspace, slot, |&(b, h), ws| {
+    run_heads("attention", d, workspace, |(b, h), ws| {
         let n = inp.visible(d, b);
         let (_, _, ov, oo) = d.offsets(b, h);
         let (out_ptr, lse_ptr) = (out_ptr, lse_ptr);
@@ -777,15 +787,11 @@ pub fn attention_bf16_out(
     if let Some(layout) = amx::plan(&inp, d) {
         let out_ptr = SharedMut(out.as_mut_ptr().cast::<u16>());
         let lse_ptr = SharedMut(lse.as_mut_ptr());
-        let tasks: Vec<(usize, usize)> = (0..d.batch)
-            .flat_map(|b| (0..d.heads).map(move |h| (b, h)))
-            .collect();
-        let slot = d.checked_workspace_len(OP, 1)?;
-        return run_tasks(&tasks, workspace, slot, |&(b, h), ws| {
+        return run_heads(OP, d, workspace, |(b, h), ws| {
             let (out_ptr, lse_ptr) = (out_ptr, lse_ptr);
             // SAFETY: as in `attention_with`: the layout is `plan`'s, the inputs and `out` were
-            // checked above, the slot holds `slot ≥ amx::workspace_len` elements, and head h of batch
-            // b's output values and lse entries belong to this task only.
+            // checked above, the slot holds `amx::workspace_len` elements (`run_heads`), and head h
+            // of batch b's output values and lse entries belong to this task only.
             unsafe {
                 amx::forward_head(
                     &layout,
