@@ -118,6 +118,28 @@ pub(crate) fn bf16_bits(x: f32) -> u16 {
     (if nan { (b >> 16) | 0x0040 } else { rounded }) as u16
 }
 
+/// [`bf16_bits`] of 16 lanes at once (the same bits: nearest even, NaN quieted, subnormals rounded, unlike
+/// `vcvtne2ps2bf16`, which flushes them), narrowed to 16 words.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) fn bf16_bits_16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let b = _mm512_castps_si512(x);
+    let high = _mm512_srli_epi32::<16>(b);
+    let bias = _mm512_add_epi32(
+        _mm512_set1_epi32(0x7FFF),
+        _mm512_and_si512(high, _mm512_set1_epi32(1)),
+    );
+    let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, bias));
+    let nan = _mm512_cmpgt_epu32_mask(
+        _mm512_and_si512(b, _mm512_set1_epi32(0x7FFF_FFFF)),
+        _mm512_set1_epi32(0x7F80_0000),
+    );
+    let quiet = _mm512_or_si512(high, _mm512_set1_epi32(0x0040));
+    _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet))
+}
+
 /// Elements per rayon task of the conversions below.
 const CONVERT_CHUNK: usize = 1 << 16;
 
@@ -225,36 +247,48 @@ pub(crate) unsafe fn transpose16x16(src: *const u32, ld_src: usize, dst: *mut u3
         for (i, v) in r.iter_mut().enumerate() {
             *v = _mm512_loadu_si512(src.add(i * ld_src).cast());
         }
-        // Interleave words, then pairs of words, within 128-bit lanes.
-        let mut t = [_mm512_setzero_si512(); 16];
-        for i in 0..8 {
-            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-        }
-        for i in 0..4 {
-            r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-            r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-            r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-            r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-        }
-        // Each 128-bit lane now holds a 4×4 block transposed; exchange lanes between groups of four
-        // rows, then between halves.
-        for i in 0..4 {
-            for q in 0..2 {
-                let (a, b) = (r[i + 8 * q], r[i + 4 + 8 * q]);
-                t[i + 8 * q] = _mm512_shuffle_i32x4::<0x88>(a, b);
-                t[i + 4 + 8 * q] = _mm512_shuffle_i32x4::<0xdd>(a, b);
-            }
-        }
-        for i in 0..8 {
-            let (a, b) = (t[i], t[i + 8]);
-            r[i] = _mm512_shuffle_i32x4::<0x88>(a, b);
-            r[i + 8] = _mm512_shuffle_i32x4::<0xdd>(a, b);
-        }
-        for (i, v) in r.iter().enumerate() {
+        for (i, v) in transpose16x16_regs(r).iter().enumerate() {
             _mm512_storeu_si512(dst.add(i * ld_dst).cast(), *v);
         }
     }
+}
+
+/// The 16×16 word transpose of [`transpose16x16`] on registers: lane `r` of output `c` is lane `c` of
+/// input `r`. For packers whose rows come from elsewhere than 16 loads (converted, or fewer than 16).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) fn transpose16x16_regs(
+    mut r: [std::arch::x86_64::__m512i; 16],
+) -> [std::arch::x86_64::__m512i; 16] {
+    use std::arch::x86_64::*;
+    // Interleave words, then pairs of words, within 128-bit lanes.
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for i in 0..4 {
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    // Each 128-bit lane now holds a 4×4 block transposed; exchange lanes between groups of four
+    // rows, then between halves.
+    for i in 0..4 {
+        for q in 0..2 {
+            let (a, b) = (r[i + 8 * q], r[i + 4 + 8 * q]);
+            t[i + 8 * q] = _mm512_shuffle_i32x4::<0x88>(a, b);
+            t[i + 4 + 8 * q] = _mm512_shuffle_i32x4::<0xdd>(a, b);
+        }
+    }
+    for i in 0..8 {
+        let (a, b) = (t[i], t[i + 8]);
+        r[i] = _mm512_shuffle_i32x4::<0x88>(a, b);
+        r[i + 8] = _mm512_shuffle_i32x4::<0xdd>(a, b);
+    }
+    r
 }
 
 #[cfg(test)]
@@ -320,6 +354,21 @@ mod tests {
                 assert!(g.is_nan(), "{x:e} must stay NaN");
             } else {
                 assert_eq!(g.to_bits(), want.to_bits(), "{x:e}");
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            for chunk in xs.chunks_exact(16) {
+                let mut words = [0u16; 16];
+                // SAFETY: AVX-512F was detected; `chunk` holds 16 values and `words` 16 words.
+                unsafe {
+                    use std::arch::x86_64::*;
+                    let v = bf16_bits_16(_mm512_loadu_ps(chunk.as_ptr()));
+                    _mm256_storeu_si256(words.as_mut_ptr().cast(), v);
+                }
+                for (x, w) in chunk.iter().zip(words) {
+                    assert_eq!(w, bf16_bits(*x), "16 lanes at once: {x:e}");
+                }
             }
         }
         let mut back = vec![0.0f32; got.len()];
