@@ -1,6 +1,9 @@
 //! Runs a hot loop compiled for the best vector extension this CPU has (AVX-512, else AVX2+FMA, else the
 //! baseline), chosen at run time, so one binary is both portable and fast. The closure is inlined into a
 //! function carrying the target features, which is what lets LLVM vectorise it with those instructions.
+//! LLVM decides that inlining by size: a closure holding whole loops may stay a call, compiled for the
+//! baseline (the attention pool's window loop ran as 4-wide SSE that way). Such a body goes in an
+//! `#[inline(always)]` function called from a `#[target_feature]` one instead (`ops::pool`).
 //!
 //! Results of elementwise loops do not depend on the choice; reductions may differ in the last bits
 //! between machines, never between runs on one machine.

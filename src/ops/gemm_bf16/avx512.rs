@@ -44,10 +44,7 @@ fn pack_a(packed: &mut [u32], a: Lhs<'_>, av: View, pairs: usize, whole_in_place
             }
             let row_at = |ii: usize| (s * MR + ii) * av.rs as usize;
             if vector_pairs > 0 {
-                let mut rows = [0usize; MR];
-                rows.iter_mut()
-                    .enumerate()
-                    .for_each(|(ii, r)| *r = row_at(ii));
+                let rows: [usize; MR] = std::array::from_fn(row_at);
                 // SAFETY: the caller checked the kernel's features (`has_native_bf16`); each of the
                 // `valid` rows holds k ≥ vector_pairs·2 values from its start, and the strip
                 // `pairs·MR ≥ vector_pairs·MR` words.
