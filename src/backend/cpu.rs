@@ -602,6 +602,12 @@ impl Backend for CpuBackend {
             ScratchUse::Attention(dims) | ScratchUse::AttentionBackward { dims, .. } => dims
                 .workspace_len(rayon::current_num_threads())
                 .saturating_mul(4),
+            // The bf16 convolution's padded input and reordered weight (2 bytes a value, rounded up to
+            // whole f32 words of the workspace).
+            ScratchUse::Conv1d(dims) if self.bf16_weights => {
+                ops::conv::conv1d_bf16_scratch_len(dims)
+                    .map_or(usize::MAX, |values| values.div_ceil(2).saturating_mul(4))
+            }
             _ => 0,
         }
     }
@@ -1104,13 +1110,24 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         const OP: &str = "conv1d";
         let bias = bias.map(|b| self.f32s(OP, "bias", b)).transpose()?;
-        if (out.dtype(), x.dtype(), w.dtype()) == (DType::F32, DType::F32, DType::BF16) {
+        if (out.dtype(), w.dtype()) == (DType::F32, DType::BF16) {
+            // The input as the GEMM reads it: bf16 storage in place (a GELU output the model marks
+            // `Role::LinearInput`), f32 rounded as it is copied or packed.
+            let x = match x.dtype() {
+                DType::BF16 => ops::gemm_bf16::Lhs::Bf16(bf16s(x)),
+                _ => ops::gemm_bf16::Lhs::F32(exact(OP, "x", x)?),
+            };
+            let values = ops::conv::conv1d_bf16_scratch_len(dims)?;
+            let mut workspace = self.workspace(OP, values.div_ceil(2))?;
+            let scratch: &mut [bf16] =
+                bytemuck::cast_slice_mut(&mut workspace[..values.div_ceil(2)]);
             return ops::conv::conv1d_bf16_weights(
                 &mut self.out(OP, "out", out)?,
-                exact(OP, "x", x)?,
+                x,
                 bf16s(w),
                 bias.as_deref(),
                 *dims,
+                scratch,
             );
         }
         ops::conv::conv1d(

@@ -200,7 +200,7 @@ impl<B: Backend> ConvBlockActs<B> {
             normed: Tensor::new(b, Role::Activation, rows * c)?,
             mean: Tensor::new(b, Role::Exact, c)?,
             var: Tensor::new(b, Role::Exact, c)?,
-            gelu: Tensor::new(b, Role::Activation, rows * c)?,
+            gelu: Tensor::new(b, Role::LinearInput, rows * c)?,
             rows,
         })
     }
@@ -210,7 +210,7 @@ impl<B: Backend> ConvBlockActs<B> {
     pub(super) fn reserve(&mut self, b: &B, numel: usize, c: usize) -> Result<()> {
         for (t, role, n) in [
             (&mut self.normed, Role::Activation, numel),
-            (&mut self.gelu, Role::Activation, numel),
+            (&mut self.gelu, Role::LinearInput, numel),
             (&mut self.mean, Role::Exact, c),
             (&mut self.var, Role::Exact, c),
         ] {
@@ -225,7 +225,7 @@ impl<B: Backend> ConvBlockActs<B> {
         self.normed.ensure(b, Role::Activation, rows * c)?;
         self.mean.ensure(b, Role::Exact, c)?;
         self.var.ensure(b, Role::Exact, c)?;
-        self.gelu.ensure(b, Role::Activation, rows * c)?;
+        self.gelu.ensure(b, Role::LinearInput, rows * c)?;
         self.rows = rows;
         Ok(())
     }
