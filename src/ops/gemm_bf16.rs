@@ -309,13 +309,13 @@ mod tests {
             (250, 45, 800),
             (12, 530, 33),
             (64, 45, 96),
-            // Past one AMX k-block (1,024): partial sums carried across blocks.
+            // Past one k-block (1,024 on both kernels): partial sums carried across blocks.
             (40, 70, 1090),
             // Whole register blocks and k within one k-block, where an f32 output is written in
-            // place: for the AMX kernel alone (k past the AVX-512 kernel's k-block), then for both,
-            // with whole and ragged tasks side by side.
+            // place, with whole and ragged tasks side by side (the AVX-512 kernel's tasks are 48 × 512).
             (96, 64, 1000),
             (300, 288, 64),
+            (100, 1100, 130),
         ];
         for &(m, n, k) in &shapes {
             // B's layouts: rows, columns, and columns padded to stride k + 1 (a slice of a wider
