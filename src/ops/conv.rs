@@ -100,7 +100,7 @@ pub fn conv1d_bf16_scratch_len(d: &Conv1dDims) -> Result<usize> {
 /// in place, with no im2col buffer and no packing. The weight is reordered to the same tap-major order
 /// ([`tap_major`]). Against a GEMM per tap, this packs the input once rather than `width` times, writes
 /// the output once rather than accumulating into it `width` times, and packs the weight from contiguous
-/// columns rather than gathering it with two strides: 4.6% of a bf16 Enformer forward for packing the
+/// columns rather than gathering it with two strides: 5.0% of a bf16 Enformer forward for packing the
 /// input and 4.3% for the weight, on Zen 5.
 pub fn conv1d_bf16_weights(
     out: &mut [f32],
@@ -171,7 +171,7 @@ pub fn conv1d_bf16_weights(
 /// tap-major im2col product stored by columns. The GEMM packs contiguous columns 16×16 blocks of pairs at
 /// a time, and each row here is reordered on its own, within one short span. (Reordered to
 /// `[width·c_in, c_out]` rows instead, each value was a store to another row `2·c_out` bytes on, in few
-/// L1 sets when that is a multiple of 1 KiB: 4% of a bf16 Enformer forward on Zen 5, against 1.6% for
+/// L1 sets when that is a multiple of 1 KiB: 4% of a bf16 Enformer forward on Zen 5, against about 3% for
 /// this reorder and its packing together.)
 fn tap_major(taps: &mut [half::bf16], w: &[half::bf16], d: &Conv1dDims) {
     use rayon::prelude::*;
@@ -400,8 +400,9 @@ mod tests {
     }
 
     /// The bf16 path at sizes where its GEMM reads the overlapping im2col rows in place (even `c_in`),
-    /// across whole and ragged register strips and several k-blocks, and at the stem's shape (4 channels,
-    /// 15 taps, packed); against the f64 product of the rounded operands.
+    /// across whole and ragged register strips, within one k-block and across two (k = 5 · 224 = 1,120),
+    /// and at the stem's shape (4 channels, 15 taps, packed); against the f64 product of the rounded
+    /// operands.
     #[test]
     fn conv1d_bf16_weights_one_gemm_matches_f64() {
         let mut r = rng(72);
@@ -416,7 +417,7 @@ mod tests {
             Conv1dDims {
                 batch: 1,
                 len: 30,
-                c_in: 96,
+                c_in: 224,
                 c_out: 80,
                 width: 5,
             },
