@@ -24,9 +24,15 @@ use half::bf16;
 pub struct HostMem {
     ptr: std::ptr::NonNull<u8>,
     layout: std::alloc::Layout,
-    arena: Option<Arc<HostArena>>,
-    /// Of an allocation of its own: bytes from the allocator's block to `ptr` (see [`HostMem::zeroed`]).
-    shift: usize,
+    owner: Owner,
+}
+
+/// Where a [`HostMem`]'s bytes come from.
+enum Owner {
+    /// Its own allocator block, and the bytes from the block's start to `ptr` (see [`HostMem::zeroed`]).
+    Block(std::alloc::Layout, usize),
+    /// A range of an arena, kept alive while this value lives.
+    Arena { _keep_alive: Arc<HostArena> },
 }
 
 /// Bytes past a block at the allocator's natural alignment (16) to reach a 64-byte boundary, at most.
@@ -84,8 +90,7 @@ impl HostMem {
         Ok(HostMem {
             ptr,
             layout,
-            arena: None,
-            shift,
+            owner: Owner::Block(block, shift),
         })
     }
 
@@ -111,21 +116,16 @@ impl HostMem {
         Ok(HostMem {
             ptr,
             layout,
-            arena: Some(arena),
-            shift: 0,
+            owner: Owner::Arena { _keep_alive: arena },
         })
     }
 }
 
 impl Drop for HostMem {
     fn drop(&mut self) {
-        if self.arena.is_none() {
-            // SAFETY: allocated in `zeroed`, `shift` bytes into a block of this layout (which succeeded
-            // there for the same size).
-            unsafe {
-                let block = block_layout(self.layout.size()).unwrap_unchecked();
-                std::alloc::dealloc(self.ptr.as_ptr().sub(self.shift), block)
-            }
+        if let Owner::Block(block, shift) = self.owner {
+            // SAFETY: allocated in `zeroed` with this layout, `ptr` being `shift` bytes into it.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr().sub(shift), block) }
         }
     }
 }

@@ -105,6 +105,9 @@ pub fn attention_pool_bf16_weights(
 /// `out[b, j] = a0·x[b, 2j] + a1·x[b, 2j+1]` with the window weights of the logits.
 fn pool_windows(out: &mut [f32], logits: &[f32], x: &[f32], d: PoolDims) {
     let (c, lo) = (d.channels, d.out_len());
+    // Detected once per call, not per row.
+    #[cfg(target_arch = "x86_64")]
+    let avx512 = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma");
     out.par_chunks_mut(c.max(1))
         .enumerate()
         .for_each(|(row, o)| {
@@ -114,7 +117,7 @@ fn pool_windows(out: &mut [f32], logits: &[f32], x: &[f32], d: PoolDims) {
             let row = |p: usize| (&logits[p..p + c], &x[p..p + c]);
             let pair = has_pair.then(|| row(p0 + c));
             #[cfg(target_arch = "x86_64")]
-            if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+            if avx512 {
                 // SAFETY: the features were detected on this CPU.
                 return unsafe { pool_row_avx512(o, row(p0), pair) };
             }
@@ -138,6 +141,7 @@ fn pool_row(o: &mut [f32], (l0, x0): (&[f32], &[f32]), pair: Option<(&[f32], &[f
         None => {
             for (o, (l0, x0)) in o.iter_mut().zip(l0.iter().zip(x0)) {
                 let (a0, _) = window_weights(*l0, None);
+                // `+ 0.0` as the two-position sum has it (a −0 product comes out +0 either way).
                 *o = a0 * x0 + 0.0;
             }
         }
