@@ -18,7 +18,9 @@ use crate::error::{check_len, checked_product};
 use crate::{Error, Result};
 
 #[cfg(target_arch = "x86_64")]
-mod amx;
+mod bf16;
+#[cfg(target_arch = "x86_64")]
+mod dot;
 
 /// Query rows processed together at most; bounds the scratch to `Q_BLOCK × Lk` per task.
 const Q_BLOCK: usize = 256;
@@ -28,9 +30,9 @@ const Q_BLOCK: usize = 256;
 pub enum Products {
     /// f32 operands (the reference).
     F32,
-    /// bf16 operands with f32 accumulation, on AMX tiles where the CPU has them (the bf16 backend, as
-    /// PyTorch's bf16 SDPA computes them; the values split in two bf16 parts); elsewhere the f32 products
-    /// run.
+    /// bf16 operands with f32 accumulation (the bf16 backend, as PyTorch's bf16 SDPA computes them): on
+    /// AMX tiles where the CPU has them (the values split in two bf16 parts), as `vdpbf16ps` vector code
+    /// where it has AVX512-BF16 without AMX (the values rounded once); elsewhere the f32 products run.
     Bf16,
 }
 
@@ -95,7 +97,7 @@ impl AttentionDims {
     fn slot_len(&self) -> Option<usize> {
         let f32_products = (2 * Q_BLOCK).checked_mul(self.kv_len.max(1))?;
         #[cfg(target_arch = "x86_64")]
-        let f32_products = f32_products.max(amx::workspace_len(self)?);
+        let f32_products = f32_products.max(bf16::workspace_len(self)?);
         Some(f32_products)
     }
 
@@ -652,7 +654,7 @@ pub fn attention_with(
     let (out_ptr, lse_ptr) = (SharedMut(out.as_mut_ptr()), SharedMut(lse.as_mut_ptr()));
     #[cfg(target_arch = "x86_64")]
     let tiles = (products == Products::Bf16)
-        .then(|| amx::plan(&inp, d))
+        .then(|| bf16::plan(&inp, d))
         .flatten();
     #[cfg(not(target_arch = "x86_64"))]
     let _ = products;
@@ -664,16 +666,16 @@ pub fn attention_with(
         #[cfg(target_arch = "x86_64")]
         if let Some(layout) = &tiles {
             // SAFETY: the kernel's features were detected and its layout made (`plan`), the inputs
-            // checked above, the slot holds `slot_len ≥ amx::workspace_len` elements, and head h of
+            // checked above, the slot holds `slot_len ≥ bf16::workspace_len` elements, and head h of
             // batch b's output rows and lse entries belong to this task only.
             unsafe {
-                amx::forward_head(
+                bf16::forward_head(
                     layout,
                     &inp,
                     d,
                     (b, h),
                     ws,
-                    amx::Out::F32(out_ptr.0),
+                    bf16::Out::F32(out_ptr.0),
                     lse_ptr.0.add((b * d.heads + h) * d.q_len),
                 )
             };
@@ -752,11 +754,11 @@ pub fn attention_with(
     })
 }
 
-/// Whether [`attention_bf16_out`] runs for these inputs on this CPU: bf16 products on AMX tiles (no
-/// score bias, AMX and AVX512-BF16 present).
+/// Whether [`attention_bf16_out`] runs for these inputs on this CPU: bf16 products (no score bias,
+/// AVX512-BF16 present, on AMX tiles where the CPU has them).
 pub fn writes_bf16(inp: &AttentionInputs<'_>, d: &AttentionDims) -> bool {
     #[cfg(target_arch = "x86_64")]
-    return amx::plan(inp, d).is_some();
+    return bf16::plan(inp, d).is_some();
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (inp, d);
@@ -784,22 +786,22 @@ pub fn attention_bf16_out(
     )?;
     check_len(OP, "lse", lse.len(), d.batch * d.heads * d.q_len)?;
     #[cfg(target_arch = "x86_64")]
-    if let Some(layout) = amx::plan(&inp, d) {
+    if let Some(layout) = bf16::plan(&inp, d) {
         let out_ptr = SharedMut(out.as_mut_ptr().cast::<u16>());
         let lse_ptr = SharedMut(lse.as_mut_ptr());
         return run_heads(OP, d, workspace, |(b, h), ws| {
             let (out_ptr, lse_ptr) = (out_ptr, lse_ptr);
             // SAFETY: as in `attention_with`: the layout is `plan`'s, the inputs and `out` were
-            // checked above, the slot holds `amx::workspace_len` elements (`run_heads`), and head h
+            // checked above, the slot holds `bf16::workspace_len` elements (`run_heads`), and head h
             // of batch b's output values and lse entries belong to this task only.
             unsafe {
-                amx::forward_head(
+                bf16::forward_head(
                     &layout,
                     &inp,
                     d,
                     (b, h),
                     ws,
-                    amx::Out::Bf16(out_ptr.0),
+                    bf16::Out::Bf16(out_ptr.0),
                     lse_ptr.0.add((b * d.heads + h) * d.q_len),
                 )
             };
@@ -807,7 +809,7 @@ pub fn attention_bf16_out(
     }
     Err(Error::invalid(
         OP,
-        "a bf16 output needs the bf16 products on AMX tiles, which do not run here",
+        "a bf16 output needs the bf16 products (AVX512-BF16, no score bias), which do not run here",
     ))
 }
 
@@ -1217,8 +1219,9 @@ mod tests {
         run_case(d, vec![131], None, 50, true);
     }
 
-    /// The bf16 products (AMX tiles where the CPU has them) against f64 attention on the same bf16-rounded
-    /// q and k (the values are split into two bf16 parts, so they enter unrounded): what remains is the
+    /// The bf16 products (AMX tiles or `vdpbf16ps`, whichever the CPU has) against f64 attention on the
+    /// same bf16-rounded q and k, and v as the kernel takes it (unrounded where the tiles split it into
+    /// two bf16 parts, rounded where the vector code rounds it once): what remains is the
     /// rounding of the probabilities to bf16 (2⁻⁹ relative each) and f32 sums, so the output is held to 2⁻⁸ of the values' scale and the log-sum-exp to 1e-5. Lengths cross
     /// the online softmax's chunks and the 32-key tiles; head dims pad to the tiles' 32 (24, 48, 80) or fill them; value widths
     /// differ; query blocks are ragged; one batch entry has no visible key.
@@ -1251,6 +1254,12 @@ mod tests {
             let q = bf(&uniform(&mut r, nq * d.head_dim, -1.0, 1.0));
             let k = bf(&uniform(&mut r, nk * d.head_dim, -1.0, 1.0));
             let v = uniform(&mut r, nk * d.v_head_dim, -1.0, 1.0);
+            #[cfg(target_arch = "x86_64")]
+            let v = if bf16::values_in_two_parts() {
+                v
+            } else {
+                bf(&v)
+            };
             let inp = AttentionInputs {
                 q: &q,
                 k: &k,
@@ -1263,8 +1272,8 @@ mod tests {
             let mut lse = vec![f32::NAN; d.batch * d.heads * d.q_len];
             attention_with(&mut out, &mut lse, inp, &d, &mut ws, Products::Bf16).unwrap();
             let name = format!("bf16 products {d:?}");
-            // The bf16 output, where the tiles run: the f32 output rounded once, value for value, and
-            // the same log-sum-exp; elsewhere an error, never a silent fallback.
+            // The bf16 output, where the bf16 products run: the f32 output rounded once, value for value,
+            // and the same log-sum-exp; elsewhere an error, never a silent fallback.
             let mut out16 = vec![half::bf16::NAN; out.len()];
             let mut lse16 = vec![f32::NAN; lse.len()];
             let direct = attention_bf16_out(&mut out16, &mut lse16, inp, &d, &mut ws);

@@ -1,6 +1,8 @@
-//! The attention forward with bf16 products on AMX tiles, for the bf16 backend (`--dtype bf16`): both
-//! matrix products run as `tdpbf16ps` on bf16 operands with f32 accumulation (PyTorch's bf16 SDPA rounds
-//! the same operands); the softmax runs in f32 on AVX-512.
+//! The attention forward with bf16 products, for the bf16 backend (`--dtype bf16`): both matrix products
+//! run on bf16 operands with f32 accumulation (PyTorch's bf16 SDPA rounds the same operands), as
+//! `tdpbf16ps` on AMX tiles where the CPU has them and as `vdpbf16ps` vector code ([`super::dot`])
+//! where it has AVX512-BF16 without AMX; the softmax runs in f32 on AVX-512. Both read the same buffers,
+//! so everything but the two products is shared.
 //!
 //! The products are computed transposed, `Sᵀ = K·Qᵀ` and `Oᵀ = Vᵀ·Pᵀ`, so that a block's 32 query rows lie
 //! in the lanes of two vectors, as in the f32 lane kernel: each row's running maximum and sum are
@@ -13,7 +15,8 @@
 //! `P·V` is two products: a value's rounding is not averaged out when a few keys carry a row's weight, and
 //! it was the larger part of the bf16 backend's error against f32 on NT-v2 (about 1.09e-2 of the hidden
 //! states with rounded values, 0.99e-2 split, 0.97e-2 with f32 attention), for tile work that is a small
-//! part of the kernel's time. The values and each block of 32 query rows, packed as B (`Qᵀ` in pairs of
+//! part of the kernel's time. The vector products read only `hi`, the values rounded to nearest
+//! ([`super::dot`] says why). The values and each block of 32 query rows, packed as B (`Qᵀ` in pairs of
 //! head-dim entries), are transposed 16×16 in registers. Each query block goes over the keys in chunks of
 //! [`KEY_CHUNK`] with FlashAttention's online softmax:
 //! 1. the tiles write the chunk's scores `Sᵀ [KEY_CHUNK, 32]` in f32 (the head dim padded with zeros);
@@ -36,28 +39,36 @@ use super::{AttentionDims, AttentionInputs};
 use crate::ops::amx::{block_32x32, ATiles, Init, Tiles, BLOCK, TILE_K, TILE_ROWS};
 use crate::ops::simd::{bf16_bits, exp2_16, prefetch_row, transpose16x16, ROWS_AHEAD};
 
-/// Keys per chunk of the online softmax, at most. A chunk's scores (128 KiB) and probabilities (64 KiB)
-/// stay in L2; long chunks keep the tiles' stores and loads far from the vector loads and stores of the
-/// same lines (a tile load waits for earlier stores to reach L1 rather than forwarding them), and leave
-/// the rescaling to sequences longer than a chunk.
+/// Keys per chunk of the online softmax on the tiles, at most. A chunk's scores (128 KiB) and
+/// probabilities (64 KiB) stay in L2; long chunks keep the tiles' stores and loads far from the vector
+/// loads and stores of the same lines (a tile load waits for earlier stores to reach L1 rather than
+/// forwarding them), and leave the rescaling to sequences longer than a chunk.
 const KEY_CHUNK: usize = 1024;
-const _: () = assert!(KEY_CHUNK.is_multiple_of(BLOCK));
+/// The same for the vector products, whose stores forward to the loads that follow: a chunk's scores
+/// (16 KiB) and probabilities (8 KiB) stay in L1.
+const KEY_CHUNK_VECTORS: usize = 128;
+const _: () = assert!(KEY_CHUNK.is_multiple_of(BLOCK) && KEY_CHUNK_VECTORS.is_multiple_of(BLOCK));
 
 /// f32 lanes of a 512-bit vector: a block's 32 query rows are two vectors.
 const LANES: usize = 16;
 
 /// The buffers of one task, where this kernel runs: no score bias (the relative-position bias of Enformer
-/// keeps the f32 path), nonzero head dims, a positive finite scale, AMX with the AVX-512 subsets (BF16
-/// included) the softmax is compiled for, and sizes that do not overflow. None otherwise.
+/// keeps the f32 path), nonzero head dims, a positive finite scale, the AVX-512 subsets (BF16 included)
+/// the products and the softmax are compiled for, and sizes that do not overflow. None otherwise. The
+/// products run on AMX tiles where the CPU has them.
 pub(super) fn plan(inp: &AttentionInputs<'_>, d: &AttentionDims) -> Option<Layout> {
     let runs = inp.bias.is_none()
         && d.head_dim > 0
         && d.v_head_dim > 0
         && d.scale.is_finite()
         && d.scale > 0.0
-        && crate::ops::gemm_bf16::has_native_bf16()
-        && crate::ops::amx::available();
-    runs.then(|| Layout::of(d)).flatten()
+        && crate::ops::gemm_bf16::has_native_bf16();
+    runs.then(|| Layout::of(d, values_in_two_parts())).flatten()
+}
+
+/// Whether the forward takes the values in two bf16 parts (on the tiles), rather than rounded once.
+pub(super) fn values_in_two_parts() -> bool {
+    crate::ops::amx::available()
 }
 
 /// `x` rounded up to a multiple of 32 (the tiles' k step and block width).
@@ -67,6 +78,10 @@ fn pad(x: usize) -> usize {
 
 /// The sizes, in f32 elements (each a multiple of 16, a cache line), of one task's buffers.
 pub(super) struct Layout {
+    /// Whether the products run on AMX tiles (otherwise as `vdpbf16ps` vector code).
+    tiles: bool,
+    /// Keys per chunk of the online softmax.
+    chunk: usize,
     keys: usize,
     values: usize,
     queries: usize,
@@ -80,11 +95,15 @@ pub(super) struct Layout {
 
 impl Layout {
     /// None where a size overflows.
-    fn of(d: &AttentionDims) -> Option<Self> {
+    fn of(d: &AttentionDims, tiles: bool) -> Option<Self> {
         let pad = |x: usize| x.checked_next_multiple_of(BLOCK);
         let (n, dk, dv) = (pad(d.kv_len.max(1))?, pad(d.head_dim)?, pad(d.v_head_dim)?);
-        let chunk = chunk_len(d.kv_len);
+        let longest = if tiles { KEY_CHUNK } else { KEY_CHUNK_VECTORS };
+        // Every key, padded, up to a chunk.
+        let chunk = n.min(longest);
         Some(Layout {
+            tiles,
+            chunk,
             // bf16: two a float.
             keys: n.checked_mul(dk)? / 2,
             // Two bf16 parts.
@@ -115,14 +134,10 @@ impl Layout {
     }
 }
 
-/// Keys per chunk for `kv_len` keys: all of them, padded, up to [`KEY_CHUNK`].
-fn chunk_len(kv_len: usize) -> usize {
-    pad(kv_len.max(1)).min(KEY_CHUNK)
-}
-
 /// f32 elements of workspace one task needs (None where that overflows).
 pub(super) fn workspace_len(d: &AttentionDims) -> Option<usize> {
-    Layout::of(d)?.total()
+    // The tiles' layout, with the longer chunks, is the larger: enough for either.
+    Layout::of(d, true)?.total()
 }
 
 /// The attention output `[B, Lq, H, Dv]` that [`forward_head`] writes: f32, or bf16 rounded once to
@@ -210,8 +225,10 @@ pub(super) unsafe fn forward_head(
     let key_tiles = row_tiles(keys, dk_pad);
     let value_tiles = [row_tiles(values_hi, n_pad), row_tiles(values_lo, n_pad)];
     let c2 = d.scale * std::f32::consts::LOG2_E;
-    // SAFETY: (caller) AMX is available; released when `_tiles` drops at the end of this function.
-    let _tiles = unsafe { Tiles::configure() };
+    // SAFETY: (plan) AMX is available where `layout.tiles`; released when `_tiles` drops at the end of
+    // this function.
+    let _tiles = layout.tiles.then(|| unsafe { Tiles::configure() });
+    let words = |x: &[u16]| x.as_ptr().cast::<u32>();
     for i0 in (0..d.q_len).step_by(BLOCK) {
         let rows = BLOCK.min(d.q_len - i0);
         // SAFETY: (caller) the AVX-512 features are present; `staging` holds `8·dk_pad` words
@@ -226,11 +243,26 @@ pub(super) unsafe fn forward_head(
             )
         };
         let mut state = Running::new();
-        let chunk = chunk_len(d.kv_len);
+        let chunk = layout.chunk;
         for j0 in (0..n).step_by(chunk) {
             let len = chunk.min(n - j0);
             let len_pad = pad(len);
-            for g in 0..len_pad / BLOCK {
+            if !layout.tiles {
+                // SAFETY: (plan) AVX512-BF16 is present; the query pairs hold `dk_pad / 2 ≥ ⌈dk/2⌉`
+                // lines (the pairs past dk are zero, so they are skipped); keys j0..j0 + len of `n_pad`
+                // rows of `dk_pad / 2` words; the scores hold `chunk ≥ len` keys of 32 rows.
+                unsafe {
+                    super::dot::scores(
+                        queries.as_ptr(),
+                        words(keys).add(j0 * dk_pad / 2),
+                        dk_pad / 2,
+                        dk.div_ceil(2),
+                        len,
+                        scores.as_mut_ptr(),
+                    )
+                };
+            }
+            for g in (0..len_pad / BLOCK).filter(|_| layout.tiles) {
                 let strip = 2 * (j0 / BLOCK + g);
                 // SAFETY: tiles are configured; key strips `strip` and `strip + 1` (16 keys each, of
                 // `n_pad / 16`) hold `dk_pad / 32` steps; the query pairs hold `dk_pad / 2` lines; the
@@ -256,7 +288,24 @@ pub(super) unsafe fn forward_head(
                 // SAFETY: as above; `acc` is `dv_pad` rows of 32 lanes.
                 unsafe { rescale(acc, alpha) };
             }
-            for cs in 0..dv_pad / BLOCK {
+            if !layout.tiles {
+                // SAFETY: (plan) AVX512-BF16 is present; the probabilities hold `len_pad / 2 ≥ ⌈len/2⌉`
+                // pair lines; each of the `dv` rows of `Vᵀ`'s rounded part (`n_pad / 2` words) holds words
+                // `j0 / 2..(j0 + len_pad) / 2`; `acc` is `dv_pad ≥ dv` rows of 32 lanes. The padding
+                // key of an odd chunk has a zero probability and a zero value.
+                unsafe {
+                    super::dot::values(
+                        probs.as_ptr(),
+                        len.div_ceil(2),
+                        words(values_hi).add(j0 / 2),
+                        n_pad / 2,
+                        dv,
+                        acc.as_mut_ptr(),
+                        j0 == 0,
+                    )
+                };
+            }
+            for cs in (0..dv_pad / BLOCK).filter(|_| layout.tiles) {
                 // SAFETY: tiles are configured; value strips `2cs` and `2cs + 1` (16 dims each, of
                 // `dv_pad / 16`) hold `n_pad / 32 ≥ (j0 + len_pad) / 32` steps, so `len_pad / 32` steps
                 // from step `j0 / 32` are inside them; the probabilities hold `len_pad / 2` pair lines;
