@@ -4,7 +4,8 @@ with one kind of bf16 rounding each, and prints how far each run's hidden states
 (relative Frobenius norm per sequence over its real tokens; worst and median). The three roundings:
 - the weights of every linear layer (everything else exact): what bf16 weights cost by themselves;
 - the inputs of every linear layer;
-- both: what a bf16 GEMM with f32 accumulation computes, as the engine's `--dtype bf16` does.
+- both: what a bf16 GEMM with f32 accumulation computes, as the engine's `--dtype bf16` does;
+and, for scale, PyTorch's own bf16 (the whole model cast to bf16, as its users run it).
 
 Compare with the engine's own figure, `embed --dtype bf16` against `embed` on the same weights and inputs
 (README, "bf16 accuracy"). Uses the virtual environment, the random full-size weights and the inputs that
@@ -80,6 +81,12 @@ def main():
             for h in hooks:
                 h.remove()
             rows.append((name, max(d), statistics.median(d)))
+        # For scale: PyTorch's own bf16, the whole model cast (what its bf16 users run).
+        for m, w in zip(linears, weights):
+            m.weight.copy_(w)
+        model.to(torch.bfloat16)
+        d = distances(model(**enc).last_hidden_state.float().double().numpy(), ref)
+        rows.append(("everything (PyTorch bf16: the model cast)", max(d), statistics.median(d)))
     print(f"{args.model} ({args.weights}), {len(seqs)} sequences of {args.input}, fp32 with one bf16 rounding:")
     print("| rounded to bf16 | worst | median |\n|---|---|---|")
     for name, worst, median in rows:

@@ -179,7 +179,7 @@ impl CpuBackend {
     /// accumulation. Its activation operand is bf16: stored so by the op that makes it where the model
     /// marks it [`super::Role::LinearInput`] (layer norms, attention, the FFN's activation), else rounded as it
     /// is packed; either way the same values. Attention's two products (`Q·Kᵀ`, `P·V`) take bf16 operands
-    /// too, on AMX tiles where the CPU has them (the values in two parts), else as `vdpbf16ps` vector
+    /// too (the values in two parts), on AMX tiles where the CPU has them, else as `vdpbf16ps` vector
     /// code (AVX512-BF16) or in f32 without it; other activations,
     /// statistics, the softmax and the residual stream stay f32. Half the weight memory and about twice
     /// the GEMM rate of f32, at the accuracy of bf16 matrix products (the same as PyTorch's CPU

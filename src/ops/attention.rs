@@ -31,8 +31,8 @@ pub enum Products {
     /// f32 operands (the reference).
     F32,
     /// bf16 operands with f32 accumulation (the bf16 backend, as PyTorch's bf16 SDPA computes them): on
-    /// AMX tiles where the CPU has them (the values split in two bf16 parts), as `vdpbf16ps` vector code
-    /// where it has AVX512-BF16 without AMX (the values rounded once); elsewhere the f32 products run.
+    /// AMX tiles where the CPU has them, as `vdpbf16ps` vector code where it has AVX512-BF16 without AMX
+    /// (the values split in two bf16 parts either way); elsewhere the f32 products run.
     Bf16,
 }
 
@@ -1220,8 +1220,8 @@ mod tests {
     }
 
     /// The bf16 products (AMX tiles or `vdpbf16ps`, whichever the CPU has) against f64 attention on the
-    /// same bf16-rounded q and k, and v as the kernel takes it (unrounded where the tiles split it into
-    /// two bf16 parts, rounded where the vector code rounds it once): what remains is the
+    /// same bf16-rounded q and k (the values are split into two bf16 parts, so they enter unrounded):
+    /// what remains is the
     /// rounding of the probabilities to bf16 (2⁻⁹ relative each) and f32 sums, so the output is held to 2⁻⁸ of the values' scale and the log-sum-exp to 1e-5. Lengths cross
     /// the online softmax's chunks and the 32-key tiles; head dims pad to the tiles' 32 (24, 48, 80) or fill them; value widths
     /// differ; query blocks are ragged; one batch entry has no visible key.
@@ -1254,12 +1254,6 @@ mod tests {
             let q = bf(&uniform(&mut r, nq * d.head_dim, -1.0, 1.0));
             let k = bf(&uniform(&mut r, nk * d.head_dim, -1.0, 1.0));
             let v = uniform(&mut r, nk * d.v_head_dim, -1.0, 1.0);
-            #[cfg(target_arch = "x86_64")]
-            let v = if bf16::values_in_two_parts() {
-                v
-            } else {
-                bf(&v)
-            };
             let inp = AttentionInputs {
                 q: &q,
                 k: &k,

@@ -15,8 +15,8 @@
 //! `P·V` is two products: a value's rounding is not averaged out when a few keys carry a row's weight, and
 //! it was the larger part of the bf16 backend's error against f32 on NT-v2 (about 1.09e-2 of the hidden
 //! states with rounded values, 0.99e-2 split, 0.97e-2 with f32 attention), for tile work that is a small
-//! part of the kernel's time. The vector products read only `hi`, the values rounded to nearest
-//! ([`super::dot`] says why). The values and each block of 32 query rows, packed as B (`Qᵀ` in pairs of
+//! part of the kernel's time (the vector products read both parts too: [`super::dot`] says why). The
+//! values and each block of 32 query rows, packed as B (`Qᵀ` in pairs of
 //! head-dim entries), are transposed 16×16 in registers. Each query block goes over the keys in chunks of
 //! [`KEY_CHUNK`] with FlashAttention's online softmax:
 //! 1. the tiles write the chunk's scores `Sᵀ [KEY_CHUNK, 32]` in f32 (the head dim padded with zeros);
@@ -63,12 +63,8 @@ pub(super) fn plan(inp: &AttentionInputs<'_>, d: &AttentionDims) -> Option<Layou
         && d.scale.is_finite()
         && d.scale > 0.0
         && crate::ops::gemm_bf16::has_native_bf16();
-    runs.then(|| Layout::of(d, values_in_two_parts())).flatten()
-}
-
-/// Whether the forward takes the values in two bf16 parts (on the tiles), rather than rounded once.
-pub(super) fn values_in_two_parts() -> bool {
-    crate::ops::amx::available()
+    runs.then(|| Layout::of(d, crate::ops::amx::available()))
+        .flatten()
 }
 
 /// `x` rounded up to a multiple of 32 (the tiles' k step and block width).
@@ -290,7 +286,7 @@ pub(super) unsafe fn forward_head(
             }
             if !layout.tiles {
                 // SAFETY: (plan) AVX512-BF16 is present; the probabilities hold `len_pad / 2 ≥ ⌈len/2⌉`
-                // pair lines; each of the `dv` rows of `Vᵀ`'s rounded part (`n_pad / 2` words) holds words
+                // pair lines; each of the `dv` rows of both parts of `Vᵀ` (`n_pad / 2` words) holds words
                 // `j0 / 2..(j0 + len_pad) / 2`; `acc` is `dv_pad ≥ dv` rows of 32 lanes. The padding
                 // key of an odd chunk has a zero probability and a zero value.
                 unsafe {
@@ -298,6 +294,7 @@ pub(super) unsafe fn forward_head(
                         probs.as_ptr(),
                         len.div_ceil(2),
                         words(values_hi).add(j0 / 2),
+                        words(values_lo).add(j0 / 2),
                         n_pad / 2,
                         dv,
                         acc.as_mut_ptr(),

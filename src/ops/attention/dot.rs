@@ -6,11 +6,10 @@
 //! A block's 32 query rows lie in the lanes of two vectors. Each `vdpbf16ps` adds two bf16 products into
 //! every f32 lane: a pair of head-dim entries for the scores, a pair of keys for `P·V`. So a key's
 //! scores over a head dim of `Dk` take `Dk` instructions for the 32 rows (`Dk / 2` pairs, two vectors),
-//! against `2·Dk` f32 FMAs in the f32 lane kernel, and `P·V` half as many as in f32. The values enter
-//! rounded to bf16, as in PyTorch's bf16 SDPA, not in the two parts the tiles use: a second product would
-//! cost as much as the f32 one. On the NT-v2 250M benchmark (8 × 1,024 tokens, Zen 5) the attention op ran
-//! 1.4× faster than with both parts, and the hidden states moved from 1.38·10⁻² to 1.42·10⁻² of f32 (worst
-//! sequence; f32 attention: 1.36·10⁻², PyTorch bf16 against fp32: 1.96·10⁻²).
+//! against `2·Dk` f32 FMAs in the f32 lane kernel. The values enter in the two bf16 parts the tiles use
+//! (`v ≈ hi + lo`), so `P·V` takes as many instructions as in f32: rounded once, as PyTorch's bf16 SDPA
+//! does, the op ran 1.4× faster at NT-v2 shapes, but the tiny NT-v2 fixture's hidden states moved 1.09·10⁻²
+//! from f32, past the 10⁻² that `tests/embed.rs` holds the bf16 backend to (9.9·10⁻³ with two parts).
 
 use std::arch::x86_64::*;
 
@@ -75,19 +74,21 @@ pub(super) unsafe fn scores(
     }
 }
 
-/// `o[c·32 + r] (+)= Σ_l p[l·32 + r] ⊙ v[c·stride + l]` for value dims `c < dv` and rows `r < 32`, over
-/// `lines` pair lines of probabilities (two keys a word, rows in lanes) and `Vᵀ` rounded to bf16, rows
-/// `stride` words apart whose word `l` holds the same two keys. `o` is overwritten where `first`, added
-/// to otherwise.
+/// `o[c·32 + r] (+)= Σ_l p[l·32 + r] ⊙ (hi + lo)[c·stride + l]` for value dims `c < dv` and rows `r < 32`,
+/// over `lines` pair lines of probabilities (two keys a word, rows in lanes) and the two bf16 parts of
+/// `Vᵀ`, rows `stride` words apart whose word `l` holds the same two keys. `o` is overwritten where
+/// `first`, added to otherwise.
 ///
 /// # Safety
-/// AVX-512F and AVX512-BF16; `p` holds `32·lines` words, `v` `(dv − 1)·stride + lines` words, `o` `32·dv`
-/// values.
+/// AVX-512F and AVX512-BF16; `p` holds `32·lines` words, `hi` and `lo` `(dv − 1)·stride + lines` words
+/// each, `o` `32·dv` values.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bf16")]
 pub(super) unsafe fn values(
     p: *const u32,
     lines: usize,
-    v: *const u32,
+    hi: *const u32,
+    lo: *const u32,
     stride: usize,
     dv: usize,
     o: *mut f32,
@@ -98,23 +99,27 @@ pub(super) unsafe fn values(
         // SAFETY: columns c0.. of at most dv (caller's contract).
         c0 += unsafe {
             match dv - c0 {
-                w if w >= 12 => values_columns::<12>(p, lines, v, stride, c0, o, first),
-                w if w >= 4 => values_columns::<4>(p, lines, v, stride, c0, o, first),
-                _ => values_columns::<1>(p, lines, v, stride, c0, o, first),
+                w if w >= 8 => values_columns::<8>(p, lines, hi, lo, stride, c0, o, first),
+                w if w >= 4 => values_columns::<4>(p, lines, hi, lo, stride, c0, o, first),
+                _ => values_columns::<1>(p, lines, hi, lo, stride, c0, o, first),
             }
         };
     }
 }
 
-/// [`values`] for the `W` value dims from `c0`, their `2·W` accumulators in registers. Returns `W`.
+/// [`values`] for the `W` value dims from `c0`, their `2·W` accumulators in registers. Returns `W`. Eight
+/// dims at most: each reads two rows of `Vᵀ`, and with twelve (24 row addresses) the loop spilled them to
+/// the stack (NT-v2 shapes: the op 66 ms with twelve, 60 ms with eight).
 ///
 /// # Safety
 /// As [`values`], with `c0 + W ≤ dv`.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn values_columns<const W: usize>(
     p: *const u32,
     lines: usize,
-    v: *const u32,
+    hi: *const u32,
+    lo: *const u32,
     stride: usize,
     c0: usize,
     o: *mut f32,
@@ -129,17 +134,19 @@ unsafe fn values_columns<const W: usize>(
                 a[1] = _mm512_loadu_ps(o.add((c0 + c) * ROWS + LANES));
             }
         }
-        let word = |c: usize, l: usize| -> __m512bh {
-            std::mem::transmute(_mm512_set1_epi32(*v.add((c0 + c) * stride + l) as i32))
+        let word = |part: *const u32, c: usize, l: usize| -> __m512bh {
+            std::mem::transmute(_mm512_set1_epi32(*part.add((c0 + c) * stride + l) as i32))
         };
         for l in 0..lines {
             let p0: __m512bh = std::mem::transmute(_mm512_loadu_si512(p.add(l * ROWS).cast()));
             let p1: __m512bh =
                 std::mem::transmute(_mm512_loadu_si512(p.add(l * ROWS + LANES).cast()));
             for (c, a) in acc.iter_mut().enumerate() {
-                let vc = word(c, l);
-                a[0] = _mm512_dpbf16_ps(a[0], p0, vc);
-                a[1] = _mm512_dpbf16_ps(a[1], p1, vc);
+                for part in [hi, lo] {
+                    let vc = word(part, c, l);
+                    a[0] = _mm512_dpbf16_ps(a[0], p0, vc);
+                    a[1] = _mm512_dpbf16_ps(a[1], p1, vc);
+                }
             }
         }
         for (c, a) in acc.iter().enumerate() {
