@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use half::{bf16, f16};
-use memmap2::Mmap;
+use memmap2::{Mmap, MmapOptions};
+use rayon::prelude::*;
 use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 
@@ -105,11 +106,32 @@ pub fn index_tensors(bytes: &[u8], path: &Path) -> Result<TensorIndex> {
     Ok((tensors, meta.metadata().clone().unwrap_or_default()))
 }
 
+/// The index of the first NaN or infinity in `values`: blocks checked in parallel with a branch-free
+/// reduction (which vectorises), then the first bad block searched. Every weight passes through this at
+/// load: a scalar scan with an early exit, on one thread, was 16% of the samples of an NT-v2 250M `embed`
+/// of one short sequence.
+fn first_non_finite(values: &[f32]) -> Option<usize> {
+    const BLOCK: usize = 1 << 14;
+    let block = values
+        .par_chunks(BLOCK)
+        .position_first(|b| b.iter().fold(false, |bad, v| bad | !v.is_finite()))?;
+    let start = block * BLOCK;
+    values[start..]
+        .iter()
+        .position(|v| !v.is_finite())
+        .map(|i| start + i)
+}
+
 impl WeightFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: read-only map of a weights file that is not modified while we run.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        // SAFETY: read-only map of a weights file that is not modified while we run. Populated: every
+        // tensor the model reads is read at load (checked or copied), and one mapping call for all pages
+        // costs less than a fault per page. With the parallel check below, an NT-v2 250M `embed` of one
+        // short sequence (the fixed cost: load, check, bf16 copy) took 0.38–0.41 s instead of 0.45–0.49 s
+        // in f32 and 0.44–0.46 s instead of 0.49–0.59 s in bf16 (Zen 5, alternating, three runs each).
+        let map =
+            unsafe { MmapOptions::new().populate().map(&file) }.map_err(|e| Error::io(path, e))?;
         let (tensors, metadata) = index_tensors(&map, path)?;
         Ok(WeightFile {
             path: path.to_path_buf(),
@@ -258,7 +280,7 @@ impl ModelParams {
             // otherwise give all-NaN outputs without a word.
             for (fname, t) in &found {
                 let values = file.f32_view(t).expect("checked above");
-                if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                if let Some(i) = first_non_finite(values) {
                     return Err(Error::Tensor {
                         name: fname.clone(),
                         msg: format!(
@@ -282,7 +304,7 @@ impl ModelParams {
             let e = &layout.entries()[i];
             let dst = arena.f32_mut(&e.spec.name)?;
             file.read_into(fname, t, dst)?;
-            if let Some(j) = dst.iter().position(|v| !v.is_finite()) {
+            if let Some(j) = first_non_finite(dst) {
                 return Err(Error::Tensor {
                     name: fname.clone(),
                     msg: format!(
@@ -423,5 +445,36 @@ fn missing_tensor(file: &WeightFile, spec: &TensorSpec, candidates: &[String]) -
                 format!(", of similar names: {}", similar.join(", "))
             }
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_non_finite;
+
+    /// Against the scalar scan: nothing bad, one bad value in the first block, in a later block and in the
+    /// ragged last one, several (the first is found), each kind of non-finite value, and an empty slice.
+    #[test]
+    fn first_non_finite_matches_a_scan() {
+        let len = 3 * (1 << 14) + 123;
+        let clean: Vec<f32> = (0..len).map(|i| (i as f32).sin() * 1e30).collect();
+        assert_eq!(first_non_finite(&clean), None);
+        assert_eq!(first_non_finite(&[]), None);
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in [
+                vec![0],
+                vec![77],
+                vec![1 << 14],
+                vec![len - 1],
+                vec![40_000, 5, 20_000],
+            ] {
+                let mut x = clean.clone();
+                for &i in &at {
+                    x[i] = bad;
+                }
+                let want = x.iter().position(|v| !v.is_finite());
+                assert_eq!(first_non_finite(&x), want, "{bad} at {at:?}");
+            }
+        }
     }
 }
