@@ -207,17 +207,33 @@ pub(super) unsafe fn forward_head(
     // Vᵀ as A, `[dv_pad, n_pad]`: each value dim's entries over the keys, in two parts.
     let (values_hi, values_lo) = values.split_at_mut(dv_pad * n_pad);
     let values_lo = &mut values_lo[..dv_pad * n_pad];
-    // SAFETY: (caller) the AVX-512 features are present; `staging` is the layout's.
-    unsafe {
-        transpose_values(
-            staging,
-            [&mut *values_hi, &mut *values_lo],
-            &inp.v[ov..],
-            nh * dv,
-            (n, dv),
-            n_pad,
-        )
-    };
+    if layout.tiles {
+        // SAFETY: (caller) the AVX-512 features are present; `staging` is the layout's.
+        unsafe {
+            transpose_values(
+                staging,
+                [&mut *values_hi, &mut *values_lo],
+                &inp.v[ov..],
+                nh * dv,
+                (n, dv),
+                n_pad,
+            )
+        };
+    } else {
+        // The vector products read the values line-major instead: `⌈n/2⌉ ≤ n_pad / 2` lines of `dv_pad`
+        // words in each part (`dv_pad·n_pad` bf16 values).
+        // SAFETY: (plan) AVX512-BF16 is present; the visible keys' values lie inside v (checked
+        // inputs), and each part holds `n_pad / 2` lines of `dv_pad ≥ dv` words.
+        unsafe {
+            super::dot::pair_values(
+                [&mut *values_hi, &mut *values_lo].map(|part| part.as_mut_ptr().cast::<u32>()),
+                dv_pad,
+                &inp.v[ov..],
+                nh * dv,
+                (n, dv),
+            )
+        };
+    }
     let key_tiles = row_tiles(keys, dk_pad);
     let value_tiles = [row_tiles(values_hi, n_pad), row_tiles(values_lo, n_pad)];
     let c2 = d.scale * std::f32::consts::LOG2_E;
@@ -286,16 +302,16 @@ pub(super) unsafe fn forward_head(
             }
             if !layout.tiles {
                 // SAFETY: (plan) AVX512-BF16 is present; the probabilities hold `len_pad / 2 ≥ ⌈len/2⌉`
-                // pair lines; each of the `dv` rows of both parts of `Vᵀ` (`n_pad / 2` words) holds words
-                // `j0 / 2..(j0 + len_pad) / 2`; `acc` is `dv_pad ≥ dv` rows of 32 lanes. The padding
-                // key of an odd chunk has a zero probability and a zero value.
+                // pair lines; both value parts hold lines `j0 / 2..j0 / 2 + ⌈len/2⌉` (of ⌈n/2⌉, written by
+                // `pair_values`) of `dv_pad` words; `acc` is `dv_pad ≥ dv` rows of 32 lanes. The
+                // padding key of an odd chunk has a zero probability and a zero value.
                 unsafe {
                     super::dot::values(
                         probs.as_ptr(),
                         len.div_ceil(2),
-                        words(values_hi).add(j0 / 2),
-                        words(values_lo).add(j0 / 2),
-                        n_pad / 2,
+                        words(values_hi).add(j0 / 2 * dv_pad),
+                        words(values_lo).add(j0 / 2 * dv_pad),
+                        dv_pad,
                         dv,
                         acc.as_mut_ptr(),
                         j0 == 0,
@@ -555,10 +571,7 @@ impl Running {
         assert!(len <= len_pad && p.len() >= len_pad / 2 * BLOCK);
         // Word 2i of a pair line is key 2·line's lane i, word 2i+1 key 2·line+1's: the conversion puts
         // the first key in elements 0–15 and the second in 16–31.
-        let interleave = _mm512_set_epi16(
-            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
-            4, 19, 3, 18, 2, 17, 1, 16, 0,
-        );
+        let interleave = super::dot::pair_words();
         // SAFETY: key j's lanes are s[32j..32j+32], j < len; pair line l's words p[32l..32l+32],
         // l < len_pad / 2 (checked above).
         unsafe {

@@ -1,7 +1,8 @@
 //! The two products of the bf16 attention forward ([`super::bf16`]) as `vdpbf16ps` vector code, for CPUs
-//! with AVX512-BF16 but no AMX tiles (AMD Zen 4 and Zen 5): the same operands in the same layouts as the
-//! tiles read, so the rest of the kernel (packing, online softmax, output) is shared and the results
-//! agree with the tiles' to f32 summation order.
+//! with AVX512-BF16 but no AMX tiles (AMD Zen 4 and Zen 5). The scores read the keys and query pairs the
+//! tiles read; the values get a layout of their own ([`pair_values`]), so that one step of `P·V` reads
+//! each value dim of two keys from one line. The rest of the kernel (packing, online softmax, output) is
+//! shared.
 //!
 //! A block's 32 query rows lie in the lanes of two vectors. Each `vdpbf16ps` adds two bf16 products into
 //! every f32 lane: a pair of head-dim entries for the scores, a pair of keys for `P·V`. So a key's
@@ -12,6 +13,8 @@
 //! from f32, past the 10⁻² that `tests/embed.rs` holds the bf16 backend to (9.9·10⁻³ with two parts).
 
 use std::arch::x86_64::*;
+
+use crate::ops::simd::{prefetch_row, ROWS_AHEAD};
 
 /// Query rows of a block: the lanes of two vectors.
 const ROWS: usize = 32;
@@ -74,13 +77,13 @@ pub(super) unsafe fn scores(
     }
 }
 
-/// `o[c·32 + r] (+)= Σ_l p[l·32 + r] ⊙ (hi + lo)[c·stride + l]` for value dims `c < dv` and rows `r < 32`,
-/// over `lines` pair lines of probabilities (two keys a word, rows in lanes) and the two bf16 parts of
-/// `Vᵀ`, rows `stride` words apart whose word `l` holds the same two keys. `o` is overwritten where
-/// `first`, added to otherwise.
+/// `o[c·32 + r] (+)= Σ_l p[l·32 + r] ⊙ (hi + lo)[l·stride + c]` for value dims `c < dv` and rows `r < 32`,
+/// over `lines` pair lines of probabilities (two keys a word, rows in lanes) and the two bf16 parts of the
+/// values in [`pair_values`]'s layout, lines `stride` words apart whose word `c` holds the same two keys.
+/// `o` is overwritten where `first`, added to otherwise.
 ///
 /// # Safety
-/// AVX-512F and AVX512-BF16; `p` holds `32·lines` words, `hi` and `lo` `(dv − 1)·stride + lines` words
+/// AVX-512F and AVX512-BF16; `p` holds `32·lines` words, `hi` and `lo` `(lines − 1)·stride + dv` words
 /// each, `o` `32·dv` values.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bf16")]
@@ -99,7 +102,7 @@ pub(super) unsafe fn values(
         // SAFETY: columns c0.. of at most dv (caller's contract).
         c0 += unsafe {
             match dv - c0 {
-                w if w >= 8 => values_columns::<8>(p, lines, hi, lo, stride, c0, o, first),
+                w if w >= 12 => values_columns::<12>(p, lines, hi, lo, stride, c0, o, first),
                 w if w >= 4 => values_columns::<4>(p, lines, hi, lo, stride, c0, o, first),
                 _ => values_columns::<1>(p, lines, hi, lo, stride, c0, o, first),
             }
@@ -107,9 +110,7 @@ pub(super) unsafe fn values(
     }
 }
 
-/// [`values`] for the `W` value dims from `c0`, their `2·W` accumulators in registers. Returns `W`. Eight
-/// dims at most: each reads two rows of `Vᵀ`, and with twelve (24 row addresses) the loop spilled them to
-/// the stack (NT-v2 shapes: the op 66 ms with twelve, 60 ms with eight).
+/// [`values`] for the `W` value dims from `c0`, their `2·W` accumulators in registers. Returns `W`.
 ///
 /// # Safety
 /// As [`values`], with `c0 + W ≤ dv`.
@@ -135,7 +136,7 @@ unsafe fn values_columns<const W: usize>(
             }
         }
         let word = |part: *const u32, c: usize, l: usize| -> __m512bh {
-            std::mem::transmute(_mm512_set1_epi32(*part.add((c0 + c) * stride + l) as i32))
+            std::mem::transmute(_mm512_set1_epi32(*part.add(l * stride + c0 + c) as i32))
         };
         for l in 0..lines {
             let p0: __m512bh = std::mem::transmute(_mm512_loadu_si512(p.add(l * ROWS).cast()));
@@ -155,4 +156,80 @@ unsafe fn values_columns<const W: usize>(
         }
     }
     W
+}
+
+/// The word shuffle that turns `vcvtne2ps2bf16(second, first)` (16 bf16 of `first` in elements 0–15, of
+/// `second` in 16–31) into 16 pair words, word `i` holding element `i` of each: the layout of both the
+/// probabilities and [`pair_values`]'s values.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) fn pair_words() -> __m512i {
+    _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
+        19, 3, 18, 2, 17, 1, 16, 0,
+    )
+}
+
+/// The values of `n` keys (`[n, dv]`, rows `stride` apart in `v`) as [`values`] reads them: for each line
+/// `l < ⌈n/2⌉`, `hi[l·line + c]` holds dim `c` of keys `2l` and `2l + 1` rounded to bf16 (nearest even,
+/// as the tiles' values), `lo[l·line + c]` what that rounding left, rounded again (`v ≈ hi + lo`); a
+/// missing second key is zero. Words past `dv` in a line are not written. Two rows at a time, 16 dims a
+/// step: no transposes, unlike the tiles' `Vᵀ`.
+///
+/// # Safety
+/// AVX-512F, BW and BF16; `v` holds `(n − 1)·stride + dv` values when `n > 0`; `hi` and `lo` hold
+/// `(⌈n/2⌉ − 1)·line + dv` words each.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(super) unsafe fn pair_values(
+    [hi, lo]: [*mut u32; 2],
+    line: usize,
+    v: &[f32],
+    stride: usize,
+    (n, dv): (usize, usize),
+) {
+    let interleave = pair_words();
+    let widen =
+        |bits: __m256i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits)));
+    for l in 0..n.div_ceil(2) {
+        let (first, second) = (2 * l, 2 * l + 1);
+        for ahead in [first, second]
+            .map(|r| r + ROWS_AHEAD)
+            .into_iter()
+            .filter(|&r| r < n)
+        {
+            prefetch_row(&v[ahead * stride..][..dv]);
+        }
+        for c0 in (0..dv).step_by(16) {
+            let lanes = ((1u32 << (dv - c0).min(16)) - 1) as __mmask16;
+            // SAFETY (this step): rows `first` and, below n, `second` hold dims c0..c0 + 16 under the
+            // mask (caller); line l's words c0.. likewise.
+            unsafe {
+                let a = _mm512_maskz_loadu_ps(lanes, v.as_ptr().add(first * stride + c0));
+                let b = if second < n {
+                    _mm512_maskz_loadu_ps(lanes, v.as_ptr().add(second * stride + c0))
+                } else {
+                    _mm512_setzero_ps()
+                };
+                let rounded: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(b, a));
+                let (ra, rb) = (
+                    widen(_mm512_castsi512_si256(rounded)),
+                    widen(_mm512_extracti64x4_epi64::<1>(rounded)),
+                );
+                let rest: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(
+                    _mm512_sub_ps(b, rb),
+                    _mm512_sub_ps(a, ra),
+                ));
+                let at = l * line + c0;
+                _mm512_mask_storeu_epi32(
+                    hi.add(at).cast(),
+                    lanes,
+                    _mm512_permutexvar_epi16(interleave, rounded),
+                );
+                _mm512_mask_storeu_epi32(
+                    lo.add(at).cast(),
+                    lanes,
+                    _mm512_permutexvar_epi16(interleave, rest),
+                );
+            }
+        }
+    }
 }
