@@ -1221,10 +1221,10 @@ mod tests {
 
     /// The bf16 products (AMX tiles or `vdpbf16ps`, whichever the CPU has) against f64 attention on the
     /// same bf16-rounded q and k (the values are split into two bf16 parts, so they enter unrounded):
-    /// what remains is the
-    /// rounding of the probabilities to bf16 (2⁻⁹ relative each) and f32 sums, so the output is held to 2⁻⁸ of the values' scale and the log-sum-exp to 1e-5. Lengths cross
-    /// the online softmax's chunks and the 32-key tiles; head dims pad to the tiles' 32 (24, 48, 80) or fill them; value widths
-    /// differ; query blocks are ragged; one batch entry has no visible key.
+    /// what remains is the rounding of the probabilities to bf16 (2⁻⁹ relative each) and f32 sums, so the
+    /// output is held to 2⁻⁸ of the values' scale and the log-sum-exp to 1e-5. Lengths cross the online
+    /// softmax's chunks and the 32-key tiles; head dims pad to the tiles' 32 (24, 48, 80) or fill them;
+    /// value widths differ; query blocks are ragged; one batch entry has no visible key.
     #[test]
     fn bf16_products_match_f64_on_the_rounded_operands() {
         let dims = |b, h, lq, lk, dk, dv, scale: Option<f32>| AttentionDims {

@@ -1,8 +1,8 @@
 //! The attention forward with bf16 products, for the bf16 backend (`--dtype bf16`): both matrix products
 //! run on bf16 operands with f32 accumulation (PyTorch's bf16 SDPA rounds the same operands), as
 //! `tdpbf16ps` on AMX tiles where the CPU has them and as `vdpbf16ps` vector code ([`super::dot`])
-//! where it has AVX512-BF16 without AMX; the softmax runs in f32 on AVX-512. Both read the same buffers,
-//! so everything but the two products is shared.
+//! where it has AVX512-BF16 without AMX; the softmax runs in f32 on AVX-512. Both read the same keys,
+//! query pairs and probabilities and share everything but the two products and the values' layout.
 //!
 //! The products are computed transposed, `Sᵀ = K·Qᵀ` and `Oᵀ = Vᵀ·Pᵀ`, so that a block's 32 query rows lie
 //! in the lanes of two vectors, as in the f32 lane kernel: each row's running maximum and sum are
@@ -10,21 +10,21 @@
 //!
 //! One task is one head of one batch entry. Its visible keys (`[keys, Dk]`, 32 values a step with
 //! `vcvtne2ps2bf16`) and transposed values (`[Dv, keys]`) are converted once into row-major bf16, the A
-//! operands of the tiles
-//! ([`crate::ops::amx`]), zero-padded to multiples of 32. The values go in two parts, `v ≈ hi + lo`, and
-//! `P·V` is two products: a value's rounding is not averaged out when a few keys carry a row's weight, and
-//! it was the larger part of the bf16 backend's error against f32 on NT-v2 (about 1.09e-2 of the hidden
-//! states with rounded values, 0.99e-2 split, 0.97e-2 with f32 attention), for tile work that is a small
-//! part of the kernel's time (the vector products read both parts too: [`super::dot`] says why). The
-//! values and each block of 32 query rows, packed as B (`Qᵀ` in pairs of
-//! head-dim entries), are transposed 16×16 in registers. Each query block goes over the keys in chunks of
-//! [`KEY_CHUNK`] with FlashAttention's online softmax:
-//! 1. the tiles write the chunk's scores `Sᵀ [KEY_CHUNK, 32]` in f32 (the head dim padded with zeros);
+//! operands of the tiles ([`crate::ops::amx`]), zero-padded to multiples of 32; the vector products take
+//! the values line-major instead ([`super::dot::pair_values`]). The values go in two parts, `v ≈ hi + lo`,
+//! and `P·V` is two products: a value's rounding is not averaged out when a few keys carry a row's weight,
+//! and it was the larger part of the bf16 backend's error against f32 on NT-v2 (about 1.09e-2 of the
+//! hidden states with rounded values, 0.99e-2 split, 0.97e-2 with f32 attention), for tile work that is a
+//! small part of the kernel's time (the vector products read both parts too: [`super::dot`] says why).
+//! The tiles' values and each block of 32 query rows, packed as B (`Qᵀ` in pairs of head-dim entries),
+//! are transposed 16×16 in registers. Each query block goes over the keys in chunks of [`KEY_CHUNK`]
+//! ([`KEY_CHUNK_VECTORS`] for the vector products) with FlashAttention's online softmax:
+//! 1. the products write the chunk's scores `Sᵀ [chunk, 32]` in f32 (the head dim padded with zeros);
 //! 2. the running maximum `m` of each row (lane) is raised by the chunk's, and `P = 2^(c·S − m)`
 //!    (`c = scale·log₂e`) is rounded to bf16 straight into B's pair layout (`vcvtne2ps2bf16` of two keys,
 //!    then one word shuffle), zero past the chunk's last key;
 //! 3. the running output `Oᵀ [Dv, 32]`, f32 in memory, is rescaled by `2^(m_old − m_new)` per lane, and the
-//!    tiles add `Vᵀ·Pᵀ` to it (both parts of `Vᵀ`);
+//!    products add `Vᵀ·Pᵀ` to it (both parts of the values);
 //! 4. after the last chunk, `Oᵀ` is divided by the row sums lane-wise and turned into output rows by 16×16
 //!    register transposes and masked stores (a strided scalar gather before), as f32 or, for the bf16
 //!    backend, whose output projection reads bf16, rounded to bf16 in the same store.
