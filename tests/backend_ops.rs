@@ -10,7 +10,8 @@
 //! - f32 outputs (statistics, log-sum-exp, parameter gradients, losses): a relative bound per case, or twice
 //!   the bf16-storage reference's error where an f32 output is computed from a rounded intermediate;
 //! - f32 activations (the CPU with bf16 weights): the case's bound, at least 1e-5 of the scale (sums in
-//!   another order); attention's outputs there have bf16 product operands, so the bf16 criterion.
+//!   another order); attention's outputs there have bf16 product operands, and linear layers' inputs
+//!   (`Role::LinearInput`) are stored in bf16, so the bf16 criterion.
 //!
 //! Outputs that an op adds into start from random values, so "adds" is tested too. The CPU backend itself
 //! is checked against naive f64 code and finite differences in `src/ops`. A last check asserts that the
@@ -43,6 +44,12 @@ enum Op {
         dims: LinearDims,
         dx: bool,
         bias: bool,
+    },
+    /// `keep_pre` false: only `out` is defined afterwards (a fused backend leaves `pre` unwritten), so
+    /// `pre` is a scratch of the run rather than a compared output.
+    LinearSwiglu {
+        dims: LinearDims,
+        keep_pre: bool,
     },
     Add {
         n: usize,
@@ -282,6 +289,20 @@ fn case(name: impl Into<String>, op: Op, seed: u64) -> Case {
             ],
             1e-5,
         ),
+        Op::LinearSwiglu { dims: d, keep_pre } => {
+            // `out` feeds the next linear layer, as in the models: bf16 where weights are.
+            let out = g.out("out", Role::LinearInput, d.rows * d.d_out / 2);
+            let outs = if *keep_pre {
+                vec![g.out("pre", A, d.rows * d.d_out), out]
+            } else {
+                vec![out]
+            };
+            (
+                vec![g.act(d.rows * d.d_in), g.weight(d.d_out * d.d_in, d.d_in)],
+                outs,
+                1e-5,
+            )
+        }
         Op::LinearBackward { dims: d, dx, bias } => {
             let mut outs = vec![];
             if *dx {
@@ -738,6 +759,15 @@ fn run<B: Backend>(b: &B, c: &Case, fwd: Option<&Run>) -> Run {
             Op::LinearAct { dims, act } => {
                 b.linear_act(next(), next(), i[0], i[1], i[2], *act, *dims)
             }
+            Op::LinearSwiglu { dims, keep_pre } => {
+                let mut scratch = Tensor::new(b, A, dims.rows * dims.d_out).unwrap();
+                let pre = if *keep_pre {
+                    next()
+                } else {
+                    scratch.view_mut()
+                };
+                b.linear_swiglu(pre, next(), i[0], i[1], *dims, *keep_pre)
+            }
             Op::LinearBackward { dims, dx, bias } => {
                 let dx = dx.then(&mut next);
                 let dw = next();
@@ -978,6 +1008,22 @@ fn cases() -> Vec<Case> {
             d_out: 37,
         };
         add(format!("linear_act {act:?}"), Op::LinearAct { dims, act });
+    }
+    // Ragged halves (45 of a 64-column strip pair), and a product wider than one bf16 GEMM task.
+    for (rows, d_in, width) in [(7, 48, 45), (50, 33, 300)] {
+        for keep_pre in [true, false] {
+            add(
+                format!("linear_swiglu {rows}x{d_in}→2·{width} keep_pre={keep_pre}"),
+                Op::LinearSwiglu {
+                    dims: LinearDims {
+                        rows,
+                        d_in,
+                        d_out: 2 * width,
+                    },
+                    keep_pre,
+                },
+            );
+        }
     }
     for act in [Act::GeluErf, Act::GeluSigmoid, Act::Relu, Act::Softplus] {
         add(
@@ -1272,10 +1318,12 @@ fn check_backend<B: Backend>(b: &B) -> usize {
         let want = run(&cpu, c, fwd.as_ref());
         let ref_rounded = run(&rounded, c, fwd.as_ref());
         let got = run(b, c, fwd.as_ref());
-        // With bf16 weights, attention's products take bf16 operands (the probabilities are rounded):
-        // its outputs are held to the bf16 criterion.
+        // With bf16 weights, attention's products take bf16 operands (the probabilities are rounded),
+        // and the inputs of linear layers (`Role::LinearInput`) are stored in bf16: those cases are held
+        // to the bf16 criterion.
         let bf16_products = b.weight_dtype() == isoformer_engine::DType::BF16
-            && matches!(c.op, Op::Attention { .. });
+            && (matches!(c.op, Op::Attention { .. })
+                || c.outputs.iter().any(|o| o.role == Role::LinearInput));
         let ratio = compare(
             c,
             &b.name(),

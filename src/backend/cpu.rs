@@ -829,6 +829,33 @@ impl Backend for CpuBackend {
         )
     }
 
+    fn linear_swiglu(
+        &self,
+        mut pre: ViewMut<'_, Self>,
+        out: ViewMut<'_, Self>,
+        x: View<'_, Self>,
+        w: View<'_, Self>,
+        dims: LinearDims,
+        keep_pre: bool,
+    ) -> Result<()> {
+        use ops::gemm_bf16::{GemmOut, Lhs};
+        const OP: &str = "linear_swiglu";
+        // Fused where the two-step form would round nothing in between (`pre` f32, `out` bf16), so the
+        // output is the same bits either way.
+        let fused = !keep_pre
+            && (pre.dtype(), out.dtype(), w.dtype()) == (DType::F32, DType::BF16, DType::BF16)
+            && matches!(x.dtype(), DType::F32 | DType::BF16);
+        if !fused {
+            self.linear_fwd(OP, pre.rb(), x, w, None, dims)?;
+            return self.swiglu(out, pre.view(), dims.d_out / 2);
+        }
+        let x = match x.dtype() {
+            DType::BF16 => Lhs::Bf16(bf16s(x)),
+            _ => Lhs::F32(exact(OP, "x", x)?),
+        };
+        ops::matmul::linear_bf16_weights(GemmOut::SwiGlu { c: bf16s_mut(out) }, x, bf16s(w), dims)
+    }
+
     fn swiglu(&self, out: ViewMut<'_, Self>, u: View<'_, Self>, width: usize) -> Result<()> {
         let u = self.f32s("swiglu", "u", u)?;
         with_output!(self.output("swiglu", "out", out)?, |o| {

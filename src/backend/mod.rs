@@ -236,6 +236,24 @@ pub trait Backend: Sized {
     ) -> Result<()>;
     /// SwiGLU on rows `[gate | value]` of `u [rows, 2·width]`: `out = silu(gate)·value`.
     fn swiglu(&self, out: ViewMut<'_, Self>, u: View<'_, Self>, width: usize) -> Result<()>;
+    /// A SwiGLU feed-forward's input projection: `pre = x·Wᵀ` (`[rows, d_out]`, the gate half then the
+    /// value half; no bias) and `out = swiglu(pre)` (`[rows, d_out/2]`). With `keep_pre` false the caller
+    /// will not read `pre` (an inference forward), and a backend may leave it unwritten: the bf16 CPU
+    /// backend then keeps each block of the product in cache and writes only `out`, the same values. By
+    /// default, [`Backend::linear`] then [`Backend::swiglu`].
+    fn linear_swiglu(
+        &self,
+        mut pre: ViewMut<'_, Self>,
+        out: ViewMut<'_, Self>,
+        x: View<'_, Self>,
+        w: View<'_, Self>,
+        dims: LinearDims,
+        keep_pre: bool,
+    ) -> Result<()> {
+        let _ = keep_pre;
+        self.linear(pre.rb(), x, w, None, dims)?;
+        self.swiglu(out, pre.view(), dims.d_out / 2)
+    }
     fn swiglu_backward(
         &self,
         du: ViewMut<'_, Self>,

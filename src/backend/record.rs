@@ -672,6 +672,21 @@ impl Backend for RecordingBackend {
         self.touch([Some(up(&a0)), Some(rd(&a1)), Some(rd(&a2))]);
         Ok(())
     }
+    /// One op, so that `out` lives alongside `x` and `pre`: a fused backend reads `x` while it writes
+    /// `out` (recorded as the default's two ops, `out` could share memory with `x`, last read by the first).
+    fn linear_swiglu(
+        &self,
+        a0: ViewMut<'_, Self>,
+        a1: ViewMut<'_, Self>,
+        a2: View<'_, Self>,
+        a3: View<'_, Self>,
+        dims: LinearDims,
+        _: bool,
+    ) -> Result<()> {
+        self.touch([Some(wr(&a0)), Some(wr(&a1)), Some(rd(&a2)), Some(rd(&a3))]);
+        self.count(linear_flops(&dims));
+        Ok(())
+    }
     fn swiglu(&self, a0: ViewMut<'_, Self>, a1: View<'_, Self>, _: usize) -> Result<()> {
         self.touch([Some(wr(&a0)), Some(rd(&a1))]);
         Ok(())

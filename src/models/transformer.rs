@@ -591,6 +591,7 @@ impl TransformerEncoder {
                 pl.kv_lens.view(),
                 rope,
                 (pl.batch, pl.len),
+                pl.saving != Saving::Inference,
             )?;
         }
         let last = match pl.saving {
@@ -610,7 +611,8 @@ impl TransformerEncoder {
     }
 
     /// One layer: `mid = x_in + Attn(LN₁(x_in))·W_oᵀ + b_o`, then `x_out = mid + FFN(LN₂(mid))`, saving
-    /// what the backward reads in `la`. Without `x_out` (a recompute in the backward) it stops once every
+    /// what the backward reads in `la` where `keep` (else a backend may skip what only the backward reads,
+    /// such as the SwiGLU pre-activation). Without `x_out` (a recompute in the backward) it stops once every
     /// saved activation is written: the FFN's output projection and the residual add are not needed.
     fn layer_forward<B: Backend>(
         &self,
@@ -624,6 +626,7 @@ impl TransformerEncoder {
         kv_lens: View<'_, B>,
         rope: Rope<'_, B>,
         (batch, len): (usize, usize),
+        keep: bool,
     ) -> Result<()> {
         let cfg = &self.cfg;
         let (n, h, hd) = (batch * len, cfg.hidden, cfg.head_dim());
@@ -703,14 +706,14 @@ impl TransformerEncoder {
                 )?;
             }
             FeedForward::SwiGlu => {
-                b.linear(
+                b.linear_swiglu(
                     la.ffn_pre.view_mut(),
+                    la.ffn_act.view_mut(),
                     la.ln2.view(),
                     p[lp.ffn_in.0],
-                    None,
                     ffn_in,
+                    keep,
                 )?;
-                b.swiglu(la.ffn_act.view_mut(), la.ffn_pre.view(), cfg.ffn_dim)?;
             }
         }
         let Some(x_out) = x_out else {
@@ -812,6 +815,7 @@ impl TransformerEncoder {
                     pl.kv_lens.view(),
                     Rope { cos, sin },
                     (batch, len),
+                    true,
                 )?;
                 &pl.layers[0]
             } else {

@@ -316,6 +316,13 @@ impl Activation for Softplus {
     }
 }
 
+/// `silu(gate) · value`, the one formula of SwiGLU's forward: [`swiglu`] and the bf16 GEMM's SwiGLU
+/// output ([`super::gemm_bf16::GemmOut::SwiGlu`]) give the same bits.
+#[inline(always)]
+pub(crate) fn swiglu_value(gate: f32, value: f32) -> f32 {
+    gate * sigmoid(gate) * value
+}
+
 /// SwiGLU on rows of `[gate | value]`: `u` is `[rows, 2·width]`, `out[r, j] = silu(u[r, j]) · u[r, width + j]`,
 /// written as f32 or rounded once to bf16 ([`OutElem`]).
 pub fn swiglu<O: OutElem>(out: &mut [O], u: &[f32], width: usize) -> Result<()> {
@@ -337,7 +344,7 @@ pub fn swiglu<O: OutElem>(out: &mut [O], u: &[f32], width: usize) -> Result<()> 
                 #[inline(always)]
                 || {
                     for ((o, &g), &v) in o.iter_mut().zip(gate).zip(value) {
-                        *o = O::from_f32(g * sigmoid(g) * v);
+                        *o = O::from_f32(swiglu_value(g, v));
                     }
                 },
             );

@@ -1,6 +1,6 @@
 //! bf16 GEMM with f32 accumulation on the CPU: `C = A·B` with bf16 `A [m, k]` and `B [k, n]` (any strides),
 //! written as f32 (overwritten or accumulated) or rounded once to bf16, either with an optional f32 bias
-//! added as the sums are written.
+//! added as the sums are written, or passed through SwiGLU on its way out ([`GemmOut::SwiGlu`]).
 //!
 //! Three kernels, chosen per call by [`Bf16Kernel::for_shape`]:
 //! - **AMX** ([`amx`], Sapphire Rapids and later, where Linux grants the tile state): `tdpbf16ps` on
@@ -45,20 +45,30 @@ pub enum GemmOut<'a> {
         c: &'a mut [bf16],
         bias: Option<&'a [f32]>,
     },
+    /// bf16 SwiGLU of a product whose `n` columns are a gate half and a value half: `c` is `m × n/2`,
+    /// `c[i, j] = round(swiglu(g, v))` with `g = (A·B)[i, j]` and `v = (A·B)[i, n/2 + j`]
+    /// ([`crate::ops::elementwise::swiglu_value`], the same bits as [`crate::ops::elementwise::swiglu`]
+    /// of the f32 product). The product itself is never stored: each task's block of it stays in the
+    /// task's scratch, which saves a SwiGLU feed-forward's widest activation (NT-v2: `[rows, 6,144]` f32)
+    /// a write and a read.
+    SwiGlu { c: &'a mut [bf16] },
 }
 
 impl GemmOut<'_> {
-    pub(crate) fn len(&self) -> usize {
+    /// The values of the product `A·B` this output takes (twice its own for [`GemmOut::SwiGlu`]).
+    pub(crate) fn product_len(&self) -> usize {
         match self {
             GemmOut::F32 { c, .. } => c.len(),
             GemmOut::Bf16 { c, .. } => c.len(),
+            GemmOut::SwiGlu { c } => 2 * c.len(),
         }
     }
 
-    /// The bias added as the sums are written, of either output kind.
+    /// The bias added as the sums are written (none for SwiGLU).
     pub(crate) fn bias(&self) -> Option<&[f32]> {
         match self {
             GemmOut::F32 { bias, .. } | GemmOut::Bf16 { bias, .. } => *bias,
+            GemmOut::SwiGlu { .. } => None,
         }
     }
 }
@@ -184,11 +194,27 @@ pub(crate) fn gemm_bf16(
     let mn = m
         .checked_mul(n)
         .ok_or_else(|| Error::invalid(OP, format!("{m} × {n} outputs overflow")))?;
-    if out.len() != mn {
+    if out.product_len() != mn {
         return Err(Error::shape(
             OP,
-            format!("output has {} values, expected {mn}", out.len()),
+            format!(
+                "output takes {} product values, expected {mn}",
+                out.product_len()
+            ),
         ));
+    }
+    if let GemmOut::SwiGlu { .. } = out {
+        // The value half is read from column n/2 on: whole halves, and strides that step forwards.
+        if n % 2 != 0 || bv.rs < 0 || bv.cs < 0 {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "SwiGLU needs an even number of columns and non-negative strides, b is {k}×{n} \
+                     (strides {}, {})",
+                    bv.rs, bv.cs
+                ),
+            ));
+        }
     }
     if let Some(bias) = out.bias() {
         if bias.len() != n {
@@ -214,13 +240,13 @@ pub(crate) fn gemm_bf16(
         Bf16Kernel::Amx => unsafe { amx::gemm(out, a, av, b, bv) },
         #[cfg(target_arch = "x86_64")]
         Bf16Kernel::Avx512Bf16 => avx512::gemm(out, a, av, b, bv),
-        _ => portable_gemm(out, a, av, b, bv),
+        _ => portable_gemm(out, a, av, b, bv)?,
     }
     Ok(())
 }
 
 /// Widens both operands to f32 (exactly) and runs the f32 GEMM.
-fn portable_gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv: View) {
+fn portable_gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv: View) -> Result<()> {
     let widen = |x: &[bf16]| -> Vec<f32> { x.par_iter().map(|v| v.to_f32()).collect() };
     let a32 = match a {
         Lhs::Bf16(a) => widen(a),
@@ -246,7 +272,13 @@ fn portable_gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv: View) {
             gemm_views(&mut c32, cv, false, &a32, av, &b32, bv, None);
             round_rows(c, &c32, bv.cols, bias);
         }
+        GemmOut::SwiGlu { c } => {
+            let mut c32 = vec![0.0f32; 2 * c.len()];
+            gemm_views(&mut c32, cv, false, &a32, av, &b32, bv, None);
+            super::elementwise::swiglu(c, &c32, bv.cols / 2)?;
+        }
     }
+    Ok(())
 }
 
 /// `c[r, j] = bf16(src[r, j] + bias[j])` for rows of `cols` values.
@@ -295,6 +327,22 @@ mod tests {
             .collect()
     }
 
+    /// B's layouts (`[k, n]`, b holding `(k + 1)·n` values): rows, columns, and columns padded to stride
+    /// k + 1 (a slice of a wider weight; an even stride takes the packer's word-transpose path, odd k
+    /// included).
+    fn b_layouts(k: usize, n: usize) -> [View; 3] {
+        [
+            View::row_major(k, n, false),
+            View::row_major(k, n, true),
+            View {
+                rows: k,
+                cols: n,
+                rs: 1,
+                cs: (k + 1) as isize,
+            },
+        ]
+    }
+
     /// Every edge case of the packing (ragged m and n, odd k, k across several blocks, transposed
     /// operands, B columns at a padded stride, bf16 and f32 left operands, A read in place) and of the
     /// output (through the scratch, or in place from zero, its own values or the bias), on every kernel
@@ -318,21 +366,9 @@ mod tests {
             (100, 1100, 130),
         ];
         for &(m, n, k) in &shapes {
-            // B's layouts: rows, columns, and columns padded to stride k + 1 (a slice of a wider
-            // weight; an even stride takes the packer's word-transpose path, odd k included).
-            let b_layouts = [
-                View::row_major(k, n, false),
-                View::row_major(k, n, true),
-                View {
-                    rows: k,
-                    cols: n,
-                    rs: 1,
-                    cs: (k + 1) as isize,
-                },
-            ];
             for (ta, bv) in [false, true]
                 .into_iter()
-                .flat_map(|ta| b_layouts.map(|bv| (ta, bv)))
+                .flat_map(|ta| b_layouts(k, n).map(|bv| (ta, bv)))
             {
                 let tb = bv.rs == 1;
                 // f32 values that bf16 cannot hold: packed as `Lhs::F32` they are rounded, so both
@@ -414,6 +450,67 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The SwiGLU output is bit for bit SwiGLU of the f32 product (which the test above checks against
+    /// f64): ragged halves (a last strip of each half only partly used), odd k, k past one k-block,
+    /// products wider than one task, B in rows, in columns and in columns at a padded stride, bf16 and f32
+    /// left operands, on every kernel this CPU runs.
+    #[test]
+    fn swiglu_output_is_swiglu_of_the_f32_product() {
+        let mut rng = rng(11);
+        for &(m, width, k) in &[
+            (1, 1, 1),
+            (13, 33, 7),
+            (50, 45, 385),
+            (40, 70, 1090),
+            (100, 600, 130),
+            (96, 256, 64),
+        ] {
+            let n = 2 * width;
+            for bv in b_layouts(k, n) {
+                let a32 = uniform(&mut rng, m * k, -1.0, 1.0);
+                let a: Vec<bf16> = a32.iter().map(|&v| bf16::from_f32(v)).collect();
+                let b = random_bf16(&mut rng, (k + 1) * n);
+                let av = View::row_major(m, k, false);
+                for &kernel in Bf16Kernel::available() {
+                    for lhs in [Lhs::Bf16(&a), Lhs::F32(&a32)] {
+                        let mut product = vec![f32::NAN; m * n];
+                        let out = GemmOut::F32 {
+                            c: &mut product,
+                            accumulate: false,
+                            bias: None,
+                        };
+                        gemm_bf16(out, lhs, av, &b, bv, Some(kernel)).unwrap();
+                        let mut want = vec![bf16::ZERO; m * width];
+                        crate::ops::elementwise::swiglu(&mut want, &product, width).unwrap();
+                        let mut got = vec![bf16::NAN; m * width];
+                        let out = GemmOut::SwiGlu { c: &mut got };
+                        gemm_bf16(out, lhs, av, &b, bv, Some(kernel)).unwrap();
+                        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                            assert_eq!(
+                                g.to_bits(),
+                                w.to_bits(),
+                                "{m}×{n}×{k} cs={} {kernel:?} [{i}]: {g} vs {w}",
+                                bv.cs
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        // An odd number of product columns has no halves.
+        let (a, b) = (vec![bf16::ONE; 4], vec![bf16::ONE; 6]);
+        let mut c = vec![bf16::ZERO; 3];
+        let err = gemm_bf16(
+            GemmOut::SwiGlu { c: &mut c },
+            Lhs::Bf16(&a),
+            View::row_major(2, 2, false),
+            &b,
+            View::row_major(2, 3, false),
+            None,
+        );
+        assert!(err.is_err());
     }
 
     #[test]

@@ -351,7 +351,9 @@ pub fn matmul_bf16(c: &mut [bf16], a: &[bf16], b: &[bf16], d: MatmulDims) -> Res
 
 /// A linear layer on bf16 weights, with f32 accumulation and an f32 bias:
 /// - `x` bf16 and `y` bf16: `y = bf16(x·Wᵀ + bias)`;
-/// - `x` f32 and `y` f32: `y = bf16(x)·Wᵀ + bias`, the activations rounded to bf16 as they are packed.
+/// - `x` f32 and `y` f32: `y = bf16(x)·Wᵀ + bias`, the activations rounded to bf16 as they are packed;
+/// - `y` SwiGLU ([`super::gemm_bf16::GemmOut::SwiGlu`], `d_out` even, no bias): `y = swiglu(x·Wᵀ)`,
+///   `[rows, d_out/2]` in bf16, with the product kept out of memory.
 pub fn linear_bf16_weights(
     y: super::gemm_bf16::GemmOut<'_>,
     x: super::gemm_bf16::Lhs<'_>,
@@ -360,7 +362,7 @@ pub fn linear_bf16_weights(
 ) -> Result<()> {
     let md = d.as_matmul();
     d.check_bias("linear", y.bias().map(<[f32]>::len))?;
-    let y_len = y.len();
+    let y_len = y.product_len();
     let (sx, sw, sy) = md.checked_sizes("linear")?;
     check_len("linear", "x", x.len(), sx)?;
     check_len("linear", "w", w.len(), sw)?;

@@ -19,7 +19,8 @@ use rayon::prelude::*;
 use half::bf16;
 
 use super::shared::{
-    for_each_block, pack_b, zero_product, Block, Dest, Output, NR, PACKED_A, PACKED_B,
+    computed_columns, for_each_block, pack_b, zero_product, Block, Dest, Output, NR, PACKED_A,
+    PACKED_B,
 };
 use super::{GemmOut, Lhs, View};
 use crate::ops::amx::{block_32x32, ATiles, Tiles, BLOCK, TILE_K, TILE_ROWS};
@@ -34,6 +35,8 @@ const KC: usize = 1024;
 const MC: usize = 256;
 /// Columns per task (a multiple of [`NR`]).
 const NC: usize = 256;
+// A SwiGLU output's blocks must hold whole pairs of gate and value strips (`computed_columns`).
+const _: () = assert!(NC.is_multiple_of(2 * NR));
 
 /// Packs all of A into tiles: strip `s` (rows `16s..16s+16`, zero past m) is `steps` tiles of 16 rows ×
 /// 32 k (zero past k), f32 values rounded to bf16.
@@ -111,8 +114,10 @@ pub(super) unsafe fn gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv
     }
     let steps = k.div_ceil(TILE_K);
     let pairs = steps * TILE_K / 2;
-    let mut packed_b = PACKED_B.take(n.div_ceil(NR) * pairs * NR * 2 * 2);
-    pack_b(bytemuck::cast_slice_mut(&mut packed_b), b, bv, pairs);
+    // The product's columns as computed: B's, or for SwiGLU gate and value strips side by side.
+    let columns = computed_columns(&out, n);
+    let mut packed_b = PACKED_B.take(columns.div_ceil(NR) * pairs * NR * 2 * 2);
+    pack_b(bytemuck::cast_slice_mut(&mut packed_b), &out, b, bv, pairs);
     // Contiguous bf16 rows that need no padding are read in place; anything else is packed.
     let in_place = in_place(a, av);
     let a_tiles = m.div_ceil(MR) * MR / TILE_ROWS * steps;
@@ -176,7 +181,16 @@ pub(super) unsafe fn gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv
     // in L2, 0.78–1.03× (median 0.93×).
     let output_in_place = steps <= KC / TILE_K;
     // SAFETY: AMX implies the AVX-512 features (checked with it, `has_native_bf16`).
-    unsafe { for_each_block(&output, (m, n), (MC, NC), (MR, NR), output_in_place, fill) };
+    unsafe {
+        for_each_block(
+            &output,
+            (m, columns),
+            (MC, NC),
+            (MR, NR),
+            output_in_place,
+            fill,
+        )
+    };
     PACKED_A.give_back(packed_a);
     PACKED_B.give_back(packed_b);
 }

@@ -8,7 +8,8 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::shared::{
-    for_each_block, pack_b, zero_product, Block, Dest, Output, NR, PACKED_A, PACKED_B,
+    computed_columns, for_each_block, pack_b, zero_product, Block, Dest, Output, NR, PACKED_A,
+    PACKED_B,
 };
 use super::{GemmOut, Lhs, View};
 use crate::ops::amx::Init;
@@ -25,6 +26,8 @@ const KP: usize = 512;
 const MC: usize = 48;
 /// Columns per task (a multiple of [`NR`]).
 const NC: usize = 512;
+// A SwiGLU output's blocks must hold whole pairs of gate and value strips (`computed_columns`).
+const _: () = assert!(NC.is_multiple_of(2 * NR));
 
 /// Packs A into `packed` (every element of its first ⌈m/MR⌉ strips written, except whole strips when
 /// `whole_in_place`: the kernel reads those from A itself): strip `s` holds rows `s·MR..s·MR+MR` (padded
@@ -212,8 +215,10 @@ pub(super) fn gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv: View)
         // k = 0: the product is zero.
         return zero_product(out, n);
     }
-    let mut packed_b = PACKED_B.take(n.div_ceil(NR) * pairs * NR * 2 * 2);
-    pack_b(bytemuck::cast_slice_mut(&mut packed_b), b, bv, pairs);
+    // The product's columns as computed: B's, or for SwiGLU gate and value strips side by side.
+    let columns = computed_columns(&out, n);
+    let mut packed_b = PACKED_B.take(columns.div_ceil(NR) * pairs * NR * 2 * 2);
+    pack_b(bytemuck::cast_slice_mut(&mut packed_b), &out, b, bv, pairs);
     // Whole strips of contiguous bf16 rows with whole pairs are read in place, unless the row stride
     // crowds a strip's rows into few L1 sets.
     let rows_in_place = match a {
@@ -278,7 +283,16 @@ pub(super) fn gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv: View)
     // In place only where one k-block covers k, as in the AMX kernel: later k-blocks would reload their
     // sums from the output rather than from the scratch in L2.
     let output_in_place = pairs <= KP;
-    unsafe { for_each_block(&output, (m, n), (MC, NC), (MR, NR), output_in_place, fill) };
+    unsafe {
+        for_each_block(
+            &output,
+            (m, columns),
+            (MC, NC),
+            (MR, NR),
+            output_in_place,
+            fill,
+        )
+    };
     PACKED_A.give_back(packed_a);
     PACKED_B.give_back(packed_b);
 }

@@ -65,18 +65,45 @@ fn at(x: &[bf16], v: View, i: usize, j: usize) -> u16 {
     }
 }
 
-/// Packs all of B (`pairs ≥ ⌈k/2⌉`; the pairs past k are zero): strip `s` holds, for each pair `p`,
-/// columns `s·NR..s·NR+NR` as `(b[2p][j], b[2p+1][j])` u16 pairs, one little-endian u32 word a column
-/// (128 bytes a pair). Written a word at a time so that the loops vectorise.
-pub(super) fn pack_b(packed: &mut [u32], b: &[bf16], bv: View, pairs: usize) {
+/// The columns of the product the kernels compute, in the order [`pack_b`] packs B's strips: B's own `n`,
+/// or for a SwiGLU output ([`Output::new`]) each [`NR`]-column strip of the gate half followed by the same
+/// strip of the value half, both halves padded to whole strips. Tasks' blocks start on multiples of 64
+/// columns and span multiples of 64 (the kernels' `NC` are), so each holds both halves of its outputs.
+pub(super) fn computed_columns(out: &GemmOut<'_>, n: usize) -> usize {
+    match out {
+        GemmOut::SwiGlu { .. } => 2 * (n / 2).div_ceil(NR) * NR,
+        _ => n,
+    }
+}
+
+/// Packs all of B (`pairs ≥ ⌈k/2⌉`; the pairs past k are zero) for `out` ([`computed_columns`]): strip `s`
+/// holds, for each pair `p`, NR columns as `(b[2p][j], b[2p+1][j])` u16 pairs, one little-endian u32 word
+/// a column (128 bytes a pair): columns `s·NR..s·NR+NR`, or for a SwiGLU output those of strip `s/2` of the
+/// gate half (even `s`) or of the value half (odd `s`). Written a word at a time so that the loops
+/// vectorise.
+pub(super) fn pack_b(packed: &mut [u32], out: &GemmOut<'_>, b: &[bf16], bv: View, pairs: usize) {
     let n = bv.cols;
     let strip_len = pairs * NR;
+    let glu = matches!(out, GemmOut::SwiGlu { .. });
+    let half = View { cols: n / 2, ..bv };
+    // The value half from column n/2 on (`gemm_bf16` checked that the strides are not negative).
+    let values = if glu {
+        &b[(n / 2) * bv.cs as usize..]
+    } else {
+        b
+    };
     packed
         .par_chunks_mut(strip_len.max(1))
-        .take(n.div_ceil(NR))
+        .take(computed_columns(out, n).div_ceil(NR))
         .enumerate()
         // SAFETY: both native kernels (the only callers) need the AVX-512 features.
-        .for_each(|(s, strip)| unsafe { pack_b_strip(strip, s, b, bv) });
+        .for_each(|(s, strip)| unsafe {
+            match (glu, s % 2) {
+                (false, _) => pack_b_strip(strip, s, b, bv),
+                (true, 0) => pack_b_strip(strip, s / 2, b, half),
+                (true, _) => pack_b_strip(strip, s / 2, values, half),
+            }
+        });
 }
 
 /// Strip `s` of [`pack_b`], compiled for AVX-512 so that the interleaving loops vectorise.
@@ -180,14 +207,17 @@ pub(super) struct Output<'a> {
     bf16s: *mut bf16,
     accumulate: bool,
     bias: Option<&'a [f32]>,
-    /// Columns of the whole output.
+    /// Columns of the whole output (for SwiGLU, half the product's).
     n: usize,
+    /// SwiGLU of gate and value strips side by side ([`computed_columns`]).
+    glu: bool,
 }
 // SAFETY: every task writes a disjoint set of output rows × columns (its own block).
 unsafe impl Send for Output<'_> {}
 unsafe impl Sync for Output<'_> {}
 
 impl<'a> Output<'a> {
+    /// `out` for a product of `n` columns.
     pub(super) fn new(out: GemmOut<'a>, n: usize) -> Self {
         match out {
             GemmOut::F32 {
@@ -200,6 +230,7 @@ impl<'a> Output<'a> {
                 accumulate,
                 bias,
                 n,
+                glu: false,
             },
             GemmOut::Bf16 { c, bias } => Output {
                 f32s: std::ptr::null_mut(),
@@ -207,6 +238,15 @@ impl<'a> Output<'a> {
                 accumulate: false,
                 bias,
                 n,
+                glu: false,
+            },
+            GemmOut::SwiGlu { c } => Output {
+                f32s: std::ptr::null_mut(),
+                bf16s: c.as_mut_ptr(),
+                accumulate: false,
+                bias: None,
+                n: n / 2,
+                glu: true,
             },
         }
     }
@@ -230,7 +270,8 @@ impl<'a> Output<'a> {
         })
     }
 
-    /// Writes a block's sums: `rows × cols` values of `src` (row stride `ld`) to the output at `(r0, c0)`.
+    /// Writes a block's sums: `rows × cols` values of `src` (row stride `ld`) to the output at `(r0, c0)`,
+    /// in the computed columns ([`computed_columns`]; for SwiGLU, `c0` and `cols` are multiples of 64).
     /// Compiled for AVX-512: this is a pass over the whole output.
     ///
     /// # Safety
@@ -245,6 +286,29 @@ impl<'a> Output<'a> {
         (rows, cols): (usize, usize),
     ) {
         let round = |v: f32| bf16::from_bits(crate::ops::simd::bf16_bits(v));
+        if self.glu {
+            for r in 0..rows {
+                let src = &src[r * ld..r * ld + cols];
+                // Each 2·NR computed columns: a strip of gates, then the same strip of values.
+                for (g, strips) in src.chunks_exact(2 * NR).enumerate() {
+                    let j0 = c0 / 2 + g * NR;
+                    let width = NR.min(self.n - j0);
+                    let (gates, values) = strips.split_at(NR);
+                    // SAFETY: (caller) the block is inside the output and this task's alone: strip
+                    // `c0/NR + 2g` is a gate strip of the output's columns j0.. (j0 < n).
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            self.bf16s.add((r0 + r) * self.n + j0),
+                            width,
+                        )
+                    };
+                    for ((o, &gate), &value) in dst.iter_mut().zip(gates).zip(values) {
+                        *o = round(crate::ops::elementwise::swiglu_value(gate, value));
+                    }
+                }
+            }
+            return;
+        }
         for r in 0..rows {
             let src = &src[r * ld..r * ld + cols];
             let at = (r0 + r) * self.n + c0;
@@ -392,6 +456,8 @@ pub(super) fn zero_product(out: GemmOut<'_>, n: usize) {
                 .for_each(|(o, b)| *o = bf16::from_f32(*b)),
             None => row.fill(bf16::ZERO),
         }),
+        // silu(0)·0.
+        GemmOut::SwiGlu { c } => c.fill(bf16::ZERO),
     }
 }
 
