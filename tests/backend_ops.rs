@@ -46,7 +46,7 @@ enum Op {
         bias: bool,
     },
     /// `keep_pre` false: only `out` is defined afterwards (a fused backend leaves `pre` unwritten), so
-    /// `pre` is a scratch of the run rather than a compared output.
+    /// `pre` is a scratch of the run rather than a compared output, empty where the backend skips it.
     LinearSwiglu {
         dims: LinearDims,
         keep_pre: bool,
@@ -760,7 +760,13 @@ fn run<B: Backend>(b: &B, c: &Case, fwd: Option<&Run>) -> Run {
                 b.linear_act(next(), next(), i[0], i[1], i[2], *act, *dims)
             }
             Op::LinearSwiglu { dims, keep_pre } => {
-                let mut scratch = Tensor::new(b, A, dims.rows * dims.d_out).unwrap();
+                // Empty where the backend says it leaves `pre` untouched (as the models pass it).
+                let pre_len = if b.linear_swiglu_skips_pre() {
+                    0
+                } else {
+                    dims.rows * dims.d_out
+                };
+                let mut scratch = Tensor::new(b, A, pre_len).unwrap();
                 let pre = if *keep_pre {
                     next()
                 } else {

@@ -829,6 +829,12 @@ impl Backend for CpuBackend {
         )
     }
 
+    /// With bf16 weights and f32 activations: there the two-step form would round nothing between the
+    /// product (f32) and SwiGLU, so the fused GEMM gives the same bits.
+    fn linear_swiglu_skips_pre(&self) -> bool {
+        (self.weight_dtype(), self.compute_dtype()) == (DType::BF16, DType::F32)
+    }
+
     fn linear_swiglu(
         &self,
         mut pre: ViewMut<'_, Self>,
@@ -840,10 +846,9 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         use ops::gemm_bf16::{GemmOut, Lhs};
         const OP: &str = "linear_swiglu";
-        // Fused where the two-step form would round nothing in between (`pre` f32, `out` bf16), so the
-        // output is the same bits either way.
         let fused = !keep_pre
-            && (pre.dtype(), out.dtype(), w.dtype()) == (DType::F32, DType::BF16, DType::BF16)
+            && self.linear_swiglu_skips_pre()
+            && (out.dtype(), w.dtype()) == (DType::BF16, DType::BF16)
             && matches!(x.dtype(), DType::F32 | DType::BF16);
         if !fused {
             self.linear_fwd(OP, pre.rb(), x, w, None, dims)?;

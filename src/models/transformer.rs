@@ -224,7 +224,13 @@ fn exact<B: Backend>(b: &B, n: usize) -> Result<Tensor<B>> {
 }
 
 impl<B: Backend> LayerActs<B> {
-    fn new(b: &B, cfg: &TransformerConfig, batch: usize, len: usize) -> Result<Self> {
+    fn new(
+        b: &B,
+        cfg: &TransformerConfig,
+        batch: usize,
+        len: usize,
+        saving: Saving,
+    ) -> Result<Self> {
         let mut la = LayerActs {
             ln1: act(b, 0)?,
             mean1: exact(b, 0)?,
@@ -243,13 +249,26 @@ impl<B: Backend> LayerActs<B> {
             ffn_pre: act(b, 0)?,
             ffn_act: act(b, 0)?,
         };
-        la.fit(b, cfg, batch, len)?;
+        la.fit(b, cfg, batch, len, saving)?;
         Ok(la)
     }
 
-    /// Sizes every buffer for this shape, reallocating only those that must grow.
-    fn fit(&mut self, b: &B, cfg: &TransformerConfig, batch: usize, len: usize) -> Result<()> {
+    /// Sizes every buffer for this shape, reallocating only those that must grow. An inference forward
+    /// on a backend that keeps the SwiGLU product out of memory ([`Backend::linear_swiglu_skips_pre`])
+    /// gets no pre-activation buffer.
+    fn fit(
+        &mut self,
+        b: &B,
+        cfg: &TransformerConfig,
+        batch: usize,
+        len: usize,
+        saving: Saving,
+    ) -> Result<()> {
         let (n, h) = (batch * len, cfg.hidden);
+        let skip_pre = saving == Saving::Inference
+            && cfg.ffn == FeedForward::SwiGlu
+            && b.linear_swiglu_skips_pre();
+        let ffn_pre = if skip_pre { 0 } else { n * cfg.ffn_in_width() };
         for (t, role, numel) in [
             (&mut self.ln1, Role::LinearInput, n * h),
             (&mut self.mean1, Role::Exact, n),
@@ -265,7 +284,7 @@ impl<B: Backend> LayerActs<B> {
             (&mut self.ln2, Role::LinearInput, n * h),
             (&mut self.mean2, Role::Exact, n),
             (&mut self.rstd2, Role::Exact, n),
-            (&mut self.ffn_pre, Role::Activation, n * cfg.ffn_in_width()),
+            (&mut self.ffn_pre, Role::Activation, ffn_pre),
             (&mut self.ffn_act, Role::LinearInput, n * cfg.ffn_dim),
         ] {
             t.ensure(b, role, numel)?;
@@ -336,7 +355,7 @@ impl<B: Backend> Planned<B> {
             x.ensure(b, Role::Activation, n * h)?;
         }
         for la in self.layers.iter_mut() {
-            la.fit(b, cfg, batch, len)?;
+            la.fit(b, cfg, batch, len, self.saving)?;
         }
         if let Some(bw) = self.backward.as_mut() {
             bw.fit(b, cfg, n)?;
@@ -517,7 +536,7 @@ impl TransformerEncoder {
                 xs: (0..streams).map(|_| act(b, n * h)).collect::<Result<_>>()?,
                 proj: act(b, n * h)?,
                 layers: (0..layer_sets)
-                    .map(|_| LayerActs::new(b, cfg, batch, len))
+                    .map(|_| LayerActs::new(b, cfg, batch, len, saving))
                     .collect::<Result<_>>()?,
                 final_mean: exact(b, n)?,
                 final_rstd: exact(b, n)?,
