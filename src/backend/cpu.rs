@@ -388,6 +388,13 @@ impl CpuBackend {
     }
 }
 
+/// Whether the CPU backend with these dtypes fuses [`Backend::linear_swiglu`] for inference and leaves its
+/// `pre` untouched: with bf16 weights and f32 activations, where the two-step form would round nothing
+/// between the product (f32) and SwiGLU, so the fused GEMM gives the same bits.
+pub(crate) fn skips_swiglu_pre(weight: DType, compute: DType) -> bool {
+    (weight, compute) == (DType::BF16, DType::F32)
+}
+
 /// Where an op's output values live while it writes them.
 enum Slot<'a> {
     /// In place, in host f32 memory.
@@ -829,10 +836,8 @@ impl Backend for CpuBackend {
         )
     }
 
-    /// With bf16 weights and f32 activations: there the two-step form would round nothing between the
-    /// product (f32) and SwiGLU, so the fused GEMM gives the same bits.
     fn linear_swiglu_skips_pre(&self) -> bool {
-        (self.weight_dtype(), self.compute_dtype()) == (DType::BF16, DType::F32)
+        skips_swiglu_pre(self.weight_dtype(), self.compute_dtype())
     }
 
     fn linear_swiglu(

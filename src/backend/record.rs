@@ -675,7 +675,7 @@ impl Backend for RecordingBackend {
     /// As the CPU backend, the only one that fuses (kernel backends compute in bf16): a plan must size
     /// the buffers the run will make.
     fn linear_swiglu_skips_pre(&self) -> bool {
-        (self.weight_dtype(), self.compute_dtype()) == (DType::BF16, DType::F32)
+        super::cpu::skips_swiglu_pre(self.weight_dtype(), self.compute_dtype())
     }
     /// One op, so that `out` lives alongside `x` and `pre`: a fused backend reads `x` while it writes
     /// `out` (recorded as the default's two ops, `out` could share memory with `x`, last read by the first).
