@@ -10,8 +10,8 @@
 //! - f32 outputs (statistics, log-sum-exp, parameter gradients, losses): a relative bound per case, or twice
 //!   the bf16-storage reference's error where an f32 output is computed from a rounded intermediate;
 //! - f32 activations (the CPU with bf16 weights): the case's bound, at least 1e-5 of the scale (sums in
-//!   another order); attention's outputs there have bf16 product operands, and linear layers' inputs
-//!   (`Role::LinearInput`) are stored in bf16, so the bf16 criterion.
+//!   another order); attention's outputs there have bf16 product operands, so the bf16 criterion, and so
+//!   do outputs stored in bf16 there (the inputs of linear layers, `Role::LinearInput`).
 //!
 //! Outputs that an op adds into start from random values, so "adds" is tested too. The CPU backend itself
 //! is checked against naive f64 code and finite differences in `src/ops`. A last check asserts that the
@@ -928,6 +928,7 @@ fn compare(
     c: &Case,
     dev_name: &str,
     dev_dtype_bf16: bool,
+    linear_inputs_bf16: bool,
     cpu: &Run,
     rounded: &Run,
     dev: &Run,
@@ -935,7 +936,9 @@ fn compare(
     let mut worst = 0.0f64;
     for (k, o) in c.outputs.iter().enumerate() {
         let (err, scale) = max_err(&dev.outputs[k], &cpu.outputs[k]);
-        let bound = if o.role == Role::Activation && dev_dtype_bf16 {
+        let stored_bf16 = (o.role == Role::Activation && dev_dtype_bf16)
+            || (o.role == Role::LinearInput && linear_inputs_bf16);
+        let bound = if stored_bf16 {
             let rounded_ref: Vec<f32> = cpu.outputs[k].iter().map(|&v| bf(v)).collect();
             let (e1, _) = max_err(&rounded_ref, &cpu.outputs[k]);
             let (e2, _) = max_err(&rounded.outputs[k], &cpu.outputs[k]);
@@ -1324,16 +1327,16 @@ fn check_backend<B: Backend>(b: &B) -> usize {
         let want = run(&cpu, c, fwd.as_ref());
         let ref_rounded = run(&rounded, c, fwd.as_ref());
         let got = run(b, c, fwd.as_ref());
-        // With bf16 weights, attention's products take bf16 operands (the probabilities are rounded),
-        // and the inputs of linear layers (`Role::LinearInput`) are stored in bf16: those cases are held
-        // to the bf16 criterion.
-        let bf16_products = b.weight_dtype() == isoformer_engine::DType::BF16
-            && (matches!(c.op, Op::Attention { .. })
-                || c.outputs.iter().any(|o| o.role == Role::LinearInput));
+        // With bf16 weights, attention's products take bf16 operands (the probabilities are rounded):
+        // its outputs are held to the bf16 criterion.
+        let bf16_weights = b.weight_dtype() == isoformer_engine::DType::BF16;
+        let bf16_products = bf16_weights && matches!(c.op, Op::Attention { .. });
         let ratio = compare(
             c,
             &b.name(),
             bf16 || bf16_products,
+            // f32 activations with bf16 weights: the inputs of linear layers alone are stored in bf16.
+            bf16_weights && !bf16,
             &want,
             &ref_rounded,
             &got,
@@ -1418,7 +1421,7 @@ fn cpu_harness_is_deterministic_and_catches_a_wrong_output() {
     bad.outputs[0][3] += 0.1;
     let rounded = run(&CpuBackend::with_bf16_storage(), &c, None);
     assert!(
-        compare(&c, "mutated", true, &a, &rounded, &bad).is_err(),
+        compare(&c, "mutated", true, false, &a, &rounded, &bad).is_err(),
         "a wrong output must fail the comparison"
     );
 }

@@ -236,17 +236,17 @@ pub trait Backend: Sized {
     ) -> Result<()>;
     /// SwiGLU on rows `[gate | value]` of `u [rows, 2·width]`: `out = silu(gate)·value`.
     fn swiglu(&self, out: ViewMut<'_, Self>, u: View<'_, Self>, width: usize) -> Result<()>;
+    /// Whether [`Backend::linear_swiglu`] without `keep_pre` leaves `pre` untouched, so that an inference
+    /// forward may pass an empty one instead of allocating the widest activation of a SwiGLU layer.
+    fn linear_swiglu_skips_pre(&self) -> bool {
+        false
+    }
     /// A SwiGLU feed-forward's input projection: `pre = x·Wᵀ` (`[rows, d_out]`, the gate half then the
     /// value half; no bias) and `out = swiglu(pre)` (`[rows, d_out/2]`). With `keep_pre` false the caller
     /// will not read `pre` (an inference forward), and a backend may leave it unwritten: the bf16 CPU
     /// backend then keeps each block of the product in cache and writes only `out`, the same values, and
     /// `pre` may be empty ([`Backend::linear_swiglu_skips_pre`]). By default, [`Backend::linear`] then
     /// [`Backend::swiglu`].
-    /// Whether [`Backend::linear_swiglu`] without `keep_pre` leaves `pre` untouched, so that an inference
-    /// forward may pass an empty one instead of allocating the widest activation of a SwiGLU layer.
-    fn linear_swiglu_skips_pre(&self) -> bool {
-        false
-    }
     fn linear_swiglu(
         &self,
         mut pre: ViewMut<'_, Self>,
