@@ -46,7 +46,7 @@ pub enum GemmOut<'a> {
         bias: Option<&'a [f32]>,
     },
     /// bf16 SwiGLU of a product whose `n` columns are a gate half and a value half: `c` is `m × n/2`,
-    /// `c[i, j] = round(swiglu(g, v))` with `g = (A·B)[i, j]` and `v = (A·B)[i, n/2 + j`]
+    /// `c[i, j] = round(swiglu(g, v))` with `g = (A·B)[i, j]` and `v = (A·B)[i, n/2 + j]`
     /// ([`crate::ops::elementwise::swiglu_value`], the same bits as [`crate::ops::elementwise::swiglu`]
     /// of the f32 product). The product itself is never stored: each task's block of it stays in the
     /// task's scratch, which saves a SwiGLU feed-forward's widest activation (NT-v2: `[rows, 6,144]` f32)
