@@ -36,9 +36,11 @@ enum Op {
         dims: LinearDims,
         bias: bool,
     },
+    /// `keep_pre` as for [`Op::LinearSwiglu`].
     LinearAct {
         dims: LinearDims,
         act: Act,
+        keep_pre: bool,
     },
     LinearBackward {
         dims: LinearDims,
@@ -277,16 +279,23 @@ fn case(name: impl Into<String>, op: Op, seed: u64) -> Case {
             }
             (ins, vec![g.out("y", A, d.rows * d.d_out)], 1e-5)
         }
-        Op::LinearAct { dims: d, .. } => (
+        Op::LinearAct {
+            dims: d, keep_pre, ..
+        } => (
             vec![
                 g.act(d.rows * d.d_in),
                 g.weight(d.d_out * d.d_in, d.d_in),
                 g.act(d.d_out),
             ],
-            vec![
-                g.out("pre", A, d.rows * d.d_out),
-                g.out("out", A, d.rows * d.d_out),
-            ],
+            if *keep_pre {
+                vec![
+                    g.out("pre", A, d.rows * d.d_out),
+                    g.out("out", A, d.rows * d.d_out),
+                ]
+            } else {
+                // As an inference forward runs it: `out` feeds the next linear layer.
+                vec![g.out("out", Role::LinearInput, d.rows * d.d_out)]
+            },
             1e-5,
         ),
         Op::LinearSwiglu { dims: d, keep_pre } => {
@@ -725,6 +734,17 @@ struct Run {
     scalars: Vec<f32>,
 }
 
+/// The `pre` of a fused linear op run without keeping it: empty where the backend says it leaves `pre`
+/// untouched (as the models pass it), else a scratch of the product's size.
+fn pre_scratch<B: Backend>(b: &B, dims: &LinearDims) -> Tensor<B> {
+    let len = if b.linear_epilogue_skips_pre() {
+        0
+    } else {
+        dims.rows * dims.d_out
+    };
+    Tensor::new(b, A, len).unwrap()
+}
+
 fn run<B: Backend>(b: &B, c: &Case, fwd: Option<&Run>) -> Run {
     let mut ins: Vec<Tensor<B>> = c
         .inputs
@@ -756,17 +776,21 @@ fn run<B: Backend>(b: &B, c: &Case, fwd: Option<&Run>) -> Run {
         let mut next = || o.pop_front().unwrap();
         let r = match &c.op {
             Op::Linear { dims, bias } => b.linear(next(), i[0], i[1], bias.then(|| i[2]), *dims),
-            Op::LinearAct { dims, act } => {
-                b.linear_act(next(), next(), i[0], i[1], i[2], *act, *dims)
+            Op::LinearAct {
+                dims,
+                act,
+                keep_pre,
+            } => {
+                let mut scratch = pre_scratch(b, dims);
+                let pre = if *keep_pre {
+                    next()
+                } else {
+                    scratch.view_mut()
+                };
+                b.linear_act(pre, next(), i[0], i[1], i[2], *act, *dims, *keep_pre)
             }
             Op::LinearSwiglu { dims, keep_pre } => {
-                // Empty where the backend says it leaves `pre` untouched (as the models pass it).
-                let pre_len = if b.linear_swiglu_skips_pre() {
-                    0
-                } else {
-                    dims.rows * dims.d_out
-                };
-                let mut scratch = Tensor::new(b, A, pre_len).unwrap();
+                let mut scratch = pre_scratch(b, dims);
                 let pre = if *keep_pre {
                     next()
                 } else {
@@ -1011,13 +1035,35 @@ fn cases() -> Vec<Case> {
         );
     }
     for act in [Act::GeluErf, Act::GeluSigmoid, Act::Relu] {
-        let dims = LinearDims {
-            rows: 11,
-            d_in: 48,
-            d_out: 37,
-        };
-        add(format!("linear_act {act:?}"), Op::LinearAct { dims, act });
+        for keep_pre in [true, false] {
+            let dims = LinearDims {
+                rows: 11,
+                d_in: 48,
+                d_out: 37,
+            };
+            add(
+                format!("linear_act {act:?} keep_pre={keep_pre}"),
+                Op::LinearAct {
+                    dims,
+                    act,
+                    keep_pre,
+                },
+            );
+        }
     }
+    // Wider and taller than one bf16 GEMM task (the fused epilogue's blocks and runs), odd k.
+    add(
+        "linear_act GeluErf 50x33→600 keep_pre=false".into(),
+        Op::LinearAct {
+            dims: LinearDims {
+                rows: 50,
+                d_in: 33,
+                d_out: 600,
+            },
+            act: Act::GeluErf,
+            keep_pre: false,
+        },
+    );
     // Ragged halves (45 of a 64-column strip pair), and a product wider than one bf16 GEMM task.
     for (rows, d_in, width) in [(7, 48, 45), (50, 33, 300)] {
         for keep_pre in [true, false] {

@@ -5,13 +5,15 @@ with one kind of bf16 rounding each, and prints how far each run's hidden states
 - the weights of every linear layer (everything else exact): what bf16 weights cost by themselves;
 - the inputs of every linear layer;
 - both: what a bf16 GEMM with f32 accumulation computes, as the engine's `--dtype bf16` does;
+- with `--by-kind`, the weights of one kind of linear layer at a time (query, key, value, attention output,
+  feed-forward input, feed-forward output), to see which of them the weights' error comes from;
 and, for scale, PyTorch's own bf16 (the whole model cast to bf16, as its users run it).
 
 Compare with the engine's own figure, `embed --dtype bf16` against `embed` on the same weights and inputs
 (README, "bf16 accuracy"). Uses the virtual environment, the random full-size weights and the inputs that
 tools/bench_vs_torch.py makes (run that once first, e.g. with `--only nt_v2_250m_8x1024`):
     python3 tools/bf16_error_sources.py [--model nt|esm2] [--weights DIR] [--input FASTA] [--count 8]
-                                        [--max-tokens 1024] [--threads 2]
+                                        [--max-tokens 1024] [--threads 2] [--by-kind]
 """
 import argparse
 import os
@@ -26,6 +28,19 @@ WORK = os.path.expanduser("~/.cache/isoformer-engine/bench-vs-torch")
 DEFAULTS = {"nt": ("nt_v2_250m", "nt_v2_250m_8x1024.fa", 1024), "esm2": ("esm2_35m", "esm2_35m_8x512.fa", 512)}
 
 
+# The kinds of linear layer in transformers' ESM modules (ESM-2 and NT-v2), by module name.
+KINDS = ["query", "key", "value", "attention output", "feed-forward input", "feed-forward output"]
+
+
+def kind_of(name):
+    for part, kind in [(".attention.self.query", "query"), (".attention.self.key", "key"),
+                       (".attention.self.value", "value"), (".attention.output.dense", "attention output"),
+                       (".intermediate.dense", "feed-forward input"), (".output.dense", "feed-forward output")]:
+        if part in name:
+            return kind
+    return "other"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(DEFAULTS), default="nt")
@@ -34,6 +49,8 @@ def main():
     ap.add_argument("--count", type=int, default=8, help="sequences, from the start of the input")
     ap.add_argument("--max-tokens", type=int)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--by-kind", action="store_true",
+                    help="also round the weights of one kind of linear layer at a time")
     args = ap.parse_args()
     model_dir, fasta, max_tokens = DEFAULTS[args.model]
     args.weights = args.weights or os.path.join(WORK, model_dir)
@@ -55,7 +72,8 @@ def main():
     seqs = bench.read_fasta(args.input)[:args.count]
     enc = tok(seqs, padding=True, return_tensors="pt", truncation=True, max_length=args.max_tokens)
     mask = enc["attention_mask"].bool()
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    named = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    linears = [m for _, m in named]
 
     def hidden():
         return model(**enc).last_hidden_state.double().numpy()
@@ -81,6 +99,11 @@ def main():
             for h in hooks:
                 h.remove()
             rows.append((name, max(d), statistics.median(d)))
+        for kind in KINDS if args.by_kind else []:
+            for (n, m), w in zip(named, weights):
+                m.weight.copy_(w.to(torch.bfloat16).float() if kind_of(n) == kind else w)
+            d = distances(hidden(), ref)
+            rows.append((f"linear weights: {kind} only", max(d), statistics.median(d)))
         # For scale: PyTorch's own bf16, the whole model cast (what its bf16 users run).
         for m, w in zip(linears, weights):
             m.weight.copy_(w)

@@ -388,10 +388,11 @@ impl CpuBackend {
     }
 }
 
-/// Whether the CPU backend with these dtypes fuses [`Backend::linear_swiglu`] for inference and leaves its
-/// `pre` untouched: with bf16 weights and f32 activations, where the two-step form would round nothing
-/// between the product (f32) and SwiGLU, so the fused GEMM gives the same bits.
-pub(crate) fn skips_swiglu_pre(weight: DType, compute: DType) -> bool {
+/// Whether the CPU backend with these dtypes fuses [`Backend::linear_act`] and [`Backend::linear_swiglu`]
+/// for inference and leaves their `pre` untouched: with bf16 weights and f32 activations, where the
+/// two-step form would round nothing between the product (f32) and the activation, so the fused GEMM
+/// gives the same bits.
+pub(crate) fn skips_epilogue_pre(weight: DType, compute: DType) -> bool {
     (weight, compute) == (DType::BF16, DType::F32)
 }
 
@@ -580,6 +581,18 @@ fn activation_fwd<O: ops::output::OutElem>(act: Act, out: &mut [O], x: &[f32]) -
     }
 }
 
+/// `act`'s vector body over f32 values, as [`activation_fwd`] runs it: a fused GEMM epilogue calling it
+/// gives the same bits.
+fn activation_chunk(act: Act) -> ops::gemm_bf16::ActChunk {
+    use ops::elementwise::Activation;
+    match act {
+        Act::GeluErf => GeluErf::f_chunk,
+        Act::GeluSigmoid => GeluSigmoid::f_chunk,
+        Act::Relu => Relu::f_chunk,
+        Act::Softplus => Softplus::f_chunk,
+    }
+}
+
 fn activation_bwd(act: Act, dx: &mut [f32], dout: &[f32], x: &[f32]) -> Result<()> {
     use ops::elementwise::activation_backward as bw;
     match act {
@@ -746,8 +759,27 @@ impl Backend for CpuBackend {
         bias: View<'_, Self>,
         act: Act,
         dims: LinearDims,
+        keep_pre: bool,
     ) -> Result<()> {
+        use ops::gemm_bf16::{GemmOut, Lhs};
         const OP: &str = "linear_act";
+        if !keep_pre
+            && self.linear_epilogue_skips_pre()
+            && (out.dtype(), w.dtype()) == (DType::BF16, DType::BF16)
+            && matches!(x.dtype(), DType::F32 | DType::BF16)
+        {
+            let x = match x.dtype() {
+                DType::BF16 => Lhs::Bf16(bf16s(x)),
+                _ => Lhs::F32(exact(OP, "x", x)?),
+            };
+            let bias = self.f32s(OP, "bias", bias)?;
+            let out = GemmOut::Activated {
+                c: bf16s_mut(out),
+                bias: Some(&bias),
+                act: activation_chunk(act),
+            };
+            return ops::matmul::linear_bf16_weights(out, x, bf16s(w), dims);
+        }
         self.linear_fwd(OP, pre.rb(), x, w, Some(bias), dims)?;
         // `pre` as stored (rounded where activations are bf16), as a kernel reads it back.
         let pre = self.f32s(OP, "pre", pre.view())?;
@@ -836,8 +868,8 @@ impl Backend for CpuBackend {
         )
     }
 
-    fn linear_swiglu_skips_pre(&self) -> bool {
-        skips_swiglu_pre(self.weight_dtype(), self.compute_dtype())
+    fn linear_epilogue_skips_pre(&self) -> bool {
+        skips_epilogue_pre(self.weight_dtype(), self.compute_dtype())
     }
 
     fn linear_swiglu(
@@ -852,7 +884,7 @@ impl Backend for CpuBackend {
         use ops::gemm_bf16::{GemmOut, Lhs};
         const OP: &str = "linear_swiglu";
         let fused = !keep_pre
-            && self.linear_swiglu_skips_pre()
+            && self.linear_epilogue_skips_pre()
             && (out.dtype(), w.dtype()) == (DType::BF16, DType::BF16)
             && matches!(x.dtype(), DType::F32 | DType::BF16);
         if !fused {

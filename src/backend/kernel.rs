@@ -395,6 +395,7 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         bias: View<'_, Self>,
         act: Act,
         dims: LinearDims,
+        _keep_pre: bool,
     ) -> Result<()> {
         forward_dims(dims).checked_sizes("linear_act")?;
         expect_bf16(

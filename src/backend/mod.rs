@@ -194,8 +194,12 @@ pub trait Backend: Sized {
         bias: Option<View<'_, Self>>,
         dims: LinearDims,
     ) -> Result<()>;
-    /// Linear with a bias and activation epilogue: `pre = x·Wᵀ + bias`, `out = act(pre)` (pre is kept for
-    /// the backward).
+    /// Linear with a bias and activation epilogue: `pre = x·Wᵀ + bias`, `out = act(pre)`. With `keep_pre`
+    /// false the caller will not read `pre` (an inference forward), and a backend may leave it unwritten:
+    /// the bf16 CPU backend then applies the activation to each block of the product while it is in cache
+    /// and writes only `out`, the same values, and `pre` may be empty
+    /// ([`Backend::linear_epilogue_skips_pre`]).
+    #[allow(clippy::too_many_arguments)]
     fn linear_act(
         &self,
         pre: ViewMut<'_, Self>,
@@ -205,6 +209,7 @@ pub trait Backend: Sized {
         bias: View<'_, Self>,
         act: Act,
         dims: LinearDims,
+        keep_pre: bool,
     ) -> Result<()>;
     /// Gradients of [`Backend::linear`]: `dx += dy·W`, `dw += dyᵀ·x`, `dbias += Σ_rows dy` (dw, dbias f32).
     fn linear_backward(
@@ -236,16 +241,17 @@ pub trait Backend: Sized {
     ) -> Result<()>;
     /// SwiGLU on rows `[gate | value]` of `u [rows, 2·width]`: `out = silu(gate)·value`.
     fn swiglu(&self, out: ViewMut<'_, Self>, u: View<'_, Self>, width: usize) -> Result<()>;
-    /// Whether [`Backend::linear_swiglu`] without `keep_pre` leaves `pre` untouched, so that an inference
-    /// forward may pass an empty one instead of allocating the widest activation of a SwiGLU layer.
-    fn linear_swiglu_skips_pre(&self) -> bool {
+    /// Whether [`Backend::linear_act`] and [`Backend::linear_swiglu`] without `keep_pre` leave `pre`
+    /// untouched, so that an inference forward may pass an empty one instead of allocating the widest
+    /// activation of a feed-forward layer.
+    fn linear_epilogue_skips_pre(&self) -> bool {
         false
     }
     /// A SwiGLU feed-forward's input projection: `pre = x·Wᵀ` (`[rows, d_out]`, the gate half then the
     /// value half; no bias) and `out = swiglu(pre)` (`[rows, d_out/2]`). With `keep_pre` false the caller
     /// will not read `pre` (an inference forward), and a backend may leave it unwritten: the bf16 CPU
     /// backend then keeps each block of the product in cache and writes only `out`, the same values, and
-    /// `pre` may be empty ([`Backend::linear_swiglu_skips_pre`]). By default, [`Backend::linear`] then
+    /// `pre` may be empty ([`Backend::linear_epilogue_skips_pre`]). By default, [`Backend::linear`] then
     /// [`Backend::swiglu`].
     fn linear_swiglu(
         &self,

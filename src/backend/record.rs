@@ -614,6 +614,7 @@ impl Backend for RecordingBackend {
         a4: View<'_, Self>,
         _: Act,
         dims: LinearDims,
+        _: bool,
     ) -> Result<()> {
         self.touch([
             Some(wr(&a0)),
@@ -674,8 +675,8 @@ impl Backend for RecordingBackend {
     }
     /// As the CPU backend, the only one that fuses (kernel backends compute in bf16): a plan must size
     /// the buffers the run will make.
-    fn linear_swiglu_skips_pre(&self) -> bool {
-        super::cpu::skips_swiglu_pre(self.weight_dtype(), self.compute_dtype())
+    fn linear_epilogue_skips_pre(&self) -> bool {
+        super::cpu::skips_epilogue_pre(self.weight_dtype(), self.compute_dtype())
     }
     /// One op, so that `out` lives alongside `x` and `pre`: a fused backend reads `x` while it writes
     /// `out` (recorded as the default's two ops, `out` could share memory with `x`, last read by the first).

@@ -254,8 +254,8 @@ impl<B: Backend> LayerActs<B> {
     }
 
     /// Sizes every buffer for this shape, reallocating only those that must grow. An inference forward
-    /// on a backend that keeps the SwiGLU product out of memory ([`Backend::linear_swiglu_skips_pre`])
-    /// gets no pre-activation buffer.
+    /// on a backend that keeps the feed-forward's product out of memory
+    /// ([`Backend::linear_epilogue_skips_pre`]) gets no pre-activation buffer.
     fn fit(
         &mut self,
         b: &B,
@@ -265,9 +265,7 @@ impl<B: Backend> LayerActs<B> {
         saving: Saving,
     ) -> Result<()> {
         let (n, h) = (batch * len, cfg.hidden);
-        let skip_pre = saving == Saving::Inference
-            && cfg.ffn == FeedForward::SwiGlu
-            && b.linear_swiglu_skips_pre();
+        let skip_pre = saving == Saving::Inference && b.linear_epilogue_skips_pre();
         let ffn_pre = if skip_pre { 0 } else { n * cfg.ffn_in_width() };
         for (t, role, numel) in [
             (&mut self.ln1, Role::LinearInput, n * h),
@@ -722,6 +720,7 @@ impl TransformerEncoder {
                     p[bias],
                     Act::GeluErf,
                     ffn_in,
+                    keep,
                 )?;
             }
             FeedForward::SwiGlu => {

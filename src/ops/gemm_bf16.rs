@@ -1,6 +1,7 @@
 //! bf16 GEMM with f32 accumulation on the CPU: `C = A·B` with bf16 `A [m, k]` and `B [k, n]` (any strides),
 //! written as f32 (overwritten or accumulated) or rounded once to bf16, either with an optional f32 bias
-//! added as the sums are written, or passed through SwiGLU on its way out ([`GemmOut::SwiGlu`]).
+//! added as the sums are written, or passed through SwiGLU ([`GemmOut::SwiGlu`]) or an activation
+//! ([`GemmOut::Activated`]) on its way out.
 //!
 //! Three kernels, chosen per call by [`Bf16Kernel::for_shape`]:
 //! - **AMX** ([`amx`], Sapphire Rapids and later, where Linux grants the tile state): `tdpbf16ps` on
@@ -52,14 +53,27 @@ pub enum GemmOut<'a> {
     /// task's scratch, which saves a SwiGLU feed-forward's widest activation (NT-v2: `[rows, 6,144]` f32)
     /// a write and a read.
     SwiGlu { c: &'a mut [bf16] },
+    /// bf16, `c = round(act(A·B + bias))`, with `act` an activation's vector body (`out[i] = f(x[i])`
+    /// over f32 values: [`crate::ops::elementwise::Activation::f_chunk`]), so the bits are those of the f32
+    /// product with its bias, then the activation, then the rounding. As for SwiGLU, the product stays in
+    /// each task's scratch: an inference GELU feed-forward (ESM-2: `[rows, 4·hidden]` f32) skips writing
+    /// its pre-activation and reading it back.
+    Activated {
+        c: &'a mut [bf16],
+        bias: Option<&'a [f32]>,
+        act: ActChunk,
+    },
 }
+
+/// An activation's body over a run of f32 values: `out[i] = f(x[i])` for the common length.
+pub type ActChunk = fn(&mut [f32], &[f32]);
 
 impl GemmOut<'_> {
     /// The values of the product `A·B` this output takes (twice its own for [`GemmOut::SwiGlu`]).
     pub(crate) fn product_len(&self) -> usize {
         match self {
             GemmOut::F32 { c, .. } => c.len(),
-            GemmOut::Bf16 { c, .. } => c.len(),
+            GemmOut::Bf16 { c, .. } | GemmOut::Activated { c, .. } => c.len(),
             GemmOut::SwiGlu { c } => 2 * c.len(),
         }
     }
@@ -67,7 +81,9 @@ impl GemmOut<'_> {
     /// The bias added as the sums are written (none for SwiGLU).
     pub(crate) fn bias(&self) -> Option<&[f32]> {
         match self {
-            GemmOut::F32 { bias, .. } | GemmOut::Bf16 { bias, .. } => *bias,
+            GemmOut::F32 { bias, .. }
+            | GemmOut::Bf16 { bias, .. }
+            | GemmOut::Activated { bias, .. } => *bias,
             GemmOut::SwiGlu { .. } => None,
         }
     }
@@ -277,6 +293,21 @@ fn portable_gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv: View) -
             gemm_views(&mut c32, cv, false, &a32, av, &b32, bv, None);
             super::elementwise::swiglu(c, &c32, bv.cols / 2)?;
         }
+        GemmOut::Activated { c, bias, act } => {
+            let mut c32 = vec![0.0f32; c.len()];
+            gemm_views(&mut c32, cv, false, &a32, av, &b32, bv, None);
+            if let Some(bias) = bias {
+                c32.par_chunks_mut(bv.cols).for_each(|row| {
+                    row.iter_mut().zip(bias).for_each(|(o, b)| *o += b);
+                });
+            }
+            let mut activated = vec![0.0f32; c.len()];
+            activated
+                .par_chunks_mut(bv.cols)
+                .zip(c32.par_chunks(bv.cols))
+                .for_each(|(o, x)| act(o, x));
+            round_rows(c, &activated, bv.cols, None);
+        }
     }
     Ok(())
 }
@@ -452,26 +483,24 @@ mod tests {
         }
     }
 
-    /// The SwiGLU output is bit for bit SwiGLU of the f32 product (which the test above checks against
-    /// f64): ragged halves (a last strip of each half only partly used), odd k, k past one k-block,
-    /// products wider than one task, B in rows, in columns and in columns at a padded stride, bf16 and f32
-    /// left operands, on every kernel this CPU runs.
-    #[test]
-    fn swiglu_output_is_swiglu_of_the_f32_product() {
-        let mut rng = rng(11);
-        for &(m, width, k) in &[
-            (1, 1, 1),
-            (13, 33, 7),
-            (50, 45, 385),
-            (40, 70, 1090),
-            (100, 600, 130),
-            (96, 256, 64),
-        ] {
-            let n = 2 * width;
+    /// A fused epilogue against its two-step form: for each `(m, n, k)`, random operands with B in every
+    /// layout ([`b_layouts`]), bf16 and f32 left operands, on every kernel this CPU runs, the f32 product
+    /// (with `bias`, `[n]` values drawn for the shape, where asked) goes through `two_step` into `want`,
+    /// and the fused output `fused(c, bias)` must match it bit for bit (`n / width` outputs per row).
+    fn fused_matches_two_step(
+        seed: u64,
+        shapes: &[(usize, usize, usize)],
+        (width, with_bias): (fn(usize) -> usize, bool),
+        fused: impl for<'a> Fn(&'a mut [bf16], Option<&'a [f32]>) -> GemmOut<'a>,
+        two_step: impl Fn(&mut [bf16], &[f32], usize),
+    ) {
+        let mut rng = rng(seed);
+        for &(m, n, k) in shapes {
             for bv in b_layouts(k, n) {
                 let a32 = uniform(&mut rng, m * k, -1.0, 1.0);
                 let a: Vec<bf16> = a32.iter().map(|&v| bf16::from_f32(v)).collect();
                 let b = random_bf16(&mut rng, (k + 1) * n);
+                let bias = with_bias.then(|| uniform(&mut rng, n, -1.0, 1.0));
                 let av = View::row_major(m, k, false);
                 for &kernel in Bf16Kernel::available() {
                     for lhs in [Lhs::Bf16(&a), Lhs::F32(&a32)] {
@@ -479,13 +508,13 @@ mod tests {
                         let out = GemmOut::F32 {
                             c: &mut product,
                             accumulate: false,
-                            bias: None,
+                            bias: bias.as_deref(),
                         };
                         gemm_bf16(out, lhs, av, &b, bv, Some(kernel)).unwrap();
-                        let mut want = vec![bf16::ZERO; m * width];
-                        crate::ops::elementwise::swiglu(&mut want, &product, width).unwrap();
-                        let mut got = vec![bf16::NAN; m * width];
-                        let out = GemmOut::SwiGlu { c: &mut got };
+                        let mut want = vec![bf16::ZERO; m * width(n)];
+                        two_step(&mut want, &product, n);
+                        let mut got = vec![bf16::NAN; m * width(n)];
+                        let out = fused(&mut got, bias.as_deref());
                         gemm_bf16(out, lhs, av, &b, bv, Some(kernel)).unwrap();
                         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                             assert_eq!(
@@ -499,6 +528,30 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The SwiGLU output is bit for bit SwiGLU of the f32 product (which the test above checks against
+    /// f64): ragged halves (a last strip of each half only partly used), odd k, k past one k-block,
+    /// products wider than one task, B in rows, in columns and in columns at a padded stride, bf16 and f32
+    /// left operands, on every kernel this CPU runs.
+    #[test]
+    fn swiglu_output_is_swiglu_of_the_f32_product() {
+        let shapes = [
+            (1, 1, 1),
+            (13, 33, 7),
+            (50, 45, 385),
+            (40, 70, 1090),
+            (100, 600, 130),
+            (96, 256, 64),
+        ]
+        .map(|(m, width, k)| (m, 2 * width, k));
+        fused_matches_two_step(
+            11,
+            &shapes,
+            (|n| n / 2, false),
+            |c, _| GemmOut::SwiGlu { c },
+            |want, product, n| crate::ops::elementwise::swiglu(want, product, n / 2).unwrap(),
+        );
         // An odd number of product columns has no halves.
         let (a, b) = (vec![bf16::ONE; 4], vec![bf16::ONE; 6]);
         let mut c = vec![bf16::ZERO; 3];
@@ -511,6 +564,36 @@ mod tests {
             None,
         );
         assert!(err.is_err());
+    }
+
+    /// The fused activation gives the bits of the two-step form: the f32 product with its bias, then the
+    /// activation op writing bf16 (as `linear_act` runs when it keeps the pre-activation). Ragged tiles,
+    /// several tasks (and the epilogue's runs of 256 columns), several k-blocks, and k = 0.
+    #[test]
+    fn activated_output_is_the_activation_of_the_f32_product() {
+        use crate::ops::elementwise::{activation, Activation, GeluErf, GeluSigmoid, Relu};
+        type TwoStep = fn(&mut [bf16], &[f32]) -> Result<()>;
+        let acts: [(ActChunk, TwoStep); 3] = [
+            (GeluErf::f_chunk, activation::<GeluErf, bf16>),
+            (GeluSigmoid::f_chunk, activation::<GeluSigmoid, bf16>),
+            (Relu::f_chunk, activation::<Relu, bf16>),
+        ];
+        let shapes = [
+            (1, 1, 1),
+            (13, 33, 7),
+            (100, 600, 130),
+            (40, 70, 1090),
+            (3, 5, 0),
+        ];
+        for (seed, (act, two_step)) in acts.into_iter().enumerate() {
+            fused_matches_two_step(
+                12 + seed as u64,
+                &shapes,
+                (|n| n, true),
+                |c, bias| GemmOut::Activated { c, bias, act },
+                |want, product, _| two_step(want, product).unwrap(),
+            );
+        }
     }
 
     #[test]

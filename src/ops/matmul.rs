@@ -353,7 +353,8 @@ pub fn matmul_bf16(c: &mut [bf16], a: &[bf16], b: &[bf16], d: MatmulDims) -> Res
 /// - `x` bf16 and `y` bf16: `y = bf16(x·Wᵀ + bias)`;
 /// - `x` f32 and `y` f32: `y = bf16(x)·Wᵀ + bias`, the activations rounded to bf16 as they are packed;
 /// - `y` SwiGLU ([`super::gemm_bf16::GemmOut::SwiGlu`], `d_out` even, no bias): `y = swiglu(x·Wᵀ)`,
-///   `[rows, d_out/2]` in bf16, with the product kept out of memory.
+///   `[rows, d_out/2]` in bf16, with the product kept out of memory;
+/// - `y` activated ([`super::gemm_bf16::GemmOut::Activated`]): `y = bf16(act(x·Wᵀ + bias))`, likewise.
 pub fn linear_bf16_weights(
     y: super::gemm_bf16::GemmOut<'_>,
     x: super::gemm_bf16::Lhs<'_>,

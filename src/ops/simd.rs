@@ -211,11 +211,25 @@ pub(crate) fn prefetch_row(row: &[f32]) {
 /// and the vector GELU use it.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
+#[inline]
 pub(crate) unsafe fn exp2_16(t: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    // SAFETY: this function's features.
+    unsafe { exp2_16xn([t])[0] }
+}
+
+/// [`exp2_16`] of `N` vectors, each step applied to all of them before the next, so that `N` independent
+/// chains of dependent operations are interleaved in program order (the same operations, so the same
+/// bits, as `N` calls).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+pub(crate) unsafe fn exp2_16xn<const N: usize>(
+    t: [std::arch::x86_64::__m512; N],
+) -> [std::arch::x86_64::__m512; N] {
     use std::arch::x86_64::*;
     let s = _mm512_set1_ps;
-    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
-    let f = _mm512_sub_ps(t, n);
+    let n = t.map(|t| _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t));
+    let f: [__m512; N] = std::array::from_fn(|i| _mm512_sub_ps(t[i], n[i]));
     // ln2ᵏ / k!, highest first.
     const C: [f32; 6] = [
         1.540_353e-4,
@@ -225,13 +239,19 @@ pub(crate) unsafe fn exp2_16(t: std::arch::x86_64::__m512) -> std::arch::x86_64:
         0.240_226_5,
         std::f32::consts::LN_2,
     ];
-    let mut p = s(C[0]);
+    let mut p = [s(C[0]); N];
     for c in &C[1..] {
-        p = _mm512_fmadd_ps(p, f, s(*c));
+        for (p, f) in p.iter_mut().zip(&f) {
+            *p = _mm512_fmadd_ps(*p, *f, s(*c));
+        }
     }
-    p = _mm512_fmadd_ps(p, f, s(1.0));
-    let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(t, s(-126.0));
-    _mm512_maskz_scalef_ps(keep, p, n)
+    for (p, f) in p.iter_mut().zip(&f) {
+        *p = _mm512_fmadd_ps(*p, *f, s(1.0));
+    }
+    std::array::from_fn(|i| {
+        let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(t[i], s(-126.0));
+        _mm512_maskz_scalef_ps(keep, p[i], n[i])
+    })
 }
 
 /// `dst[r·ld_dst + c] = src[c·ld_src + r]` for a 16×16 block of 32-bit words (f32 values as their bits),

@@ -1095,6 +1095,7 @@ impl EnformerTrunk {
             p[l.ff1.1],
             Act::Relu,
             lin(dim, 2 * dim),
+            true,
         )?;
         b.linear(
             temp.view_mut(),

@@ -264,6 +264,7 @@ impl Isoformer {
                 p[b1],
                 Act::GeluErf,
                 lin(rows, d, 4 * d),
+                true,
             )?;
             b.linear(
                 y.view_mut(),

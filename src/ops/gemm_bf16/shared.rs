@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use half::bf16;
 use rayon::prelude::*;
 
-use super::{GemmOut, View};
+use super::{ActChunk, GemmOut, View};
 use crate::ops::amx::Init;
 use crate::ops::simd::transpose16x16;
 
@@ -211,6 +211,8 @@ pub(super) struct Output<'a> {
     n: usize,
     /// SwiGLU of gate and value strips side by side ([`computed_columns`]).
     glu: bool,
+    /// The activation a bf16 output passes through ([`GemmOut::Activated`]).
+    act: Option<ActChunk>,
 }
 // SAFETY: every task writes a disjoint set of output rows × columns (its own block).
 unsafe impl Send for Output<'_> {}
@@ -231,6 +233,7 @@ impl<'a> Output<'a> {
                 bias,
                 n,
                 glu: false,
+                act: None,
             },
             GemmOut::Bf16 { c, bias } => Output {
                 f32s: std::ptr::null_mut(),
@@ -239,6 +242,7 @@ impl<'a> Output<'a> {
                 bias,
                 n,
                 glu: false,
+                act: None,
             },
             GemmOut::SwiGlu { c } => Output {
                 f32s: std::ptr::null_mut(),
@@ -247,6 +251,16 @@ impl<'a> Output<'a> {
                 bias: None,
                 n: n / 2,
                 glu: true,
+                act: None,
+            },
+            GemmOut::Activated { c, bias, act } => Output {
+                f32s: std::ptr::null_mut(),
+                bf16s: c.as_mut_ptr(),
+                accumulate: false,
+                bias,
+                n,
+                glu: false,
+                act: Some(act),
             },
         }
     }
@@ -305,6 +319,36 @@ impl<'a> Output<'a> {
                     for ((o, &gate), &value) in dst.iter_mut().zip(gates).zip(values) {
                         *o = round(crate::ops::elementwise::swiglu_value(gate, value));
                     }
+                }
+            }
+            return;
+        }
+        if let Some(act) = self.act {
+            // The sums with their bias, then the activation, a run of columns at a time through two
+            // buffers in L1 (the activation reads one slice and writes another), then the rounding.
+            const RUN: usize = 256;
+            let (mut sums, mut activated) = ([0.0f32; RUN], [0.0f32; RUN]);
+            for r in 0..rows {
+                let src = &src[r * ld..r * ld + cols];
+                // SAFETY: (caller) the block is inside the output and this task's alone.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(self.bf16s.add((r0 + r) * self.n + c0), cols)
+                };
+                for (run, (dst, src)) in dst.chunks_mut(RUN).zip(src.chunks(RUN)).enumerate() {
+                    let (sums, activated) = (&mut sums[..src.len()], &mut activated[..src.len()]);
+                    match self.bias {
+                        Some(bias) => {
+                            let bias = &bias[c0 + run * RUN..][..src.len()];
+                            sums.iter_mut()
+                                .zip(src.iter().zip(bias))
+                                .for_each(|(o, (v, b))| *o = v + b);
+                        }
+                        None => sums.copy_from_slice(src),
+                    }
+                    act(activated, sums);
+                    dst.iter_mut()
+                        .zip(activated.iter())
+                        .for_each(|(o, v)| *o = round(*v));
                 }
             }
             return;
@@ -458,6 +502,16 @@ pub(super) fn zero_product(out: GemmOut<'_>, n: usize) {
         }),
         // silu(0)·0.
         GemmOut::SwiGlu { c } => c.fill(bf16::ZERO),
+        GemmOut::Activated { c, bias, act } => {
+            let sums = bias.map_or_else(|| vec![0.0; n], <[f32]>::to_vec);
+            let mut row = vec![0.0; n];
+            act(&mut row, &sums);
+            c.chunks_mut(n).for_each(|out| {
+                out.iter_mut()
+                    .zip(&row)
+                    .for_each(|(o, v)| *o = bf16::from_bits(crate::ops::simd::bf16_bits(*v)))
+            });
+        }
     }
 }
 
