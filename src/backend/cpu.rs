@@ -386,6 +386,29 @@ impl CpuBackend {
         // SAFETY: the slice is borrowed mutably for the view's life.
         unsafe { ViewMut::from_raw(values.as_mut_ptr() as u64, values.len(), DType::F32) }
     }
+
+    /// The left operand of a feed-forward input projection whose activation the bf16 GEMM applies on
+    /// its way out (`linear_act`, `linear_swiglu`): where the caller does not keep `pre`, this backend
+    /// skips it ([`skips_epilogue_pre`]), and the weights and `out` are bf16. None where the op runs in
+    /// two steps.
+    fn fused_epilogue_lhs<'a>(
+        &self,
+        op: &'static str,
+        keep_pre: bool,
+        out: DType,
+        x: View<'a, CpuBackend>,
+        w: DType,
+    ) -> Result<Option<ops::gemm_bf16::Lhs<'a>>> {
+        use ops::gemm_bf16::Lhs;
+        if keep_pre || !self.linear_epilogue_skips_pre() || (out, w) != (DType::BF16, DType::BF16) {
+            return Ok(None);
+        }
+        Ok(match x.dtype() {
+            DType::BF16 => Some(Lhs::Bf16(bf16s(x))),
+            DType::F32 => Some(Lhs::F32(exact(op, "x", x)?)),
+            _ => None,
+        })
+    }
 }
 
 /// Whether the CPU backend with these dtypes fuses [`Backend::linear_act`] and [`Backend::linear_swiglu`]
@@ -761,19 +784,10 @@ impl Backend for CpuBackend {
         dims: LinearDims,
         keep_pre: bool,
     ) -> Result<()> {
-        use ops::gemm_bf16::{GemmOut, Lhs};
         const OP: &str = "linear_act";
-        if !keep_pre
-            && self.linear_epilogue_skips_pre()
-            && (out.dtype(), w.dtype()) == (DType::BF16, DType::BF16)
-            && matches!(x.dtype(), DType::F32 | DType::BF16)
-        {
-            let x = match x.dtype() {
-                DType::BF16 => Lhs::Bf16(bf16s(x)),
-                _ => Lhs::F32(exact(OP, "x", x)?),
-            };
+        if let Some(x) = self.fused_epilogue_lhs(OP, keep_pre, out.dtype(), x, w.dtype())? {
             let bias = self.f32s(OP, "bias", bias)?;
-            let out = GemmOut::Activated {
+            let out = ops::gemm_bf16::GemmOut::Activated {
                 c: bf16s_mut(out),
                 bias: Some(&bias),
                 act: activation_chunk(act),
@@ -881,21 +895,13 @@ impl Backend for CpuBackend {
         dims: LinearDims,
         keep_pre: bool,
     ) -> Result<()> {
-        use ops::gemm_bf16::{GemmOut, Lhs};
         const OP: &str = "linear_swiglu";
-        let fused = !keep_pre
-            && self.linear_epilogue_skips_pre()
-            && (out.dtype(), w.dtype()) == (DType::BF16, DType::BF16)
-            && matches!(x.dtype(), DType::F32 | DType::BF16);
-        if !fused {
+        let Some(x) = self.fused_epilogue_lhs(OP, keep_pre, out.dtype(), x, w.dtype())? else {
             self.linear_fwd(OP, pre.rb(), x, w, None, dims)?;
             return self.swiglu(out, pre.view(), dims.d_out / 2);
-        }
-        let x = match x.dtype() {
-            DType::BF16 => Lhs::Bf16(bf16s(x)),
-            _ => Lhs::F32(exact(OP, "x", x)?),
         };
-        ops::matmul::linear_bf16_weights(GemmOut::SwiGlu { c: bf16s_mut(out) }, x, bf16s(w), dims)
+        let out = ops::gemm_bf16::GemmOut::SwiGlu { c: bf16s_mut(out) };
+        ops::matmul::linear_bf16_weights(out, x, bf16s(w), dims)
     }
 
     fn swiglu(&self, out: ViewMut<'_, Self>, u: View<'_, Self>, width: usize) -> Result<()> {

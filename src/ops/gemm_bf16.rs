@@ -486,7 +486,7 @@ mod tests {
     /// A fused epilogue against its two-step form: for each `(m, n, k)`, random operands with B in every
     /// layout ([`b_layouts`]), bf16 and f32 left operands, on every kernel this CPU runs, the f32 product
     /// (with `bias`, `[n]` values drawn for the shape, where asked) goes through `two_step` into `want`,
-    /// and the fused output `fused(c, bias)` must match it bit for bit (`n / width` outputs per row).
+    /// and the fused output `fused(c, bias)` must match it bit for bit (`width(n)` outputs a row).
     fn fused_matches_two_step(
         seed: u64,
         shapes: &[(usize, usize, usize)],
