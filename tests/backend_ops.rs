@@ -22,8 +22,8 @@ use half::bf16;
 use isoformer_engine::backend::cpu::CpuBackend;
 use isoformer_engine::backend::kernel::KernelBackend;
 use isoformer_engine::backend::{
-    Act, AdamWStep, AttentionDims, Backend, BatchNormStats, Conv1dDims, LinearDims, PoolDims, Role,
-    Tensor, View, ViewMut,
+    Act, AdamWStep, AttentionDims, Backend, BatchNormStats, Conv1dDims, Epilogue, LinearDims,
+    PoolDims, Role, Tensor, View, ViewMut,
 };
 use isoformer_engine::gpu::cuda::CudaDevice;
 use isoformer_engine::gpu::emulator::EmuDevice;
@@ -736,8 +736,8 @@ struct Run {
 
 /// The `pre` of a fused linear op run without keeping it: empty where the backend says it leaves `pre`
 /// untouched (as the models pass it), else a scratch of the product's size.
-fn pre_scratch<B: Backend>(b: &B, dims: &LinearDims) -> Tensor<B> {
-    let len = if b.linear_epilogue_skips_pre() {
+fn pre_scratch<B: Backend>(b: &B, dims: &LinearDims, epilogue: Epilogue) -> Tensor<B> {
+    let len = if b.linear_epilogue_skips_pre(epilogue) {
         0
     } else {
         dims.rows * dims.d_out
@@ -781,7 +781,7 @@ fn run<B: Backend>(b: &B, c: &Case, fwd: Option<&Run>) -> Run {
                 act,
                 keep_pre,
             } => {
-                let mut scratch = pre_scratch(b, dims);
+                let mut scratch = pre_scratch(b, dims, Epilogue::Activation);
                 let pre = if *keep_pre {
                     next()
                 } else {
@@ -790,7 +790,7 @@ fn run<B: Backend>(b: &B, c: &Case, fwd: Option<&Run>) -> Run {
                 b.linear_act(pre, next(), i[0], i[1], i[2], *act, *dims, *keep_pre)
             }
             Op::LinearSwiglu { dims, keep_pre } => {
-                let mut scratch = pre_scratch(b, dims);
+                let mut scratch = pre_scratch(b, dims, Epilogue::SwiGlu);
                 let pre = if *keep_pre {
                     next()
                 } else {

@@ -9,7 +9,7 @@ use super::meter::{ByteMeter, Metered};
 use super::scratch::{Scratch, ScratchPool};
 use super::{
     check_view, rows_of, Act, AdamWStep, AttentionDims, Backend, BatchNormStats, Conv1dDims,
-    LinearDims, Memory, PoolDims, ScratchUse, View, ViewMut,
+    Epilogue, LinearDims, Memory, PoolDims, ScratchUse, View, ViewMut,
 };
 use crate::error::{check_len, checked_product};
 use crate::ops;
@@ -391,16 +391,21 @@ impl CpuBackend {
     /// its way out (`linear_act`, `linear_swiglu`): where the caller does not keep `pre`, this backend
     /// skips it ([`skips_epilogue_pre`]), and the weights and `out` are bf16. None where the op runs in
     /// two steps.
+    #[allow(clippy::too_many_arguments)]
     fn fused_epilogue_lhs<'a>(
         &self,
         op: &'static str,
+        epilogue: Epilogue,
         keep_pre: bool,
         out: DType,
         x: View<'a, CpuBackend>,
         w: DType,
     ) -> Result<Option<ops::gemm_bf16::Lhs<'a>>> {
         use ops::gemm_bf16::Lhs;
-        if keep_pre || !self.linear_epilogue_skips_pre() || (out, w) != (DType::BF16, DType::BF16) {
+        if keep_pre
+            || !self.linear_epilogue_skips_pre(epilogue)
+            || (out, w) != (DType::BF16, DType::BF16)
+        {
             return Ok(None);
         }
         Ok(match x.dtype() {
@@ -411,12 +416,19 @@ impl CpuBackend {
     }
 }
 
-/// Whether the CPU backend with these dtypes fuses [`Backend::linear_act`] and [`Backend::linear_swiglu`]
-/// for inference and leaves their `pre` untouched: with bf16 weights and f32 activations, where the
-/// two-step form would round nothing between the product (f32) and the activation, so the fused GEMM
-/// gives the same bits.
-pub(crate) fn skips_epilogue_pre(weight: DType, compute: DType) -> bool {
-    (weight, compute) == (DType::BF16, DType::F32)
+/// Whether the CPU backend with these dtypes fuses [`Backend::linear_act`] or [`Backend::linear_swiglu`]
+/// for inference and leaves their `pre` untouched:
+/// - bf16 weights and f32 activations, both ops: the bf16 GEMM applies the epilogue to each block of its
+///   product, where the two-step form would round nothing between the product (f32) and the
+///   activation, so the bits are the same;
+/// - f32 throughout, the activation: the product goes to `out`, which the bias and the activation then
+///   overwrite in place. SwiGLU's output is half its product's width, so it keeps `pre`.
+pub(crate) fn skips_epilogue_pre(weight: DType, compute: DType, epilogue: Epilogue) -> bool {
+    match (weight, compute) {
+        (DType::BF16, DType::F32) => true,
+        (DType::F32, DType::F32) => epilogue == Epilogue::Activation,
+        _ => false,
+    }
 }
 
 /// Where an op's output values live while it writes them.
@@ -785,7 +797,10 @@ impl Backend for CpuBackend {
         keep_pre: bool,
     ) -> Result<()> {
         const OP: &str = "linear_act";
-        if let Some(x) = self.fused_epilogue_lhs(OP, keep_pre, out.dtype(), x, w.dtype())? {
+        let epilogue = Epilogue::Activation;
+        if let Some(x) =
+            self.fused_epilogue_lhs(OP, epilogue, keep_pre, out.dtype(), x, w.dtype())?
+        {
             let bias = self.f32s(OP, "bias", bias)?;
             let out = ops::gemm_bf16::GemmOut::Activated {
                 c: bf16s_mut(out),
@@ -793,6 +808,21 @@ impl Backend for CpuBackend {
                 act: activation_chunk(act),
             };
             return ops::matmul::linear_bf16_weights(out, x, bf16s(w), dims);
+        }
+        if !self.bf16_storage && [out.dtype(), x.dtype(), w.dtype()] == [DType::F32; 3] {
+            // f32: the product alone, then the bias and the activation in one pass over each row.
+            let bias = self.f32s(OP, "bias", bias)?;
+            check_len(OP, "bias", bias.len(), dims.d_out)?;
+            let (x, w) = (self.f32s(OP, "x", x)?, self.f32s(OP, "w", w)?);
+            let mut out = self.out(OP, "out", out)?;
+            let act = activation_chunk(act);
+            if keep_pre || !self.linear_epilogue_skips_pre(epilogue) {
+                let mut pre = self.out(OP, "pre", pre)?;
+                ops::matmul::linear(&mut pre, &x, &w, None, dims)?;
+                return ops::elementwise::bias_activation(&mut out, Some(&mut pre), &bias, act);
+            }
+            ops::matmul::linear(&mut out, &x, &w, None, dims)?;
+            return ops::elementwise::bias_activation(&mut out, None, &bias, act);
         }
         self.linear_fwd(OP, pre.rb(), x, w, Some(bias), dims)?;
         // `pre` as stored (rounded where activations are bf16), as a kernel reads it back.
@@ -882,8 +912,10 @@ impl Backend for CpuBackend {
         )
     }
 
-    fn linear_epilogue_skips_pre(&self) -> bool {
-        skips_epilogue_pre(self.weight_dtype(), self.compute_dtype())
+    fn linear_epilogue_skips_pre(&self, epilogue: Epilogue) -> bool {
+        // The bf16-storage reference rounds `pre` as kernel devices store it: always two steps.
+        !self.bf16_storage
+            && skips_epilogue_pre(self.weight_dtype(), self.compute_dtype(), epilogue)
     }
 
     fn linear_swiglu(
@@ -896,7 +928,9 @@ impl Backend for CpuBackend {
         keep_pre: bool,
     ) -> Result<()> {
         const OP: &str = "linear_swiglu";
-        let Some(x) = self.fused_epilogue_lhs(OP, keep_pre, out.dtype(), x, w.dtype())? else {
+        let epilogue = Epilogue::SwiGlu;
+        let Some(x) = self.fused_epilogue_lhs(OP, epilogue, keep_pre, out.dtype(), x, w.dtype())?
+        else {
             self.linear_fwd(OP, pre.rb(), x, w, None, dims)?;
             return self.swiglu(out, pre.view(), dims.d_out / 2);
         };
@@ -1593,6 +1627,60 @@ mod tests {
         }
         for absurd in [usize::MAX, usize::MAX - 40, 1 << 62] {
             assert!(HostMem::zeroed(absurd).is_err(), "{absurd} bytes");
+        }
+    }
+
+    /// The f32 `linear_act` (the product, then bias and activation in one pass) against naive f64, keeping
+    /// `pre` (which must hold the biased product) and not (an empty `pre`, as inference passes it).
+    #[test]
+    fn f32_linear_act_is_the_activation_of_the_biased_product() {
+        use crate::backend::{Role, Tensor};
+        use crate::testing::{assert_close, erf_series, rng, uniform};
+        let b = CpuBackend::new();
+        assert!(b.linear_epilogue_skips_pre(Epilogue::Activation));
+        assert!(!b.linear_epilogue_skips_pre(Epilogue::SwiGlu));
+        assert!(!CpuBackend::with_bf16_storage().linear_epilogue_skips_pre(Epilogue::Activation));
+        let dims = LinearDims {
+            rows: 19,
+            d_in: 45,
+            d_out: 300,
+        };
+        let mut r = rng(3);
+        let x = uniform(&mut r, dims.rows * dims.d_in, -1.0, 1.0);
+        let w = uniform(&mut r, dims.d_out * dims.d_in, -0.3, 0.3);
+        let bias = uniform(&mut r, dims.d_out, -1.0, 1.0);
+        let pre_want: Vec<f64> = (0..dims.rows * dims.d_out)
+            .map(|i| {
+                let (row, col) = (i / dims.d_out, i % dims.d_out);
+                (0..dims.d_in).fold(bias[col] as f64, |acc, k| {
+                    acc + x[row * dims.d_in + k] as f64 * w[col * dims.d_in + k] as f64
+                })
+            })
+            .collect();
+        let gelu = |v: f64| 0.5 * v * (1.0 + erf_series(v / std::f64::consts::SQRT_2));
+        let out_want: Vec<f64> = pre_want.iter().map(|&v| gelu(v)).collect();
+        let upload = |v: &[f32]| Tensor::from_f32(&b, Role::Activation, v).unwrap();
+        let (x, w, bias) = (upload(&x), upload(&w), upload(&bias));
+        for keep_pre in [true, false] {
+            let pre_len = if keep_pre { pre_want.len() } else { 0 };
+            let mut pre = Tensor::new(&b, Role::Activation, pre_len).unwrap();
+            let mut out = Tensor::new(&b, Role::LinearInput, out_want.len()).unwrap();
+            b.linear_act(
+                pre.view_mut(),
+                out.view_mut(),
+                x.view(),
+                w.view(),
+                bias.view(),
+                Act::GeluErf,
+                dims,
+                keep_pre,
+            )
+            .unwrap();
+            let what = format!("linear_act keep_pre={keep_pre}");
+            assert_close(&what, &b.read_f32(out.view()).unwrap(), &out_want, 1e-5);
+            if keep_pre {
+                assert_close(&what, &b.read_f32(pre.view()).unwrap(), &pre_want, 1e-5);
+            }
         }
     }
 }

@@ -48,6 +48,16 @@ pub enum Act {
     Softplus,
 }
 
+/// The two feed-forward input projections that end in a pointwise epilogue, as a backend may fuse them
+/// ([`Backend::linear_epilogue_skips_pre`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Epilogue {
+    /// [`Backend::linear_act`]: bias, then an activation.
+    Activation,
+    /// [`Backend::linear_swiglu`]: SwiGLU over the product's two halves.
+    SwiGlu,
+}
+
 /// What a tensor holds; the backend picks its dtype.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -196,8 +206,8 @@ pub trait Backend: Sized {
     ) -> Result<()>;
     /// Linear with a bias and activation epilogue: `pre = x·Wᵀ + bias`, `out = act(pre)`. With `keep_pre`
     /// false the caller will not read `pre` (an inference forward), and a backend may leave it unwritten:
-    /// the bf16 CPU backend then applies the activation to each block of the product while it is in cache
-    /// and writes only `out`, the same values, and `pre` may be empty
+    /// the bf16 CPU backend then applies the activation to each block of the product while it is in cache,
+    /// the f32 one writes the product to `out` and activates it in place, and `pre` may be empty
     /// ([`Backend::linear_epilogue_skips_pre`]).
     #[allow(clippy::too_many_arguments)]
     fn linear_act(
@@ -241,10 +251,11 @@ pub trait Backend: Sized {
     ) -> Result<()>;
     /// SwiGLU on rows `[gate | value]` of `u [rows, 2·width]`: `out = silu(gate)·value`.
     fn swiglu(&self, out: ViewMut<'_, Self>, u: View<'_, Self>, width: usize) -> Result<()>;
-    /// Whether [`Backend::linear_act`] and [`Backend::linear_swiglu`] without `keep_pre` leave `pre`
-    /// untouched, so that an inference forward may pass an empty one instead of allocating the widest
-    /// activation of a feed-forward layer.
-    fn linear_epilogue_skips_pre(&self) -> bool {
+    /// Whether [`Backend::linear_act`] (`Epilogue::Activation`) or [`Backend::linear_swiglu`]
+    /// (`Epilogue::SwiGlu`) without `keep_pre` leaves `pre` untouched, so that an inference forward may pass
+    /// an empty one instead of allocating the widest activation of a feed-forward layer.
+    fn linear_epilogue_skips_pre(&self, epilogue: Epilogue) -> bool {
+        let _ = epilogue;
         false
     }
     /// A SwiGLU feed-forward's input projection: `pre = x·Wᵀ` (`[rows, d_out]`, the gate half then the

@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 
 use super::meter::ByteMeter;
 use super::{
-    Act, AttentionDims, Backend, BatchNormStats, Conv1dDims, LinearDims, Memory, PoolDims,
-    ScratchUse, View, ViewMut,
+    Act, AttentionDims, Backend, BatchNormStats, Conv1dDims, Epilogue, LinearDims, Memory,
+    PoolDims, ScratchUse, View, ViewMut,
 };
 use crate::ops::optim::AdamWStep;
 use crate::runtime::{place_segments, ArenaPlan, DType, Lifetime};
@@ -675,8 +675,8 @@ impl Backend for RecordingBackend {
     }
     /// As the CPU backend, the only one that fuses (kernel backends compute in bf16): a plan must size
     /// the buffers the run will make.
-    fn linear_epilogue_skips_pre(&self) -> bool {
-        super::cpu::skips_epilogue_pre(self.weight_dtype(), self.compute_dtype())
+    fn linear_epilogue_skips_pre(&self, epilogue: Epilogue) -> bool {
+        super::cpu::skips_epilogue_pre(self.weight_dtype(), self.compute_dtype(), epilogue)
     }
     /// One op, so that `out` lives alongside `x` and `pre`: a fused backend reads `x` while it writes
     /// `out` (recorded as the default's two ops, `out` could share memory with `x`, last read by the first).

@@ -16,7 +16,9 @@ use std::sync::Arc;
 
 use super::config::EsmConfig;
 use super::recompute::Recompute;
-use crate::backend::{Act, AttentionDims, Backend, LinearDims, Role, Tensor, View, ViewMut};
+use crate::backend::{
+    Act, AttentionDims, Backend, Epilogue, LinearDims, Role, Tensor, View, ViewMut,
+};
 use crate::ops::rotary::RotaryTable;
 use crate::runtime::{Layout, TensorSpec};
 use crate::{Error, Result};
@@ -27,6 +29,16 @@ pub enum FeedForward {
     Gelu,
     /// `(silu(u₁) ∘ u₂)·W₂ᵀ` with `[u₁ | u₂] = h·W₁ᵀ`, no biases (NT-v2).
     SwiGlu,
+}
+
+impl FeedForward {
+    /// The op that computes the input projection's output.
+    pub fn epilogue(self) -> Epilogue {
+        match self {
+            FeedForward::Gelu => Epilogue::Activation,
+            FeedForward::SwiGlu => Epilogue::SwiGlu,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -265,7 +277,8 @@ impl<B: Backend> LayerActs<B> {
         saving: Saving,
     ) -> Result<()> {
         let (n, h) = (batch * len, cfg.hidden);
-        let skip_pre = saving == Saving::Inference && b.linear_epilogue_skips_pre();
+        let skip_pre =
+            saving == Saving::Inference && b.linear_epilogue_skips_pre(cfg.ffn.epilogue());
         let ffn_pre = if skip_pre { 0 } else { n * cfg.ffn_in_width() };
         for (t, role, numel) in [
             (&mut self.ln1, Role::LinearInput, n * h),

@@ -72,6 +72,72 @@ pub fn activation<A: Activation, O: OutElem>(out: &mut [O], x: &[f32]) -> Result
     Ok(())
 }
 
+/// An activation's body over a run of f32 values: `out[i] = f(x[i])` for the common length
+/// ([`Activation::f_chunk`]).
+pub type ActChunk = fn(&mut [f32], &[f32]);
+
+/// Columns a run of [`bias_activation`] handles at once: its biased values stay in L1.
+const RUN: usize = 256;
+
+/// A linear layer's bias and activation after its product, one pass over rows of `bias.len()` values
+/// (an f32 GEMM gives no epilogue, and filling its output with the bias first cost a pass of its own):
+/// - with `pre` (a training forward keeps it): `pre[r] += bias`, then `out[r] = act(pre[r])`;
+/// - without: `out[r] = act(out[r] + bias)` in place (inference: the product was written to `out`).
+///
+/// `act` is the activation op's own vector body, so `out` is what the activation op gives on the biased
+/// values.
+pub fn bias_activation(
+    out: &mut [f32],
+    pre: Option<&mut [f32]>,
+    bias: &[f32],
+    act: ActChunk,
+) -> Result<()> {
+    let width = bias.len();
+    if width == 0 {
+        return check_len("bias_activation", "out", out.len(), 0);
+    }
+    check_len("bias_activation", "out (whole rows)", out.len() % width, 0)?;
+    // Rows per task: about CHUNK values, at least one row.
+    let rows = (CHUNK / width).max(1);
+    let add_bias = |dst: &mut [f32], src: &[f32], bias: &[f32]| {
+        dispatch(
+            #[inline(always)]
+            || {
+                for ((d, &s), &b) in dst.iter_mut().zip(src).zip(bias) {
+                    *d = s + b;
+                }
+            },
+        )
+    };
+    match pre {
+        Some(pre) => {
+            check_len("bias_activation", "pre", pre.len(), out.len())?;
+            out.par_chunks_mut(rows * width)
+                .zip(pre.par_chunks_mut(rows * width))
+                .for_each(|(out, pre)| {
+                    for (out, pre) in out.chunks_mut(width).zip(pre.chunks_mut(width)) {
+                        dispatch(
+                            #[inline(always)]
+                            || pre.iter_mut().zip(bias).for_each(|(p, &b)| *p += b),
+                        );
+                        act(out, pre);
+                    }
+                });
+        }
+        None => out.par_chunks_mut(rows * width).for_each(|out| {
+            let mut biased = [0.0f32; RUN];
+            for row in out.chunks_mut(width) {
+                for (run, bias) in row.chunks_mut(RUN).zip(bias.chunks(RUN)) {
+                    let biased = &mut biased[..run.len()];
+                    add_bias(biased, run, bias);
+                    act(run, biased);
+                }
+            }
+        }),
+    }
+    Ok(())
+}
+
 /// `dx[i] += dout[i] · A'(x[i])`.
 pub fn activation_backward<A: Activation>(dx: &mut [f32], dout: &[f32], x: &[f32]) -> Result<()> {
     check_len(A::NAME, "x", x.len(), dx.len())?;
@@ -407,17 +473,6 @@ mod tests {
     use super::*;
     use crate::testing::*;
 
-    /// erf by its Maclaurin series in f64: independent of the fit above, exact to ~1e-13 for |x| ≤ 4.
-    fn erf_series(x: f64) -> f64 {
-        let (mut term, mut sum, mut n) = (x, x, 0.0);
-        while term.abs() > 1e-17 * sum.abs().max(1e-300) {
-            n += 1.0;
-            term *= -x * x / n;
-            sum += term / (2.0 * n + 1.0);
-        }
-        sum * 2.0 / std::f64::consts::PI.sqrt()
-    }
-
     /// erfc(x) for x ≥ 2 by its continued fraction, `e^(−x²)/√π / (x + ½/(x + 1/(x + 3/2/(x + …))))`,
     /// evaluated from 200 terms back (converged to f64 precision there).
     fn erfc_continued_fraction(x: f64) -> f64 {
@@ -585,5 +640,50 @@ mod tests {
         let mut du = vec![0.0; u.len()];
         swiglu_backward(&mut du, &dout, &u, width).unwrap();
         check_gradients("swiglu", &[&u], &[Some(&du)], &dout, naive, 1e-4);
+    }
+
+    /// The fused pass gives the activation op's bits on the biased values, and with `pre` leaves exactly
+    /// the biased values there: widths around the run of 256 columns and past a task's 8,192 values,
+    /// ragged row counts, every activation's vector body. Lengths that are not whole rows are errors.
+    #[test]
+    fn bias_activation_is_the_activation_op_on_the_biased_values() {
+        fn check<A: Activation>(r: &mut rand::rngs::StdRng, rows: usize, width: usize) {
+            let product = uniform(r, rows * width, -4.0, 4.0);
+            let bias = uniform(r, width, -1.0, 1.0);
+            let biased: Vec<f32> = product
+                .chunks(width)
+                .flat_map(|row| row.iter().zip(&bias).map(|(p, b)| p + b))
+                .collect();
+            let mut want = vec![0.0; biased.len()];
+            activation::<A, f32>(&mut want, &biased).unwrap();
+            let mut in_place = product.clone();
+            bias_activation(&mut in_place, None, &bias, A::f_chunk).unwrap();
+            let (mut pre, mut out) = (product.clone(), vec![f32::NAN; product.len()]);
+            bias_activation(&mut out, Some(&mut pre), &bias, A::f_chunk).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let what = format!("{} {rows}x{width}", A::NAME);
+            assert_eq!(bits(&in_place), bits(&want), "{what} in place");
+            assert_eq!(bits(&out), bits(&want), "{what} out");
+            assert_eq!(bits(&pre), bits(&biased), "{what} pre");
+        }
+        let mut r = rng(13);
+        for (rows, width) in [
+            (1, 1),
+            (3, 7),
+            (37, 255),
+            (5, 256),
+            (9, 257),
+            (70, 600),
+            (3, 8193),
+        ] {
+            check::<GeluErf>(&mut r, rows, width);
+            check::<GeluSigmoid>(&mut r, rows, width);
+            check::<Relu>(&mut r, rows, width);
+            check::<Softplus>(&mut r, rows, width);
+        }
+        let (mut out, bias) = (vec![0.0; 10], vec![0.0; 3]);
+        assert!(bias_activation(&mut out, None, &bias, Relu::f_chunk).is_err());
+        let mut pre = [0.0; 9];
+        assert!(bias_activation(&mut out[..9], Some(&mut pre[..6]), &bias, Relu::f_chunk).is_err());
     }
 }

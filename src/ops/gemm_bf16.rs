@@ -65,8 +65,7 @@ pub enum GemmOut<'a> {
     },
 }
 
-/// An activation's body over a run of f32 values: `out[i] = f(x[i])` for the common length.
-pub type ActChunk = fn(&mut [f32], &[f32]);
+pub use super::elementwise::ActChunk;
 
 impl GemmOut<'_> {
     /// The values of the product `A·B` this output takes (twice its own for [`GemmOut::SwiGlu`]).
