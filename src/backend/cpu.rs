@@ -816,7 +816,8 @@ impl Backend for CpuBackend {
             let (x, w) = (self.f32s(OP, "x", x)?, self.f32s(OP, "w", w)?);
             let mut out = self.out(OP, "out", out)?;
             let act = activation_chunk(act);
-            if keep_pre || !self.linear_epilogue_skips_pre(epilogue) {
+            // Without `keep_pre` this backend skips `pre` here ([`skips_epilogue_pre`]).
+            if keep_pre {
                 let mut pre = self.out(OP, "pre", pre)?;
                 ops::matmul::linear(&mut pre, &x, &w, None, dims)?;
                 return ops::elementwise::bias_activation(&mut out, Some(&mut pre), &bias, act);

@@ -326,23 +326,25 @@ pub(crate) fn transpose16x16_regs(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
+    /// Every start offset and length of a short row: exactly the lines its elements touch, in order, each
+    /// once, every address inside the row.
     #[test]
     fn cache_lines_names_each_line_of_a_row_once() {
         let buffer = vec![0.0f32; 256];
         for skip in 0..20 {
             for len in 0..80 {
                 let row = &buffer[skip..skip + len];
-                let got: Vec<usize> = super::cache_lines(row).map(|p| p as usize / 64).collect();
+                let got: Vec<usize> = cache_lines(row).map(|p| p as usize / 64).collect();
                 let mut want: Vec<usize> =
                     row.iter().map(|v| v as *const f32 as usize / 64).collect();
                 want.dedup();
                 assert_eq!(got, want, "{len} values from {skip}");
-                assert!(super::cache_lines(row).all(|p| row.as_ptr_range().contains(&p)));
+                assert!(cache_lines(row).all(|p| row.as_ptr_range().contains(&p)));
             }
         }
     }
-    use super::*;
 
     #[test]
     fn reductions_match_f64_sums() {
