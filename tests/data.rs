@@ -284,7 +284,7 @@ fn tsv_layout_with_splits_from_file_names() {
         ("ACGT", Some("MKV"), &[1.5f32, 2.0][..])
     );
     c.edge = EdgePolicy::PadN;
-    let ds = Dataset::open(c).unwrap();
+    let ds = Dataset::open(c.clone()).unwrap();
     let short = ds
         .split_rows(Split::Train)
         .into_iter()
@@ -292,6 +292,17 @@ fn tsv_layout_with_splits_from_file_names() {
         .find(|s| s.protein.is_none())
         .unwrap();
     assert_eq!(std::str::from_utf8(&short.dna).unwrap(), "NNAAAANN");
+    // A character that is no IUPAC nucleotide code is refused, not read as N.
+    std::fs::write(
+        dir.join("test.tsv"),
+        format!("{header}CCCCCCCCCC\tAA\tMM\t5\t6\nCCCC-CCCCC\tAA\tMM\t5\t6\n"),
+    )
+    .unwrap();
+    let e = Dataset::open(c.clone()).err().unwrap().to_string();
+    assert!(
+        e.contains("test.tsv:3") && e.contains("invalid DNA letter '-' at position 5"),
+        "{e}"
+    );
 }
 
 #[test]

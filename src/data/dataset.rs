@@ -13,7 +13,8 @@ use memmap2::Mmap;
 use super::fasta::{default_cache_dir, Genome};
 use super::records::{Record, RecordReader};
 use super::window::{
-    crop_left, crop_right, normalize_protein, normalize_rna, EdgePolicy, Strand, Window,
+    crop_left, crop_right, normalize_dna, normalize_protein, normalize_rna, EdgePolicy, Strand,
+    Window,
 };
 use crate::{Error, Result};
 
@@ -531,11 +532,7 @@ impl Dataset {
                 })
             }
             Columns::Tsv(c) => {
-                let dna: String = field(c.dna)
-                    .trim()
-                    .bytes()
-                    .map(|b| super::fasta::normalize_base(b) as char)
-                    .collect();
+                let dna = normalize_dna(field(c.dna))?;
                 if dna.is_empty() {
                     return Err("empty dna_seq".into());
                 }

@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use crate::data::sequences::MAX_INPUT_BYTES;
+use crate::data::window::{normalize_dna, normalize_protein, normalize_rna};
 use crate::{Error, Result};
 
 /// One transcript to predict.
@@ -13,10 +14,11 @@ use crate::{Error, Result};
 pub struct PredictRow {
     /// The `id` column, or `row<N>` (its line number) without one.
     pub id: String,
-    /// Upper-cased DNA.
+    /// Upper-cased DNA; IUPAC ambiguity codes read as N.
     pub dna: String,
+    /// Upper-cased, in DNA letters (U read as T), as the RNA encoder's tokenizer takes it.
     pub rna: String,
-    /// `None` for an empty cell (a non-coding transcript).
+    /// Upper-cased, without a final stop `*`; `None` for an empty cell (a non-coding transcript).
     pub protein: Option<String>,
 }
 
@@ -83,6 +85,11 @@ impl PredictTsv {
         }
     }
 
+    /// A cell's checked value, or an error naming the current line and the column.
+    fn cell<T>(&self, checked: std::result::Result<T, String>, column: &str) -> Result<T> {
+        checked.map_err(|m| self.error(self.line, format!("{column}: {m}")))
+    }
+
     /// The next line without its line ending, or `None` at the end. A line longer than one input file may
     /// be, binary data or invalid UTF-8 is an error naming the line.
     fn next_line(&mut self) -> Result<Option<String>> {
@@ -126,15 +133,20 @@ impl PredictTsv {
                     format!("{} fields, the header has {}", f.len(), self.fields),
                 ));
             }
-            let protein = f[self.protein].trim();
+            // The letters are checked and normalised as the dataset's TSV layout does them, so a
+            // transcript predicts the same whichever way it arrives (lower case, U or T, a stop `*`).
+            let dna = self.cell(normalize_dna(f[self.dna]), "dna_seq")?;
+            if dna.is_empty() {
+                return Err(self.error(self.line, "dna_seq is empty".into()));
+            }
             out.push(PredictRow {
                 id: self.id.map_or_else(
                     || format!("row{}", self.line - 1),
                     |c| f[c].trim().to_string(),
                 ),
-                dna: f[self.dna].trim().to_ascii_uppercase(),
-                rna: f[self.rna].trim().to_string(),
-                protein: (!protein.is_empty()).then(|| protein.to_string()),
+                dna,
+                rna: self.cell(normalize_rna(f[self.rna]), "rna_seq")?,
+                protein: self.cell(normalize_protein(f[self.protein]), "protein_seq")?,
             });
         }
         Ok(out)
@@ -196,7 +208,9 @@ mod tests {
         assert_eq!(first.len(), 2);
         assert_eq!(first[0].id, "a");
         assert_eq!(first[0].dna, "ACGT");
+        assert_eq!(first[0].rna, "ACGT");
         assert_eq!(first[0].protein.as_deref(), Some("MK"));
+        assert_eq!(first[1].rna, "TTAA");
         assert_eq!(first[1].protein, None);
         let rest = tsv.next_batch(2).unwrap();
         assert_eq!(rest.len(), 1);
@@ -222,5 +236,41 @@ mod tests {
             .to_string();
         assert!(e.contains("binary"), "{e}");
         assert!(PredictTsv::open(Path::new("/dev/null")).is_err());
+    }
+
+    /// The same transcript in lower case, with U for T, IUPAC codes and a stop gives the same row.
+    #[test]
+    fn letters_are_normalised_as_the_dataset_does() {
+        let f = write("dna_seq\trna_seq\tprotein_seq\nACGTNN\tACGTTG\tMKW\nacgtry\tacguug\tmkw*\n");
+        let rows = PredictTsv::open(&f.0).unwrap().next_batch(2).unwrap();
+        assert_eq!(
+            (&rows[0].dna, &rows[0].rna, &rows[0].protein),
+            (&rows[1].dna, &rows[1].rna, &rows[1].protein)
+        );
+    }
+
+    /// A letter outside a column's alphabet is refused with its line, column and position.
+    #[test]
+    fn invalid_letters_name_the_line_column_and_position() {
+        for (row, column, letter) in [
+            ("AC1T\tACGT\tMK", "dna_seq", "'1' at position 3"),
+            ("ACGT\tACXT\tMK", "rna_seq", "'X' at position 3"),
+            ("ACGT\tACGT\tM#K", "protein_seq", "'#' at position 2"),
+            ("\tACGT\tMK", "dna_seq", "empty"),
+        ] {
+            let f = write(&format!(
+                "dna_seq\trna_seq\tprotein_seq\nACGT\tACGT\tMK\n{row}\n"
+            ));
+            let e = PredictTsv::open(&f.0)
+                .unwrap()
+                .next_batch(5)
+                .err()
+                .unwrap_or_else(|| panic!("{row:?} was accepted"))
+                .to_string();
+            assert!(
+                e.contains(":3") && e.contains(column) && e.contains(letter),
+                "{row:?}: {e}"
+            );
+        }
     }
 }

@@ -113,6 +113,29 @@ pub fn reverse_complement(seq: &mut [u8]) {
     }
 }
 
+/// IUPAC nucleotide codes for more than one base; the one-hot encoding reads each as N (an all-zero row).
+const AMBIGUOUS_BASES: &str = "NRYSWKMBDHV";
+
+/// Checks and normalises DNA given as text (a TSV cell): upper-cased; A, C, G and T kept; N and the other
+/// IUPAC ambiguity codes read as N. Anything else (digits, gaps, another column's text) is an error that
+/// names the first such letter and its position, rather than silently becoming N.
+pub fn normalize_dna(s: &str) -> std::result::Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    for (i, c) in s.trim().chars().enumerate() {
+        match c.to_ascii_uppercase() {
+            u @ ('A' | 'C' | 'G' | 'T') => out.push(u),
+            u if AMBIGUOUS_BASES.contains(u) => out.push('N'),
+            other => {
+                return Err(format!(
+                    "invalid DNA letter '{other}' at position {}",
+                    i + 1
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Checks and normalises an RNA string given in DNA letters: upper-cased, U read as T. Letters other than
 /// A, C, G, T, U, N are an error that names the first one and its position.
 pub fn normalize_rna(s: &str) -> std::result::Result<String, String> {
