@@ -245,6 +245,65 @@ fn model_comparison_detects_a_wrong_gradient() {
     );
 }
 
+/// The tensors (the output, then every parameter gradient by name) of `got` beyond 2⁻⁶ of `want`.
+fn beyond_bound(layout: &Layout, got: &Run, want: &Run) -> Vec<String> {
+    let mut beyond = Vec::new();
+    let e = rel_err(&got.hidden, &want.hidden);
+    if e > BOUND {
+        beyond.push(format!("output {e:.2e}"));
+    }
+    for (i, entry) in layout.entries().iter().enumerate() {
+        let e = rel_err(&got.grads[i], &want.grads[i]);
+        if e > BOUND {
+            beyond.push(format!("{} {e:.2e}", entry.spec.name));
+        }
+    }
+    beyond
+}
+
+/// Where the misses of 2⁻⁶ come from: the CPU's mixed-precision backend ([`CpuBackend::bf16`]: bf16
+/// weights and matrix-product operands, everything else — activations, the residual stream, activation
+/// gradients — in f32, as PyTorch's autocast does) meets 2⁻⁶ on the output and every gradient of all four
+/// transformer cases, which the kernel devices' bf16 activation storage does not. The Enformer trunk's
+/// counts are printed, not asserted: with batchnorm on batch statistics, rounding only the convolutions'
+/// and linear layers' operands already moves most of its gradients past 2⁻⁶ (20 of 76 within on the
+/// fixture), so no bf16 compute meets the bound there.
+#[test]
+fn mixed_precision_reference_meets_2e6_on_every_transformer_gradient() {
+    use isoformer_engine::models::enformer::BatchNormMode;
+    let cases = [
+        ("random", FeedForward::Gelu),
+        ("random", FeedForward::SwiGlu),
+        ("esm2", FeedForward::Gelu),
+        ("nt_v2", FeedForward::SwiGlu),
+    ];
+    for (i, (source, ffn)) in cases.into_iter().enumerate() {
+        let (enc, host, inputs) = match source {
+            "random" => transformer_case(ffn, 11 + 12 * i as u64),
+            fixture => fixture_case(fixture, ffn),
+        };
+        let f32_run = run_transformer(&CpuBackend::new(), &enc, &host, &inputs);
+        let mixed = run_transformer(&CpuBackend::bf16(), &enc, &host, &inputs);
+        let beyond = beyond_bound(enc.layout(), &mixed, &f32_run);
+        assert!(beyond.is_empty(), "{source} {ffn:?}: {beyond:?}");
+    }
+    let (trunk, host, one_hot, batch, seq_len, d_emb) = enformer_case();
+    for mode in [BatchNormMode::Eval, BatchNormMode::Train] {
+        let run =
+            |b: &CpuBackend| run_enformer(b, &trunk, &host, &one_hot, batch, seq_len, &d_emb, mode);
+        let beyond = beyond_bound(
+            trunk.layout(),
+            &run(&CpuBackend::bf16()),
+            &run(&CpuBackend::new()),
+        );
+        println!(
+            "enformer batchnorm {mode:?}, mixed precision: {} of {} within 2⁻⁶",
+            trunk.layout().entries().len() + 1 - beyond.len(),
+            trunk.layout().entries().len() + 1
+        );
+    }
+}
+
 #[test]
 fn gpu_models_when_a_gpu_is_present() {
     match CudaDevice::new(0) {
