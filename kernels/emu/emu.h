@@ -20,7 +20,7 @@ struct uint3 {
 };
 struct dim3 {
     unsigned int x = 1, y = 1, z = 1;
-    dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
+    constexpr dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 
 namespace emu {
@@ -31,8 +31,9 @@ struct ThreadState {
     dim3 grid_dim;
     unsigned char* dynamic_shared;
 };
-// Refreshed by the scheduler every time a fiber resumes.
-inline thread_local ThreadState tls{};
+// Refreshed by the scheduler every time a fiber resumes. Constant-initialised, so that reading threadIdx
+// is a plain thread-local load rather than a call that first checks for dynamic initialisation.
+constinit inline thread_local ThreadState tls{};
 
 void syncthreads(int line);
 void syncwarp();

@@ -1,11 +1,12 @@
 // The emulator's scheduler: runs a registered kernel over a grid on the CPU.
 //
 // Blocks are spread over worker threads (one block at a time per worker, so `static thread_local` shared
-// memory is per block). A block's threads are fibers (ucontext) run round-robin in thread-index order; a
-// fiber yields at __syncthreads and at warp collectives, and the scheduler releases a barrier when every
-// live thread of the block (or of the warp) has reached it. A barrier that can never be released (divergent
-// __syncthreads) is reported as an error naming a waiting thread instead of hanging.
-#include <ucontext.h>
+// memory is per block). A block's threads are fibers (kernels/emu/context.h) run round-robin in
+// thread-index order; a fiber yields at __syncthreads and at warp collectives, and the scheduler releases a
+// barrier when every live thread of the block (or of the warp) has reached it. A barrier that can never be
+// released (divergent __syncthreads) is reported as an error naming a waiting thread instead of hanging.
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <cstring>
@@ -13,8 +14,10 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
+#include "context.h"
 #include "emu.h"
 
 namespace emu {
@@ -33,7 +36,7 @@ std::map<std::string, KernelEntry>& registry() {
 enum class State { Ready, BlockBarrier, WarpBarrier, Done };
 
 struct Fiber {
-    ucontext_t ctx;
+    Context ctx;
     State state = State::Ready;
     uint3 tid{};
     int lane = 0;
@@ -44,10 +47,78 @@ struct Fiber {
 
 constexpr size_t kStackBytes = 64 * 1024;
 
+// A fiber's stack: kStackBytes (peak use measured in single kilobytes) above an inaccessible guard page, so
+// that an overflow faults where it happens instead of silently overwriting the neighbouring fiber's stack.
+class Stack {
+   public:
+    Stack() = default;
+    // A mapped stack, or an empty one if the system refuses the memory.
+    static Stack map() {
+        Stack s;
+        s.guard_ = size_t(sysconf(_SC_PAGESIZE));
+        void* p = mmap(nullptr, s.guard_ + kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) return Stack();
+        s.mem_ = static_cast<char*>(p);
+        if (mprotect(s.mem_, s.guard_, PROT_NONE) != 0) return Stack();
+        return s;
+    }
+    Stack(Stack&& o) noexcept : mem_(o.mem_), guard_(o.guard_) { o.mem_ = nullptr; }
+    Stack& operator=(Stack&& o) noexcept {
+        std::swap(mem_, o.mem_);
+        std::swap(guard_, o.guard_);
+        return *this;
+    }
+    Stack(const Stack&) = delete;
+    Stack& operator=(const Stack&) = delete;
+    ~Stack() {
+        if (mem_) munmap(mem_, guard_ + kStackBytes);
+    }
+    explicit operator bool() const { return mem_ != nullptr; }
+    // The usable bytes, above the guard page.
+    char* bottom() const { return mem_ + guard_; }
+
+   private:
+    char* mem_ = nullptr;
+    size_t guard_ = 0;
+};
+
+// Fiber stacks, kept for later launches: each launch runs on new worker threads, and mapping stacks afresh
+// costs system calls and a page fault per 4 KiB touched, every launch. Holds at most the most fibers that
+// were ever alive at once (workers × threads per block).
+class StackPool {
+   public:
+    Stack take() {
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            if (!free_.empty()) {
+                Stack s = std::move(free_.back());
+                free_.pop_back();
+                return s;
+            }
+        }
+        return Stack::map();
+    }
+    void give_back(std::vector<Stack>& stacks) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        for (Stack& s : stacks)
+            if (s) free_.push_back(std::move(s));
+        stacks.clear();
+    }
+
+   private:
+    std::mutex mutex_;
+    std::vector<Stack> free_;
+};
+
+StackPool& stack_pool() {
+    static StackPool pool;
+    return pool;
+}
+
 struct Worker {
-    ucontext_t scheduler;
+    Context scheduler;
     std::vector<Fiber> fibers;
-    std::vector<std::vector<char>> stacks;
+    std::vector<Stack> stacks;
     std::vector<uint64_t> slots;  // [warp][2][32]
     std::vector<unsigned char> dynamic_shared;
     int current = 0;
@@ -57,18 +128,21 @@ struct Worker {
 
 thread_local Worker* worker = nullptr;
 
+// A fiber's whole life: the kernel for its thread, then back to the scheduler, which never resumes it.
 void fiber_main() {
     Worker* w = worker;
     w->entry.trampoline(w->entry.kernel, w->args);
-    w->fibers[w->current].state = State::Done;
-    // Returning resumes uc_link, the scheduler.
+    Fiber& f = w->fibers[w->current];
+    f.state = State::Done;
+    context_switch(f.ctx, w->scheduler);
+    __builtin_unreachable();
 }
 
 void yield(State s) {
     Worker* w = worker;
     Fiber& f = w->fibers[w->current];
     f.state = s;
-    swapcontext(&f.ctx, &w->scheduler);
+    context_switch(f.ctx, w->scheduler);
 }
 
 const char* state_name(State s) {
@@ -87,19 +161,17 @@ std::string run_block(Worker& w, uint3 block, dim3 grid, dim3 bdim) {
     int n = int(bdim.x * bdim.y * bdim.z);
     int warps = (n + 31) / 32;
     w.fibers.assign(n, Fiber{});
-    if (w.stacks.size() < size_t(n)) w.stacks.resize(n);
+    while (w.stacks.size() < size_t(n)) {
+        w.stacks.push_back(stack_pool().take());
+        if (!w.stacks.back()) return "the system refused the memory for a fiber stack";
+    }
     w.slots.assign(size_t(warps) * 64, 0);
     for (int i = 0; i < n; ++i) {
         Fiber& f = w.fibers[i];
         f.tid = uint3{unsigned(i % bdim.x), unsigned((i / bdim.x) % bdim.y), unsigned(i / (bdim.x * bdim.y))};
         f.lane = i % 32;
         f.warp = i / 32;
-        if (w.stacks[i].size() < kStackBytes) w.stacks[i].resize(kStackBytes);
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = w.stacks[i].data();
-        f.ctx.uc_stack.ss_size = kStackBytes;
-        f.ctx.uc_link = &w.scheduler;
-        makecontext(&f.ctx, fiber_main, 0);
+        context_init(f.ctx, w.stacks[i].bottom(), kStackBytes, fiber_main);
     }
     for (;;) {
         for (int i = 0; i < n; ++i) {
@@ -110,7 +182,7 @@ std::string run_block(Worker& w, uint3 block, dim3 grid, dim3 bdim) {
             tls.block_dim = bdim;
             tls.grid_dim = grid;
             tls.dynamic_shared = w.dynamic_shared.data();
-            swapcontext(&w.scheduler, &w.fibers[i].ctx);
+            context_switch(w.scheduler, w.fibers[i].ctx);
         }
         bool all_done = true, released = false;
         for (int wp = 0; wp < warps; ++wp) {
@@ -245,6 +317,7 @@ int emu_launch(const char* name, const unsigned* grid, const unsigned* block, un
             }
         }
         emu::worker = nullptr;
+        emu::stack_pool().give_back(w.stacks);
     };
     std::vector<std::thread> threads;
     for (unsigned wi = 1; wi < n_workers; ++wi) threads.emplace_back(work, wi);
