@@ -1,6 +1,7 @@
 // Self-test kernels for the execution model itself (used by the emulator tests, compiled for GPUs too):
-// warp shuffles over partial warps, block-level shared memory with barriers, atomics, and a kernel whose
-// barrier is divergent, which the emulator must report instead of hanging.
+// warp shuffles over partial warps, block-level shared memory with barriers, atomics, a kernel whose
+// barrier is divergent, which the emulator must report instead of hanging, and a kernel with a race that
+// the emulator's two thread orders must disagree on.
 #include "common.cuh"
 
 // out[t] = sum over the thread's warp of (t + 1) via xor shuffles, plus the block total via shared memory,
@@ -59,6 +60,18 @@ extern "C" __global__ void selftest_ballot_half(unsigned* __restrict__ ballot, i
     }
 }
 
+// A deliberate race: each thread writes its slot of shared memory and reads its lower neighbour's with no
+// __syncthreads between. out[t] = t when the neighbour happened to write first (the emulator's ascending
+// thread order), something else when it did not (descending order; on a GPU, whatever the warps did).
+// Launch one block of at most 256 threads.
+extern "C" __global__ void selftest_unsynchronised_read(int* out) {
+    __shared__ int slot[256];
+    int t = threadIdx.x;
+    slot[t] = t + 1;
+    out[t] = t > 0 ? slot[t - 1] : 0;
+}
+
 EMU_REGISTER(selftest_reduce_f32)
 EMU_REGISTER(selftest_ballot_half)
 EMU_REGISTER(selftest_divergent_barrier)
+EMU_REGISTER(selftest_unsynchronised_read)

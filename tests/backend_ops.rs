@@ -1405,6 +1405,12 @@ fn check_backend<B: Backend>(b: &B) -> usize {
 #[test]
 fn emu_every_op_matches_the_cpu_and_every_kernel_is_reached() {
     check_backend(&KernelBackend::new(EmuDevice::default()));
+    // Again with each block's threads in the opposite order: a missing barrier shows in one order or
+    // the other. On a new thread, whose `__shared__` arrays (thread-locals in the emulator) do not hold
+    // what the first pass left in them.
+    std::thread::spawn(|| check_backend(&KernelBackend::new(EmuDevice::reversed())))
+        .join()
+        .expect("the emulator in descending thread order");
     let launched = EmuDevice::launched_kernels();
     let missing: Vec<String> = EmuDevice::kernels()
         .into_iter()

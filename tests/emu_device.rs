@@ -172,6 +172,47 @@ fn emu_reports_divergent_barriers_and_unknown_kernels() {
     }
 }
 
+/// A kernel that reads shared memory another thread writes, with no barrier between, reads what it expects
+/// in the emulator's ascending thread order and not in the descending one: the reversed order exposes the
+/// races that one fixed order hides (`tests/backend_ops.rs` runs every op in both orders).
+#[test]
+fn emu_thread_orders_disagree_on_a_race() {
+    let run = |dev: EmuDevice| {
+        // A new thread: the emulator keeps `__shared__` arrays per OS thread, and the launching thread
+        // runs the first block.
+        std::thread::spawn(move || {
+            let out = dev.alloc_zeroed(64 * 4).unwrap();
+            // SAFETY: one block of 64 threads writes the 64 i32 of `out`.
+            unsafe {
+                dev.launch(
+                    "selftest_unsynchronised_read",
+                    LaunchConfig::linear(1, 64, 0),
+                    &[Arg::Ptr(out.ptr())],
+                )
+            }
+            .unwrap();
+            let bytes = dev.read(&out).unwrap();
+            bytes
+                .chunks_exact(4)
+                .map(|b| i32::from_le_bytes(b.try_into().unwrap()))
+                .collect::<Vec<i32>>()
+        })
+        .join()
+        .unwrap()
+    };
+    let in_order: Vec<i32> = (0..64).collect();
+    assert_eq!(run(EmuDevice::default()), in_order, "ascending order");
+    let reversed = run(EmuDevice::reversed());
+    assert_eq!(reversed[0], 0);
+    assert!(
+        reversed[1..]
+            .iter()
+            .zip(&in_order[1..])
+            .all(|(r, t)| r != t),
+        "descending order must read no neighbour's write: {reversed:?}"
+    );
+}
+
 #[test]
 fn gpu_execution_model_when_a_gpu_is_present() {
     match CudaDevice::new(0) {

@@ -2,9 +2,10 @@
 //
 // Blocks are spread over worker threads (one block at a time per worker, so `static thread_local` shared
 // memory is per block). A block's threads are fibers (kernels/emu/context.h) run round-robin in
-// thread-index order; a fiber yields at __syncthreads and at warp collectives, and the scheduler releases a
-// barrier when every live thread of the block (or of the warp) has reached it. A barrier that can never be
-// released (divergent __syncthreads) is reported as an error naming a waiting thread instead of hanging.
+// thread-index order (ascending, or descending to expose races); a fiber yields at __syncthreads and at
+// warp collectives, and the scheduler releases a barrier when every live thread of the block (or of the
+// warp) has reached it. A barrier that can never be released (divergent __syncthreads) is reported as an
+// error naming a waiting thread instead of hanging.
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -122,6 +123,7 @@ struct Worker {
     std::vector<uint64_t> slots;  // [warp][2][32]
     std::vector<unsigned char> dynamic_shared;
     int current = 0;
+    bool reverse = false;  // resume fibers in descending thread index
     KernelEntry entry{};
     void** args = nullptr;
 };
@@ -174,7 +176,8 @@ std::string run_block(Worker& w, uint3 block, dim3 grid, dim3 bdim) {
         context_init(f.ctx, w.stacks[i].bottom(), kStackBytes, fiber_main);
     }
     for (;;) {
-        for (int i = 0; i < n; ++i) {
+        for (int k = 0; k < n; ++k) {
+            int i = w.reverse ? n - 1 - k : k;
             if (w.fibers[i].state != State::Ready) continue;
             w.current = i;
             tls.thread_idx = w.fibers[i].tid;
@@ -285,9 +288,10 @@ unsigned warp_ballot(bool pred) {
 extern "C" {
 
 // Launches `name` over `grid` × `block` with `shared_bytes` of dynamic shared memory; `args` as for
-// cuLaunchKernel. Returns 0, or 1 with a message in `err`.
+// cuLaunchKernel; each block's threads resumed in descending index order when `reverse_fibers` is non-zero.
+// Returns 0, or 1 with a message in `err`.
 int emu_launch(const char* name, const unsigned* grid, const unsigned* block, unsigned shared_bytes, void** args,
-               unsigned workers, char* err, size_t err_len) {
+               unsigned workers, int reverse_fibers, char* err, size_t err_len) {
     auto fail = [&](const std::string& msg) {
         std::snprintf(err, err_len, "%s", msg.c_str());
         return 1;
@@ -305,6 +309,7 @@ int emu_launch(const char* name, const unsigned* grid, const unsigned* block, un
         emu::Worker w;
         w.entry = it->second;
         w.args = args;
+        w.reverse = reverse_fibers != 0;
         w.dynamic_shared.assign(std::max(shared_bytes, 16u), 0);
         emu::worker = &w;
         for (unsigned long long bi = wi; bi < blocks; bi += n_workers) {

@@ -14,6 +14,7 @@ extern "C" {
         shared_bytes: u32,
         args: *mut *mut c_void,
         workers: u32,
+        reverse_fibers: i32,
         err: *mut c_char,
         err_len: usize,
     ) -> i32;
@@ -79,18 +80,31 @@ impl DeviceBuffer for EmuBuffer {
 pub struct EmuDevice {
     /// Worker threads running blocks.
     pub workers: u32,
+    /// Runs each block's threads in descending index order between barriers instead of ascending. A
+    /// kernel that reads shared memory another thread writes without a `__syncthreads` between them
+    /// gets the value it expects in one order at most, so checking every kernel in both orders finds
+    /// such races, which one fixed order hides.
+    pub reverse_fibers: bool,
 }
 
 impl Default for EmuDevice {
     fn default() -> Self {
         EmuDevice {
             workers: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            reverse_fibers: false,
         }
     }
 }
 
 impl EmuDevice {
-    /// Names of the kernels compiled into the emulator.
+    /// The emulator running each block's threads in descending index order (see `reverse_fibers`).
+    pub fn reversed() -> Self {
+        EmuDevice {
+            reverse_fibers: true,
+            ..Self::default()
+        }
+    }
+
     /// Names of the kernels launched so far in this process (the op-coverage check of the tests reads it).
     pub fn launched_kernels() -> Vec<String> {
         LAUNCHED
@@ -99,6 +113,7 @@ impl EmuDevice {
             .unwrap_or_default()
     }
 
+    /// Names of the kernels compiled into the emulator.
     pub fn kernels() -> Vec<String> {
         // SAFETY: the registry is filled by static initialisers before main and never changes after.
         unsafe {
@@ -117,7 +132,12 @@ impl KernelDevice for EmuDevice {
     type Buffer = EmuBuffer;
 
     fn name(&self) -> String {
-        format!("emu ({} workers)", self.workers)
+        let order = if self.reverse_fibers {
+            ", threads in descending order"
+        } else {
+            ""
+        };
+        format!("emu ({} workers{order})", self.workers)
     }
 
     fn alloc_zeroed(&self, bytes: usize) -> Result<EmuBuffer> {
@@ -253,6 +273,7 @@ impl KernelDevice for EmuDevice {
                 cfg.shared_bytes,
                 ptrs.as_mut_ptr(),
                 self.workers,
+                self.reverse_fibers as i32,
                 err.as_mut_ptr(),
                 err.len(),
             )
