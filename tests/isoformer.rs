@@ -282,6 +282,42 @@ fn emu_step_matches_cpu_within(cfg: IsoformerConfig, rounding_multiple: f64) {
     );
 }
 
+/// A transcript longer than the RNA budget reads as its 3′ letters within the budget, framed from their
+/// first letter as the dataset crops them, whatever its length modulo six; and a protein past its budget
+/// as its N-terminal residues.
+#[test]
+fn long_transcripts_are_cut_to_the_budget_before_tokenizing() {
+    let model = Isoformer::new(tiny_config("cross_attention")).unwrap();
+    let (letters, residues) = (model.cfg.rna_letters(), model.cfg.protein_residues());
+    let batch = random_batch(5, 1, 3, 128);
+    let mut rng = StdRng::seed_from_u64(9);
+    let protein: String = (0..residues + 37)
+        .map(|_| b"ACDEFGHIKLMNPQRSTVWY"[rng.random_range(0..20)] as char)
+        .collect();
+    for extra in 1..=7 {
+        let rna: String = (0..letters + extra)
+            .map(|_| b"ACGU"[rng.random_range(0..4)] as char)
+            .collect();
+        let inputs = |rna: &str, protein: &str| {
+            let s = SampleSeqs {
+                dna: &batch.dna[0],
+                rna,
+                protein: Some(protein),
+            };
+            model.prepare_inputs(&[s]).unwrap()
+        };
+        let whole = inputs(&rna, &protein);
+        let cut = inputs(&rna[extra..], &protein[..residues]);
+        for e in 0..3 {
+            assert_eq!(
+                model.encoder_input_bytes(e, &whole, 0),
+                model.encoder_input_bytes(e, &cut, 0),
+                "encoder {e}, {extra} letters past the budget"
+            );
+        }
+    }
+}
+
 /// With every encoder frozen, a step from the embedding cache (first filling it, then reading it) gives the
 /// same loss and aggregator gradients, bit for bit on the CPU, as running the encoders.
 #[test]

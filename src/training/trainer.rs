@@ -58,8 +58,8 @@ pub struct TrainOutcome {
 pub fn open_dataset(cfg: &IsoformerConfig, data_dir: &Path) -> Result<Arc<Dataset>> {
     let mut dc = DataConfig::new(data_dir);
     dc.dna_len = cfg.dna_sequence_length;
-    dc.rna_max_len = cfg.num_tokens_per_seq_nuctf_rna.saturating_sub(1).max(1) * 6;
-    dc.protein_max_len = cfg.num_protein_tokens_per_seq.saturating_sub(2).max(1);
+    dc.rna_max_len = cfg.rna_letters();
+    dc.protein_max_len = cfg.protein_residues();
     let ds = Dataset::open(dc)?;
     if ds.tissues().len() != cfg.num_tissues {
         return Err(Error::invalid(

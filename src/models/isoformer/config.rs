@@ -524,6 +524,20 @@ impl IsoformerConfig {
         serde_json::to_string_pretty(self).expect("a config always serialises")
     }
 
+    /// The RNA letters the RNA encoder reads, from the 3′ end: its token budget less `<cls>`, six letters a
+    /// token. A transcript is cut to them before it is tokenized, wherever it comes from (the dataset, a
+    /// TSV, the library), so that its 6-mers start at the same letter: tokenizing a longer transcript and
+    /// keeping the last tokens would frame them from its 5′ end instead.
+    pub fn rna_letters(&self) -> usize {
+        self.num_tokens_per_seq_nuctf_rna.saturating_sub(1).max(1) * 6
+    }
+
+    /// The protein residues the protein encoder reads, from the N-terminus: its token budget less `<cls>`
+    /// and `<eos>`.
+    pub fn protein_residues(&self) -> usize {
+        self.num_protein_tokens_per_seq.saturating_sub(2).max(1)
+    }
+
     pub fn has(&self, m: Modality) -> bool {
         self.modalities.contains(&m)
     }
