@@ -35,7 +35,7 @@ pub struct EmbedArgs {
     /// Sequences per forward pass.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
-    /// Token budget per sequence, special tokens included (ESM-2 crops on the right, NT-v2 keeps the 3' end).
+    /// Token budget per sequence, special tokens included (ESM-2 crops on the right; NT-v2 keeps the last (N - 1) x 6 letters, split into 6-mers from the first one kept).
     #[arg(long, default_value_t = 2048)]
     pub max_tokens: usize,
     /// Enformer: DeepMind's TF gamma table (`tools/convert_checkpoint.py --export-tf-gammas`), for weights

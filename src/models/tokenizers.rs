@@ -128,10 +128,23 @@ impl Tokenizer {
     }
 
     /// Token ids with `<cls>` (and `<eos>`), at most `max_tokens` long: an over-long sequence loses
-    /// tokens at the end the tokenizer does not keep.
+    /// tokens at the end the tokenizer does not keep. Keeping the end, the text is first cut to the last
+    /// letters the budget can hold (`longest` a token), so that the kept tokens are framed from the first
+    /// kept letter: a 6-mer tokenization of the whole text would frame them from its start, and the
+    /// tokens of the same 3′ end would then depend on the length of what precedes it.
     pub fn encode(&self, text: &str, max_tokens: usize) -> Vec<u32> {
-        let mut body = self.split(text);
         let room = max_tokens.saturating_sub(1 + self.eos.is_some() as usize);
+        let text = match self.keep {
+            Keep::Start => text,
+            Keep::End => {
+                let letters = room.saturating_mul(self.longest);
+                let skip = text.chars().count().saturating_sub(letters);
+                text.char_indices()
+                    .nth(skip)
+                    .map_or("", |(at, _)| &text[at..])
+            }
+        };
+        let mut body = self.split(text);
         if body.len() > room {
             match self.keep {
                 Keep::Start => body.truncate(room),
@@ -240,8 +253,20 @@ mod tests {
         assert_eq!(words("ACGRTT"), "<cls> A C G <unk> T T");
         assert_eq!(
             t.encode("ACGTGTACGTGCA", 3),
-            [3, id("ACGTGC"), id("A")],
-            "RNA keeps its 3' end"
+            [3, id("CGTGTA"), id("CGTGCA")],
+            "RNA keeps its 3' end, framed from the first kept letter"
+        );
+        for prefix in ["", "A", "GG", "TTTTTTT"] {
+            assert_eq!(
+                t.encode(&format!("{prefix}ACGTGTACGTGC"), 3),
+                [3, id("ACGTGT"), id("ACGTGC")],
+                "the same 3' end whatever precedes it ({prefix:?})"
+            );
+        }
+        assert_eq!(
+            t.encode("CCCCCCANAAAAAA", 3),
+            [3, id("N"), id("AAAAAA")],
+            "letters that are not 6-mers still leave the last tokens"
         );
     }
 

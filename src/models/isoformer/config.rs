@@ -525,9 +525,9 @@ impl IsoformerConfig {
     }
 
     /// The RNA letters the RNA encoder reads, from the 3′ end: its token budget less `<cls>`, six letters a
-    /// token. A transcript is cut to them before it is tokenized, wherever it comes from (the dataset, a
-    /// TSV, the library), so that its 6-mers start at the same letter: tokenizing a longer transcript and
-    /// keeping the last tokens would frame them from its 5′ end instead.
+    /// token. The dataset keeps these, and the tokenizer cuts any longer text to them before it splits it
+    /// ([`crate::models::tokenizers::Tokenizer::encode`]), so a transcript's 6-mers start at the same
+    /// letter whichever way it arrives.
     pub fn rna_letters(&self) -> usize {
         self.num_tokens_per_seq_nuctf_rna.saturating_sub(1).max(1) * 6
     }
