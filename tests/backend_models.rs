@@ -193,23 +193,32 @@ fn compare(
     Ok((outright, total))
 }
 
-fn check_transformers_on<D: KernelDevice>(make: impl Fn() -> D, tag: &str) {
+/// The four transformer cases: GELU and SwiGLU with random weights, and the ESM-2 (GELU) and NT-v2
+/// (SwiGLU) fixtures; each with a label.
+fn transformer_cases() -> impl Iterator<Item = (String, TransformerEncoder, Vec<Vec<f32>>, Inputs)>
+{
     let cases = [
         ("random", FeedForward::Gelu),
         ("random", FeedForward::SwiGlu),
         ("esm2", FeedForward::Gelu),
         ("nt_v2", FeedForward::SwiGlu),
     ];
-    for (i, (source, ffn)) in cases.into_iter().enumerate() {
+    cases.into_iter().enumerate().map(|(i, (source, ffn))| {
         let (enc, host, inputs) = match source {
             "random" => transformer_case(ffn, 11 + 12 * i as u64),
             fixture => fixture_case(fixture, ffn),
         };
+        (format!("{source} {ffn:?}"), enc, host, inputs)
+    })
+}
+
+fn check_transformers_on<D: KernelDevice>(make: impl Fn() -> D, tag: &str) {
+    for (label, enc, host, inputs) in transformer_cases() {
         let cpu = run_transformer(&CpuBackend::new(), &enc, &host, &inputs);
         let rounded = run_transformer(&CpuBackend::with_bf16_storage(), &enc, &host, &inputs);
         let dev = run_transformer(&KernelBackend::new(make()), &enc, &host, &inputs);
         compare(
-            &format!("{tag} transformer {source} {ffn:?}"),
+            &format!("{tag} transformer {label}"),
             enc.layout(),
             &cpu,
             &rounded,
@@ -271,21 +280,11 @@ fn beyond_bound(layout: &Layout, got: &Run, want: &Run) -> Vec<String> {
 #[test]
 fn mixed_precision_reference_meets_2e6_on_every_transformer_gradient() {
     use isoformer_engine::models::enformer::BatchNormMode;
-    let cases = [
-        ("random", FeedForward::Gelu),
-        ("random", FeedForward::SwiGlu),
-        ("esm2", FeedForward::Gelu),
-        ("nt_v2", FeedForward::SwiGlu),
-    ];
-    for (i, (source, ffn)) in cases.into_iter().enumerate() {
-        let (enc, host, inputs) = match source {
-            "random" => transformer_case(ffn, 11 + 12 * i as u64),
-            fixture => fixture_case(fixture, ffn),
-        };
+    for (label, enc, host, inputs) in transformer_cases() {
         let f32_run = run_transformer(&CpuBackend::new(), &enc, &host, &inputs);
         let mixed = run_transformer(&CpuBackend::bf16(), &enc, &host, &inputs);
         let beyond = beyond_bound(enc.layout(), &mixed, &f32_run);
-        assert!(beyond.is_empty(), "{source} {ffn:?}: {beyond:?}");
+        assert!(beyond.is_empty(), "{label}: {beyond:?}");
     }
     let (trunk, host, one_hot, batch, seq_len, d_emb) = enformer_case();
     for mode in [BatchNormMode::Eval, BatchNormMode::Train] {
