@@ -540,18 +540,9 @@ impl Isoformer {
                         .map(|(i, s)| {
                             let text: String = match m {
                                 Modality::Dna => String::from_utf8_lossy(s.dna).into_owned(),
-                                // NT-v2's vocabulary is DNA letters: an RNA's U is its T. Cut to the
-                                // 3′ letters the budget holds before tokenizing, as the dataset does
-                                // (`IsoformerConfig::rna_letters`).
-                                Modality::Rna => {
-                                    let rna = s.rna.replace(['U', 'u'], "T");
-                                    let mut start =
-                                        rna.len().saturating_sub(self.cfg.rna_letters());
-                                    while !rna.is_char_boundary(start) {
-                                        start += 1;
-                                    }
-                                    rna[start..].to_string()
-                                }
+                                // NT-v2's vocabulary is DNA letters: an RNA's U is its T. (The
+                                // tokenizer cuts a transcript to the 3′ letters its budget holds.)
+                                Modality::Rna => s.rna.replace(['U', 'u'], "T"),
                                 Modality::Protein => match s.protein {
                                     Some(p) if !p.is_empty() => p.to_string(),
                                     _ => {
