@@ -4,12 +4,12 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 
 use std::io::{Seek, SeekFrom, Write};
 
-use super::output::{write_atomically, AtomicOutput};
+use super::output::AtomicOutput;
 use crate::error::checked_product;
 use crate::{Error, Result};
 
@@ -20,35 +20,30 @@ pub struct NamedTensor<'a> {
     pub data: &'a [f32],
 }
 
-/// Writes `tensors` (and string `metadata`) to `path` atomically.
+/// Writes `tensors` (and string `metadata`) to `path` atomically, through [`StreamingSafetensors`]: the
+/// header's keys are sorted, so the same tensors and metadata give the same bytes in every run.
 pub fn save_f32(
     path: &Path,
     tensors: &[NamedTensor<'_>],
     metadata: HashMap<String, String>,
 ) -> Result<()> {
-    let views = tensors
+    for t in tensors {
+        if checked_product("safetensors output", &t.shape)? != t.data.len() {
+            return Err(Error::Tensor {
+                name: t.name.clone(),
+                msg: format!("{} values for shape {:?}", t.data.len(), t.shape),
+            });
+        }
+    }
+    let layout: Vec<(String, Vec<usize>)> = tensors
         .iter()
-        .map(|t| {
-            if t.shape.iter().product::<usize>() != t.data.len() {
-                return Err(Error::Tensor {
-                    name: t.name.clone(),
-                    msg: format!("{} values for shape {:?}", t.data.len(), t.shape),
-                });
-            }
-            TensorView::new(Dtype::F32, t.shape.clone(), bytemuck::cast_slice(t.data))
-                .map(|v| (t.name.clone(), v))
-                .map_err(|e| Error::Tensor {
-                    name: t.name.clone(),
-                    msg: e.to_string(),
-                })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| Error::Parse {
-        path: path.to_path_buf(),
-        line: None,
-        msg: format!("cannot serialise: {e}"),
-    })?;
-    write_atomically(path, &bytes)
+        .map(|t| (t.name.clone(), t.shape.clone()))
+        .collect();
+    let mut out = StreamingSafetensors::create(path, &[], &layout, metadata)?;
+    for (i, t) in tensors.iter().enumerate() {
+        out.write(i, t.data)?;
+    }
+    out.commit()
 }
 
 /// A safetensors file written tensor by tensor, in any order, with its header computed up front from the
@@ -69,6 +64,8 @@ impl StreamingSafetensors {
         metadata: HashMap<String, String>,
     ) -> Result<Self> {
         let mut header = serde_json::Map::new();
+        // Sorted, so that the header does not depend on the hash map's order.
+        let metadata: std::collections::BTreeMap<String, String> = metadata.into_iter().collect();
         header.insert("__metadata__".into(), serde_json::json!(metadata));
         let mut offset = 0usize;
         let mut sizes = Vec::with_capacity(tensors.len());
@@ -264,6 +261,33 @@ mod tests {
             .unwrap();
         assert!(s.commit().is_err());
         assert!(!c.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The same tensors and metadata give the same bytes, whatever order the metadata's hash map (seeded
+    /// afresh per map) iterates in: checkpoints of identical runs compare equal with `cmp`.
+    #[test]
+    fn identical_contents_give_identical_bytes() {
+        let dir = std::env::temp_dir().join(format!("iso-st-bytes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let data = [1.0f32, -2.0, 3.5];
+        let write = |file: &str| {
+            let meta: HashMap<String, String> = (0..16)
+                .map(|i| (format!("key{i}"), format!("value{i}")))
+                .collect();
+            let path = dir.join(file);
+            let tensor = |name: &str| NamedTensor {
+                name: name.into(),
+                shape: vec![3],
+                data: &data,
+            };
+            save_f32(&path, &[tensor("b"), tensor("a")], meta).unwrap();
+            std::fs::read(&path).unwrap()
+        };
+        let first = write("first.safetensors");
+        for i in 0..4 {
+            assert_eq!(first, write(&format!("again{i}.safetensors")));
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
