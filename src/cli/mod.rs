@@ -48,7 +48,16 @@ pub enum Command {
     Info,
 }
 
+/// Runs a command on a worker of rayon's global pool rather than on the calling thread. The ops' parallel
+/// loops are then entered from inside the pool: the calling worker takes a share of the work instead of
+/// handing every loop to the pool and sleeping on a latch until it is done. With the small ops of a
+/// training step that handover cost a system call pair per op (the demo's `train`: 90.7 → 74.6 s wall,
+/// system time 29.6 → 9.5 s, identical metrics).
 pub fn run(cli: Cli) -> Result<()> {
+    rayon::scope(|_| run_command(cli))
+}
+
+fn run_command(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Data(cmd) => data::run(cmd),
