@@ -73,6 +73,24 @@ fn train_resume_is_bit_identical_and_checkpoints_serve_eval_and_predict() {
         "--resume",
         half.join("last.safetensors").to_str().unwrap(),
     ]);
+    for run in [&full, &half, &resumed] {
+        for file in [
+            "last.safetensors",
+            "best.safetensors",
+            "metrics.json",
+            "config.json",
+            "loss.png",
+            "r2_per_tissue.png",
+        ] {
+            assert!(run.join(file).is_file(), "{run:?} has no {file}");
+        }
+    }
+    // Byte for byte: parameters, optimizer state and progress (metadata in a fixed order) alike.
+    assert!(
+        std::fs::read(full.join("last.safetensors")).unwrap()
+            == std::fs::read(resumed.join("last.safetensors")).unwrap(),
+        "the resumed run's checkpoint differs from the uninterrupted run's"
+    );
     let (a, b) = (
         tensors(&full.join("last.safetensors")),
         tensors(&resumed.join("last.safetensors")),
@@ -204,6 +222,24 @@ fn lora_training_resumes_bit_identically_and_keeps_base_weights() {
         "--resume",
         half.join("last.safetensors").to_str().unwrap(),
     ]);
+    for run in [&full, &half, &resumed] {
+        for file in [
+            "last.safetensors",
+            "best.safetensors",
+            "metrics.json",
+            "config.json",
+            "loss.png",
+            "r2_per_tissue.png",
+        ] {
+            assert!(run.join(file).is_file(), "{run:?} has no {file}");
+        }
+    }
+    // Byte for byte: parameters, optimizer state and progress (metadata in a fixed order) alike.
+    assert!(
+        std::fs::read(full.join("last.safetensors")).unwrap()
+            == std::fs::read(resumed.join("last.safetensors")).unwrap(),
+        "the resumed run's checkpoint differs from the uninterrupted run's"
+    );
     let (a, b) = (
         tensors(&full.join("last.safetensors")),
         tensors(&resumed.join("last.safetensors")),

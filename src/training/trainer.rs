@@ -547,6 +547,14 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
     }
     b.warm_step();
     checkpoint::save(&last_path, b, &model, &params, &progress)?;
+    if progress.best_val_loss.is_none() || !best_path.is_file() {
+        // No validation has kept a best here (`--max-steps` stopped the first epoch, there is no
+        // validation split, or a resume into a new directory stopped before validating): the last
+        // checkpoint is the best one known, so the output directory always holds both, and a stale copy
+        // from an earlier stop is replaced. `progress` is untouched, so a later resume validates and keeps
+        // its best exactly as an uninterrupted run does.
+        checkpoint::save(&best_path, b, &model, &params, &progress)?;
+    }
     bar.finish_and_clear();
     eprintln!(
         "trained {} steps in {:.1} s{}",
@@ -558,7 +566,7 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
             ""
         }
     );
-    // Final metrics with the best checkpoint (the last one when there was no validation).
+    // Final metrics with the best checkpoint.
     if best_path.is_file() {
         let ck = Checkpoint::load(&best_path)?;
         params = ck.upload(b, &model)?;
