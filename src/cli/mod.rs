@@ -54,6 +54,11 @@ pub enum Command {
 /// training step that handover cost a system call pair per op (the demo's `train`: 90.7 → 74.6 s wall,
 /// system time 29.6 → 9.5 s, identical metrics).
 pub fn run(cli: Cli) -> Result<()> {
+    // Workers get the main thread's 8 MiB of stack, so code that ran on the main thread has as much as
+    // before. A global pool already built (a library user's) is kept as it is.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .stack_size(8 << 20)
+        .build_global();
     rayon::scope(|_| run_command(cli))
 }
 
