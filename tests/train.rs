@@ -30,6 +30,42 @@ fn tensors(p: &Path) -> Vec<(String, Vec<f32>)> {
     v
 }
 
+/// Every run wrote all its outputs, and the run resumed from `half` ended byte for byte where the
+/// uninterrupted `full` did: parameters, optimizer state and progress (metadata in a fixed order) alike.
+/// Returns the final tensors.
+fn check_outputs_and_resume(full: &Path, half: &Path, resumed: &Path) -> Vec<(String, Vec<f32>)> {
+    for run in [full, half, resumed] {
+        for file in [
+            "last.safetensors",
+            "best.safetensors",
+            "metrics.json",
+            "config.json",
+            "loss.png",
+            "r2_per_tissue.png",
+        ] {
+            assert!(run.join(file).is_file(), "{run:?} has no {file}");
+        }
+    }
+    let (a, b) = (
+        tensors(&full.join("last.safetensors")),
+        tensors(&resumed.join("last.safetensors")),
+    );
+    assert_eq!(a.len(), b.len());
+    for ((na, va), (nb, vb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(
+            va.iter().zip(vb).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{na} differs after resume"
+        );
+    }
+    assert!(
+        std::fs::read(full.join("last.safetensors")).unwrap()
+            == std::fs::read(resumed.join("last.safetensors")).unwrap(),
+        "the resumed run's checkpoint differs from the uninterrupted run's"
+    );
+    a
+}
+
 #[test]
 fn train_resume_is_bit_identical_and_checkpoints_serve_eval_and_predict() {
     let dir = std::env::temp_dir().join(format!("isoformer-train-test-{}", std::process::id()));
@@ -73,36 +109,7 @@ fn train_resume_is_bit_identical_and_checkpoints_serve_eval_and_predict() {
         "--resume",
         half.join("last.safetensors").to_str().unwrap(),
     ]);
-    for run in [&full, &half, &resumed] {
-        for file in [
-            "last.safetensors",
-            "best.safetensors",
-            "metrics.json",
-            "config.json",
-            "loss.png",
-            "r2_per_tissue.png",
-        ] {
-            assert!(run.join(file).is_file(), "{run:?} has no {file}");
-        }
-    }
-    // Byte for byte: parameters, optimizer state and progress (metadata in a fixed order) alike.
-    assert!(
-        std::fs::read(full.join("last.safetensors")).unwrap()
-            == std::fs::read(resumed.join("last.safetensors")).unwrap(),
-        "the resumed run's checkpoint differs from the uninterrupted run's"
-    );
-    let (a, b) = (
-        tensors(&full.join("last.safetensors")),
-        tensors(&resumed.join("last.safetensors")),
-    );
-    assert_eq!(a.len(), b.len());
-    for ((na, va), (nb, vb)) in a.iter().zip(&b) {
-        assert_eq!(na, nb);
-        assert!(
-            va.iter().zip(vb).all(|(x, y)| x.to_bits() == y.to_bits()),
-            "{na} differs after resume"
-        );
-    }
+    check_outputs_and_resume(&full, &half, &resumed);
     let metrics: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(full.join("metrics.json")).unwrap()).unwrap();
     for split in ["validation", "test"] {
@@ -222,39 +229,11 @@ fn lora_training_resumes_bit_identically_and_keeps_base_weights() {
         "--resume",
         half.join("last.safetensors").to_str().unwrap(),
     ]);
-    for run in [&full, &half, &resumed] {
-        for file in [
-            "last.safetensors",
-            "best.safetensors",
-            "metrics.json",
-            "config.json",
-            "loss.png",
-            "r2_per_tissue.png",
-        ] {
-            assert!(run.join(file).is_file(), "{run:?} has no {file}");
-        }
-    }
-    // Byte for byte: parameters, optimizer state and progress (metadata in a fixed order) alike.
-    assert!(
-        std::fs::read(full.join("last.safetensors")).unwrap()
-            == std::fs::read(resumed.join("last.safetensors")).unwrap(),
-        "the resumed run's checkpoint differs from the uninterrupted run's"
-    );
-    let (a, b) = (
-        tensors(&full.join("last.safetensors")),
-        tensors(&resumed.join("last.safetensors")),
-    );
-    assert_eq!(a.len(), b.len());
+    let a = check_outputs_and_resume(&full, &half, &resumed);
     assert!(
         a.iter().any(|(n, _)| n.ends_with(".lora_b")),
         "adapters are checkpointed"
     );
-    for ((na, va), (_, vb)) in a.iter().zip(&b) {
-        assert!(
-            va.iter().zip(vb).all(|(x, y)| x.to_bits() == y.to_bits()),
-            "{na} differs after resume"
-        );
-    }
     // The adapted base weights are the initial ones (the half run's, 3 steps earlier).
     let early = tensors(&half.join("last.safetensors"));
     let base = |t: &[(String, Vec<f32>)]| -> Vec<(String, Vec<f32>)> {
