@@ -11,8 +11,9 @@ use crate::error::check_len;
 use crate::ops::matmul::require_positive;
 use crate::Result;
 
-/// Channel blocks for column-wise reductions; a fixed block size keeps results independent of threads.
-const COLS: usize = 64;
+/// Row chunks of the gamma/beta gradient reductions: enough to keep every core busy, few enough that the
+/// per-chunk partial sums stay small.
+const REDUCE_CHUNKS: usize = 32;
 
 /// `out = (x − mean) · rstd · gamma + beta` per row of `dim` elements, written as f32 or rounded once to
 /// bf16 ([`OutElem`]); saves `mean` and `rstd` per row.
@@ -154,25 +155,46 @@ fn column_reduce(
     cols: usize,
     per: StatsPer,
 ) {
-    dgamma
-        .par_chunks_mut(COLS)
-        .zip(dbeta.par_chunks_mut(COLS))
+    let rows = dout.len() / cols;
+    if rows == 0 {
+        return;
+    }
+    // A fixed number of row chunks, whatever the thread count, so the sums are the same on any machine.
+    // Each chunk walks its rows in order, accumulating whole rows into its own partial sums (contiguous,
+    // vectorised, in L1), and the partials are added in chunk order.
+    let chunk_rows = rows.div_ceil(REDUCE_CHUNKS);
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dout
+        .par_chunks(chunk_rows * cols)
+        .zip(x.par_chunks(chunk_rows * cols))
         .enumerate()
-        .for_each(|(blk, (dg, db))| {
-            let c0 = blk * COLS;
-            for (row, (d, v)) in dout
-                .chunks_exact(cols)
-                .zip(x.chunks_exact(cols))
-                .enumerate()
-            {
-                for j in 0..dg.len() {
-                    let s = if per == StatsPer::Row { row } else { c0 + j };
-                    let xhat = (v[c0 + j] - mean[s]) * rstd[s];
-                    dg[j] += d[c0 + j] * xhat;
-                    db[j] += d[c0 + j];
+        .map(|(chunk, (d, v))| {
+            let (mut dg, mut db) = (vec![0.0f32; cols], vec![0.0f32; cols]);
+            for (r, (d, v)) in d.chunks_exact(cols).zip(v.chunks_exact(cols)).enumerate() {
+                let row = chunk * chunk_rows + r;
+                match per {
+                    StatsPer::Row => {
+                        let (m, s) = (mean[row], rstd[row]);
+                        for ((g, b), (d, v)) in dg.iter_mut().zip(&mut db).zip(d.iter().zip(v)) {
+                            *g += d * ((v - m) * s);
+                            *b += d;
+                        }
+                    }
+                    StatsPer::Column => {
+                        let terms = d.iter().zip(v).zip(mean.iter().zip(rstd));
+                        for ((g, b), ((d, v), (m, s))) in dg.iter_mut().zip(&mut db).zip(terms) {
+                            *g += d * ((v - m) * s);
+                            *b += d;
+                        }
+                    }
                 }
             }
-        });
+            (dg, db)
+        })
+        .collect();
+    for (pg, pb) in partials {
+        dgamma.iter_mut().zip(pg).for_each(|(g, p)| *g += p);
+        dbeta.iter_mut().zip(pb).for_each(|(b, p)| *b += p);
+    }
 }
 
 /// Running statistics that training-mode batchnorm updates, PyTorch style:
@@ -208,30 +230,42 @@ pub fn batchnorm_train(
     )?;
     let rows = x.len() / channels;
     require_positive("batchnorm_train", "rows", rows)?;
-    mean.par_chunks_mut(COLS)
-        .zip(rstd.par_chunks_mut(COLS))
-        .enumerate()
-        .for_each(|(blk, (m, r))| {
-            let c0 = blk * COLS;
-            let mut sum = vec![0.0f64; m.len()];
-            for row in x.chunks_exact(channels) {
-                for (s, v) in sum.iter_mut().zip(&row[c0..c0 + m.len()]) {
-                    *s += *v as f64;
-                }
-            }
-            let mu: Vec<f64> = sum.iter().map(|s| s / rows as f64).collect();
-            let mut sq = vec![0.0f64; m.len()];
-            for row in x.chunks_exact(channels) {
-                for ((s, v), mu) in sq.iter_mut().zip(&row[c0..c0 + m.len()]).zip(&mu) {
-                    *s += (*v as f64 - mu).powi(2);
-                }
-            }
-            for j in 0..m.len() {
-                m[j] = mu[j] as f32;
-                // Stored as the biased variance until the running update below reads it.
-                r[j] = (sq[j] / rows as f64) as f32;
-            }
-        });
+    // Two passes in f64 (the mean, then the squared deviations from it), each over a fixed number of row
+    // chunks whatever the thread count, whole rows accumulated into per-chunk sums added in chunk order.
+    let chunk_rows = rows.div_ceil(REDUCE_CHUNKS);
+    let column_sums = |add_row: &(dyn Fn(&mut [f64], &[f32]) + Sync)| -> Vec<f64> {
+        let partials: Vec<Vec<f64>> = x
+            .par_chunks(chunk_rows * channels)
+            .map(|chunk| {
+                let mut acc = vec![0.0f64; channels];
+                chunk
+                    .chunks_exact(channels)
+                    .for_each(|row| add_row(&mut acc, row));
+                acc
+            })
+            .collect();
+        let mut total = vec![0.0f64; channels];
+        for p in partials {
+            total.iter_mut().zip(p).for_each(|(t, p)| *t += p);
+        }
+        total
+    };
+    let mu: Vec<f64> =
+        column_sums(&|acc, row| acc.iter_mut().zip(row).for_each(|(a, v)| *a += *v as f64))
+            .into_iter()
+            .map(|s| s / rows as f64)
+            .collect();
+    let sq = column_sums(&|acc, row| {
+        for ((a, v), m) in acc.iter_mut().zip(row).zip(&mu) {
+            let d = *v as f64 - m;
+            *a += d * d;
+        }
+    });
+    for c in 0..channels {
+        mean[c] = mu[c] as f32;
+        // Stored as the biased variance until the running update below reads it.
+        rstd[c] = (sq[c] / rows as f64) as f32;
+    }
     if let Some(run) = running {
         check_len("batchnorm_train", "running mean", run.mean.len(), channels)?;
         check_len("batchnorm_train", "running var", run.var.len(), channels)?;
@@ -322,8 +356,9 @@ fn normalize_channels(
         .zip(x.par_chunks(step * channels))
         .for_each(|(o, x)| {
             for (o, x) in o.chunks_mut(channels).zip(x.chunks(channels)) {
-                for c in 0..channels {
-                    o[c] = (x[c] - mean[c]) * rstd[c] * gamma[c] + beta[c];
+                let per_channel = mean.iter().zip(rstd).zip(gamma.iter().zip(beta));
+                for ((o, x), ((m, r), (g, b))) in o.iter_mut().zip(x).zip(per_channel) {
+                    *o = (x - m) * r * g + b;
                 }
             }
         });
@@ -368,6 +403,21 @@ pub fn batchnorm_backward(
         channels,
         StatsPer::Column,
     );
+    // Per channel: dx += g·(dout − mean(dout) − (x − mean)·rstd·mean(dout·xhat)) in training mode (batch
+    // statistics depend on every row), dx += g·dout in eval mode; g = gamma·rstd. The per-channel factors
+    // are computed once, so the row loop is a vectorised multiply-add.
+    let g: Vec<f32> = gamma.iter().zip(rstd).map(|(g, r)| g * r).collect();
+    let (shift, slope): (Vec<f32>, Vec<f32>) = if train {
+        let n = rows as f32;
+        sum_d
+            .iter()
+            .zip(&sum_dxhat)
+            .zip(rstd)
+            .map(|((sd, sx), r)| (sd / n, r * (sx / n)))
+            .unzip()
+    } else {
+        (vec![0.0; channels], vec![0.0; channels])
+    };
     let step = rows_per_task(channels);
     dx.par_chunks_mut(step * channels)
         .zip(dout.par_chunks(step * channels))
@@ -378,14 +428,11 @@ pub fn batchnorm_backward(
                 .zip(d.chunks(channels))
                 .zip(x.chunks(channels))
             {
-                for c in 0..channels {
-                    let g = gamma[c] * rstd[c];
-                    dx[c] += if train {
-                        let xhat = (x[c] - mean[c]) * rstd[c];
-                        g * (d[c] - sum_d[c] / rows as f32 - xhat * sum_dxhat[c] / rows as f32)
-                    } else {
-                        g * d[c]
-                    };
+                let per_channel = g.iter().zip(&shift).zip(slope.iter().zip(mean));
+                for ((dx, (d, x)), ((g, shift), (slope, mean))) in
+                    dx.iter_mut().zip(d.iter().zip(x)).zip(per_channel)
+                {
+                    *dx += g * (d - shift - (x - mean) * slope);
                 }
             }
         });
@@ -416,7 +463,7 @@ mod tests {
     #[test]
     fn layernorm_forward_and_backward() {
         let mut r = rng(11);
-        for (rows, dim) in [(7, 13), (3, 1), (40, 70)] {
+        for (rows, dim) in [(7, 13), (3, 1), (40, 70), (103, 9)] {
             let x = uniform(&mut r, rows * dim, -2.0, 3.0);
             let g = uniform(&mut r, dim, 0.5, 1.5);
             let b = uniform(&mut r, dim, -0.5, 0.5);
@@ -479,57 +526,60 @@ mod tests {
     #[test]
     fn batchnorm_train_forward_backward_and_running_stats() {
         let mut r = rng(12);
-        let (rows, c) = (11, 70);
-        let x = uniform(&mut r, rows * c, -2.0, 3.0);
-        let g = uniform(&mut r, c, 0.5, 1.5);
-        let b = uniform(&mut r, c, -0.5, 0.5);
-        let (mut rm, mut rv) = (vec![0.5f32; c], vec![2.0f32; c]);
-        let (mut out, mut mean, mut rstd) = (vec![0.0; x.len()], vec![0.0; c], vec![0.0; c]);
-        let running = RunningStats {
-            mean: &mut rm,
-            var: &mut rv,
-            momentum: 0.1,
-        };
-        batchnorm_train(
-            &mut out,
-            &mut mean,
-            &mut rstd,
-            &x,
-            &g,
-            &b,
-            c,
-            1e-5,
-            Some(running),
-        )
-        .unwrap();
-        let naive = |v: &[Vec<f64>]| naive_batchnorm(&v[0], &v[1], &v[2], c, 1e-5, None);
-        assert_close(
-            "batchnorm train",
-            &out,
-            &naive(&[to_f64(&x), to_f64(&g), to_f64(&b)]),
-            1e-5,
-        );
-        for ch in 0..c {
-            let col: Vec<f64> = (0..rows).map(|i| x[i * c + ch] as f64).collect();
-            let mu = col.iter().sum::<f64>() / rows as f64;
-            let unbiased = col.iter().map(|v| (v - mu).powi(2)).sum::<f64>() / (rows - 1) as f64;
-            assert!((rm[ch] as f64 - (0.9 * 0.5 + 0.1 * mu)).abs() < 1e-6);
-            assert!((rv[ch] as f64 - (0.9 * 2.0 + 0.1 * unbiased)).abs() < 1e-5);
+        // Fewer rows than reduction chunks, and more, with a short last chunk.
+        for (rows, c) in [(11, 70), (103, 3)] {
+            let x = uniform(&mut r, rows * c, -2.0, 3.0);
+            let g = uniform(&mut r, c, 0.5, 1.5);
+            let b = uniform(&mut r, c, -0.5, 0.5);
+            let (mut rm, mut rv) = (vec![0.5f32; c], vec![2.0f32; c]);
+            let (mut out, mut mean, mut rstd) = (vec![0.0; x.len()], vec![0.0; c], vec![0.0; c]);
+            let running = RunningStats {
+                mean: &mut rm,
+                var: &mut rv,
+                momentum: 0.1,
+            };
+            batchnorm_train(
+                &mut out,
+                &mut mean,
+                &mut rstd,
+                &x,
+                &g,
+                &b,
+                c,
+                1e-5,
+                Some(running),
+            )
+            .unwrap();
+            let naive = |v: &[Vec<f64>]| naive_batchnorm(&v[0], &v[1], &v[2], c, 1e-5, None);
+            assert_close(
+                "batchnorm train",
+                &out,
+                &naive(&[to_f64(&x), to_f64(&g), to_f64(&b)]),
+                1e-5,
+            );
+            for ch in 0..c {
+                let col: Vec<f64> = (0..rows).map(|i| x[i * c + ch] as f64).collect();
+                let mu = col.iter().sum::<f64>() / rows as f64;
+                let unbiased =
+                    col.iter().map(|v| (v - mu).powi(2)).sum::<f64>() / (rows - 1) as f64;
+                assert!((rm[ch] as f64 - (0.9 * 0.5 + 0.1 * mu)).abs() < 1e-6);
+                assert!((rv[ch] as f64 - (0.9 * 2.0 + 0.1 * unbiased)).abs() < 1e-5);
+            }
+            let dout = uniform(&mut r, x.len(), -1.0, 1.0);
+            let (mut dx, mut dg, mut db) = (vec![0.0; x.len()], vec![0.0; c], vec![0.0; c]);
+            batchnorm_backward(
+                &mut dx, &mut dg, &mut db, &dout, &x, &g, &mean, &rstd, c, true,
+            )
+            .unwrap();
+            check_gradients(
+                "batchnorm train",
+                &[&x, &g, &b],
+                &[Some(&dx), Some(&dg), Some(&db)],
+                &dout,
+                naive,
+                2e-4,
+            );
         }
-        let dout = uniform(&mut r, x.len(), -1.0, 1.0);
-        let (mut dx, mut dg, mut db) = (vec![0.0; x.len()], vec![0.0; c], vec![0.0; c]);
-        batchnorm_backward(
-            &mut dx, &mut dg, &mut db, &dout, &x, &g, &mean, &rstd, c, true,
-        )
-        .unwrap();
-        check_gradients(
-            "batchnorm train",
-            &[&x, &g, &b],
-            &[Some(&dx), Some(&dg), Some(&db)],
-            &dout,
-            naive,
-            2e-4,
-        );
     }
 
     #[test]
