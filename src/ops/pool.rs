@@ -179,39 +179,81 @@ pub fn attention_pool_backward(
     )?;
     check_len("attention_pool_backward", "dx", dx.len(), x.len())?;
     check_len("attention_pool_backward", "dlogits", dlogits.len(), x.len())?;
-    let (c, lo) = (d.channels, d.out_len());
-    // Each output row owns the (one or two) input rows of its window: disjoint chunks of dx and dlogits.
-    let window = 2 * c.max(1);
-    let rows_per_batch = d.len * c;
-    dx.par_chunks_mut(rows_per_batch.max(1))
-        .zip(dlogits.par_chunks_mut(rows_per_batch.max(1)))
+    let c = d.channels;
+    if c == 0 || d.len == 0 {
+        return Ok(());
+    }
+    // Detected once per call, not per window.
+    #[cfg(target_arch = "x86_64")]
+    let avx512 = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma");
+    // Each output row owns the (one or two) input rows of its window: disjoint chunks of dx and dlogits,
+    // in parallel over batches and, within one, over windows (a batch of one is the Enformer step's case).
+    let (per_batch, window) = (d.len * c, 2 * c);
+    dx.par_chunks_mut(per_batch)
+        .zip(dlogits.par_chunks_mut(per_batch))
         .enumerate()
         .for_each(|(b, (dxb, dlb))| {
-            for (j, (dxw, dlw)) in dxb
-                .chunks_mut(window)
-                .zip(dlb.chunks_mut(window))
+            dxb.par_chunks_mut(window)
+                .zip(dlb.par_chunks_mut(window))
                 .enumerate()
-            {
-                let p0 = (b * d.len + 2 * j) * c;
-                let has_pair = dxw.len() == window;
-                let g = &dout[(b * lo + j) * c..(b * lo + j + 1) * c];
-                for ch in 0..c {
-                    let (a0, a1) =
-                        window_weights(logits[p0 + ch], has_pair.then(|| logits[p0 + c + ch]));
-                    dxw[ch] += g[ch] * a0;
-                    if has_pair {
-                        dxw[c + ch] += g[ch] * a1;
-                        // d out / d logit_p = a_p (x_p − out)
-                        let y = a0 * x[p0 + ch] + a1 * x[p0 + c + ch];
-                        dlw[ch] = g[ch] * a0 * (x[p0 + ch] - y);
-                        dlw[c + ch] = g[ch] * a1 * (x[p0 + c + ch] - y);
-                    } else {
-                        dlw[ch] = 0.0;
+                .for_each(|(j, (dxw, dlw))| {
+                    let p0 = (b * d.len + 2 * j) * c;
+                    let rows = dxw.len();
+                    let g = &dout[(b * d.out_len() + j) * c..][..c];
+                    let (l, xw) = (&logits[p0..p0 + rows], &x[p0..p0 + rows]);
+                    #[cfg(target_arch = "x86_64")]
+                    if avx512 {
+                        // SAFETY: the features were detected on this CPU.
+                        return unsafe { window_backward_avx512(dxw, dlw, g, l, xw) };
                     }
-                }
-            }
+                    window_backward(dxw, dlw, g, l, xw)
+                });
         });
     linear_backward(Some(dx), Some(dw), None, dlogits, x, w, d.linear())
+}
+
+/// One window of [`attention_pool_backward`]: `dx += g·a_p` for its rows and `dlogits_p = g·a_p·(x_p − out)`
+/// (zero for a window of one row, whose weight is constant). `dxw`, `dlw`, `l` and `xw` hold the window's one
+/// or two rows of `g.len()` channels.
+#[inline(always)]
+fn window_backward(dxw: &mut [f32], dlw: &mut [f32], g: &[f32], l: &[f32], xw: &[f32]) {
+    let c = g.len();
+    if dxw.len() < 2 * c {
+        for ((dx, dl), (g, l)) in dxw.iter_mut().zip(dlw.iter_mut()).zip(g.iter().zip(l)) {
+            let (a0, _) = window_weights(*l, None);
+            *dx += g * a0;
+            *dl = 0.0;
+        }
+        return;
+    }
+    let ((dx0, dx1), (dl0, dl1)) = (dxw.split_at_mut(c), dlw.split_at_mut(c));
+    let ((l0, l1), (x0, x1)) = (l.split_at(c), xw.split_at(c));
+    let (dx1, dl1, l1, x1) = (&mut dx1[..c], &mut dl1[..c], &l1[..c], &x1[..c]);
+    for i in 0..c {
+        let (a0, a1) = window_weights(l0[i], Some(l1[i]));
+        dx0[i] += g[i] * a0;
+        dx1[i] += g[i] * a1;
+        // d out / d logit_p = a_p (x_p − out)
+        let y = a0 * x0[i] + a1 * x1[i];
+        dl0[i] = g[i] * a0 * (x0[i] - y);
+        dl1[i] = g[i] * a1 * (x1[i] - y);
+    }
+}
+
+/// [`window_backward`] compiled for AVX-512, as [`pool_row_avx512`].
+///
+/// # Safety
+/// AVX-512F and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn window_backward_avx512(
+    dxw: &mut [f32],
+    dlw: &mut [f32],
+    g: &[f32],
+    l: &[f32],
+    xw: &[f32],
+) {
+    window_backward(dxw, dlw, g, l, xw)
 }
 
 #[cfg(test)]
