@@ -51,8 +51,8 @@ pub enum Command {
 /// Runs a command on a worker of rayon's global pool rather than on the calling thread. The ops' parallel
 /// loops are then entered from inside the pool: the calling worker takes a share of the work instead of
 /// handing every loop to the pool and sleeping on a latch until it is done. With the small ops of a
-/// training step that handover cost a system call pair per op (the demo's `train`: 90.7 → 74.6 s wall,
-/// system time 29.6 → 9.5 s, identical metrics).
+/// training step that handover cost a system call pair per op (the demo's `train`, side by side: 87–99 →
+/// 58–78 s wall, system time 29–31 → 8–10 s, identical metrics).
 pub fn run(cli: Cli) -> Result<()> {
     // Workers get the main thread's 8 MiB of stack, so code that ran on the main thread has as much as
     // before. A global pool already built (a library user's) is kept as it is.

@@ -143,6 +143,36 @@ enum StatsPer {
     Column,
 }
 
+/// Column sums over `rows` rows: `add_row(r, acc)` adds row `r`'s terms into `width` accumulators. The rows
+/// are split into a fixed number of chunks whatever the thread count, so the sums are the same on any
+/// machine; each chunk walks its rows in order into its own partial sums (contiguous, vectorised, in L1),
+/// and the partials are added in chunk order.
+fn chunked_column_sums<T>(
+    rows: usize,
+    width: usize,
+    add_row: impl Fn(usize, &mut [T]) + Sync,
+) -> Vec<T>
+where
+    T: Copy + Default + Send + std::ops::AddAssign,
+{
+    let chunk_rows = rows.div_ceil(REDUCE_CHUNKS).max(1);
+    let partials: Vec<Vec<T>> = (0..rows.div_ceil(chunk_rows))
+        .into_par_iter()
+        .map(|chunk| {
+            let mut acc = vec![T::default(); width];
+            for r in chunk * chunk_rows..((chunk + 1) * chunk_rows).min(rows) {
+                add_row(r, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![T::default(); width];
+    for p in partials {
+        total.iter_mut().zip(p).for_each(|(t, p)| *t += p);
+    }
+    total
+}
+
 /// `dgamma[c] += Σ_r dout·xhat`, `dbeta[c] += Σ_r dout`, where `xhat = (x − mean) · rstd` with the
 /// statistics of the row or of the column.
 fn column_reduce(
@@ -156,45 +186,30 @@ fn column_reduce(
     per: StatsPer,
 ) {
     let rows = dout.len() / cols;
-    if rows == 0 {
-        return;
-    }
-    // A fixed number of row chunks, whatever the thread count, so the sums are the same on any machine.
-    // Each chunk walks its rows in order, accumulating whole rows into its own partial sums (contiguous,
-    // vectorised, in L1), and the partials are added in chunk order.
-    let chunk_rows = rows.div_ceil(REDUCE_CHUNKS);
-    let partials: Vec<(Vec<f32>, Vec<f32>)> = dout
-        .par_chunks(chunk_rows * cols)
-        .zip(x.par_chunks(chunk_rows * cols))
-        .enumerate()
-        .map(|(chunk, (d, v))| {
-            let (mut dg, mut db) = (vec![0.0f32; cols], vec![0.0f32; cols]);
-            for (r, (d, v)) in d.chunks_exact(cols).zip(v.chunks_exact(cols)).enumerate() {
-                let row = chunk * chunk_rows + r;
-                match per {
-                    StatsPer::Row => {
-                        let (m, s) = (mean[row], rstd[row]);
-                        for ((g, b), (d, v)) in dg.iter_mut().zip(&mut db).zip(d.iter().zip(v)) {
-                            *g += d * ((v - m) * s);
-                            *b += d;
-                        }
-                    }
-                    StatsPer::Column => {
-                        let terms = d.iter().zip(v).zip(mean.iter().zip(rstd));
-                        for ((g, b), ((d, v), (m, s))) in dg.iter_mut().zip(&mut db).zip(terms) {
-                            *g += d * ((v - m) * s);
-                            *b += d;
-                        }
-                    }
+    // One accumulator row: the dgamma terms, then the dbeta terms.
+    let sums = chunked_column_sums(rows, 2 * cols, |row, acc: &mut [f32]| {
+        let (dg, db) = acc.split_at_mut(cols);
+        let (d, v) = (&dout[row * cols..][..cols], &x[row * cols..][..cols]);
+        match per {
+            StatsPer::Row => {
+                let (m, s) = (mean[row], rstd[row]);
+                for ((g, b), (d, v)) in dg.iter_mut().zip(db.iter_mut()).zip(d.iter().zip(v)) {
+                    *g += d * ((v - m) * s);
+                    *b += d;
                 }
             }
-            (dg, db)
-        })
-        .collect();
-    for (pg, pb) in partials {
-        dgamma.iter_mut().zip(pg).for_each(|(g, p)| *g += p);
-        dbeta.iter_mut().zip(pb).for_each(|(b, p)| *b += p);
-    }
+            StatsPer::Column => {
+                let terms = d.iter().zip(v).zip(mean.iter().zip(rstd));
+                for ((g, b), ((d, v), (m, s))) in dg.iter_mut().zip(db.iter_mut()).zip(terms) {
+                    *g += d * ((v - m) * s);
+                    *b += d;
+                }
+            }
+        }
+    });
+    let (sum_dg, sum_db) = sums.split_at(cols);
+    dgamma.iter_mut().zip(sum_dg).for_each(|(g, p)| *g += p);
+    dbeta.iter_mut().zip(sum_db).for_each(|(b, p)| *b += p);
 }
 
 /// Running statistics that training-mode batchnorm updates, PyTorch style:
@@ -230,33 +245,18 @@ pub fn batchnorm_train(
     )?;
     let rows = x.len() / channels;
     require_positive("batchnorm_train", "rows", rows)?;
-    // Two passes in f64 (the mean, then the squared deviations from it), each over a fixed number of row
-    // chunks whatever the thread count, whole rows accumulated into per-chunk sums added in chunk order.
-    let chunk_rows = rows.div_ceil(REDUCE_CHUNKS);
-    let column_sums = |add_row: &(dyn Fn(&mut [f64], &[f32]) + Sync)| -> Vec<f64> {
-        let partials: Vec<Vec<f64>> = x
-            .par_chunks(chunk_rows * channels)
-            .map(|chunk| {
-                let mut acc = vec![0.0f64; channels];
-                chunk
-                    .chunks_exact(channels)
-                    .for_each(|row| add_row(&mut acc, row));
-                acc
-            })
-            .collect();
-        let mut total = vec![0.0f64; channels];
-        for p in partials {
-            total.iter_mut().zip(p).for_each(|(t, p)| *t += p);
-        }
-        total
-    };
-    let mu: Vec<f64> =
-        column_sums(&|acc, row| acc.iter_mut().zip(row).for_each(|(a, v)| *a += *v as f64))
-            .into_iter()
-            .map(|s| s / rows as f64)
-            .collect();
-    let sq = column_sums(&|acc, row| {
-        for ((a, v), m) in acc.iter_mut().zip(row).zip(&mu) {
+    // Two passes in f64: the mean, then the squared deviations from it.
+    let row_of = |r: usize| &x[r * channels..][..channels];
+    let mu: Vec<f64> = chunked_column_sums(rows, channels, |r, acc: &mut [f64]| {
+        acc.iter_mut()
+            .zip(row_of(r))
+            .for_each(|(a, v)| *a += *v as f64)
+    })
+    .into_iter()
+    .map(|s| s / rows as f64)
+    .collect();
+    let sq = chunked_column_sums(rows, channels, |r, acc: &mut [f64]| {
+        for ((a, v), m) in acc.iter_mut().zip(row_of(r)).zip(&mu) {
             let d = *v as f64 - m;
             *a += d * d;
         }
