@@ -730,6 +730,29 @@ pub fn input_notes(kind: ModelKind, seqs: &[&str]) -> Vec<String> {
             ));
         }
     }
+    // Upper-case letters the vocabulary has no token for (lower case has its own note above).
+    let known: &[u8] = match kind {
+        ModelKind::Esm2 => b"LAGVSERTIDPKQNFYMHWCXBUZO",
+        ModelKind::NucleotideTransformer => b"ACGTNU",
+        ModelKind::Enformer => b"",
+    };
+    if kind != ModelKind::Enformer {
+        let foreign = |s: &str| {
+            s.bytes()
+                .find(|b| b.is_ascii_uppercase() && !known.contains(b))
+        };
+        let odd = count(&|s| foreign(s).is_some());
+        if let Some(first) = seqs.iter().find_map(|s| foreign(s)) {
+            notes.push(format!(
+                "{odd} sequence(s) have letters outside {}'s vocabulary (the first: '{}'): as with the \
+                 Hugging Face tokenizer, each run of them becomes one <unk> token; check that these are {} \
+                 sequences",
+                if kind == ModelKind::Esm2 { "ESM-2" } else { "NT-v2" },
+                first as char,
+                if kind == ModelKind::Esm2 { "protein" } else { "nucleotide" },
+            ));
+        }
+    }
     if kind == ModelKind::NucleotideTransformer {
         let with_u = count(&|s| s.contains(['U', 'u']));
         if with_u > 0 {

@@ -206,6 +206,12 @@ fn bad_rows_name_the_file_and_line_or_are_skipped_and_counted() {
             "invalid RNA letter 'X' at position 5",
         ),
         (
+            "empty_rna",
+            11,
+            Box::new(field(13, "")),
+            "empty RNA sequence",
+        ),
+        (
             "protein",
             2,
             Box::new(field(15, "MK7L")),

@@ -6,7 +6,7 @@ use isoformer_engine::backend::kernel::KernelBackend;
 use isoformer_engine::backend::Backend;
 use isoformer_engine::gpu::emulator::EmuDevice;
 use isoformer_engine::models::isoformer::init::initial_sections;
-use isoformer_engine::models::isoformer::{Isoformer, IsoformerConfig, SampleSeqs};
+use isoformer_engine::models::isoformer::{Isoformer, IsoformerConfig, Modality, SampleSeqs};
 use isoformer_engine::training::params::IsoformerParams;
 use isoformer_engine::training::step::{forward_backward, StepBuffers};
 use rand::rngs::StdRng;
@@ -315,6 +315,38 @@ fn long_transcripts_are_cut_to_the_budget_before_tokenizing() {
                 "encoder {e}, {extra} letters past the budget"
             );
         }
+    }
+}
+
+/// A sample without an RNA sequence is refused, naming it, where a missing protein only masks that modality.
+#[test]
+fn an_empty_rna_is_an_error_and_a_missing_protein_is_masked() {
+    let model = Isoformer::new(tiny_config("cross_attention")).unwrap();
+    let batch = random_batch(5, 2, 3, 128);
+    let sample = |rna: &'static str, protein: Option<&'static str>, i: usize| SampleSeqs {
+        dna: &batch.dna[i],
+        rna,
+        protein,
+    };
+    let masked = model
+        .prepare_inputs(&[sample("ACGUAC", Some("MKV"), 0), sample("ACGUAC", None, 1)])
+        .unwrap();
+    let protein = masked
+        .present
+        .iter()
+        .find(|(m, _)| *m == Modality::Protein)
+        .map(|(_, p)| p.clone());
+    assert_eq!(protein, Some(vec![1.0, 0.0]));
+    for blank in ["", "   "] {
+        let e = model
+            .prepare_inputs(&[
+                sample("ACGUAC", Some("MKV"), 0),
+                sample(blank, Some("MKV"), 1),
+            ])
+            .err()
+            .unwrap_or_else(|| panic!("an RNA of {blank:?} was accepted"))
+            .to_string();
+        assert!(e.contains("sample 1") && e.contains("empty RNA"), "{e}");
     }
 }
 

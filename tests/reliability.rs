@@ -349,6 +349,26 @@ fn input_notes_and_bounded_text_input() {
         "{notes:?}"
     );
     assert!(input_notes(ModelKind::Esm2, &["MKT"]).is_empty());
+    // Letters outside a vocabulary (a protein given to NT-v2, a J in a protein) are named.
+    for (kind, seqs, first) in [
+        (ModelKind::NucleotideTransformer, ["MKVLA", "ACGTN"], 'M'),
+        (ModelKind::NucleotideTransformer, ["ACGT", "ACZGU"], 'Z'),
+        (ModelKind::Esm2, ["MKJV", "MKV"], 'J'),
+    ] {
+        let notes = input_notes(kind, &seqs);
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.starts_with("1 sequence(s) have letters outside")
+                    && n.contains(&format!("'{first}'"))),
+            "{kind:?} {seqs:?}: {notes:?}"
+        );
+    }
+    assert!(
+        input_notes(ModelKind::NucleotideTransformer, &["ACGTNACGU"])
+            .iter()
+            .all(|n| !n.contains("outside"))
+    );
     // U is read as T by NT-v2.
     let nt = Embedder::load(ModelKind::NucleotideTransformer, &fixture("nt_v2"), None).unwrap();
     let (rna, dna) = ("ACGUACGUUUGGCCAAUU", "ACGTACGTTTGGCCAATT");

@@ -257,6 +257,8 @@ mod tests {
             ("ACGT\tACXT\tMK", "rna_seq", "'X' at position 3"),
             ("ACGT\tACGT\tM#K", "protein_seq", "'#' at position 2"),
             ("\tACGT\tMK", "dna_seq", "empty"),
+            ("ACGT\t\tMK", "rna_seq", "empty RNA"),
+            ("ACGT\t \t", "rna_seq", "empty RNA"),
         ] {
             let f = write(&format!(
                 "dna_seq\trna_seq\tprotein_seq\nACGT\tACGT\tMK\n{row}\n"

@@ -137,8 +137,15 @@ pub fn normalize_dna(s: &str) -> std::result::Result<String, String> {
 }
 
 /// Checks and normalises an RNA string given in DNA letters: upper-cased, U read as T. Letters other than
-/// A, C, G, T, U, N are an error that names the first one and its position.
+/// A, C, G, T, U, N are an error that names the first one and its position. Every transcript has a
+/// sequence (only its protein may be missing), so an empty one is an error too: encoded, it would be the
+/// tokenizer's `<cls>` alone, and the model would predict from nothing without saying so.
 pub fn normalize_rna(s: &str) -> std::result::Result<String, String> {
+    if s.trim().is_empty() {
+        return Err(
+            "empty RNA sequence (every transcript has one; only the protein may be missing)".into(),
+        );
+    }
     let mut out = String::with_capacity(s.len());
     for (i, c) in s.trim().chars().enumerate() {
         match c.to_ascii_uppercase() {
@@ -247,6 +254,9 @@ mod tests {
         assert!(normalize_rna("ACXG")
             .unwrap_err()
             .contains("'X' at position 3"));
+        for blank in ["", "  ", "\t"] {
+            assert!(normalize_rna(blank).unwrap_err().contains("empty RNA"));
+        }
         assert_eq!(normalize_protein("mkv*").unwrap().as_deref(), Some("MKV"));
         assert_eq!(normalize_protein("").unwrap(), None);
         assert!(normalize_protein("MK1").is_err());

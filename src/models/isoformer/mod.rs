@@ -534,6 +534,17 @@ impl Isoformer {
                     EncodedInput::OneHot { data, len }
                 }
                 (EncoderNet::Transformer(_), Some(tok)) => {
+                    if m == Modality::Rna {
+                        if let Some(i) = samples.iter().position(|s| s.rna.trim().is_empty()) {
+                            return Err(Error::invalid(
+                                "rna sequence",
+                                format!(
+                                    "sample {i} has an empty RNA sequence (every transcript has one; only the \
+                                     protein may be missing)"
+                                ),
+                            ));
+                        }
+                    }
                     let seqs: Vec<Vec<u32>> = samples
                         .iter()
                         .enumerate()
