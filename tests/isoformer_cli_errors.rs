@@ -27,6 +27,27 @@ fn bad_configs_checkpoints_and_inputs_are_named_errors() {
         "{err}"
     );
 
+    // A resumed run is the checkpoint's: flags that would change it are refused before any work, not
+    // ignored (the checkpoint need not exist for that).
+    for flags in [
+        &["--config", "isoformer"][..],
+        &["--seed", "3"],
+        &["--epochs", "2", "--seed", "1"],
+        &["--weights-rna", "w"],
+    ] {
+        let mut args = vec!["train", "--resume", "missing.safetensors", "--out"];
+        let out = p("resumed");
+        args.push(&out);
+        args.extend_from_slice(flags);
+        let (ok, err) = engine(&args);
+        let named = flags.iter().filter(|f| f.starts_with("--"));
+        assert!(!ok && err.contains("resumed run"), "{flags:?}: {err}");
+        for f in named {
+            assert!(err.contains(f), "{flags:?}: {err}");
+        }
+        assert!(!dir.join("resumed").exists());
+    }
+
     std::fs::write(p("typo.json"), r#"{"modalitys": ["dna"]}"#).unwrap();
     let (ok, err) = engine(&["train", "--config", &p("typo.json"), "--data", &p("none")]);
     assert!(

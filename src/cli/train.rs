@@ -23,9 +23,10 @@ use crate::{DeviceRequest, Error, Result};
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// A built-in config name (demo, isoformer, nt-rna, …) or a JSON file. Default: demo.
-    #[arg(long, default_value = "demo")]
-    pub config: String,
+    /// A built-in config name (demo, isoformer, nt-rna, …) or a JSON file. Default: demo (with --resume: the
+    /// checkpoint's).
+    #[arg(long)]
+    pub config: Option<String>,
     /// Dataset directory (GTEx_final.csv + genome FASTA, or train/validation/test TSVs). Default with the demo
     /// config: the demo data, generated into the output directory.
     #[arg(long)]
@@ -36,7 +37,8 @@ pub struct TrainArgs {
     /// Output directory. Default: runs/<config>-<unix time>.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Continue from a checkpoint (bit-identical to an uninterrupted run on the same device).
+    /// Continue from a checkpoint (bit-identical to an uninterrupted run on the same device). The run's
+    /// config, seed, epochs and weights are the checkpoint's.
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// Optimiser steps in total, counting those before a resume.
@@ -146,7 +148,33 @@ macro_rules! dispatch {
 }
 
 pub fn run_train(a: TrainArgs) -> Result<()> {
-    let mut config = IsoformerConfig::resolve(&a.config)?;
+    if a.resume.is_some() {
+        // A resumed run is the checkpoint's run: its config (seed, epochs, encoders and weights included)
+        // is read from the checkpoint, so a flag that would change it is refused rather than ignored.
+        let changes: Vec<&str> = [
+            ("--config", a.config.is_some()),
+            ("--epochs", a.epochs.is_some()),
+            ("--seed", a.seed.is_some()),
+            ("--weights-dna", a.weights_dna.is_some()),
+            ("--weights-rna", a.weights_rna.is_some()),
+            ("--weights-protein", a.weights_protein.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, given)| given.then_some(flag))
+        .collect();
+        if !changes.is_empty() {
+            return Err(Error::invalid(
+                "--resume",
+                format!(
+                    "{} cannot change a resumed run: the checkpoint carries its config, seed, epochs and \
+                     weights, and the run continues as it would have uninterrupted (start a new run to change \
+                     them)",
+                    changes.join(", ")
+                ),
+            ));
+        }
+    }
+    let mut config = IsoformerConfig::resolve(a.config.as_deref().unwrap_or("demo"))?;
     if let Some(e) = a.epochs {
         config.train.epochs = e;
     }
