@@ -180,5 +180,26 @@ fn bad_configs_checkpoints_and_inputs_are_named_errors() {
         assert!(!ok && err.contains("GiB") && err.contains("plan"), "{err}");
         assert!(!dir.join("big").exists(), "nothing written");
     }
+    // Absurd or empty lengths for `plan` and `bench step` are named errors (a trillion RNA tokens aborted
+    // on a 6 TB allocation before).
+    for (args, want) in [
+        (&["plan", "--rna-tokens", "1"][..], "--rna-tokens"),
+        (&["plan", "--protein-tokens", "2"], "--protein-tokens"),
+        (
+            &["plan", "--rna-tokens", "1000000000000"],
+            "num_tokens_per_seq_nuctf_rna",
+        ),
+        (
+            &["plan", "--batch", "65536", "--budget", "1000TB"],
+            "lower the batch",
+        ),
+        (&["bench", "step", "--rna-tokens", "0"], "--rna-tokens"),
+    ] {
+        let (ok, err) = engine(args);
+        assert!(
+            !ok && err.contains(want) && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

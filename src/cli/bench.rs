@@ -136,11 +136,12 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Step(a) => {
             use crate::backend::any::AnyBackend;
             use crate::training::bench_step::{run_step_bench, StepBenchSpec};
+            crate::cli::plan::check_token_counts(a.rna_tokens, a.protein_tokens)?;
             let spec = StepBenchSpec {
                 config: crate::models::isoformer::IsoformerConfig::resolve(&a.config)?,
                 batch: a.batch.max(1),
-                rna_tokens: a.rna_tokens.max(2),
-                protein_tokens: a.protein_tokens.max(3),
+                rna_tokens: a.rna_tokens,
+                protein_tokens: a.protein_tokens,
                 steps: a.steps.max(1),
                 cache_dir: a.cache_dir.clone().unwrap_or_else(|| {
                     std::env::temp_dir()

@@ -58,6 +58,9 @@ pub fn parse_bytes(s: &str) -> Result<usize> {
         "mib" => 1024.0f64.powi(2),
         "gib" => 1024.0f64.powi(3),
         "tib" => 1024.0f64.powi(4),
+        "pb" => 1e15,
+        "eb" => 1e18,
+        "pib" => 1024.0f64.powi(5),
         other => {
             return Err(Error::invalid(
                 "--budget",
@@ -88,6 +91,23 @@ pub fn machine_memory() -> Option<usize> {
     Some(kb * 1024)
 }
 
+/// The smallest sequences the encoders take: `<cls>` and one 6-mer; `<cls>`, one residue and `<eos>`.
+pub fn check_token_counts(rna_tokens: usize, protein_tokens: usize) -> Result<()> {
+    if rna_tokens < 2 {
+        return Err(Error::invalid(
+            "--rna-tokens",
+            format!("{rna_tokens} leaves no 6-mer next to <cls> (at least 2)"),
+        ));
+    }
+    if protein_tokens < 3 {
+        return Err(Error::invalid(
+            "--protein-tokens",
+            format!("{protein_tokens} leaves no residue next to <cls> and <eos> (at least 3)"),
+        ));
+    }
+    Ok(())
+}
+
 fn gib(b: usize) -> String {
     format!("{:.2} GiB", b as f64 / 1024f64.powi(3))
 }
@@ -97,6 +117,12 @@ pub fn run(a: PlanArgs) -> Result<()> {
     if let Some(l) = a.dna_len {
         config.dna_sequence_length = l;
     }
+    // Longer sequences than the config's budgets raise them (`PlanSpec`), within the config's limits.
+    let rna_tokens = a.rna_tokens.unwrap_or(config.num_tokens_per_seq_nuctf_rna);
+    let protein_tokens = a
+        .protein_tokens
+        .unwrap_or(config.num_protein_tokens_per_seq);
+    check_token_counts(rna_tokens, protein_tokens)?;
     config.validate().map_err(|m| Error::invalid("config", m))?;
     let compute = match a.device.to_ascii_lowercase().as_str() {
         "cpu" => DType::F32,
@@ -133,14 +159,8 @@ pub fn run(a: PlanArgs) -> Result<()> {
         ));
     }
     let spec = PlanSpec {
-        rna_tokens: a
-            .rna_tokens
-            .unwrap_or(config.num_tokens_per_seq_nuctf_rna)
-            .max(2),
-        protein_tokens: a
-            .protein_tokens
-            .unwrap_or(config.num_protein_tokens_per_seq)
-            .max(3),
+        rna_tokens,
+        protein_tokens,
         config,
         batch: a.batch,
         train: !a.infer,
@@ -263,6 +283,9 @@ mod tests {
         assert_eq!(parse_bytes("80GiB").unwrap(), 80 << 30);
         assert_eq!(parse_bytes("24GB").unwrap(), 24_000_000_000);
         assert_eq!(parse_bytes("1.5 MiB").unwrap(), 1_572_864);
+        assert_eq!(parse_bytes("1EB").unwrap(), 1_000_000_000_000_000_000);
+        assert!(parse_bytes("2EB").is_err());
+        assert_eq!(parse_bytes("2PiB").unwrap(), 2 << 50);
         assert!(parse_bytes("12 parsecs").is_err());
         assert!(parse_bytes("-3GB").is_err());
     }

@@ -19,7 +19,9 @@ use crate::backend::Backend;
 use crate::data::predict_tsv::{fit_window, PredictTsv};
 use crate::models::isoformer::init::initial_sections;
 use crate::models::isoformer::release::load_released;
-use crate::models::isoformer::{EncoderMode, Isoformer, IsoformerConfig, Modality, SampleSeqs};
+use crate::models::isoformer::{
+    EncoderMode, Isoformer, IsoformerConfig, Modality, SampleSeqs, MAX_INPUT_ELEMENTS,
+};
 use crate::{Error, Result};
 
 #[derive(Clone, Debug)]
@@ -83,7 +85,7 @@ pub fn run_step_bench<B: Backend>(b: &B, spec: &StepBenchSpec) -> Result<Vec<(f6
         }
         None => {
             let (d, r, p) =
-                random_sequences(&model, spec.batch, spec.rna_tokens, spec.protein_tokens);
+                random_sequences(&model, spec.batch, spec.rna_tokens, spec.protein_tokens)?;
             (d, r, p.into_iter().map(Some).collect())
         }
     };
@@ -138,14 +140,47 @@ fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
+/// A random batch's DNA windows, RNA and protein sequences.
+pub type RandomBatch = (Vec<Vec<u8>>, Vec<String>, Vec<String>);
+
+/// The RNA letters and protein residues of sequences that tokenize to `rna_tokens` and `protein_tokens`.
+fn random_lengths(rna_tokens: usize, protein_tokens: usize) -> (usize, usize) {
+    (
+        rna_tokens.saturating_sub(1).saturating_mul(6),
+        protein_tokens.saturating_sub(2).max(1),
+    )
+}
+
+/// The letters of one random sample ([`random_sequences`]): its DNA window, RNA and protein.
+pub fn sample_letters(cfg: &IsoformerConfig, rna_tokens: usize, protein_tokens: usize) -> usize {
+    let (rna, protein) = random_lengths(rna_tokens, protein_tokens);
+    cfg.dna_sequence_length
+        .saturating_add(rna)
+        .saturating_add(protein)
+}
+
 /// Random sequences of the given sizes for `batch` samples: DNA of the model's window, RNA of
-/// `rna_tokens` NT-v2 tokens (6-mers after `<cls>`), proteins of `protein_tokens` ESM-2 tokens.
+/// `rna_tokens` NT-v2 tokens (6-mers after `<cls>`), proteins of `protein_tokens` ESM-2 tokens. Letters
+/// beyond what one batch may hold ([`MAX_INPUT_ELEMENTS`]) are an error before anything is allocated.
 pub fn random_sequences(
     model: &Isoformer,
     batch: usize,
     rna_tokens: usize,
     protein_tokens: usize,
-) -> (Vec<Vec<u8>>, Vec<String>, Vec<String>) {
+) -> Result<RandomBatch> {
+    let (rna_letters, protein_residues) = random_lengths(rna_tokens, protein_tokens);
+    let letters = batch.saturating_mul(sample_letters(&model.cfg, rna_tokens, protein_tokens));
+    if letters > MAX_INPUT_ELEMENTS {
+        return Err(Error::invalid(
+            "random batch",
+            format!(
+                "{batch} samples of {} bp DNA, {rna_tokens} RNA tokens and {protein_tokens} protein tokens \
+                 are {letters} letters, above the {MAX_INPUT_ELEMENTS} one batch may hold; lower the batch or \
+                 the lengths",
+                model.cfg.dna_sequence_length
+            ),
+        ));
+    }
     let mut rng = StdRng::seed_from_u64(1);
     let pick = |rng: &mut StdRng, alphabet: &[u8], n: usize| -> String {
         let mut letters = Vec::with_capacity(n);
@@ -167,18 +202,12 @@ pub fn random_sequences(
         .map(|_| pick(&mut rng, b"ACGT", model.cfg.dna_sequence_length).into_bytes())
         .collect();
     let rna = (0..batch)
-        .map(|_| pick(&mut rng, b"ACGT", rna_tokens.saturating_sub(1) * 6))
+        .map(|_| pick(&mut rng, b"ACGT", rna_letters))
         .collect();
     let protein = (0..batch)
-        .map(|_| {
-            pick(
-                &mut rng,
-                b"ACDEFGHIKLMNPQRSTVWY",
-                protein_tokens.saturating_sub(2).max(1),
-            )
-        })
+        .map(|_| pick(&mut rng, b"ACDEFGHIKLMNPQRSTVWY", protein_residues))
         .collect();
-    (dna, rna, protein)
+    Ok((dna, rna, protein))
 }
 
 pub fn as_samples<'a>(

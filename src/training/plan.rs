@@ -8,7 +8,7 @@
 //! FLOPs (counted by the recording backend).
 
 use super::adamw::AdamW;
-use super::bench_step::{as_samples, random_sequences};
+use super::bench_step::{as_samples, random_sequences, sample_letters};
 use super::params::IsoformerParams;
 use super::step::{
     optimizer_update, predict, predict_cached, train_micro_step, CachedOutputs, StepBuffers,
@@ -30,6 +30,8 @@ use crate::Result;
 pub struct PlanSpec {
     pub config: IsoformerConfig,
     pub batch: usize,
+    /// RNA and protein lengths in tokens. Above the config's budgets, they raise them: the tokenizers would
+    /// cut longer sequences to the budget, so the plan is for a model that reads them (as `bench step`).
     pub rna_tokens: usize,
     pub protein_tokens: usize,
     pub train: bool,
@@ -96,7 +98,10 @@ pub fn plan_step(spec: &PlanSpec) -> Result<PlanReport> {
 
 /// Plans one step, with the lifetimes and offsets of its buffers.
 pub fn plan_step_with_lifetimes(spec: &PlanSpec) -> Result<(PlanReport, StepLifetimes)> {
-    let model = Isoformer::new(spec.config.clone())?;
+    let mut config = spec.config.clone();
+    config.num_tokens_per_seq_nuctf_rna = config.num_tokens_per_seq_nuctf_rna.max(spec.rna_tokens);
+    config.num_protein_tokens_per_seq = config.num_protein_tokens_per_seq.max(spec.protein_tokens);
+    let model = Isoformer::new(config)?;
     let b = RecordingBackend::new(spec.compute).with_weight_dtype(spec.weights);
     let mut params = IsoformerParams::zeros(&b, &model, spec.train)?;
     let elems = |layout: &crate::runtime::Layout| layout.total_bytes() / 4;
@@ -127,7 +132,7 @@ pub fn plan_step_with_lifetimes(spec: &PlanSpec) -> Result<(PlanReport, StepLife
     let baseline = b.live_bytes();
     b.reset_peak();
     let (dna, rna, protein) =
-        random_sequences(&model, spec.batch, spec.rna_tokens, spec.protein_tokens);
+        random_sequences(&model, spec.batch, spec.rna_tokens, spec.protein_tokens)?;
     let inputs = model.prepare_inputs(&as_samples(&dna, &rna, &protein))?;
     let targets = vec![0.0f32; spec.batch * model.cfg.num_tissues];
     let optimizer = AdamW::single_group(params.train_layout(), 1e-4, 0.0)?;
@@ -390,8 +395,18 @@ fn resolved_policies(config: &IsoformerConfig, train: bool) -> Vec<(Modality, Re
 
 /// The largest batch (up to `limit`) whose step fits `budget` bytes, or 0 when even one does not.
 pub fn largest_batch(spec: &PlanSpec, budget: usize, limit: usize) -> Result<usize> {
-    // A batch's inputs are made on the host for the plan too: stay within what one batch may hold.
-    let per_sample = spec.config.dna_sequence_length.saturating_mul(4).max(1);
+    // A batch's inputs are made on the host for the plan too: stay within what one batch may hold (its
+    // letters, and the DNA's one-hot values).
+    let per_sample = spec
+        .config
+        .dna_sequence_length
+        .saturating_mul(4)
+        .max(sample_letters(
+            &spec.config,
+            spec.rna_tokens,
+            spec.protein_tokens,
+        ))
+        .max(1);
     let limit = limit.min(MAX_INPUT_ELEMENTS / per_sample).max(1);
     let fits = |batch: usize| -> Result<bool> {
         let s = PlanSpec {
@@ -448,6 +463,36 @@ mod tests {
         assert_eq!(train.gradients, train.trainable_params);
         assert_eq!(train.moments, 2 * train.trainable_params);
         assert!(infer.step_peak > 0 && infer.step_peak < train.step_peak);
+    }
+
+    /// Lengths above the config's budgets are planned at those lengths, not cut to the budget; a batch
+    /// whose letters exceed what one batch may hold is an error, not an allocation.
+    #[test]
+    fn longer_sequences_than_the_budget_are_planned_and_huge_batches_refused() {
+        let config = IsoformerConfig::resolve("demo").unwrap();
+        let spec = |rna_tokens, batch| PlanSpec {
+            config: config.clone(),
+            batch,
+            rna_tokens,
+            protein_tokens: config.num_protein_tokens_per_seq,
+            train: true,
+            compute: DType::F32,
+            weights: DType::F32,
+            cached: false,
+        };
+        let budget = config.num_tokens_per_seq_nuctf_rna;
+        let at = plan_step(&spec(budget, 1)).unwrap();
+        let twice = plan_step(&spec(2 * budget, 1)).unwrap();
+        assert!(
+            twice.step_peak > at.step_peak && twice.flops > at.flops,
+            "{budget} tokens: {at:?}; {}: {twice:?}",
+            2 * budget
+        );
+        let e = plan_step(&spec(1 << 20, 1 << 12)).unwrap_err().to_string();
+        assert!(
+            e.contains("letters") && e.contains("lower the batch"),
+            "{e}"
+        );
     }
 
     fn released(rna: usize, protein: usize) -> PlanSpec {
