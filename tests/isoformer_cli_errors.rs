@@ -180,6 +180,7 @@ fn bad_configs_checkpoints_and_inputs_are_named_errors() {
         assert!(!ok && err.contains("GiB") && err.contains("plan"), "{err}");
         assert!(!dir.join("big").exists(), "nothing written");
     }
+    let dir_s = dir.to_str().unwrap().to_string();
     // Absurd or empty lengths for `plan` and `bench step` are named errors (a trillion RNA tokens aborted
     // on a 6 TB allocation before).
     for (args, want) in [
@@ -194,6 +195,21 @@ fn bad_configs_checkpoints_and_inputs_are_named_errors() {
             "lower the batch",
         ),
         (&["bench", "step", "--rna-tokens", "0"], "--rna-tokens"),
+        (
+            &["bench", "step", "--config", "demo", "--batch", "0"],
+            "--batch 0",
+        ),
+        (
+            &["bench", "step", "--config", "demo", "--steps", "0"],
+            "--steps 0",
+        ),
+        // A hundred thousand worker threads stalled the machine before.
+        (&["bench", "gemm", "--threads", "100000"], "1..=1024"),
+        (&["bench", "gemm", "--repeats", "0"], "repeats"),
+        (
+            &["data", "check", "--data", &dir_s, "--rna-max-len", "0"],
+            "--rna-max-len",
+        ),
     ] {
         let (ok, err) = engine(args);
         assert!(

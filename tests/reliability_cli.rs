@@ -56,7 +56,7 @@ fn sizes_past_their_limits_are_errors_that_state_the_limit() {
         "8",
     ]);
     assert!(
-        !o.status.success() && stderr(&o).contains("at least 1"),
+        !o.status.success() && stderr(&o).contains("0 is outside 1..=1024"),
         "{}",
         stderr(&o)
     );

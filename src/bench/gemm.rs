@@ -89,6 +89,9 @@ impl Lines {
 
 /// Operand memory `bench gemm` accepts (A, B and C together, as f32).
 pub const MAX_BENCH_BYTES: usize = 16 << 30;
+/// Worker threads a benchmark may ask for: far above any machine's cores, far below what stalls the
+/// system creating them.
+pub const MAX_BENCH_THREADS: usize = 1024;
 
 #[derive(Clone, Debug)]
 pub struct GemmResult {
@@ -101,8 +104,14 @@ impl GemmBench {
         if self.m == 0 || self.n == 0 || self.k == 0 {
             return Err(Error::invalid("gemm size", "m, n and k must be positive"));
         }
-        if self.threads == 0 {
-            return Err(Error::invalid("threads", "must be at least 1"));
+        if self.threads == 0 || self.threads > MAX_BENCH_THREADS {
+            return Err(Error::invalid(
+                "threads",
+                format!("{} is outside 1..={MAX_BENCH_THREADS}", self.threads),
+            ));
+        }
+        if self.repeats == 0 {
+            return Err(Error::invalid("repeats", "at least one timed run"));
         }
         // Sizes are checked before anything is allocated: a product that overflows, or operands beyond the
         // limit, are errors rather than an abort in the allocator.

@@ -139,10 +139,10 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             crate::cli::plan::check_token_counts(a.rna_tokens, a.protein_tokens)?;
             let spec = StepBenchSpec {
                 config: crate::models::isoformer::IsoformerConfig::resolve(&a.config)?,
-                batch: a.batch.max(1),
+                batch: a.batch,
                 rna_tokens: a.rna_tokens,
                 protein_tokens: a.protein_tokens,
-                steps: a.steps.max(1),
+                steps: a.steps,
                 cache_dir: a.cache_dir.clone().unwrap_or_else(|| {
                     std::env::temp_dir()
                         .join(format!("isoformer-step-cache-{}", std::process::id()))
@@ -230,6 +230,9 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                     ))
                 }
             };
+            if a.steps == 0 {
+                return Err(crate::Error::invalid("--steps", "at least one step is run"));
+            }
             let (config, weights) = crate::embed::resolve_weights(&a.weights, None)?;
             let spec = EncoderStepSpec {
                 config,

@@ -109,9 +109,6 @@ impl DataArgs {
                 ))
             }
         };
-        if self.dna_len == 0 {
-            return Err(Error::invalid("--dna-len", "must be positive"));
-        }
         let mut c = DataConfig::new(&self.data);
         c.genome = self.genome.clone();
         c.dna_len = self.dna_len;

@@ -266,6 +266,16 @@ impl Dataset {
                 ),
             ));
         }
+        // A crop to nothing would hand the model empty transcripts (an error where the rows are read) or
+        // proteins the encoders cannot tell from missing ones.
+        for (flag, v) in [
+            ("--rna-max-len", config.rna_max_len),
+            ("--protein-max-len", config.protein_max_len),
+        ] {
+            if v == 0 {
+                return Err(Error::invalid(flag, "must be positive"));
+            }
+        }
         let dir = config.data_dir.clone();
         if !dir.is_dir() {
             return Err(Error::invalid(

@@ -43,6 +43,15 @@ pub struct StepBenchSpec {
 
 /// One line per step: (seconds, peak RSS in bytes after the step, whether it read the cache).
 pub fn run_step_bench<B: Backend>(b: &B, spec: &StepBenchSpec) -> Result<Vec<(f64, u64, bool)>> {
+    if spec.batch == 0 || spec.batch > 1 << 16 || spec.steps == 0 {
+        return Err(Error::invalid(
+            "bench step",
+            format!(
+                "--batch {} and --steps {}: the batch must be in 1..=65536 and at least one step run",
+                spec.batch, spec.steps
+            ),
+        ));
+    }
     let mut cfg = spec.config.clone();
     if spec.weights.is_none() {
         cfg.random_init = Modality::ALL.to_vec();
