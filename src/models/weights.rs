@@ -12,10 +12,10 @@ use std::sync::Arc;
 
 use half::{bf16, f16};
 use memmap2::{Mmap, MmapOptions};
-use rayon::prelude::*;
 use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 
+use crate::runtime::finite::check_finite;
 use crate::runtime::{Arena, Layout, TensorSpec};
 use crate::{Error, Result};
 
@@ -104,22 +104,6 @@ pub fn index_tensors(bytes: &[u8], path: &Path) -> Result<TensorIndex> {
         );
     }
     Ok((tensors, meta.metadata().clone().unwrap_or_default()))
-}
-
-/// The index of the first NaN or infinity in `values`: blocks checked in parallel with a branch-free
-/// reduction (which vectorises), then the first bad block searched. Every weight passes through this at
-/// load: a scalar scan with an early exit, on one thread, was 16% of the samples of an NT-v2 250M `embed`
-/// of one short sequence.
-fn first_non_finite(values: &[f32]) -> Option<usize> {
-    const BLOCK: usize = 1 << 14;
-    let block = values
-        .par_chunks(BLOCK)
-        .position_first(|b| b.iter().fold(false, |bad, v| bad | !v.is_finite()))?;
-    let start = block * BLOCK;
-    values[start..]
-        .iter()
-        .position(|v| !v.is_finite())
-        .map(|i| start + i)
 }
 
 impl WeightFile {
@@ -279,17 +263,7 @@ impl ModelParams {
             // Mapped f32 weights are used in place, so they are checked here: a NaN or Inf would
             // otherwise give all-NaN outputs without a word.
             for (fname, t) in &found {
-                let values = file.f32_view(t).expect("checked above");
-                if let Some(i) = first_non_finite(values) {
-                    return Err(Error::Tensor {
-                        name: fname.clone(),
-                        msg: format!(
-                            "in {} has a non-finite value ({}) at element {i}",
-                            file.path.display(),
-                            values[i]
-                        ),
-                    });
-                }
+                check_finite(fname, &file.path, file.f32_view(t).expect("checked above"))?;
             }
             let ranges = found.iter().map(|(_, t)| (t.start, t.end)).collect();
             let unused = unused_names(&file, &accounted);
@@ -304,16 +278,7 @@ impl ModelParams {
             let e = &layout.entries()[i];
             let dst = arena.f32_mut(&e.spec.name)?;
             file.read_into(fname, t, dst)?;
-            if let Some(j) = first_non_finite(dst) {
-                return Err(Error::Tensor {
-                    name: fname.clone(),
-                    msg: format!(
-                        "in {} has a non-finite value ({}) at element {j}",
-                        file.path.display(),
-                        dst[j]
-                    ),
-                });
-            }
+            check_finite(fname, &file.path, dst)?;
         }
         Ok(ModelParams {
             layout,
@@ -445,36 +410,5 @@ fn missing_tensor(file: &WeightFile, spec: &TensorSpec, candidates: &[String]) -
                 format!(", of similar names: {}", similar.join(", "))
             }
         ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::first_non_finite;
-
-    /// Against the scalar scan: nothing bad, one bad value in the first block, in a later block and in the
-    /// ragged last one, several (the first is found), each kind of non-finite value, and an empty slice.
-    #[test]
-    fn first_non_finite_matches_a_scan() {
-        let len = 3 * (1 << 14) + 123;
-        let clean: Vec<f32> = (0..len).map(|i| (i as f32).sin() * 1e30).collect();
-        assert_eq!(first_non_finite(&clean), None);
-        assert_eq!(first_non_finite(&[]), None);
-        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-            for at in [
-                vec![0],
-                vec![77],
-                vec![1 << 14],
-                vec![len - 1],
-                vec![40_000, 5, 20_000],
-            ] {
-                let mut x = clean.clone();
-                for &i in &at {
-                    x[i] = bad;
-                }
-                let want = x.iter().position(|v| !v.is_finite());
-                assert_eq!(first_non_finite(&x), want, "{bad} at {at:?}");
-            }
-        }
     }
 }

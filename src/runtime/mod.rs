@@ -1,6 +1,7 @@
 //! The tensor runtime: element types, shapes, tensors, and the planned memory that holds them.
 
 pub mod dtype;
+pub mod finite;
 pub mod memory;
 pub mod output;
 pub mod safetensors_file;

@@ -9,6 +9,7 @@ use safetensors::SafeTensors;
 
 use std::io::{Seek, SeekFrom, Write};
 
+use super::finite::check_finite;
 use super::output::AtomicOutput;
 use crate::error::checked_product;
 use crate::{Error, Result};
@@ -198,6 +199,8 @@ pub fn load_f32(path: &Path) -> Result<LoadedTensors> {
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
+        // Checkpoints, caches, statistics and gamma tables: none holds a NaN or infinity legitimately.
+        check_finite(&name, path, &data)?;
         tensors.insert(name, (view.shape().to_vec(), data));
     }
     Ok(LoadedTensors {
@@ -261,6 +264,40 @@ mod tests {
             .unwrap();
         assert!(s.commit().is_err());
         assert!(!c.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A NaN or infinity in any tensor of a file (a checkpoint's parameter or optimiser moment, a cached
+    /// embedding) is an error naming the tensor, the file and the element; eval and predict printed NaN
+    /// tables and files before.
+    #[test]
+    fn non_finite_values_are_refused_with_the_tensor_named() {
+        let dir = std::env::temp_dir().join(format!("iso-st-nan-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ck.safetensors");
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let clean = vec![0.5f32; 40];
+            let mut dirty = clean.clone();
+            dirty[33] = bad;
+            let tensors = [
+                NamedTensor {
+                    name: "param/a".into(),
+                    shape: vec![40],
+                    data: &clean,
+                },
+                NamedTensor {
+                    name: "adam_m/b".into(),
+                    shape: vec![4, 10],
+                    data: &dirty,
+                },
+            ];
+            save_f32(&path, &tensors, HashMap::new()).unwrap();
+            let e = load_f32(&path).err().expect("refused").to_string();
+            assert!(
+                e.contains("adam_m/b") && e.contains("ck.safetensors") && e.contains("element 33"),
+                "{bad}: {e}"
+            );
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 
