@@ -180,6 +180,29 @@ fn bad_configs_checkpoints_and_inputs_are_named_errors() {
         assert!(!ok && err.contains("GiB") && err.contains("plan"), "{err}");
         assert!(!dir.join("big").exists(), "nothing written");
     }
+    // A dataset whose every window is dropped says why it has no training rows.
+    let short = dir.join("short-dna");
+    std::fs::create_dir_all(&short).unwrap();
+    std::fs::write(
+        short.join("train.tsv"),
+        "dna_seq\trna_seq\tprotein_seq\tlabels_0\tlabels_1\nACGTACGTAC\tACGU\tMKV\t1.0\t2.0\n",
+    )
+    .unwrap();
+    std::fs::write(p("two.json"), r#"{"num_tissues": 2}"#).unwrap();
+    let (ok, err) = engine(&[
+        "train",
+        "--config",
+        &p("two.json"),
+        "--data",
+        short.to_str().unwrap(),
+        "--out",
+        &p("short-run"),
+    ]);
+    assert!(
+        !ok && err.contains("no training rows")
+            && err.contains("1 windows of 196608 bp were dropped"),
+        "{err}"
+    );
     let dir_s = dir.to_str().unwrap().to_string();
     // Absurd or empty lengths for `plan` and `bench step` are named errors (a trillion RNA tokens aborted
     // on a 6 TB allocation before).

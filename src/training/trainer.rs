@@ -337,10 +337,20 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
     let data = open_dataset(&cfg, &opts.data_dir)?;
     let train_rows = data.split_rows(Split::Train);
     if train_rows.is_empty() {
-        return Err(Error::invalid(
-            "dataset",
-            format!("{} has no training rows", opts.data_dir.display()),
-        ));
+        return Err(Error::invalid("dataset", {
+            let r = data.report();
+            format!(
+                    "{} has no training rows: of {} rows read, {} are in the training split; {} windows of {} bp \
+                     were dropped for leaving their chromosome (in the TSV layout: DNA shorter than the window, \
+                     dna_sequence_length) and {} rows were malformed (`data check` lists them)",
+                    opts.data_dir.display(),
+                    r.rows_read,
+                    r.rows_per_split[Split::Train as usize],
+                    r.edge_dropped,
+                    cfg.dna_sequence_length,
+                    r.bad_rows
+                )
+        }));
     }
     std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::io(&opts.out_dir, e))?;
     write_atomically(&opts.out_dir.join("config.json"), cfg.to_json().as_bytes())?;
