@@ -394,8 +394,12 @@ fn input_notes_and_bounded_text_input() {
     assert_eq!(read_text_bounded(&bom, 1 << 20).unwrap(), ">a\nMKT\n");
     #[cfg(unix)]
     {
+        // A device is refused before it is read (it was read until its first NUL before).
         let err = read_text_bounded(std::path::Path::new("/dev/zero"), 1 << 20).unwrap_err();
-        assert!(err.to_string().contains("NUL"));
+        assert!(
+            err.to_string().contains("a device, not a regular file"),
+            "{err}"
+        );
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -259,3 +259,149 @@ fn interrupted_export_leaves_no_partial_file() {
     assert!(!out.exists());
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// Every input a command names (sequences, configs, weights, checkpoints, gamma tables, genomes, TSVs) is
+/// refused by kind when it is a FIFO or a device: a FIFO blocked the open until a writer came, and
+/// `/dev/zero` as a config or gamma table was read until memory ran out. Each run must end within 30 s.
+#[test]
+fn inputs_that_are_not_regular_files_are_refused_without_blocking() {
+    let dir = scratch("fifo");
+    let fifo = dir.join("fifo");
+    let made = Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .is_ok_and(|s| s.success());
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let esm = fixtures.join("models/esm2");
+    let enformer = fixtures.join("models/enformer");
+    let iso = fixtures.join("models/isoformer");
+    let gtex = fixtures.join("data/gtex");
+    let seqs = dir.join("in.fa");
+    std::fs::write(&seqs, ">a\nACGTACGT\n").unwrap();
+    let out = dir.join("out");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let cases = |bad: &str| -> Vec<Vec<String>> {
+        let v = |a: &[&str]| a.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let (esm_dir, esm_file) = (s(&esm), s(&esm.join("model.safetensors")));
+        let o = s(&out);
+        vec![
+            v(&[
+                "embed",
+                "--model",
+                "esm2",
+                "--weights",
+                &esm_dir,
+                "--input",
+                bad,
+                "--output",
+                &o,
+            ]),
+            v(&[
+                "embed",
+                "--model",
+                "esm2",
+                "--weights",
+                bad,
+                "--config",
+                &s(&esm.join("config.json")),
+                "--input",
+                &s(&seqs),
+                "--output",
+                &o,
+            ]),
+            v(&[
+                "embed",
+                "--model",
+                "esm2",
+                "--weights",
+                &esm_file,
+                "--config",
+                bad,
+                "--input",
+                &s(&seqs),
+                "--output",
+                &o,
+            ]),
+            v(&[
+                "embed",
+                "--model",
+                "enformer",
+                "--weights",
+                &s(&enformer),
+                "--tf-gammas",
+                bad,
+                "--input",
+                &s(&seqs),
+                "--output",
+                &o,
+            ]),
+            v(&["train", "--config", bad, "--data", &s(&gtex), "--out", &o]),
+            v(&["eval", "--checkpoint", bad, "--data", &s(&gtex)]),
+            v(&[
+                "predict",
+                "--checkpoint",
+                &s(&iso.join("model.safetensors")),
+                "--config",
+                &s(&iso.join("config.json")),
+                "--input",
+                bad,
+                "--output",
+                &o,
+            ]),
+            v(&[
+                "predict",
+                "--checkpoint",
+                bad,
+                "--config",
+                &s(&iso.join("config.json")),
+                "--input",
+                &s(&seqs),
+                "--output",
+                &o,
+            ]),
+            v(&[
+                "data",
+                "check",
+                "--data",
+                &s(&gtex),
+                "--genome",
+                bad,
+                "--dna-len",
+                "128",
+            ]),
+        ]
+    };
+    let mut bad_inputs = vec!["/dev/zero".to_string()];
+    if made {
+        bad_inputs.push(s(&fifo));
+    }
+    for bad in &bad_inputs {
+        for args in cases(bad) {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_isoformer-engine"))
+                .args(&args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let start = std::time::Instant::now();
+            let status = loop {
+                if let Some(st) = child.try_wait().unwrap() {
+                    break st;
+                }
+                if start.elapsed() > std::time::Duration::from_secs(30) {
+                    let _ = child.kill();
+                    panic!("{args:?} still running after 30 s");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            };
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+            assert!(
+                !status.success() && err.contains("not a regular file"),
+                "{args:?}: {err}"
+            );
+        }
+    }
+    assert!(!out.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -5,7 +5,6 @@
 //! (file, byte offset, line, split, lengths) is kept. Samples are then read back by offset through a memory
 //! map, so memory stays bounded by the index (a few bytes per row) whatever the file size.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -232,7 +231,7 @@ impl std::fmt::Debug for Dataset {
 }
 
 fn open_map(path: &Path) -> Result<Mmap> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = crate::runtime::input::open_regular(path)?;
     // SAFETY: read-only map of a data file that is not modified while we run.
     unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))
 }

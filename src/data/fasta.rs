@@ -6,11 +6,11 @@
 //! A gzip-compressed FASTA is refused with instructions: random access needs the plain text.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
+use crate::runtime::input::{open_regular, read_config_text};
 use crate::runtime::output::write_atomically;
 use crate::{Error, Result};
 
@@ -226,7 +226,7 @@ impl std::fmt::Debug for Genome {
 impl Genome {
     /// Opens `path`, using or creating its index (see the module docs for where it is kept).
     pub fn open(path: &Path, cache_dir: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = open_regular(path)?;
         // SAFETY: the genome is opened read-only; like every mmap-based reader we assume nobody truncates it
         // while we run.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
@@ -242,7 +242,7 @@ impl Genome {
         let beside = PathBuf::from(format!("{}.fai", path.display()));
         let cached = cache_index_path(path, cache_dir);
         for candidate in [&beside, &cached] {
-            if let Ok(text) = std::fs::read_to_string(candidate) {
+            if let Ok(text) = read_config_text(candidate) {
                 let index = FaiIndex::parse(&text, candidate)?;
                 if index_fits(&index, &map) {
                     return Ok(Self::with_index(path, map, index, candidate.clone()));

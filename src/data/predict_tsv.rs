@@ -38,14 +38,7 @@ pub struct PredictTsv {
 impl PredictTsv {
     /// Opens the file and reads its header. It must be a regular file.
     pub fn open(path: &Path) -> Result<Self> {
-        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-        if !meta.is_file() {
-            return Err(Error::invalid(
-                "--input",
-                format!("{} is not a regular file", path.display()),
-            ));
-        }
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = crate::runtime::input::open_regular(path)?;
         let mut tsv = PredictTsv {
             path: path.to_path_buf(),
             reader: BufReader::with_capacity(1 << 20, file),

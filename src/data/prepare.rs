@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use super::fasta::Genome;
 use super::window::reverse_complement;
+use crate::runtime::input::open_regular;
 use crate::runtime::output::AtomicOutput;
 use crate::{Error, Result};
 
@@ -36,7 +37,7 @@ struct Transcript {
 }
 
 fn open_text(path: &Path) -> Result<BufReader<std::fs::File>> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut f = open_regular(path)?;
     let mut magic = [0u8; 2];
     use std::io::Read;
     let n = f.read(&mut magic).map_err(|e| Error::io(path, e))?;
@@ -47,7 +48,7 @@ fn open_text(path: &Path) -> Result<BufReader<std::fs::File>> {
             msg: "gzip-compressed: decompress it first (`gunzip -k`)".into(),
         });
     }
-    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let f = open_regular(path)?;
     Ok(BufReader::with_capacity(1 << 20, f))
 }
 

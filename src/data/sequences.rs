@@ -118,7 +118,7 @@ pub const MAX_INPUT_BYTES: u64 = 4 << 30;
 /// the limit is an error as soon as it is seen, not after memory runs out.
 pub fn read_text_bounded(path: &Path, limit: u64) -> Result<String> {
     use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = crate::runtime::input::open_regular(path)?;
     let mut reader = file.take(limit + 1);
     let mut bytes = Vec::new();
     let mut chunk = vec![0u8; 1 << 20];

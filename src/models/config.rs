@@ -7,7 +7,7 @@ use serde::Deserialize;
 use crate::{Error, Result};
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::runtime::input::read_config_text(path)?;
     serde_json::from_str(&text).map_err(|e| Error::Parse {
         path: path.to_path_buf(),
         line: Some(e.line()),

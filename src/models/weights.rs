@@ -6,7 +6,6 @@
 //! `esm.`-prefixed and bare HF names, or Enformer's `_trunk.` duplicates, all load.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -16,6 +15,7 @@ use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 
 use crate::runtime::finite::check_finite;
+use crate::runtime::input::open_regular;
 use crate::runtime::{Arena, Layout, TensorSpec};
 use crate::{Error, Result};
 
@@ -108,7 +108,7 @@ pub fn index_tensors(bytes: &[u8], path: &Path) -> Result<TensorIndex> {
 
 impl WeightFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = open_regular(path)?;
         // SAFETY: read-only map of a weights file that is not modified while we run. Populated: every
         // tensor the model reads is read at load (checked or copied), and one mapping call for all pages
         // costs less than a fault per page. With the parallel check below, an NT-v2 250M `embed` of one

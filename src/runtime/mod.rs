@@ -2,6 +2,7 @@
 
 pub mod dtype;
 pub mod finite;
+pub mod input;
 pub mod memory;
 pub mod output;
 pub mod safetensors_file;

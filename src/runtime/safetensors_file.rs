@@ -177,7 +177,7 @@ impl LoadedTensors {
 
 /// Reads every f32 tensor of a safetensors file.
 pub fn load_f32(path: &Path) -> Result<LoadedTensors> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = super::input::read_regular(path, u64::MAX)?;
     let bad = |msg: String| Error::Parse {
         path: path.to_path_buf(),
         line: None,

@@ -501,7 +501,7 @@ impl IsoformerConfig {
                 ),
             ));
         }
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::runtime::input::read_config_text(path)?;
         Self::parse(&text, path)
     }
 
