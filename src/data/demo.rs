@@ -125,7 +125,7 @@ fn count(hay: &[u8], needle: &[u8]) -> usize {
 
 /// Writes `GTEx_final.csv` and `genome.fa` into `dir`; returns the number of transcripts.
 pub fn write_demo_data(dir: &Path, spec: &DemoSpec) -> Result<usize> {
-    std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
+    crate::runtime::output::create_output_dir(dir)?;
     let mut rng = StdRng::seed_from_u64(spec.seed);
     // Tissue weights: a shared effect plus a tissue-specific one per feature.
     let n_features = 7;

@@ -231,7 +231,7 @@ fn sequences(
 
 /// Streams the GCT and writes `out_dir/GTEx_final.csv` (through a temporary file). Returns rows written.
 pub fn prepare(inp: &PrepareInputs) -> Result<usize> {
-    std::fs::create_dir_all(&inp.out_dir).map_err(|e| Error::io(&inp.out_dir, e))?;
+    crate::runtime::output::create_output_dir(&inp.out_dir)?;
     let out_path = inp.out_dir.join("GTEx_final.csv");
     // The output is opened (and checked against the inputs) before any of the long reading starts.
     let inputs = [

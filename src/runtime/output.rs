@@ -20,6 +20,20 @@ fn refuse(path: &Path, why: &str) -> Error {
     Error::io(path, std::io::Error::other(why.to_string()))
 }
 
+/// Creates an output directory (and its parents); an existing path that is not a directory (a file, a
+/// device) is refused by name rather than reported as the system's "File exists".
+pub fn create_output_dir(path: &Path) -> Result<()> {
+    if let Ok(meta) = std::fs::metadata(path) {
+        if !meta.is_dir() {
+            return Err(refuse(
+                path,
+                "exists and is not a directory; give a directory for the outputs",
+            ));
+        }
+    }
+    std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))
+}
+
 /// Checks an output path before any work: not an existing non-regular file, not one of `inputs`.
 pub fn check_target(path: &Path, inputs: &[&Path]) -> Result<()> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
@@ -192,6 +206,14 @@ mod tests {
         let target = dir.join("out.bin");
         write_atomically(&target, b"hello").unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), b"hello");
+        // An output directory where a file or a device is: refused by name; new and existing ones made.
+        for not_dir in [target.as_path(), Path::new("/dev/null")] {
+            let e = create_output_dir(not_dir).unwrap_err().to_string();
+            assert!(e.contains("exists and is not a directory"), "{e}");
+        }
+        create_output_dir(&dir.join("a/b")).unwrap();
+        create_output_dir(&dir.join("a/b")).unwrap();
+        assert!(dir.join("a/b").is_dir());
         #[cfg(unix)]
         {
             let link = dir.join("link");

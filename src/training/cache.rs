@@ -40,7 +40,7 @@ pub struct EmbeddingCache {
 impl EmbeddingCache {
     /// A cache under `dir` for `model`'s encoders with these host weights (per section, per entry).
     pub fn new(dir: &Path, model: &Isoformer, host: &[Vec<Vec<f32>>]) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        crate::runtime::output::create_output_dir(dir)?;
         let fingerprints = model
             .encoders
             .iter()

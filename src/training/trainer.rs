@@ -352,7 +352,7 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
                 )
         }));
     }
-    std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::io(&opts.out_dir, e))?;
+    crate::runtime::output::create_output_dir(&opts.out_dir)?;
     write_atomically(&opts.out_dir.join("config.json"), cfg.to_json().as_bytes())?;
 
     let t = &cfg.train;
