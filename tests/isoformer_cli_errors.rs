@@ -203,6 +203,34 @@ fn bad_configs_checkpoints_and_inputs_are_named_errors() {
             && err.contains("1 windows of 196608 bp were dropped"),
         "{err}"
     );
+    // `predict` on a split with no rows is an error, as `eval` is (it wrote a file of headers).
+    let train_only = dir.join("train-only");
+    std::fs::create_dir_all(&train_only).unwrap();
+    std::fs::write(
+        train_only.join("train.tsv"),
+        format!(
+            "dna_seq\trna_seq\tprotein_seq\tlabels_0\tlabels_1\tlabels_2\n{}\tACGU\tMKV\t1\t2\t3\n",
+            "ACGT".repeat(32)
+        ),
+    )
+    .unwrap();
+    let iso = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/models/isoformer"
+    );
+    let (ok, err) = engine(&[
+        "predict",
+        "--checkpoint",
+        &format!("{iso}/model.safetensors"),
+        "--config",
+        &format!("{iso}/config.json"),
+        "--input",
+        train_only.to_str().unwrap(),
+        "--output",
+        &p("empty.tsv"),
+    ]);
+    assert!(!ok && err.contains("has no test rows"), "{err}");
+    assert!(!dir.join("empty.tsv").exists());
     let dir_s = dir.to_str().unwrap().to_string();
     // Absurd or empty lengths for `plan` and `bench step` are named errors (a trillion RNA tokens aborted
     // on a 6 TB allocation before).

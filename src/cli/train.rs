@@ -392,6 +392,13 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
             if a.input.is_dir() {
                 let data = open_dataset(&model.cfg, &a.input)?;
                 let split = parse_split(&a.split)?;
+                // As `eval`: an empty split is a mistake to name, not a file of headers.
+                if data.split_rows(split).is_empty() {
+                    return Err(Error::invalid(
+                        "--split",
+                        format!("{} has no {} rows", a.input.display(), split.name()),
+                    ));
+                }
                 predict_split_batches(b, &model, &params, &data, split, &stats, None, |ids, p, _| sink(ids, p))?;
                 Ok(())
             } else {

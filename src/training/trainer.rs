@@ -352,6 +352,13 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
                 )
         }));
     }
+    if data.split_rows(Split::Validation).is_empty() {
+        eprintln!(
+            "note: {} has no validation rows: no validation between epochs and no early stopping; \
+             best.safetensors is the last checkpoint",
+            opts.data_dir.display()
+        );
+    }
     crate::runtime::output::create_output_dir(&opts.out_dir)?;
     write_atomically(&opts.out_dir.join("config.json"), cfg.to_json().as_bytes())?;
 
