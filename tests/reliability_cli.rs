@@ -280,96 +280,40 @@ fn inputs_that_are_not_regular_files_are_refused_without_blocking() {
     std::fs::write(&seqs, ">a\nACGTACGT\n").unwrap();
     let out = dir.join("out");
     let s = |p: &Path| p.to_str().unwrap().to_string();
+    // One command line per input kind, `{bad}` where the FIFO or device goes.
+    let templates = [
+        "embed --model esm2 --weights {esm} --input {bad} --output {out}",
+        "embed --model esm2 --weights {bad} --config {esm}/config.json --input {seqs} --output {out}",
+        "embed --model esm2 --weights {esm}/model.safetensors --config {bad} --input {seqs} --output {out}",
+        "embed --model enformer --weights {enformer} --tf-gammas {bad} --input {seqs} --output {out}",
+        "train --config {bad} --data {gtex} --out {out}",
+        "eval --checkpoint {bad} --data {gtex}",
+        "predict --checkpoint {iso}/model.safetensors --config {iso}/config.json --input {bad} --output {out}",
+        "predict --checkpoint {bad} --config {iso}/config.json --input {seqs} --output {out}",
+        "data check --data {gtex} --genome {bad} --dna-len 128",
+    ];
     let cases = |bad: &str| -> Vec<Vec<String>> {
-        let v = |a: &[&str]| a.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-        let (esm_dir, esm_file) = (s(&esm), s(&esm.join("model.safetensors")));
-        let o = s(&out);
-        vec![
-            v(&[
-                "embed",
-                "--model",
-                "esm2",
-                "--weights",
-                &esm_dir,
-                "--input",
-                bad,
-                "--output",
-                &o,
-            ]),
-            v(&[
-                "embed",
-                "--model",
-                "esm2",
-                "--weights",
-                bad,
-                "--config",
-                &s(&esm.join("config.json")),
-                "--input",
-                &s(&seqs),
-                "--output",
-                &o,
-            ]),
-            v(&[
-                "embed",
-                "--model",
-                "esm2",
-                "--weights",
-                &esm_file,
-                "--config",
-                bad,
-                "--input",
-                &s(&seqs),
-                "--output",
-                &o,
-            ]),
-            v(&[
-                "embed",
-                "--model",
-                "enformer",
-                "--weights",
-                &s(&enformer),
-                "--tf-gammas",
-                bad,
-                "--input",
-                &s(&seqs),
-                "--output",
-                &o,
-            ]),
-            v(&["train", "--config", bad, "--data", &s(&gtex), "--out", &o]),
-            v(&["eval", "--checkpoint", bad, "--data", &s(&gtex)]),
-            v(&[
-                "predict",
-                "--checkpoint",
-                &s(&iso.join("model.safetensors")),
-                "--config",
-                &s(&iso.join("config.json")),
-                "--input",
-                bad,
-                "--output",
-                &o,
-            ]),
-            v(&[
-                "predict",
-                "--checkpoint",
-                bad,
-                "--config",
-                &s(&iso.join("config.json")),
-                "--input",
-                &s(&seqs),
-                "--output",
-                &o,
-            ]),
-            v(&[
-                "data",
-                "check",
-                "--data",
-                &s(&gtex),
-                "--genome",
-                bad,
-                "--dna-len",
-                "128",
-            ]),
-        ]
+        templates
+            .iter()
+            .map(|t| {
+                // Split first, then fill in: a path with a space stays one argument.
+                t.split_whitespace()
+                    .map(|word| {
+                        [
+                            ("{esm}", s(&esm)),
+                            ("{enformer}", s(&enformer)),
+                            ("{iso}", s(&iso)),
+                            ("{gtex}", s(&gtex)),
+                            ("{seqs}", s(&seqs)),
+                            ("{out}", s(&out)),
+                            ("{bad}", bad.to_string()),
+                        ]
+                        .iter()
+                        .fold(word.to_string(), |w, (k, v)| w.replace(k, v))
+                    })
+                    .collect()
+            })
+            .collect()
     };
     let mut bad_inputs = vec!["/dev/zero".to_string()];
     if made {
