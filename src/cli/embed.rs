@@ -72,11 +72,17 @@ pub fn run(a: EmbedArgs) -> Result<()> {
             "cls is not defined for Enformer (use mean or none)",
         ));
     }
-    if a.max_tokens < 3 {
+    // The smallest budget that holds one unit of sequence beside the special tokens (Enformer has none).
+    let least = match kind {
+        ModelKind::Esm2 => Some((3, "a residue next to <cls> and <eos>")),
+        ModelKind::NucleotideTransformer => Some((2, "a 6-mer next to <cls>")),
+        ModelKind::Enformer => None,
+    };
+    if let Some((least, room)) = least.filter(|&(least, _)| a.max_tokens < least) {
         return Err(Error::invalid(
             "--max-tokens",
             format!(
-                "{} leaves no room for a residue next to <cls> and <eos> (at least 3)",
+                "{} leaves no room for {room} (at least {least})",
                 a.max_tokens
             ),
         ));
