@@ -629,6 +629,14 @@ impl Embedder {
         if seqs.is_empty() {
             return Ok(Vec::new());
         }
+        // An empty sequence has no token to average (its mean was all zeros) and no context for `<cls>`: the
+        // command line refuses such a record, and so does the library, naming it.
+        if let Some(i) = seqs.iter().position(|s| s.trim().is_empty()) {
+            return Err(Error::invalid(
+                "sequence",
+                format!("sequence {i} of the batch is empty"),
+            ));
+        }
         let h = self.hidden_size();
         match &self.network {
             Network::Transformer { encoder, tokenizer } => {

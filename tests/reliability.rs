@@ -369,6 +369,21 @@ fn input_notes_and_bounded_text_input() {
             .iter()
             .all(|n| !n.contains("outside"))
     );
+    // An empty sequence is refused by index, for every model (its mean embedding was all zeros).
+    for (kind, name, good) in [
+        (ModelKind::Esm2, "esm2", "MKV"),
+        (ModelKind::NucleotideTransformer, "nt_v2", "ACGTAC"),
+    ] {
+        let e = Embedder::load(kind, &fixture(name), None).unwrap();
+        for (batch, at) in [(vec![""], 0), (vec![good, "  "], 1)] {
+            let err = e.embed(&batch, Pool::Mean).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("sequence {at} ")) && err.contains("empty"),
+                "{err}"
+            );
+        }
+        assert_eq!(e.embed(&[good], Pool::Mean).unwrap().len(), 1);
+    }
     // U is read as T by NT-v2.
     let nt = Embedder::load(ModelKind::NucleotideTransformer, &fixture("nt_v2"), None).unwrap();
     let (rna, dna) = ("ACGUACGUUUGGCCAAUU", "ACGTACGTTTGGCCAATT");
