@@ -328,15 +328,20 @@ fn an_empty_rna_is_an_error_and_a_missing_protein_is_masked() {
         rna,
         protein,
     };
-    let masked = model
-        .prepare_inputs(&[sample("ACGUAC", Some("MKV"), 0), sample("ACGUAC", None, 1)])
-        .unwrap();
-    let protein = masked
-        .present
-        .iter()
-        .find(|(m, _)| *m == Modality::Protein)
-        .map(|(_, p)| p.clone());
-    assert_eq!(protein, Some(vec![1.0, 0.0]));
+    for missing in [None, Some(""), Some("  ")] {
+        let masked = model
+            .prepare_inputs(&[
+                sample("ACGUAC", Some("MKV"), 0),
+                sample("ACGUAC", missing, 1),
+            ])
+            .unwrap();
+        let protein = masked
+            .present
+            .iter()
+            .find(|(m, _)| *m == Modality::Protein)
+            .map(|(_, p)| p.clone());
+        assert_eq!(protein, Some(vec![1.0, 0.0]), "{missing:?}");
+    }
     for blank in ["", "   "] {
         let e = model
             .prepare_inputs(&[

@@ -555,7 +555,8 @@ impl Isoformer {
                                 // tokenizer cuts a transcript to the 3′ letters its budget holds.)
                                 Modality::Rna => s.rna.replace(['U', 'u'], "T"),
                                 Modality::Protein => match s.protein {
-                                    Some(p) if !p.is_empty() => p.to_string(),
+                                    // Blank is missing too: a protein of no residues is no protein.
+                                    Some(p) if !p.trim().is_empty() => p.to_string(),
                                     _ => {
                                         here[i] = 0.0;
                                         String::new()
