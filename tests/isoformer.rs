@@ -423,6 +423,30 @@ fn cached_encoder_outputs_give_the_same_step() {
     let width = model.cfg.width(model.encoders[0].modality);
     let (lens, _) = model.encoder_output_rows(0, &inputs);
     assert!(cache2.get(0, &key, lens[0], width).unwrap().is_none());
+    // A damaged entry (here truncated) is an error naming the entry and what to do.
+    let entry = std::fs::read_dir(&dir)
+        .unwrap()
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|f| f.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .unwrap();
+    let bytes = std::fs::read(&entry).unwrap();
+    std::fs::write(&entry, &bytes[..bytes.len() / 2]).unwrap();
+    let err = (0..3)
+        .flat_map(|e| (0..3).map(move |i| (e, i)))
+        .find_map(|(e, i)| {
+            let inputs = model.prepare_inputs(&seqs(&batch)).unwrap();
+            let key = model.encoder_input_bytes(e, &inputs, i);
+            let width = model.cfg.width(model.encoders[e].modality);
+            let rows = model.encoder_output_rows(e, &inputs).0[i];
+            cache.get(e, &key, rows, width).err()
+        })
+        .expect("the damaged entry is read")
+        .to_string();
+    assert!(
+        err.contains("unreadable") && err.contains(entry.file_name().unwrap().to_str().unwrap()),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

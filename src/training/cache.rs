@@ -98,7 +98,14 @@ impl EmbeddingCache {
             self.misses += 1;
             return Ok(None);
         }
-        let mut f = load_f32(&path)?;
+        // A damaged entry (a truncated copy, a NaN) names itself and the way out.
+        let mut f = load_f32(&path).map_err(|e| Error::Context {
+            context: format!(
+                "embedding cache entry {} is unreadable; delete it (or the cache directory) and rerun",
+                path.display()
+            ),
+            source: Box::new(e),
+        })?;
         let (shape, data) = f.tensors.remove("embedding").ok_or_else(|| Error::Tensor {
             name: "embedding".into(),
             msg: format!("missing from the cache entry {}", path.display()),
