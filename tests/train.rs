@@ -6,17 +6,19 @@ use std::process::Command;
 
 use isoformer_engine::runtime::safetensors_file::load_f32;
 
-fn engine(args: &[&str]) -> String {
+/// Runs a command that must succeed; its stdout and stderr.
+fn engine_out(args: &[&str]) -> (String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_isoformer-engine"))
         .args(args)
         .output()
         .expect("runs");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{args:?}: {err}");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), err)
+}
+
+fn engine(args: &[&str]) -> String {
+    engine_out(args).0
 }
 
 fn tensors(p: &Path) -> Vec<(String, Vec<f32>)> {
@@ -98,18 +100,37 @@ fn train_resume_is_bit_identical_and_checkpoints_serve_eval_and_predict() {
         "4",
     ]);
     let resumed = dir.join("resumed");
-    engine(&[
-        "train",
-        "--data",
-        d,
-        "--out",
-        resumed.to_str().unwrap(),
-        "--max-steps",
-        "8",
-        "--resume",
-        half.join("last.safetensors").to_str().unwrap(),
-    ]);
+    let resume_on = |data: &str, out: &Path| {
+        engine_out(&[
+            "train",
+            "--data",
+            data,
+            "--out",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "8",
+            "--resume",
+            half.join("last.safetensors").to_str().unwrap(),
+        ])
+        .1
+    };
+    let note = "differs from the checkpoint's";
+    let log = resume_on(d, &resumed);
+    assert!(!log.contains(note), "{log}");
     check_outputs_and_resume(&full, &half, &resumed);
+    // A resume on other data runs, and says it is not the checkpoint's run continued.
+    let other = dir.join("other-data");
+    engine(&[
+        "demo-data",
+        "--out",
+        other.to_str().unwrap(),
+        "--genes",
+        "120",
+        "--seed",
+        "3",
+    ]);
+    let log = resume_on(other.to_str().unwrap(), &dir.join("resumed-other"));
+    assert!(log.contains(note), "{log}");
     let metrics: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(full.join("metrics.json")).unwrap()).unwrap();
     for split in ["validation", "test"] {

@@ -396,6 +396,16 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
             "the dataset's tissues differ from the checkpoint's",
         ));
     }
+    // The training targets' statistics fingerprint the training split: a resume on other data is allowed
+    // (it is how a checkpoint is fine-tuned further), but it is then not the checkpoint's run continued.
+    if resume.is_some() && data.train_target_stats() != Some(&progress.target_stats()) {
+        eprintln!(
+            "note: the training split of {} differs from the checkpoint's (its targets' statistics differ): \
+             the run continues on this data, with the checkpoint's target normalisation, and is not \
+             bit-identical to the checkpoint's run continued",
+            opts.data_dir.display()
+        );
+    }
     let stats = progress.target_stats();
     let lora = resume.as_ref().map(|ck| ck.lora_values());
     let mut params = IsoformerParams::upload_with_lora(b, &model, &host, lora.as_ref())?;
