@@ -206,6 +206,12 @@ fn bad_rows_name_the_file_and_line_or_are_skipped_and_counted() {
             "invalid RNA letter 'X' at position 5",
         ),
         (
+            "tab_id",
+            3,
+            Box::new(field(0, "ENST\tX")),
+            "holds the control character '\\t'",
+        ),
+        (
             "empty_rna",
             11,
             Box::new(field(13, "")),

@@ -230,6 +230,18 @@ impl std::fmt::Debug for Dataset {
     }
 }
 
+/// A transcript id as predictions and exports write it, in a TSV column of its own: a tab, line break or
+/// other control character in it would shift or split that row, so it is a bad row instead.
+fn transcript_id(raw: &str) -> std::result::Result<String, String> {
+    let id = raw.trim();
+    match id.chars().find(|c| c.is_control()) {
+        Some(c) => Err(format!(
+            "transcript id {id:?} holds the control character {c:?}"
+        )),
+        None => Ok(id.to_string()),
+    }
+}
+
 fn open_map(path: &Path) -> Result<Mmap> {
     let file = crate::runtime::input::open_regular(path)?;
     // SAFETY: read-only map of a data file that is not modified while we run.
@@ -531,7 +543,7 @@ impl Dataset {
                     )
                 })?;
                 Ok(ParsedRow {
-                    transcript_id: field(c.transcript_id).trim().to_string(),
+                    transcript_id: transcript_id(field(c.transcript_id))?,
                     split,
                     locus: Some((chrom, strand, start, end)),
                     dna: None,
@@ -546,10 +558,10 @@ impl Dataset {
                     return Err("empty dna_seq".into());
                 }
                 Ok(ParsedRow {
-                    transcript_id: c.transcript_id.map_or_else(
-                        || format!("{}:{}", file_label(&file.path), rec.line),
-                        |i| field(i).trim().to_string(),
-                    ),
+                    transcript_id: match c.transcript_id {
+                        Some(i) => transcript_id(field(i))?,
+                        None => format!("{}:{}", file_label(&file.path), rec.line),
+                    },
                     split: c.split,
                     locus: None,
                     dna: Some(dna),
