@@ -197,6 +197,43 @@ fn train_resume_is_bit_identical_and_checkpoints_serve_eval_and_predict() {
         a != b,
         "bf16 must actually run (identical to f32 to 5 decimals is suspicious)"
     );
+    // One malformed test row: predict stops at it, naming the way past, and with --skip-bad-rows writes
+    // every other row.
+    let bad = dir.join("bad-data");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::copy(data.join("genome.fa"), bad.join("genome.fa")).unwrap();
+    let csv = std::fs::read_to_string(data.join("GTEx_final.csv")).unwrap();
+    let mut lines: Vec<String> = csv.lines().map(String::from).collect();
+    let row = lines.iter().position(|l| l.contains(",test,")).unwrap();
+    lines[row] = lines[row].replacen(",test,", ",test-ish,", 1);
+    std::fs::write(bad.join("GTEx_final.csv"), lines.join("\n") + "\n").unwrap();
+    let args = |out: &str| {
+        vec![
+            "predict".to_string(),
+            "--checkpoint".into(),
+            ck.to_str().unwrap().into(),
+            "--input".into(),
+            bad.to_str().unwrap().into(),
+            "--output".into(),
+            dir.join(out).to_str().unwrap().into(),
+        ]
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_isoformer-engine"))
+        .args(args("stopped.tsv"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--skip-bad-rows"),
+        "{err}"
+    );
+    let mut skip = args("skipped.tsv");
+    skip.push("--skip-bad-rows".into());
+    let skip: Vec<&str> = skip.iter().map(String::as_str).collect();
+    let (_, log) = engine_out(&skip);
+    assert!(log.contains("skipped 1 bad row"), "{log}");
+    let skipped = std::fs::read_to_string(dir.join("skipped.tsv")).unwrap();
+    assert_eq!(skipped.lines().count() + 1, text.lines().count());
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -62,6 +62,9 @@ pub struct TrainArgs {
     /// (same results; more memory).
     #[arg(long)]
     pub no_arena: bool,
+    /// Skip (and count) malformed dataset rows instead of stopping at the first.
+    #[arg(long)]
+    pub skip_bad_rows: bool,
 }
 
 #[derive(Args, Debug)]
@@ -83,6 +86,9 @@ pub struct EvalArgs {
     /// devices compute in bf16. Default: f32 on the CPU, bf16 on kernel devices.
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Skip (and count) malformed dataset rows instead of stopping at the first.
+    #[arg(long)]
+    pub skip_bad_rows: bool,
 }
 
 #[derive(Args, Debug)]
@@ -107,6 +113,9 @@ pub struct PredictArgs {
     /// devices compute in bf16. Default: f32 on the CPU, bf16 on kernel devices.
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Skip (and count) malformed dataset rows instead of stopping at the first.
+    #[arg(long)]
+    pub skip_bad_rows: bool,
 }
 
 #[derive(Args, Debug)]
@@ -234,6 +243,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         cache_dir: a.cache_dir.clone(),
         memory_budget: None,
         planned_arena: !a.no_arena,
+        skip_bad_rows: a.skip_bad_rows,
     };
     let outcome = with_backend(&a.device, |backend| {
         // The plan is checked against the memory of the device the step runs on, before any work: this
@@ -330,7 +340,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         ..
     } = load_model(&a.checkpoint, a.config.as_deref())?;
     let split = parse_split(&a.split)?;
-    let data = open_dataset(&model.cfg, &a.data)?;
+    let data = open_dataset(&model.cfg, &a.data, a.skip_bad_rows)?;
     let metrics = with_backend_as(&a.device, a.dtype.as_deref(), |backend| {
         dispatch!(backend, b => {
             let params = IsoformerParams::upload_for_inference(b.as_ref(), &model, &host, Some(&lora))?;
@@ -390,7 +400,7 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
             let b = b.as_ref();
             let params = IsoformerParams::upload_for_inference(b, &model, &host, Some(&lora))?;
             if a.input.is_dir() {
-                let data = open_dataset(&model.cfg, &a.input)?;
+                let data = open_dataset(&model.cfg, &a.input, a.skip_bad_rows)?;
                 let split = parse_split(&a.split)?;
                 // As `eval`: an empty split is a mistake to name, not a file of headers.
                 if data.split_rows(split).is_empty() {

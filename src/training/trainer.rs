@@ -45,6 +45,8 @@ pub struct TrainOptions {
     /// Take the step buffers from one arena planned for the run's largest step (when encoders run in
     /// the step; steps that read cached embeddings allocate theirs one by one).
     pub planned_arena: bool,
+    /// Skip (and count) malformed dataset rows instead of stopping at the first.
+    pub skip_bad_rows: bool,
 }
 
 pub struct TrainOutcome {
@@ -55,12 +57,26 @@ pub struct TrainOutcome {
 }
 
 /// The dataset as the model reads it: windows of its DNA length, RNA and protein cropped to its budgets.
-pub fn open_dataset(cfg: &IsoformerConfig, data_dir: &Path) -> Result<Arc<Dataset>> {
+pub fn open_dataset(
+    cfg: &IsoformerConfig,
+    data_dir: &Path,
+    skip_bad_rows: bool,
+) -> Result<Arc<Dataset>> {
     let mut dc = DataConfig::new(data_dir);
     dc.dna_len = cfg.dna_sequence_length;
     dc.rna_max_len = cfg.rna_letters();
     dc.protein_max_len = cfg.protein_residues();
+    dc.skip_bad_rows = skip_bad_rows;
     let ds = Dataset::open(dc)?;
+    let r = ds.report();
+    if r.bad_rows > 0 {
+        eprintln!(
+            "skipped {} bad row(s) of {}; the first: {}",
+            r.bad_rows,
+            data_dir.display(),
+            r.bad_examples.first().map_or("", String::as_str)
+        );
+    }
     if ds.tissues().len() != cfg.num_tissues {
         return Err(Error::invalid(
             "dataset",
@@ -334,7 +350,7 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
             );
         }
     }
-    let data = open_dataset(&cfg, &opts.data_dir)?;
+    let data = open_dataset(&cfg, &opts.data_dir, opts.skip_bad_rows)?;
     let train_rows = data.split_rows(Split::Train);
     if train_rows.is_empty() {
         return Err(Error::invalid("dataset", {
