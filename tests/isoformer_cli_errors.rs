@@ -257,6 +257,10 @@ fn bad_configs_checkpoints_and_inputs_are_named_errors() {
         // A hundred thousand worker threads stalled the machine before.
         (&["bench", "gemm", "--threads", "100000"], "1..=1024"),
         (&["bench", "gemm", "--repeats", "0"], "repeats"),
+        (
+            &["demo-data", "--out", &dir_s, "--genes", "0"],
+            "outside 10..=1000000",
+        ),
         // The smallest token budget is the model's: NT-v2 has no <eos>.
         (
             &[

@@ -455,7 +455,7 @@ pub fn run_demo_data(a: DemoDataArgs) -> Result<()> {
     let n = write_demo_data(
         &a.out,
         &DemoSpec {
-            genes: a.genes.clamp(10, 1_000_000),
+            genes: a.genes,
             seed: a.seed,
             shuffle_labels: a.shuffle_labels,
         },

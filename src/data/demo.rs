@@ -125,6 +125,14 @@ fn count(hay: &[u8], needle: &[u8]) -> usize {
 
 /// Writes `GTEx_final.csv` and `genome.fa` into `dir`; returns the number of transcripts.
 pub fn write_demo_data(dir: &Path, spec: &DemoSpec) -> Result<usize> {
+    // Every split needs genes of its own (a tenth each for validation and test); the upper bound keeps the
+    // genome and table far below any machine's memory and disk.
+    if !(10..=1_000_000).contains(&spec.genes) {
+        return Err(crate::Error::invalid(
+            "--genes",
+            format!("{} is outside 10..=1000000", spec.genes),
+        ));
+    }
     crate::runtime::output::create_output_dir(dir)?;
     let mut rng = StdRng::seed_from_u64(spec.seed);
     // Tissue weights: a shared effect plus a tissue-specific one per feature.
