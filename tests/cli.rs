@@ -432,3 +432,15 @@ fn isoformer_step_benchmark_from_weights_and_rows() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("has 2 rows, the batch is 3"));
     let _ = std::fs::remove_file(&rows);
 }
+
+/// `info` names every device with what it is (cuda with its GPU, or why it is unavailable) and the bf16
+/// GEMM kernel this CPU runs.
+#[test]
+fn info_lists_every_device_and_the_bf16_kernel() {
+    let out = engine(&["info"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in ["  cpu ", "  emu ", "  cuda", "cpu threads: ", "bf16 GEMM: "] {
+        assert!(text.contains(line), "{line:?} missing from:\n{text}");
+    }
+}

@@ -81,8 +81,20 @@ fn run_command(cli: Cli) -> Result<()> {
 }
 
 fn info() {
+    use crate::gpu::KernelDevice;
     println!("isoformer-engine {}", env!("CARGO_PKG_VERSION"));
-    println!("devices: cpu (default)");
+    println!("devices:");
+    println!("  cpu   the default and the reference: f32, or bf16 with --dtype bf16");
+    println!("  emu   the CUDA kernels run on the CPU, to check them (bf16 activations; slow)");
+    match crate::gpu::cuda::CudaDevice::new(0) {
+        Ok(gpu) => {
+            let gib = gpu.total_memory().map_or(String::new(), |b| {
+                format!(", {:.0} GiB", b as f64 / 1024f64.powi(3))
+            });
+            println!("  {}{gib}", gpu.name());
+        }
+        Err(e) => println!("  cuda  unavailable: {e}"),
+    }
     println!("cpu threads: {}", rayon::current_num_threads());
     #[cfg(target_arch = "x86_64")]
     {
@@ -90,6 +102,8 @@ fn info() {
             ("avx2", std::is_x86_feature_detected!("avx2")),
             ("fma", std::is_x86_feature_detected!("fma")),
             ("avx512f", std::is_x86_feature_detected!("avx512f")),
+            ("avx512bf16", std::is_x86_feature_detected!("avx512bf16")),
+            ("amx-bf16", crate::ops::amx::available()),
         ];
         let on: Vec<&str> = features
             .iter()
@@ -98,4 +112,9 @@ fn info() {
             .collect();
         println!("cpu features: {}", on.join(" "));
     }
+    // What `--dtype bf16` multiplies with on this CPU (the fastest kernel it runs).
+    println!(
+        "bf16 GEMM: {}",
+        crate::ops::gemm_bf16::Bf16Kernel::available()[0].name()
+    );
 }
