@@ -62,7 +62,16 @@ pub fn read_regular(path: &Path, limit: u64) -> Result<Vec<u8>> {
             msg: format!("is {len} bytes, above the {limit} this input may have"),
         });
     }
-    let mut bytes = Vec::with_capacity(len as usize);
+    // Reserved fallibly, as `std::fs::read` does: a file larger than memory (a sparse one, say) is an
+    // error, not an abort in the allocator.
+    let mut bytes = Vec::new();
+    bytes
+        .try_reserve_exact(len as usize)
+        .map_err(|_| Error::Parse {
+            path: path.to_path_buf(),
+            line: None,
+            msg: format!("is {len} bytes, more than this machine can hold in memory"),
+        })?;
     // A file that grows while it is read stops at the limit too.
     file.take(limit.saturating_add(1))
         .read_to_end(&mut bytes)

@@ -177,7 +177,11 @@ impl LoadedTensors {
 
 /// Reads every f32 tensor of a safetensors file.
 pub fn load_f32(path: &Path) -> Result<LoadedTensors> {
-    let bytes = super::input::read_regular(path, u64::MAX)?;
+    let file = super::input::open_regular(path)?;
+    // SAFETY: a read-only map of a file that is not modified while we run. Mapped rather than read, the
+    // header is checked (every byte covered by a tensor) before any tensor is read: a file of the wrong
+    // shape, such as a sparse multi-terabyte one, is refused without reading it.
+    let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
     let bad = |msg: String| Error::Parse {
         path: path.to_path_buf(),
         line: None,

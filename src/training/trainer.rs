@@ -353,20 +353,21 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
     let data = open_dataset(&cfg, &opts.data_dir, opts.skip_bad_rows)?;
     let train_rows = data.split_rows(Split::Train);
     if train_rows.is_empty() {
-        return Err(Error::invalid("dataset", {
-            let r = data.report();
+        let r = data.report();
+        return Err(Error::invalid(
+            "dataset",
             format!(
-                    "{} has no training rows: of {} rows read, {} are in the training split; {} windows of {} bp \
-                     were dropped for leaving their chromosome (in the TSV layout: DNA shorter than the window, \
-                     dna_sequence_length) and {} rows were malformed (`data check` lists them)",
-                    opts.data_dir.display(),
-                    r.rows_read,
-                    r.rows_per_split[Split::Train as usize],
-                    r.edge_dropped,
-                    cfg.dna_sequence_length,
-                    r.bad_rows
-                )
-        }));
+                "{} has no training rows: of {} rows read, {} are in the training split; {} windows of {} bp \
+                 were dropped for leaving their chromosome (in the TSV layout: DNA shorter than the window, \
+                 dna_sequence_length) and {} rows were malformed (`data check` lists them)",
+                opts.data_dir.display(),
+                r.rows_read,
+                r.rows_per_split[Split::Train as usize],
+                r.edge_dropped,
+                cfg.dna_sequence_length,
+                r.bad_rows
+            ),
+        ));
     }
     if data.split_rows(Split::Validation).is_empty() {
         eprintln!(
