@@ -111,11 +111,12 @@ impl FaiIndex {
         let mut short_line_seen = false;
         while pos < bytes.len() {
             line_no += 1;
-            let end = memchr_newline(&bytes[pos..]).map_or(bytes.len(), |i| pos + i + 1);
-            let line = &bytes[pos..end];
-            let content = line.strip_suffix(b"\n").unwrap_or(line);
-            let content = content.strip_suffix(b"\r").unwrap_or(content);
-            if let Some(header) = content.strip_prefix(b">") {
+            let rest = &bytes[pos..];
+            if rest[0] == b'>' {
+                let end = memchr_newline(rest).map_or(bytes.len(), |i| pos + i + 1);
+                let line = &bytes[pos + 1..end];
+                let line = line.strip_suffix(b"\n").unwrap_or(line);
+                let header = line.strip_suffix(b"\r").unwrap_or(line);
                 let name = String::from_utf8_lossy(header)
                     .split_whitespace()
                     .next()
@@ -135,7 +136,36 @@ impl FaiIndex {
                     line_bytes: 0,
                 });
                 short_line_seen = false;
-            } else if content.is_empty() {
+                pos = end;
+                continue;
+            }
+            // A sequence line is scanned once, up to its first byte that is not a letter: the line break,
+            // or an invalid byte reported at once (a binary file is refused at its first byte, not after
+            // a search for a line break through all of it).
+            let letters = rest
+                .iter()
+                .position(|c| !c.is_ascii_alphabetic() && *c != b'*' && *c != b'-')
+                .unwrap_or(rest.len());
+            let content = &rest[..letters];
+            let line_len = match &rest[letters..] {
+                [] => letters,
+                [b'\n', ..] | [b'\r'] => letters + 1,
+                [b'\r', b'\n', ..] => letters + 2,
+                [bad, ..] => {
+                    return Err(match entries.last() {
+                        None => err(line_no, "sequence data before the first '>' header".into()),
+                        Some(e) => err(
+                            line_no,
+                            format!(
+                                "invalid character '{}' in sequence '{}'",
+                                bad.escape_ascii(),
+                                e.name
+                            ),
+                        ),
+                    });
+                }
+            };
+            if content.is_empty() {
                 // A blank line ends the sequence's lines; only more blank lines or a header may follow.
                 short_line_seen = entries.last().is_some_and(|e| e.length > 0);
             } else {
@@ -145,35 +175,20 @@ impl FaiIndex {
                         "sequence data before the first '>' header".into(),
                     ));
                 };
-                if let Some(bad) = content
-                    .iter()
-                    .position(|c| !c.is_ascii_alphabetic() && *c != b'*' && *c != b'-')
-                {
-                    return Err(err(
-                        line_no,
-                        format!(
-                            "invalid character '{}' in sequence '{}'",
-                            content[bad].escape_ascii(),
-                            e.name
-                        ),
-                    ));
-                }
                 if e.line_bases == 0 {
                     e.line_bases = content.len() as u64;
-                    e.line_bytes = line.len() as u64;
+                    e.line_bytes = line_len as u64;
                 } else if short_line_seen || content.len() as u64 > e.line_bases {
                     return Err(err(
                         line_no,
                         format!("sequence '{}' has lines of different widths; re-wrap it (e.g. `samtools faidx` needs the same)", e.name),
                     ));
-                } else if (content.len() as u64) < e.line_bases
-                    || (line.len() as u64) != e.line_bytes
-                {
+                } else if (content.len() as u64) < e.line_bases || line_len as u64 != e.line_bytes {
                     short_line_seen = true;
                 }
                 e.length += content.len() as u64;
             }
-            pos = end;
+            pos += line_len;
         }
         Ok(FaiIndex { entries })
     }
@@ -460,6 +475,21 @@ mod tests {
     }
 
     #[test]
+    fn windows_line_endings_are_indexed_with_their_width() {
+        let fa = b">chr1\r\nACGTA\r\nCG\r\n>chr2\r\nNN\r";
+        let idx = FaiIndex::build(fa, Path::new("g.fa")).unwrap();
+        let (a, b) = (&idx.entries[0], &idx.entries[1]);
+        assert_eq!(
+            (a.length, a.offset, a.line_bases, a.line_bytes),
+            (7, 7, 5, 7)
+        );
+        assert_eq!(
+            (b.length, b.offset, b.line_bases, b.line_bytes),
+            (2, 25, 2, 3)
+        );
+    }
+
+    #[test]
     fn malformed_fasta_is_reported_with_its_line() {
         let e = FaiIndex::build(b">a\nACG\nA\nACG\n", Path::new("g.fa"))
             .unwrap_err()
@@ -479,6 +509,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("invalid character '1'"), "{e}");
+        // Binary data is refused at its first byte, before or after a header.
+        let e = FaiIndex::build(b"\0\0\0\0", Path::new("g.fa"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("g.fa:1") && e.contains("before the first"),
+            "{e}"
+        );
+        let e = FaiIndex::build(b">a\nACGT\nAC\0\0\0", Path::new("g.fa"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("g.fa:3") && e.contains("invalid character '\\x00' in sequence 'a'"),
+            "{e}"
+        );
+        let e = FaiIndex::build(b">a\nAC\rGT\n", Path::new("g.fa"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("invalid character '\\r'"), "{e}");
         let e = FaiIndex::parse("chr1\t10\tx\t5\t6\n", Path::new("g.fai"))
             .unwrap_err()
             .to_string();

@@ -2,7 +2,7 @@
 //! third-party ready-made version of the task), read a batch of rows at a time, so memory holds one batch
 //! of sequences however long the file is.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use crate::data::sequences::MAX_INPUT_BYTES;
@@ -87,23 +87,37 @@ impl PredictTsv {
     /// be, binary data or invalid UTF-8 is an error naming the line.
     fn next_line(&mut self) -> Result<Option<String>> {
         self.buf.clear();
-        let n = (&mut self.reader)
-            .take(MAX_INPUT_BYTES + 1)
-            .read_until(b'\n', &mut self.buf)
-            .map_err(|e| Error::io(&self.path, e))?;
-        if n == 0 {
+        // Read up to the line break, stopping at the first NUL: a binary file is refused at its first
+        // block, not after reading a whole "line" of up to the size limit.
+        loop {
+            let chunk = self
+                .reader
+                .fill_buf()
+                .map_err(|e| Error::io(&self.path, e))?;
+            if chunk.is_empty() {
+                break;
+            }
+            let stop = chunk.iter().position(|&c| c == b'\n' || c == 0);
+            let take = stop.map_or(chunk.len(), |i| i + 1);
+            if stop.is_some_and(|i| chunk[i] == 0) {
+                return Err(self.error(self.line + 1, "binary data (a NUL byte), not text".into()));
+            }
+            if (self.buf.len() + take) as u64 > MAX_INPUT_BYTES {
+                return Err(self.error(
+                    self.line + 1,
+                    format!("longer than {} GiB", MAX_INPUT_BYTES >> 30),
+                ));
+            }
+            self.buf.extend_from_slice(&chunk[..take]);
+            self.reader.consume(take);
+            if stop.is_some() {
+                break;
+            }
+        }
+        if self.buf.is_empty() {
             return Ok(None);
         }
         self.line += 1;
-        if n as u64 > MAX_INPUT_BYTES {
-            return Err(self.error(
-                self.line,
-                format!("longer than {} GiB", MAX_INPUT_BYTES >> 30),
-            ));
-        }
-        if self.buf.contains(&0) {
-            return Err(self.error(self.line, "binary data (a NUL byte), not text".into()));
-        }
         let text = std::str::from_utf8(&self.buf)
             .map_err(|e| self.error(self.line, format!("not UTF-8 text ({e})")))?;
         Ok(Some(text.trim_end_matches(['\n', '\r']).to_string()))
