@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use crate::data::export::export_tsv;
-use crate::data::{DataConfig, Dataset, EdgePolicy, Split};
+use crate::data::{DataConfig, Dataset, EdgePolicy, ExpressionAt, Split};
 use crate::{Error, Result};
 
 #[derive(Subcommand, Debug)]
@@ -217,4 +217,18 @@ fn print_summary(ds: &Dataset) {
         "  cropped: {}, missing (masked): {}",
         r.protein_cropped, r.missing_protein
     );
+    let tissues = ds.tissues();
+    let at = |e: &ExpressionAt| {
+        format!(
+            "{e} (line {}, {})",
+            e.line,
+            tissues.get(e.tissue).map_or("?", String::as_str)
+        )
+    };
+    if let (Some(lo), Some(hi)) = (&r.expression_min, &r.expression_max) {
+        println!("expression: min {} / max {}", at(lo), at(hi));
+    }
+    if let Some(note) = r.expression_note(tissues) {
+        println!("note: {note}");
+    }
 }

@@ -44,15 +44,20 @@ pub struct TrainArgs {
     /// Optimiser steps in total, counting those before a resume.
     #[arg(long)]
     pub max_steps: Option<usize>,
+    /// Passes over the training split (default: the config's `train.epochs`).
     #[arg(long)]
     pub epochs: Option<usize>,
+    /// Seed of the random initialisation and of the data order (default: the config's `train.seed`).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Pre-trained encoder weights (save_pretrained directories).
+    /// Pre-trained DNA encoder weights (a save_pretrained directory or a .safetensors file); default:
+    /// the config's path, else random initialisation.
     #[arg(long)]
     pub weights_dna: Option<PathBuf>,
+    /// Pre-trained RNA encoder weights, as --weights-dna.
     #[arg(long)]
     pub weights_rna: Option<PathBuf>,
+    /// Pre-trained protein encoder weights, as --weights-dna.
     #[arg(long)]
     pub weights_protein: Option<PathBuf>,
     /// Where frozen encoders' embeddings are cached (default: ~/.cache/isoformer-engine/embeddings).

@@ -191,6 +191,54 @@ pub struct DataReport {
     pub missing_protein: usize,
     pub rna_cropped: usize,
     pub protein_cropped: usize,
+    /// The smallest and the largest expression value of the kept rows, with where each is.
+    pub expression_min: Option<ExpressionAt>,
+    pub expression_max: Option<ExpressionAt>,
+}
+
+/// One expression value of a dataset, with its file, line and tissue (an index into the tissues).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExpressionAt {
+    pub value: f32,
+    pub path: PathBuf,
+    pub line: usize,
+    pub tissue: usize,
+}
+
+impl std::fmt::Display for ExpressionAt {
+    /// The value as the file gives it, in scientific notation when very large or small (`3e38`, not 39
+    /// digits).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let a = self.value.abs();
+        if a != 0.0 && !(1e-4..1e7).contains(&a) {
+            write!(f, "{:e}", self.value)
+        } else {
+            write!(f, "{}", self.value)
+        }
+    }
+}
+
+/// Above this no value is log(1+TPM): TPMs sum to 10⁶ in a sample, so log(1 + 10⁶) ≈ 13.8 bounds them, and
+/// z-scores of such values stay far below it too.
+pub const EXPRESSION_CEILING: f32 = 20.0;
+
+impl DataReport {
+    /// A note when the expression values cannot be IsoFormer's log(1+TPM) targets (raw TPMs, counts),
+    /// which train poorly: their largest values dominate the z-scored loss.
+    pub fn expression_note(&self, tissues: &[String]) -> Option<String> {
+        let max = self.expression_max.as_ref()?;
+        (max.value > EXPRESSION_CEILING).then(|| {
+            format!(
+                "expression values reach {} ({}:{}, tissue '{}'), more than any log(1+TPM) (at most \
+                 log(1 + 10⁶) ≈ 13.8): IsoFormer's targets are log(1+TPM), as in the released dataset; \
+                 transform raw TPMs with log1p before training",
+                max,
+                max.path.display(),
+                max.line,
+                tissues.get(max.tissue).map_or("?", String::as_str)
+            )
+        })
+    }
 }
 
 /// Per-tissue mean and standard deviation of the training targets (f64 accumulation).
@@ -624,6 +672,20 @@ impl Dataset {
                 report.rna_cropped += (row.rna.len() > self.config.rna_max_len) as usize;
                 let plen = row.protein.as_ref().map_or(0, |p| p.len());
                 report.protein_cropped += (plen > self.config.protein_max_len) as usize;
+                for (k, &t) in row.targets.iter().enumerate() {
+                    let at = || ExpressionAt {
+                        value: t,
+                        path: file.path.clone(),
+                        line: rec.line,
+                        tissue: k,
+                    };
+                    if report.expression_min.as_ref().is_none_or(|m| t < m.value) {
+                        report.expression_min = Some(at());
+                    }
+                    if report.expression_max.as_ref().is_none_or(|m| t > m.value) {
+                        report.expression_max = Some(at());
+                    }
+                }
                 if row.split == Split::Train {
                     n_train += 1;
                     for (k, &t) in row.targets.iter().enumerate() {

@@ -12,6 +12,8 @@ pub mod records;
 pub mod sequences;
 pub mod window;
 
-pub use dataset::{DataConfig, DataReport, Dataset, RowRef, Sample, Split, TargetStats};
+pub use dataset::{
+    DataConfig, DataReport, Dataset, ExpressionAt, RowRef, Sample, Split, TargetStats,
+};
 pub use loader::{Batch, Loader, LoaderConfig};
 pub use window::EdgePolicy;

@@ -369,6 +369,9 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
             ),
         ));
     }
+    if let Some(note) = data.report().expression_note(data.tissues()) {
+        eprintln!("note: {note}");
+    }
     if data.split_rows(Split::Validation).is_empty() {
         eprintln!(
             "note: {} has no validation rows: no validation between epochs and no early stopping; \
