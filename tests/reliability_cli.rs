@@ -363,3 +363,47 @@ fn inputs_that_are_not_regular_files_are_refused_without_blocking() {
     assert!(!out.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An output that does not fit (here under the file-size limit, `ulimit -f`: writes fail with EFBIG, as
+/// on a full disk with ENOSPC) is an error naming the output file, and leaves nothing in its folder. (A
+/// full disk failed the safetensors writer's tensor writes as "output: No space left on device", naming
+/// no file; the file-size limit fails its first step, sizing the file, so this test cannot reach that
+/// write, which was checked on a 200 KiB tmpfs.)
+#[cfg(unix)]
+#[test]
+fn an_output_that_cannot_be_written_names_its_file_and_leaves_nothing() {
+    let dir = scratch("full");
+    let seqs = dir.join("in.fa");
+    let text: String = (0..64)
+        .map(|i| format!(">s{i}\n{}\n", "MKTAYIAKQRQISFVKSHFSRQ".repeat(9)))
+        .collect();
+    std::fs::write(&seqs, text).unwrap();
+    let out_dir = dir.join("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let esm = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/esm2");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    for (output, extra) in [("e.safetensors", "--pool none"), ("e.npy", "--pool none")] {
+        let target = out_dir.join(output);
+        // 64 blocks of 512 bytes at most; SIGXFSZ ignored (kept across exec) so the write fails instead.
+        let script = format!(
+            "ulimit -f 64; trap '' XFSZ; exec \"$0\" embed --model esm2 --weights '{}' --input '{}' --output '{}' {extra}",
+            s(&esm),
+            s(&seqs),
+            s(&target)
+        );
+        let o = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg(env!("CARGO_BIN_EXE_isoformer-engine"))
+            .output()
+            .unwrap();
+        let err = stderr(&o);
+        assert!(
+            !o.status.success() && err.contains(&s(&target)) && !err.contains("panicked"),
+            "{output}: {err}"
+        );
+        let left: Vec<_> = std::fs::read_dir(&out_dir).unwrap().collect();
+        assert!(left.is_empty(), "{output}: {left:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

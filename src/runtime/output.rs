@@ -147,6 +147,11 @@ impl AtomicOutput {
         })
     }
 
+    /// The file this output becomes, for messages.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
     /// The buffered writer of the temporary file.
     pub fn writer(&mut self) -> &mut BufWriter<File> {
         self.writer.as_mut().expect("only taken by commit")

@@ -128,11 +128,11 @@ impl StreamingSafetensors {
                 format!("tensor {i}: {} values for {numel}", data.len()),
             ));
         }
+        let target = self.out.target().to_path_buf();
         let w = self.out.writer();
         w.seek(SeekFrom::Start(offset))
-            .map_err(|e| Error::io("output", e))?;
-        w.write_all(bytemuck::cast_slice(data))
-            .map_err(|e| Error::io("output", e))?;
+            .and_then(|_| w.write_all(bytemuck::cast_slice(data)))
+            .map_err(|e| Error::io(&target, e))?;
         self.slots[i].2 = true;
         Ok(())
     }
