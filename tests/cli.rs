@@ -134,6 +134,25 @@ fn data_check_summarises_and_export_writes_what_the_model_sees() {
             && text.contains("log1p"),
         "{text}"
     );
+    // A tissue whose training targets are all equal is named.
+    let flat: Vec<String> = original
+        .lines()
+        .enumerate()
+        .map(|(i, line)| {
+            let mut fields: Vec<&str> = line.split(',').collect();
+            if i > 0 {
+                fields[12] = "1.5"; // Whole Blood
+            }
+            fields.join(",")
+        })
+        .collect();
+    std::fs::write(&csv, flat.join("\n") + "\n").unwrap();
+    let out = engine(&["data", "check", "--data", d, "--dna-len", "40"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("note: the training targets are all equal in Whole Blood:"),
+        "{text}"
+    );
     std::fs::write(&csv, original).unwrap();
     let tsv = dir.join("out.tsv");
     let out = engine(&[

@@ -444,4 +444,26 @@ fn target_statistics_come_from_the_training_split_and_round_trip() {
     stats.save(ds.tissues(), &path).unwrap();
     assert_eq!(TargetStats::load(&path, ds.tissues()).unwrap(), stats);
     assert!(TargetStats::load(&path, &ds.tissues()[..3]).is_err());
+    // A tissue whose training targets are all equal has a standard deviation of exactly 0, which is how
+    // `data check` and the metrics know it. With E[x²] − E[x]², 1,201 rows of 0.7 left 7·10⁻⁸.
+    let csv = dir.join("GTEx_final.csv");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let mut lines = text.lines();
+    let mut rows = vec![lines.next().unwrap().to_string()];
+    for line in lines {
+        let fields: Vec<&str> = line.split(',').collect();
+        let copies = if fields[2] == "train" { 300 } else { 1 }; // plus one "Train" row
+        for copy in 0..copies {
+            let mut f = fields.clone();
+            let id = format!("{}_{copy}", fields[0]);
+            f[0] = &id;
+            f[12] = "0.7"; // Whole Blood
+            rows.push(f.join(","));
+        }
+    }
+    std::fs::write(&csv, rows.join("\n") + "\n").unwrap();
+    let ds = Dataset::open(config(&dir, 40, EdgePolicy::PadN)).unwrap();
+    assert_eq!(ds.split_rows(Split::Train).len(), 1201);
+    let stats = ds.train_target_stats().unwrap();
+    assert_eq!((stats.mean[3], stats.std[3]), (0.7, 0.0));
 }

@@ -231,4 +231,19 @@ fn print_summary(ds: &Dataset) {
     if let Some(note) = r.expression_note(tissues) {
         println!("note: {note}");
     }
+    if let Some(stats) = ds.train_target_stats() {
+        let flat: Vec<&str> = tissues
+            .iter()
+            .zip(&stats.std)
+            .filter(|(_, &sd)| sd == 0.0)
+            .map(|(t, _)| t.as_str())
+            .collect();
+        if !flat.is_empty() {
+            println!(
+                "note: the training targets are all equal in {}: nothing to learn there, and no R² or \
+                 correlation where a split's targets are equal too (n/a)",
+                flat.join(", ")
+            );
+        }
+    }
 }

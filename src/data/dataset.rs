@@ -626,7 +626,9 @@ impl Dataset {
         let mut rows = Vec::new();
         let mut report = DataReport::default();
         let n_tissues = self.tissues.len();
-        let (mut sum, mut sq, mut n_train) =
+        // Welford's running mean and sum of squared deviations: no cancellation, and exactly 0 for a
+        // tissue whose training targets are all equal (so it is recognised as such).
+        let (mut mean, mut m2, mut n_train) =
             (vec![0.0f64; n_tissues], vec![0.0f64; n_tissues], 0usize);
         for (fi, file) in self.files.iter().enumerate() {
             let mut reader = RecordReader::new(&file.map[..], &file.path, file.delimiter, 1, 0);
@@ -689,8 +691,9 @@ impl Dataset {
                 if row.split == Split::Train {
                     n_train += 1;
                     for (k, &t) in row.targets.iter().enumerate() {
-                        sum[k] += t as f64;
-                        sq[k] += (t as f64) * (t as f64);
+                        let delta = t as f64 - mean[k];
+                        mean[k] += delta / n_train as f64;
+                        m2[k] += delta * (t as f64 - mean[k]);
                     }
                 }
                 rows.push(RowRef {
@@ -704,15 +707,13 @@ impl Dataset {
             }
         }
         if n_train > 1 {
-            let mean: Vec<f64> = sum.iter().map(|s| s / n_train as f64).collect();
-            let std = sq
-                .iter()
-                .zip(&mean)
-                .map(|(q, m)| ((q / n_train as f64 - m * m).max(0.0)).sqrt() as f32)
-                .collect();
+            // The population standard deviation (over n).
             self.train_stats = Some(TargetStats {
                 mean: mean.iter().map(|&m| m as f32).collect(),
-                std,
+                std: m2
+                    .iter()
+                    .map(|&q| (q / n_train as f64).sqrt() as f32)
+                    .collect(),
             });
         }
         self.rows = rows;

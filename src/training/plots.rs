@@ -109,8 +109,9 @@ pub fn loss_curves(path: &Path, train: &[f32], validation: &[(usize, f64)]) -> R
     encode_png(path, &rgb, size)
 }
 
-/// Per-tissue R² as horizontal bars (tissue names on the left), with the mean as a line.
-pub fn r2_bars(path: &Path, title: &str, r2: &[(String, f64)]) -> Result<()> {
+/// Per-tissue R² as horizontal bars (tissue names on the left), with the mean of the defined values as a
+/// line; a tissue without an R² (its targets all equal) has no bar.
+pub fn r2_bars(path: &Path, title: &str, r2: &[(String, Option<f64>)]) -> Result<()> {
     ensure_font();
     let n = r2.len().max(1);
     let size = (900u32, (120 + 22 * n as u32).min(4000));
@@ -118,7 +119,7 @@ pub fn r2_bars(path: &Path, title: &str, r2: &[(String, f64)]) -> Result<()> {
     {
         let root = BitMapBackend::with_buffer(&mut rgb, size).into_drawing_area();
         root.fill(&WHITE).map_err(|e| plot_error("fill", e))?;
-        let finite = || r2.iter().map(|v| v.1).filter(|v| v.is_finite());
+        let finite = || r2.iter().filter_map(|v| v.1).filter(|v| v.is_finite());
         let lo = finite().fold(0.0f64, f64::min).max(-1.0);
         let hi = finite().fold(0.0f64, f64::max).max(0.1) * 1.05;
         let mut chart = ChartBuilder::on(&root)
@@ -144,7 +145,7 @@ pub fn r2_bars(path: &Path, title: &str, r2: &[(String, f64)]) -> Result<()> {
         // Row i (from the top) is drawn at y = n − 1 − i, so the list reads top-down in tissue order.
         chart
             .draw_series(r2.iter().enumerate().map(|(i, (_, v))| {
-                let v = if v.is_finite() { v.clamp(lo, hi) } else { 0.0 };
+                let v = v.filter(|v| v.is_finite()).map_or(0.0, |v| v.clamp(lo, hi));
                 let y = n - 1 - i;
                 let mut bar = Rectangle::new(
                     [
@@ -157,7 +158,7 @@ pub fn r2_bars(path: &Path, title: &str, r2: &[(String, f64)]) -> Result<()> {
                 bar
             }))
             .map_err(|e| plot_error("bars", e))?;
-        let mean = r2.iter().map(|v| v.1).sum::<f64>() / n as f64;
+        let mean = finite().sum::<f64>() / finite().count().max(1) as f64;
         chart
             .draw_series(LineSeries::new(
                 vec![(mean, SegmentValue::Exact(0)), (mean, SegmentValue::Last)],

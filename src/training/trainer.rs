@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::adamw::{AdamW, ParamGroup};
 use super::cache::EmbeddingCache;
 use super::checkpoint::{self, Checkpoint, TrainProgress};
-use super::metrics::{evaluate, SplitMetrics};
+use super::metrics::{evaluate, show, SplitMetrics};
 use super::params::{is_lora_name, trainable_flags, IsoformerParams};
 use super::plan::{choose_recompute, plan_run_arena, PlanSpec};
 use super::plots;
@@ -667,7 +667,11 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
         let split = if test.is_some() { "test" } else { "validation" };
         plots::r2_bars(
             &opts.out_dir.join("r2_per_tissue.png"),
-            &format!("R² per tissue ({split}; mean {:.3})", m.r2_mean),
+            &format!(
+                "R² per tissue ({split}; mean {} over {} tissues)",
+                show(m.r2_mean),
+                m.tissues_evaluated()
+            ),
             &m.r2,
         )?;
     }
@@ -734,8 +738,12 @@ fn validate<B: Backend>(
     };
     progress.val_losses.push((progress.step, m.loss));
     let line = format!(
-        "step {:>6}  validation loss {:.4}  R² {:.3}  Pearson {:.3}  Spearman {:.3}",
-        progress.step, m.loss, m.r2_mean, m.pearson_mean, m.spearman_mean
+        "step {:>6}  validation loss {:.4}  R² {}  Pearson {}  Spearman {}",
+        progress.step,
+        m.loss,
+        show(m.r2_mean),
+        show(m.pearson_mean),
+        show(m.spearman_mean)
     );
     if bar.is_hidden() {
         eprintln!("{line}");
