@@ -9,6 +9,9 @@
 //!   created with `create_new`, so a file or symlink planted at a guessable name is never written through.
 //!   Creating it first also proves the folder writable before the work starts.
 //! - On an error, or when the writer is dropped without [`AtomicOutput::commit`], the temporary is removed.
+//!
+//! [`lock_output_dir`] claims a folder that a run fills with several files (its lock file, which must stay
+//! one file to be locked, is the one file written in place).
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -32,6 +35,51 @@ pub fn create_output_dir(path: &Path) -> Result<()> {
         }
     }
     std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))
+}
+
+/// An exclusive claim on an output folder for as long as it lives: two runs writing checkpoints, metrics
+/// and plots into one folder would leave a mix of both. The lock is the operating system's (released when
+/// the process ends, however it ends), on a hidden file that names the holder's process id.
+#[derive(Debug)]
+pub struct OutputDirLock {
+    _file: File,
+}
+
+/// Claims `dir` (which must exist) for this process, or says which process holds it.
+pub fn lock_output_dir(dir: &Path) -> Result<OutputDirLock> {
+    let path = dir.join(".isoformer-engine.lock");
+    if let Ok(meta) = std::fs::symlink_metadata(&path) {
+        if !meta.file_type().is_file() {
+            return Err(refuse(&path, "exists and is not a regular file"));
+        }
+    }
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = std::io::Read::read_to_string(&mut file, &mut holder);
+            return Err(refuse(
+                dir,
+                &format!(
+                    "another run (process {}) is writing into this folder; give another --out, or wait \
+                     for it to finish",
+                    holder.trim()
+                ),
+            ));
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
+    }
+    file.set_len(0)
+        .and_then(|_| file.write_all(std::process::id().to_string().as_bytes()))
+        .map_err(|e| Error::io(&path, e))?;
+    Ok(OutputDirLock { _file: file })
 }
 
 /// Checks an output path before any work: not an existing non-regular file, not one of `inputs`.
@@ -251,6 +299,29 @@ mod tests {
             })
             .count();
         assert_eq!(leftovers, 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_output_folder_is_claimed_by_one_run_at_a_time() {
+        let dir = std::env::temp_dir().join(format!("iso-lock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let held = lock_output_dir(&dir).unwrap();
+        // A second claim (another open file, as another process would hold) is refused, naming the holder.
+        let e = lock_output_dir(&dir).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("another run (process {})", std::process::id())),
+            "{e}"
+        );
+        drop(held);
+        let again = lock_output_dir(&dir).unwrap();
+        drop(again);
+        // A lock path that is not a regular file is refused, not opened.
+        let other = dir.join("other");
+        std::fs::create_dir_all(other.join(".isoformer-engine.lock")).unwrap();
+        let e = lock_output_dir(&other).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

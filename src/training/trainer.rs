@@ -380,6 +380,8 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
         );
     }
     crate::runtime::output::create_output_dir(&opts.out_dir)?;
+    // Held until the run ends: a second run into the same folder is refused rather than interleaved.
+    let _out_lock = crate::runtime::output::lock_output_dir(&opts.out_dir)?;
     write_atomically(&opts.out_dir.join("config.json"), cfg.to_json().as_bytes())?;
 
     let t = &cfg.train;
