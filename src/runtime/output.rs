@@ -74,7 +74,14 @@ pub fn lock_output_dir(dir: &Path) -> Result<OutputDirLock> {
                 ),
             ));
         }
-        Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
+        // Some network file systems (Lustre without its flock option) have no locks: the run goes on, as
+        // it would without this claim, rather than being stopped by it.
+        Err(std::fs::TryLockError::Error(e)) => {
+            eprintln!(
+                "note: {} cannot be locked ({e}); a second run into this folder will not be stopped",
+                path.display()
+            );
+        }
     }
     file.set_len(0)
         .and_then(|_| file.write_all(std::process::id().to_string().as_bytes()))
