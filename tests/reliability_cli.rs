@@ -184,7 +184,7 @@ fn dataset_rows_that_used_to_panic_or_corrupt() {
     }
 }
 
-/// An export interrupted with Ctrl-C removes its partial file.
+/// An export interrupted with Ctrl-C or SIGTERM removes its partial file.
 #[cfg(unix)]
 #[test]
 fn interrupted_export_leaves_no_partial_file() {
@@ -210,18 +210,6 @@ fn interrupted_export_leaves_no_partial_file() {
     std::fs::write(d.join("GTEx_final.csv"), csv).unwrap();
     let out = d.join("out").join("export.tsv");
     std::fs::create_dir_all(out.parent().unwrap()).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_isoformer-engine"))
-        .args([
-            "data",
-            "export",
-            "--data",
-            d.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
     // Wait for the partial file to appear, then interrupt.
     let partial = || {
         std::fs::read_dir(out.parent().unwrap())
@@ -235,28 +223,48 @@ fn interrupted_export_leaves_no_partial_file() {
             })
             .count()
     };
-    let start = std::time::Instant::now();
-    while partial() == 0 && start.elapsed().as_secs() < 20 {
-        std::thread::sleep(std::time::Duration::from_millis(20));
+    // Ctrl-C, and the SIGTERM a job scheduler sends at a time limit or preemption (which killed the
+    // process with its partial file left behind before).
+    for signal in ["INT", "TERM"] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_isoformer-engine"))
+            .args([
+                "data",
+                "export",
+                "--data",
+                d.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        while partial() == 0 && start.elapsed().as_secs() < 20 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(partial() > 0, "the export never started writing");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the export finished before it could be interrupted"
+        );
+        Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(
+            o.status.code(),
+            Some(130),
+            "SIG{signal}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(
+            partial(),
+            0,
+            "SIG{signal}: the export left its partial file"
+        );
+        assert!(!out.exists());
     }
-    assert!(partial() > 0, "the export never started writing");
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "the export finished before it could be interrupted"
-    );
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    assert_eq!(
-        o.status.code(),
-        Some(130),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert_eq!(partial(), 0, "the interrupted export left its partial file");
-    assert!(!out.exists());
     std::fs::remove_dir_all(&d).unwrap();
 }
 
