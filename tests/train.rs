@@ -118,6 +118,29 @@ fn train_resume_is_bit_identical_and_checkpoints_serve_eval_and_predict() {
     let log = resume_on(d, &resumed);
     assert!(!log.contains(note), "{log}");
     check_outputs_and_resume(&full, &half, &resumed);
+    // `--max-steps` below the checkpoint's step is an error (it trained nothing and said "trained 8
+    // steps"); at the checkpoint's step, a note says there is nothing more to train.
+    let resume_to = |steps: &str, out: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_isoformer-engine"))
+            .args(["train", "--data", d, "--out", out.to_str().unwrap()])
+            .args(["--max-steps", steps, "--resume"])
+            .arg(resumed.join("last.safetensors"))
+            .output()
+            .unwrap()
+    };
+    let back = resume_to("5", &dir.join("back"));
+    let err = String::from_utf8_lossy(&back.stderr);
+    assert!(
+        !back.status.success() && err.contains("5 is below the checkpoint's step 8"),
+        "{err}"
+    );
+    assert!(!dir.join("back").exists());
+    let done = resume_to("8", &dir.join("done"));
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert!(
+        done.status.success() && err.contains("at step 8 of this run's 8: nothing more to train"),
+        "{err}"
+    );
     // A resume on other data runs, and says it is not the checkpoint's run continued.
     let other = dir.join("other-data");
     engine(&[

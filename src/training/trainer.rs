@@ -288,6 +288,19 @@ pub fn evaluate_split<B: Backend>(
 /// the output directory.
 pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
     let resume = opts.resume.as_deref().map(Checkpoint::load).transpose()?;
+    if let (Some(ck), Some(max)) = (&resume, opts.max_steps) {
+        // `--max-steps` counts every step of the run, so a checkpoint past it cannot be brought back.
+        if max < ck.progress.step {
+            return Err(Error::invalid(
+                "--max-steps",
+                format!(
+                    "{max} is below the checkpoint's step {}: a resumed run cannot go back; give more \
+                     steps, or evaluate the checkpoint with `eval`",
+                    ck.progress.step
+                ),
+            ));
+        }
+    }
     let cfg = match &resume {
         Some(ck) => ck.config.clone(),
         None => opts.config.clone(),
@@ -456,6 +469,13 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
     let steps_per_epoch = batches_per_epoch.div_ceil(t.grad_accum_steps);
     let total_steps = steps_per_epoch * t.epochs;
     let stop_at = opts.max_steps.map_or(total_steps, |m| m.min(total_steps));
+    if resume.is_some() && progress.step >= stop_at {
+        eprintln!(
+            "note: the checkpoint is at step {} of this run's {stop_at}: nothing more to train; its \
+             evaluation follows",
+            progress.step
+        );
+    }
 
     let bar = if opts.progress_bar {
         let bar = ProgressBar::new(stop_at as u64);
