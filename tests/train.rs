@@ -173,6 +173,43 @@ fn train_resume_is_bit_identical_and_checkpoints_serve_eval_and_predict() {
         "test",
     ]);
     assert!(table.contains("R²"), "{table}");
+    // A dataset with the checkpoint's tissue columns in another order is refused by `eval` (it scored
+    // each tissue's predictions against another tissue's targets).
+    let swapped = dir.join("swapped");
+    std::fs::create_dir_all(&swapped).unwrap();
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_owned();
+        if name == "GTEx_final.csv" {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let header = text.lines().next().unwrap();
+            let swapped_header = header.replacen(
+                "Adipose Tissue,Adrenal Gland",
+                "Adrenal Gland,Adipose Tissue",
+                1,
+            );
+            assert_ne!(header, swapped_header);
+            std::fs::write(
+                swapped.join(name),
+                text.replacen(header, &swapped_header, 1),
+            )
+            .unwrap();
+        } else if path.is_file() {
+            std::fs::copy(&path, swapped.join(name)).unwrap();
+        }
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_isoformer-engine"))
+        .args(["eval", "--checkpoint", ck.to_str().unwrap(), "--data"])
+        .arg(&swapped)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("the same tissues in another order")
+            && err.contains("column 1 is 'Adrenal Gland'"),
+        "{err}"
+    );
     let predict = |name: &str, dtype: &str| -> String {
         let out = dir.join(name);
         engine(&[

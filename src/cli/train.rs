@@ -9,7 +9,7 @@ use crate::backend::any::AnyBackend;
 use crate::backend::Backend;
 use crate::data::demo::{write_demo_data, DemoSpec, TISSUES};
 use crate::data::predict_tsv::{fit_window, PredictTsv};
-use crate::data::{Split, TargetStats};
+use crate::data::{Dataset, Split, TargetStats};
 use crate::models::isoformer::release::load_released;
 use crate::models::isoformer::{Isoformer, IsoformerConfig, Modality, SampleSeqs};
 use crate::runtime::output::AtomicOutput;
@@ -279,11 +279,52 @@ struct Loaded {
     lora: std::collections::HashMap<String, Vec<f32>>,
     stats: TargetStats,
     tissues: Vec<String>,
+    /// Whether `tissues` are the names the model was trained on (engine checkpoints), rather than assumed.
+    tissues_known: bool,
+}
+
+impl Loaded {
+    /// Evaluating against a dataset compares prediction column k with target column k: the dataset's
+    /// tissues must be the checkpoint's, in its order (a CSV with its tissue columns in another order
+    /// scored each tissue against another's targets without a word).
+    fn check_tissues(&self, data: &Dataset) -> Result<()> {
+        let theirs = data.tissues();
+        if !self.tissues_known || theirs == self.tissues.as_slice() {
+            return Ok(());
+        }
+        let same_set = {
+            let (mut a, mut b) = (self.tissues.clone(), theirs.to_vec());
+            a.sort();
+            b.sort();
+            a == b
+        };
+        let k = self
+            .tissues
+            .iter()
+            .zip(theirs)
+            .position(|(a, b)| a != b)
+            .unwrap_or(0);
+        Err(Error::invalid(
+            "dataset",
+            format!(
+                "{}'s tissue columns differ from the checkpoint's{}: column {} is '{}' there and '{}' in \
+                 the checkpoint",
+                data.config().data_dir.display(),
+                if same_set {
+                    " (the same tissues in another order)"
+                } else {
+                    ""
+                },
+                k + 1,
+                theirs.get(k).map_or("", String::as_str),
+                self.tissues.get(k).map_or("", String::as_str)
+            ),
+        ))
+    }
 }
 
 fn load_model(path: &Path, config: Option<&str>) -> Result<Loaded> {
-    let is_engine = crate::models::weights::WeightFile::open(path)?
-        .metadata
+    let is_engine = crate::runtime::safetensors_file::read_metadata(path)?
         .get("format")
         .is_some_and(|f| f == crate::training::checkpoint::FORMAT);
     if is_engine {
@@ -295,6 +336,7 @@ fn load_model(path: &Path, config: Option<&str>) -> Result<Loaded> {
             lora: ck.lora_values(),
             stats: ck.progress.target_stats(),
             tissues: ck.progress.tissues.clone(),
+            tissues_known: true,
             model,
         });
     }
@@ -324,6 +366,7 @@ fn load_model(path: &Path, config: Option<&str>) -> Result<Loaded> {
             std: vec![1.0; n],
         },
         tissues,
+        tissues_known: false,
     })
 }
 
@@ -337,15 +380,17 @@ fn parse_split(s: &str) -> Result<Split> {
 }
 
 pub fn run_eval(a: EvalArgs) -> Result<()> {
+    let loaded = load_model(&a.checkpoint, a.config.as_deref())?;
+    let split = parse_split(&a.split)?;
+    let data = open_dataset(&loaded.model.cfg, &a.data, a.skip_bad_rows)?;
+    loaded.check_tissues(&data)?;
     let Loaded {
         model,
         host,
         lora,
         stats,
         ..
-    } = load_model(&a.checkpoint, a.config.as_deref())?;
-    let split = parse_split(&a.split)?;
-    let data = open_dataset(&model.cfg, &a.data, a.skip_bad_rows)?;
+    } = loaded;
     let metrics = with_backend_as(&a.device, a.dtype.as_deref(), |backend| {
         dispatch!(backend, b => {
             let params = IsoformerParams::upload_for_inference(b.as_ref(), &model, &host, Some(&lora))?;
@@ -373,6 +418,7 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
         lora,
         stats,
         tissues,
+        ..
     } = load_model(&a.checkpoint, a.config.as_deref())?;
     let mut out = AtomicOutput::create(&a.output, &[&a.input, &a.checkpoint])?;
     let path = a.output.clone();

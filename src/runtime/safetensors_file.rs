@@ -175,6 +175,20 @@ impl LoadedTensors {
     }
 }
 
+/// The string metadata of a safetensors file, from its header alone (the file is mapped, not read: its
+/// tensors are not touched).
+pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    let file = super::input::open_regular(path)?;
+    // SAFETY: a read-only map of a file that is not modified while we run.
+    let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| Error::Parse {
+        path: path.to_path_buf(),
+        line: None,
+        msg: format!("not a safetensors file: {e}"),
+    })?;
+    Ok(meta.metadata().clone().unwrap_or_default())
+}
+
 /// Reads every f32 tensor of a safetensors file.
 pub fn load_f32(path: &Path) -> Result<LoadedTensors> {
     let file = super::input::open_regular(path)?;
