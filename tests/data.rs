@@ -467,3 +467,24 @@ fn target_statistics_come_from_the_training_split_and_round_trip() {
     let stats = ds.train_target_stats().unwrap();
     assert_eq!((stats.mean[3], stats.std[3]), (0.7, 0.0));
 }
+
+#[test]
+fn tissue_mismatches_name_the_first_column_that_differs() {
+    use isoformer_engine::data::tissue_mismatch;
+    let v = |names: &[&str]| -> Vec<String> { names.iter().map(|s| s.to_string()).collect() };
+    let model = v(&["Brain", "Liver", "Lung"]);
+    assert_eq!(tissue_mismatch(&model, &model), None);
+    let e = tissue_mismatch(&model, &v(&["Brain", "Lung", "Liver"])).unwrap();
+    assert!(
+        e.contains("same tissues in another order")
+            && e.contains("column 2 is 'Lung' there and 'Liver' in the checkpoint"),
+        "{e}"
+    );
+    let e = tissue_mismatch(&model, &v(&["Brain", "Liver", "Skin"])).unwrap();
+    assert!(
+        !e.contains("another order") && e.contains("column 3 is 'Skin'"),
+        "{e}"
+    );
+    let e = tissue_mismatch(&model, &v(&["Brain", "Liver"])).unwrap();
+    assert!(e.contains("column 3 is (none) there and 'Lung'"), "{e}");
+}

@@ -9,7 +9,7 @@ use crate::backend::any::AnyBackend;
 use crate::backend::Backend;
 use crate::data::demo::{write_demo_data, DemoSpec, TISSUES};
 use crate::data::predict_tsv::{fit_window, PredictTsv};
-use crate::data::{Dataset, Split, TargetStats};
+use crate::data::{tissue_mismatch, Dataset, Split, TargetStats};
 use crate::models::isoformer::release::load_released;
 use crate::models::isoformer::{Isoformer, IsoformerConfig, Modality, SampleSeqs};
 use crate::runtime::output::AtomicOutput;
@@ -288,38 +288,16 @@ impl Loaded {
     /// tissues must be the checkpoint's, in its order (a CSV with its tissue columns in another order
     /// scored each tissue against another's targets without a word).
     fn check_tissues(&self, data: &Dataset) -> Result<()> {
-        let theirs = data.tissues();
-        if !self.tissues_known || theirs == self.tissues.as_slice() {
+        if !self.tissues_known {
             return Ok(());
         }
-        let same_set = {
-            let (mut a, mut b) = (self.tissues.clone(), theirs.to_vec());
-            a.sort();
-            b.sort();
-            a == b
-        };
-        let k = self
-            .tissues
-            .iter()
-            .zip(theirs)
-            .position(|(a, b)| a != b)
-            .unwrap_or(0);
-        Err(Error::invalid(
-            "dataset",
-            format!(
-                "{}'s tissue columns differ from the checkpoint's{}: column {} is '{}' there and '{}' in \
-                 the checkpoint",
-                data.config().data_dir.display(),
-                if same_set {
-                    " (the same tissues in another order)"
-                } else {
-                    ""
-                },
-                k + 1,
-                theirs.get(k).map_or("", String::as_str),
-                self.tissues.get(k).map_or("", String::as_str)
-            ),
-        ))
+        match tissue_mismatch(&self.tissues, data.tissues()) {
+            None => Ok(()),
+            Some(why) => Err(Error::invalid(
+                "dataset",
+                format!("{}: {why}", data.config().data_dir.display()),
+            )),
+        }
     }
 }
 

@@ -218,6 +218,37 @@ impl std::fmt::Display for ExpressionAt {
     }
 }
 
+/// How a dataset's tissues (`found`) differ from a model's (`expected`), column by column, or `None` when
+/// they are the same in the same order: predictions and targets are paired by column.
+pub fn tissue_mismatch(expected: &[String], found: &[String]) -> Option<String> {
+    if expected == found {
+        return None;
+    }
+    let sorted = |v: &[String]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v
+    };
+    let reordered = sorted(expected) == sorted(found);
+    let k = expected
+        .iter()
+        .zip(found)
+        .position(|(a, b)| a != b)
+        .unwrap_or(expected.len().min(found.len()));
+    let name = |v: &[String]| v.get(k).map_or("(none)".to_string(), |t| format!("'{t}'"));
+    Some(format!(
+        "its tissue columns differ from the checkpoint's{}: column {} is {} there and {} in the checkpoint",
+        if reordered {
+            " (the same tissues in another order)"
+        } else {
+            ""
+        },
+        k + 1,
+        name(found),
+        name(expected)
+    ))
+}
+
 /// Above this no value is log(1+TPM): TPMs sum to 10⁶ in a sample, so log(1 + 10⁶) ≈ 13.8 bounds them, and
 /// z-scores of such values stay far below it too.
 pub const EXPRESSION_CEILING: f32 = 20.0;

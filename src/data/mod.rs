@@ -13,7 +13,8 @@ pub mod sequences;
 pub mod window;
 
 pub use dataset::{
-    DataConfig, DataReport, Dataset, ExpressionAt, RowRef, Sample, Split, TargetStats,
+    tissue_mismatch, DataConfig, DataReport, Dataset, ExpressionAt, RowRef, Sample, Split,
+    TargetStats,
 };
 pub use loader::{Batch, Loader, LoaderConfig};
 pub use window::EdgePolicy;

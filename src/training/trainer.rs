@@ -425,10 +425,10 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
             )
         }
     };
-    if progress.tissues != data.tissues() {
+    if let Some(why) = crate::data::tissue_mismatch(&progress.tissues, data.tissues()) {
         return Err(Error::invalid(
-            "resume",
-            "the dataset's tissues differ from the checkpoint's",
+            "--resume",
+            format!("{}: {why}", opts.data_dir.display()),
         ));
     }
     // The training targets' statistics fingerprint the training split: a resume on other data is allowed
