@@ -210,6 +210,17 @@ fn train_resume_is_bit_identical_and_checkpoints_serve_eval_and_predict() {
             && err.contains("column 1 is 'Adrenal Gland'"),
         "{err}"
     );
+    // An engine checkpoint carries its config: another beside it is an error, not silently ignored.
+    let out = Command::new(env!("CARGO_BIN_EXE_isoformer-engine"))
+        .args(["eval", "--checkpoint", ck.to_str().unwrap(), "--data", d])
+        .args(["--config", "isoformer"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("carries its own config"),
+        "{err}"
+    );
     let predict = |name: &str, dtype: &str| -> String {
         let out = dir.join(name);
         engine(&[

@@ -306,6 +306,17 @@ fn load_model(path: &Path, config: Option<&str>) -> Result<Loaded> {
         .get("format")
         .is_some_and(|f| f == crate::training::checkpoint::FORMAT);
     if is_engine {
+        if let Some(name) = config {
+            // The checkpoint's own config runs; another given beside it would be silently ignored.
+            return Err(Error::invalid(
+                "--config",
+                format!(
+                    "'{name}' given with {}, an engine checkpoint, which carries its own config; \
+                     --config is for released weights",
+                    path.display()
+                ),
+            ));
+        }
         let ck = Checkpoint::load(path)?;
         let model = Isoformer::new(ck.config.clone())?;
         let host = ck.sections(&model)?;
