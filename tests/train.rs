@@ -128,6 +128,12 @@ fn train_resume_is_bit_identical_and_checkpoints_serve_eval_and_predict() {
             .output()
             .unwrap()
     };
+    let zero = resume_to("0", &dir.join("zero"));
+    let err = String::from_utf8_lossy(&zero.stderr);
+    assert!(
+        !zero.status.success() && err.contains("0 trains nothing"),
+        "{err}"
+    );
     let back = resume_to("5", &dir.join("back"));
     let err = String::from_utf8_lossy(&back.stderr);
     assert!(

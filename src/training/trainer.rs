@@ -287,6 +287,12 @@ pub fn evaluate_split<B: Backend>(
 /// Runs a training job; writes `last.safetensors`, `best.safetensors`, `metrics.json` and `config.json` into
 /// the output directory.
 pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
+    if opts.max_steps == Some(0) {
+        return Err(Error::invalid(
+            "--max-steps",
+            "0 trains nothing; give at least 1 (`eval` evaluates a checkpoint)",
+        ));
+    }
     let resume = opts.resume.as_deref().map(Checkpoint::load).transpose()?;
     if let (Some(ck), Some(max)) = (&resume, opts.max_steps) {
         // `--max-steps` counts every step of the run, so a checkpoint past it cannot be brought back.
