@@ -389,3 +389,47 @@ fn lora_training_resumes_bit_identically_and_keeps_base_weights() {
     assert_ne!(moved(&a), moved(&early), "the adapters train");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A run whose weights diverge stops at the step where the forward overflows, naming the step and the way
+/// out (it said only "mse prediction: non-finite value at index 0").
+#[test]
+fn a_diverging_run_stops_naming_the_step() {
+    let dir = std::env::temp_dir().join(format!("isoformer-diverge-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = dir.join("data");
+    engine(&[
+        "demo-data",
+        "--out",
+        data.to_str().unwrap(),
+        "--genes",
+        "20",
+    ]);
+    let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/src/configs/demo.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(demo).unwrap()).unwrap();
+    for key in ["lr", "encoder_lr", "max_grad_norm"] {
+        config["train"][key] = serde_json::json!(1e30);
+    }
+    config["train"]["warmup_steps"] = serde_json::json!(0);
+    let path = dir.join("diverge.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_isoformer-engine"))
+        .args(["train", "--config", path.to_str().unwrap(), "--data"])
+        .arg(&data)
+        .args([
+            "--out",
+            dir.join("run").to_str().unwrap(),
+            "--max-steps",
+            "20",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("invalid training: step ")
+            && err.contains("diverged"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -284,6 +284,11 @@ pub fn evaluate_split<B: Backend>(
     Ok(Some(evaluate(&pred, &truth, data.tissues(), loss)))
 }
 
+/// The way out of a run whose numbers stopped being finite.
+const DIVERGED: &str =
+    ", so the weights have diverged: lower train.lr or train.encoder_lr, or keep \
+                        train.max_grad_norm small";
+
 /// Runs a training job; writes `last.safetensors`, `best.safetensors`, `metrics.json` and `config.json` into
 /// the output directory.
 pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
@@ -563,12 +568,29 @@ pub fn train<B: Backend>(b: &B, opts: &TrainOptions) -> Result<TrainOutcome> {
                 &mut bufs,
                 1.0 / group as f32,
                 cached.as_ref(),
-            )?;
+            )
+            .map_err(|e| {
+                // Named by step, as the loss check below: a forward that overflowed (the MSE refuses a
+                // non-finite prediction) means the previous updates diverged.
+                let hint = if matches!(e, Error::NonFinite { .. }) {
+                    format!("; the forward overflowed{DIVERGED}")
+                } else {
+                    String::new()
+                };
+                Error::invalid(
+                    "training",
+                    format!(
+                        "step {} (epoch {}, batch {index}): {e}{hint}",
+                        progress.step + 1,
+                        progress.epoch
+                    ),
+                )
+            })?;
             if !loss.is_finite() {
                 return Err(Error::invalid(
                     "training",
                     format!(
-                        "the loss is {loss} at step {} (epoch {}, batch {index})",
+                        "the loss is {loss} at step {} (epoch {}, batch {index}){DIVERGED}",
                         progress.step + 1,
                         progress.epoch
                     ),
