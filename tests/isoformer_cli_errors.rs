@@ -288,7 +288,7 @@ fn bad_configs_checkpoints_and_inputs_are_named_errors() {
             "--input",
             "i",
             "--output",
-            "o",
+            "o.safetensors",
             "--max-tokens",
             budget,
         ]);

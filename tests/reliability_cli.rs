@@ -287,7 +287,7 @@ fn inputs_that_are_not_regular_files_are_refused_without_blocking() {
     let gtex = fixtures.join("data/gtex");
     let seqs = dir.join("in.fa");
     std::fs::write(&seqs, ">a\nACGTACGT\n").unwrap();
-    let out = dir.join("out");
+    let out = dir.join("out.safetensors");
     let s = |p: &Path| p.to_str().unwrap().to_string();
     // One command line per input kind, `{bad}` where the FIFO or device goes.
     let templates = [
@@ -373,10 +373,11 @@ fn inputs_that_are_not_regular_files_are_refused_without_blocking() {
 }
 
 /// An output that does not fit (here under the file-size limit, `ulimit -f`: writes fail with EFBIG, as
-/// on a full disk with ENOSPC) is an error naming the output file, and leaves nothing in its folder. (A
-/// full disk failed the safetensors writer's tensor writes as "output: No space left on device", naming
-/// no file; the file-size limit fails its first step, sizing the file, so this test cannot reach that
-/// write, which was checked on a 200 KiB tmpfs.)
+/// on a full disk with ENOSPC) is an error naming the output file, and leaves nothing in its folder: the
+/// safetensors writer (`embed`) and the text writer (`data export`). (A full disk failed the safetensors
+/// writer's tensor writes as "output: No space left on device", naming no file; the file-size limit fails
+/// its first step, sizing the file, so this test cannot reach that write, which was checked on a 200 KiB
+/// tmpfs.)
 #[cfg(unix)]
 #[test]
 fn an_output_that_cannot_be_written_names_its_file_and_leaves_nothing() {
@@ -388,17 +389,31 @@ fn an_output_that_cannot_be_written_names_its_file_and_leaves_nothing() {
     std::fs::write(&seqs, text).unwrap();
     let out_dir = dir.join("out");
     std::fs::create_dir_all(&out_dir).unwrap();
-    let esm = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/esm2");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let s = |p: &Path| p.to_str().unwrap().to_string();
-    for (output, extra) in [("e.safetensors", "--pool none"), ("e.npy", "--pool none")] {
-        let target = out_dir.join(output);
+    let (embedded, exported) = (out_dir.join("e.safetensors"), out_dir.join("x.tsv"));
+    let cases = [
+        (
+            &embedded,
+            format!(
+                "embed --model esm2 --weights '{}' --input '{}' --output '{}' --pool none",
+                s(&fixtures.join("models/esm2")),
+                s(&seqs),
+                s(&embedded)
+            ),
+        ),
+        (
+            &exported,
+            format!(
+                "data export --data '{}' --edge pad --out '{}'",
+                s(&fixtures.join("data/gtex")),
+                s(&exported)
+            ),
+        ),
+    ];
+    for (target, args) in cases {
         // 64 blocks of 512 bytes at most; SIGXFSZ ignored (kept across exec) so the write fails instead.
-        let script = format!(
-            "ulimit -f 64; trap '' XFSZ; exec \"$0\" embed --model esm2 --weights '{}' --input '{}' --output '{}' {extra}",
-            s(&esm),
-            s(&seqs),
-            s(&target)
-        );
+        let script = format!("ulimit -f 64; trap '' XFSZ; exec \"$0\" {args}");
         let o = Command::new("sh")
             .arg("-c")
             .arg(script)
@@ -407,11 +422,11 @@ fn an_output_that_cannot_be_written_names_its_file_and_leaves_nothing() {
             .unwrap();
         let err = stderr(&o);
         assert!(
-            !o.status.success() && err.contains(&s(&target)) && !err.contains("panicked"),
-            "{output}: {err}"
+            !o.status.success() && err.contains(&s(target)) && !err.contains("panicked"),
+            "{args}: {err}"
         );
         let left: Vec<_> = std::fs::read_dir(&out_dir).unwrap().collect();
-        assert!(left.is_empty(), "{output}: {left:?}");
+        assert!(left.is_empty(), "{args}: {left:?}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -26,7 +26,8 @@ pub struct EmbedArgs {
     /// FASTA, or one sequence per line.
     #[arg(long)]
     pub input: PathBuf,
-    /// Output .safetensors file.
+    /// Output .safetensors file: `embeddings` [N, D] when pooled, `seq_<i>` [tokens, D] per sequence with
+    /// --pool none; the ids in its metadata.
     #[arg(long)]
     pub output: PathBuf,
     /// mean, cls or none.
@@ -84,6 +85,21 @@ pub fn run(a: EmbedArgs) -> Result<()> {
             format!(
                 "{} leaves no room for {room} (at least {least})",
                 a.max_tokens
+            ),
+        ));
+    }
+    // The file is safetensors whatever its name: a `.npy` or `.pt` name would promise a format it is not.
+    if !a
+        .output
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+    {
+        return Err(Error::invalid(
+            "--output",
+            format!(
+                "{}: embed writes safetensors (`safetensors.numpy.load_file` or `safetensors.torch.load_file` \
+                 reads it); name the file *.safetensors",
+                a.output.display()
             ),
         ));
     }
