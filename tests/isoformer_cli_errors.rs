@@ -48,6 +48,43 @@ fn bad_configs_checkpoints_and_inputs_are_named_errors() {
         assert!(!dir.join("resumed").exists());
     }
 
+    // Output names that promise another format than the one written are refused before any work.
+    for (args, want) in [
+        (
+            vec![
+                "embed",
+                "--model",
+                "esm2",
+                "--weights",
+                "w",
+                "--input",
+                "i",
+                "--output",
+                "e.npy",
+            ],
+            "name the file *.safetensors",
+        ),
+        (
+            vec![
+                "predict",
+                "--checkpoint",
+                "c",
+                "--input",
+                "i",
+                "--output",
+                "p.csv",
+            ],
+            "tab-separated text, not .csv",
+        ),
+        (
+            vec!["data", "export", "--data", "d", "--out", "x.parquet"],
+            "tab-separated text, not .parquet",
+        ),
+    ] {
+        let (ok, err) = engine(&args);
+        assert!(!ok && err.contains(want), "{args:?}: {err}");
+    }
+
     std::fs::write(p("typo.json"), r#"{"modalitys": ["dna"]}"#).unwrap();
     let (ok, err) = engine(&["train", "--config", &p("typo.json"), "--data", &p("none")]);
     assert!(

@@ -128,6 +128,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             Ok(())
         }
         DataCommand::Export(args) => {
+            super::check_tsv_name("--out", &args.out)?;
             let split = args
                 .split
                 .as_deref()

@@ -62,6 +62,34 @@ pub fn run(cli: Cli) -> Result<()> {
     rayon::scope(|_| run_command(cli))
 }
 
+/// Refuses an output name whose extension promises another format than the tab-separated text that
+/// `predict` and `data export` write (pandas reads a tab-separated `predictions.csv` as one column).
+pub(crate) fn check_tsv_name(flag: &str, path: &std::path::Path) -> Result<()> {
+    const OTHER_FORMATS: [&str; 9] = [
+        "csv",
+        "safetensors",
+        "npy",
+        "npz",
+        "pt",
+        "parquet",
+        "json",
+        "h5",
+        "xlsx",
+    ];
+    match path.extension().and_then(|e| e.to_str()) {
+        Some(ext) if OTHER_FORMATS.iter().any(|f| ext.eq_ignore_ascii_case(f)) => {
+            Err(crate::Error::invalid(
+                flag,
+                format!(
+                    "{}: the file is tab-separated text, not .{ext}; name it *.tsv",
+                    path.display()
+                ),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn run_command(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Bench(cmd) => bench::run(cmd),

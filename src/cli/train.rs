@@ -401,6 +401,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
 /// Rows of a TSV with `dna_seq`, `rna_seq`, `protein_seq` (and optionally `id`) columns.
 /// One row to predict: id, DNA, RNA, protein.
 pub fn run_predict(a: PredictArgs) -> Result<()> {
+    super::check_tsv_name("--output", &a.output)?;
     let Loaded {
         model,
         host,
