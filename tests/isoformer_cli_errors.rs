@@ -49,6 +49,7 @@ fn bad_configs_checkpoints_and_inputs_are_named_errors() {
     }
 
     // Output names that promise another format than the one written are refused before any work.
+    let esm_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/models/esm2");
     for (args, want) in [
         (
             vec![
@@ -56,7 +57,7 @@ fn bad_configs_checkpoints_and_inputs_are_named_errors() {
                 "--model",
                 "esm2",
                 "--weights",
-                "w",
+                esm_dir,
                 "--input",
                 "i",
                 "--output",

@@ -288,6 +288,7 @@ fn inputs_that_are_not_regular_files_are_refused_without_blocking() {
     let seqs = dir.join("in.fa");
     std::fs::write(&seqs, ">a\nACGTACGT\n").unwrap();
     let out = dir.join("out.safetensors");
+    let tsv = dir.join("out.tsv");
     let s = |p: &Path| p.to_str().unwrap().to_string();
     // One command line per input kind, `{bad}` where the FIFO or device goes.
     let templates = [
@@ -297,8 +298,8 @@ fn inputs_that_are_not_regular_files_are_refused_without_blocking() {
         "embed --model enformer --weights {enformer} --tf-gammas {bad} --input {seqs} --output {out}",
         "train --config {bad} --data {gtex} --out {out}",
         "eval --checkpoint {bad} --data {gtex}",
-        "predict --checkpoint {iso}/model.safetensors --config {iso}/config.json --input {bad} --output {out}",
-        "predict --checkpoint {bad} --config {iso}/config.json --input {seqs} --output {out}",
+        "predict --checkpoint {iso}/model.safetensors --config {iso}/config.json --input {bad} --output {tsv}",
+        "predict --checkpoint {bad} --config {iso}/config.json --input {seqs} --output {tsv}",
         "data check --data {gtex} --genome {bad} --dna-len 128",
     ];
     let cases = |bad: &str| -> Vec<Vec<String>> {
@@ -315,6 +316,7 @@ fn inputs_that_are_not_regular_files_are_refused_without_blocking() {
                             ("{gtex}", s(&gtex)),
                             ("{seqs}", s(&seqs)),
                             ("{out}", s(&out)),
+                            ("{tsv}", s(&tsv)),
                             ("{bad}", bad.to_string()),
                         ]
                         .iter()
@@ -368,7 +370,7 @@ fn inputs_that_are_not_regular_files_are_refused_without_blocking() {
             assert!(!status.success() && named, "{args:?}: {err}");
         }
     }
-    assert!(!out.exists());
+    assert!(!out.exists() && !tsv.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -88,6 +88,18 @@ pub fn run(a: EmbedArgs) -> Result<()> {
             ),
         ));
     }
+    // The output is checked (not an input, not a device or a link, its folder writable) before any work.
+    let (config_path, weights_path) =
+        crate::embed::resolve_weights(&a.weights, a.config.as_deref())?;
+    let mut inputs = vec![
+        a.input.as_path(),
+        config_path.as_path(),
+        weights_path.as_path(),
+    ];
+    if let Some(g) = &a.tf_gammas {
+        inputs.push(g.as_path());
+    }
+    crate::runtime::output::check_writable_target(&a.output, &inputs)?;
     // The file is safetensors whatever its name: a `.npy` or `.pt` name would promise a format it is not.
     if !a
         .output
@@ -103,18 +115,6 @@ pub fn run(a: EmbedArgs) -> Result<()> {
             ),
         ));
     }
-    // The output is checked (not an input, not a device or a link, its folder writable) before any work.
-    let (config_path, weights_path) =
-        crate::embed::resolve_weights(&a.weights, a.config.as_deref())?;
-    let mut inputs = vec![
-        a.input.as_path(),
-        config_path.as_path(),
-        weights_path.as_path(),
-    ];
-    if let Some(g) = &a.tf_gammas {
-        inputs.push(g.as_path());
-    }
-    crate::runtime::output::check_writable_target(&a.output, &inputs)?;
     let seqs = read_sequences(&a.input)?;
     {
         let all: Vec<&str> = seqs.iter().map(|s| s.seq.as_str()).collect();
