@@ -175,12 +175,18 @@ impl LoadedTensors {
     }
 }
 
-/// The string metadata of a safetensors file, from its header alone (the file is mapped, not read: its
-/// tensors are not touched).
-pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
+/// A read-only map of a safetensors file (a regular file: see `open_regular`). Mapped rather than read,
+/// so the header is checked before any tensor is touched: a file of the wrong shape, such as a sparse
+/// multi-terabyte one, is refused without reading it.
+fn map_file(path: &Path) -> Result<memmap2::Mmap> {
     let file = super::input::open_regular(path)?;
     // SAFETY: a read-only map of a file that is not modified while we run.
-    let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))
+}
+
+/// The string metadata of a safetensors file, from its header alone (its tensors are not touched).
+pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    let bytes = map_file(path)?;
     let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| Error::Parse {
         path: path.to_path_buf(),
         line: None,
@@ -191,11 +197,7 @@ pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
 
 /// Reads every f32 tensor of a safetensors file.
 pub fn load_f32(path: &Path) -> Result<LoadedTensors> {
-    let file = super::input::open_regular(path)?;
-    // SAFETY: a read-only map of a file that is not modified while we run. Mapped rather than read, the
-    // header is checked (every byte covered by a tensor) before any tensor is read: a file of the wrong
-    // shape, such as a sparse multi-terabyte one, is refused without reading it.
-    let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let bytes = map_file(path)?;
     let bad = |msg: String| Error::Parse {
         path: path.to_path_buf(),
         line: None,

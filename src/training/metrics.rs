@@ -92,10 +92,12 @@ pub fn evaluate(pred: &[f32], truth: &[f32], tissues: &[String], loss: f64) -> S
     for (j, name) in tissues.iter().enumerate() {
         let (p, y) = (col(pred, j), col(truth, j));
         let defined = varies(&y);
-        let value = |f: &dyn Fn() -> f64| defined.then(f);
-        r2s.push((name.clone(), value(&|| r2(&p, &y))));
-        pearsons.push((name.clone(), value(&|| pearson(&p, &y))));
-        spearmans.push((name.clone(), value(&|| pearson(&ranks(&p), &ranks(&y)))));
+        r2s.push((name.clone(), defined.then(|| r2(&p, &y))));
+        pearsons.push((name.clone(), defined.then(|| pearson(&p, &y))));
+        spearmans.push((
+            name.clone(),
+            defined.then(|| pearson(&ranks(&p), &ranks(&y))),
+        ));
     }
     SplitMetrics {
         loss,

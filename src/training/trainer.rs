@@ -287,7 +287,7 @@ pub fn evaluate_split<B: Backend>(
 /// The way out of a run whose numbers stopped being finite.
 const DIVERGED: &str =
     ", so the weights have diverged: lower train.lr or train.encoder_lr, or keep \
-                        train.max_grad_norm small";
+     train.max_grad_norm small";
 
 /// Runs a training job; writes `last.safetensors`, `best.safetensors`, `metrics.json` and `config.json` into
 /// the output directory.
