@@ -37,7 +37,9 @@ use std::arch::x86_64::*;
 
 use super::{AttentionDims, AttentionInputs};
 use crate::ops::amx::{block_32x32, ATiles, Init, Tiles, BLOCK, TILE_K, TILE_ROWS};
-use crate::ops::simd::{bf16_bits, exp2_16, prefetch_row, transpose16x16, ROWS_AHEAD};
+use crate::ops::simd::{
+    bf16_bits, exp2_16, exp2_16_bf16_precision, prefetch_row, transpose16x16, ROWS_AHEAD,
+};
 
 /// Keys per chunk of the online softmax on the tiles, at most. A chunk's scores (128 KiB) and
 /// probabilities (64 KiB) stay in L2; long chunks keep the tiles' stores and loads far from the vector
@@ -590,9 +592,11 @@ impl Running {
                 // 2^(−∞) = 0 on the first chunk, where nothing has accumulated yet.
                 alpha[v] = exp2_16(_mm512_sub_ps(self.max[v], m[v]));
             }
+            // The probabilities go to the products rounded to bf16, so their exponential needs only
+            // bf16's precision (the rescaling factors above keep the full one: they multiply f32 sums).
             let exp = |j: usize, v: usize| {
                 if j < len {
-                    exp2_16(_mm512_fmsub_ps(at(j, v), vc, m[v]))
+                    exp2_16_bf16_precision(_mm512_fmsub_ps(at(j, v), vc, m[v]))
                 } else {
                     _mm512_setzero_ps()
                 }
