@@ -1227,6 +1227,18 @@ mod tests {
     /// value widths differ; query blocks are ragged; one batch entry has no visible key.
     #[test]
     fn bf16_products_match_f64_on_the_rounded_operands() {
+        bf16_products_match_f64(false);
+    }
+
+    /// The same on the `vdpbf16ps` vector products, which CPUs without AMX run: forced here, so that a
+    /// machine with AMX checks both paths (they share the keys, queries, probabilities and softmax).
+    #[test]
+    fn bf16_vector_products_match_f64_on_the_rounded_operands() {
+        bf16_products_match_f64(true);
+    }
+
+    fn bf16_products_match_f64(vector_products_only: bool) {
+        bf16::VECTOR_PRODUCTS_ONLY.with(|only| only.set(vector_products_only));
         let dims = |b, h, lq, lk, dk, dv, scale: Option<f32>| AttentionDims {
             v_head_dim: dv,
             scale: scale.unwrap_or((dk as f32).powf(-0.5)),

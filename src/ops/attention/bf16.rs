@@ -65,8 +65,23 @@ pub(super) fn plan(inp: &AttentionInputs<'_>, d: &AttentionDims) -> Option<Layou
         && d.scale.is_finite()
         && d.scale > 0.0
         && crate::ops::gemm_bf16::has_native_bf16();
-    runs.then(|| Layout::of(d, crate::ops::amx::available()))
-        .flatten()
+    runs.then(|| Layout::of(d, tiles_available())).flatten()
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Set by tests to run the vector products on a CPU with AMX too, so that one machine checks both.
+    pub(super) static VECTOR_PRODUCTS_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the products run on AMX tiles: where the CPU has them (and a test has not asked for the vector
+/// products on this thread).
+fn tiles_available() -> bool {
+    #[cfg(test)]
+    if VECTOR_PRODUCTS_ONLY.with(|only| only.get()) {
+        return false;
+    }
+    crate::ops::amx::available()
 }
 
 /// `x` rounded up to a multiple of 32 (the tiles' k step and block width).
