@@ -21,6 +21,19 @@ fn engine(args: &[&str]) -> String {
     engine_out(args).0
 }
 
+/// Runs a command that must fail with an error naming every one of `needles`.
+fn engine_fails(args: &[&str], needles: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_isoformer-engine"))
+        .args(args)
+        .output()
+        .expect("runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && needles.iter().all(|n| err.contains(n)),
+        "{args:?}: {err}"
+    );
+}
+
 fn tensors(p: &Path) -> Vec<(String, Vec<f32>)> {
     let mut v: Vec<(String, Vec<f32>)> = load_f32(p)
         .unwrap()
@@ -204,28 +217,32 @@ fn train_resume_is_bit_identical_and_checkpoints_serve_eval_and_predict() {
             std::fs::copy(&path, swapped.join(name)).unwrap();
         }
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_isoformer-engine"))
-        .args(["eval", "--checkpoint", ck.to_str().unwrap(), "--data"])
-        .arg(&swapped)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success()
-            && err.contains("the same tissues in another order")
-            && err.contains("column 1 is 'Adrenal Gland'"),
-        "{err}"
+    let checkpoint = ck.to_str().unwrap();
+    engine_fails(
+        &[
+            "eval",
+            "--checkpoint",
+            checkpoint,
+            "--data",
+            swapped.to_str().unwrap(),
+        ],
+        &[
+            "the same tissues in another order",
+            "column 1 is 'Adrenal Gland'",
+        ],
     );
     // An engine checkpoint carries its config: another beside it is an error, not silently ignored.
-    let out = Command::new(env!("CARGO_BIN_EXE_isoformer-engine"))
-        .args(["eval", "--checkpoint", ck.to_str().unwrap(), "--data", d])
-        .args(["--config", "isoformer"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("carries its own config"),
-        "{err}"
+    engine_fails(
+        &[
+            "eval",
+            "--checkpoint",
+            checkpoint,
+            "--data",
+            d,
+            "--config",
+            "isoformer",
+        ],
+        &["carries its own config"],
     );
     let predict = |name: &str, dtype: &str| -> String {
         let out = dir.join(name);
@@ -295,15 +312,9 @@ fn train_resume_is_bit_identical_and_checkpoints_serve_eval_and_predict() {
             dir.join(out).to_str().unwrap().into(),
         ]
     };
-    let out = Command::new(env!("CARGO_BIN_EXE_isoformer-engine"))
-        .args(args("stopped.tsv"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("--skip-bad-rows"),
-        "{err}"
-    );
+    let stopped = args("stopped.tsv");
+    let stopped: Vec<&str> = stopped.iter().map(String::as_str).collect();
+    engine_fails(&stopped, &["--skip-bad-rows"]);
     let mut skip = args("skipped.tsv");
     skip.push("--skip-bad-rows".into());
     let skip: Vec<&str> = skip.iter().map(String::as_str).collect();
@@ -413,23 +424,19 @@ fn a_diverging_run_stops_naming_the_step() {
     config["train"]["warmup_steps"] = serde_json::json!(0);
     let path = dir.join("diverge.json");
     std::fs::write(&path, config.to_string()).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_isoformer-engine"))
-        .args(["train", "--config", path.to_str().unwrap(), "--data"])
-        .arg(&data)
-        .args([
+    engine_fails(
+        &[
+            "train",
+            "--config",
+            path.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
             "--out",
             dir.join("run").to_str().unwrap(),
             "--max-steps",
             "20",
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success()
-            && err.contains("invalid training: step ")
-            && err.contains("diverged"),
-        "{err}"
+        ],
+        &["invalid training: step ", "diverged"],
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
