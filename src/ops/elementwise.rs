@@ -404,11 +404,52 @@ impl Activation for Softplus {
     }
 }
 
-/// `silu(gate) · value`, the one formula of SwiGLU's forward: [`swiglu`] and the bf16 GEMM's SwiGLU
-/// output ([`super::gemm_bf16::GemmOut::SwiGlu`]) give the same bits.
+/// `silu(gate) · value` where the CPU lacks AVX-512 ([`swiglu_f32`]).
 #[inline(always)]
-pub(crate) fn swiglu_value(gate: f32, value: f32) -> f32 {
+fn swiglu_value(gate: f32, value: f32) -> f32 {
     gate * sigmoid(gate) * value
+}
+
+/// `out[j] = silu(gate[j]) · value[j]` in f32: with AVX-512F and FMA, 16 lanes at a time by
+/// [`super::simd::swiglu_16`], which the bf16 GEMM's SwiGLU output ([`super::gemm_bf16::GemmOut::SwiGlu`])
+/// computes with too, so that the fused and the two-step forms give the same bits; else by
+/// [`swiglu_value`] (the fused form needs AVX-512).
+fn swiglu_f32(out: &mut [f32], gate: &[f32], value: &[f32]) {
+    debug_assert!(gate.len() >= out.len() && value.len() >= out.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the features were detected on this CPU; gate and value hold out.len() values.
+        unsafe { swiglu_f32_avx512(out, gate, value) };
+        return;
+    }
+    dispatch(
+        #[inline(always)]
+        || {
+            for ((o, &g), &v) in out.iter_mut().zip(gate).zip(value) {
+                *o = swiglu_value(g, v);
+            }
+        },
+    );
+}
+
+/// [`swiglu_f32`]'s AVX-512 body: masked loads and stores for the last `out.len() % 16` values.
+///
+/// # Safety
+/// AVX-512F and FMA; `gate` and `value` hold at least `out.len()` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn swiglu_f32_avx512(out: &mut [f32], gate: &[f32], value: &[f32]) {
+    use std::arch::x86_64::*;
+    for j in (0..out.len()).step_by(16) {
+        let lanes = (out.len() - j).min(16);
+        let mask = ((1u32 << lanes) - 1) as __mmask16;
+        // SAFETY: the mask selects lanes j..j + lanes, inside all three slices (caller's contract).
+        unsafe {
+            let g = _mm512_maskz_loadu_ps(mask, gate.as_ptr().add(j));
+            let v = _mm512_maskz_loadu_ps(mask, value.as_ptr().add(j));
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(j), mask, super::simd::swiglu_16(g, v));
+        }
+    }
 }
 
 /// SwiGLU on rows of `[gate | value]`: `u` is `[rows, 2·width]`, `out[r, j] = silu(u[r, j]) · u[r, width + j]`,
@@ -428,14 +469,9 @@ pub fn swiglu<O: OutElem>(out: &mut [O], u: &[f32], width: usize) -> Result<()> 
         .zip(u.par_chunks(2 * width))
         .for_each(|(o, u)| {
             let (gate, value) = u.split_at(width);
-            dispatch(
-                #[inline(always)]
-                || {
-                    for ((o, &g), &v) in o.iter_mut().zip(gate).zip(value) {
-                        *o = O::from_f32(swiglu_value(g, v));
-                    }
-                },
-            );
+            O::fill(o, |values, at| {
+                swiglu_f32(values, &gate[at..], &value[at..])
+            });
         });
     Ok(())
 }
@@ -640,6 +676,53 @@ mod tests {
         let mut du = vec![0.0; u.len()];
         swiglu_backward(&mut du, &dout, &u, width).unwrap();
         check_gradients("swiglu", &[&u], &[Some(&du)], &dout, naive, 1e-4);
+    }
+
+    /// The forward against f64 on rows wide enough for whole vectors and a ragged tail (the AVX-512 path
+    /// where the CPU has it), gates over the whole range where σ moves, and the edges: where `e^(−g)`
+    /// leaves f32's range σ is 0 (a result of 0 of the right sign), NaN and `−∞` give NaN, `+∞` gives
+    /// `+∞·v`; bf16 output is the f32 output rounded.
+    #[test]
+    fn swiglu_forward_matches_f64_on_wide_rows_and_at_the_edges() {
+        let mut r = rng(19);
+        let edges = [
+            -1e4, -100.0, -88.0, -87.5, -87.0, -80.0, -20.0, -1e-3, -0.0, 0.0, 1e-3, 20.0, 88.0,
+            100.0,
+        ];
+        for width in [1, 16, 45, 100] {
+            let rows = 3;
+            let mut u = uniform(&mut r, rows * 2 * width, -12.0, 12.0);
+            for (j, e) in edges.iter().enumerate().filter(|(j, _)| *j < width) {
+                u[j] = *e;
+            }
+            let mut out = vec![f32::NAN; rows * width];
+            swiglu(&mut out, &u, width).unwrap();
+            for (i, &got) in out.iter().enumerate() {
+                let (row, j) = (i / width, i % width);
+                let (g, v) = (
+                    u[row * 2 * width + j] as f64,
+                    u[row * 2 * width + width + j] as f64,
+                );
+                let want = g * sig(g) * v;
+                let what = format!("width {width}: swiglu({g}, {v}) = {got}, want {want:e}");
+                if want.abs() < 1e-30 {
+                    assert!(got.abs() < 1e-30, "{what}");
+                } else {
+                    assert!(((got as f64 - want) / want).abs() <= 1e-6, "{what}");
+                }
+            }
+            let mut rounded = vec![half::bf16::ZERO; out.len()];
+            swiglu(&mut rounded, &u, width).unwrap();
+            for (o, x) in rounded.iter().zip(&out) {
+                assert_eq!(o.to_bits(), half::bf16::from_f32(*x).to_bits());
+            }
+        }
+        let specials = [f32::NAN, f32::NEG_INFINITY, f32::INFINITY];
+        let u: Vec<f32> = specials.iter().chain(&[2.0, 2.0, 2.0]).copied().collect();
+        let mut out = vec![0.0; 3];
+        swiglu(&mut out, &u, 3).unwrap();
+        assert!(out[0].is_nan() && out[1].is_nan(), "{out:?}");
+        assert_eq!(out[2], f32::INFINITY);
     }
 
     /// The fused pass gives the activation op's bits on the biased values, and with `pre` leaves exactly

@@ -48,10 +48,10 @@ pub enum GemmOut<'a> {
     },
     /// bf16 SwiGLU of a product whose `n` columns are a gate half and a value half: `c` is `m × n/2`,
     /// `c[i, j] = round(swiglu(g, v))` with `g = (A·B)[i, j]` and `v = (A·B)[i, n/2 + j]`
-    /// ([`crate::ops::elementwise::swiglu_value`], the same bits as [`crate::ops::elementwise::swiglu`]
-    /// of the f32 product). The product itself is never stored: each task's block of it stays in the
-    /// task's scratch, which saves a SwiGLU feed-forward's widest activation (NT-v2: `[rows, 6,144]` f32)
-    /// a write and a read.
+    /// (computed by [`crate::ops::simd::swiglu_16`] and rounded as the elementwise op rounds, so the same
+    /// bits as [`crate::ops::elementwise::swiglu`] of the f32 product). The product itself is never
+    /// stored: each task's block of it stays in the task's scratch, which saves a SwiGLU feed-forward's
+    /// widest activation (NT-v2: `[rows, 6,144]` f32) a write and a read.
     SwiGlu { c: &'a mut [bf16] },
     /// bf16, `c = round(act(A·B + bias))`, with `act` an activation's vector body (`out[i] = f(x[i])`
     /// over f32 values: [`crate::ops::elementwise::Activation::f_chunk`]), so the bits are those of the f32
@@ -174,6 +174,7 @@ pub fn has_native_bf16() -> bool {
             && std::is_x86_feature_detected!("avx512vl")
             && std::is_x86_feature_detected!("avx512dq")
             && std::is_x86_feature_detected!("avx512bf16")
+            && std::is_x86_feature_detected!("fma")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -249,6 +249,32 @@ pub(crate) unsafe fn exp2_16xn<const N: usize>(
     unsafe { exp2_16xn_polynomial(t, &TAYLOR_6) }
 }
 
+/// SwiGLU's `silu(g)·v = g·σ(g)·v` on 16 lanes, `σ(g) = 1 / (1 + 2^(−g·log₂e))`: the exponential by
+/// [`exp2_16`] and the reciprocal by `vrcp14ps` with one Newton step (about 2⁻²⁸ relative) rather than a
+/// division, which a 512-bit `vdivps` issues once per 10 or more cycles; about 20 vector ops in all, where
+/// the scalar formula vectorised to 45 and the division (NT-v2's FFN). Within 5e-7 relative of exact. `σ`
+/// is 0 where `2^(−g·log₂e)` would pass 2¹²⁶ (`g < −87.3`, where it is below f32's normal range), so
+/// that `g = −∞` gives NaN as `−∞·0`, NaN stays NaN, and `g = +∞` gives `+∞·v`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+pub(crate) unsafe fn swiglu_16(
+    g: std::arch::x86_64::__m512,
+    v: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let s = _mm512_set1_ps;
+    let t = _mm512_mul_ps(g, s(-std::f32::consts::LOG2_E));
+    // A NaN gate's lane is NaN through `g` in the product below, whatever σ is.
+    // SAFETY: this function's features.
+    let e = unsafe { exp2_16(_mm512_min_ps(t, s(126.0))) };
+    let d = _mm512_add_ps(e, s(1.0));
+    let r0 = _mm512_rcp14_ps(d);
+    let r = _mm512_fmadd_ps(r0, _mm512_fnmadd_ps(d, r0, s(1.0)), r0);
+    let sigma = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_LE_OQ>(t, s(126.0)), r);
+    _mm512_mul_ps(_mm512_mul_ps(g, sigma), v)
+}
+
 /// `2ᵗ` on 16 lanes to 2.9e-6 relative, for values that are rounded to bf16 next (whose half-ulp is 2⁻⁹ ≈
 /// 2e-3): the bf16 attention's probabilities. As [`exp2_16`], with a degree-4 polynomial for `2ᶠ` on
 /// `|f| ≤ ½` (coefficients fitted for the least maximum relative error, 2.84e-6, with `p(0) = 1`) in place

@@ -301,26 +301,9 @@ impl<'a> Output<'a> {
     ) {
         let round = |v: f32| bf16::from_bits(crate::ops::simd::bf16_bits(v));
         if self.glu {
-            for r in 0..rows {
-                let src = &src[r * ld..r * ld + cols];
-                // Each 2·NR computed columns: a strip of gates, then the same strip of values.
-                for (g, strips) in src.chunks_exact(2 * NR).enumerate() {
-                    let j0 = c0 / 2 + g * NR;
-                    let width = NR.min(self.n - j0);
-                    let (gates, values) = strips.split_at(NR);
-                    // SAFETY: (caller) the block is inside the output and this task's alone: strip
-                    // `c0/NR + 2g` is a gate strip of the output's columns j0.. (j0 < n).
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            self.bf16s.add((r0 + r) * self.n + j0),
-                            width,
-                        )
-                    };
-                    for ((o, &gate), &value) in dst.iter_mut().zip(gates).zip(values) {
-                        *o = round(crate::ops::elementwise::swiglu_value(gate, value));
-                    }
-                }
-            }
+            // SAFETY: (caller) as this function's; FMA comes with the native kernels' features
+            // ([`super::super::gemm_bf16::has_native_bf16`]).
+            unsafe { self.write_swiglu_block(src, ld, (r0, c0), (rows, cols)) };
             return;
         }
         if let Some(act) = self.act {
@@ -381,6 +364,47 @@ impl<'a> Output<'a> {
                             .zip(src.iter().zip(&bias[c0..c0 + cols]))
                             .for_each(|(o, (v, b))| *o = round(v + b)),
                         None => dst.iter_mut().zip(src).for_each(|(o, v)| *o = round(*v)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`Self::write_block`] for SwiGLU: each 2·NR computed columns are a strip of gates, then the same
+    /// strip of values, and the output's columns `c0/2..` take `round(silu(gate)·value)`, 16 at a time by
+    /// [`crate::ops::simd::swiglu_16`] and rounded as [`crate::ops::simd::bf16_bits`] rounds: the bits of
+    /// [`crate::ops::elementwise::swiglu`] on the same CPU. One pass with no calls per strip (a call per
+    /// 32 values through the elementwise op kept its latency chains from overlapping).
+    ///
+    /// # Safety
+    /// As [`Self::write_block`], with FMA too.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
+    unsafe fn write_swiglu_block(
+        &self,
+        src: &[f32],
+        ld: usize,
+        (r0, c0): (usize, usize),
+        (rows, cols): (usize, usize),
+    ) {
+        use std::arch::x86_64::*;
+        for r in 0..rows {
+            let src = &src[r * ld..r * ld + cols];
+            for (g, strips) in src.chunks_exact(2 * NR).enumerate() {
+                let j0 = c0 / 2 + g * NR;
+                let (gates, values) = strips.split_at(NR);
+                for v in (0..NR).step_by(16) {
+                    let lanes = self.n.saturating_sub(j0 + v).min(16);
+                    let mask = ((1u32 << lanes) - 1) as __mmask16;
+                    // SAFETY: 16 values at v < NR of each strip; (caller) the block is inside the
+                    // output and this task's alone: the mask writes columns j0 + v.. < n of row r0 + r.
+                    unsafe {
+                        let gate = _mm512_loadu_ps(gates.as_ptr().add(v));
+                        let value = _mm512_loadu_ps(values.as_ptr().add(v));
+                        let words = crate::ops::simd::bf16_bits_16(crate::ops::simd::swiglu_16(
+                            gate, value,
+                        ));
+                        let at = self.bf16s.add((r0 + r) * self.n + j0 + v);
+                        _mm256_mask_storeu_epi16(at.cast(), mask, words);
                     }
                 }
             }
