@@ -3,7 +3,7 @@
 //! ESM-2).
 //!
 //! Layout: [`runtime`] (dtypes, tensors, planned memory), [`device`], [`ops`] (CPU forward and backward
-//! of every op), [`training`] (optimiser), [`bench`] (measurements shared by the CLI and criterion).
+//! of every op), [`training`] (optimiser), [`bench`](mod@bench) (measurements shared by the CLI and criterion).
 
 pub mod backend;
 pub mod bench;

@@ -1,5 +1,5 @@
 //! The kernel-device backend: one implementation of [`Backend`] for every [`KernelDevice`] (the host
-//! emulator and CUDA), over the launchers in [`crate::gpu::ops`]. Activations are bf16; statistics, the
+//! emulator and CUDA), over the launchers in `gpu::ops`. Activations are bf16; statistics, the
 //! log-sum-exp, parameter gradients, master weights and optimiser state are f32.
 //!
 //! Fusions live here, inside the ops: the linear bias rides in the GEMM epilogue (cuBLASLt), residual add

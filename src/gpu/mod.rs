@@ -2,7 +2,7 @@
 //! emulator ([`emulator::EmuDevice`]), which executes the very same sources on the CPU.
 //!
 //! Both devices implement [`KernelDevice`]: memory, copies, and launching a kernel by name with an argument
-//! array, as `cuLaunchKernel` does. The launch code in [`ops`] (grid sizes, arguments, checks) is written once
+//! array, as `cuLaunchKernel` does. The launch code in `ops` (grid sizes, arguments, checks) is written once
 //! against that trait.
 
 pub mod cuda;
@@ -84,7 +84,7 @@ pub trait KernelDevice {
     /// # Safety
     /// The arguments must match the kernel's parameters, and every pointer must address live memory of
     /// this device large enough for what the kernel reads and writes with those arguments. The launchers
-    /// in [`ops`] check this; nothing else should call it.
+    /// in `ops` check this; nothing else should call it.
     unsafe fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()>;
     fn synchronize(&self) -> Result<()>;
     /// A linear layer's forward with a fused epilogue: `y[rows, out] = x[rows, in]·Wᵀ + bias` (ReLU after it

@@ -98,7 +98,7 @@ pub fn conv1d_bf16_scratch_len(d: &Conv1dDims) -> Result<usize> {
 /// end. Output row `l` then reads the `width·c_in` contiguous values from padded row `l` on: the im2col
 /// row in tap-major order, so the rows of the im2col matrix overlap in the copy and the kernel reads them
 /// in place, with no im2col buffer and no packing. The weight is reordered to the same tap-major order
-/// ([`tap_major`]). Against a GEMM per tap, this packs the input once rather than `width` times, writes
+/// (`tap_major`). Against a GEMM per tap, this packs the input once rather than `width` times, writes
 /// the output once rather than accumulating into it `width` times, and packs the weight from contiguous
 /// columns rather than gathering it with two strides: 5.0% of a bf16 Enformer forward for packing the
 /// input and 4.3% for the weight, on Zen 5.

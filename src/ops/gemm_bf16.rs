@@ -4,9 +4,9 @@
 //! ([`GemmOut::Activated`]) on its way out.
 //!
 //! Three kernels, chosen per call by [`Bf16Kernel::for_shape`]:
-//! - **AMX** ([`amx`], Sapphire Rapids and later, where Linux grants the tile state): `tdpbf16ps` on
+//! - **AMX** (`amx`, Sapphire Rapids and later, where Linux grants the tile state): `tdpbf16ps` on
 //!   16×16 f32 tiles, 16 times the work of an AVX-512 instruction; for products of at least 32 rows;
-//! - **AVX512-BF16** ([`avx512`]): `vdpbf16ps`, which multiplies two adjacent bf16 pairs per 32-bit lane
+//! - **AVX512-BF16** (`avx512`): `vdpbf16ps`, which multiplies two adjacent bf16 pairs per 32-bit lane
 //!   and adds both products into an f32 lane, twice the multiply-adds of an f32 FMA, on a 12×32 register
 //!   tile;
 //! - **portable**: everywhere else (AVX-512F alone, AVX2, other CPUs) the operands are widened to f32
@@ -14,7 +14,7 @@
 //!
 //! Both native kernels pack B once per call in 32-column strips of k pairs (`(b[2p][j], b[2p+1][j])` side
 //! by side, the layout both instructions read) and A in strips of rows, into cache-line-aligned buffers
-//! ([`shared`]); odd `k` and ragged edges are padded with zeros. Work is split over blocks of C; partial
+//! (`shared`); odd `k` and ragged edges are padded with zeros. Work is split over blocks of C; partial
 //! sums across k-blocks live in an f32 scratch block per task, so a bf16 output is rounded exactly once,
 //! except that an f32 output's whole blocks are written in place where one k-block covers k. Each
 //! element's summation order is fixed, so results do not depend on the thread count.
@@ -48,7 +48,7 @@ pub enum GemmOut<'a> {
     },
     /// bf16 SwiGLU of a product whose `n` columns are a gate half and a value half: `c` is `m × n/2`,
     /// `c[i, j] = round(swiglu(g, v))` with `g = (A·B)[i, j]` and `v = (A·B)[i, n/2 + j]`
-    /// (computed by [`crate::ops::simd::swiglu_16`] and rounded as the elementwise op rounds, so the same
+    /// (computed by `ops::simd::swiglu_16` and rounded as the elementwise op rounds, so the same
     /// bits as [`crate::ops::elementwise::swiglu`] of the f32 product). The product itself is never
     /// stored: each task's block of it stays in the task's scratch, which saves a SwiGLU feed-forward's
     /// widest activation (NT-v2: `[rows, 6,144]` f32) a write and a read.

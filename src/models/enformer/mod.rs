@@ -9,7 +9,7 @@
 //! ConvBlock = BatchNorm (running statistics, or the batch's in training) → GELUσ → conv (‘same’ padding)
 //! ```
 //!
-//! Written once over the [`crate::backend::Backend`] trait ([`forward`], [`backward`]): the same code runs
+//! Written once over the [`crate::backend::Backend`] trait (`forward`, `backward`): the same code runs
 //! on the CPU reference and on the kernel devices. Parameter names are spelled only in
 //! [`EnformerTrunk::new`]; the positional features are in [`positional`].
 //!
