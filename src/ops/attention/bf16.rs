@@ -325,8 +325,8 @@ pub(super) unsafe fn forward_head(
             let known = layout.tiles.then_some(tile_max);
             let alpha = unsafe { state.chunk(&scores[..len * BLOCK], len_pad, probs, c2, known) };
             if j0 > 0 {
-                // SAFETY: as above; `acc` is `dv_pad` rows of 32 lanes.
-                unsafe { rescale(acc, alpha) };
+                // SAFETY: as above; `acc` is `dv_pad ≥ dv` rows of 32 lanes.
+                unsafe { rescale(&mut acc[..dv * BLOCK], alpha) };
             }
             if !layout.tiles {
                 // SAFETY: (plan) AVX512-BF16 is present; the probabilities hold `len_pad / 2 ≥ ⌈len/2⌉`
@@ -378,8 +378,8 @@ pub(super) unsafe fn forward_head(
         }
         let (max, sum) = state.lanes();
         // Oᵀ's lanes are the rows: divide them by their sums, then turn 16×16 blocks of it into rows.
-        // SAFETY: `acc` is `dv_pad` rows of 32 lanes.
-        unsafe { rescale(acc, state.inverse_sums()) };
+        // SAFETY: `acc` is `dv_pad ≥ dv` rows of 32 lanes.
+        unsafe { rescale(&mut acc[..dv * BLOCK], state.inverse_sums()) };
         let mut block = [0.0f32; LANES * LANES];
         for r0 in (0..rows).step_by(LANES) {
             for c0 in (0..dv).step_by(LANES) {
@@ -686,7 +686,10 @@ fn keys_max(s: &[f32], mut m: [__m512; 2]) -> [__m512; 2] {
     m
 }
 
-/// `acc[c][row] *= alpha[row]` for every value dim `c` of a `[dv_pad, 32]` output.
+/// `acc[c][row] *= alpha[row]` for every value dim `c` of a `[dims, 32]` output: the dv dims the products
+/// write, not the padding past them, which the tiles' half block (head dim 48) and the vector products
+/// leave as the workspace held it (old values, possibly subnormal, which would cost assists here) and
+/// which no output reads.
 ///
 /// # Safety
 /// AVX-512F.
