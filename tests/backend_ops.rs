@@ -119,6 +119,12 @@ enum Op {
         lens: Option<Vec<usize>>,
         bias: Option<bool>,
     },
+    /// Self-attention of rotary-embedded queries and keys (no bias): the rotated copies are a scratch of
+    /// the run, which a fused backend leaves unwritten, rather than compared outputs.
+    RotaryAttention {
+        dims: AttentionDims,
+        lens: Vec<usize>,
+    },
     Mse {
         n: usize,
     },
@@ -501,6 +507,32 @@ fn case(name: impl Into<String>, op: Op, seed: u64) -> Case {
                 (ins, outs, 1.0 / 256.0)
             }
         }
+        Op::RotaryAttention { dims: d, lens } => {
+            let table =
+                isoformer_engine::ops::rotary::RotaryTable::new(d.q_len + 3, d.head_dim, 1e4)
+                    .unwrap();
+            let (qn, kn, vn, on) = (
+                d.batch * d.q_len * d.heads * d.head_dim,
+                d.batch * d.kv_len * d.heads * d.head_dim,
+                d.batch * d.kv_len * d.heads * d.v_head_dim,
+                d.batch * d.q_len * d.heads * d.v_head_dim,
+            );
+            let tables = [table.cos(), table.sin()].map(|t| Input {
+                role: E,
+                data: t.to_vec(),
+            });
+            let [cos, sin] = tables;
+            let ins = vec![
+                g.act(qn),
+                g.act(kn),
+                g.act(vn),
+                cos,
+                sin,
+                g.index(lens.clone()),
+            ];
+            let lse_n = d.batch * d.heads * d.q_len;
+            (ins, vec![g.out("out", A, on), g.out("lse", E, lse_n)], 1e-4)
+        }
         Op::Mse { n } => (vec![g.act(*n), g.exact(*n, -2.0, 2.0)], vec![], 1e-5),
         Op::MseBackward { n } => (
             vec![g.act(*n), g.exact(*n, -2.0, 2.0)],
@@ -859,6 +891,16 @@ fn run<B: Backend>(b: &B, c: &Case, fwd: Option<&Run>) -> Run {
                     dq, dk, dv, dbias, dout, out, lse, i[0], i[1], i[2], kv, bias_v, dims,
                 )
             }
+            Op::RotaryAttention { dims, .. } => {
+                let rotated = || {
+                    Tensor::<B>::new(b, A, dims.batch * dims.q_len * dims.heads * dims.head_dim)
+                        .unwrap()
+                };
+                let (mut q_rot, mut k_rot) = (rotated(), rotated());
+                let scratch = (q_rot.view_mut(), k_rot.view_mut());
+                let (q, k, v, tables) = (i[0], i[1], i[2], (i[3], i[4]));
+                b.rotary_attention(next(), next(), scratch, q, k, v, tables, Some(i[5]), dims)
+            }
             Op::Mse { .. } => b.mse(i[0], i[1]).map(|l| scalars.push(l)),
             Op::MseBackward { .. } => b.mse_backward(next(), i[0], i[1], 0.75),
             Op::SumSquares { .. } => b.sum_squares(i[0]).map(|s| scalars.push(s)),
@@ -1199,6 +1241,18 @@ fn cases() -> Vec<Case> {
             None,
         ),
     ];
+    // Rotary self-attention: ESM-2 35M's head dim with padding and a fully masked entry, NT-v2's 64 with
+    // keys past one chunk of the bf16 products' online softmax.
+    for (name, dims, lens) in [
+        ("hd 24 padded", attn(3, 2, 37, 37, 24, 24), vec![37, 20, 0]),
+        ("hd 48", attn(2, 2, 45, 45, 48, 48), vec![45, 31]),
+        ("hd 64 long", attn(1, 2, 1030, 1030, 64, 64), vec![1030]),
+    ] {
+        add(
+            format!("rotary_attention {name}"),
+            Op::RotaryAttention { dims, lens },
+        );
+    }
     for (name, dims, lens, bias) in attention_cases {
         add(
             format!("attention {name}"),
@@ -1376,7 +1430,8 @@ fn check_backend<B: Backend>(b: &B) -> usize {
         // With bf16 weights, attention's products take bf16 operands (the probabilities are rounded):
         // its outputs are held to the bf16 criterion.
         let bf16_weights = b.weight_dtype() == isoformer_engine::DType::BF16;
-        let bf16_products = bf16_weights && matches!(c.op, Op::Attention { .. });
+        let bf16_products =
+            bf16_weights && matches!(c.op, Op::Attention { .. } | Op::RotaryAttention { .. });
         let ratio = compare(
             c,
             &b.name(),

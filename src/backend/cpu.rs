@@ -13,7 +13,7 @@ use super::{
 };
 use crate::error::{check_len, checked_product};
 use crate::ops;
-use crate::ops::attention::{AttentionBias, AttentionInputs};
+use crate::ops::attention::{AttentionBias, AttentionInputs, AttentionRope};
 use crate::ops::elementwise::{GeluErf, GeluSigmoid, Relu, Softplus};
 use crate::runtime::{ArenaPlan, DType};
 use crate::{Error, Result};
@@ -413,6 +413,75 @@ impl CpuBackend {
             DType::F32 => Some(Lhs::F32(exact(op, "x", x)?)),
             _ => None,
         })
+    }
+
+    /// The attention forward of both [`Backend::attention`] and [`Backend::rotary_attention`] (where
+    /// `rope` holds the cos and sin tables, the bf16 products apply them).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward(
+        &self,
+        out: ViewMut<'_, Self>,
+        lse: ViewMut<'_, Self>,
+        [q, k, v]: [View<'_, Self>; 3],
+        kv_lens: Option<View<'_, Self>>,
+        bias: Option<(View<'_, Self>, bool)>,
+        rope: Option<(View<'_, Self>, View<'_, Self>)>,
+        dims: &AttentionDims,
+    ) -> Result<()> {
+        const OP: &str = "attention";
+        let lens = lens_of(OP, kv_lens)?;
+        let inputs = AttentionInputs {
+            q: &self.f32s(OP, "q", q)?,
+            k: &self.f32s(OP, "k", k)?,
+            v: &self.f32s(OP, "v", v)?,
+            kv_lens: lens.as_deref(),
+            bias: bias
+                .map(|(b, per_batch)| {
+                    Ok::<_, Error>(AttentionBias {
+                        data: exact(OP, "bias", b)?,
+                        per_batch,
+                    })
+                })
+                .transpose()?,
+            rope: None,
+        };
+        let tables = match rope {
+            Some((cos, sin)) => Some((self.f32s(OP, "cos", cos)?, self.f32s(OP, "sin", sin)?)),
+            None => None,
+        };
+        let inputs = AttentionInputs {
+            rope: tables.as_ref().map(|(cos, sin)| AttentionRope { cos, sin }),
+            ..inputs
+        };
+        let need = dims.checked_workspace_len(OP, rayon::current_num_threads())?;
+        let mut ws = self.workspace(OP, need)?;
+        // The bf16 backend runs both products on bf16 operands, as PyTorch's bf16 SDPA does.
+        let products = if self.weight_dtype() == DType::BF16 {
+            ops::attention::Products::Bf16
+        } else {
+            ops::attention::Products::F32
+        };
+        // Its bf16 output (the output projection's input) is written directly where the bf16 products run.
+        if products == ops::attention::Products::Bf16
+            && out.dtype() == DType::BF16
+            && ops::attention::writes_bf16(&inputs, dims)
+        {
+            return ops::attention::attention_bf16_out(
+                bf16s_mut(out),
+                f32s_mut(OP, "lse", lse)?,
+                inputs,
+                dims,
+                &mut ws,
+            );
+        }
+        ops::attention::attention_with(
+            &mut self.out(OP, "out", out)?,
+            f32s_mut(OP, "lse", lse)?,
+            inputs,
+            dims,
+            &mut ws,
+            products,
+        )
     }
 }
 
@@ -1125,51 +1194,31 @@ impl Backend for CpuBackend {
         bias: Option<(View<'_, Self>, bool)>,
         dims: &AttentionDims,
     ) -> Result<()> {
-        const OP: &str = "attention";
-        let lens = lens_of(OP, kv_lens)?;
-        let inputs = AttentionInputs {
-            q: &self.f32s(OP, "q", q)?,
-            k: &self.f32s(OP, "k", k)?,
-            v: &self.f32s(OP, "v", v)?,
-            kv_lens: lens.as_deref(),
-            bias: bias
-                .map(|(b, per_batch)| {
-                    Ok::<_, Error>(AttentionBias {
-                        data: exact(OP, "bias", b)?,
-                        per_batch,
-                    })
-                })
-                .transpose()?,
-        };
-        let need = dims.checked_workspace_len(OP, rayon::current_num_threads())?;
-        let mut ws = self.workspace(OP, need)?;
-        // The bf16 backend runs both products on bf16 operands, as PyTorch's bf16 SDPA does.
-        let products = if self.weight_dtype() == DType::BF16 {
-            ops::attention::Products::Bf16
-        } else {
-            ops::attention::Products::F32
-        };
-        // Its bf16 output (the output projection's input) is written directly where the bf16 products run.
-        if products == ops::attention::Products::Bf16
-            && out.dtype() == DType::BF16
-            && ops::attention::writes_bf16(&inputs, dims)
-        {
-            return ops::attention::attention_bf16_out(
-                bf16s_mut(out),
-                f32s_mut(OP, "lse", lse)?,
-                inputs,
-                dims,
-                &mut ws,
-            );
+        self.attention_forward(out, lse, [q, k, v], kv_lens, bias, None, dims)
+    }
+
+    fn rotary_attention(
+        &self,
+        out: ViewMut<'_, Self>,
+        lse: ViewMut<'_, Self>,
+        (mut q_rot, mut k_rot): (ViewMut<'_, Self>, ViewMut<'_, Self>),
+        q: View<'_, Self>,
+        k: View<'_, Self>,
+        v: View<'_, Self>,
+        (cos, sin): (View<'_, Self>, View<'_, Self>),
+        kv_lens: Option<View<'_, Self>>,
+        dims: &AttentionDims,
+    ) -> Result<()> {
+        // The bf16 products turn the rows as they round them; the other kernels read rotated copies.
+        if self.weight_dtype() != DType::BF16 || !ops::attention::rotates_inside(dims) {
+            let (heads, hd) = (dims.heads, dims.head_dim);
+            self.rotary(q_rot.rb(), q, cos, sin, dims.q_len, heads, hd)?;
+            self.rotary(k_rot.rb(), k, cos, sin, dims.kv_len, heads, hd)?;
+            let qkv = [q_rot.view(), k_rot.view(), v];
+            return self.attention_forward(out, lse, qkv, kv_lens, None, None, dims);
         }
-        ops::attention::attention_with(
-            &mut self.out(OP, "out", out)?,
-            f32s_mut(OP, "lse", lse)?,
-            inputs,
-            dims,
-            &mut ws,
-            products,
-        )
+        let rope = Some((cos, sin));
+        self.attention_forward(out, lse, [q, k, v], kv_lens, None, rope, dims)
     }
 
     fn attention_backward(
@@ -1203,6 +1252,7 @@ impl Backend for CpuBackend {
                     })
                 })
                 .transpose()?,
+            rope: None,
         };
         let need = dims.checked_workspace_len(OP, rayon::current_num_threads())?;
         let mut ws = self.workspace(OP, need)?;

@@ -376,6 +376,29 @@ pub trait Backend: Sized {
         bias: Option<(View<'_, Self>, bool)>,
         dims: &AttentionDims,
     ) -> Result<()>;
+    /// [`Backend::rotary`] of `q` and `k` into `q_rot` and `k_rot`, then [`Backend::attention`] of them
+    /// (no score bias), for a forward that keeps neither (inference): a backend may instead turn each
+    /// head's rows by their angles as its attention reads them and leave `q_rot` and `k_rot` unwritten (the
+    /// bf16 CPU backend, with the same bits and without the rotary passes over memory). By default, the
+    /// three ops.
+    #[allow(clippy::too_many_arguments)]
+    fn rotary_attention(
+        &self,
+        out: ViewMut<'_, Self>,
+        lse: ViewMut<'_, Self>,
+        (mut q_rot, mut k_rot): (ViewMut<'_, Self>, ViewMut<'_, Self>),
+        q: View<'_, Self>,
+        k: View<'_, Self>,
+        v: View<'_, Self>,
+        (cos, sin): (View<'_, Self>, View<'_, Self>),
+        kv_lens: Option<View<'_, Self>>,
+        dims: &AttentionDims,
+    ) -> Result<()> {
+        let (heads, hd) = (dims.heads, dims.head_dim);
+        self.rotary(q_rot.rb(), q, cos, sin, dims.q_len, heads, hd)?;
+        self.rotary(k_rot.rb(), k, cos, sin, dims.kv_len, heads, hd)?;
+        self.attention(out, lse, q_rot.view(), k_rot.view(), v, kv_lens, None, dims)
+    }
     /// Adds into `dq`, `dk`, `dv` and, when given, `dbias` (f32, laid out like the bias).
     fn attention_backward(
         &self,

@@ -847,6 +847,36 @@ impl Backend for RecordingBackend {
         self.count(attention_products(dims) * 2);
         Ok(())
     }
+    // One step: the rotated copies, if a backend writes them, are live with q and k, and the output is
+    // never placed over q or k, which a fused backend reads while it writes the output.
+    fn rotary_attention(
+        &self,
+        out: ViewMut<'_, Self>,
+        lse: ViewMut<'_, Self>,
+        (q_rot, k_rot): (ViewMut<'_, Self>, ViewMut<'_, Self>),
+        q: View<'_, Self>,
+        k: View<'_, Self>,
+        v: View<'_, Self>,
+        (cos, sin): (View<'_, Self>, View<'_, Self>),
+        kv_lens: Option<View<'_, Self>>,
+        dims: &AttentionDims,
+    ) -> Result<()> {
+        self.note_scratch(ScratchUse::Attention(*dims));
+        self.touch([
+            Some(wr(&out)),
+            Some(wr(&lse)),
+            Some(wr(&q_rot)),
+            Some(wr(&k_rot)),
+            Some(rd(&q)),
+            Some(rd(&k)),
+            Some(rd(&v)),
+            Some(rd(&cos)),
+            Some(rd(&sin)),
+            kv_lens.as_ref().map(rd),
+        ]);
+        self.count(attention_products(dims) * 2);
+        Ok(())
+    }
     fn attention_backward(
         &self,
         a0: ViewMut<'_, Self>,

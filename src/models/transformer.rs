@@ -678,27 +678,43 @@ impl TransformerEncoder {
                 self.lin(n, h, h),
             )?;
         }
-        for (rotated, x) in [(&mut la.q_rot, &la.q), (&mut la.k_rot, &la.k)] {
-            b.rotary(
-                rotated.view_mut(),
-                x.view(),
-                rope.cos,
-                rope.sin,
-                len,
-                cfg.heads,
-                hd,
+        let dims = AttentionDims::new(batch, cfg.heads, len, len, hd);
+        if keep {
+            for (rotated, x) in [(&mut la.q_rot, &la.q), (&mut la.k_rot, &la.k)] {
+                b.rotary(
+                    rotated.view_mut(),
+                    x.view(),
+                    rope.cos,
+                    rope.sin,
+                    len,
+                    cfg.heads,
+                    hd,
+                )?;
+            }
+            b.attention(
+                la.attn.view_mut(),
+                la.lse.view_mut(),
+                la.q_rot.view(),
+                la.k_rot.view(),
+                la.v.view(),
+                Some(kv_lens),
+                None,
+                &dims,
+            )?;
+        } else {
+            // Nothing reads the rotated rows after the attention: a backend may turn them as it reads them.
+            b.rotary_attention(
+                la.attn.view_mut(),
+                la.lse.view_mut(),
+                (la.q_rot.view_mut(), la.k_rot.view_mut()),
+                la.q.view(),
+                la.k.view(),
+                la.v.view(),
+                (rope.cos, rope.sin),
+                Some(kv_lens),
+                &dims,
             )?;
         }
-        b.attention(
-            la.attn.view_mut(),
-            la.lse.view_mut(),
-            la.q_rot.view(),
-            la.k_rot.view(),
-            la.v.view(),
-            Some(kv_lens),
-            None,
-            &AttentionDims::new(batch, cfg.heads, len, len, hd),
-        )?;
         // mid = x_in + attn·W_oᵀ + b_o, and LN₂(mid), fused where the backend fuses.
         b.linear(
             proj.view_mut(),

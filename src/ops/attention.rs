@@ -144,6 +144,26 @@ pub struct AttentionBias<'a> {
     pub per_batch: bool,
 }
 
+/// Split-half rotary embeddings that the attention applies to `q` and `k` itself, with the rotary op's
+/// arithmetic ([`crate::ops::rotary`]; the same bits as rotating them first): query row `i` and key `j` of
+/// every sequence turn by the angles of positions `i` and `j`, from `[positions, head_dim/2]` cos and sin
+/// tables. Only the bf16 products take it ([`writes_bf16`]), which rotate each head's rows as they round
+/// them, so that an inference forward reads `q` and `k` once rather than first writing rotated copies of
+/// them in a pass of their own; the other kernels and the backward refuse it.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionRope<'a> {
+    pub cos: &'a [f32],
+    pub sin: &'a [f32],
+}
+
+impl<'a> AttentionRope<'a> {
+    /// The cos and sin of `position`'s `half` angles.
+    fn angles(&self, position: usize, half: usize) -> (&'a [f32], &'a [f32]) {
+        let at = position * half;
+        (&self.cos[at..at + half], &self.sin[at..at + half])
+    }
+}
+
 /// Everything both passes read: inputs, masking and bias.
 #[derive(Clone, Copy)]
 pub struct AttentionInputs<'a> {
@@ -153,6 +173,8 @@ pub struct AttentionInputs<'a> {
     /// Visible keys per batch entry (`None`: all `kv_len`).
     pub kv_lens: Option<&'a [usize]>,
     pub bias: Option<AttentionBias<'a>>,
+    /// Rotary embeddings of `q` and `k` to apply first (`None`: they are used as they are).
+    pub rope: Option<AttentionRope<'a>>,
 }
 
 impl AttentionInputs<'_> {
@@ -183,7 +205,43 @@ impl AttentionInputs<'_> {
                 },
             )?;
         }
+        if let Some(rope) = self.rope {
+            if d.head_dim == 0 || !d.head_dim.is_multiple_of(2) {
+                return Err(Error::invalid(
+                    op,
+                    format!(
+                        "rotary embeddings need an even head dim, not {}",
+                        d.head_dim
+                    ),
+                ));
+            }
+            let positions = d.q_len.max(d.kv_len);
+            let need = positions.checked_mul(d.head_dim / 2);
+            if rope.sin.len() != rope.cos.len() || need.is_none_or(|n| rope.cos.len() < n) {
+                return Err(Error::shape(
+                    op,
+                    format!(
+                        "rotary cos/sin tables of {} and {} values do not cover {positions} positions \
+                         of {} angles",
+                        rope.cos.len(),
+                        rope.sin.len(),
+                        d.head_dim / 2
+                    ),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Refuses rotary embeddings for a kernel that does not apply them.
+    fn check_no_rope(&self, op: &'static str) -> Result<()> {
+        match self.rope {
+            Some(_) => Err(Error::invalid(
+                op,
+                "rotary embeddings inside the attention run only in the bf16 products' forward",
+            )),
+            None => Ok(()),
+        }
     }
 
     fn visible(&self, d: &AttentionDims, b: usize) -> usize {
@@ -657,7 +715,10 @@ pub fn attention_with(
         .then(|| bf16::plan(&inp, d))
         .flatten();
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = products;
+    let (_, tiles) = (products, None::<()>);
+    if tiles.is_none() {
+        inp.check_no_rope("attention")?;
+    }
     let lanes = lane_kernel::applies(&inp, d);
     run_heads("attention", d, workspace, |(b, h), ws| {
         let n = inp.visible(d, b);
@@ -766,6 +827,18 @@ pub fn writes_bf16(inp: &AttentionInputs<'_>, d: &AttentionDims) -> bool {
     }
 }
 
+/// Whether the bf16 products run for inputs of these sizes without a score bias on this CPU, and with them
+/// [`AttentionRope`]: where [`writes_bf16`] would hold.
+pub fn rotates_inside(d: &AttentionDims) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return bf16::plan_unbiased(d).is_some();
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = d;
+        false
+    }
+}
+
 /// [`attention_with`] in bf16 products, writing the output as bf16 (each value rounded once) rather than
 /// as f32 that is rounded in a second pass: the bf16 backend's attention, where [`writes_bf16`] holds.
 /// Elsewhere an error.
@@ -828,6 +901,7 @@ pub fn attention_backward(
     workspace: &mut [f32],
 ) -> Result<()> {
     inp.check("attention_backward", d)?;
+    inp.check_no_rope("attention_backward")?;
     check_len("attention_backward", "dq", dq.len(), inp.q.len())?;
     check_len("attention_backward", "dk", dk.len(), inp.k.len())?;
     check_len("attention_backward", "dv", dv.len(), inp.v.len())?;
@@ -1069,6 +1143,7 @@ mod tests {
                 data: &bias_data,
                 per_batch,
             }),
+            rope: None,
         };
         let mut ws = vec![0.0; d.workspace_len(3)];
         let mut out = vec![0.0; d.batch * d.q_len * d.heads * d.v_head_dim];
@@ -1272,6 +1347,7 @@ mod tests {
                 v: &v,
                 kv_lens: Some(&lens),
                 bias: None,
+                rope: None,
             };
             let mut ws = vec![0.0; d.workspace_len(2)];
             let mut out = vec![f32::NAN; nq * d.v_head_dim];
@@ -1335,6 +1411,129 @@ mod tests {
         }
     }
 
+    /// Rotary embeddings inside the bf16 products ([`AttentionRope`]) give the bits of rotating `q` and `k`
+    /// first with the rotary op: outputs (f32 and bf16) and log-sum-exps, on the tiles and on the vector
+    /// products, over ragged query blocks, keys over several chunks, padded head dims and masked keys.
+    /// The f32 kernels and the backward refuse them.
+    #[test]
+    fn rotary_inside_the_bf16_products_matches_the_rotary_op() {
+        for vector_products_only in [false, true] {
+            bf16::VECTOR_PRODUCTS_ONLY.with(|only| only.set(vector_products_only));
+            let cases = [
+                (AttentionDims::new(2, 3, 45, 45, 48), vec![45, 30]),
+                (AttentionDims::new(3, 2, 70, 70, 24), vec![70, 1, 33]),
+                (AttentionDims::new(1, 2, 1100, 1100, 64), vec![1100]),
+                (AttentionDims::new(2, 1, 40, 40, 80), vec![40, 0]),
+            ];
+            for (seed, (d, lens)) in cases.into_iter().enumerate() {
+                let mut r = rng(90 + seed as u64);
+                let table =
+                    crate::ops::rotary::RotaryTable::new(d.q_len + 5, d.head_dim, 1e4).unwrap();
+                let (nq, nk) = (d.batch * d.q_len * d.heads, d.batch * d.kv_len * d.heads);
+                let q = uniform(&mut r, nq * d.head_dim, -2.0, 2.0);
+                let k = uniform(&mut r, nk * d.head_dim, -2.0, 2.0);
+                let v = uniform(&mut r, nk * d.v_head_dim, -1.0, 1.0);
+                let rotated = |x: &[f32], len| {
+                    let mut out = vec![0.0; x.len()];
+                    crate::ops::rotary::rotary(&mut out, x, &table, len, d.heads).unwrap();
+                    out
+                };
+                let (q_rot, k_rot) = (rotated(&q, d.q_len), rotated(&k, d.kv_len));
+                let first = AttentionInputs {
+                    q: &q_rot,
+                    k: &k_rot,
+                    v: &v,
+                    kv_lens: Some(&lens),
+                    bias: None,
+                    rope: None,
+                };
+                let inside = AttentionInputs {
+                    q: &q,
+                    k: &k,
+                    rope: Some(AttentionRope {
+                        cos: table.cos(),
+                        sin: table.sin(),
+                    }),
+                    ..first
+                };
+                assert!(rotates_inside(&d));
+                let mut ws = vec![0.0; d.workspace_len(2)];
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                let run = |inp: AttentionInputs<'_>, ws: &mut [f32]| {
+                    let mut out = vec![f32::NAN; nq * d.v_head_dim];
+                    let mut lse = vec![f32::NAN; d.batch * d.heads * d.q_len];
+                    attention_with(&mut out, &mut lse, inp, &d, ws, Products::Bf16).unwrap();
+                    let mut out16 = vec![half::bf16::NAN; out.len()];
+                    let mut lse16 = vec![f32::NAN; lse.len()];
+                    attention_bf16_out(&mut out16, &mut lse16, inp, &d, ws).unwrap();
+                    let out16: Vec<u16> = out16.iter().map(|v| v.to_bits()).collect();
+                    (bits(&out), bits(&lse), out16, bits(&lse16))
+                };
+                let name = format!("{d:?} vector products {vector_products_only}");
+                let (want, got) = (run(first, &mut ws), run(inside, &mut ws));
+                assert!(want.0 == got.0, "{name}: f32 output");
+                assert!(want.1 == got.1, "{name}: log-sum-exp");
+                assert!(want.2 == got.2, "{name}: bf16 output");
+                assert!(want.3 == got.3, "{name}: log-sum-exp of the bf16 output");
+                // Not a test that cannot fail: unrotated inputs give other outputs.
+                let unrotated = AttentionInputs {
+                    rope: None,
+                    ..inside
+                };
+                assert!(
+                    run(unrotated, &mut ws).0 != want.0,
+                    "{name}: rotation matters"
+                );
+                let mut out = vec![0.0; nq * d.v_head_dim];
+                let mut lse = vec![0.0; d.batch * d.heads * d.q_len];
+                let err = attention(&mut out, &mut lse, inside, &d, &mut ws).unwrap_err();
+                assert!(err.to_string().contains("rotary"), "{err}");
+                let (mut dq, mut dk, mut dv) =
+                    (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+                let err = attention_backward(
+                    &mut dq, &mut dk, &mut dv, None, &out, &out, &lse, inside, &d, &mut ws,
+                )
+                .unwrap_err();
+                assert!(err.to_string().contains("rotary"), "{err}");
+            }
+        }
+        bf16::VECTOR_PRODUCTS_ONLY.with(|only| only.set(false));
+    }
+
+    /// Tables that do not cover the positions, or an odd head dim, are errors naming the tables.
+    #[test]
+    fn rotary_tables_too_short_are_errors() {
+        let d = AttentionDims::new(1, 1, 8, 8, 4);
+        let x = vec![0.5; 8 * 4];
+        let table = crate::ops::rotary::RotaryTable::new(7, 4, 1e4).unwrap();
+        let inp = AttentionInputs {
+            q: &x,
+            k: &x,
+            v: &x,
+            kv_lens: None,
+            bias: None,
+            rope: Some(AttentionRope {
+                cos: table.cos(),
+                sin: table.sin(),
+            }),
+        };
+        let (mut out, mut lse) = (vec![0.0; 8 * 4], vec![0.0; 8]);
+        let mut ws = vec![0.0; d.workspace_len(1)];
+        let err = attention_with(&mut out, &mut lse, inp, &d, &mut ws, Products::Bf16).unwrap_err();
+        assert!(err.to_string().contains("cover 8 positions"), "{err}");
+        let odd = AttentionDims::new(1, 1, 8, 8, 3);
+        let y = vec![0.5; 8 * 3];
+        let inp = AttentionInputs {
+            q: &y,
+            k: &y,
+            v: &y,
+            ..inp
+        };
+        let err = attention_with(&mut out[..24], &mut lse, inp, &odd, &mut ws, Products::Bf16)
+            .unwrap_err();
+        assert!(err.to_string().contains("even head dim"), "{err}");
+    }
+
     /// A score bias keeps the f32 products, so a bf16 output is refused rather than written another way.
     #[test]
     fn bf16_output_with_a_bias_is_an_error() {
@@ -1350,6 +1549,7 @@ mod tests {
                 data: &bias,
                 per_batch: false,
             }),
+            rope: None,
         };
         assert!(!writes_bf16(&inp, &d));
         let (mut out, mut lse) = (vec![half::bf16::ZERO; 2 * 3 * 8], vec![0.0; 2 * 3]);
@@ -1368,6 +1568,7 @@ mod tests {
             v: &x,
             kv_lens: Some(&[3]),
             bias: None,
+            rope: None,
         };
         let (mut out, mut lse, mut ws) =
             (vec![0.0; 4], vec![0.0; 2], vec![0.0; d.workspace_len(1)]);

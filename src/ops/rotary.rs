@@ -118,9 +118,7 @@ fn rotate(
         .zip(x.par_chunks(rows_per_task * row_len))
         .enumerate()
         .for_each(|(task, (o, x))| {
-            // Whole-slice loops, so that they vectorise (the indexed form, with bounds checks, stayed
-            // scalar: 5% of a bf16 ESM-2 profile); `accumulate` is loop-invariant, and the compiler
-            // unswitches it. The same operations in the same order: results are unchanged.
+            // `accumulate` is loop-invariant, and the compiler unswitches it.
             dispatch(
                 #[inline(always)]
                 || {
@@ -128,26 +126,44 @@ fn rotate(
                         let p = (task * rows_per_task + r) % len;
                         let (cos, sin) = (&cos[p * h..(p + 1) * h], &sin[p * h..(p + 1) * h]);
                         for (o, x) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-                            let (o_lo, o_hi) = o.split_at_mut(h);
-                            let (x_lo, x_hi) = x.split_at(h);
-                            let pairs = o_lo.iter_mut().zip(o_hi.iter_mut());
-                            let terms = x_lo.iter().zip(x_hi).zip(cos.iter().zip(sin));
-                            for ((lo, hi), ((&a, &b), (&c, &sn))) in pairs.zip(terms) {
-                                let s = sign * sn;
-                                let (ra, rb) = (a * c - b * s, b * c + a * s);
-                                if accumulate {
-                                    *lo += ra;
-                                    *hi += rb;
-                                } else {
-                                    *lo = ra;
-                                    *hi = rb;
-                                }
-                            }
+                            rotate_vector(o, x, (cos, sin), sign, accumulate);
                         }
                     }
                 },
             )
         });
+}
+
+/// One head vector `x [2·half]` rotated by one position's angles (`cos`, `sin`: `half` each) into `o`, or
+/// added into it with `accumulate`; `sign` −1 rotates backwards. The one place the rotation's arithmetic
+/// is written: the rotary op and the bf16 attention, which rotates queries and keys as it packs them
+/// ([`crate::ops::attention::AttentionRope`]), give the same bits. Whole-slice loops, so that it
+/// vectorises inlined into a caller compiled for AVX-512 (the indexed form, with bounds checks, stayed
+/// scalar: 5% of a bf16 ESM-2 profile).
+#[inline(always)]
+pub(crate) fn rotate_vector(
+    o: &mut [f32],
+    x: &[f32],
+    (cos, sin): (&[f32], &[f32]),
+    sign: f32,
+    accumulate: bool,
+) {
+    let h = cos.len();
+    let (o_lo, o_hi) = o.split_at_mut(h);
+    let (x_lo, x_hi) = x.split_at(h);
+    let pairs = o_lo.iter_mut().zip(o_hi.iter_mut());
+    let terms = x_lo.iter().zip(x_hi).zip(cos.iter().zip(sin));
+    for ((lo, hi), ((&a, &b), (&c, &sn))) in pairs.zip(terms) {
+        let s = sign * sn;
+        let (ra, rb) = (a * c - b * s, b * c + a * s);
+        if accumulate {
+            *lo += ra;
+            *hi += rb;
+        } else {
+            *lo = ra;
+            *hi = rb;
+        }
+    }
 }
 
 /// Rotary with explicit `[≥len, head_dim/2]` cos/sin tables (what the backends hold): `out = rope(x)`, or

@@ -11,7 +11,10 @@
 //! One task is one head of one batch entry. Its visible keys (`[keys, Dk]`, 32 values a step with
 //! `vcvtne2ps2bf16`) and transposed values (`[Dv, keys]`) are converted once into row-major bf16, the A
 //! operands of the tiles ([`crate::ops::amx`]), zero-padded to multiples of 32; the vector products take
-//! the values line-major instead ([`super::dot::pair_values`]). The values go in two parts, `v ≈ hi + lo`,
+//! the values line-major instead ([`super::dot::pair_values`]). With rotary tables
+//! ([`super::AttentionRope`]), each key and query row is turned by its position's angles on its way to
+//! bf16, so that an inference forward does not write rotated copies of q and k first (NT-v2 250M bf16
+//! `embed` on the Xeon model 167, alternating four times: 8.5 → 8.1 s, the rotary passes were 4% of it). The values go in two parts, `v ≈ hi + lo`,
 //! and `P·V` is two products: a value's rounding is not averaged out when a few keys carry a row's weight,
 //! and it was the larger part of the bf16 backend's error against f32 on NT-v2 (about 1.09e-2 of the
 //! hidden states with rounded values, 0.99e-2 split, 0.97e-2 with f32 attention), for tile work that is a
@@ -38,7 +41,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{AttentionDims, AttentionInputs};
+use super::{AttentionDims, AttentionInputs, AttentionRope};
 use crate::ops::amx::{block_16x32, block_32x32, ATiles, Init, Tiles, BLOCK, TILE_K, TILE_ROWS};
 use crate::ops::simd::{
     bf16_bits, exp2_16, exp2_16_bf16_precision, prefetch_row, transpose16x16, ROWS_AHEAD,
@@ -62,8 +65,12 @@ const LANES: usize = 16;
 /// the products and the softmax are compiled for, and sizes that do not overflow. None otherwise. The
 /// products run on AMX tiles where the CPU has them.
 pub(super) fn plan(inp: &AttentionInputs<'_>, d: &AttentionDims) -> Option<Layout> {
-    let runs = inp.bias.is_none()
-        && d.head_dim > 0
+    plan_unbiased(d).filter(|_| inp.bias.is_none())
+}
+
+/// [`plan`] for inputs without a score bias.
+pub(super) fn plan_unbiased(d: &AttentionDims) -> Option<Layout> {
+    let runs = d.head_dim > 0
         && d.v_head_dim > 0
         && d.scale.is_finite()
         && d.scale > 0.0
@@ -107,6 +114,8 @@ pub(super) struct Layout {
     /// 16 value rows on their way to `Vᵀ` (each padded to a multiple of 16) and a 16×16 block, or 16 query
     /// rows on their way to `Qᵀ` as words.
     staging: usize,
+    /// One query or key row turned by its rotary angles, before it is rounded (see [`AttentionRope`]).
+    rotated: usize,
 }
 
 impl Layout {
@@ -131,6 +140,7 @@ impl Layout {
             staging: LANES
                 .checked_mul(dv.checked_add(LANES)?)?
                 .max(LANES.checked_mul(dk)? / 2),
+            rotated: dk,
         })
     }
 
@@ -144,6 +154,7 @@ impl Layout {
             self.probs,
             self.acc,
             self.staging,
+            self.rotated,
         ]
         .iter()
         .try_fold(LANES, |t, &x| t.checked_add(x))
@@ -207,7 +218,8 @@ pub(super) unsafe fn forward_head(
     let (scores, rest) = rest.split_at_mut(layout.scores);
     let (probs, rest) = rest.split_at_mut(layout.probs);
     let (acc, rest) = rest.split_at_mut(layout.acc);
-    let staging = &mut rest[..layout.staging];
+    let (staging, rest) = rest.split_at_mut(layout.staging);
+    let rotated = &mut rest[..layout.rotated];
     let keys: &mut [u16] = bytemuck::cast_slice_mut(keys);
     let values: &mut [u16] = bytemuck::cast_slice_mut(values);
     let queries: &mut [u32] = bytemuck::cast_slice_mut(queries);
@@ -221,8 +233,9 @@ pub(super) unsafe fn forward_head(
         if key + ROWS_AHEAD < n {
             prefetch_row(&inp.k[ok + (key + ROWS_AHEAD) * nh * dk..][..dk]);
         }
+        let key_row = rotate(inp.rope, key, &inp.k[ok + key * nh * dk..][..dk], rotated);
         // SAFETY: (caller) the AVX-512 features, BF16 included, are present; `row` is `dk_pad` long.
-        unsafe { round_row(row, &inp.k[ok + key * nh * dk..][..dk]) };
+        unsafe { round_row(row, key_row) };
     }
     // Vᵀ as A, `[dv_pad, n_pad]`: each value dim's entries over the keys, in two parts.
     let (values_hi, values_lo) = values.split_at_mut(dv_pad * n_pad);
@@ -272,6 +285,8 @@ pub(super) unsafe fn forward_head(
                 &inp.q[oq + i0 * nh * dk..],
                 nh * dk,
                 (rows, d.q_len - i0, dk, dk_pad),
+                inp.rope.map(|rope| (rope, i0)),
+                rotated,
             )
         };
         let mut state = Running::new();
@@ -492,15 +507,37 @@ unsafe fn transpose_values(
     }
 }
 
+/// Row `src` of position `position` turned by its rotary angles into `rotated` where the attention applies
+/// them (the rotary op's arithmetic, [`crate::ops::rotary::rotate_vector`]), else `src` as it is.
+#[inline(always)]
+fn rotate<'a>(
+    rope: Option<AttentionRope<'_>>,
+    position: usize,
+    src: &'a [f32],
+    rotated: &'a mut [f32],
+) -> &'a [f32] {
+    match rope {
+        Some(rope) => {
+            let rotated = &mut rotated[..src.len()];
+            let angles = rope.angles(position, src.len() / 2);
+            crate::ops::rotary::rotate_vector(rotated, src, angles, 1.0, false);
+            rotated
+        }
+        None => src,
+    }
+}
+
 /// Qᵀ as the B operand of the score tiles for the `rows` query rows at `q` (row stride `stride`, `dk`
 /// values each; `q` holds `available ≥ rows` of them, which the prefetch reads ahead into): pair line `p`
 /// of `queries` holds head-dim entries 2p and 2p+1 of the 32 rows, one word a row (zero past dk and past
 /// `rows`). 16 rows at a time are paired into `staging` (16 rows of `dk_pad / 2` words) and turned into
-/// lines by 16×16 register transposes.
+/// lines by 16×16 register transposes. With `rope`, row `r` is first turned by the angles of position
+/// `first + r` (through `rotated`, `dk` values).
 ///
 /// # Safety
 /// AVX-512F, BW, VL, DQ and BF16; `staging` holds `8·dk_pad` words, `queries` `dk_pad / 2` lines of 32
 /// words.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")]
 unsafe fn pack_queries(
     queries: &mut [u32],
@@ -508,6 +545,8 @@ unsafe fn pack_queries(
     q: &[f32],
     stride: usize,
     (rows, available, dk, dk_pad): (usize, usize, usize, usize),
+    rope: Option<(AttentionRope<'_>, usize)>,
+    rotated: &mut [f32],
 ) {
     let words = dk_pad / 2;
     let staging = &mut staging[..LANES * words];
@@ -521,11 +560,16 @@ unsafe fn pack_queries(
             if i + ROWS_AHEAD < available {
                 prefetch_row(&q[(i + ROWS_AHEAD) * stride..][..dk]);
             }
+            let src = &q[i * stride..][..dk];
+            let src = match rope {
+                Some((rope, first)) => rotate(Some(rope), first + i, src, rotated),
+                None => src,
+            };
             // A word holds two consecutive entries, the first in its low half: the row's bf16 values
             // in order.
             // SAFETY: (caller) the AVX-512 features, BF16 included, are present; `row` is `dk_pad`
             // values.
-            unsafe { round_row(bytemuck::cast_slice_mut(row), &q[i * stride..][..dk]) };
+            unsafe { round_row(bytemuck::cast_slice_mut(row), src) };
         }
         for p0 in (0..words).step_by(LANES) {
             // SAFETY: AVX-512F (this function's features); `staging` holds 16 rows of `words ≥ p0 + 16`
