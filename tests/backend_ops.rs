@@ -36,6 +36,12 @@ enum Op {
         dims: LinearDims,
         bias: bool,
     },
+    /// `y = residual + linear(x)`: the product's scratch, which a fused backend leaves unwritten, is not
+    /// compared.
+    LinearResidual {
+        dims: LinearDims,
+        bias: bool,
+    },
     /// `keep_pre` as for [`Op::LinearSwiglu`].
     LinearAct {
         dims: LinearDims,
@@ -280,6 +286,17 @@ fn case(name: impl Into<String>, op: Op, seed: u64) -> Case {
     let (inputs, outputs, f32_tol): (Vec<Input>, Vec<Output>, f64) = match &op {
         Op::Linear { dims: d, bias } => {
             let mut ins = vec![g.act(d.rows * d.d_in), g.weight(d.d_out * d.d_in, d.d_in)];
+            if *bias {
+                ins.push(g.act(d.d_out));
+            }
+            (ins, vec![g.out("y", A, d.rows * d.d_out)], 1e-5)
+        }
+        Op::LinearResidual { dims: d, bias } => {
+            let mut ins = vec![
+                g.act(d.rows * d.d_in),
+                g.weight(d.d_out * d.d_in, d.d_in),
+                g.act(d.rows * d.d_out),
+            ];
             if *bias {
                 ins.push(g.act(d.d_out));
             }
@@ -808,6 +825,11 @@ fn run<B: Backend>(b: &B, c: &Case, fwd: Option<&Run>) -> Run {
         let mut next = || o.pop_front().unwrap();
         let r = match &c.op {
             Op::Linear { dims, bias } => b.linear(next(), i[0], i[1], bias.then(|| i[2]), *dims),
+            Op::LinearResidual { dims, bias } => {
+                let mut scratch = Tensor::<B>::new(b, A, dims.rows * dims.d_out).unwrap();
+                let bias = bias.then(|| i[3]);
+                b.linear_residual(next(), i[0], i[1], bias, i[2], scratch.view_mut(), *dims)
+            }
             Op::LinearAct {
                 dims,
                 act,
@@ -1241,18 +1263,6 @@ fn cases() -> Vec<Case> {
             None,
         ),
     ];
-    // Rotary self-attention: ESM-2 35M's head dim with padding and a fully masked entry, NT-v2's 64 with
-    // keys past one chunk of the bf16 products' online softmax.
-    for (name, dims, lens) in [
-        ("hd 24 padded", attn(3, 2, 37, 37, 24, 24), vec![37, 20, 0]),
-        ("hd 48", attn(2, 2, 45, 45, 48, 48), vec![45, 31]),
-        ("hd 64 long", attn(1, 2, 1030, 1030, 64, 64), vec![1030]),
-    ] {
-        add(
-            format!("rotary_attention {name}"),
-            Op::RotaryAttention { dims, lens },
-        );
-    }
     for (name, dims, lens, bias) in attention_cases {
         add(
             format!("attention {name}"),
@@ -1388,6 +1398,35 @@ fn cases() -> Vec<Case> {
             dk: 8,
         },
     );
+    // Cases added later go last, so that the earlier cases keep their seeds.
+    // Whole 32×32 blocks in one k-block (the bf16 GEMM starts them from the bias), ragged ones, and k
+    // past one k-block.
+    for (rows, d_in, d_out, bias) in [
+        (64, 64, 96, true),
+        (7, 9, 5, false),
+        (37, 48, 70, true),
+        (33, 1100, 40, false),
+    ] {
+        add(
+            format!("linear_residual {rows}x{d_in}→{d_out} bias={bias}"),
+            Op::LinearResidual {
+                dims: LinearDims { rows, d_in, d_out },
+                bias,
+            },
+        );
+    }
+    // Rotary self-attention: ESM-2 35M's head dim with padding and a fully masked entry, NT-v2's 64 with
+    // keys past one chunk of the bf16 products' online softmax.
+    for (name, dims, lens) in [
+        ("hd 24 padded", attn(3, 2, 37, 37, 24, 24), vec![37, 20, 0]),
+        ("hd 48", attn(2, 2, 45, 45, 48, 48), vec![45, 31]),
+        ("hd 64 long", attn(1, 2, 1030, 1030, 64, 64), vec![1030]),
+    ] {
+        add(
+            format!("rotary_attention {name}"),
+            Op::RotaryAttention { dims, lens },
+        );
+    }
     t
 }
 

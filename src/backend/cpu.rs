@@ -854,6 +854,40 @@ impl Backend for CpuBackend {
         self.linear_fwd("linear", y, x, w, bias, dims)
     }
 
+    fn linear_residual(
+        &self,
+        y: ViewMut<'_, Self>,
+        x: View<'_, Self>,
+        w: View<'_, Self>,
+        bias: Option<View<'_, Self>>,
+        residual: View<'_, Self>,
+        mut scratch: ViewMut<'_, Self>,
+        dims: LinearDims,
+    ) -> Result<()> {
+        const OP: &str = "linear_residual";
+        use ops::gemm_bf16::{GemmOut, Lhs};
+        // The bf16 GEMM writing f32 (bf16 weights, f32 activations) adds the residual as it writes.
+        let fused = !self.bf16_storage
+            && (y.dtype(), w.dtype(), residual.dtype()) == (DType::F32, DType::BF16, DType::F32);
+        let lhs = match x.dtype() {
+            DType::BF16 if fused => Some(Lhs::Bf16(bf16s(x))),
+            DType::F32 if fused => Some(Lhs::F32(exact(OP, "x", x)?)),
+            _ => None,
+        };
+        let Some(lhs) = lhs else {
+            self.linear(scratch.rb(), x, w, bias, dims)?;
+            return self.add(y, residual, scratch.view());
+        };
+        let bias = bias.map(|b| self.f32s(OP, "bias", b)).transpose()?;
+        let residual = exact(OP, "residual", residual)?;
+        let out = GemmOut::Residual {
+            c: f32s_mut(OP, "y", y)?,
+            residual,
+            bias: bias.as_deref(),
+        };
+        ops::matmul::linear_bf16_weights(out, lhs, bf16s(w), dims)
+    }
+
     fn linear_act(
         &self,
         mut pre: ViewMut<'_, Self>,

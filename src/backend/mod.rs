@@ -221,6 +221,24 @@ pub trait Backend: Sized {
         dims: LinearDims,
         keep_pre: bool,
     ) -> Result<()>;
+    /// `y = residual + (x·Wᵀ + bias)`, as a residual block ends: [`Backend::linear`] into `scratch` (the
+    /// size of `y`), then [`Backend::add`] of the residual. A backend may instead add the residual as it
+    /// writes the product and leave `scratch` unwritten (the bf16 CPU backend: the same bits, without
+    /// storing the product and reading it back in a pass of its own). By default, the two ops.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_residual(
+        &self,
+        y: ViewMut<'_, Self>,
+        x: View<'_, Self>,
+        w: View<'_, Self>,
+        bias: Option<View<'_, Self>>,
+        residual: View<'_, Self>,
+        mut scratch: ViewMut<'_, Self>,
+        dims: LinearDims,
+    ) -> Result<()> {
+        self.linear(scratch.rb(), x, w, bias, dims)?;
+        self.add(y, residual, scratch.view())
+    }
     /// Gradients of [`Backend::linear`]: `dx += dy·W`, `dw += dyᵀ·x`, `dbias += Σ_rows dy` (dw, dbias f32).
     fn linear_backward(
         &self,

@@ -605,6 +605,29 @@ impl Backend for RecordingBackend {
         self.count(linear_flops(&dims));
         Ok(())
     }
+    // One step: the scratch, if a backend writes it, is live with the residual, and `y` may be written
+    // while the residual and x are read.
+    fn linear_residual(
+        &self,
+        y: ViewMut<'_, Self>,
+        x: View<'_, Self>,
+        w: View<'_, Self>,
+        bias: Option<View<'_, Self>>,
+        residual: View<'_, Self>,
+        scratch: ViewMut<'_, Self>,
+        dims: LinearDims,
+    ) -> Result<()> {
+        self.touch([
+            Some(wr(&y)),
+            Some(wr(&scratch)),
+            Some(rd(&x)),
+            Some(rd(&w)),
+            bias.as_ref().map(rd),
+            Some(rd(&residual)),
+        ]);
+        self.count(linear_flops(&dims));
+        Ok(())
+    }
     fn linear_act(
         &self,
         a0: ViewMut<'_, Self>,

@@ -766,14 +766,16 @@ impl TransformerEncoder {
         let Some(x_out) = x_out else {
             return Ok(());
         };
-        b.linear(
-            proj.view_mut(),
+        // x_out = mid + ffn_act·W_outᵀ + b_out, with `proj` the product's scratch where the backend needs it.
+        b.linear_residual(
+            x_out,
             la.ffn_act.view(),
             p[lp.ffn_out.0],
             lp.ffn_out.1.map(|i| p[i]),
+            la.mid.view(),
+            proj.view_mut(),
             self.lin(n, cfg.ffn_dim, h),
-        )?;
-        b.add(x_out, la.mid.view(), proj.view())
+        )
     }
 
     fn check_params<V>(&self, p: &[V]) -> Result<()> {

@@ -41,6 +41,15 @@ pub enum GemmOut<'a> {
         accumulate: bool,
         bias: Option<&'a [f32]>,
     },
+    /// f32, `c = residual + (A·B + bias)` with `residual [m, n]` and `bias [n]`: the bits of
+    /// [`GemmOut::F32`] (not accumulating) followed by adding the residual, in one write of `c` (a
+    /// transformer layer's output projection and its residual connection: the product is not stored and
+    /// read back, and the sum is not a pass of its own).
+    Residual {
+        c: &'a mut [f32],
+        residual: &'a [f32],
+        bias: Option<&'a [f32]>,
+    },
     /// bf16, `c = round(A·B + bias)` with `bias [n]`.
     Bf16 {
         c: &'a mut [bf16],
@@ -71,7 +80,7 @@ impl GemmOut<'_> {
     /// The values of the product `A·B` this output takes (twice its own for [`GemmOut::SwiGlu`]).
     pub(crate) fn product_len(&self) -> usize {
         match self {
-            GemmOut::F32 { c, .. } => c.len(),
+            GemmOut::F32 { c, .. } | GemmOut::Residual { c, .. } => c.len(),
             GemmOut::Bf16 { c, .. } | GemmOut::Activated { c, .. } => c.len(),
             GemmOut::SwiGlu { c } => 2 * c.len(),
         }
@@ -81,6 +90,7 @@ impl GemmOut<'_> {
     pub(crate) fn bias(&self) -> Option<&[f32]> {
         match self {
             GemmOut::F32 { bias, .. }
+            | GemmOut::Residual { bias, .. }
             | GemmOut::Bf16 { bias, .. }
             | GemmOut::Activated { bias, .. } => *bias,
             GemmOut::SwiGlu { .. } => None,
@@ -232,6 +242,18 @@ pub(crate) fn gemm_bf16(
             ));
         }
     }
+    if let GemmOut::Residual { c, residual, .. } = &out {
+        if residual.len() != c.len() {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "residual has {} values, expected {}",
+                    residual.len(),
+                    c.len()
+                ),
+            ));
+        }
+    }
     if let Some(bias) = out.bias() {
         if bias.len() != n {
             return Err(Error::shape(
@@ -282,6 +304,18 @@ fn portable_gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv: View) -
                     row.iter_mut().zip(bias).for_each(|(o, b)| *o += b);
                 });
             }
+        }
+        GemmOut::Residual { c, residual, bias } => {
+            gemm_views(c, cv, false, &a32, av, &b32, bv, None);
+            c.par_chunks_mut(bv.cols)
+                .zip(residual.par_chunks(bv.cols))
+                .for_each(|(row, res)| match bias {
+                    Some(bias) => row
+                        .iter_mut()
+                        .zip(bias.iter().zip(res))
+                        .for_each(|(o, (b, r))| *o = (*o + b) + r),
+                    None => row.iter_mut().zip(res).for_each(|(o, r)| *o += r),
+                });
         }
         GemmOut::Bf16 { c, bias } => {
             let mut c32 = vec![0.0f32; c.len()];
@@ -593,6 +627,76 @@ mod tests {
                 |c, bias| GemmOut::Activated { c, bias, act },
                 |want, product, _| two_step(want, product).unwrap(),
             );
+        }
+    }
+
+    /// The residual output gives the bits of the two steps: the f32 product with its bias (as written in
+    /// place where whole blocks allow it, or through the scratch), then the residual added. Whole tiles in
+    /// one k-block (the in-place start from the bias), ragged tiles, several k-blocks and k = 0, with and
+    /// without a bias, bf16 and f32 left operands, on every kernel this CPU runs; a residual of another
+    /// size is an error.
+    #[test]
+    fn residual_output_is_the_product_then_the_residual() {
+        let mut rng = rng(21);
+        let shapes = [
+            (64, 64, 64),
+            (96, 256, 96),
+            (13, 33, 7),
+            (40, 70, 1090),
+            (64, 96, 2080),
+            (3, 5, 0),
+        ];
+        for (m, n, k) in shapes {
+            let a32 = uniform(&mut rng, m * k, -1.0, 1.0);
+            let mut a_storage = vec![bf16::ZERO; m * k + 32];
+            let start = a_storage.as_ptr().align_offset(64);
+            let a = &mut a_storage[start..start + m * k];
+            a.iter_mut()
+                .zip(&a32)
+                .for_each(|(o, v)| *o = bf16::from_f32(*v));
+            let a = &*a;
+            let b = random_bf16(&mut rng, k * n);
+            let (av, bv) = (View::row_major(m, k, false), View::row_major(k, n, false));
+            let residual = uniform(&mut rng, m * n, -4.0, 4.0);
+            for bias in [None, Some(uniform(&mut rng, n, -1.0, 1.0))] {
+                for &kernel in Bf16Kernel::available() {
+                    for lhs in [Lhs::Bf16(a), Lhs::F32(&a32)] {
+                        let bias = bias.as_deref();
+                        let mut product = vec![f32::NAN; m * n];
+                        let out = GemmOut::F32 {
+                            c: &mut product,
+                            accumulate: false,
+                            bias,
+                        };
+                        gemm_bf16(out, lhs, av, &b, bv, Some(kernel)).unwrap();
+                        let mut got = vec![f32::NAN; m * n];
+                        let out = GemmOut::Residual {
+                            c: &mut got,
+                            residual: &residual,
+                            bias,
+                        };
+                        gemm_bf16(out, lhs, av, &b, bv, Some(kernel)).unwrap();
+                        for (i, ((g, p), r)) in got.iter().zip(&product).zip(&residual).enumerate()
+                        {
+                            let want = r + p;
+                            assert_eq!(
+                                g.to_bits(),
+                                want.to_bits(),
+                                "{m}×{n}×{k} {kernel:?} bias {} [{i}]: {g} vs {want}",
+                                bias.is_some()
+                            );
+                        }
+                    }
+                }
+            }
+            let mut c = vec![0.0; m * n];
+            let out = GemmOut::Residual {
+                c: &mut c,
+                residual: &residual[1..],
+                bias: None,
+            };
+            let err = gemm_bf16(out, Lhs::Bf16(a), av, &b, bv, None).unwrap_err();
+            assert!(err.to_string().contains("residual"), "{err}");
         }
     }
 

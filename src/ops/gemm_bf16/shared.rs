@@ -207,6 +207,8 @@ pub(super) struct Output<'a> {
     bf16s: *mut bf16,
     accumulate: bool,
     bias: Option<&'a [f32]>,
+    /// Added to an f32 output's sums ([`GemmOut::Residual`]).
+    residual: Option<&'a [f32]>,
     /// Columns of the whole output (for SwiGLU, half the product's).
     n: usize,
     /// SwiGLU of gate and value strips side by side ([`computed_columns`]).
@@ -231,6 +233,17 @@ impl<'a> Output<'a> {
                 bf16s: std::ptr::null_mut(),
                 accumulate,
                 bias,
+                residual: None,
+                n,
+                glu: false,
+                act: None,
+            },
+            GemmOut::Residual { c, residual, bias } => Output {
+                f32s: c.as_mut_ptr(),
+                bf16s: std::ptr::null_mut(),
+                accumulate: false,
+                bias,
+                residual: Some(residual),
                 n,
                 glu: false,
                 act: None,
@@ -240,6 +253,7 @@ impl<'a> Output<'a> {
                 bf16s: c.as_mut_ptr(),
                 accumulate: false,
                 bias,
+                residual: None,
                 n,
                 glu: false,
                 act: None,
@@ -249,6 +263,7 @@ impl<'a> Output<'a> {
                 bf16s: c.as_mut_ptr(),
                 accumulate: false,
                 bias: None,
+                residual: None,
                 n: n / 2,
                 glu: true,
                 act: None,
@@ -258,6 +273,7 @@ impl<'a> Output<'a> {
                 bf16s: c.as_mut_ptr(),
                 accumulate: false,
                 bias,
+                residual: None,
                 n,
                 glu: false,
                 act: Some(act),
@@ -265,18 +281,26 @@ impl<'a> Output<'a> {
         }
     }
 
-    /// The f32 output itself as the destination of the block at `(r0, c0)`, where no epilogue is left to
-    /// do after the sums: an f32 output, unless it both accumulates and adds a bias.
-    fn direct(&self, (r0, c0): (usize, usize)) -> Option<Dest> {
+    /// What the sums of a block at column `c0` start from where an f32 output is written in place, when it
+    /// can be: an f32 output, unless it both accumulates and adds a bias.
+    fn start_in_place(&self, c0: usize) -> Option<Init> {
         if self.f32s.is_null() {
             return None;
         }
-        let start = match (self.accumulate, self.bias) {
-            (false, None) => Init::Zero,
-            (true, None) => Init::Load,
-            (false, Some(bias)) => Init::Broadcast(bias[c0..].as_ptr()),
-            (true, Some(_)) => return None,
-        };
+        match (self.accumulate, self.bias) {
+            (false, None) => Some(Init::Zero),
+            (true, None) => Some(Init::Load),
+            (false, Some(bias)) => Some(Init::Broadcast(bias[c0..].as_ptr())),
+            (true, Some(_)) => None,
+        }
+    }
+
+    /// The f32 output itself as the destination of the block at `(r0, c0)`, where no epilogue is left to
+    /// do after the sums (not with a residual to add).
+    fn direct(&self, (r0, c0): (usize, usize)) -> Option<Dest> {
+        let start = self
+            .start_in_place(c0)
+            .filter(|_| self.residual.is_none())?;
         Some(Dest {
             corner: self.f32s.wrapping_add(r0 * self.n + c0),
             ld: self.n,
@@ -286,7 +310,8 @@ impl<'a> Output<'a> {
 
     /// Writes a block's sums: `rows × cols` values of `src` (row stride `ld`) to the output at `(r0, c0)`,
     /// in the computed columns ([`computed_columns`]; for SwiGLU, `c0` and `cols` are multiples of 64).
-    /// Compiled for AVX-512: this is a pass over the whole output.
+    /// With `biased`, the sums already hold the bias. Compiled for AVX-512: this is a pass over the whole
+    /// output.
     ///
     /// # Safety
     /// The block lies inside the output, and no other task writes it meanwhile; AVX-512F, BW, VL and DQ
@@ -298,8 +323,31 @@ impl<'a> Output<'a> {
         ld: usize,
         (r0, c0): (usize, usize),
         (rows, cols): (usize, usize),
+        biased: bool,
     ) {
         let round = |v: f32| bf16::from_bits(crate::ops::simd::bf16_bits(v));
+        if let Some(residual) = self.residual {
+            let bias = self.bias.filter(|_| !biased).map(|b| &b[c0..c0 + cols]);
+            for r in 0..rows {
+                let src = &src[r * ld..r * ld + cols];
+                let at = (r0 + r) * self.n + c0;
+                let residual = &residual[at..at + cols];
+                // SAFETY: (caller) the block is inside the output and this task's alone.
+                let dst = unsafe { std::slice::from_raw_parts_mut(self.f32s.add(at), cols) };
+                // The product with its bias, then the residual: the bits of the two steps.
+                match bias {
+                    Some(bias) => dst
+                        .iter_mut()
+                        .zip(src.iter().zip(bias).zip(residual))
+                        .for_each(|(o, ((v, b), x))| *o = (v + b) + x),
+                    None => dst
+                        .iter_mut()
+                        .zip(src.iter().zip(residual))
+                        .for_each(|(o, (v, x))| *o = v + x),
+                }
+            }
+            return;
+        }
         if self.glu {
             // SAFETY: (caller) as this function's; FMA comes with the native kernels' features
             // ([`super::super::gemm_bf16::has_native_bf16`]).
@@ -482,15 +530,23 @@ pub(super) unsafe fn for_each_block(
                 scratch.resize(lines, CacheLine([0; 32]));
             }
             let sums: &mut [f32] = bytemuck::cast_slice_mut(&mut scratch[..lines]);
+            // A residual output's block that an f32 output would write in place starts as it would
+            // (from the bias), so that its sums have the bits of that output's.
+            let start = whole
+                .then(|| output.start_in_place(c0))
+                .flatten()
+                .filter(|_| output.residual.is_some())
+                .unwrap_or(Init::Zero);
+            let biased = matches!(start, Init::Broadcast(_));
             let dest = Dest {
                 corner: sums.as_mut_ptr(),
                 ld: block.cols_pad,
-                start: Init::Zero,
+                start,
             };
             fill(&block, dest);
             // SAFETY: rows r0..r0+rows and columns c0..c0+cols belong to this task alone; (caller) the
             // features are present.
-            unsafe { output.write_block(sums, block.cols_pad, (r0, c0), (rows, cols)) };
+            unsafe { output.write_block(sums, block.cols_pad, (r0, c0), (rows, cols), biased) };
         });
     });
 }
@@ -517,6 +573,16 @@ pub(super) fn zero_product(out: GemmOut<'_>, n: usize) {
             (true, Some(bias)) => row.iter_mut().zip(bias).for_each(|(o, b)| *o += b),
             (true, None) => {}
         }),
+        GemmOut::Residual { c, residual, bias } => c
+            .chunks_mut(n)
+            .zip(residual.chunks(n))
+            .for_each(|(row, res)| match bias {
+                Some(bias) => row
+                    .iter_mut()
+                    .zip(bias.iter().zip(res))
+                    .for_each(|(o, (b, r))| *o = b + r),
+                None => row.iter_mut().zip(res).for_each(|(o, r)| *o = 0.0 + r),
+            }),
         GemmOut::Bf16 { c, bias } => c.chunks_mut(n).for_each(|row| match bias {
             Some(bias) => row
                 .iter_mut()
