@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use super::arena::ArenaSlot;
 use super::meter::{ByteMeter, Metered};
 use super::scratch::{Scratch, ScratchPool};
+use super::unfused;
 use super::{
     check_view, rows_of, Act, AdamWStep, AttentionDims, Backend, BatchNormStats, Conv1dDims,
     Epilogue, LinearDims, Memory, PoolDims, ScratchUse, View, ViewMut,
@@ -861,7 +862,7 @@ impl Backend for CpuBackend {
         w: View<'_, Self>,
         bias: Option<View<'_, Self>>,
         residual: View<'_, Self>,
-        mut scratch: ViewMut<'_, Self>,
+        scratch: ViewMut<'_, Self>,
         dims: LinearDims,
     ) -> Result<()> {
         const OP: &str = "linear_residual";
@@ -875,8 +876,7 @@ impl Backend for CpuBackend {
             _ => None,
         };
         let Some(lhs) = lhs else {
-            self.linear(scratch.rb(), x, w, bias, dims)?;
-            return self.add(y, residual, scratch.view());
+            return unfused::linear_residual(self, y, x, w, bias, residual, scratch, dims);
         };
         let bias = bias.map(|b| self.f32s(OP, "bias", b)).transpose()?;
         let residual = exact(OP, "residual", residual)?;
@@ -1235,24 +1235,20 @@ impl Backend for CpuBackend {
         &self,
         out: ViewMut<'_, Self>,
         lse: ViewMut<'_, Self>,
-        (mut q_rot, mut k_rot): (ViewMut<'_, Self>, ViewMut<'_, Self>),
+        rotated: (ViewMut<'_, Self>, ViewMut<'_, Self>),
         q: View<'_, Self>,
         k: View<'_, Self>,
         v: View<'_, Self>,
-        (cos, sin): (View<'_, Self>, View<'_, Self>),
+        tables: (View<'_, Self>, View<'_, Self>),
         kv_lens: Option<View<'_, Self>>,
         dims: &AttentionDims,
     ) -> Result<()> {
         // The bf16 products turn the rows as they round them; the other kernels read rotated copies.
         if self.weight_dtype() != DType::BF16 || !ops::attention::rotates_inside(dims) {
-            let (heads, hd) = (dims.heads, dims.head_dim);
-            self.rotary(q_rot.rb(), q, cos, sin, dims.q_len, heads, hd)?;
-            self.rotary(k_rot.rb(), k, cos, sin, dims.kv_len, heads, hd)?;
-            let qkv = [q_rot.view(), k_rot.view(), v];
-            return self.attention_forward(out, lse, qkv, kv_lens, None, None, dims);
+            let qkv = [q, k, v];
+            return unfused::rotary_attention(self, out, lse, rotated, qkv, tables, kv_lens, dims);
         }
-        let rope = Some((cos, sin));
-        self.attention_forward(out, lse, [q, k, v], kv_lens, None, rope, dims)
+        self.attention_forward(out, lse, [q, k, v], kv_lens, None, Some(tables), dims)
     }
 
     fn attention_backward(

@@ -233,11 +233,10 @@ pub trait Backend: Sized {
         w: View<'_, Self>,
         bias: Option<View<'_, Self>>,
         residual: View<'_, Self>,
-        mut scratch: ViewMut<'_, Self>,
+        scratch: ViewMut<'_, Self>,
         dims: LinearDims,
     ) -> Result<()> {
-        self.linear(scratch.rb(), x, w, bias, dims)?;
-        self.add(y, residual, scratch.view())
+        unfused::linear_residual(self, y, x, w, bias, residual, scratch, dims)
     }
     /// Gradients of [`Backend::linear`]: `dx += dy·W`, `dw += dyᵀ·x`, `dbias += Σ_rows dy` (dw, dbias f32).
     fn linear_backward(
@@ -404,18 +403,15 @@ pub trait Backend: Sized {
         &self,
         out: ViewMut<'_, Self>,
         lse: ViewMut<'_, Self>,
-        (mut q_rot, mut k_rot): (ViewMut<'_, Self>, ViewMut<'_, Self>),
+        rotated: (ViewMut<'_, Self>, ViewMut<'_, Self>),
         q: View<'_, Self>,
         k: View<'_, Self>,
         v: View<'_, Self>,
-        (cos, sin): (View<'_, Self>, View<'_, Self>),
+        tables: (View<'_, Self>, View<'_, Self>),
         kv_lens: Option<View<'_, Self>>,
         dims: &AttentionDims,
     ) -> Result<()> {
-        let (heads, hd) = (dims.heads, dims.head_dim);
-        self.rotary(q_rot.rb(), q, cos, sin, dims.q_len, heads, hd)?;
-        self.rotary(k_rot.rb(), k, cos, sin, dims.kv_len, heads, hd)?;
-        self.attention(out, lse, q_rot.view(), k_rot.view(), v, kv_lens, None, dims)
+        unfused::rotary_attention(self, out, lse, rotated, [q, k, v], tables, kv_lens, dims)
     }
     /// Adds into `dq`, `dk`, `dv` and, when given, `dbias` (f32, laid out like the bias).
     fn attention_backward(
@@ -884,4 +880,45 @@ pub(crate) fn rows_of(op: &'static str, name: &str, numel: usize, cols: usize) -
         ));
     }
     Ok(numel / cols)
+}
+
+/// The unfused forms of the trait's fused ops: their default bodies, and what a backend that fuses some
+/// cases runs for the others.
+pub mod unfused {
+    use super::{AttentionDims, Backend, LinearDims, Result, View, ViewMut};
+
+    /// [`Backend::linear_residual`] as two ops: the product into `scratch`, then the residual added.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_residual<B: Backend>(
+        b: &B,
+        y: ViewMut<'_, B>,
+        x: View<'_, B>,
+        w: View<'_, B>,
+        bias: Option<View<'_, B>>,
+        residual: View<'_, B>,
+        mut scratch: ViewMut<'_, B>,
+        dims: LinearDims,
+    ) -> Result<()> {
+        b.linear(scratch.rb(), x, w, bias, dims)?;
+        b.add(y, residual, scratch.view())
+    }
+
+    /// [`Backend::rotary_attention`] as three ops: q and k rotated into `q_rot` and `k_rot`, then the
+    /// attention of those.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rotary_attention<B: Backend>(
+        b: &B,
+        out: ViewMut<'_, B>,
+        lse: ViewMut<'_, B>,
+        (mut q_rot, mut k_rot): (ViewMut<'_, B>, ViewMut<'_, B>),
+        [q, k, v]: [View<'_, B>; 3],
+        (cos, sin): (View<'_, B>, View<'_, B>),
+        kv_lens: Option<View<'_, B>>,
+        dims: &AttentionDims,
+    ) -> Result<()> {
+        let (heads, hd) = (dims.heads, dims.head_dim);
+        b.rotary(q_rot.rb(), q, cos, sin, dims.q_len, heads, hd)?;
+        b.rotary(k_rot.rb(), k, cos, sin, dims.kv_len, heads, hd)?;
+        b.attention(out, lse, q_rot.view(), k_rot.view(), v, kv_lens, None, dims)
+    }
 }
