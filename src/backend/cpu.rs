@@ -501,6 +501,13 @@ pub(crate) fn skips_epilogue_pre(weight: DType, compute: DType, epilogue: Epilog
     }
 }
 
+/// Whether the CPU backend (and the planner recording for it) adds a residual inside the product for
+/// weights and activations of these dtypes: bf16 weights with f32 activations, the bf16 GEMM writing f32
+/// ([`Backend::fuses_linear_residual`]).
+pub(crate) fn fuses_residual(weight: DType, compute: DType) -> bool {
+    (weight, compute) == (DType::BF16, DType::F32)
+}
+
 /// Where an op's output values live while it writes them.
 enum Slot<'a> {
     /// In place, in host f32 memory.
@@ -1014,6 +1021,10 @@ impl Backend for CpuBackend {
             &self.f32s(OP, "dout", dout)?,
             &self.f32s(OP, "x", x)?,
         )
+    }
+
+    fn fuses_linear_residual(&self) -> bool {
+        !self.bf16_storage && fuses_residual(self.weight_dtype(), self.compute_dtype())
     }
 
     fn linear_epilogue_skips_pre(&self, epilogue: Epilogue) -> bool {

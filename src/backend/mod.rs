@@ -221,6 +221,12 @@ pub trait Backend: Sized {
         dims: LinearDims,
         keep_pre: bool,
     ) -> Result<()>;
+    /// Whether [`Backend::linear_residual`] adds the residual inside the product here (with f32
+    /// activations), so that a model may end an attention block with it and a plain LayerNorm rather than
+    /// [`Backend::linear`] then [`Backend::residual_layernorm`] (which the kernel devices fuse instead).
+    fn fuses_linear_residual(&self) -> bool {
+        false
+    }
     /// `y = residual + (x·Wᵀ + bias)`, as a residual block ends: [`Backend::linear`] into `scratch` (the
     /// size of `y`), then [`Backend::add`] of the residual. A backend may instead add the residual as it
     /// writes the product and leave `scratch` unwritten (the bf16 CPU backend: the same bits, without

@@ -701,6 +701,9 @@ impl Backend for RecordingBackend {
     fn linear_epilogue_skips_pre(&self, epilogue: Epilogue) -> bool {
         super::cpu::skips_epilogue_pre(self.weight_dtype(), self.compute_dtype(), epilogue)
     }
+    fn fuses_linear_residual(&self) -> bool {
+        super::cpu::fuses_residual(self.weight_dtype(), self.compute_dtype())
+    }
     /// One op, so that `out` lives alongside `x` and `pre`: a fused backend reads `x` while it writes
     /// `out` (recorded as the default's two ops, `out` could share memory with `x`, last read by the first).
     fn linear_swiglu(

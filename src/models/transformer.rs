@@ -715,25 +715,49 @@ impl TransformerEncoder {
                 &dims,
             )?;
         }
-        // mid = x_in + attn·W_oᵀ + b_o, and LN₂(mid), fused where the backend fuses.
-        b.linear(
-            proj.view_mut(),
-            la.attn.view(),
-            p[lp.o.0],
-            Some(p[lp.o.1]),
-            self.lin(n, h, h),
-        )?;
-        b.residual_layernorm(
-            la.mid.view_mut(),
-            la.ln2.view_mut(),
-            la.mean2.view_mut(),
-            la.rstd2.view_mut(),
-            x_in,
-            proj.view(),
-            p[lp.ln2.0],
-            p[lp.ln2.1],
-            cfg.ln_eps,
-        )?;
+        // mid = x_in + attn·W_oᵀ + b_o, and LN₂(mid): the residual inside the product where the backend
+        // adds it there (the same bits), else the residual add fused with the LayerNorm.
+        let o_dims = self.lin(n, h, h);
+        let (ln2_gamma, ln2_beta) = (p[lp.ln2.0], p[lp.ln2.1]);
+        if b.fuses_linear_residual() {
+            b.linear_residual(
+                la.mid.view_mut(),
+                la.attn.view(),
+                p[lp.o.0],
+                Some(p[lp.o.1]),
+                x_in,
+                proj.view_mut(),
+                o_dims,
+            )?;
+            b.layernorm(
+                la.ln2.view_mut(),
+                la.mean2.view_mut(),
+                la.rstd2.view_mut(),
+                la.mid.view(),
+                ln2_gamma,
+                ln2_beta,
+                cfg.ln_eps,
+            )?;
+        } else {
+            b.linear(
+                proj.view_mut(),
+                la.attn.view(),
+                p[lp.o.0],
+                Some(p[lp.o.1]),
+                o_dims,
+            )?;
+            b.residual_layernorm(
+                la.mid.view_mut(),
+                la.ln2.view_mut(),
+                la.mean2.view_mut(),
+                la.rstd2.view_mut(),
+                x_in,
+                proj.view(),
+                ln2_gamma,
+                ln2_beta,
+                cfg.ln_eps,
+            )?;
+        }
         let ffn_in = self.lin(n, h, cfg.ffn_in_width());
         match cfg.ffn {
             FeedForward::Gelu => {
