@@ -416,6 +416,31 @@ impl CpuBackend {
         })
     }
 
+    /// The attention's operands as host f32 (bf16 activations widened), the key lengths and the bias: what
+    /// both passes read.
+    fn attention_operands<'a>(
+        &'a self,
+        op: &'static str,
+        [q, k, v]: [View<'a, Self>; 3],
+        kv_lens: Option<View<'a, Self>>,
+        bias: Option<(View<'a, Self>, bool)>,
+    ) -> Result<AttentionOperands<'a>> {
+        Ok(AttentionOperands {
+            q: self.f32s(op, "q", q)?,
+            k: self.f32s(op, "k", k)?,
+            v: self.f32s(op, "v", v)?,
+            lens: lens_of(op, kv_lens)?,
+            bias: bias
+                .map(|(b, per_batch)| {
+                    Ok::<_, Error>(AttentionBias {
+                        data: exact(op, "bias", b)?,
+                        per_batch,
+                    })
+                })
+                .transpose()?,
+        })
+    }
+
     /// The attention forward of both [`Backend::attention`] and [`Backend::rotary_attention`] (where
     /// `rope` holds the cos and sin tables, the bf16 products apply them).
     #[allow(clippy::too_many_arguments)]
@@ -430,29 +455,14 @@ impl CpuBackend {
         dims: &AttentionDims,
     ) -> Result<()> {
         const OP: &str = "attention";
-        let lens = lens_of(OP, kv_lens)?;
-        let inputs = AttentionInputs {
-            q: &self.f32s(OP, "q", q)?,
-            k: &self.f32s(OP, "k", k)?,
-            v: &self.f32s(OP, "v", v)?,
-            kv_lens: lens.as_deref(),
-            bias: bias
-                .map(|(b, per_batch)| {
-                    Ok::<_, Error>(AttentionBias {
-                        data: exact(OP, "bias", b)?,
-                        per_batch,
-                    })
-                })
-                .transpose()?,
-            rope: None,
-        };
+        let operands = self.attention_operands(OP, [q, k, v], kv_lens, bias)?;
         let tables = match rope {
             Some((cos, sin)) => Some((self.f32s(OP, "cos", cos)?, self.f32s(OP, "sin", sin)?)),
             None => None,
         };
         let inputs = AttentionInputs {
             rope: tables.as_ref().map(|(cos, sin)| AttentionRope { cos, sin }),
-            ..inputs
+            ..operands.inputs()
         };
         let need = dims.checked_workspace_len(OP, rayon::current_num_threads())?;
         let mut ws = self.workspace(OP, need)?;
@@ -498,6 +508,29 @@ pub(crate) fn skips_epilogue_pre(weight: DType, compute: DType, epilogue: Epilog
         (DType::BF16, DType::F32) => true,
         (DType::F32, DType::F32) => epilogue == Epilogue::Activation,
         _ => false,
+    }
+}
+
+/// What [`CpuBackend::attention_operands`] holds while an attention pass reads it.
+struct AttentionOperands<'a> {
+    q: Input<'a>,
+    k: Input<'a>,
+    v: Input<'a>,
+    lens: Option<Vec<usize>>,
+    bias: Option<AttentionBias<'a>>,
+}
+
+impl AttentionOperands<'_> {
+    /// The inputs of [`ops::attention`], without rotary tables.
+    fn inputs(&self) -> AttentionInputs<'_> {
+        AttentionInputs {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            kv_lens: self.lens.as_deref(),
+            bias: self.bias,
+            rope: None,
+        }
     }
 }
 
@@ -1279,22 +1312,8 @@ impl Backend for CpuBackend {
         dims: &AttentionDims,
     ) -> Result<()> {
         const OP: &str = "attention_backward";
-        let lens = lens_of(OP, kv_lens)?;
-        let inputs = AttentionInputs {
-            q: &self.f32s(OP, "q", q)?,
-            k: &self.f32s(OP, "k", k)?,
-            v: &self.f32s(OP, "v", v)?,
-            kv_lens: lens.as_deref(),
-            bias: bias
-                .map(|(b, per_batch)| {
-                    Ok::<_, Error>(AttentionBias {
-                        data: exact(OP, "bias", b)?,
-                        per_batch,
-                    })
-                })
-                .transpose()?,
-            rope: None,
-        };
+        let operands = self.attention_operands(OP, [q, k, v], kv_lens, bias)?;
+        let inputs = operands.inputs();
         let need = dims.checked_workspace_len(OP, rayon::current_num_threads())?;
         let mut ws = self.workspace(OP, need)?;
         ops::attention::attention_backward(

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use super::config::EsmConfig;
 use super::recompute::Recompute;
 use crate::backend::{
-    Act, AttentionDims, Backend, Epilogue, LinearDims, Role, Tensor, View, ViewMut,
+    unfused, Act, AttentionDims, Backend, Epilogue, LinearDims, Role, Tensor, View, ViewMut,
 };
 use crate::ops::rotary::RotaryTable;
 use crate::runtime::{Layout, TensorSpec};
@@ -679,41 +679,17 @@ impl TransformerEncoder {
             )?;
         }
         let dims = AttentionDims::new(batch, cfg.heads, len, len, hd);
+        let (out, lse) = (la.attn.view_mut(), la.lse.view_mut());
+        let rotated = (la.q_rot.view_mut(), la.k_rot.view_mut());
+        let qkv = [la.q.view(), la.k.view(), la.v.view()];
+        let tables = (rope.cos, rope.sin);
         if keep {
-            for (rotated, x) in [(&mut la.q_rot, &la.q), (&mut la.k_rot, &la.k)] {
-                b.rotary(
-                    rotated.view_mut(),
-                    x.view(),
-                    rope.cos,
-                    rope.sin,
-                    len,
-                    cfg.heads,
-                    hd,
-                )?;
-            }
-            b.attention(
-                la.attn.view_mut(),
-                la.lse.view_mut(),
-                la.q_rot.view(),
-                la.k_rot.view(),
-                la.v.view(),
-                Some(kv_lens),
-                None,
-                &dims,
-            )?;
+            // The backward reads the rotated rows: always the three ops, which write them.
+            unfused::rotary_attention(b, out, lse, rotated, qkv, tables, Some(kv_lens), &dims)?;
         } else {
             // Nothing reads the rotated rows after the attention: a backend may turn them as it reads them.
-            b.rotary_attention(
-                la.attn.view_mut(),
-                la.lse.view_mut(),
-                (la.q_rot.view_mut(), la.k_rot.view_mut()),
-                la.q.view(),
-                la.k.view(),
-                la.v.view(),
-                (rope.cos, rope.sin),
-                Some(kv_lens),
-                &dims,
-            )?;
+            let [q, k, v] = qkv;
+            b.rotary_attention(out, lse, rotated, q, k, v, tables, Some(kv_lens), &dims)?;
         }
         // mid = x_in + attn·W_oᵀ + b_o, and LN₂(mid): the residual inside the product where the backend
         // adds it there (the same bits), else the residual add fused with the LayerNorm.
