@@ -700,6 +700,80 @@ mod tests {
         }
     }
 
+    /// The same product from A at two row strides gives the same bits: at k = 768, rows 1,536 bytes apart
+    /// spread over the L1 sets and the AMX kernel runs three short k-blocks through its scratch, while rows
+    /// 4,096 bytes apart crowd them and one long k-block writes the output in place (the AVX-512 kernel
+    /// reads the first in place and packs the second). The scratch must start from the bias as the
+    /// in-place output does: f32 with and without a bias, and the residual output, on the native kernels
+    /// this CPU runs.
+    #[test]
+    fn product_bits_do_not_depend_on_the_k_block_or_the_row_stride() {
+        let mut rng = rng(33);
+        let (m, n, k, wide) = (96, 320, 768, 2048);
+        let mut storage = vec![bf16::ZERO; m * wide + 32];
+        let start = storage.as_ptr().align_offset(64);
+        let wide_a = &mut storage[start..start + m * wide];
+        let values = random_bf16(&mut rng, m * k);
+        for (row, src) in wide_a.chunks_mut(wide).zip(values.chunks(k)) {
+            row[..k].copy_from_slice(src);
+        }
+        let wide_a = &*wide_a;
+        let mut dense_storage = vec![bf16::ZERO; m * k + 32];
+        let start = dense_storage.as_ptr().align_offset(64);
+        let dense_a = &mut dense_storage[start..start + m * k];
+        dense_a.copy_from_slice(&values);
+        let dense_a = &*dense_a;
+        let b = random_bf16(&mut rng, k * n);
+        let bv = View::row_major(k, n, false);
+        let (dense_v, wide_v) = (
+            View::row_major(m, k, false),
+            View {
+                rows: m,
+                cols: k,
+                rs: wide as isize,
+                cs: 1,
+            },
+        );
+        let residual = uniform(&mut rng, m * n, -4.0, 4.0);
+        let bias = uniform(&mut rng, n, -1.0, 1.0);
+        let natives = Bf16Kernel::available()
+            .iter()
+            .filter(|k| **k != Bf16Kernel::Portable);
+        for &kernel in natives {
+            for bias in [None, Some(&bias[..])] {
+                for with_residual in [false, true] {
+                    let run = |a: &[bf16], av: View| {
+                        let mut c = vec![f32::NAN; m * n];
+                        let out = if with_residual {
+                            GemmOut::Residual {
+                                c: &mut c,
+                                residual: &residual,
+                                bias,
+                            }
+                        } else {
+                            GemmOut::F32 {
+                                c: &mut c,
+                                accumulate: false,
+                                bias,
+                            }
+                        };
+                        gemm_bf16(out, Lhs::Bf16(a), av, &b, bv, Some(kernel)).unwrap();
+                        c
+                    };
+                    let (dense, wide) = (run(dense_a, dense_v), run(wide_a, wide_v));
+                    for (i, (d, w)) in dense.iter().zip(&wide).enumerate() {
+                        assert_eq!(
+                            d.to_bits(),
+                            w.to_bits(),
+                            "{kernel:?} bias {} residual {with_residual} [{i}]: {d} vs {w}",
+                            bias.is_some()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn bf16_gemm_rejects_bad_sizes() {
         let a = vec![bf16::ONE; 6];

@@ -6,21 +6,22 @@
 //!   place where it is contiguous bf16 of whole tiles on cache lines;
 //! - **B** as the AVX-512 kernel packs it (32-column strips of k pairs, 128 bytes a pair).
 //!
-//! The loops are BLIS-like: tasks own [`MC`]×[`NC`] blocks of C; within one, k runs in blocks of [`KC`]
-//! and, for each 32-row pair of A strips, the 32-column strips of B stream from L2, prefetched into L1 a
-//! step ahead by the tile product. [`KC`] is 1,024: with the prefetch, longer k-blocks measured 2–20%
-//! faster than 256 or 512 (fewer stores and reloads of the C tiles), although a pair of A strips then
-//! outgrows L1. Partial sums across k-blocks go to an aligned f32 scratch block, so a bf16 output is rounded
+//! The loops are BLIS-like: tasks own [`MC`]×[`NC`] blocks of C; within one, k runs in k-blocks and, for
+//! each 32-row pair of A strips, the 32-column strips of B stream from L2, prefetched into L1 a step ahead
+//! by the tile product. The k-block is [`KC_L1`] where a pair of A strips of that length stays in L1 (its
+//! rows spread over the L1 sets: packed A, or rows read in place at a stride like 1,536 bytes), so that only
+//! B streams from L2; else [`KC`], where fewer stores and reloads of the C tiles win since A comes from L2
+//! anyway. Partial sums across k-blocks go to an aligned f32 scratch block, so a bf16 output is rounded
 //! once; an f32 output covered by one k-block takes the tiles' stores directly (see [`gemm`]). Each
-//! element's summation order is fixed, so results do not depend on the thread count.
+//! element's summation order is fixed, so results do not depend on the thread count, nor on the k-block.
 
 use rayon::prelude::*;
 
 use half::bf16;
 
 use super::shared::{
-    computed_columns, for_each_block, pack_b, zero_product, Block, Dest, Output, NR, PACKED_A,
-    PACKED_B,
+    computed_columns, for_each_block, pack_b, rows_spread_over_sets, zero_product, Block, Dest,
+    Output, Placement, NR, PACKED_A, PACKED_B,
 };
 use super::{GemmOut, Lhs, View};
 use crate::ops::amx::{block_32x32, ATiles, Tiles, BLOCK, TILE_K, TILE_ROWS};
@@ -29,8 +30,15 @@ use crate::ops::amx::{block_32x32, ATiles, Tiles, BLOCK, TILE_K, TILE_ROWS};
 const MR: usize = BLOCK;
 // The tile product reads B strips as the AVX-512 kernel packs them: 32 columns a pair line.
 const _: () = assert!(NR == BLOCK);
-/// k values per block.
+/// k values per block where A's rows crowd a few L1 sets: with the B prefetch, longer k-blocks measured
+/// 2–20% faster than 256 or 512 there (in place at 8,192 × 768 × 3,072 and 2048³, 1,024 stayed 1–4% ahead).
 const KC: usize = 1024;
+/// k values per block where a pair of A strips stays in L1: 32 rows × 256 k of bf16 are 16 KiB, a third of
+/// the L1 of Sapphire Rapids, beside B's prefetched lines. At NT-v2's k = 768 (A read in place, rows 1,536
+/// bytes apart), alternating with [`KC`]: 8,192 × 768 → 768 2,822–2,867 against 2,228–2,343 GFLOP/s,
+/// → 6,144 2,496–2,561 against 2,133–2,143, → 2,304 2,535–2,731 against 2,036–2,290; packed, 2048³
+/// 2,314–2,339 against 2,064–2,072 (384: between the two).
+const KC_L1: usize = 256;
 /// Rows per task (a multiple of [`MR`]).
 const MC: usize = 256;
 /// Columns per task (a multiple of [`NR`]).
@@ -132,6 +140,17 @@ pub(super) unsafe fn gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv
         ATiles::packed(packed, steps)
     });
     let b_values: &[u16] = bytemuck::cast_slice(&packed_b);
+    // An accumulating output keeps the long k-block: its in-place start is the output itself, which a
+    // scratch block cannot take without changing the summation order.
+    let accumulates = matches!(
+        out,
+        GemmOut::F32 {
+            accumulate: true,
+            ..
+        }
+    );
+    let a_in_l1 = rows_spread_over_sets(a_tiles.row_bytes, MR);
+    let kc = if a_in_l1 && !accumulates { KC_L1 } else { KC };
     let output = Output::new(out, n);
     let fill = |block: &Block, dest: Dest| {
         let Block {
@@ -145,7 +164,7 @@ pub(super) unsafe fn gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv
         let _tiles = unsafe { Tiles::configure() };
         let mut s0 = 0;
         while s0 < steps {
-            let ns = (steps - s0).min(KC / TILE_K);
+            let ns = (steps - s0).min(kc / TILE_K);
             for is in 0..rows_pad / MR {
                 let strip = (r0 + is * MR) / TILE_ROWS;
                 for js in 0..cols_pad / NR {
@@ -178,19 +197,14 @@ pub(super) unsafe fn gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv
     // rounds, bias added, f32 activations): with one k-block, 8,192 × 768 → 6,144 (NT-v2's FFN) ran
     // 1.00–1.25× as fast in place (median 1.16×); at 8,192 × 3,072 → 768, where each later k-block reloads
     // its C tiles from the output (unaligned, out of cache by then) rather than from the aligned scratch
-    // in L2, 0.78–1.03× (median 0.93×).
-    let output_in_place = steps <= KC / TILE_K;
-    // SAFETY: AMX implies the AVX-512 features (checked with it, `has_native_bf16`).
-    unsafe {
-        for_each_block(
-            &output,
-            (m, columns),
-            (MC, NC),
-            (MR, NR),
-            output_in_place,
-            fill,
-        )
+    // in L2, 0.78–1.03× (median 0.93×). Where the short k-block splits a k that one long block covers,
+    // the scratch starts from the bias as the output would, so the bits do not depend on the k-block.
+    let placement = Placement {
+        in_place: steps <= kc / TILE_K,
+        start_as_in_place: steps <= KC / TILE_K,
     };
+    // SAFETY: AMX implies the AVX-512 features (checked with it, `has_native_bf16`).
+    unsafe { for_each_block(&output, (m, columns), (MC, NC), (MR, NR), placement, fill) };
     PACKED_A.give_back(packed_a);
     PACKED_B.give_back(packed_b);
 }

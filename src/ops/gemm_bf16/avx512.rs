@@ -8,8 +8,8 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::shared::{
-    computed_columns, for_each_block, pack_b, zero_product, Block, Dest, Output, NR, PACKED_A,
-    PACKED_B,
+    computed_columns, for_each_block, pack_b, rows_spread_over_sets, zero_product, Block, Dest,
+    Output, Placement, NR, PACKED_A, PACKED_B,
 };
 use super::{GemmOut, Lhs, View};
 use crate::ops::amx::Init;
@@ -123,17 +123,12 @@ unsafe fn pack_a_blocks(strip: &mut [u32], a: Lhs<'_>, rows: &[usize], next: usi
     }
 }
 
-/// Whether a strip's MR rows, `row_bytes` apart, spread over enough L1 sets to be read in place: at most 6
-/// of their lines in any one set, counting 64 sets of 64-byte lines (the 4 KiB period of the L1 caches of
-/// Zen 4, Zen 5 and Golden Cove). Rows a multiple of 4 KiB apart all fall in one set and evict each other
-/// and B's lines: read in place, a 2048³ product ran 25% slower, and k = 4,096 40% slower, than packed;
-/// rows 2 KiB apart (6 a set) ran 10% faster at 4,096 × 1,024 × 1,024 (Zen 5, alternating runs).
-fn rows_spread_over_sets(row_bytes: usize) -> bool {
-    let mut lines_per_set = [0usize; 64];
-    for i in 0..MR {
-        lines_per_set[(i * row_bytes / 64) % 64] += 1;
-    }
-    lines_per_set.iter().all(|&lines| lines <= 6)
+/// Whether a strip's MR rows, `row_bytes` apart, spread over enough L1 sets to be read in place
+/// ([`rows_spread_over_sets`]): read in place with rows a multiple of 4 KiB apart, a 2048³ product ran 25%
+/// slower, and k = 4,096 40% slower, than packed; rows 2 KiB apart (6 a set) ran 10% faster at
+/// 4,096 × 1,024 × 1,024 (Zen 5, alternating runs).
+fn strip_spreads(row_bytes: usize) -> bool {
+    rows_spread_over_sets(row_bytes, MR)
 }
 
 /// Where a tile's A pairs come from: a packed strip, or MR rows of A itself.
@@ -222,9 +217,7 @@ pub(super) fn gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv: View)
     // Whole strips of contiguous bf16 rows with whole pairs are read in place, unless the row stride
     // crowds a strip's rows into few L1 sets.
     let rows_in_place = match a {
-        Lhs::Bf16(a) if av.cs == 1 && k % 2 == 0 && rows_spread_over_sets(av.rs as usize * 2) => {
-            Some(a)
-        }
+        Lhs::Bf16(a) if av.cs == 1 && k % 2 == 0 && strip_spreads(av.rs as usize * 2) => Some(a),
         _ => None,
     };
     let mut packed_a = PACKED_A.take(m.div_ceil(MR) * pairs * MR * 4);
@@ -282,17 +275,11 @@ pub(super) fn gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv: View)
     // SAFETY: the features were checked by the caller (`has_native_bf16`).
     // In place only where one k-block covers k, as in the AMX kernel: later k-blocks would reload their
     // sums from the output rather than from the scratch in L2.
-    let output_in_place = pairs <= KP;
-    unsafe {
-        for_each_block(
-            &output,
-            (m, columns),
-            (MC, NC),
-            (MR, NR),
-            output_in_place,
-            fill,
-        )
+    let placement = Placement {
+        in_place: pairs <= KP,
+        start_as_in_place: false,
     };
+    unsafe { for_each_block(&output, (m, columns), (MC, NC), (MR, NR), placement, fill) };
     PACKED_A.give_back(packed_a);
     PACKED_B.give_back(packed_b);
 }
@@ -306,10 +293,10 @@ mod tests {
     #[test]
     fn rows_a_page_apart_are_packed() {
         for bytes in [4096, 8192, 3 * 4096] {
-            assert!(!rows_spread_over_sets(bytes), "{bytes}");
+            assert!(!strip_spreads(bytes), "{bytes}");
         }
         for bytes in [960, 2048, 3840, 2000, 64] {
-            assert!(rows_spread_over_sets(bytes), "{bytes}");
+            assert!(strip_spreads(bytes), "{bytes}");
         }
     }
 }

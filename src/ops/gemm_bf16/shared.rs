@@ -392,7 +392,7 @@ impl<'a> Output<'a> {
             unsafe {
                 if self.bf16s.is_null() {
                     let dst = std::slice::from_raw_parts_mut(self.f32s.add(at), cols);
-                    match (self.accumulate, self.bias) {
+                    match (self.accumulate, self.bias.filter(|_| !biased)) {
                         (false, None) => dst.copy_from_slice(src),
                         (true, None) => dst.iter_mut().zip(src).for_each(|(o, v)| *o += v),
                         (false, Some(bias)) => dst
@@ -491,13 +491,36 @@ impl Dest {
     }
 }
 
+/// Whether `rows` rows `row_bytes` apart spread over enough L1 sets to stay there: at most 6 of their lines
+/// in any one set, counting 64 sets of 64-byte lines (the 4 KiB period of the L1 caches of Zen 4, Zen 5
+/// and Golden Cove). Rows a multiple of 4 KiB apart all fall in one set and evict each other and B's
+/// lines.
+pub(super) fn rows_spread_over_sets(row_bytes: usize, rows: usize) -> bool {
+    let mut lines_per_set = [0usize; 64];
+    for i in 0..rows {
+        lines_per_set[(i * row_bytes / 64) % 64] += 1;
+    }
+    lines_per_set.iter().all(|&lines| lines <= 6)
+}
+
+/// How [`for_each_block`] places a task's sums.
+#[derive(Clone, Copy)]
+pub(super) struct Placement {
+    /// A block of whole register blocks (no padding) of an f32 output (not one with a residual) is
+    /// written in place: the output is the destination, starting from zero, from its own values
+    /// (accumulate) or from the bias broadcast over the rows, with no epilogue pass over the block.
+    pub(super) in_place: bool,
+    /// Such a block, where it goes to the scratch instead (with a residual, or when a kernel runs k in
+    /// several blocks but one k-block used to cover it), starts from zero or the bias as in place would, so
+    /// that its sums keep the bits of the in-place output (not for an accumulating output, whose start
+    /// is the output itself).
+    pub(super) start_as_in_place: bool,
+}
+
 /// The loop both native kernels share: the m×n output in `(mc, nc)` blocks, one rayon task each. A task
-/// runs `fill(block, dest)`, which must write every one of the block's `rows_pad × cols_pad` sums.
-/// - With `output_in_place`, a block of whole register blocks (no padding) of an f32 output is written in
-///   place: `dest` is the output, starting from zero, from its own values (accumulate) or from the bias
-///   broadcast over the rows, with no epilogue pass over the block.
-/// - Any other block goes to a per-thread f32 scratch (64-byte aligned, kept between calls, starting
-///   from zero), which the epilogue then moves to the output.
+/// runs `fill(block, dest)`, which must write every one of the block's `rows_pad × cols_pad` sums. Blocks
+/// not written in place ([`Placement`]) go to a per-thread f32 scratch (64-byte aligned, kept between
+/// calls), which the epilogue then moves to the output.
 ///
 /// # Safety
 /// AVX-512F, BW, VL and DQ (for [`Output::write_block`]).
@@ -506,7 +529,7 @@ pub(super) unsafe fn for_each_block(
     (m, n): (usize, usize),
     (mc, nc): (usize, usize),
     (mr, nr): (usize, usize),
-    output_in_place: bool,
+    placement: Placement,
     fill: impl Fn(&Block, Dest) + Sync,
 ) {
     let (row_blocks, col_blocks) = (m.div_ceil(mc), n.div_ceil(nc));
@@ -519,8 +542,11 @@ pub(super) unsafe fn for_each_block(
             rows_pad: rows.div_ceil(mr) * mr,
             cols_pad: cols.div_ceil(nr) * nr,
         };
-        let whole = output_in_place && block.rows_pad == rows && block.cols_pad == cols;
-        if let Some(dest) = whole.then(|| output.direct((r0, c0))).flatten() {
+        let whole = block.rows_pad == rows && block.cols_pad == cols;
+        if let Some(dest) = (placement.in_place && whole)
+            .then(|| output.direct((r0, c0)))
+            .flatten()
+        {
             // Rows r0..r0+rows and columns c0..c0+cols belong to this task alone.
             return fill(&block, dest);
         }
@@ -530,12 +556,12 @@ pub(super) unsafe fn for_each_block(
                 scratch.resize(lines, CacheLine([0; 32]));
             }
             let sums: &mut [f32] = bytemuck::cast_slice_mut(&mut scratch[..lines]);
-            // A residual output's block that an f32 output would write in place starts as it would
-            // (from the bias), so that its sums have the bits of that output's.
-            let start = whole
+            // A block that an f32 output would write in place starts as it would (from the bias), so
+            // that its sums have the bits of that output's.
+            let start = (whole && (placement.in_place || placement.start_as_in_place))
                 .then(|| output.start_in_place(c0))
                 .flatten()
-                .filter(|_| output.residual.is_some())
+                .filter(|start| !matches!(start, Init::Load))
                 .unwrap_or(Init::Zero);
             let biased = matches!(start, Init::Broadcast(_));
             let dest = Dest {
