@@ -392,6 +392,14 @@ mod tests {
             .collect()
     }
 
+    /// `len` zeros starting on a cache line, inside `storage` (replaced here), as the engine's tensors
+    /// start: whole tiles of such a left operand are read in place by the AMX kernel.
+    fn on_cache_line(storage: &mut Vec<bf16>, len: usize) -> &mut [bf16] {
+        *storage = vec![bf16::ZERO; len + 32];
+        let start = storage.as_ptr().align_offset(64);
+        &mut storage[start..start + len]
+    }
+
     /// B's layouts (`[k, n]`, b holding `(k + 1)·n` values): rows, columns, and columns padded to stride
     /// k + 1 (a slice of a wider weight; an even stride takes the packer's word-transpose path, odd k
     /// included).
@@ -441,9 +449,8 @@ mod tests {
                 let a32 = uniform(&mut rng, m * k, -1.0, 1.0);
                 // A starts on a cache line, so that shapes of whole tiles (m and k multiples of 32,
                 // row-major) take the AMX kernel's in-place path.
-                let mut a_storage = vec![bf16::ZERO; m * k + 32];
-                let start = a_storage.as_ptr().align_offset(64);
-                let a = &mut a_storage[start..start + m * k];
+                let mut a_storage = Vec::new();
+                let a = on_cache_line(&mut a_storage, m * k);
                 a.iter_mut()
                     .zip(&a32)
                     .for_each(|(o, v)| *o = bf16::from_f32(*v));
@@ -648,9 +655,8 @@ mod tests {
         ];
         for (m, n, k) in shapes {
             let a32 = uniform(&mut rng, m * k, -1.0, 1.0);
-            let mut a_storage = vec![bf16::ZERO; m * k + 32];
-            let start = a_storage.as_ptr().align_offset(64);
-            let a = &mut a_storage[start..start + m * k];
+            let mut a_storage = Vec::new();
+            let a = on_cache_line(&mut a_storage, m * k);
             a.iter_mut()
                 .zip(&a32)
                 .for_each(|(o, v)| *o = bf16::from_f32(*v));
@@ -710,17 +716,15 @@ mod tests {
     fn product_bits_do_not_depend_on_the_k_block_or_the_row_stride() {
         let mut rng = rng(33);
         let (m, n, k, wide) = (96, 320, 768, 2048);
-        let mut storage = vec![bf16::ZERO; m * wide + 32];
-        let start = storage.as_ptr().align_offset(64);
-        let wide_a = &mut storage[start..start + m * wide];
+        let mut storage = Vec::new();
+        let wide_a = on_cache_line(&mut storage, m * wide);
         let values = random_bf16(&mut rng, m * k);
         for (row, src) in wide_a.chunks_mut(wide).zip(values.chunks(k)) {
             row[..k].copy_from_slice(src);
         }
         let wide_a = &*wide_a;
-        let mut dense_storage = vec![bf16::ZERO; m * k + 32];
-        let start = dense_storage.as_ptr().align_offset(64);
-        let dense_a = &mut dense_storage[start..start + m * k];
+        let mut dense_storage = Vec::new();
+        let dense_a = on_cache_line(&mut dense_storage, m * k);
         dense_a.copy_from_slice(&values);
         let dense_a = &*dense_a;
         let b = random_bf16(&mut rng, k * n);
