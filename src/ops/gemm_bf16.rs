@@ -708,17 +708,25 @@ mod tests {
 
     /// The same product from A at two row strides gives the same bits: at k = 768, rows 1,536 bytes apart
     /// spread over the L1 sets and the AMX kernel runs three short k-blocks through its scratch, while rows
-    /// 4,096 bytes apart crowd them and one long k-block writes the output in place (the AVX-512 kernel
-    /// reads the first in place and packs the second). The scratch must start from the bias as the
+    /// 4,096 bytes apart crowd them and one long k-block writes the output in place, or, for a wide
+    /// product, they are packed and take the short k-blocks too (the AVX-512 kernel reads the first in
+    /// place and packs the second). The scratch must start from the bias as the
     /// in-place output does: f32 with and without a bias, and the residual output, on the native kernels
     /// this CPU runs.
     #[test]
     fn product_bits_do_not_depend_on_the_k_block_or_the_row_stride() {
         let mut rng = rng(33);
-        let (m, n, k, wide) = (96, 320, 768, 2048);
+        // 2,080 columns: the AMX kernel packs the crowded rows rather than reading them in place.
+        for n in [320, 2080] {
+            product_bits_match_at_two_row_strides(&mut rng, n);
+        }
+    }
+
+    fn product_bits_match_at_two_row_strides(rng: &mut StdRng, n: usize) {
+        let (m, k, wide) = (96, 768, 2048);
         let mut storage = Vec::new();
         let wide_a = on_cache_line(&mut storage, m * wide);
-        let values = random_bf16(&mut rng, m * k);
+        let values = random_bf16(rng, m * k);
         for (row, src) in wide_a.chunks_mut(wide).zip(values.chunks(k)) {
             row[..k].copy_from_slice(src);
         }
@@ -727,7 +735,7 @@ mod tests {
         let dense_a = on_cache_line(&mut dense_storage, m * k);
         dense_a.copy_from_slice(&values);
         let dense_a = &*dense_a;
-        let b = random_bf16(&mut rng, k * n);
+        let b = random_bf16(rng, k * n);
         let bv = View::row_major(k, n, false);
         let (dense_v, wide_v) = (
             View::row_major(m, k, false),
@@ -738,8 +746,8 @@ mod tests {
                 cs: 1,
             },
         );
-        let residual = uniform(&mut rng, m * n, -4.0, 4.0);
-        let bias = uniform(&mut rng, n, -1.0, 1.0);
+        let residual = uniform(rng, m * n, -4.0, 4.0);
+        let bias = uniform(rng, n, -1.0, 1.0);
         let natives = Bf16Kernel::available()
             .iter()
             .filter(|k| **k != Bf16Kernel::Portable);
@@ -769,7 +777,7 @@ mod tests {
                         assert_eq!(
                             d.to_bits(),
                             w.to_bits(),
-                            "{kernel:?} bias {} residual {with_residual} [{i}]: {d} vs {w}",
+                            "{kernel:?} n {n} bias {} residual {with_residual} [{i}]: {d} vs {w}",
                             bias.is_some()
                         );
                     }

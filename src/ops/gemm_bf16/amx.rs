@@ -3,7 +3,8 @@
 //!
 //! The operands are packed so that every tile is read as 16 rows of one 64-byte cache line each:
 //! - **A** in strips of 16 rows, each `[k / 32][16 rows][32 k]` (one KiB a tile), zero-padded, or read in
-//!   place where it is contiguous bf16 of whole tiles on cache lines;
+//!   place where it is contiguous bf16 of whole tiles on cache lines (unless its rows crowd the L1 sets
+//!   and the product is wide: [`PACK_CROWDED_FROM_COLUMNS`]);
 //! - **B** as the AVX-512 kernel packs it (32-column strips of k pairs, 128 bytes a pair).
 //!
 //! The loops are BLIS-like: tasks own [`MC`]×[`NC`] blocks of C; within one, k runs in k-blocks and, for
@@ -39,6 +40,13 @@ const KC: usize = 1024;
 /// → 6,144 2,496–2,561 against 2,133–2,143, → 2,304 2,535–2,731 against 2,036–2,290; packed, 2048³
 /// 2,314–2,339 against 2,064–2,072 (384: between the two).
 const KC_L1: usize = 256;
+/// Output columns from which A read in place with crowded rows is packed instead, so that it takes the
+/// short k-block: packing costs a pass over A, which each 32-column strip of the product repays a little.
+/// Alternating in place and packed (`bench gemm --dtype bf16`, Xeon model 167, 2 threads, three rounds):
+/// 2048³ 2,123–2,135 → 2,257–2,337 GFLOP/s, 4096³ 2,122–2,173 → 2,314–2,331, 8,192 × 2,048 × 2,048
+/// 2,180–2,264 → 2,221–2,249, 8,192 × 3,072 × 3,072 2,153–2,173 → 2,291–2,359; but 8,192 × 768 × 3,072
+/// (NT-v2's FFN output) 2,306–2,428 → 1,847–2,056, 8,192 × 1,024 × 2,048 2,250–2,293 → 2,069–2,105.
+const PACK_CROWDED_FROM_COLUMNS: usize = 2048;
 /// Rows per task (a multiple of [`MR`]).
 const MC: usize = 256;
 /// Columns per task (a multiple of [`NR`]).
@@ -126,8 +134,10 @@ pub(super) unsafe fn gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv
     let columns = computed_columns(&out, n);
     let mut packed_b = PACKED_B.take(columns.div_ceil(NR) * pairs * NR * 2 * 2);
     pack_b(bytemuck::cast_slice_mut(&mut packed_b), &out, b, bv, pairs);
-    // Contiguous bf16 rows that need no padding are read in place; anything else is packed.
-    let in_place = in_place(a, av);
+    // Contiguous bf16 rows that need no padding are read in place, unless they crowd the L1 sets and the
+    // product is wide enough to repay packing them; anything else is packed.
+    let in_place = in_place(a, av)
+        .filter(|t| rows_spread_over_sets(t.row_bytes, MR) || columns < PACK_CROWDED_FROM_COLUMNS);
     let a_tiles = m.div_ceil(MR) * MR / TILE_ROWS * steps;
     let mut packed_a = PACKED_A.take(if in_place.is_some() {
         0
