@@ -608,3 +608,46 @@ fn recompute_blocks_gives_bit_identical_enformer_gradients_on_the_cpu() {
         "running statistics differ under recompute"
     );
 }
+
+/// The bf16 CPU backend's inference forward (where its attention reads q, k and v head-major, projected
+/// so by `linear_heads`, and turns the rows itself) gives the hidden states of the forward that keeps
+/// every activation (token-major projections, the rotary op, then the attention), bit for bit: GELU and
+/// SwiGLU, random and fixture weights, with padded sequences.
+#[test]
+fn bf16_inference_forward_matches_the_forward_that_keeps_everything() {
+    use isoformer_engine::backend::AttentionDims;
+    let b = CpuBackend::bf16();
+    for (name, enc, host, inputs) in transformer_cases() {
+        let params = ParamSet::upload(&b, enc.layout().clone(), |i| &host[i], true).unwrap();
+        let views = params.views().unwrap();
+        let hidden = |keep_all: bool| {
+            let mut acts = EncoderActivations::default();
+            enc.forward(
+                &b,
+                &views,
+                &inputs.ids,
+                &inputs.lens,
+                inputs.len,
+                &mut acts,
+                keep_all,
+            )
+            .unwrap();
+            b.read_f32(acts.hidden().unwrap()).unwrap()
+        };
+        let (kept, inference) = (hidden(true), hidden(false));
+        let cfg = &enc.cfg;
+        let dims = AttentionDims::new(
+            inputs.lens.len(),
+            cfg.heads,
+            inputs.len,
+            inputs.len,
+            cfg.head_dim(),
+        );
+        let head_major = b.reads_heads_contiguously(&dims);
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert!(
+            bits(&kept) == bits(&inference),
+            "{name} (head-major attention inputs: {head_major}): inference differs"
+        );
+    }
+}

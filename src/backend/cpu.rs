@@ -452,6 +452,7 @@ impl CpuBackend {
         kv_lens: Option<View<'_, Self>>,
         bias: Option<(View<'_, Self>, bool)>,
         rope: Option<(View<'_, Self>, View<'_, Self>)>,
+        head_major: bool,
         dims: &AttentionDims,
     ) -> Result<()> {
         const OP: &str = "attention";
@@ -462,6 +463,7 @@ impl CpuBackend {
         };
         let inputs = AttentionInputs {
             rope: tables.as_ref().map(|(cos, sin)| AttentionRope { cos, sin }),
+            head_major,
             ..operands.inputs()
         };
         let need = dims.checked_workspace_len(OP, rayon::current_num_threads())?;
@@ -530,8 +532,18 @@ impl AttentionOperands<'_> {
             kv_lens: self.lens.as_deref(),
             bias: self.bias,
             rope: None,
+            head_major: false,
         }
     }
+}
+
+/// Whether the CPU backend (and the planner recording for it) reads q, k and v head-major for an inference
+/// attention of `dims` ([`Backend::reads_heads_contiguously`]): bf16 weights with f32 activations (the
+/// bf16 GEMM writes the f32 projections head-major), where its rotary attention runs the bf16 products,
+/// which turn the rows themselves. Not the kernel devices, whose activations are bf16.
+pub(crate) fn reads_heads(weight_dtype: DType, compute_dtype: DType, dims: &AttentionDims) -> bool {
+    (weight_dtype, compute_dtype) == (DType::BF16, DType::F32)
+        && ops::attention::rotates_inside(dims)
 }
 
 /// Whether the CPU backend (and the planner recording for it) adds a residual inside the product for
@@ -1272,7 +1284,7 @@ impl Backend for CpuBackend {
         bias: Option<(View<'_, Self>, bool)>,
         dims: &AttentionDims,
     ) -> Result<()> {
-        self.attention_forward(out, lse, [q, k, v], kv_lens, bias, None, dims)
+        self.attention_forward(out, lse, [q, k, v], kv_lens, bias, None, false, dims)
     }
 
     fn rotary_attention(
@@ -1292,7 +1304,73 @@ impl Backend for CpuBackend {
             let qkv = [q, k, v];
             return unfused::rotary_attention(self, out, lse, rotated, qkv, tables, kv_lens, dims);
         }
-        self.attention_forward(out, lse, [q, k, v], kv_lens, None, Some(tables), dims)
+        self.attention_forward(
+            out,
+            lse,
+            [q, k, v],
+            kv_lens,
+            None,
+            Some(tables),
+            false,
+            dims,
+        )
+    }
+
+    fn reads_heads_contiguously(&self, dims: &AttentionDims) -> bool {
+        !self.bf16_storage && reads_heads(self.weight_dtype(), self.compute_dtype(), dims)
+    }
+
+    fn linear_heads(
+        &self,
+        y: ViewMut<'_, Self>,
+        x: View<'_, Self>,
+        w: View<'_, Self>,
+        bias: Option<View<'_, Self>>,
+        dims: LinearDims,
+        rows: ops::gemm_bf16::HeadRows,
+    ) -> Result<()> {
+        const OP: &str = "linear_heads";
+        use ops::gemm_bf16::{GemmOut, Lhs};
+        if self.bf16_storage
+            || (y.dtype(), w.dtype()) != (DType::F32, DType::BF16)
+            || !matches!(x.dtype(), DType::F32 | DType::BF16)
+        {
+            return Err(Error::invalid(
+                OP,
+                "head-major outputs are written by the bf16 GEMM with f32 outputs",
+            ));
+        }
+        let bias = bias.map(|b| self.f32s(OP, "bias", b)).transpose()?;
+        let lhs = match x.dtype() {
+            DType::BF16 => Lhs::Bf16(bf16s(x)),
+            _ => Lhs::F32(exact(OP, "x", x)?),
+        };
+        let out = GemmOut::F32Heads {
+            c: f32s_mut(OP, "y", y)?,
+            bias: bias.as_deref(),
+            rows,
+        };
+        ops::matmul::linear_bf16_weights(out, lhs, bf16s(w), dims)
+    }
+
+    fn rotary_attention_heads(
+        &self,
+        out: ViewMut<'_, Self>,
+        lse: ViewMut<'_, Self>,
+        q: View<'_, Self>,
+        k: View<'_, Self>,
+        v: View<'_, Self>,
+        tables: (View<'_, Self>, View<'_, Self>),
+        kv_lens: Option<View<'_, Self>>,
+        dims: &AttentionDims,
+    ) -> Result<()> {
+        if !self.reads_heads_contiguously(dims) {
+            return Err(Error::invalid(
+                "rotary_attention_heads",
+                "head-major inputs are read only by the bf16 products' forward",
+            ));
+        }
+        self.attention_forward(out, lse, [q, k, v], kv_lens, None, Some(tables), true, dims)
     }
 
     fn attention_backward(

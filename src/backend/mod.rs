@@ -31,6 +31,7 @@ use std::marker::PhantomData;
 
 pub use crate::ops::attention::AttentionDims;
 pub use crate::ops::conv::Conv1dDims;
+pub use crate::ops::gemm_bf16::HeadRows;
 pub use crate::ops::matmul::LinearDims;
 pub use crate::ops::optim::AdamWStep;
 pub use crate::ops::pool::PoolDims;
@@ -418,6 +419,52 @@ pub trait Backend: Sized {
         dims: &AttentionDims,
     ) -> Result<()> {
         unfused::rotary_attention(self, out, lse, rotated, [q, k, v], tables, kv_lens, dims)
+    }
+    /// Whether this backend's inference attention reads q, k and v head-major for `dims`: then a model may
+    /// project them with [`Backend::linear_heads`] and attend with [`Backend::rotary_attention_heads`],
+    /// so that each head's rows are contiguous (the bf16 CPU backend's AMX attention: a head's rows 3 KiB
+    /// apart at NT-v2's shapes cost it about 9%). Elsewhere false, and those two ops refuse to run.
+    fn reads_heads_contiguously(&self, dims: &AttentionDims) -> bool {
+        let _ = dims;
+        false
+    }
+    /// [`Backend::linear`] with `y` written head-major ([`HeadRows`]: row `b·len + l`, column `h·hd + i`
+    /// at `((b·heads + h)·len + l)·hd + i`), the same values. Only where
+    /// [`Backend::reads_heads_contiguously`] holds.
+    fn linear_heads(
+        &self,
+        y: ViewMut<'_, Self>,
+        x: View<'_, Self>,
+        w: View<'_, Self>,
+        bias: Option<View<'_, Self>>,
+        dims: LinearDims,
+        rows: HeadRows,
+    ) -> Result<()> {
+        let _ = (y, x, w, bias, dims, rows);
+        Err(Error::invalid(
+            "linear_heads",
+            "this backend does not lay out attention heads",
+        ))
+    }
+    /// [`Backend::rotary_attention`] of head-major `q`, `k` and `v` ([`Backend::linear_heads`]), the output
+    /// `[B, L, H, Dv]` as there, and the same bits. Only where [`Backend::reads_heads_contiguously`] holds.
+    #[allow(clippy::too_many_arguments)]
+    fn rotary_attention_heads(
+        &self,
+        out: ViewMut<'_, Self>,
+        lse: ViewMut<'_, Self>,
+        q: View<'_, Self>,
+        k: View<'_, Self>,
+        v: View<'_, Self>,
+        tables: (View<'_, Self>, View<'_, Self>),
+        kv_lens: Option<View<'_, Self>>,
+        dims: &AttentionDims,
+    ) -> Result<()> {
+        let _ = (out, lse, q, k, v, tables, kv_lens, dims);
+        Err(Error::invalid(
+            "rotary_attention_heads",
+            "this backend does not read head-major attention inputs",
+        ))
     }
     /// Adds into `dq`, `dk`, `dv` and, when given, `dbias` (f32, laid out like the bias).
     fn attention_backward(

@@ -469,6 +469,35 @@ impl RecordingBackend {
     }
 
     /// One op: advances the clock and, inside a window, notes what it touches.
+    /// Both rotary attention ops as one step: `rotated` (the copies of q and k a backend may write, or
+    /// none), the output and log-sum-exp written, q, k, v, the tables and the lengths read.
+    fn record_rotary_attention(
+        &self,
+        rotated: [Option<Touch>; 2],
+        [out, lse]: [ViewMut<'_, Self>; 2],
+        [q, k, v]: [View<'_, Self>; 3],
+        (cos, sin): (View<'_, Self>, View<'_, Self>),
+        kv_lens: Option<View<'_, Self>>,
+        dims: &AttentionDims,
+    ) -> Result<()> {
+        self.note_scratch(ScratchUse::Attention(*dims));
+        let [q_rot, k_rot] = rotated;
+        self.touch([
+            Some(wr(&out)),
+            Some(wr(&lse)),
+            q_rot,
+            k_rot,
+            Some(rd(&q)),
+            Some(rd(&k)),
+            Some(rd(&v)),
+            Some(rd(&cos)),
+            Some(rd(&sin)),
+            kv_lens.as_ref().map(rd),
+        ]);
+        self.count(attention_products(dims) * 2);
+        Ok(())
+    }
+
     fn touch(&self, touches: impl IntoIterator<Item = Option<Touch>>) {
         let mut u = self.uses();
         let op = u.op;
@@ -605,6 +634,17 @@ impl Backend for RecordingBackend {
         self.count(linear_flops(&dims));
         Ok(())
     }
+    fn linear_heads(
+        &self,
+        y: ViewMut<'_, Self>,
+        x: View<'_, Self>,
+        w: View<'_, Self>,
+        bias: Option<View<'_, Self>>,
+        dims: LinearDims,
+        _rows: super::HeadRows,
+    ) -> Result<()> {
+        self.linear(y, x, w, bias, dims)
+    }
     // One step: the scratch, if a backend writes it, is live with the residual, and `y` may be written
     // while the residual and x are read.
     fn linear_residual(
@@ -703,6 +743,9 @@ impl Backend for RecordingBackend {
     }
     fn fuses_linear_residual(&self) -> bool {
         super::cpu::fuses_residual(self.weight_dtype(), self.compute_dtype())
+    }
+    fn reads_heads_contiguously(&self, dims: &AttentionDims) -> bool {
+        super::cpu::reads_heads(self.weight_dtype(), self.compute_dtype(), dims)
     }
     /// One op, so that `out` lives alongside `x` and `pre`: a fused backend reads `x` while it writes
     /// `out` (recorded as the default's two ops, `out` could share memory with `x`, last read by the first).
@@ -883,25 +926,25 @@ impl Backend for RecordingBackend {
         q: View<'_, Self>,
         k: View<'_, Self>,
         v: View<'_, Self>,
-        (cos, sin): (View<'_, Self>, View<'_, Self>),
+        tables: (View<'_, Self>, View<'_, Self>),
         kv_lens: Option<View<'_, Self>>,
         dims: &AttentionDims,
     ) -> Result<()> {
-        self.note_scratch(ScratchUse::Attention(*dims));
-        self.touch([
-            Some(wr(&out)),
-            Some(wr(&lse)),
-            Some(wr(&q_rot)),
-            Some(wr(&k_rot)),
-            Some(rd(&q)),
-            Some(rd(&k)),
-            Some(rd(&v)),
-            Some(rd(&cos)),
-            Some(rd(&sin)),
-            kv_lens.as_ref().map(rd),
-        ]);
-        self.count(attention_products(dims) * 2);
-        Ok(())
+        let rotated = [Some(wr(&q_rot)), Some(wr(&k_rot))];
+        self.record_rotary_attention(rotated, [out, lse], [q, k, v], tables, kv_lens, dims)
+    }
+    fn rotary_attention_heads(
+        &self,
+        out: ViewMut<'_, Self>,
+        lse: ViewMut<'_, Self>,
+        q: View<'_, Self>,
+        k: View<'_, Self>,
+        v: View<'_, Self>,
+        tables: (View<'_, Self>, View<'_, Self>),
+        kv_lens: Option<View<'_, Self>>,
+        dims: &AttentionDims,
+    ) -> Result<()> {
+        self.record_rotary_attention([None, None], [out, lse], [q, k, v], tables, kv_lens, dims)
     }
     fn attention_backward(
         &self,

@@ -17,7 +17,8 @@ use std::sync::Arc;
 use super::config::EsmConfig;
 use super::recompute::Recompute;
 use crate::backend::{
-    unfused, Act, AttentionDims, Backend, Epilogue, LinearDims, Role, Tensor, View, ViewMut,
+    unfused, Act, AttentionDims, Backend, Epilogue, HeadRows, LinearDims, Role, Tensor, View,
+    ViewMut,
 };
 use crate::ops::rotary::RotaryTable;
 use crate::runtime::{Layout, TensorSpec};
@@ -280,6 +281,13 @@ impl<B: Backend> LayerActs<B> {
         let skip_pre =
             saving == Saving::Inference && b.linear_epilogue_skips_pre(cfg.ffn.epilogue());
         let ffn_pre = if skip_pre { 0 } else { n * cfg.ffn_in_width() };
+        // Nothing writes rotated copies of q and k where the attention reads head-major rows.
+        let dims = AttentionDims::new(batch, cfg.heads, len, len, cfg.head_dim());
+        let rotated = if saving == Saving::Inference && b.reads_heads_contiguously(&dims) {
+            0
+        } else {
+            n * h
+        };
         for (t, role, numel) in [
             (&mut self.ln1, Role::LinearInput, n * h),
             (&mut self.mean1, Role::Exact, n),
@@ -287,8 +295,8 @@ impl<B: Backend> LayerActs<B> {
             (&mut self.q, Role::Activation, n * h),
             (&mut self.k, Role::Activation, n * h),
             (&mut self.v, Role::Activation, n * h),
-            (&mut self.q_rot, Role::Activation, n * h),
-            (&mut self.k_rot, Role::Activation, n * h),
+            (&mut self.q_rot, Role::Activation, rotated),
+            (&mut self.k_rot, Role::Activation, rotated),
             (&mut self.attn, Role::LinearInput, n * h),
             (&mut self.lse, Role::Exact, batch * cfg.heads * len),
             (&mut self.mid, Role::Activation, n * h),
@@ -669,16 +677,25 @@ impl TransformerEncoder {
             p[lp.ln1.1],
             cfg.ln_eps,
         )?;
+        let dims = AttentionDims::new(batch, cfg.heads, len, len, hd);
+        // An inference forward on a backend whose attention reads each head's rows contiguously projects
+        // q, k and v head-major (the backward reads them token-major: never when `keep`).
+        let head_major = !keep && b.reads_heads_contiguously(&dims);
         for (out, (w, bias)) in [(&mut la.q, lp.q), (&mut la.k, lp.k), (&mut la.v, lp.v)] {
-            b.linear(
+            let (y, x, w, bias, lin) = (
                 out.view_mut(),
                 la.ln1.view(),
                 p[w],
                 Some(p[bias]),
                 self.lin(n, h, h),
-            )?;
+            );
+            if head_major {
+                let heads = cfg.heads;
+                b.linear_heads(y, x, w, bias, lin, HeadRows { len, heads })?;
+            } else {
+                b.linear(y, x, w, bias, lin)?;
+            }
         }
-        let dims = AttentionDims::new(batch, cfg.heads, len, len, hd);
         let (out, lse) = (la.attn.view_mut(), la.lse.view_mut());
         let rotated = (la.q_rot.view_mut(), la.k_rot.view_mut());
         let qkv = [la.q.view(), la.k.view(), la.v.view()];
@@ -686,6 +703,9 @@ impl TransformerEncoder {
         if keep {
             // The backward reads the rotated rows: always the three ops, which write them.
             unfused::rotary_attention(b, out, lse, rotated, qkv, tables, Some(kv_lens), &dims)?;
+        } else if head_major {
+            let [q, k, v] = qkv;
+            b.rotary_attention_heads(out, lse, q, k, v, tables, Some(kv_lens), &dims)?;
         } else {
             // Nothing reads the rotated rows after the attention: a backend may turn them as it reads them.
             let [q, k, v] = qkv;

@@ -72,6 +72,23 @@ pub enum GemmOut<'a> {
         bias: Option<&'a [f32]>,
         act: ActChunk,
     },
+    /// f32, `A·B + bias` as [`GemmOut::F32`] computes it (the same bits), written head-major: the `m` rows
+    /// are `m / rows.len` sequences of `rows.len` tokens, the `n` columns `rows.heads` heads of
+    /// `n / rows.heads` values, and row `b·len + l`, column `h·hd + i` goes to `c[((b·heads + h)·len +
+    /// l)·hd + i]`. A projection to attention heads written this way lets the attention read each head's
+    /// rows contiguously ([`crate::ops::attention::AttentionInputs::head_major`]).
+    F32Heads {
+        c: &'a mut [f32],
+        bias: Option<&'a [f32]>,
+        rows: HeadRows,
+    },
+}
+
+/// The head-major layout of [`GemmOut::F32Heads`]: tokens per sequence and heads per row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadRows {
+    pub len: usize,
+    pub heads: usize,
 }
 
 pub use super::elementwise::ActChunk;
@@ -80,7 +97,9 @@ impl GemmOut<'_> {
     /// The values of the product `A·B` this output takes (twice its own for [`GemmOut::SwiGlu`]).
     pub(crate) fn product_len(&self) -> usize {
         match self {
-            GemmOut::F32 { c, .. } | GemmOut::Residual { c, .. } => c.len(),
+            GemmOut::F32 { c, .. } | GemmOut::Residual { c, .. } | GemmOut::F32Heads { c, .. } => {
+                c.len()
+            }
             GemmOut::Bf16 { c, .. } | GemmOut::Activated { c, .. } => c.len(),
             GemmOut::SwiGlu { c } => 2 * c.len(),
         }
@@ -92,7 +111,8 @@ impl GemmOut<'_> {
             GemmOut::F32 { bias, .. }
             | GemmOut::Residual { bias, .. }
             | GemmOut::Bf16 { bias, .. }
-            | GemmOut::Activated { bias, .. } => *bias,
+            | GemmOut::Activated { bias, .. }
+            | GemmOut::F32Heads { bias, .. } => *bias,
             GemmOut::SwiGlu { .. } => None,
         }
     }
@@ -254,6 +274,18 @@ pub(crate) fn gemm_bf16(
             ));
         }
     }
+    if let GemmOut::F32Heads { rows, .. } = &out {
+        if rows.len == 0 || rows.heads == 0 || m % rows.len != 0 || n % rows.heads != 0 {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "a head-major output needs whole sequences and heads: {m} rows of {} tokens, {n} \
+                     columns of {} heads",
+                    rows.len, rows.heads
+                ),
+            ));
+        }
+    }
     if let Some(bias) = out.bias() {
         if bias.len() != n {
             return Err(Error::shape(
@@ -326,6 +358,20 @@ fn portable_gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv: View) -
             let mut c32 = vec![0.0f32; 2 * c.len()];
             gemm_views(&mut c32, cv, false, &a32, av, &b32, bv, None);
             super::elementwise::swiglu(c, &c32, bv.cols / 2)?;
+        }
+        GemmOut::F32Heads { c, bias, rows } => {
+            let mut c32 = vec![0.0f32; c.len()];
+            gemm_views(&mut c32, cv, false, &a32, av, &b32, bv, None);
+            let (n, hd) = (bv.cols, bv.cols / rows.heads);
+            for (r, row) in c32.chunks(n).enumerate() {
+                let (seq, l) = (r / rows.len, r % rows.len);
+                for (h, values) in row.chunks(hd).enumerate() {
+                    let at = ((seq * rows.heads + h) * rows.len + l) * hd;
+                    for (i, (o, v)) in c[at..at + hd].iter_mut().zip(values).enumerate() {
+                        *o = bias.map_or(*v, |bias| v + bias[h * hd + i]);
+                    }
+                }
+            }
         }
         GemmOut::Activated { c, bias, act } => {
             let mut c32 = vec![0.0f32; c.len()];
@@ -568,6 +614,75 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The head-major output holds the f32 output's bits, each row's heads moved to their places: heads
+    /// that straddle a task's columns (48 wide), k past one k-block, blocks the f32 output writes in place
+    /// (k = 64, whole blocks), ragged blocks, k = 0, with and without a bias, bf16 and f32 left operands,
+    /// on every kernel this CPU runs; and sizes that are not whole sequences or heads are refused.
+    #[test]
+    fn head_major_output_is_the_f32_output_moved() {
+        let mut rng = rng(29);
+        // (m, n, k, tokens per sequence, heads)
+        let shapes = [
+            (96, 768, 768, 48, 16),
+            (64, 96, 1090, 32, 2),
+            (256, 512, 64, 128, 8),
+            (40, 60, 7, 20, 5),
+            (8, 12, 0, 4, 3),
+        ];
+        for (m, n, k, len, heads) in shapes {
+            let a32 = uniform(&mut rng, m * k, -1.0, 1.0);
+            let a: Vec<bf16> = a32.iter().map(|&v| bf16::from_f32(v)).collect();
+            let b = random_bf16(&mut rng, k * n);
+            let (av, bv) = (View::row_major(m, k, false), View::row_major(k, n, false));
+            let hd = n / heads;
+            for bias in [None, Some(uniform(&mut rng, n, -1.0, 1.0))] {
+                for &kernel in Bf16Kernel::available() {
+                    for lhs in [Lhs::Bf16(&a), Lhs::F32(&a32)] {
+                        let mut plain = vec![f32::NAN; m * n];
+                        let out = GemmOut::F32 {
+                            c: &mut plain,
+                            accumulate: false,
+                            bias: bias.as_deref(),
+                        };
+                        gemm_bf16(out, lhs, av, &b, bv, Some(kernel)).unwrap();
+                        let mut moved = vec![f32::NAN; m * n];
+                        let out = GemmOut::F32Heads {
+                            c: &mut moved,
+                            bias: bias.as_deref(),
+                            rows: HeadRows { len, heads },
+                        };
+                        gemm_bf16(out, lhs, av, &b, bv, Some(kernel)).unwrap();
+                        for r in 0..m {
+                            for c in 0..n {
+                                let (seq, l, h, i) = (r / len, r % len, c / hd, c % hd);
+                                let got = moved[((seq * heads + h) * len + l) * hd + i];
+                                let want = plain[r * n + c];
+                                assert_eq!(
+                                    got.to_bits(),
+                                    want.to_bits(),
+                                    "{m}×{n}×{k} {kernel:?} bias {} [{r}, {c}]: {got} vs {want}",
+                                    bias.is_some()
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let (a, b) = (vec![bf16::ONE; 12], vec![bf16::ONE; 8]);
+        for rows in [HeadRows { len: 4, heads: 2 }, HeadRows { len: 3, heads: 3 }] {
+            let mut c = vec![0.0f32; 24];
+            let out = GemmOut::F32Heads {
+                c: &mut c,
+                bias: None,
+                rows,
+            };
+            let (av, bv) = (View::row_major(6, 2, false), View::row_major(2, 4, false));
+            let err = gemm_bf16(out, Lhs::Bf16(&a), av, &b, bv, None).unwrap_err();
+            assert!(err.to_string().contains("head-major"), "{err}");
         }
     }
 

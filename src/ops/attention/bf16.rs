@@ -199,7 +199,9 @@ pub(super) unsafe fn forward_head(
     lse: *mut f32,
 ) {
     let (nh, dk, dv) = (d.heads, d.head_dim, d.v_head_dim);
-    let (oq, ok, ov, oo) = d.offsets(b, h);
+    let (_, _, _, oo) = d.offsets(b, h);
+    let head = inp.head_rows(d, b, h);
+    let ((oq, q_stride), (ok, k_stride), (ov, v_stride)) = (head.q, head.k, head.v);
     let n = inp.visible(d, b);
     if n == 0 {
         for i in 0..d.q_len {
@@ -237,9 +239,9 @@ pub(super) unsafe fn forward_head(
     padding.fill(0);
     for (key, row) in visible.chunks_exact_mut(dk_pad).enumerate() {
         if key + ROWS_AHEAD < n {
-            prefetch_row(&inp.k[ok + (key + ROWS_AHEAD) * nh * dk..][..dk]);
+            prefetch_row(&inp.k[ok + (key + ROWS_AHEAD) * k_stride..][..dk]);
         }
-        let key_row = rotate(inp.rope, key, &inp.k[ok + key * nh * dk..][..dk], rotated);
+        let key_row = rotate(inp.rope, key, &inp.k[ok + key * k_stride..][..dk], rotated);
         // SAFETY: (caller) the AVX-512 features, BF16 included, are present; `row` is `dk_pad` long.
         unsafe { round_row(row, key_row) };
     }
@@ -253,7 +255,7 @@ pub(super) unsafe fn forward_head(
                 staging,
                 [&mut *values_hi, &mut *values_lo],
                 &inp.v[ov..],
-                nh * dv,
+                v_stride,
                 (n, dv),
                 n_pad,
             )
@@ -268,7 +270,7 @@ pub(super) unsafe fn forward_head(
                 [&mut *values_hi, &mut *values_lo].map(|part| part.as_mut_ptr().cast::<u32>()),
                 dv_pad,
                 &inp.v[ov..],
-                nh * dv,
+                v_stride,
                 (n, dv),
             )
         };
@@ -288,8 +290,8 @@ pub(super) unsafe fn forward_head(
             pack_queries(
                 queries,
                 bytemuck::cast_slice_mut(&mut *staging),
-                &inp.q[oq + i0 * nh * dk..],
-                nh * dk,
+                &inp.q[oq + i0 * q_stride..],
+                q_stride,
                 (rows, d.q_len - i0, dk, dk_pad),
                 inp.rope.map(|rope| (rope, i0)),
                 rotated,

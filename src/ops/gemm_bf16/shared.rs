@@ -215,6 +215,8 @@ pub(super) struct Output<'a> {
     glu: bool,
     /// The activation a bf16 output passes through ([`GemmOut::Activated`]).
     act: Option<ActChunk>,
+    /// Tokens per sequence and values per head of a head-major f32 output ([`GemmOut::F32Heads`]).
+    head_major: Option<(usize, usize)>,
 }
 // SAFETY: every task writes a disjoint set of output rows × columns (its own block).
 unsafe impl Send for Output<'_> {}
@@ -237,6 +239,7 @@ impl<'a> Output<'a> {
                 n,
                 glu: false,
                 act: None,
+                head_major: None,
             },
             GemmOut::Residual { c, residual, bias } => Output {
                 f32s: c.as_mut_ptr(),
@@ -247,6 +250,7 @@ impl<'a> Output<'a> {
                 n,
                 glu: false,
                 act: None,
+                head_major: None,
             },
             GemmOut::Bf16 { c, bias } => Output {
                 f32s: std::ptr::null_mut(),
@@ -257,6 +261,7 @@ impl<'a> Output<'a> {
                 n,
                 glu: false,
                 act: None,
+                head_major: None,
             },
             GemmOut::SwiGlu { c } => Output {
                 f32s: std::ptr::null_mut(),
@@ -267,6 +272,7 @@ impl<'a> Output<'a> {
                 n: n / 2,
                 glu: true,
                 act: None,
+                head_major: None,
             },
             GemmOut::Activated { c, bias, act } => Output {
                 f32s: std::ptr::null_mut(),
@@ -277,6 +283,18 @@ impl<'a> Output<'a> {
                 n,
                 glu: false,
                 act: Some(act),
+                head_major: None,
+            },
+            GemmOut::F32Heads { c, bias, rows } => Output {
+                f32s: c.as_mut_ptr(),
+                bf16s: std::ptr::null_mut(),
+                accumulate: false,
+                bias,
+                residual: None,
+                n,
+                glu: false,
+                act: None,
+                head_major: Some((rows.len, n / rows.heads)),
             },
         }
     }
@@ -300,7 +318,7 @@ impl<'a> Output<'a> {
     fn direct(&self, (r0, c0): (usize, usize)) -> Option<Dest> {
         let start = self
             .start_in_place(c0)
-            .filter(|_| self.residual.is_none())?;
+            .filter(|_| self.residual.is_none() && self.head_major.is_none())?;
         Some(Dest {
             corner: self.f32s.wrapping_add(r0 * self.n + c0),
             ld: self.n,
@@ -390,7 +408,27 @@ impl<'a> Output<'a> {
             // SAFETY: (caller) the block is inside the output and this task's alone; the pointer not in
             // use for this output kind is never dereferenced.
             unsafe {
-                if self.bf16s.is_null() {
+                if let Some((len, hd)) = self.head_major {
+                    // Each head's run of the row to its own place; the sums as the plain f32 output's.
+                    let (seq, l) = ((r0 + r) / len, (r0 + r) % len);
+                    let heads = self.n / hd;
+                    let mut c = c0;
+                    while c < c0 + cols {
+                        let (h, i) = (c / hd, c % hd);
+                        let run = (hd - i).min(c0 + cols - c);
+                        let to = ((seq * heads + h) * len + l) * hd + i;
+                        let dst = std::slice::from_raw_parts_mut(self.f32s.add(to), run);
+                        let src = &src[c - c0..c - c0 + run];
+                        match self.bias.filter(|_| !biased) {
+                            None => dst.copy_from_slice(src),
+                            Some(bias) => dst
+                                .iter_mut()
+                                .zip(src.iter().zip(&bias[c..c + run]))
+                                .for_each(|(o, (v, b))| *o = v + b),
+                        }
+                        c += run;
+                    }
+                } else if self.bf16s.is_null() {
                     let dst = std::slice::from_raw_parts_mut(self.f32s.add(at), cols);
                     match (self.accumulate, self.bias.filter(|_| !biased)) {
                         (false, None) => dst.copy_from_slice(src),
@@ -616,6 +654,17 @@ pub(super) fn zero_product(out: GemmOut<'_>, n: usize) {
                 .for_each(|(o, b)| *o = bf16::from_f32(*b)),
             None => row.fill(bf16::ZERO),
         }),
+        GemmOut::F32Heads { c, bias, rows } => {
+            let hd = n / rows.heads;
+            for (r, head_row) in c.chunks_mut(hd).enumerate() {
+                // Chunk r is head (r / len) % heads of its sequence.
+                let h = (r / rows.len) % rows.heads;
+                match bias {
+                    Some(bias) => head_row.copy_from_slice(&bias[h * hd..(h + 1) * hd]),
+                    None => head_row.fill(0.0),
+                }
+            }
+        }
         // silu(0)·0.
         GemmOut::SwiGlu { c } => c.fill(bf16::ZERO),
         GemmOut::Activated { c, bias, act } => {
