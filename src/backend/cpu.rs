@@ -351,10 +351,7 @@ impl CpuBackend {
             ),
             (DType::F32, x_dtype @ (DType::F32 | DType::BF16), DType::BF16) => {
                 let mut y = self.out(op, "y", y)?;
-                let x = match x_dtype {
-                    DType::BF16 => Lhs::Bf16(bf16s(x)),
-                    _ => Lhs::F32(exact(op, "x", x)?),
-                };
+                let x = lhs_of(op, x_dtype, x)?;
                 ops::matmul::linear_bf16_weights(
                     GemmOut::F32 {
                         c: &mut y,
@@ -671,6 +668,20 @@ fn store(op: &'static str, dst: ViewMut<'_, CpuBackend>, src: &[f32]) -> Result<
         _ => f32s_mut(op, "dst", dst)?.copy_from_slice(src),
     }
     Ok(())
+}
+
+/// The left operand of a product with bf16 weights: bf16 activations as they are, f32 ones rounded as
+/// the GEMM packs them.
+fn lhs_of<'a>(
+    op: &'static str,
+    dtype: DType,
+    x: View<'a, CpuBackend>,
+) -> Result<ops::gemm_bf16::Lhs<'a>> {
+    use ops::gemm_bf16::Lhs;
+    Ok(match dtype {
+        DType::BF16 => Lhs::Bf16(bf16s(x)),
+        _ => Lhs::F32(exact(op, "x", x)?),
+    })
 }
 
 /// An input that is always f32 (statistics, biases of scores).
@@ -1330,7 +1341,7 @@ impl Backend for CpuBackend {
         rows: ops::gemm_bf16::HeadRows,
     ) -> Result<()> {
         const OP: &str = "linear_heads";
-        use ops::gemm_bf16::{GemmOut, Lhs};
+        use ops::gemm_bf16::GemmOut;
         if self.bf16_storage
             || (y.dtype(), w.dtype()) != (DType::F32, DType::BF16)
             || !matches!(x.dtype(), DType::F32 | DType::BF16)
@@ -1341,10 +1352,7 @@ impl Backend for CpuBackend {
             ));
         }
         let bias = bias.map(|b| self.f32s(OP, "bias", b)).transpose()?;
-        let lhs = match x.dtype() {
-            DType::BF16 => Lhs::Bf16(bf16s(x)),
-            _ => Lhs::F32(exact(OP, "x", x)?),
-        };
+        let lhs = lhs_of(OP, x.dtype(), x)?;
         let out = GemmOut::F32Heads {
             c: f32s_mut(OP, "y", y)?,
             bias: bias.as_deref(),

@@ -468,7 +468,6 @@ impl RecordingBackend {
         }
     }
 
-    /// One op: advances the clock and, inside a window, notes what it touches.
     /// Both rotary attention ops as one step: `rotated` (the copies of q and k a backend may write, or
     /// none), the output and log-sum-exp written, q, k, v, the tables and the lengths read.
     fn record_rotary_attention(
@@ -498,6 +497,7 @@ impl RecordingBackend {
         Ok(())
     }
 
+    /// One op: advances the clock and, inside a window, notes what it touches.
     fn touch(&self, touches: impl IntoIterator<Item = Option<Touch>>) {
         let mut u = self.uses();
         let op = u.op;

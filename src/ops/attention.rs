@@ -185,8 +185,9 @@ pub struct AttentionInputs<'a> {
     pub rope: Option<AttentionRope<'a>>,
     /// `q`, `k` and `v` head-major, `[B, H, L, D]` (each head's rows contiguous, as
     /// [`crate::ops::gemm_bf16::GemmOut::F32Heads`] writes them), rather than `[B, L, H, D]`; the output
-    /// stays `[B, L, H, Dv]`. Only the bf16 products' forward reads them so: a head's rows 3 KiB apart (NT-v2)
-    /// cost its attention about 9% in TLB misses and line fetches. The other kernels refuse it.
+    /// stays `[B, L, H, Dv]`. Only the bf16 products' forward reads them so: with a head's rows 3 KiB apart
+    /// (NT-v2) it ran about 9% slower (more of it came back with huge pages: TLB misses). The other kernels
+    /// refuse it.
     pub head_major: bool,
 }
 

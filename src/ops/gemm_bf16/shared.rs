@@ -408,39 +408,28 @@ impl<'a> Output<'a> {
             // SAFETY: (caller) the block is inside the output and this task's alone; the pointer not in
             // use for this output kind is never dereferenced.
             unsafe {
-                if let Some((len, hd)) = self.head_major {
-                    // Each head's run of the row to its own place; the sums as the plain f32 output's.
-                    let (seq, l) = ((r0 + r) / len, (r0 + r) % len);
-                    let heads = self.n / hd;
+                if self.bf16s.is_null() {
+                    // The row in runs that are contiguous in the output: the whole row, or each head's
+                    // part of it in a head-major output.
                     let mut c = c0;
                     while c < c0 + cols {
-                        let (h, i) = (c / hd, c % hd);
-                        let run = (hd - i).min(c0 + cols - c);
-                        let to = ((seq * heads + h) * len + l) * hd + i;
+                        let (to, run) = self.f32_run(r0 + r, c, c0 + cols);
                         let dst = std::slice::from_raw_parts_mut(self.f32s.add(to), run);
                         let src = &src[c - c0..c - c0 + run];
-                        match self.bias.filter(|_| !biased) {
-                            None => dst.copy_from_slice(src),
-                            Some(bias) => dst
+                        let bias = self.bias.filter(|_| !biased).map(|b| &b[c..c + run]);
+                        match (self.accumulate, bias) {
+                            (false, None) => dst.copy_from_slice(src),
+                            (true, None) => dst.iter_mut().zip(src).for_each(|(o, v)| *o += v),
+                            (false, Some(bias)) => dst
                                 .iter_mut()
-                                .zip(src.iter().zip(&bias[c..c + run]))
+                                .zip(src.iter().zip(bias))
                                 .for_each(|(o, (v, b))| *o = v + b),
+                            (true, Some(bias)) => dst
+                                .iter_mut()
+                                .zip(src.iter().zip(bias))
+                                .for_each(|(o, (v, b))| *o += v + b),
                         }
                         c += run;
-                    }
-                } else if self.bf16s.is_null() {
-                    let dst = std::slice::from_raw_parts_mut(self.f32s.add(at), cols);
-                    match (self.accumulate, self.bias.filter(|_| !biased)) {
-                        (false, None) => dst.copy_from_slice(src),
-                        (true, None) => dst.iter_mut().zip(src).for_each(|(o, v)| *o += v),
-                        (false, Some(bias)) => dst
-                            .iter_mut()
-                            .zip(src.iter().zip(&bias[c0..c0 + cols]))
-                            .for_each(|(o, (v, b))| *o = v + b),
-                        (true, Some(bias)) => dst
-                            .iter_mut()
-                            .zip(src.iter().zip(&bias[c0..c0 + cols]))
-                            .for_each(|(o, (v, b))| *o += v + b),
                     }
                 } else {
                     let dst = std::slice::from_raw_parts_mut(self.bf16s.add(at), cols);
@@ -452,6 +441,23 @@ impl<'a> Output<'a> {
                         None => dst.iter_mut().zip(src).for_each(|(o, v)| *o = round(*v)),
                     }
                 }
+            }
+        }
+    }
+
+    /// Where column `c` of output row `row` lies in an f32 output, and how many of the columns `c..end`
+    /// follow it contiguously there: the rest of the row, or, head-major ([`GemmOut::F32Heads`]), the rest
+    /// of its head.
+    fn f32_run(&self, row: usize, c: usize, end: usize) -> (usize, usize) {
+        match self.head_major {
+            None => (row * self.n + c, end - c),
+            Some((len, hd)) => {
+                let (seq, l, h, i) = (row / len, row % len, c / hd, c % hd);
+                let heads = self.n / hd;
+                (
+                    ((seq * heads + h) * len + l) * hd + i,
+                    (hd - i).min(end - c),
+                )
             }
         }
     }
