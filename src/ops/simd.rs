@@ -275,23 +275,37 @@ pub(crate) unsafe fn swiglu_16(
     _mm512_mul_ps(_mm512_mul_ps(g, sigma), v)
 }
 
-/// `2ᵗ` on 16 lanes to 2.9e-6 relative, for values that are rounded to bf16 next (whose half-ulp is 2⁻⁹ ≈
-/// 2e-3): the bf16 attention's probabilities. As [`exp2_16`], with a degree-4 polynomial for `2ᶠ` on
-/// `|f| ≤ ½` (coefficients fitted for the least maximum relative error, 2.84e-6, with `p(0) = 1`) in place
-/// of the degree-6 one: two FMAs fewer, 9 vector ops, where a pair of keys for 16 rows costs about 33 in
-/// all. Not degree 3 (1.03e-4): the row sums, and the log-sum-exp that the backward recomputes the
-/// probabilities from, come from these values, and a sum 1e-4 off shows in the gradients that vanish in
-/// exact arithmetic (a key bias's: a per-query constant added to every score). Inputs below −126, −∞ and
-/// NaN give 0, as there.
+/// `2ᵗ` on 16 lanes to 3.0e-6 relative, for values that are rounded to bf16 next (whose half-ulp is 2⁻⁹ ≈
+/// 2e-3): the bf16 attention's probabilities. A degree-4 polynomial for `2ᶠ` on `0 ≤ f < 1` (coefficients
+/// fitted for the least maximum relative error, 2.90e-6, with `p(0) = 1`), two FMAs fewer than
+/// [`exp2_16`]'s degree 6; and one step of range reduction rather than two: `vreduceps` gives
+/// `f = t − ⌊t⌋` exactly, and `vscalefps` scales by `2^⌊t⌋` of `t` itself (it floors its second operand),
+/// so `⌊t⌋` is never formed: 8 vector ops, where a pair of keys for 16 rows costs about 20 in all. The
+/// bf16 attention at NT-v2's shapes (8 × 16 heads × 1,024² × 48, head-major with rotary tables, Xeon
+/// model 167, best of 10, alternating three times) went from 28.1–28.3 to 26.5–26.9 ms with it (the
+/// rounding to nearest and the subtraction before). Not degree 3 (1.03e-4): the row sums, and the log-sum-exp that
+/// the backward recomputes the probabilities from, come from these values, and a sum 1e-4 off shows in
+/// the gradients that vanish in exact arithmetic (a key bias's: a per-query constant added to every
+/// score). Inputs below −126, −∞ and NaN give 0, as [`exp2_16`]'s.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
+#[target_feature(enable = "avx512f,avx512dq,fma")]
 #[inline]
 pub(crate) unsafe fn exp2_16_bf16_precision(
     t: std::arch::x86_64::__m512,
 ) -> std::arch::x86_64::__m512 {
-    const MINIMAX_4: [f32; 4] = [9.583_096e-3, 5.590_638_5e-2, 0.240_240_93, 0.693_124_2];
-    // SAFETY: this function's features.
-    unsafe { exp2_16xn_polynomial([t], &MINIMAX_4)[0] }
+    use std::arch::x86_64::*;
+    // 2ᶠ on [0, 1), highest first.
+    const MINIMAX_4: [f32; 4] = [1.342_670_1e-2, 5.224_244_7e-2, 0.241_280_21, 0.693_044_84];
+    let s = _mm512_set1_ps;
+    // imm8: keep no fraction bits (bits 7–4), suppress exceptions (bit 3), round down (bits 1–0).
+    let f = _mm512_reduce_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(t);
+    let mut p = s(MINIMAX_4[0]);
+    for c in &MINIMAX_4[1..] {
+        p = _mm512_fmadd_ps(p, f, s(*c));
+    }
+    p = _mm512_fmadd_ps(p, f, s(1.0));
+    let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(t, s(-126.0));
+    _mm512_maskz_scalef_ps(keep, p, t)
 }
 
 /// `2ᵗ = 2ⁿ·2ᶠ` with `2ᶠ ≈ 1 + f·(c₀fᴰ⁻¹ + … + c_{D−1})` (`coefficients` highest first), the body of both
@@ -388,12 +402,15 @@ mod tests {
 
     /// Both vector exponentials against f64 over the attention's range (shifted scores, `t ≤ 0`) and past
     /// it, with the edge cases: the full one within 2.5e-7 relative, the bf16-precision one within 3.2e-6
-    /// (its fit's 2.84e-6 and the f32 rounding of its steps); −∞, NaN and anything below −126 give 0.
+    /// (its fit's 2.90e-6 and the f32 rounding of its steps); −∞, NaN and anything below −126 give 0.
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn vector_exponentials_match_f64() {
         use std::arch::x86_64::*;
-        if !(std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma")) {
+        if !(std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512dq")
+            && std::is_x86_feature_detected!("fma"))
+        {
             return;
         }
         let mut t: Vec<f32> = (0..=40_000).map(|i| -126.0 + i as f32 * 3.3e-3).collect();
