@@ -87,9 +87,9 @@ fn pack_a(packed: &mut [u32], a: Lhs<'_>, av: View, pairs: usize, whole_in_place
 /// function's samples without it).
 ///
 /// # Safety
-/// AVX-512F, BW and VL; `rows.len() ≤ MR`, each row holds `32·blocks` values from its start, and `strip`
-/// holds `16·blocks·MR` words.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+/// AVX-512F, BW, VL, DQ and BF16; `rows.len() ≤ MR`, each row holds `32·blocks` values from its start,
+/// and `strip` holds `16·blocks·MR` words.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")]
 unsafe fn pack_a_blocks(strip: &mut [u32], a: Lhs<'_>, rows: &[usize], next: usize, blocks: usize) {
     debug_assert!(rows.len() <= MR && strip.len() >= 16 * blocks * MR);
     const LANES: __mmask16 = (1 << MR) - 1;

@@ -469,8 +469,8 @@ impl<'a> Output<'a> {
     /// 32 values through the elementwise op kept its latency chains from overlapping).
     ///
     /// # Safety
-    /// As [`Self::write_block`], with FMA too.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
+    /// As [`Self::write_block`], with FMA and AVX512-BF16 too.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")]
     unsafe fn write_swiglu_block(
         &self,
         src: &[f32],
