@@ -184,13 +184,19 @@ impl<B: Backend> Placement<B> {
             // once it is copied, so that the resident file shrinks as the copy grows and the peak stays
             // the loaded file's. (Dropping them all first, as before, kept the same peak but made the copy
             // fault every page back in: 0.28 s of NT-v2 250M's bf16 upload, 0.9 GB.)
-            Some(ParamSet::upload_with(
+            // Values still unchecked are checked by the copy, in its pass over them.
+            let non_finite = |i: usize, j: usize| host.non_finite_error(i, j);
+            let params = ParamSet::upload_with(
                 &backend,
                 host.layout().clone(),
                 |i| host.get(i),
                 false,
+                host.is_unchecked()
+                    .then_some(&non_finite as &dyn Fn(usize, usize) -> Error),
                 |i| host.release_entry_pages(i),
-            )?)
+            )?;
+            host.mark_checked();
+            Some(params)
         } else {
             None
         };
@@ -398,6 +404,27 @@ impl Embedder {
         config: Option<&Path>,
         allow_unused: bool,
     ) -> Result<Self> {
+        Self::load_on(
+            kind,
+            weights,
+            config,
+            allow_unused,
+            crate::Device::Cpu,
+            None,
+        )
+    }
+
+    /// [`Self::load_with`], then [`Self::to_device_as`] `device` and `dtype`, with one pass over the
+    /// weights: where the device takes a copy of them (bf16, the emulator, a GPU), their values are
+    /// checked as they are copied rather than first at load and again by the copy.
+    pub fn load_on(
+        kind: ModelKind,
+        weights: &Path,
+        config: Option<&Path>,
+        allow_unused: bool,
+        device: crate::Device,
+        dtype: Option<crate::DType>,
+    ) -> Result<Self> {
         let (cfg_path, file_path) = resolve_weights(weights, config)?;
         let file = Arc::new(WeightFile::open(&file_path)?);
         let (network, params) = match kind {
@@ -423,7 +450,7 @@ impl Embedder {
                     });
                 }
                 let encoder = TransformerEncoder::new(tc)?;
-                let params = ModelParams::load(
+                let params = ModelParams::load_unchecked(
                     encoder.layout().clone(),
                     file,
                     &Prefixes(vec!["esm.".into(), "".into()]),
@@ -438,7 +465,8 @@ impl Embedder {
                 let names = EnformerNames {
                     prefixes: vec!["".into(), "enformer.".into()],
                 };
-                let params = ModelParams::load(trunk.layout().clone(), file, &names, false)?;
+                let params =
+                    ModelParams::load_unchecked(trunk.layout().clone(), file, &names, false)?;
                 (Network::Enformer(trunk), params)
             }
         };
@@ -462,14 +490,18 @@ impl Embedder {
                 ),
             ));
         }
+        // A placeholder that reads nothing: `to_device_as` checks the values before any placement that
+        // does.
         let placed = Placed::Cpu(Box::new(Placement::new(CpuBackend::new(), &params, false)?));
-        Ok(Embedder {
+        let mut embedder = Embedder {
             kind,
             network,
             params,
             placed,
             max_tokens: 2048,
-        })
+        };
+        embedder.to_device_as(device, dtype)?;
+        Ok(embedder)
     }
 
     /// Enformer only: use DeepMind's TF gamma positional table (a safetensors file with `tf_gammas`).
@@ -503,9 +535,13 @@ impl Embedder {
     ) -> Result<()> {
         let params = &self.params;
         self.placed = match AnyBackend::open_as(device, dtype)? {
-            // f32 reads the host parameters in place; bf16 needs its own copy.
+            // f32 reads the host parameters in place, so it checks them all first; bf16 needs its own
+            // copy, checked as it is made.
             AnyBackend::Cpu(b) => {
                 let upload = b.weight_dtype() != crate::DType::F32;
+                if !upload {
+                    params.check_all()?;
+                }
                 Placed::Cpu(Box::new(Placement::new(*b, params, upload)?))
             }
             AnyBackend::Emu(b) => Placed::Emu(Box::new(Placement::new(*b, params, true)?)),

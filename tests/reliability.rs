@@ -156,24 +156,17 @@ fn edited_fixture(
     dir
 }
 
-/// Non-finite f32 weights are refused, naming the tensor (they are used in place, without a copy), and so
-/// are impossible config values.
+/// Non-finite f32 weights are refused, naming the tensor, whether they are used in place (f32 on the CPU)
+/// or checked as they are copied (bf16, the emulator), and so are impossible config values.
 #[test]
 fn nan_weights_and_bad_configs_are_refused() {
     use isoformer_engine::embed::{Embedder, ModelKind};
+    use isoformer_engine::{DType, Device};
     let nan = edited_fixture(
         "esm2",
         "nan",
         |_| {},
         Some(("encoder.layer.1.attention.self.key.weight", f32::NAN)),
-    );
-    let err = Embedder::load(ModelKind::Esm2, &nan, None)
-        .err()
-        .expect("NaN weights must fail")
-        .to_string();
-    assert!(
-        err.contains("encoder.layer.1.attention.self.key.weight") && err.contains("non-finite"),
-        "{err}"
     );
     let inf = edited_fixture(
         "enformer",
@@ -181,7 +174,31 @@ fn nan_weights_and_bad_configs_are_refused() {
         |_| {},
         Some(("stem.0.weight", f32::INFINITY)),
     );
-    assert!(Embedder::load(ModelKind::Enformer, &inf, None).is_err());
+    let placements = [
+        (Device::Cpu, None),
+        (Device::Cpu, Some(DType::BF16)),
+        (Device::Emulator, None),
+    ];
+    for (kind, dir, tensor) in [
+        (
+            ModelKind::Esm2,
+            &nan,
+            "encoder.layer.1.attention.self.key.weight",
+        ),
+        (ModelKind::Enformer, &inf, "stem.0.weight"),
+    ] {
+        assert!(Embedder::load(kind, dir, None).is_err());
+        for (device, dtype) in placements {
+            let err = Embedder::load_on(kind, dir, None, false, device, dtype)
+                .err()
+                .expect("non-finite weights must fail")
+                .to_string();
+            assert!(
+                err.contains(tensor) && err.contains("non-finite"),
+                "{device} {dtype:?}: {err}"
+            );
+        }
+    }
     for (tag, key, value) in [
         ("eps0", "layer_norm_eps", serde_json::json!(0.0)),
         ("epsneg", "layer_norm_eps", serde_json::json!(-1e-5)),

@@ -868,6 +868,22 @@ impl Backend for CpuBackend {
         }
     }
 
+    /// bf16 destinations round and check in one pass ([`ops::simd::round_to_bf16_finite`]).
+    fn write_f32_finite(&self, dst: ViewMut<'_, Self>, src: &[f32]) -> Result<Option<usize>> {
+        if dst.dtype() != DType::BF16 {
+            if let Some(i) = crate::runtime::finite::first_non_finite(src) {
+                return Ok(Some(i));
+            }
+            return self.write_f32(dst, src).map(|()| None);
+        }
+        check_len("write", "src", src.len(), dst.numel())?;
+        Ok(if ops::simd::round_to_bf16_finite(bf16s_mut(dst), src) {
+            None
+        } else {
+            crate::runtime::finite::first_non_finite(src)
+        })
+    }
+
     fn write_i32(&self, dst: ViewMut<'_, Self>, src: &[i32]) -> Result<()> {
         check_view(
             "write",

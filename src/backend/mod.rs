@@ -183,6 +183,16 @@ pub trait Backend: Sized {
     // ---- transfers ----
     /// Writes host values into `dst`, converting to its dtype (f32, bf16; i32 from integral values).
     fn write_f32(&self, dst: ViewMut<'_, Self>, src: &[f32]) -> Result<()>;
+    /// [`Backend::write_f32`] of values that must all be finite (weights as they are copied): the index of
+    /// the first NaN or infinity, if there is one (then `dst` holds nothing useful), else `None` with every
+    /// value written. This checks, then writes; a backend may do both in one pass over `src`.
+    fn write_f32_finite(&self, dst: ViewMut<'_, Self>, src: &[f32]) -> Result<Option<usize>> {
+        if let Some(i) = crate::runtime::finite::first_non_finite(src) {
+            return Ok(Some(i));
+        }
+        self.write_f32(dst, src)?;
+        Ok(None)
+    }
     fn write_i32(&self, dst: ViewMut<'_, Self>, src: &[i32]) -> Result<()>;
     /// Reads `src` to the host as f32.
     fn read_f32(&self, src: View<'_, Self>) -> Result<Vec<f32>>;

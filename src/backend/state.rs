@@ -63,17 +63,22 @@ impl<B: Backend> ParamSet<B> {
         get: impl Fn(usize) -> &'h [f32],
         trainable: bool,
     ) -> Result<Self> {
-        Self::upload_with(backend, layout, get, trainable, |_| {})
+        Self::upload_with(backend, layout, get, trainable, None, |_| {})
     }
 
-    /// [`Self::upload`], calling `copied(i)` once entry i has been read for the last time, so that a
-    /// caller can let its host copy go entry by entry (mapped weights: their pages) and the peak holds the
-    /// upload and about one host entry rather than both whole models.
+    /// [`Self::upload`] of host values that may still need their finiteness checked, and that the caller
+    /// lets go entry by entry. With `non_finite`, the first copy of each entry goes through
+    /// [`Backend::write_f32_finite`] (the check in the copy's own pass over the values) and a NaN or
+    /// infinity at element j of entry i is the error `non_finite(i, j)`. `copied(i)` is called once entry
+    /// i has been read for the last time, so that a caller can let its host copy go entry by entry (mapped
+    /// weights: their pages) and the peak holds the upload and about one host entry rather than both whole
+    /// models.
     pub fn upload_with<'h>(
         backend: &B,
         layout: Arc<Layout>,
         get: impl Fn(usize) -> &'h [f32],
         trainable: bool,
+        non_finite: Option<&dyn Fn(usize, usize) -> Error>,
         copied: impl Fn(usize),
     ) -> Result<Self> {
         let ranges = entry_ranges(&layout)?;
@@ -88,24 +93,32 @@ impl<B: Backend> ParamSet<B> {
             }
         }
         // Entry by entry, straight from the host values: no staging copy of the whole model.
-        let fill = |role: Role, last: bool| -> Result<Tensor<B>> {
+        let fill = |role: Role, first: bool, last: bool| -> Result<Tensor<B>> {
             let mut t = Tensor::new(backend, role, elems)?;
             let mut views = t.view_mut().split_ranges(&ranges)?;
             for (i, v) in views.drain(..).enumerate() {
-                backend.write_f32(v, get(i))?;
+                match non_finite.filter(|_| first) {
+                    Some(error) => {
+                        if let Some(j) = backend.write_f32_finite(v, get(i))? {
+                            return Err(error(i, j));
+                        }
+                    }
+                    None => backend.write_f32(v, get(i))?,
+                }
                 if last {
                     copied(i);
                 }
             }
             Ok(t)
         };
-        let master = if trainable || !separate_copy {
-            Some(fill(Role::Exact, !separate_copy)?)
+        let with_master = trainable || !separate_copy;
+        let master = if with_master {
+            Some(fill(Role::Exact, true, !separate_copy)?)
         } else {
             None
         };
         let compute = if separate_copy {
-            Some(fill(Role::Weight, true)?)
+            Some(fill(Role::Weight, !with_master, true)?)
         } else {
             None
         };

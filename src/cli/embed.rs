@@ -122,14 +122,15 @@ pub fn run(a: EmbedArgs) -> Result<()> {
             eprintln!("warning: {}: {note}", a.input.display());
         }
     }
-    let mut embedder = Embedder::load_with(
+    let mut embedder = Embedder::load_on(
         kind,
         &a.weights,
         a.config.as_deref(),
         a.allow_unused_weights,
+        device,
+        dtype,
     )?;
     embedder.max_tokens = a.max_tokens;
-    embedder.to_device_as(device, dtype)?;
     if let Some(path) = &a.tf_gammas {
         embedder.set_tf_gammas(path)?;
     }

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use half::{bf16, f16};
@@ -14,7 +15,7 @@ use memmap2::{Mmap, MmapOptions};
 use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 
-use crate::runtime::finite::check_finite;
+use crate::runtime::finite::{check_finite, non_finite_error};
 use crate::runtime::input::open_regular;
 use crate::runtime::{Arena, Layout, TensorSpec};
 use crate::{Error, Result};
@@ -198,6 +199,8 @@ enum Storage {
     Mapped {
         file: Arc<WeightFile>,
         ranges: Vec<(usize, usize)>,
+        /// Each entry's tensor name in the file, for the finiteness check's error.
+        names: Vec<String>,
     },
     Owned(Arena),
 }
@@ -208,6 +211,8 @@ pub struct ModelParams {
     storage: Storage,
     /// Tensors of the weight file that the model does not read (see [`ModelParams::unused`]).
     unused: Vec<String>,
+    /// Mapped values whose finiteness is still to be checked ([`ModelParams::load_unchecked`]).
+    unchecked: AtomicBool,
 }
 
 impl ModelParams {
@@ -217,12 +222,28 @@ impl ModelParams {
             storage: Storage::Owned(Arena::zeros(layout.clone())),
             layout,
             unused: Vec::new(),
+            unchecked: AtomicBool::new(false),
         }
     }
 
     /// Loads every parameter of `layout` from `file`. A missing or mis-shaped tensor is an error that names
     /// it and shows the file's tensors of similar names. `owned` forces a copy (training).
     pub fn load(
+        layout: Arc<Layout>,
+        file: Arc<WeightFile>,
+        resolver: &dyn NameResolver,
+        owned: bool,
+    ) -> Result<Self> {
+        let params = Self::load_unchecked(layout, file, resolver, owned)?;
+        params.check_all()?;
+        Ok(params)
+    }
+
+    /// [`Self::load`] without checking the values of mapped f32 weights yet (copied ones are checked as
+    /// they are copied): [`Self::check_all`] before they are used in place, or a copy that checks them
+    /// as it reads them ([`crate::backend::ParamSet::upload_with`]), so that a copy to bf16 reads the file
+    /// once rather than twice.
+    pub(crate) fn load_unchecked(
         layout: Arc<Layout>,
         file: Arc<WeightFile>,
         resolver: &dyn NameResolver,
@@ -265,17 +286,20 @@ impl ModelParams {
         }
         let all_f32 = found.iter().all(|(_, t)| file.f32_view(t).is_some());
         if all_f32 && !owned {
-            // Mapped f32 weights are used in place, so they are checked here: a NaN or Inf would
-            // otherwise give all-NaN outputs without a word.
-            for (fname, t) in &found {
-                check_finite(fname, &file.path, file.f32_view(t).expect("checked above"))?;
-            }
+            // Mapped f32 weights are used in place or copied: checked then (a NaN or Inf would otherwise
+            // give all-NaN outputs without a word).
             let ranges = found.iter().map(|(_, t)| (t.start, t.end)).collect();
             let unused = unused_names(&file, &accounted);
+            let names = found.into_iter().map(|(name, _)| name).collect();
             return Ok(ModelParams {
                 layout,
-                storage: Storage::Mapped { file, ranges },
+                storage: Storage::Mapped {
+                    file,
+                    ranges,
+                    names,
+                },
                 unused,
+                unchecked: AtomicBool::new(true),
             });
         }
         let mut arena = Arena::zeros(layout.clone());
@@ -289,7 +313,48 @@ impl ModelParams {
             layout,
             storage: Storage::Owned(arena),
             unused: unused_names(&file, &accounted),
+            unchecked: AtomicBool::new(false),
         })
+    }
+
+    /// Whether the values are still to be checked ([`Self::load_unchecked`]).
+    pub(crate) fn is_unchecked(&self) -> bool {
+        self.unchecked.load(Ordering::Acquire)
+    }
+
+    /// Checks every value, where they are still unchecked: a NaN or an infinity is an error naming the
+    /// tensor, its file and the element. The values count as checked once it passes.
+    pub(crate) fn check_all(&self) -> Result<()> {
+        if let Storage::Mapped { file, names, .. } = &self.storage {
+            if self.is_unchecked() {
+                for (i, name) in names.iter().enumerate() {
+                    check_finite(name, &file.path, self.get(i))?;
+                }
+            }
+        }
+        self.mark_checked();
+        Ok(())
+    }
+
+    /// The error of [`Self::check_all`] for a non-finite element `j` of entry `i` that a copy found.
+    pub(crate) fn non_finite_error(&self, i: usize, j: usize) -> Error {
+        match &self.storage {
+            Storage::Mapped { file, names, .. } => {
+                non_finite_error(&names[i], &file.path, self.get(i), j)
+            }
+            Storage::Owned(arena) => Error::Tensor {
+                name: self.layout.entries()[i].spec.name.clone(),
+                msg: format!(
+                    "has a non-finite value ({}) at element {j}",
+                    arena.entry_f32(i)[j]
+                ),
+            },
+        }
+    }
+
+    /// Records that every value has been checked (by [`Self::check_all`], or as a copy read them).
+    pub(crate) fn mark_checked(&self) {
+        self.unchecked.store(false, Ordering::Release);
     }
 
     pub fn layout(&self) -> &Arc<Layout> {
@@ -323,7 +388,7 @@ impl ModelParams {
     /// at any time.
     pub fn release_entry_pages(&self, i: usize) {
         #[cfg(unix)]
-        if let Storage::Mapped { file, ranges } = &self.storage {
+        if let Storage::Mapped { file, ranges, .. } = &self.storage {
             if let Some(&(a, b)) = ranges.get(i) {
                 // SAFETY: as for `release_mapped_pages`; memmap2 widens the range to whole pages, and
                 // dropping a neighbour's clean pages only makes them be read from the file again.
@@ -348,7 +413,7 @@ impl ModelParams {
     /// Parameter `i` of the layout.
     pub fn get(&self, i: usize) -> &[f32] {
         match &self.storage {
-            Storage::Mapped { file, ranges } => {
+            Storage::Mapped { file, ranges, .. } => {
                 let (a, b) = ranges[i];
                 bytemuck::cast_slice(&file.map[a..b])
             }

@@ -173,9 +173,78 @@ fn convert<S: Copy + Sync, D: Send>(dst: &mut [D], src: &[S], f: impl Fn(S) -> D
         .for_each(|(d, s)| dispatch(|| d.iter_mut().zip(s).for_each(|(o, v)| *o = f(*v))));
 }
 
-/// `dst = bf16(src)`, rounded to nearest even.
+/// `dst = bf16(src)`, rounded to nearest even: 16 values an instruction by [`bf16_bits_16`] where the CPU
+/// has AVX512-BF16 (NT-v2 250M's bf16 weight copy, 230 million values: its upload took 168–171 ms instead
+/// of 176–181 on the Xeon model 167, alternating four times), else the scalar rounding, vectorised by the
+/// compiler.
 pub(crate) fn round_to_bf16(dst: &mut [half::bf16], src: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::ops::gemm_bf16::has_native_bf16() {
+        use rayon::prelude::*;
+        dst.par_chunks_mut(CONVERT_CHUNK)
+            .zip(src.par_chunks(CONVERT_CHUNK))
+            // SAFETY: the features were detected.
+            .for_each(|(d, s)| {
+                unsafe { round_to_bf16_avx512(d, s) };
+            });
+        return;
+    }
     convert(dst, src, |v| half::bf16::from_bits(bf16_bits(v)));
+}
+
+/// [`round_to_bf16`] that also tells whether every value was finite, in the same pass: a weight copy to
+/// bf16 checks the values as it reads them rather than in a pass of its own.
+pub(crate) fn round_to_bf16_finite(dst: &mut [half::bf16], src: &[f32]) -> bool {
+    use rayon::prelude::*;
+    #[cfg(target_arch = "x86_64")]
+    if crate::ops::gemm_bf16::has_native_bf16() {
+        return dst
+            .par_chunks_mut(CONVERT_CHUNK)
+            .zip(src.par_chunks(CONVERT_CHUNK))
+            // SAFETY: the features were detected.
+            .map(|(d, s)| unsafe { round_to_bf16_avx512(d, s) })
+            .reduce(|| true, |a, b| a && b);
+    }
+    dst.par_chunks_mut(CONVERT_CHUNK)
+        .zip(src.par_chunks(CONVERT_CHUNK))
+        .map(|(d, s)| {
+            dispatch(|| {
+                d.iter_mut().zip(s).fold(true, |finite, (o, v)| {
+                    *o = half::bf16::from_bits(bf16_bits(*v));
+                    finite & v.is_finite()
+                })
+            })
+        })
+        .reduce(|| true, |a, b| a && b)
+}
+
+/// [`round_to_bf16`] of one chunk, 16 values at a time, the last `len % 16` one by one; whether every
+/// value was finite.
+///
+/// # Safety
+/// AVX-512F, BW, VL, DQ and BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")]
+unsafe fn round_to_bf16_avx512(dst: &mut [half::bf16], src: &[f32]) -> bool {
+    use std::arch::x86_64::*;
+    let mut d = dst.chunks_exact_mut(16);
+    let mut s = src.chunks_exact(16);
+    // fpclass categories: quiet NaN 0x01, +∞ 0x08, −∞ 0x10, signalling NaN 0x80.
+    let mut non_finite: __mmask16 = 0;
+    for (d, s) in (&mut d).zip(&mut s) {
+        // SAFETY: 16 values of `s` read, 16 words of `d` written.
+        unsafe {
+            let x = _mm512_loadu_ps(s.as_ptr());
+            non_finite |= _mm512_fpclass_ps_mask::<0x99>(x);
+            _mm256_storeu_si256(d.as_mut_ptr().cast(), bf16_bits_16(x));
+        }
+    }
+    let mut finite = non_finite == 0;
+    for (o, v) in d.into_remainder().iter_mut().zip(s.remainder()) {
+        *o = half::bf16::from_bits(bf16_bits(*v));
+        finite &= v.is_finite();
+    }
+    finite
 }
 
 /// `dst = f32(src)` (exact).
@@ -548,6 +617,24 @@ mod tests {
         xs.extend((0..200_000u32).map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761))));
         let mut got = vec![half::bf16::ZERO; xs.len()];
         round_to_bf16(&mut got, &xs);
+        // The checking form writes the same words and finds a NaN or infinity wherever one lies: in a
+        // vector, in the ragged tail, or nowhere.
+        let mut checked = vec![half::bf16::ZERO; xs.len()];
+        assert!(!round_to_bf16_finite(&mut checked, &xs));
+        assert!(checked
+            .iter()
+            .zip(&got)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        let mut finite: Vec<f32> = xs.iter().copied().filter(|x| x.is_finite()).collect();
+        // Five values past the last whole vector; the last but one is in that tail.
+        finite.truncate((finite.len() / 16 - 1) * 16 + 5);
+        for (bad, at) in [(f32::NAN, 70_000), (f32::NEG_INFINITY, finite.len() - 2)] {
+            let mut values = finite.clone();
+            let mut out = vec![half::bf16::ZERO; values.len()];
+            assert!(round_to_bf16_finite(&mut out, &values), "all finite");
+            values[at] = bad;
+            assert!(!round_to_bf16_finite(&mut out, &values), "{bad} at {at}");
+        }
         for (x, g) in xs.iter().zip(&got) {
             let want = half::bf16::from_f32(*x);
             if x.is_nan() {

@@ -11,7 +11,7 @@ use crate::{Error, Result};
 /// reduction (which vectorises), then the first bad block searched. Every weight passes through this at
 /// load: a scalar scan with an early exit, on one thread, was 16% of the samples of an NT-v2 250M `embed`
 /// of one short sequence.
-fn first_non_finite(values: &[f32]) -> Option<usize> {
+pub(crate) fn first_non_finite(values: &[f32]) -> Option<usize> {
     const BLOCK: usize = 1 << 14;
     let block = values
         .par_chunks(BLOCK)
@@ -27,14 +27,19 @@ fn first_non_finite(values: &[f32]) -> Option<usize> {
 pub fn check_finite(name: &str, path: &Path, values: &[f32]) -> Result<()> {
     match first_non_finite(values) {
         None => Ok(()),
-        Some(i) => Err(Error::Tensor {
-            name: name.to_string(),
-            msg: format!(
-                "in {} has a non-finite value ({}) at element {i}",
-                path.display(),
-                values[i]
-            ),
-        }),
+        Some(i) => Err(non_finite_error(name, path, values, i)),
+    }
+}
+
+/// The error of [`check_finite`] for `values[i]`, the first non-finite value of tensor `name`.
+pub fn non_finite_error(name: &str, path: &Path, values: &[f32], i: usize) -> Error {
+    Error::Tensor {
+        name: name.to_string(),
+        msg: format!(
+            "in {} has a non-finite value ({}) at element {i}",
+            path.display(),
+            values[i]
+        ),
     }
 }
 
