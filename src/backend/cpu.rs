@@ -871,10 +871,7 @@ impl Backend for CpuBackend {
     /// bf16 destinations round and check in one pass ([`ops::simd::round_to_bf16_finite`]).
     fn write_f32_finite(&self, dst: ViewMut<'_, Self>, src: &[f32]) -> Result<Option<usize>> {
         if dst.dtype() != DType::BF16 {
-            if let Some(i) = crate::runtime::finite::first_non_finite(src) {
-                return Ok(Some(i));
-            }
-            return self.write_f32(dst, src).map(|()| None);
+            return super::write_f32_finite_in_two_passes(self, dst, src);
         }
         check_len("write", "src", src.len(), dst.numel())?;
         Ok(if ops::simd::round_to_bf16_finite(bf16s_mut(dst), src) {

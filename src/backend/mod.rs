@@ -114,6 +114,20 @@ pub trait Memory {
 }
 
 /// The op trait. Every op checks the sizes and dtypes of its views and returns an error, never panics.
+/// [`Backend::write_f32_finite`] as two passes: the check, then [`Backend::write_f32`]. What a backend
+/// without a fused form does.
+pub fn write_f32_finite_in_two_passes<B: Backend>(
+    backend: &B,
+    dst: ViewMut<'_, B>,
+    src: &[f32],
+) -> Result<Option<usize>> {
+    if let Some(i) = crate::runtime::finite::first_non_finite(src) {
+        return Ok(Some(i));
+    }
+    backend.write_f32(dst, src)?;
+    Ok(None)
+}
+
 pub trait Backend: Sized {
     type Mem: Memory;
 
@@ -187,11 +201,7 @@ pub trait Backend: Sized {
     /// the first NaN or infinity, if there is one (then `dst` holds nothing useful), else `None` with every
     /// value written. This checks, then writes; a backend may do both in one pass over `src`.
     fn write_f32_finite(&self, dst: ViewMut<'_, Self>, src: &[f32]) -> Result<Option<usize>> {
-        if let Some(i) = crate::runtime::finite::first_non_finite(src) {
-            return Ok(Some(i));
-        }
-        self.write_f32(dst, src)?;
-        Ok(None)
+        write_f32_finite_in_two_passes(self, dst, src)
     }
     fn write_i32(&self, dst: ViewMut<'_, Self>, src: &[i32]) -> Result<()>;
     /// Reads `src` to the host as f32.

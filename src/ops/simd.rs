@@ -173,40 +173,30 @@ fn convert<S: Copy + Sync, D: Send>(dst: &mut [D], src: &[S], f: impl Fn(S) -> D
         .for_each(|(d, s)| dispatch(|| d.iter_mut().zip(s).for_each(|(o, v)| *o = f(*v))));
 }
 
-/// `dst = bf16(src)`, rounded to nearest even: 16 values an instruction by [`bf16_bits_16`] where the CPU
-/// has AVX512-BF16 (NT-v2 250M's bf16 weight copy, 230 million values: its upload took 168–171 ms instead
-/// of 176–181 on the Xeon model 167, alternating four times), else the scalar rounding, vectorised by the
-/// compiler.
+/// `dst = bf16(src)`, rounded to nearest even: [`round_to_bf16_finite`], whose finiteness answer costs a
+/// class test a vector.
 pub(crate) fn round_to_bf16(dst: &mut [half::bf16], src: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::ops::gemm_bf16::has_native_bf16() {
-        use rayon::prelude::*;
-        dst.par_chunks_mut(CONVERT_CHUNK)
-            .zip(src.par_chunks(CONVERT_CHUNK))
-            // SAFETY: the features were detected.
-            .for_each(|(d, s)| {
-                unsafe { round_to_bf16_avx512(d, s) };
-            });
-        return;
-    }
-    convert(dst, src, |v| half::bf16::from_bits(bf16_bits(v)));
+    round_to_bf16_finite(dst, src);
 }
 
-/// [`round_to_bf16`] that also tells whether every value was finite, in the same pass: a weight copy to
-/// bf16 checks the values as it reads them rather than in a pass of its own.
+/// `dst = bf16(src)`, rounded to nearest even, and whether every value was finite, found in the same pass
+/// (a weight copy to bf16 checks the values as it reads them rather than in a pass of its own): 16 values
+/// an instruction by [`bf16_bits_16`] where the CPU has AVX512-BF16 (NT-v2 250M's bf16 weight copy, 230
+/// million values: its upload took 168–171 ms instead of 176–181 with the scalar rounding on the Xeon
+/// model 167, alternating four times), else the scalar rounding, vectorised by the compiler.
 pub(crate) fn round_to_bf16_finite(dst: &mut [half::bf16], src: &[f32]) -> bool {
     use rayon::prelude::*;
+    let chunks = dst
+        .par_chunks_mut(CONVERT_CHUNK)
+        .zip(src.par_chunks(CONVERT_CHUNK));
     #[cfg(target_arch = "x86_64")]
     if crate::ops::gemm_bf16::has_native_bf16() {
-        return dst
-            .par_chunks_mut(CONVERT_CHUNK)
-            .zip(src.par_chunks(CONVERT_CHUNK))
+        return chunks
             // SAFETY: the features were detected.
             .map(|(d, s)| unsafe { round_to_bf16_avx512(d, s) })
             .reduce(|| true, |a, b| a && b);
     }
-    dst.par_chunks_mut(CONVERT_CHUNK)
-        .zip(src.par_chunks(CONVERT_CHUNK))
+    chunks
         .map(|(d, s)| {
             dispatch(|| {
                 d.iter_mut().zip(s).fold(true, |finite, (o, v)| {
@@ -371,10 +361,10 @@ pub(crate) unsafe fn swiglu_16(
 /// so `⌊t⌋` is never formed: 8 vector ops, where a pair of keys for 16 rows costs about 20 in all. The
 /// bf16 attention at NT-v2's shapes (8 × 16 heads × 1,024² × 48, head-major with rotary tables, Xeon
 /// model 167, best of 10, alternating three times) went from 28.1–28.3 to 26.5–26.9 ms with it (the
-/// rounding to nearest and the subtraction before). Not degree 3 (1.03e-4): the row sums, and the log-sum-exp that
-/// the backward recomputes the probabilities from, come from these values, and a sum 1e-4 off shows in
-/// the gradients that vanish in exact arithmetic (a key bias's: a per-query constant added to every
-/// score). Inputs below −126, −∞ and NaN give 0, as [`exp2_16`]'s.
+/// rounding to nearest and the subtraction before). Not degree 3 (1.03e-4): the row sums, and the
+/// log-sum-exp that the backward recomputes the probabilities from, come from these values, and a sum
+/// 1e-4 off shows in the gradients that vanish in exact arithmetic (a key bias's: a per-query constant
+/// added to every score). Inputs below −126, −∞ and NaN give 0, as [`exp2_16`]'s.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512dq,fma")]
 #[inline]
@@ -396,8 +386,8 @@ pub(crate) unsafe fn exp2_16_bf16_precision(
     _mm512_maskz_scalef_ps(keep, p, t)
 }
 
-/// `2ᵗ = 2ⁿ·2ᶠ` with `2ᶠ ≈ 1 + f·(c₀fᴰ⁻¹ + … + c_{D−1})` (`coefficients` highest first), the body of both
-/// exponentials above.
+/// `2ᵗ = 2ⁿ·2ᶠ` with `2ᶠ ≈ 1 + f·(c₀fᴰ⁻¹ + … + c_{D−1})` (`coefficients` highest first, `n` the nearest
+/// integer), the body of [`exp2_16xn`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 #[inline]
