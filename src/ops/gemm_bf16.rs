@@ -821,6 +821,81 @@ mod tests {
         }
     }
 
+    /// A product of few rows is split into more tasks by columns ([`shared`]'s `task_columns`) the more
+    /// threads there are, and its bits do not depend on the split: each shape runs on a pool of one thread
+    /// (three or four tasks of 256 columns) and of eight (the columns in strips of 64), to every output kind
+    /// (the SwiGLU one pairing gate and value strips inside each task; f32 written in place where one
+    /// k-block covers k, and through the scratch past it), on every native kernel this CPU runs.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn products_of_few_rows_have_the_same_bits_however_their_columns_are_split() {
+        let mut rng = rng(35);
+        let pool = |threads| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+        };
+        let (one, eight) = (pool(1), pool(8));
+        assert_eq!(one.install(|| shared::task_columns(1, 768, 256, 32)), 128);
+        assert_eq!(eight.install(|| shared::task_columns(1, 768, 256, 32)), 64);
+        assert_eq!(
+            eight.install(|| shared::task_columns(32, 768, 256, 32)),
+            256
+        );
+        // (m, n, k): NT-v2's one short sequence; k past a k-block; a ragged tail of rows and columns.
+        for (m, n, k) in [(201, 768, 768), (64, 1024, 1090), (45, 832, 64)] {
+            let a32 = uniform(&mut rng, m * k, -1.0, 1.0);
+            let a: Vec<bf16> = a32.iter().map(|&v| bf16::from_f32(v)).collect();
+            let b = random_bf16(&mut rng, k * n);
+            let bias = uniform(&mut rng, n, -1.0, 1.0);
+            let residual = uniform(&mut rng, m * n, -2.0, 2.0);
+            let (av, bv) = (View::row_major(m, k, false), View::row_major(k, n, true));
+            let kernels = Bf16Kernel::available()
+                .iter()
+                .filter(|&&kernel| kernel != Bf16Kernel::Portable);
+            for &kernel in kernels {
+                // Each output kind's values as bits.
+                let run = |kind: usize| -> Vec<u32> {
+                    let gemm = |out: GemmOut<'_>| {
+                        gemm_bf16(out, Lhs::Bf16(&a), av, &b, bv, Some(kernel)).unwrap()
+                    };
+                    let (mut f, mut h) = (vec![f32::NAN; m * n], vec![bf16::NAN; m * n]);
+                    match kind {
+                        0 => gemm(GemmOut::F32 {
+                            c: &mut f,
+                            accumulate: false,
+                            bias: Some(&bias),
+                        }),
+                        1 => gemm(GemmOut::Residual {
+                            c: &mut f,
+                            residual: &residual,
+                            bias: None,
+                        }),
+                        2 => gemm(GemmOut::Bf16 {
+                            c: &mut h,
+                            bias: Some(&bias),
+                        }),
+                        _ => gemm(GemmOut::SwiGlu {
+                            c: &mut h[..m * n / 2],
+                        }),
+                    }
+                    match kind {
+                        0 | 1 => f.iter().map(|v| v.to_bits()).collect(),
+                        _ => h.iter().map(|v| v.to_bits() as u32).collect(),
+                    }
+                };
+                for kind in 0..4 {
+                    let (few, many) = (one.install(|| run(kind)), eight.install(|| run(kind)));
+                    assert!(
+                        few == many,
+                        "{m}×{n}×{k} {kernel:?} output kind {kind}: bits differ between splits"
+                    );
+                }
+            }
+        }
+    }
+
     /// The same product from A at two row strides gives the same bits: at k = 768, rows 1,536 bytes apart
     /// spread over the L1 sets and the AMX kernel runs three short k-blocks through its scratch, while rows
     /// 4,096 bytes apart crowd them and one long k-block writes the output in place, or, for a wide

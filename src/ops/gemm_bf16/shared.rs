@@ -561,6 +561,20 @@ pub(super) struct Placement {
     pub(super) start_as_in_place: bool,
 }
 
+/// Columns per task: `nc`, halved (down to two strips of `nr`, so that a SwiGLU block still holds whole
+/// pairs of gate and value strips) while the product has fewer than four tasks a thread. A product of few
+/// rows, as in a forward of one short sequence, otherwise has a handful of tasks: 201 rows × 768 columns
+/// were three, two for one thread and one for the other. No sum depends on the blocks (each runs over k in
+/// the same order), so neither do the bits.
+pub(super) fn task_columns(row_blocks: usize, n: usize, nc: usize, nr: usize) -> usize {
+    let enough = 4 * rayon::current_num_threads();
+    let mut nc = nc;
+    while nc.is_multiple_of(4 * nr) && row_blocks.saturating_mul(n.div_ceil(nc)) < enough {
+        nc /= 2;
+    }
+    nc
+}
+
 /// The loop both native kernels share: the m×n output in `(mc, nc)` blocks, one rayon task each. A task
 /// runs `fill(block, dest)`, which must write every one of the block's `rows_pad × cols_pad` sums. Blocks
 /// not written in place ([`Placement`]) go to a per-thread f32 scratch (64-byte aligned, kept between
@@ -576,6 +590,7 @@ pub(super) unsafe fn for_each_block(
     placement: Placement,
     fill: impl Fn(&Block, Dest) + Sync,
 ) {
+    let nc = task_columns(m.div_ceil(mc), n, nc, nr);
     let (row_blocks, col_blocks) = (m.div_ceil(mc), n.div_ceil(nc));
     (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
         let (r0, c0) = ((t / col_blocks) * mc, (t % col_blocks) * nc);
