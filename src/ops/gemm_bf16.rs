@@ -821,14 +821,60 @@ mod tests {
         }
     }
 
-    /// A product of few rows is split into more tasks by columns ([`shared`]'s `task_columns`) the more
-    /// threads there are, and its bits do not depend on the split: each shape runs on a pool of one thread
-    /// (three or four tasks of 256 columns) and of eight (the columns in strips of 64), to every output kind
-    /// (the SwiGLU one pairing gate and value strips inside each task; f32 written in place where one
-    /// k-block covers k, and through the scratch past it), on every native kernel this CPU runs.
+    /// The bits of `A·B` (`a` `[m, k]` row-major, B `[k, n]` columns of a weight) written as output kind
+    /// `kind` (0: f32 with a bias, 1: the residual output, 2: bf16 with a bias, 3: SwiGLU), each value's
+    /// bits widened to u32, on `kernel`.
+    #[allow(clippy::too_many_arguments)]
+    fn output_bits(
+        kernel: Bf16Kernel,
+        a: &[bf16],
+        (m, n, k): (usize, usize, usize),
+        b: &[bf16],
+        bias: &[f32],
+        residual: &[f32],
+        kind: usize,
+    ) -> Vec<u32> {
+        let (av, bv) = (View::row_major(m, k, false), View::row_major(k, n, true));
+        let gemm =
+            |out: GemmOut<'_>| gemm_bf16(out, Lhs::Bf16(a), av, b, bv, Some(kernel)).unwrap();
+        let (mut f, mut h) = (vec![f32::NAN; m * n], vec![bf16::NAN; m * n]);
+        match kind {
+            0 => gemm(GemmOut::F32 {
+                c: &mut f,
+                accumulate: false,
+                bias: Some(bias),
+            }),
+            1 => gemm(GemmOut::Residual {
+                c: &mut f,
+                residual: &residual[..m * n],
+                bias: None,
+            }),
+            2 => gemm(GemmOut::Bf16 {
+                c: &mut h,
+                bias: Some(bias),
+            }),
+            _ => gemm(GemmOut::SwiGlu {
+                c: &mut h[..m * n / 2],
+            }),
+        }
+        match kind {
+            0 | 1 => f.iter().map(|v| v.to_bits()).collect(),
+            2 => h.iter().map(|v| v.to_bits() as u32).collect(),
+            _ => h[..m * n / 2].iter().map(|v| v.to_bits() as u32).collect(),
+        }
+    }
+
+    /// Products of few rows: their tasks pack their own strips of B where the product has one block of
+    /// rows (`shared::pack_b_in_tasks`), and they are split into more tasks by columns the more threads
+    /// there are (`shared::task_columns`). Neither changes a bit: each shape runs on pools of one thread
+    /// (three or four tasks of 256 columns) and of eight (strips of 64), and with all of B packed first;
+    /// for every output kind (the SwiGLU one pairing gate and value strips inside each task; f32 in place
+    /// where one k-block covers k, through the scratch past it, from the bias where its blocks are whole)
+    /// on every native kernel this CPU runs. 900 columns keep their last block of 132 columns whole (its
+    /// first 128 would start from the bias as a block of their own, the rest from zero).
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn products_of_few_rows_have_the_same_bits_however_their_columns_are_split() {
+    fn products_of_few_rows_have_the_same_bits_however_b_is_packed_and_split() {
         let mut rng = rng(35);
         let pool = |threads| {
             rayon::ThreadPoolBuilder::new()
@@ -843,53 +889,42 @@ mod tests {
             eight.install(|| shared::task_columns(32, 768, 256, 32)),
             256
         );
-        // (m, n, k): NT-v2's one short sequence; k past a k-block; a ragged tail of rows and columns.
-        for (m, n, k) in [(201, 768, 768), (64, 1024, 1090), (45, 832, 64)] {
-            let a32 = uniform(&mut rng, m * k, -1.0, 1.0);
-            let a: Vec<bf16> = a32.iter().map(|&v| bf16::from_f32(v)).collect();
+        assert_eq!(eight.install(|| shared::task_columns(1, 900, 256, 32)), 256);
+        assert_eq!(eight.install(|| shared::task_columns(1, 830, 256, 32)), 64);
+        // (m, n, k): NT-v2's one short sequence; k past a k-block; whole blocks from the bias, one ragged;
+        // a ragged tail of rows and columns (one block of rows for the AVX-512 kernel too).
+        let shapes = [
+            (201, 768, 768),
+            (64, 1024, 1090),
+            (64, 900, 768),
+            (45, 830, 64),
+        ];
+        for (m, n, k) in shapes {
+            let a: Vec<bf16> = uniform(&mut rng, m * k, -1.0, 1.0)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect();
             let b = random_bf16(&mut rng, k * n);
             let bias = uniform(&mut rng, n, -1.0, 1.0);
             let residual = uniform(&mut rng, m * n, -2.0, 2.0);
-            let (av, bv) = (View::row_major(m, k, false), View::row_major(k, n, true));
             let kernels = Bf16Kernel::available()
                 .iter()
                 .filter(|&&kernel| kernel != Bf16Kernel::Portable);
             for &kernel in kernels {
-                // Each output kind's values as bits.
-                let run = |kind: usize| -> Vec<u32> {
-                    let gemm = |out: GemmOut<'_>| {
-                        gemm_bf16(out, Lhs::Bf16(&a), av, &b, bv, Some(kernel)).unwrap()
-                    };
-                    let (mut f, mut h) = (vec![f32::NAN; m * n], vec![bf16::NAN; m * n]);
-                    match kind {
-                        0 => gemm(GemmOut::F32 {
-                            c: &mut f,
-                            accumulate: false,
-                            bias: Some(&bias),
-                        }),
-                        1 => gemm(GemmOut::Residual {
-                            c: &mut f,
-                            residual: &residual,
-                            bias: None,
-                        }),
-                        2 => gemm(GemmOut::Bf16 {
-                            c: &mut h,
-                            bias: Some(&bias),
-                        }),
-                        _ => gemm(GemmOut::SwiGlu {
-                            c: &mut h[..m * n / 2],
-                        }),
-                    }
-                    match kind {
-                        0 | 1 => f.iter().map(|v| v.to_bits()).collect(),
-                        _ => h.iter().map(|v| v.to_bits() as u32).collect(),
-                    }
-                };
                 for kind in 0..4 {
-                    let (few, many) = (one.install(|| run(kind)), eight.install(|| run(kind)));
+                    let bits = || output_bits(kernel, &a, (m, n, k), &b, &bias, &residual, kind);
+                    let (few, many) = (one.install(bits), eight.install(bits));
+                    let packed_first = eight.install(|| {
+                        shared::PACK_B_FIRST.with(|first| first.set(true));
+                        let bits = bits();
+                        shared::PACK_B_FIRST.with(|first| first.set(false));
+                        bits
+                    });
+                    let what = format!("{m}×{n}×{k} {kernel:?} output kind {kind}");
+                    assert!(few == many, "{what}: bits differ between splits");
                     assert!(
-                        few == many,
-                        "{m}×{n}×{k} {kernel:?} output kind {kind}: bits differ between splits"
+                        many == packed_first,
+                        "{what}: bits differ from the product with B packed first"
                     );
                 }
             }

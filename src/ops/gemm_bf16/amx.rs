@@ -21,8 +21,8 @@ use rayon::prelude::*;
 use half::bf16;
 
 use super::shared::{
-    computed_columns, for_each_block, pack_b, rows_spread_over_sets, zero_product, Block, Dest,
-    Output, Placement, NR, PACKED_A, PACKED_B,
+    computed_columns, for_each_block, give_back_task_b, pack_b, pack_b_in_tasks, pack_task_b,
+    rows_spread_over_sets, zero_product, Block, Dest, Output, Placement, NR, PACKED_A, PACKED_B,
 };
 use super::{GemmOut, Lhs, View};
 use crate::ops::amx::{block_32x32, ATiles, Tiles, BLOCK, TILE_K, TILE_ROWS};
@@ -132,8 +132,16 @@ pub(super) unsafe fn gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv
     let pairs = steps * TILE_K / 2;
     // The product's columns as computed: B's, or for SwiGLU gate and value strips side by side.
     let columns = computed_columns(&out, n);
-    let mut packed_b = PACKED_B.take(columns.div_ceil(NR) * pairs * NR * 2 * 2);
-    pack_b(bytemuck::cast_slice_mut(&mut packed_b), &out, b, bv, pairs);
+    let glu = matches!(out, GemmOut::SwiGlu { .. });
+    let in_tasks = pack_b_in_tasks(m, MC);
+    let mut packed_b = PACKED_B.take(if in_tasks {
+        0
+    } else {
+        columns.div_ceil(NR) * pairs * NR * 2 * 2
+    });
+    if !in_tasks {
+        pack_b(bytemuck::cast_slice_mut(&mut packed_b), &out, b, bv, pairs);
+    }
     // Contiguous bf16 rows that need no padding are read in place, unless they crowd the L1 sets and the
     // product is wide enough to repay packing them; anything else is packed.
     let in_place = in_place(a, av)
@@ -172,13 +180,19 @@ pub(super) unsafe fn gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv
         // SAFETY: (caller) AMX is available. The tiles are released when `_tiles` drops, before the
         // sums are moved out.
         let _tiles = unsafe { Tiles::configure() };
+        // B's strips from `first` on: all of B's, or this task's own, packed here.
+        let task_b = in_tasks.then(|| pack_task_b(block, glu, b, bv, pairs));
+        let (b_values, first) = match &task_b {
+            Some(lines) => (bytemuck::cast_slice::<_, u16>(lines), c0 / NR),
+            None => (b_values, 0),
+        };
         let mut s0 = 0;
         while s0 < steps {
             let ns = (steps - s0).min(kc / TILE_K);
             for is in 0..rows_pad / MR {
                 let strip = (r0 + is * MR) / TILE_ROWS;
                 for js in 0..cols_pad / NR {
-                    let b_at = ((c0 / NR + js) * pairs + s0 * TILE_K / 2) * NR * 2;
+                    let b_at = ((c0 / NR + js - first) * pairs + s0 * TILE_K / 2) * NR * 2;
                     let (c, init) = dest.block((is * MR, js * NR), s0 == 0);
                     // SAFETY: tiles are configured; A strips `strip` and `strip + 1` exist (A is
                     // padded, or in place, to a multiple of 32 rows) and hold `steps` tiles, B
@@ -201,6 +215,9 @@ pub(super) unsafe fn gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv
                 }
             }
             s0 += ns;
+        }
+        if let Some(lines) = task_b {
+            give_back_task_b(lines);
         }
     };
     // An f32 output is written in place only where one k-block covers k. Alternating in one process (six

@@ -8,8 +8,8 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::shared::{
-    computed_columns, for_each_block, pack_b, rows_spread_over_sets, zero_product, Block, Dest,
-    Output, Placement, NR, PACKED_A, PACKED_B,
+    computed_columns, for_each_block, give_back_task_b, pack_b, pack_b_in_tasks, pack_task_b,
+    rows_spread_over_sets, zero_product, Block, Dest, Output, Placement, NR, PACKED_A, PACKED_B,
 };
 use super::{GemmOut, Lhs, View};
 use crate::ops::amx::Init;
@@ -212,8 +212,16 @@ pub(super) fn gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv: View)
     }
     // The product's columns as computed: B's, or for SwiGLU gate and value strips side by side.
     let columns = computed_columns(&out, n);
-    let mut packed_b = PACKED_B.take(columns.div_ceil(NR) * pairs * NR * 2 * 2);
-    pack_b(bytemuck::cast_slice_mut(&mut packed_b), &out, b, bv, pairs);
+    let glu = matches!(out, GemmOut::SwiGlu { .. });
+    let in_tasks = pack_b_in_tasks(m, MC);
+    let mut packed_b = PACKED_B.take(if in_tasks {
+        0
+    } else {
+        columns.div_ceil(NR) * pairs * NR * 2 * 2
+    });
+    if !in_tasks {
+        pack_b(bytemuck::cast_slice_mut(&mut packed_b), &out, b, bv, pairs);
+    }
     // Whole strips of contiguous bf16 rows with whole pairs are read in place, unless the row stride
     // crowds a strip's rows into few L1 sets.
     let rows_in_place = match a {
@@ -240,11 +248,17 @@ pub(super) fn gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv: View)
             rows_pad,
             cols_pad,
         } = *block;
+        // B's strips from `first` on: all of B's, or this task's own, packed here.
+        let task_b = in_tasks.then(|| pack_task_b(block, glu, b, bv, pairs));
+        let (b_values, first) = match &task_b {
+            Some(lines) => (bytemuck::cast_slice::<_, u16>(lines), c0 / NR),
+            None => (b_values, 0),
+        };
         let mut p0 = 0;
         while p0 < pairs {
             let np = (pairs - p0).min(KP);
             for js in 0..cols_pad / NR {
-                let b_at = (c0 / NR + js) * pairs * NR * 2 + p0 * NR * 2;
+                let b_at = (c0 / NR + js - first) * pairs * NR * 2 + p0 * NR * 2;
                 for is in 0..rows_pad / MR {
                     let strip_row = r0 + is * MR;
                     let a_pairs = match rows_in_place {
@@ -270,6 +284,9 @@ pub(super) fn gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv: View)
                 }
             }
             p0 += np;
+        }
+        if let Some(lines) = task_b {
+            give_back_task_b(lines);
         }
     };
     // SAFETY: the features were checked by the caller (`has_native_bf16`).

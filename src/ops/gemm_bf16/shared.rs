@@ -82,28 +82,61 @@ pub(super) fn computed_columns(out: &GemmOut<'_>, n: usize) -> usize {
 /// gate half (even `s`) or of the value half (odd `s`). Written a word at a time so that the loops
 /// vectorise.
 pub(super) fn pack_b(packed: &mut [u32], out: &GemmOut<'_>, b: &[bf16], bv: View, pairs: usize) {
-    let n = bv.cols;
-    let strip_len = pairs * NR;
     let glu = matches!(out, GemmOut::SwiGlu { .. });
-    let half = View { cols: n / 2, ..bv };
-    // The value half from column n/2 on (`gemm_bf16` checked that the strides are not negative).
-    let values = if glu {
-        &b[(n / 2) * bv.cs as usize..]
-    } else {
-        b
-    };
     packed
-        .par_chunks_mut(strip_len.max(1))
-        .take(computed_columns(out, n).div_ceil(NR))
+        .par_chunks_mut((pairs * NR).max(1))
+        .take(computed_columns(out, bv.cols).div_ceil(NR))
         .enumerate()
-        // SAFETY: both native kernels (the only callers) need the AVX-512 features.
-        .for_each(|(s, strip)| unsafe {
-            match (glu, s % 2) {
-                (false, _) => pack_b_strip(strip, s, b, bv),
-                (true, 0) => pack_b_strip(strip, s / 2, b, half),
-                (true, _) => pack_b_strip(strip, s / 2, values, half),
-            }
-        });
+        .for_each(|(s, strip)| pack_b_strip_of(strip, s, glu, b, bv));
+}
+
+/// Strips `strips` of [`pack_b`]'s pack, one after the other from the start of `packed`.
+fn pack_b_strips(
+    packed: &mut [u32],
+    strips: std::ops::Range<usize>,
+    glu: bool,
+    b: &[bf16],
+    bv: View,
+    pairs: usize,
+) {
+    for (strip, s) in packed.chunks_mut((pairs * NR).max(1)).zip(strips) {
+        pack_b_strip_of(strip, s, glu, b, bv);
+    }
+}
+
+/// Whether the kernels pack B inside the tasks of a product rather than all of it first: where the
+/// product has one block of rows, each strip of B is read by one task, which packs it just before its
+/// products read it, from L1 and L2, while the other threads compute; packing all of B first streamed the
+/// weights through memory on every thread and only then multiplied. NT-v2 250M bf16, one 201-token
+/// sequence per forward: packing was a quarter of the samples.
+pub(super) fn pack_b_in_tasks(m: usize, mc: usize) -> bool {
+    #[cfg(test)]
+    if PACK_B_FIRST.with(|first| first.get()) {
+        return false;
+    }
+    m <= mc
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Set by tests to pack all of B first however few rows the product has, so that one machine checks
+    /// both ways.
+    pub(super) static PACK_B_FIRST: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Strip `s` of [`pack_b`]'s pack (for SwiGLU, strip `s / 2` of the gate half or of the value half).
+fn pack_b_strip_of(strip: &mut [u32], s: usize, glu: bool, b: &[bf16], bv: View) {
+    let n = bv.cols;
+    let half = View { cols: n / 2, ..bv };
+    // SAFETY: both native kernels (the only callers) need the AVX-512 features.
+    unsafe {
+        match (glu, s % 2) {
+            (false, _) => pack_b_strip(strip, s, b, bv),
+            (true, 0) => pack_b_strip(strip, s / 2, b, half),
+            // The value half from column n/2 on (`gemm_bf16` checked that the strides are not negative).
+            (true, _) => pack_b_strip(strip, s / 2, &b[(n / 2) * bv.cs as usize..], half),
+        }
+    }
 }
 
 /// Strip `s` of [`pack_b`], compiled for AVX-512 so that the interleaving loops vectorise.
@@ -566,10 +599,18 @@ pub(super) struct Placement {
 /// rows, as in a forward of one short sequence, otherwise has a handful of tasks: 201 rows × 768 columns
 /// were three, two for one thread and one for the other. No sum depends on the blocks (each runs over k in
 /// the same order), so neither do the bits.
+///
+/// A block whose columns are not whole strips (n not a multiple of `nr`, in the last block) starts its
+/// sums from zero where whole blocks of an f32 output may start from the bias ([`Placement`]), so a split
+/// must leave that block's columns as they are: halving is refused where the last block would lose columns
+/// to a new whole block.
 pub(super) fn task_columns(row_blocks: usize, n: usize, nc: usize, nr: usize) -> usize {
     let enough = 4 * rayon::current_num_threads();
     let mut nc = nc;
-    while nc.is_multiple_of(4 * nr) && row_blocks.saturating_mul(n.div_ceil(nc)) < enough {
+    while nc.is_multiple_of(4 * nr)
+        && row_blocks.saturating_mul(n.div_ceil(nc)) < enough
+        && (n.is_multiple_of(nr) || n % nc < nc / 2)
+    {
         nc /= 2;
     }
     nc
@@ -640,7 +681,41 @@ pub(super) unsafe fn for_each_block(
 pub(super) static PACKED_A: PackCache = PackCache::new();
 pub(super) static PACKED_B: PackCache = PackCache::new();
 
+/// A task's own strips of B ([`pack_b_in_tasks`]): those of `block`'s columns, as [`pack_b`] packs
+/// them, from the start of this thread's buffer (give it back with [`give_back_task_b`], for the thread's
+/// next task).
+pub(super) fn pack_task_b(
+    block: &Block,
+    glu: bool,
+    b: &[bf16],
+    bv: View,
+    pairs: usize,
+) -> Vec<CacheLine> {
+    let strips = block.cols_pad / NR;
+    let mut lines = TASK_B.take();
+    let need = (strips * pairs * NR * 4).div_ceil(64);
+    if lines.len() < need {
+        lines.resize(need, CacheLine([0; 32]));
+    }
+    let first = block.c0 / NR;
+    pack_b_strips(
+        bytemuck::cast_slice_mut(&mut lines),
+        first..first + strips,
+        glu,
+        b,
+        bv,
+        pairs,
+    );
+    lines
+}
+
+pub(super) fn give_back_task_b(lines: Vec<CacheLine>) {
+    TASK_B.set(lines);
+}
+
 thread_local! {
+    /// Each worker's packed strips of B for its current task ([`pack_b_in_tasks`]).
+    static TASK_B: std::cell::Cell<Vec<CacheLine>> = const { std::cell::Cell::new(Vec::new()) };
     /// Each worker's f32 partial sums of its current block, cache-line aligned for AMX tile stores.
     static SCRATCH: std::cell::RefCell<Vec<CacheLine>> = const { std::cell::RefCell::new(Vec::new()) };
 }
