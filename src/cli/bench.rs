@@ -303,7 +303,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             };
             let r = bench.run()?;
             if bench.dtype == DType::BF16 && bench.device == crate::Device::Cpu {
-                let kernel = crate::ops::gemm_bf16::Bf16Kernel::for_shape(bench.m);
+                let kernel = crate::ops::gemm_bf16::Bf16Kernel::best();
                 println!("bf16 kernel: {}", kernel.name());
             }
             println!(
