@@ -221,6 +221,24 @@ pub(crate) unsafe fn gemm_raw(
         return;
     }
     let par = par.unwrap_or_else(|| parallelism(m, n, k));
+    // A linear layer's product of few rows reads its weight in place (see `few_rows`).
+    if super::few_rows::suits(m, n, k) && lv.cs == 1 && rv.rs == 1 && scale == 1.0 {
+        let parallel = matches!(par, gemm::Parallelism::Rayon(_));
+        // SAFETY: (caller) the views' elements are valid and dst's are this call's alone.
+        return unsafe {
+            super::few_rows::product(
+                dst,
+                (dv.rs, dv.cs),
+                accumulate,
+                lhs,
+                lv.rs,
+                rhs,
+                rv.cs,
+                (m, n, k),
+                parallel,
+            )
+        };
+    }
     // gemm computes dst = alpha·dst + beta·lhs·rhs (alpha ignored when read_dst is false).
     gemm::gemm(
         m, n, k, dst, dv.cs, dv.rs, accumulate, lhs, lv.cs, lv.rs, rhs, rv.cs, rv.rs, 1.0, scale,
@@ -529,6 +547,33 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// Linear layers of few rows on weights large enough for `few_rows` (which reads the weight in place)
+    /// and, at the same sizes, on either side of its row and weight limits: against f64, with a bias.
+    #[test]
+    fn linear_layers_of_few_rows_match_f64() {
+        let mut r = rng(3);
+        for (rows, d_in, d_out) in [
+            (1, 640, 640),
+            (22, 480, 1920),
+            (128, 256, 256),
+            (129, 256, 256),
+            (22, 200, 300),
+            (5, 650, 120),
+        ] {
+            let d = LinearDims { rows, d_in, d_out };
+            let x = uniform(&mut r, rows * d_in, -1.0, 1.0);
+            let w = uniform(&mut r, d_out * d_in, -1.0, 1.0);
+            let bias = uniform(&mut r, d_out, -1.0, 1.0);
+            let mut y = vec![f32::NAN; rows * d_out];
+            linear(&mut y, &x, &w, Some(&bias), d).unwrap();
+            let mut want = naive_matmul(&to_f64(&x), &to_f64(&w), d.as_matmul());
+            for row in want.chunks_mut(d_out) {
+                row.iter_mut().zip(&bias).for_each(|(v, b)| *v += *b as f64);
+            }
+            assert_close(&format!("linear {d:?}"), &y, &want, 1e-5);
         }
     }
 

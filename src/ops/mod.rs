@@ -18,6 +18,7 @@ pub mod attention;
 pub mod conv;
 pub mod elementwise;
 pub mod embedding;
+pub(crate) mod few_rows;
 pub mod gemm_bf16;
 pub mod loss;
 pub mod matmul;
