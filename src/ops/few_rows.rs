@@ -31,53 +31,51 @@ pub(crate) fn suits(m: usize, n: usize, k: usize) -> bool {
 /// Output columns per task: 4 weight rows a block, 16 blocks.
 const COLUMNS_PER_TASK: usize = 64;
 
-/// `dst[i·dst_rs + j·dst_cs] (+)= Σ_p a[i·a_rs + p] · b[j·b_cs + p]` for `i < m`, `j < n`, `p < k`:
-/// added to the old value where `accumulate`.
+/// One product's operands as strided raw pointers: `dst[i·dst_rs + j·dst_cs] (+)= Σ_p a[i·a_rs + p] ·
+/// b[j·b_cs + p]` for `i < m`, `j < n`, `p < k`, added to the old value where `accumulate`.
+#[derive(Clone, Copy)]
+pub(crate) struct Operands {
+    pub dst: *mut f32,
+    pub dst_strides: (isize, isize),
+    pub accumulate: bool,
+    pub a: *const f32,
+    pub a_rs: isize,
+    pub b: *const f32,
+    pub b_cs: isize,
+    pub mnk: (usize, usize, usize),
+}
+
+// SAFETY: [`product`]'s contract: its tasks write disjoint columns of `dst` and only read `a` and `b`.
+unsafe impl Send for Operands {}
+unsafe impl Sync for Operands {}
+
+impl Operands {
+    /// Stores `sum` at output (i, j), or adds it there where the product accumulates.
+    ///
+    /// # Safety
+    /// As [`product`]; (i, j) inside `m × n`, written by this task alone.
+    unsafe fn store(&self, i: usize, j: usize, sum: f32) {
+        let (rs, cs) = self.dst_strides;
+        // SAFETY: (caller) a valid element of dst, this task's alone.
+        unsafe {
+            let out = self.dst.offset(i as isize * rs + j as isize * cs);
+            *out = if self.accumulate { *out + sum } else { sum };
+        }
+    }
+}
+
+/// The product `ops` describes, over blocks of [`COLUMNS_PER_TASK`] output columns, on the thread pool
+/// where `parallel`.
 ///
 /// # Safety
 /// Every element the strides describe must be valid for the pointer it is read or written through, and no
 /// other thread may touch `dst`'s elements during the call; distinct (i, j) must be distinct elements.
-pub(crate) unsafe fn product(
-    dst: *mut f32,
-    (dst_rs, dst_cs): (isize, isize),
-    accumulate: bool,
-    a: *const f32,
-    a_rs: isize,
-    b: *const f32,
-    b_cs: isize,
-    (m, n, k): (usize, usize, usize),
-    parallel: bool,
-) {
-    #[derive(Clone, Copy)]
-    struct Ptrs(*mut f32, *const f32, *const f32);
-    // SAFETY: the caller's contract: each task writes its own columns of dst, and only reads a and b.
-    unsafe impl Send for Ptrs {}
-    unsafe impl Sync for Ptrs {}
-    impl Ptrs {
-        // Taken whole through a method, so that a closure captures the struct and not its fields.
-        fn get(self) -> (*mut f32, *const f32, *const f32) {
-            (self.0, self.1, self.2)
-        }
-    }
-    let ptrs = Ptrs(dst, a, b);
-    let columns = move |j0: usize| {
-        let (dst, a, b) = ptrs.get();
-        let j1 = (j0 + COLUMNS_PER_TASK).min(n);
-        // SAFETY: (caller) the elements are valid; columns j0..j1 are this task's alone.
-        unsafe {
-            columns_block(
-                dst,
-                (dst_rs, dst_cs),
-                accumulate,
-                a,
-                a_rs,
-                b,
-                b_cs,
-                m,
-                j0..j1,
-                k,
-            )
-        }
+pub(crate) unsafe fn product(ops: Operands, parallel: bool) {
+    let (_, n, _) = ops.mnk;
+    let columns = |j0: usize| {
+        let cols = j0..(j0 + COLUMNS_PER_TASK).min(n);
+        // SAFETY: (caller) the elements are valid; these columns are this task's alone.
+        unsafe { columns_block(&ops, cols) }
     };
     let starts = (0..n).step_by(COLUMNS_PER_TASK);
     if parallel {
@@ -91,47 +89,23 @@ pub(crate) unsafe fn product(
 ///
 /// # Safety
 /// As [`product`], for these columns.
-unsafe fn columns_block(
-    dst: *mut f32,
-    (dst_rs, dst_cs): (isize, isize),
-    accumulate: bool,
-    a: *const f32,
-    a_rs: isize,
-    b: *const f32,
-    b_cs: isize,
-    m: usize,
-    cols: std::ops::Range<usize>,
-    k: usize,
-) {
+unsafe fn columns_block(ops: &Operands, cols: std::ops::Range<usize>) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the features are present; the rest is the caller's contract.
-        return unsafe {
-            avx512::columns_block(
-                dst,
-                (dst_rs, dst_cs),
-                accumulate,
-                a,
-                a_rs,
-                b,
-                b_cs,
-                m,
-                cols,
-                k,
-            )
-        };
+        return unsafe { avx512::columns_block(ops, cols) };
     }
+    let (m, _, k) = ops.mnk;
     for j in cols {
         for i in 0..m {
             let mut sum = 0.0f32;
             for p in 0..k {
                 // SAFETY: (caller) elements of row i of A and column j of B.
-                sum += unsafe { *a.offset(i as isize * a_rs + p as isize) }
-                    * unsafe { *b.offset(j as isize * b_cs + p as isize) };
+                sum += unsafe { *ops.a.offset(i as isize * ops.a_rs + p as isize) }
+                    * unsafe { *ops.b.offset(j as isize * ops.b_cs + p as isize) };
             }
             // SAFETY: (caller) output (i, j), this task's alone.
-            let out = unsafe { &mut *dst.offset(i as isize * dst_rs + j as isize * dst_cs) };
-            *out = if accumulate { *out + sum } else { sum };
+            unsafe { ops.store(i, j, sum) };
         }
     }
 }
@@ -140,6 +114,8 @@ unsafe fn columns_block(
 mod avx512 {
     use std::arch::x86_64::*;
 
+    use super::Operands;
+
     /// Weight rows (output columns) per block, and rows of A per group: 16 accumulators.
     const COLS: usize = 4;
     const ROWS: usize = 4;
@@ -147,18 +123,8 @@ mod avx512 {
     /// # Safety
     /// AVX-512F and FMA; as [`super::product`] for columns `cols`.
     #[target_feature(enable = "avx512f,fma")]
-    pub(super) unsafe fn columns_block(
-        dst: *mut f32,
-        (dst_rs, dst_cs): (isize, isize),
-        accumulate: bool,
-        a: *const f32,
-        a_rs: isize,
-        b: *const f32,
-        b_cs: isize,
-        m: usize,
-        cols: std::ops::Range<usize>,
-        k: usize,
-    ) {
+    pub(super) unsafe fn columns_block(ops: &Operands, cols: std::ops::Range<usize>) {
+        let (m, _, k) = ops.mnk;
         let full = k / 16 * 16;
         // The last k values, fewer than 16, read under a mask (nothing past k is touched).
         let tail: __mmask16 = ((1u32 << (k - full)) - 1) as __mmask16;
@@ -172,8 +138,8 @@ mod avx512 {
                 // SAFETY: rows i0..i0 + ni of A and columns j0..j0 + nj of B hold k values each (the
                 // caller's contract); whole vectors below `full`, the rest masked.
                 unsafe {
-                    let row = |i: usize| a.offset((i0 + i) as isize * a_rs);
-                    let col = |j: usize| b.offset((j0 + j) as isize * b_cs);
+                    let row = |i: usize| ops.a.offset((i0 + i) as isize * ops.a_rs);
+                    let col = |j: usize| ops.b.offset((j0 + j) as isize * ops.b_cs);
                     let mut step = |p: usize, mask: __mmask16| {
                         let mut w = [_mm512_setzero_ps(); COLS];
                         for (j, w) in w.iter_mut().enumerate().take(nj) {
@@ -194,10 +160,7 @@ mod avx512 {
                     }
                     for (i, acc) in acc.iter().enumerate().take(ni) {
                         for (j, acc) in acc.iter().enumerate().take(nj) {
-                            let sum = _mm512_reduce_add_ps(*acc);
-                            let out =
-                                dst.offset((i0 + i) as isize * dst_rs + (j0 + j) as isize * dst_cs);
-                            *out = if accumulate { *out + sum } else { sum };
+                            ops.store(i0 + i, j0 + j, _mm512_reduce_add_ps(*acc));
                         }
                     }
                 }
@@ -236,19 +199,17 @@ mod tests {
                     // The output transposed (column-major) with a gap: rows 1 apart, columns 2m apart.
                     let mut c = start.clone();
                     // SAFETY: c holds 2·m·n values; (i, j) → i + 2m·j < 2mn; a and w hold m·k and n·k.
-                    unsafe {
-                        product(
-                            c.as_mut_ptr(),
-                            (1, 2 * m as isize),
-                            accumulate,
-                            a.as_ptr(),
-                            k as isize,
-                            w.as_ptr(),
-                            k as isize,
-                            (m, n, k),
-                            parallel,
-                        )
+                    let ops = Operands {
+                        dst: c.as_mut_ptr(),
+                        dst_strides: (1, 2 * m as isize),
+                        accumulate,
+                        a: a.as_ptr(),
+                        a_rs: k as isize,
+                        b: w.as_ptr(),
+                        b_cs: k as isize,
+                        mnk: (m, n, k),
                     };
+                    unsafe { product(ops, parallel) };
                     for i in 0..m {
                         for j in 0..n {
                             let dot: f64 = (0..k)

@@ -225,19 +225,17 @@ pub(crate) unsafe fn gemm_raw(
     if super::few_rows::suits(m, n, k) && lv.cs == 1 && rv.rs == 1 && scale == 1.0 {
         let parallel = matches!(par, gemm::Parallelism::Rayon(_));
         // SAFETY: (caller) the views' elements are valid and dst's are this call's alone.
-        return unsafe {
-            super::few_rows::product(
-                dst,
-                (dv.rs, dv.cs),
-                accumulate,
-                lhs,
-                lv.rs,
-                rhs,
-                rv.cs,
-                (m, n, k),
-                parallel,
-            )
+        let operands = super::few_rows::Operands {
+            dst,
+            dst_strides: (dv.rs, dv.cs),
+            accumulate,
+            a: lhs,
+            a_rs: lv.rs,
+            b: rhs,
+            b_cs: rv.cs,
+            mnk: (m, n, k),
         };
+        return unsafe { super::few_rows::product(operands, parallel) };
     }
     // gemm computes dst = alpha·dst + beta·lhs·rhs (alpha ignored when read_dst is false).
     gemm::gemm(

@@ -8,7 +8,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::shared::{
-    computed_columns, for_each_block, give_back_task_b, pack_b, pack_b_in_tasks, pack_task_b,
+    computed_columns, for_each_block, give_back_task_b, pack_b_first, pack_task_b,
     rows_spread_over_sets, zero_product, Block, Dest, Output, Placement, NR, PACKED_A, PACKED_B,
 };
 use super::{GemmOut, Lhs, View};
@@ -213,15 +213,7 @@ pub(super) fn gemm(out: GemmOut<'_>, a: Lhs<'_>, av: View, b: &[bf16], bv: View)
     // The product's columns as computed: B's, or for SwiGLU gate and value strips side by side.
     let columns = computed_columns(&out, n);
     let glu = matches!(out, GemmOut::SwiGlu { .. });
-    let in_tasks = pack_b_in_tasks(m, MC);
-    let mut packed_b = PACKED_B.take(if in_tasks {
-        0
-    } else {
-        columns.div_ceil(NR) * pairs * NR * 2 * 2
-    });
-    if !in_tasks {
-        pack_b(bytemuck::cast_slice_mut(&mut packed_b), &out, b, bv, pairs);
-    }
+    let (packed_b, in_tasks) = pack_b_first(&out, b, bv, pairs, (m, MC));
     // Whole strips of contiguous bf16 rows with whole pairs are read in place, unless the row stride
     // crowds a strip's rows into few L1 sets.
     let rows_in_place = match a {

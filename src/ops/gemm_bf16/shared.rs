@@ -81,7 +81,7 @@ pub(super) fn computed_columns(out: &GemmOut<'_>, n: usize) -> usize {
 /// a column (128 bytes a pair): columns `s·NR..s·NR+NR`, or for a SwiGLU output those of strip `s/2` of the
 /// gate half (even `s`) or of the value half (odd `s`). Written a word at a time so that the loops
 /// vectorise.
-pub(super) fn pack_b(packed: &mut [u32], out: &GemmOut<'_>, b: &[bf16], bv: View, pairs: usize) {
+fn pack_b(packed: &mut [u32], out: &GemmOut<'_>, b: &[bf16], bv: View, pairs: usize) {
     let glu = matches!(out, GemmOut::SwiGlu { .. });
     packed
         .par_chunks_mut((pairs * NR).max(1))
@@ -102,6 +102,25 @@ fn pack_b_strips(
     for (strip, s) in packed.chunks_mut((pairs * NR).max(1)).zip(strips) {
         pack_b_strip_of(strip, s, glu, b, bv);
     }
+}
+
+/// All of B packed for a product's tasks before they run ([`pack_b`], into the shared scratch), or nothing
+/// where they pack their own ([`pack_b_in_tasks`], for `m` rows in blocks of `mc`): the pack (empty then),
+/// and whether the tasks pack.
+pub(super) fn pack_b_first(
+    out: &GemmOut<'_>,
+    b: &[bf16],
+    bv: View,
+    pairs: usize,
+    (m, mc): (usize, usize),
+) -> (Vec<CacheLine>, bool) {
+    let in_tasks = pack_b_in_tasks(m, mc);
+    let strips = computed_columns(out, bv.cols).div_ceil(NR);
+    let mut packed = PACKED_B.take(if in_tasks { 0 } else { strips * pairs * NR * 4 });
+    if !in_tasks {
+        pack_b(bytemuck::cast_slice_mut(&mut packed), out, b, bv, pairs);
+    }
+    (packed, in_tasks)
 }
 
 /// Whether the kernels pack B inside the tasks of a product rather than all of it first: where the
