@@ -13,8 +13,10 @@
 //!   exactly and the f32 GEMM runs, with the same epilogue.
 //!
 //! Both native kernels pack B once per call in 32-column strips of k pairs (`(b[2p][j], b[2p+1][j])` side
-//! by side, the layout both instructions read) and A in strips of rows, into cache-line-aligned buffers
-//! (`shared`); odd `k` and ragged edges are padded with zeros. Work is split over blocks of C; partial
+//! by side, the layout both instructions read), or per task where the product has one block of rows, and
+//! A in strips of rows, into cache-line-aligned buffers (`shared`); odd `k` and ragged edges are padded
+//! with zeros. Work is split over blocks of C (narrower where a product of few rows would leave threads
+//! idle); partial
 //! sums across k-blocks live in an f32 scratch block per task, so a bf16 output is rounded exactly once,
 //! except that an f32 output's whole blocks are written in place where one k-block covers k. Each
 //! element's summation order is fixed, so results do not depend on the thread count.

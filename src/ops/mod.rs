@@ -7,7 +7,9 @@
 //!   without extra copies; zero the gradient arena once per step;
 //! - sizes are checked and reported as [`crate::Error::Shape`], never by panicking.
 //!
-//! Work is split with rayon over rows, heads or channels; GEMMs go through the `gemm` crate.
+//! Work is split with rayon over rows, heads or channels; f32 GEMMs go through the `gemm` crate, except
+//! a linear layer's product of few rows, which reads its weight in place (`few_rows`); bf16 GEMMs are
+//! our own (`gemm_bf16`).
 
 // Kernel-style signatures (outputs, saved statistics, inputs, dims) are long by nature.
 #![allow(clippy::too_many_arguments)]

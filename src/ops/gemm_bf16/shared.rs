@@ -1,6 +1,7 @@
 //! What the x86 bf16 kernels share: cache-line-aligned pack buffers kept between calls, the packing of B
-//! into column strips of `(b[2p][j], b[2p+1][j])` pairs, and the epilogue that moves a block's f32 partial
-//! sums to the output (overwritten, accumulated, or rounded once to bf16 with the bias).
+//! into column strips of `(b[2p][j], b[2p+1][j])` pairs (all of it first, or each task its own strips), the
+//! split of the product into tasks, and the epilogue that moves a block's f32 partial sums to the output
+//! (overwritten, accumulated, or rounded once to bf16 with the bias).
 
 use std::sync::Mutex;
 
