@@ -19,7 +19,8 @@ itself inside it:
                                     [--only esm2_35m_8x512,enformer] [--work DIR] [--skip-torch-bf16]
                                     [--skip-engine-bf16] [--skip-gemm] [--gemm-size 2048]
 Workloads: esm2_35m_8x512, esm2_35m_1x1024, esm2_150m_8x512, esm2_150m_1x1024, esm2_35m_8000,
-nt_v2_250m_8x1024, enformer (one 196,608 bp sequence), and the training steps esm2_35m_train_4x512 and
+esm2_150m_32x20_1 and esm2_150m_32x200_1 (32 peptides of 20 residues and 32 proteins of 200, one per
+forward), nt_v2_250m_8x1024, enformer (one 196,608 bp sequence), and the training steps esm2_35m_train_4x512 and
 enformer_train_196608 (the engine's `bench encoder-step` against the same step in PyTorch, each without and with
 recompute: the engine's per-block checkpointing, and PyTorch's own checkpointing as its users switch it on; the
 engine's planned peak is printed beside its measured one), and isoformer_demo_train_16 (a small IsoFormer's
@@ -52,6 +53,9 @@ WORKLOADS = {
     "esm2_150m_8x512": ("esm2_150m", "esm2", 64, 510, 8, 512),
     "esm2_150m_1x1024": ("esm2_150m", "esm2", 8, 1022, 1, 1024),
     "esm2_35m_8000": ("esm2_35m", "esm2", 1, 8000, 1, 8002),
+    # One sequence per forward, as the library embeds them one at a time: peptides, and short proteins.
+    "esm2_150m_32x20_1": ("esm2_150m", "esm2", 32, 20, 1, 22),
+    "esm2_150m_32x200_1": ("esm2_150m", "esm2", 32, 200, 1, 202),
     # 6,138 nt = 1,023 six-mers + <cls> = 1,024 tokens.
     "nt_v2_250m_8x1024": ("nt_v2_250m", "nt", 16, 6138, 8, 1024),
     "enformer": ("enformer", "enformer", 1, 196_608, 1, 0),
