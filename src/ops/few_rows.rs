@@ -77,11 +77,13 @@ pub(crate) unsafe fn product(ops: Operands, parallel: bool) {
         // SAFETY: (caller) the elements are valid; these columns are this task's alone.
         unsafe { columns_block(&ops, cols) }
     };
-    let starts = (0..n).step_by(COLUMNS_PER_TASK);
+    let tasks = n.div_ceil(COLUMNS_PER_TASK);
     if parallel {
-        starts.collect::<Vec<_>>().into_par_iter().for_each(columns);
+        (0..tasks)
+            .into_par_iter()
+            .for_each(|t| columns(t * COLUMNS_PER_TASK));
     } else {
-        starts.for_each(columns);
+        (0..tasks).for_each(|t| columns(t * COLUMNS_PER_TASK));
     }
 }
 

@@ -224,7 +224,6 @@ pub(crate) unsafe fn gemm_raw(
     // A linear layer's product of few rows reads its weight in place (see `few_rows`).
     if super::few_rows::suits(m, n, k) && lv.cs == 1 && rv.rs == 1 && scale == 1.0 {
         let parallel = matches!(par, gemm::Parallelism::Rayon(_));
-        // SAFETY: (caller) the views' elements are valid and dst's are this call's alone.
         let operands = super::few_rows::Operands {
             dst,
             dst_strides: (dv.rs, dv.cs),
@@ -235,6 +234,7 @@ pub(crate) unsafe fn gemm_raw(
             b_cs: rv.cs,
             mnk: (m, n, k),
         };
+        // SAFETY: (caller) the views' elements are valid and dst's are this call's alone.
         return unsafe { super::few_rows::product(operands, parallel) };
     }
     // gemm computes dst = alpha·dst + beta·lhs·rhs (alpha ignored when read_dst is false).
