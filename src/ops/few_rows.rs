@@ -31,8 +31,21 @@ const MIN_WEIGHT: usize = 1 << 16;
 /// 640 341–349 against 257–262; 256 × 2,560 × 640 315–321 against 316–332; 512 × 768 × 768 339–352 against
 /// 309–316; 512 × 640 × 2,560 291–301 against 273–281; but 384 × 2,560 × 640 326–344 against 360–363,
 /// 512 × 3,072 × 768 339–344 against 378–384 and 768 × 640 × 640 307–323 against 327–341.
+/// Only where the CPU has AVX-512: elsewhere the kernel is scalar code, and the crate's AVX2 kernels win.
 pub(crate) fn suits(m: usize, n: usize, k: usize) -> bool {
-    (m <= 256 || (m <= 512 && n <= k)) && n.saturating_mul(k) >= MIN_WEIGHT
+    (m <= 256 || (m <= 512 && n <= k)) && n.saturating_mul(k) >= MIN_WEIGHT && has_avx512()
+}
+
+/// AVX-512F and FMA, which the kernel is compiled for.
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// Output columns per task: 16 blocks of 4 weight rows.
@@ -135,7 +148,7 @@ unsafe fn task(
     kc: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+    if has_avx512() {
         // SAFETY: the features are present; the rest is the caller's contract.
         return unsafe { avx512::task(ops, rows, cols, kc) };
     }
