@@ -100,7 +100,7 @@ impl Lines {
     }
 
     fn values(&self) -> &[f32] {
-        // SAFETY: a Line is 16 f32 values with no padding; `1 ≤ 16 · lines`.
+        // SAFETY: a Line is 16 f32 values with no padding, and `len ≤ 16 · lines`.
         unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast(), self.1) }
     }
 

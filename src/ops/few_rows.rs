@@ -34,6 +34,7 @@ const MIN_WEIGHT: usize = 1 << 16;
 /// 640 341–349 against 257–262; 256 × 2,560 × 640 315–321 against 316–332; 512 × 768 × 768 339–352 against
 /// 309–316; 512 × 640 × 2,560 291–301 against 273–281; but 384 × 2,560 × 640 326–344 against 360–363,
 /// 512 × 3,072 × 768 339–344 against 378–384 and 768 × 640 × 640 307–323 against 327–341.
+///
 /// Only where the CPU has AVX-512: elsewhere the kernel is scalar code, and the crate's AVX2 kernels win.
 pub(crate) fn suits(m: usize, n: usize, k: usize) -> bool {
     (m <= 256 || (m <= 512 && n <= k)) && n.saturating_mul(k) >= MIN_WEIGHT && has_avx512()
@@ -68,7 +69,8 @@ pub(crate) struct Operands {
     pub mnk: (usize, usize, usize),
 }
 
-// SAFETY: [`product`]'s contract: its tasks write disjoint columns of `dst` and only read `a` and `b`.
+// SAFETY: [`product`]'s contract: its tasks write disjoint blocks of rows and columns of `dst` and only
+// read `a` and `b`.
 unsafe impl Send for Operands {}
 unsafe impl Sync for Operands {}
 
@@ -225,6 +227,8 @@ mod avx512 {
                         len,
                         add,
                     };
+                    // One flat match: a nested generic dispatcher (rows, then columns) let LLVM inline
+                    // `block` in spite of `#[inline(never)]`, and its accumulators spilled again.
                     // SAFETY: (caller) rows i0..i0 + ni and columns j0..j0 + nj are this task's.
                     unsafe {
                         match (ni, nj) {
