@@ -275,8 +275,8 @@ fn beyond_bound(layout: &Layout, got: &Run, want: &Run) -> Vec<String> {
 /// gradients — in f32, as PyTorch's autocast does) meets 2⁻⁶ on the output and every gradient of all four
 /// transformer cases, which the kernel devices' bf16 activation storage does not. The Enformer trunk's
 /// counts are printed, not asserted: with batchnorm on batch statistics, rounding only the convolutions'
-/// and linear layers' operands already moves most of its gradients past 2⁻⁶ (21 of 76 tensors within,
-/// the output among them), so no bf16 compute meets the bound there.
+/// and linear layers' operands already moves most of its gradients past 2⁻⁶ (on the fixture, 21 of 76
+/// tensors within, the output among them), so no bf16 compute meets the bound there.
 #[test]
 fn mixed_precision_reference_meets_2e6_on_every_transformer_gradient() {
     use isoformer_engine::models::enformer::BatchNormMode;
