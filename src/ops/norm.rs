@@ -52,9 +52,7 @@ pub fn layernorm<O: OutElem>(
                         let mu = simd::sum(x) / dim as f32;
                         let var = simd::sum_sq_dev(x, mu) / dim as f32;
                         let r = 1.0 / (var + eps).sqrt();
-                        for (((o, &v), g), b) in o.iter_mut().zip(x).zip(gamma).zip(beta) {
-                            *o = O::from_f32((v - mu) * r * g + b);
-                        }
+                        O::normalize_row(o, x, (mu, r), gamma, beta);
                         *m = mu;
                         *rs = r;
                     }
